@@ -1,0 +1,1 @@
+//! Writes newc cpio archives (the initramfs format of Linux).
