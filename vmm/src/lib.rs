@@ -1,1 +1,89 @@
-//! VMM
+//! The Nutshell VMM: one KVM microVM per pod, on the rust-vmm crates.
+//!
+//! [`Vm`] owns a VM from creation to the joined stop: guest memory, the in-kernel irqchip and
+//! PIT, the port-I/O devices (8250 console, i8042 reset, exit port) and the vCPU threads.
+//! [`boot_linux`] loads a PVH `vmlinux`, an initrd and a command line into it and starts it.
+
+pub mod arch;
+pub mod boot;
+pub mod devices;
+pub mod exit;
+pub mod host;
+pub mod memory;
+pub mod ratelimit;
+pub mod vcpu;
+pub mod vm;
+
+use std::path::PathBuf;
+
+pub use exit::{ExitHandle, VmExit};
+pub use vm::{Console, CpuProfileChoice, MachineConfig, RunningVm, Vm, VmError};
+
+/// A Linux guest to boot.
+#[derive(Debug)]
+pub struct LinuxConfig {
+    /// Uncompressed `vmlinux` with a PVH entry.
+    pub kernel: PathBuf,
+    /// Optional initrd (an uncompressed newc cpio for Nutshell's kernel).
+    pub initrd: Option<PathBuf>,
+    /// The user's part of the kernel command line.
+    pub cmdline: String,
+    /// Memory, vCPUs, console.
+    pub machine: MachineConfig,
+}
+
+/// What the VMM appends to every guest command line, and why.
+pub const VMM_CMDLINE: &[&str] = &[
+    // The 8250 UART at COM1 is the console; probing other UARTs costs boot time.
+    "console=ttyS0",
+    "8250.nr_uarts=1",
+    // Reboot through the i8042 reset, which stops the VM.
+    "reboot=k",
+    // On panic, report it through the exit port and reboot at once rather than hang.
+    "panic=-1",
+    // Power-off and panic reports go to the exit port (guest-kernel patch).
+    "nutshell_exit_port=0x501",
+    // KVM's PIT and IOAPIC are known good: skip the timer check and TSC watchdog.
+    "no_timer_check",
+    "tsc=reliable",
+];
+
+/// Loads the guest and starts its vCPUs.
+pub fn boot_linux(config: LinuxConfig) -> Result<RunningVm, VmError> {
+    // Check inputs before anything is created (the console file among them).
+    for (what, path) in std::iter::once(("kernel", &config.kernel))
+        .chain(config.initrd.as_ref().map(|p| ("initrd", p)))
+    {
+        if let Err(source) = std::fs::File::open(path) {
+            return Err(match what {
+                "kernel" => boot::BootError::KernelOpen {
+                    path: path.clone(),
+                    source,
+                },
+                _ => boot::BootError::InitrdRead {
+                    path: path.clone(),
+                    source,
+                },
+            }
+            .into());
+        }
+    }
+    // A console file this call creates is removed again if the boot fails.
+    let created_console = match &config.machine.console {
+        Console::File(path) if !path.exists() => Some(path.clone()),
+        _ => None,
+    };
+    let result = boot::build_cmdline(&config.cmdline, VMM_CMDLINE)
+        .map_err(VmError::from)
+        .and_then(|cmdline| {
+            let mut vm = Vm::new(config.machine)?;
+            vm.load_linux(&config.kernel, config.initrd.as_deref(), &cmdline)?;
+            vm.start()
+        });
+    if result.is_err() {
+        if let Some(path) = created_console {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+    result
+}

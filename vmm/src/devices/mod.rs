@@ -1,0 +1,8 @@
+//! Emulated devices and the port I/O bus they sit on.
+
+pub mod bus;
+pub mod exit_port;
+pub mod legacy;
+pub mod serial;
+
+pub use bus::{PioBus, PioDevice};

@@ -1,0 +1,93 @@
+//! Guest RAM: anonymous mappings (untouched pages cost the host nothing) registered with KVM.
+
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::VmFd;
+use vm_memory::{Address, GuestAddress, GuestMemory, GuestMemoryRegion};
+
+use crate::arch::x86_64::layout::{MMIO_GAP_END, MMIO_GAP_START};
+
+/// Guest memory as the VMM uses it.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
+
+/// Errors of creating and registering guest memory.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// The host refused the mapping.
+    #[error("cannot map {mib} MiB of guest memory")]
+    Map {
+        /// Size asked for.
+        mib: u64,
+        /// Why.
+        #[source]
+        source: vm_memory::mmap::FromRangesError,
+    },
+    /// KVM refused a memory slot.
+    #[error("KVM refused guest memory slot {slot}")]
+    Register {
+        /// Slot number.
+        slot: u32,
+        /// Why.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+}
+
+/// The RAM ranges of a guest with `size` bytes of memory, around the 32-bit MMIO gap.
+pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, usize)> {
+    if size <= MMIO_GAP_START {
+        vec![(GuestAddress(0), size as usize)]
+    } else {
+        vec![
+            (GuestAddress(0), MMIO_GAP_START as usize),
+            (GuestAddress(MMIO_GAP_END), (size - MMIO_GAP_START) as usize),
+        ]
+    }
+}
+
+/// Maps `size` bytes of guest RAM. The mappings are private, anonymous and not reserved:
+/// pages are allocated on the guest's first touch.
+pub fn create(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
+    GuestMemoryMmap::from_ranges(&ram_ranges(size)).map_err(|source| MemoryError::Map {
+        mib: size >> 20,
+        source,
+    })
+}
+
+/// Gives every region of `mem` to KVM, one slot per region.
+pub fn register(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
+    for (slot, region) in mem.iter().enumerate() {
+        let slot = slot as u32;
+        let host =
+            mem.get_host_address(region.start_addr())
+                .map_err(|_| MemoryError::Register {
+                    slot,
+                    source: kvm_ioctls::Error::new(libc::EFAULT),
+                })?;
+        let region_desc = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: region.start_addr().raw_value(),
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the region is a live mapping owned by `mem` of exactly `memory_size` bytes,
+        // and `mem` outlives the VM: the VM and its vCPU threads are torn down before it drops.
+        unsafe { vm.set_user_memory_region(region_desc) }
+            .map_err(|source| MemoryError::Register { slot, source })?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_split_around_the_gap() {
+        assert_eq!(ram_ranges(64 << 20), vec![(GuestAddress(0), 64 << 20)]);
+        let r = ram_ranges(4 << 30);
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[1].0, GuestAddress(MMIO_GAP_END));
+        assert_eq!(r[0].1 as u64 + r[1].1 as u64, 4 << 30);
+    }
+}

@@ -1,0 +1,237 @@
+//! vCPU threads: run the guest, serve its port I/O, report why they stopped.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Once};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use kvm_bindings::{
+    CpuId, KVM_EXIT_INTERNAL_ERROR, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SHUTDOWN,
+};
+use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
+
+use crate::devices::PioBus;
+use crate::exit::{ExitHandle, VmExit};
+
+/// Errors of creating and starting vCPUs.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// KVM refused the vCPU.
+    #[error("cannot create vCPU {index}")]
+    Create {
+        /// vCPU index.
+        index: u8,
+        /// Why.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// KVM refused the CPUID.
+    #[error("cannot set the CPUID of vCPU {index}")]
+    Cpuid {
+        /// vCPU index.
+        index: u8,
+        /// Why.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// The kick signal handler could not be installed.
+    #[error("cannot install the vCPU kick signal handler")]
+    Signal(#[source] vmm_sys_util::errno::Error),
+    /// The thread could not be spawned.
+    #[error("cannot spawn the thread of vCPU {index}")]
+    Spawn {
+        /// vCPU index.
+        index: u8,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Signal that interrupts `KVM_RUN` so that a vCPU thread sees a stop request.
+pub fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+static KICK_HANDLER: Once = Once::new();
+
+/// Installs the (empty) kick handler, once per process: the signal's only job is to make
+/// `KVM_RUN` return `EINTR` instead of killing the process.
+pub fn install_kick_handler() -> Result<(), VcpuError> {
+    let mut result = Ok(());
+    KICK_HANDLER.call_once(|| {
+        result = register_signal_handler(kick_signal(), on_kick).map_err(VcpuError::Signal);
+    });
+    result
+}
+
+/// Logs the host-side start cost once, when the boot vCPU first enters the guest.
+#[derive(Debug)]
+pub struct FirstRun {
+    since: Option<Instant>,
+    done: AtomicBool,
+}
+
+impl FirstRun {
+    /// Measures from `since` (the VMM's start), if given.
+    pub fn new(since: Option<Instant>) -> Arc<Self> {
+        Arc::new(FirstRun {
+            since,
+            done: AtomicBool::new(false),
+        })
+    }
+
+    fn mark(&self) {
+        if let Some(since) = self.since {
+            if !self.done.swap(true, Ordering::Relaxed) {
+                log::info!(
+                    "first KVM_RUN {:.2} ms after VMM start",
+                    since.elapsed().as_secs_f64() * 1e3
+                );
+            }
+        }
+    }
+}
+
+/// One vCPU, before its thread starts.
+#[derive(Debug)]
+pub struct Vcpu {
+    index: u8,
+    fd: VcpuFd,
+    bus: Arc<PioBus>,
+    exit: Arc<ExitHandle>,
+}
+
+impl Vcpu {
+    /// Creates vCPU `index` with the given CPUID.
+    pub fn new(
+        vm: &VmFd,
+        index: u8,
+        cpuid: &CpuId,
+        bus: Arc<PioBus>,
+        exit: Arc<ExitHandle>,
+    ) -> Result<Self, VcpuError> {
+        let fd = vm
+            .create_vcpu(u64::from(index))
+            .map_err(|source| VcpuError::Create { index, source })?;
+        fd.set_cpuid2(cpuid)
+            .map_err(|source| VcpuError::Cpuid { index, source })?;
+        Ok(Vcpu {
+            index,
+            fd,
+            bus,
+            exit,
+        })
+    }
+
+    /// The KVM vCPU, for setting its initial state.
+    pub fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
+    /// Starts the vCPU's thread.
+    pub fn start(self, first_run: Arc<FirstRun>) -> Result<JoinHandle<()>, VcpuError> {
+        let index = self.index;
+        std::thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || self.run(&first_run))
+            .map_err(|source| VcpuError::Spawn { index, source })
+    }
+
+    fn run(mut self, first_run: &FirstRun) {
+        while !self.exit.is_requested() {
+            if self.index == 0 {
+                first_run.mark();
+            }
+            if let Some(reason) = self.run_once() {
+                self.exit.request(reason);
+            }
+        }
+        log::debug!("vCPU {} stopped", self.index);
+    }
+
+    /// Runs the guest until its next exit and serves it. Returns a reason when the VM must stop.
+    fn run_once(&mut self) -> Option<VmExit> {
+        let index = self.index;
+        let error = |detail: String| {
+            Some(VmExit::KvmError {
+                vcpu: index,
+                detail,
+            })
+        };
+        match self.fd.run() {
+            Ok(VcpuExit::IoIn(port, data)) => {
+                if !self.bus.read(port, data) {
+                    crate::ratelimited!(
+                        log::Level::Debug,
+                        "vCPU {index}: read of unused port {port:#x}"
+                    );
+                }
+                None
+            }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                if !self.bus.write(port, data) {
+                    crate::ratelimited!(
+                        log::Level::Debug,
+                        "vCPU {index}: write to unused port {port:#x}"
+                    );
+                }
+                None
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                data.fill(0xff);
+                crate::ratelimited!(
+                    log::Level::Debug,
+                    "vCPU {index}: read of unused MMIO {addr:#x}"
+                );
+                None
+            }
+            Ok(VcpuExit::MmioWrite(addr, _)) => {
+                crate::ratelimited!(
+                    log::Level::Debug,
+                    "vCPU {index}: write to unused MMIO {addr:#x}"
+                );
+                None
+            }
+            Ok(VcpuExit::Shutdown) => Some(VmExit::TripleFault { vcpu: index }),
+            Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
+                KVM_SYSTEM_EVENT_SHUTDOWN => Some(VmExit::PowerOff),
+                KVM_SYSTEM_EVENT_RESET => Some(VmExit::Reset),
+                KVM_SYSTEM_EVENT_CRASH => Some(VmExit::GuestPanic),
+                other => error(format!("unknown KVM system event {other}")),
+            },
+            Ok(VcpuExit::FailEntry(reason, cpu)) => error(format!(
+                "KVM could not enter the guest (hardware reason {reason:#x}, host CPU {cpu})"
+            )),
+            Ok(VcpuExit::InternalError) => {
+                let suberror = self.internal_suberror();
+                let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
+                error(format!(
+                    "KVM internal error {suberror} at guest rip {rip:#x} (on kvm_pvm: an instruction its emulator cannot handle; see host dmesg)"
+                ))
+            }
+            Ok(VcpuExit::Hlt) => error("vCPU halted with no way to wake it".to_string()),
+            Ok(VcpuExit::Intr) => None,
+            Ok(other) => error(format!("unexpected KVM exit {other:?}")),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                self.fd.set_kvm_immediate_exit(0);
+                None
+            }
+            Err(e) => error(format!("KVM_RUN failed: {e}")),
+        }
+    }
+
+    fn internal_suberror(&mut self) -> u32 {
+        let run = self.fd.get_kvm_run();
+        if run.exit_reason != KVM_EXIT_INTERNAL_ERROR {
+            return 0;
+        }
+        // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, for which KVM fills the
+        // `internal` member of the exit union.
+        unsafe { run.__bindgen_anon_1.internal.suberror }
+    }
+}

@@ -1,0 +1,421 @@
+//! A microVM: KVM VM, guest memory, devices and vCPUs, from creation to the joined stop.
+
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::GuestAddress;
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::Killable;
+
+use crate::arch::x86_64::cpuid::{self, CpuProfile, CpuidError};
+use crate::arch::x86_64::layout::{KVM_TSS_ADDR, SERIAL_IRQ};
+use crate::arch::x86_64::mptable::{self, MptableError};
+use crate::arch::x86_64::pvh::{self, PvhError};
+use crate::arch::x86_64::regs::{self, RegsError};
+use crate::boot::{self, BootError};
+use crate::devices::bus::BusError;
+use crate::devices::exit_port::{ExitPort, EXIT_PORT};
+use crate::devices::legacy::{I8042, I8042_BASE, I8042_LEN};
+use crate::devices::serial::{ConsoleSink, SerialDevice, COM1_BASE, COM1_LEN};
+use crate::devices::PioBus;
+use crate::exit::{ExitHandle, VmExit};
+use crate::host::{self, HostError, KvmFlavour};
+use crate::memory::{self, GuestMemoryMmap, MemoryError};
+use crate::vcpu::{self, FirstRun, Vcpu, VcpuError};
+
+/// Errors of building and starting a VM, one per step.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// The configuration is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// `/dev/kvm` is unusable.
+    #[error(transparent)]
+    Host(#[from] HostError),
+    /// A KVM VM-level ioctl failed.
+    #[error("KVM refused to {what}")]
+    Kvm {
+        /// What was being done.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Guest memory.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// Loading kernel, initrd or command line.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// CPUID.
+    #[error(transparent)]
+    Cpuid(#[from] CpuidError),
+    /// MP table.
+    #[error(transparent)]
+    Mptable(#[from] MptableError),
+    /// PVH boot information.
+    #[error(transparent)]
+    Pvh(#[from] PvhError),
+    /// Initial vCPU state.
+    #[error(transparent)]
+    Regs(#[from] RegsError),
+    /// vCPUs.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// Device bus layout.
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    /// The console output cannot be opened.
+    #[error("cannot open console output {}", .path.display())]
+    Console {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An eventfd could not be created.
+    #[error("cannot create an eventfd")]
+    EventFd(#[source] std::io::Error),
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+/// Where the guest console goes.
+pub enum Console {
+    /// The VMM's standard output.
+    Stdout,
+    /// A file, created or truncated.
+    File(PathBuf),
+    /// Any writer (tests).
+    Writer(Box<dyn Write + Send>),
+}
+
+impl std::fmt::Debug for Console {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Console::Stdout => f.write_str("Stdout"),
+            Console::File(p) => f.debug_tuple("File").field(p).finish(),
+            Console::Writer(_) => f.write_str("Writer"),
+        }
+    }
+}
+
+impl Console {
+    fn open(self) -> Result<ConsoleSink, VmError> {
+        let out: Box<dyn Write + Send> = match self {
+            Console::Stdout => Box::new(std::io::stdout()),
+            Console::File(path) => Box::new(
+                std::fs::File::create(&path).map_err(|source| VmError::Console { path, source })?,
+            ),
+            Console::Writer(w) => w,
+        };
+        Ok(ConsoleSink::new(out))
+    }
+}
+
+/// Which CPU profile to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CpuProfileChoice {
+    /// Compat on `kvm_pvm`, host everywhere else.
+    #[default]
+    Auto,
+    /// Force one.
+    Fixed(CpuProfile),
+}
+
+/// What the VM is made of, before any boot payload.
+#[derive(Debug)]
+pub struct MachineConfig {
+    /// Guest RAM in MiB.
+    pub memory_mib: u64,
+    /// Number of vCPUs.
+    pub vcpus: u8,
+    /// Guest console.
+    pub console: Console,
+    /// CPU feature profile.
+    pub cpu_profile: CpuProfileChoice,
+    /// When the VMM started, to log the host-side start cost.
+    pub started_at: Option<Instant>,
+}
+
+/// Smallest guest the VMM accepts: room for boot data below 1 MiB and a kernel above it.
+pub const MIN_MEMORY_MIB: u64 = 8;
+/// Largest guest the VMM accepts.
+pub const MAX_MEMORY_MIB: u64 = 1 << 20;
+
+/// A VM with memory, devices and vCPUs, not yet running.
+#[derive(Debug)]
+pub struct Vm {
+    // Field order is drop order: vCPUs, then the VM, then its memory.
+    vcpus: Vec<Vcpu>,
+    fd: VmFd,
+    mem: GuestMemoryMmap,
+    ram_size: u64,
+    exit: Arc<ExitHandle>,
+    first_run: Arc<FirstRun>,
+    profile: CpuProfile,
+}
+
+impl Vm {
+    /// Creates the VM: KVM VM with in-kernel irqchip and PIT, memory, devices, vCPUs.
+    pub fn new(config: MachineConfig) -> Result<Vm, VmError> {
+        if config.vcpus == 0 {
+            return Err(VmError::Config("at least one vCPU is needed".into()));
+        }
+        if config.vcpus > mptable::MAX_CPUS {
+            return Err(VmError::Config(format!(
+                "at most {} vCPUs are supported, {} asked",
+                mptable::MAX_CPUS,
+                config.vcpus
+            )));
+        }
+        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&config.memory_mib) {
+            return Err(VmError::Config(format!(
+                "guest memory must be between {MIN_MEMORY_MIB} MiB and {MAX_MEMORY_MIB} MiB, {} MiB asked",
+                config.memory_mib
+            )));
+        }
+        let kvm = host::open_kvm()?;
+        let max_vcpus = kvm.get_max_vcpus();
+        if usize::from(config.vcpus) > max_vcpus {
+            return Err(VmError::Config(format!(
+                "this host's KVM allows at most {max_vcpus} vCPUs, {} asked",
+                config.vcpus
+            )));
+        }
+        let flavour = host::detect_flavour();
+        let profile = match config.cpu_profile {
+            CpuProfileChoice::Fixed(p) => p,
+            CpuProfileChoice::Auto if flavour == KvmFlavour::Pvm => CpuProfile::Compat,
+            CpuProfileChoice::Auto => CpuProfile::Host,
+        };
+        log::info!("host KVM: {flavour}; guest CPU profile: {profile}");
+
+        let fd = create_vm(&kvm)?;
+        let ram_size = config.memory_mib << 20;
+        let mem = memory::create(ram_size)?;
+        memory::register(&fd, &mem)?;
+
+        let exit = ExitHandle::new().map_err(VmError::EventFd)?;
+        let bus = Arc::new(build_bus(&fd, &exit, config.console.open()?)?);
+
+        let supported = cpuid::supported(&kvm)?;
+        let mut vcpus = Vec::with_capacity(config.vcpus.into());
+        for index in 0..config.vcpus {
+            let table = cpuid::for_vcpu(&supported, profile, index, config.vcpus)?;
+            let vcpu = Vcpu::new(&fd, index, &table, bus.clone(), exit.clone())?;
+            regs::setup_common(vcpu.fd())?;
+            vcpus.push(vcpu);
+        }
+        mptable::setup(&mem, config.vcpus)?;
+
+        Ok(Vm {
+            vcpus,
+            fd,
+            mem,
+            ram_size,
+            exit,
+            first_run: FirstRun::new(config.started_at),
+            profile,
+        })
+    }
+
+    /// The CPU profile in use.
+    pub fn cpu_profile(&self) -> CpuProfile {
+        self.profile
+    }
+
+    /// The handle through which anyone can stop the VM.
+    pub fn exit_handle(&self) -> Arc<ExitHandle> {
+        self.exit.clone()
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// Loads a Linux kernel (PVH), an optional initrd and the command line, and points the boot
+    /// vCPU at the PVH entry.
+    pub fn load_linux(
+        &mut self,
+        kernel: &std::path::Path,
+        initrd: Option<&std::path::Path>,
+        cmdline: &linux_loader::cmdline::Cmdline,
+    ) -> Result<(), VmError> {
+        let loaded = boot::load_kernel(&self.mem, self.ram_size, kernel)?;
+        let initrd = initrd
+            .map(|path| boot::load_initrd(&self.mem, self.ram_size, loaded.end, path))
+            .transpose()?;
+        boot::write_cmdline(&self.mem, cmdline)?;
+        let start_info = pvh::setup(&self.mem, self.ram_size, initrd)?;
+        regs::setup_pvh_boot(self.boot_vcpu()?.fd(), &self.mem, loaded.entry, start_info)?;
+        Ok(())
+    }
+
+    /// Copies `code` to `addr` and starts the boot vCPU there in 64-bit long mode, with the
+    /// first GiB identity-mapped (page tables at 0x9000). For tests that run tiny programs.
+    pub fn load_long_mode_program(&mut self, code: &[u8], addr: u64) -> Result<(), VmError> {
+        use vm_memory::Bytes;
+        self.mem
+            .write_slice(code, GuestAddress(addr))
+            .map_err(|e| VmError::Config(format!("program does not fit: {e}")))?;
+        regs::setup_long_mode(
+            self.boot_vcpu()?.fd(),
+            &self.mem,
+            GuestAddress(0x9000),
+            GuestAddress(addr),
+        )?;
+        Ok(())
+    }
+
+    fn boot_vcpu(&self) -> Result<&Vcpu, VmError> {
+        self.vcpus
+            .first()
+            .ok_or_else(|| VmError::Config("the VM has no vCPU".into()))
+    }
+
+    /// Starts every vCPU thread.
+    pub fn start(self) -> Result<RunningVm, VmError> {
+        vcpu::install_kick_handler()?;
+        let Vm {
+            vcpus,
+            fd,
+            mem,
+            exit,
+            first_run,
+            ..
+        } = self;
+        let mut running = RunningVm {
+            threads: Vec::with_capacity(vcpus.len()),
+            exit,
+            _fd: fd,
+            _mem: mem,
+        };
+        for vcpu in vcpus {
+            match vcpu.start(first_run.clone()) {
+                Ok(handle) => running.threads.push(handle),
+                Err(e) => {
+                    running
+                        .exit
+                        .request(VmExit::Stopped("a vCPU thread failed to start".into()));
+                    running.stop_threads();
+                    return Err(e.into());
+                }
+            }
+        }
+        Ok(running)
+    }
+}
+
+fn create_vm(kvm: &Kvm) -> Result<VmFd, VmError> {
+    let fd = kvm.create_vm().map_err(kvm_err("create a VM"))?;
+    fd.set_tss_address(KVM_TSS_ADDR as usize)
+        .map_err(kvm_err("set the TSS address"))?;
+    fd.create_irq_chip()
+        .map_err(kvm_err("create the in-kernel irqchip"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    fd.create_pit2(pit)
+        .map_err(kvm_err("create the in-kernel PIT"))?;
+    Ok(fd)
+}
+
+fn build_bus(fd: &VmFd, exit: &Arc<ExitHandle>, console: ConsoleSink) -> Result<PioBus, VmError> {
+    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+    fd.register_irqfd(&serial_irq, SERIAL_IRQ)
+        .map_err(kvm_err("register the serial irqfd"))?;
+    let mut bus = PioBus::default();
+    bus.insert(
+        COM1_BASE,
+        COM1_LEN,
+        Arc::new(Mutex::new(SerialDevice::new(serial_irq, console))),
+    )?;
+    bus.insert(
+        I8042_BASE,
+        I8042_LEN,
+        Arc::new(Mutex::new(I8042::new(exit.clone()))),
+    )?;
+    bus.insert(EXIT_PORT, 1, Arc::new(Mutex::new(ExitPort(exit.clone()))))?;
+    Ok(bus)
+}
+
+/// A running VM. Dropping it without [`RunningVm::wait`] stops it.
+#[derive(Debug)]
+pub struct RunningVm {
+    threads: Vec<JoinHandle<()>>,
+    exit: Arc<ExitHandle>,
+    _fd: VmFd,
+    _mem: GuestMemoryMmap,
+}
+
+/// How often a stopping vCPU thread is kicked until it leaves `KVM_RUN`.
+const KICK_INTERVAL: Duration = Duration::from_millis(2);
+
+impl RunningVm {
+    /// The handle through which anyone can stop the VM.
+    pub fn exit_handle(&self) -> Arc<ExitHandle> {
+        self.exit.clone()
+    }
+
+    /// Waits until the VM stops for any reason, joins every vCPU thread, returns the reason.
+    pub fn wait(mut self) -> VmExit {
+        wait_readable(self.exit.as_raw_fd());
+        self.stop_threads();
+        self.exit
+            .reason()
+            .unwrap_or_else(|| VmExit::Stopped("no reason recorded".into()))
+    }
+
+    /// Kicks vCPU threads out of `KVM_RUN` until all have seen the stop request, joins them.
+    fn stop_threads(&mut self) {
+        if !self.exit.is_requested() {
+            self.exit.request(VmExit::Stopped("VM dropped".into()));
+        }
+        while self.threads.iter().any(|t| !t.is_finished()) {
+            for t in self.threads.iter().filter(|t| !t.is_finished()) {
+                // ESRCH only means the thread ended in between.
+                let _ = t.kill(vcpu::kick_signal());
+            }
+            std::thread::sleep(KICK_INTERVAL);
+        }
+        for t in self.threads.drain(..) {
+            if t.join().is_err() {
+                log::error!("a vCPU thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for RunningVm {
+    fn drop(&mut self) {
+        self.stop_threads();
+    }
+}
+
+/// Blocks until `fd` is readable (or polling fails for good).
+fn wait_readable(fd: i32) {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: `pfd` is a valid pollfd for the duration of the call, count 1.
+        let r = unsafe { libc::poll(&mut pfd, 1, -1) };
+        if r > 0 || (r < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR)) {
+            return;
+        }
+    }
+}

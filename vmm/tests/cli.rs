@@ -1,0 +1,219 @@
+//! The `nutshell-vmm` binary: the PVH boot path end to end with a synthetic kernel, and a clear
+//! one-line error with a non-zero status for each kind of bad input.
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::{pvh_check_program, pvh_elf, Asm};
+
+const VMM: &str = env!("CARGO_BIN_EXE_nutshell-vmm");
+const LOAD_ADDR: u64 = 0x10_0000;
+
+fn vmm(args: &[&str]) -> Output {
+    Command::new(VMM)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run nutshell-vmm")
+}
+
+fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).unwrap();
+    p
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Asserts a failed run whose error line mentions `needle`, and that the console file was not
+/// created (nothing left behind).
+fn assert_refused(dir: &Path, args: &[&str], needle: &str) {
+    let console = dir.join("console.out");
+    let mut all: Vec<&str> = args.to_vec();
+    let console_arg = console.to_str().unwrap().to_owned();
+    all.extend(["--console", &console_arg]);
+    let out = vmm(&all);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+    let line = err
+        .lines()
+        .find(|l| l.contains("error"))
+        .unwrap_or_else(|| panic!("no error line for {args:?}: {err}"));
+    assert!(line.contains(needle), "{args:?}: {line}");
+    assert!(!console.exists(), "{args:?} left a console file");
+}
+
+#[test]
+fn pvh_boot_passes_start_info_and_cmdline() {
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = write(
+        dir.path(),
+        "kernel",
+        &pvh_elf(&pvh_check_program(), LOAD_ADDR, 0, true),
+    );
+    let console = dir.path().join("console");
+    let out = vmm(&[
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--cmdline",
+        "user=args",
+        "--memory-mib",
+        "32",
+        "--console",
+        console.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = std::fs::read_to_string(&console).unwrap();
+    assert!(
+        text.starts_with("PVH ok user=args console=ttyS0 "),
+        "console: {text:?}"
+    );
+    assert!(text.contains("nutshell_exit_port=0x501"), "{text:?}");
+    let err = stderr(&out);
+    assert!(err.contains("guest CPU profile"), "{err}");
+    assert!(err.contains("first KVM_RUN"), "{err}");
+    assert!(err.contains("guest powered off"), "{err}");
+}
+
+#[test]
+fn guest_panic_exits_with_status_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = Asm::default();
+    p.outb(0x501, 1).hang();
+    let kernel = write(dir.path(), "kernel", &pvh_elf(&p.0, LOAD_ADDR, 0, true));
+    let out = vmm(&["--kernel", kernel.to_str().unwrap(), "--memory-mib", "16"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("guest kernel panicked"));
+}
+
+#[test]
+fn triple_fault_exits_with_status_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = Asm::default();
+    p.ud2();
+    let kernel = write(dir.path(), "kernel", &pvh_elf(&p.0, LOAD_ADDR, 0, true));
+    let out = vmm(&["--kernel", kernel.to_str().unwrap(), "--memory-mib", "16"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("triple fault"), "{}", stderr(&out));
+}
+
+#[test]
+fn sigterm_stops_the_vm_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = Asm::default();
+    p.print("up\n").hang();
+    let kernel = write(dir.path(), "kernel", &pvh_elf(&p.0, LOAD_ADDR, 0, true));
+    let console = dir.path().join("console");
+    let child = Command::new(VMM)
+        .args([
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--vcpus",
+            "2",
+            "--memory-mib",
+            "16",
+        ])
+        .args(["--console", console.to_str().unwrap()])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    for _ in 0..1000 {
+        if std::fs::read_to_string(&console).is_ok_and(|t| t.contains("up")) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    // SAFETY: plain kill(2) of the child we spawned.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("received SIGTERM"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn bad_inputs_get_one_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let good = write(
+        d,
+        "good",
+        &pvh_elf(&pvh_check_program(), LOAD_ADDR, 0, true),
+    );
+    let good = good.to_str().unwrap();
+    let text = write(d, "text", b"#!/bin/sh\necho not a kernel\n");
+    let no_pvh = write(d, "nopvh", &pvh_elf(&[0xf4], LOAD_ADDR, 0, false));
+    // A kernel whose image (bss included) ends at 40 MiB.
+    let big = write(d, "big", &pvh_elf(&[0xf4], LOAD_ADDR, 39 << 20, true));
+    let initrd = write(d, "initrd", &vec![0u8; 10 << 20]);
+    let missing = d.join("missing");
+    let missing = missing.to_str().unwrap();
+
+    assert_refused(d, &["--kernel", missing], "cannot open kernel");
+    assert_refused(
+        d,
+        &["--kernel", text.to_str().unwrap()],
+        "not an ELF vmlinux",
+    );
+    assert_refused(d, &["--kernel", no_pvh.to_str().unwrap()], "no PVH entry");
+    assert_refused(
+        d,
+        &["--kernel", big.to_str().unwrap(), "--memory-mib", "32"],
+        "does not fit in 32 MiB",
+    );
+    assert_refused(
+        d,
+        &["--kernel", good, "--initrd", missing],
+        "cannot read initrd",
+    );
+    assert_refused(
+        d,
+        &[
+            "--kernel",
+            good,
+            "--initrd",
+            initrd.to_str().unwrap(),
+            "--memory-mib",
+            "8",
+        ],
+        "too little guest memory",
+    );
+    assert_refused(d, &["--kernel", good, "--vcpus", "0"], "at least one vCPU");
+    assert_refused(
+        d,
+        &["--kernel", good, "--memory-mib", "2"],
+        "guest memory must be",
+    );
+    let long = "x".repeat(3000);
+    assert_refused(
+        d,
+        &["--kernel", good, "--cmdline", &long],
+        "invalid kernel command line",
+    );
+}
+
+#[test]
+fn help_names_every_option() {
+    let out = vmm(&["--help"]);
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for opt in [
+        "--kernel",
+        "--initrd",
+        "--cmdline",
+        "--memory-mib",
+        "--vcpus",
+        "--console",
+        "Exit status",
+    ] {
+        assert!(help.contains(opt), "--help lacks {opt}");
+    }
+}
