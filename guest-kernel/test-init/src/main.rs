@@ -1,0 +1,172 @@
+//! `nutshell-test-init`: the `/init` (PID 1) of the slow-lane boot test.
+//!
+//! It mounts `/proc` and `/sys`, prints one line for the test to check,
+//!
+//! ```text
+//! NUTSHELL_TEST_INIT uptime=<secs> cpus=<online CPUs> mem_kib=<MemTotal> cmdline=<cmdline>
+//! ```
+//!
+//! then does what `nutshell_test.action=` on the kernel command line says: `poweroff` (the
+//! default: sync, then `reboot(RB_POWER_OFF)`), `reboot` (`RB_AUTOBOOT`), `panic` (exit, so the
+//! kernel panics) or `hang` (sleep forever). On any failure it prints
+//! `NUTSHELL_TEST_INIT error: <what>` instead and powers off.
+//!
+//! It must never panic: a panic aborts PID 1, which is a kernel panic the test did not ask for.
+
+mod parse;
+mod sys;
+
+use std::error::Error;
+use std::fs;
+use std::io::{self, Write};
+use std::process;
+use std::thread;
+use std::time::Duration;
+
+use parse::{Action, ParseError};
+use sys::RebootCmd;
+
+/// The prefix of every line this init prints.
+const PREFIX: &str = "NUTSHELL_TEST_INIT";
+const ONLINE_CPUS: &str = "/sys/devices/system/cpu/online";
+
+/// Why init could not report.
+#[derive(Debug, thiserror::Error)]
+enum InitError {
+    #[error("cannot mount {fstype} on {target}")]
+    Mount {
+        fstype: &'static str,
+        target: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot read {path}")]
+    Read {
+        path: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot count online CPUs from {ONLINE_CPUS}: {sysfs}; nor with sched_getaffinity")]
+    Cpus {
+        sysfs: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Parse(#[from] ParseError),
+}
+
+fn main() {
+    let action = match report() {
+        Ok(action) => action,
+        Err(e) => {
+            print_error(&e);
+            Action::PowerOff
+        }
+    };
+    act(action)
+}
+
+/// Mounts what it needs, prints the report line and returns the action asked for.
+fn report() -> Result<Action, InitError> {
+    mount("proc", c"proc", "/proc", c"/proc")?;
+    mount("sysfs", c"sysfs", "/sys", c"/sys")?;
+
+    let cmdline = read("/proc/cmdline")?;
+    let cmdline = cmdline.trim();
+    let uptime = read("/proc/uptime")?;
+    let uptime = parse::parse_uptime(&uptime)?;
+    let cpus = online_cpus()?;
+    let mem_kib = parse::parse_mem_total_kib(&read("/proc/meminfo")?)?;
+    print_line(format_args!(
+        "{PREFIX} uptime={uptime} cpus={cpus} mem_kib={mem_kib} cmdline={cmdline}"
+    ));
+    Ok(parse::parse_action(cmdline)?)
+}
+
+fn act(action: Action) -> ! {
+    match action {
+        Action::PowerOff => power_off(),
+        Action::Reboot => {
+            sys::sync();
+            print_error(&sys::reboot(RebootCmd::Restart));
+            power_off()
+        }
+        // PID 1 exiting is what makes the kernel panic ("Attempted to kill init!").
+        Action::Panic => process::exit(1),
+        Action::Hang => loop {
+            thread::sleep(Duration::from_secs(3600));
+        },
+    }
+}
+
+/// Syncs and powers off; if even that fails, exits, which panics the kernel: the most visible
+/// failure left.
+fn power_off() -> ! {
+    sys::sync();
+    print_error(&sys::reboot(RebootCmd::PowerOff));
+    process::exit(1)
+}
+
+fn mount(
+    fstype: &'static str,
+    fstype_c: &'static std::ffi::CStr,
+    target: &'static str,
+    target_c: &'static std::ffi::CStr,
+) -> Result<(), InitError> {
+    // The initramfs should hold the mount points; create them if it does not.
+    match fs::create_dir(target) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(source) => {
+            return Err(InitError::Mount {
+                fstype,
+                target,
+                source,
+            })
+        }
+    }
+    sys::mount_pseudo(fstype_c, target_c).map_err(|source| InitError::Mount {
+        fstype,
+        target,
+        source,
+    })
+}
+
+fn read(path: &'static str) -> Result<String, InitError> {
+    fs::read_to_string(path).map_err(|source| InitError::Read { path, source })
+}
+
+/// Online CPUs from sysfs, or from the affinity mask if sysfs cannot tell.
+fn online_cpus() -> Result<usize, InitError> {
+    let sysfs = match fs::read_to_string(ONLINE_CPUS) {
+        Ok(list) => match parse::parse_cpu_list(&list) {
+            Ok(count) => return Ok(count),
+            Err(e) => e.to_string(),
+        },
+        Err(e) => e.to_string(),
+    };
+    thread::available_parallelism()
+        .map(usize::from)
+        .map_err(|source| InitError::Cpus { sysfs, source })
+}
+
+/// Prints one line to stdout (the console) and flushes. Errors are ignored: with no console
+/// there is nobody to tell.
+fn print_line(line: std::fmt::Arguments<'_>) {
+    let mut out = io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+/// Prints `NUTSHELL_TEST_INIT error: ` and the error with its causes, once.
+fn print_error(e: &dyn Error) {
+    let mut what = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        what.push_str(": ");
+        what.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    print_line(format_args!("{PREFIX} error: {what}"));
+}
