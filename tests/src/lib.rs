@@ -1,1 +1,220 @@
-//! Shared helpers of the integration tests.
+//! Shared helpers of Nutshell's integration tests: where the guest artifacts are, and a
+//! `nutshell-vmm` process that is always cleaned up.
+//!
+//! The slow-lane tests need the guest kernel and the test initramfs, which `scripts/setup.sh`
+//! builds into `target/nutshell/`. They are `#[ignore]`d so that a plain `cargo test` stays
+//! fast; `scripts/test.sh` runs them with `--include-ignored`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Cargo's target directory.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target"))
+}
+
+/// A guest artifact under `target/nutshell/`, or an error that says how to build it.
+pub fn guest_artifact(name: &str) -> Result<PathBuf> {
+    let path = target_dir().join("nutshell").join(name);
+    if !path.is_file() {
+        bail!(
+            "{} is missing: run scripts/setup.sh first (it builds the guest kernel and initramfs)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// The `nutshell-vmm` binary: `$NUTSHELL_VMM`, else the newest of the release and debug builds.
+pub fn vmm_binary() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("NUTSHELL_VMM") {
+        return Ok(PathBuf::from(p));
+    }
+    let newest = ["release", "debug"]
+        .iter()
+        .map(|profile| target_dir().join(profile).join("nutshell-vmm"))
+        .filter_map(|p| Some((p.metadata().ok()?.modified().ok()?, p)))
+        .max();
+    match newest {
+        Some((_, p)) => Ok(p),
+        None => {
+            bail!("nutshell-vmm is not built: run scripts/setup.sh or cargo build -p nutshell-vmm")
+        }
+    }
+}
+
+/// A running `nutshell-vmm` with its console in a temporary file. Killed and reaped on drop,
+/// so that a failing test leaves no VM behind.
+#[derive(Debug)]
+pub struct VmmProcess {
+    child: Option<Child>,
+    console: PathBuf,
+    stderr: PathBuf,
+    started: Instant,
+    _dir: tempfile::TempDir,
+}
+
+/// How a VMM process ended.
+#[derive(Debug)]
+pub struct VmmOutcome {
+    /// Exit status.
+    pub status: ExitStatus,
+    /// Guest console.
+    pub console: String,
+    /// The VMM's log.
+    pub stderr: String,
+}
+
+impl VmmProcess {
+    /// Starts `nutshell-vmm` with `args` (the console goes to a file this struct owns).
+    pub fn spawn(args: &[&str]) -> Result<Self> {
+        let dir = tempfile::tempdir().context("temporary directory")?;
+        let console = dir.path().join("console");
+        let stderr = dir.path().join("stderr");
+        let vmm = vmm_binary()?;
+        let started = Instant::now();
+        let child = Command::new(&vmm)
+            .args(args)
+            .arg("--console")
+            .arg(&console)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr).context("stderr file")?)
+            .spawn()
+            .with_context(|| format!("cannot start {}", vmm.display()))?;
+        Ok(VmmProcess {
+            child: Some(child),
+            console,
+            stderr,
+            started,
+            _dir: dir,
+        })
+    }
+
+    /// The PID of the VMM.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The guest console so far.
+    pub fn console(&self) -> String {
+        std::fs::read(&self.console)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Waits until the console contains `needle`; returns the time since spawn.
+    pub fn wait_for_console(&mut self, needle: &str, timeout: Duration) -> Result<Duration> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.console().contains(needle) {
+                return Ok(self.started.elapsed());
+            }
+            if let Some(child) = self.child.as_mut() {
+                if let Some(status) = child.try_wait()? {
+                    bail!(
+                        "VMM exited ({status}) before {needle:?} appeared\nconsole:\n{}\nstderr:\n{}",
+                        self.console(),
+                        self.read_stderr()
+                    );
+                }
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{needle:?} did not appear within {timeout:?}\nconsole:\n{}\nstderr:\n{}",
+                    self.console(),
+                    self.read_stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Sends `signal` to the VMM.
+    pub fn signal(&self, signal: i32) -> Result<()> {
+        let pid = self.pid().context("VMM already reaped")?;
+        // SAFETY: kill(2) on the PID of a child this struct has not reaped yet.
+        if unsafe { libc::kill(pid as libc::pid_t, signal) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("kill");
+        }
+        Ok(())
+    }
+
+    /// Waits for the VMM to exit, at most `timeout` (then kills it and fails).
+    pub fn wait(mut self, timeout: Duration) -> Result<VmmOutcome> {
+        let deadline = Instant::now() + timeout;
+        let mut child = self.child.take().context("VMM already reaped")?;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(VmmOutcome {
+                    status,
+                    console: self.console(),
+                    stderr: self.read_stderr(),
+                });
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "VMM still running after {timeout:?}; killed\nconsole:\n{}\nstderr:\n{}",
+                    self.console(),
+                    self.read_stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn read_stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+}
+
+impl Drop for VmmProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The value of `key=` in a `NUTSHELL_TEST_INIT` report line.
+pub fn report_field<'a>(console: &'a str, key: &str) -> Option<&'a str> {
+    let line = console
+        .lines()
+        .find(|l| l.starts_with("NUTSHELL_TEST_INIT uptime="))?;
+    if key == "cmdline" {
+        return line.split_once(" cmdline=").map(|(_, v)| v);
+    }
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_fields_parse() {
+        let c = "[boot]\nNUTSHELL_TEST_INIT uptime=1.50 cpus=2 mem_kib=120000 cmdline=a b=c\n";
+        assert_eq!(report_field(c, "cpus"), Some("2"));
+        assert_eq!(report_field(c, "uptime"), Some("1.50"));
+        assert_eq!(report_field(c, "cmdline"), Some("a b=c"));
+        assert_eq!(report_field(c, "missing"), None);
+        assert_eq!(report_field("nothing", "cpus"), None);
+    }
+}

@@ -1,0 +1,37 @@
+# Shared by the scripts in this folder: logging, root check, apt packages, cargo on PATH.
+# shellcheck shell=bash
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+export PATH="$HOME/.cargo/bin:$PATH"
+TARGET_DIR=${CARGO_TARGET_DIR:-$REPO/target}
+
+log() { printf '[nutshell] %s\n' "$*" >&2; }
+die() { printf '[nutshell] error: %s\n' "$*" >&2; exit 1; }
+
+# Debian packages the build and the tests need.
+APT_PACKAGES=(
+    # guest kernel build (guest-kernel/build.sh)
+    linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev cpio xz-utils
+)
+
+ensure_root() {
+    [ "$(id -u)" = 0 ] || die "run as root: the VMM needs /dev/kvm, and setup installs packages"
+}
+
+ensure_packages() {
+    local missing=() p
+    for p in "${APT_PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" ||
+            missing+=("$p")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        log "installing ${missing[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            "${missing[@]}" >/dev/null
+    fi
+}
+
+ensure_kvm() {
+    [ -e /dev/kvm ] || die "/dev/kvm does not exist: Nutshell needs KVM"
+}

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Installs and builds everything Nutshell needs on a fresh Debian 12 machine; idempotent.
+#   - Debian packages for the guest kernel build
+#   - the guest kernel (cached outside the repo, see guest-kernel/README.md)
+#   - nutshell-vmm and nutshell-initramfs (release)
+#   - the slow-lane test initramfs: target/nutshell/test-initramfs.cpio
+set -euo pipefail
+# shellcheck source=scripts/lib.sh
+. "$(dirname "$0")/lib.sh"
+
+ensure_root
+ensure_packages
+ensure_kvm
+
+"$REPO/guest-kernel/build.sh"
+
+log "building nutshell-vmm and nutshell-initramfs"
+cargo build --release --locked -p nutshell-vmm -p nutshell-initramfs
+log "building the test /init (static, musl)"
+cargo build --release --locked -p nutshell-test-init --target x86_64-unknown-linux-musl
+
+mkdir -p "$TARGET_DIR/nutshell"
+"$TARGET_DIR/release/nutshell-initramfs" \
+    --init "$TARGET_DIR/x86_64-unknown-linux-musl/release/nutshell-test-init" \
+    -o "$TARGET_DIR/nutshell/test-initramfs.cpio" >&2
+log "ready: $TARGET_DIR/nutshell/{vmlinux,test-initramfs.cpio}, $TARGET_DIR/release/nutshell-vmm"

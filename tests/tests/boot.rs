@@ -1,0 +1,106 @@
+//! Slow lane: boot the real guest kernel with the test initramfs under `nutshell-vmm`.
+//!
+//! Each boot costs seconds on a host whose KVM emulates guest ring 0; the tests are
+//! `#[ignore]`d for plain `cargo test` and run by `scripts/test.sh` (`--include-ignored`).
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use std::time::Duration;
+
+use nutshell_tests::{guest_artifact, report_field, VmmProcess};
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
+const MARKER: &str = "NUTSHELL_TEST_INIT uptime=";
+
+fn boot(vcpus: &str, memory_mib: &str, cmdline: &str) -> VmmProcess {
+    let kernel = guest_artifact("vmlinux").unwrap();
+    let initrd = guest_artifact("test-initramfs.cpio").unwrap();
+    VmmProcess::spawn(&[
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--vcpus",
+        vcpus,
+        "--memory-mib",
+        memory_mib,
+        "--cmdline",
+        cmdline,
+    ])
+    .unwrap()
+}
+
+#[test]
+#[ignore = "slow lane: boots the real guest kernel (scripts/test.sh runs it)"]
+fn linux_boots_smp_to_init_and_powers_off() {
+    let mut vm = boot("2", "256", "quiet nutshell_test.user_arg=1");
+    let to_init = vm.wait_for_console(MARKER, BOOT_TIMEOUT).unwrap();
+    let out = vm.wait(Duration::from_secs(60)).unwrap();
+    eprintln!(
+        "boot: exec -> /init report {:.2} s wall",
+        to_init.as_secs_f64()
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}\n{}",
+        out.console,
+        out.stderr
+    );
+    assert!(out.stderr.contains("guest powered off"), "{}", out.stderr);
+
+    let console = &out.console;
+    assert_eq!(report_field(console, "cpus"), Some("2"), "{console}");
+    let mem_kib: u64 = report_field(console, "mem_kib").unwrap().parse().unwrap();
+    assert!(
+        (200 * 1024..=256 * 1024).contains(&mem_kib),
+        "MemTotal {mem_kib} KiB for a 256 MiB guest"
+    );
+    let cmdline = report_field(console, "cmdline").unwrap();
+    assert!(
+        cmdline.starts_with("quiet nutshell_test.user_arg=1 console=ttyS0"),
+        "{cmdline}"
+    );
+    assert!(!console.contains("error"), "{console}");
+}
+
+#[test]
+#[ignore = "slow lane: boots the real guest kernel (scripts/test.sh runs it)"]
+fn guest_reboot_stops_the_vm_with_status_0() {
+    let vm = boot("1", "128", "quiet nutshell_test.action=reboot");
+    let out = vm.wait(BOOT_TIMEOUT).unwrap();
+    assert!(out.console.contains(MARKER), "{}", out.console);
+    assert_eq!(out.status.code(), Some(0), "{}", out.stderr);
+    assert!(out.stderr.contains("guest rebooted"), "{}", out.stderr);
+}
+
+#[test]
+#[ignore = "slow lane: boots the real guest kernel (scripts/test.sh runs it)"]
+fn guest_kernel_panic_is_reported_with_status_2() {
+    // PID 1 exits: the kernel panics, reports it on the exit port, and reboots.
+    let vm = boot("1", "128", "quiet nutshell_test.action=panic");
+    let out = vm.wait(BOOT_TIMEOUT).unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}\n{}",
+        out.console,
+        out.stderr
+    );
+    assert!(out.console.contains("Kernel panic"), "{}", out.console);
+    assert!(
+        out.stderr.contains("guest kernel panicked"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+#[ignore = "slow lane: boots the real guest kernel (scripts/test.sh runs it)"]
+fn sigterm_stops_a_running_guest_cleanly() {
+    let mut vm = boot("2", "128", "quiet nutshell_test.action=hang");
+    vm.wait_for_console(MARKER, BOOT_TIMEOUT).unwrap();
+    vm.signal(libc::SIGTERM).unwrap();
+    let out = vm.wait(Duration::from_secs(30)).unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", out.stderr);
+    assert!(out.stderr.contains("received SIGTERM"), "{}", out.stderr);
+}
