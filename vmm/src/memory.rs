@@ -78,8 +78,67 @@ pub fn register(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
     Ok(())
 }
 
+/// Host memory of this process, in KiB: resident in total, and resident in guest RAM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResidentKib {
+    /// Everything resident in this process (VMM and guest RAM).
+    pub total: u64,
+    /// Guest RAM pages the guest (or the VMM's boot code) touched.
+    pub guest: u64,
+}
+
+/// Reads this process's resident memory from `/proc/self/smaps`, split into guest RAM and the
+/// rest. `None` when smaps cannot be read.
+pub fn resident_kib(mem: &GuestMemoryMmap) -> Option<ResidentKib> {
+    let starts: Vec<u64> = mem
+        .iter()
+        .filter_map(|r| mem.get_host_address(r.start_addr()).ok())
+        .map(|p| p as u64)
+        .collect();
+    let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+    Some(resident_from_smaps(&smaps, &starts))
+}
+
+fn resident_from_smaps(smaps: &str, guest_starts: &[u64]) -> ResidentKib {
+    let mut total = 0;
+    let mut guest = 0;
+    let mut in_guest = false;
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if let Some((lo, _)) = first.split_once('-') {
+            if let Ok(lo) = u64::from_str_radix(lo, 16) {
+                in_guest = guest_starts.contains(&lo);
+                continue;
+            }
+        }
+        if let Some(v) = line.strip_prefix("Rss:") {
+            let kib: u64 = v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0);
+            total += kib;
+            if in_guest {
+                guest += kib;
+            }
+        }
+    }
+    ResidentKib { total, guest }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn smaps_split_guest_and_rest() {
+        let smaps = "\
+7f0000000000-7f0004000000 rw-p 00000000 00:00 0
+Size:              65536 kB
+Rss:                1200 kB
+55d000000000-55d000100000 r-xp 00000000 08:01 42 /usr/bin/nutshell-vmm
+Rss:                 900 kB
+7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0 [stack]
+Rss:                  16 kB
+";
+        let r = resident_from_smaps(smaps, &[0x7f00_0000_0000]);
+        assert_eq!(r, ResidentKib { total: 2116, guest: 1200 });
+    }
+
     use super::*;
 
     #[test]

@@ -299,7 +299,7 @@ impl Vm {
             threads: Vec::with_capacity(vcpus.len()),
             exit,
             _fd: fd,
-            _mem: mem,
+            mem,
         };
         for vcpu in vcpus {
             match vcpu.start(first_run.clone()) {
@@ -357,7 +357,7 @@ pub struct RunningVm {
     threads: Vec<JoinHandle<()>>,
     exit: Arc<ExitHandle>,
     _fd: VmFd,
-    _mem: GuestMemoryMmap,
+    mem: GuestMemoryMmap,
 }
 
 /// How often a stopping vCPU thread is kicked until it leaves `KVM_RUN`.
@@ -372,6 +372,13 @@ impl RunningVm {
     /// Waits until the VM stops for any reason, joins every vCPU thread, returns the reason.
     pub fn wait(mut self) -> VmExit {
         wait_readable(self.exit.as_raw_fd());
+        if let Some(r) = memory::resident_kib(&self.mem) {
+            log::info!(
+                "host memory at exit: guest RAM touched {} KiB, VMM itself {} KiB",
+                r.guest,
+                r.total.saturating_sub(r.guest)
+            );
+        }
         self.stop_threads();
         self.exit
             .reason()
