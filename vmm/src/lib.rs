@@ -48,6 +48,15 @@ pub const VMM_CMDLINE: &[&str] = &[
     "tsc=reliable",
 ];
 
+/// What the compatibility CPU profile (a `kvm_pvm` host) adds to the command line.
+///
+/// `kvm_pvm` does not intercept the guest's CPUID instruction: the guest reads the host's CPUID,
+/// including the KVM leaves of the hypervisor below it, and turns on paravirtual features (PV
+/// IPIs, PV spinlock kicks, PTP clock pairing) whose hypercalls this host does not serve; an SMP
+/// guest then hangs. `nopv` boots it as a plain x86 guest (TSC clock instead of kvm-clock).
+/// Hiding the CPU features themselves is `clearcpuid=`, appended after these.
+pub const COMPAT_CMDLINE: &[&str] = &["nopv"];
+
 /// Loads the guest and starts its vCPUs.
 pub fn boot_linux(config: LinuxConfig) -> Result<RunningVm, VmError> {
     // Check inputs before anything is created (the console file among them).
@@ -73,10 +82,19 @@ pub fn boot_linux(config: LinuxConfig) -> Result<RunningVm, VmError> {
         Console::File(path) if !path.exists() => Some(path.clone()),
         _ => None,
     };
-    let result = boot::build_cmdline(&config.cmdline, VMM_CMDLINE)
+    let mut machine = config.machine;
+    let profile = machine.cpu_profile.resolve();
+    machine.cpu_profile = CpuProfileChoice::Fixed(profile);
+    let compat_arg = arch::x86_64::cpuid::compat_clearcpuid_arg();
+    let mut vmm_args = VMM_CMDLINE.to_vec();
+    if profile == arch::x86_64::cpuid::CpuProfile::Compat {
+        vmm_args.extend_from_slice(COMPAT_CMDLINE);
+        vmm_args.push(&compat_arg);
+    }
+    let result = boot::build_cmdline(&config.cmdline, &vmm_args)
         .map_err(VmError::from)
         .and_then(|cmdline| {
-            let mut vm = Vm::new(config.machine)?;
+            let mut vm = Vm::new(machine)?;
             vm.load_linux(&config.kernel, config.initrd.as_deref(), &cmdline)?;
             vm.start()
         });

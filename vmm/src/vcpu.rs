@@ -151,7 +151,10 @@ impl Vcpu {
                 self.exit.request(reason);
             }
         }
-        log::debug!("vCPU {} stopped", self.index);
+        if log::log_enabled!(log::Level::Debug) {
+            let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
+            log::debug!("vCPU {} stopped at guest rip {rip:#x}", self.index);
+        }
     }
 
     /// Runs the guest until its next exit and serves it. Returns a reason when the VM must stop.

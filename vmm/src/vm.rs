@@ -132,6 +132,19 @@ pub enum CpuProfileChoice {
     Fixed(CpuProfile),
 }
 
+impl CpuProfileChoice {
+    /// The profile this choice means on this host.
+    pub fn resolve(self) -> CpuProfile {
+        match self {
+            CpuProfileChoice::Fixed(p) => p,
+            CpuProfileChoice::Auto if host::detect_flavour() == KvmFlavour::Pvm => {
+                CpuProfile::Compat
+            }
+            CpuProfileChoice::Auto => CpuProfile::Host,
+        }
+    }
+}
+
 /// What the VM is made of, before any boot payload.
 #[derive(Debug)]
 pub struct MachineConfig {
@@ -192,13 +205,11 @@ impl Vm {
                 config.vcpus
             )));
         }
-        let flavour = host::detect_flavour();
-        let profile = match config.cpu_profile {
-            CpuProfileChoice::Fixed(p) => p,
-            CpuProfileChoice::Auto if flavour == KvmFlavour::Pvm => CpuProfile::Compat,
-            CpuProfileChoice::Auto => CpuProfile::Host,
-        };
-        log::info!("host KVM: {flavour}; guest CPU profile: {profile}");
+        let profile = config.cpu_profile.resolve();
+        log::info!(
+            "host KVM: {}; guest CPU profile: {profile}",
+            host::detect_flavour()
+        );
 
         let fd = create_vm(&kvm)?;
         let ram_size = config.memory_mib << 20;

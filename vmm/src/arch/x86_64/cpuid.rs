@@ -124,6 +124,25 @@ pub const COMPAT_HIDDEN: &[FeatureBit] = &[
     feat(7, 1, Reg::Eax, 5, "avx512_bf16"),
 ];
 
+/// Features named on the guest kernel's `clearcpuid=` in the compatibility profile. The rest of
+/// [`COMPAT_HIDDEN`] (the AVX family, osxsave, ospke) follows from `xsave` through the kernel's
+/// CPUID dependency table. Linux reads at most 127 characters of `clearcpuid=`.
+pub const COMPAT_CLEARCPUID: &[&str] = &[
+    "xsave", "popcnt", "cx16", "smap", "smep", "fsgsbase", "pcid", "invpcid", "pku", "rdpid",
+    "clflushopt", "clwb", "erms", "fsrm",
+];
+
+/// Longest `clearcpuid=` value Linux 6.1 reads.
+#[cfg(test)]
+const CLEARCPUID_MAX: usize = 127;
+
+/// The `clearcpuid=` argument that hides the compatibility profile's features from the guest
+/// kernel itself. Needed because `kvm_pvm` does not intercept the guest's CPUID instruction:
+/// the guest reads the host's CPUID whatever `KVM_SET_CPUID2` says.
+pub fn compat_clearcpuid_arg() -> String {
+    format!("clearcpuid={}", COMPAT_CLEARCPUID.join(","))
+}
+
 /// Leaves removed whole in the compatibility profile (XSAVE state enumeration).
 const COMPAT_REMOVED_LEAVES: &[u32] = &[0xd];
 
@@ -271,6 +290,20 @@ mod tests {
             assert!(has_feature(&cpuid, f), "{name} hidden on host profile");
         }
         assert!(cpuid.as_slice().iter().any(|e| e.function == 0xd));
+    }
+
+    #[test]
+    fn clearcpuid_names_the_hidden_features() {
+        let arg = compat_clearcpuid_arg();
+        let value = arg.strip_prefix("clearcpuid=").unwrap();
+        // Linux silently drops what is past its buffer: everything must fit.
+        assert!(value.len() <= CLEARCPUID_MAX, "{} chars: {value}", value.len());
+        for name in value.split(',') {
+            assert!(
+                COMPAT_HIDDEN.iter().any(|f| f.name == name),
+                "{name} is not hidden in the CPUID table"
+            );
+        }
     }
 
     #[test]
