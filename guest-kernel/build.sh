@@ -18,6 +18,10 @@
 #   build for inspection).
 set -euo pipefail
 
+# Everything runs inside main(), which bash reads whole before running it:
+# editing this file during a build cannot derail the running build.
+main() {
+
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(dirname "$HERE")
 SELF="$HERE/$(basename "${BASH_SOURCE[0]}")"
@@ -106,8 +110,10 @@ install_kernel() {
     local tmp="$OUT_DIR/.vmlinux.$$"
     # A hard link when possible (same file system), a copy otherwise; then
     # rename, so a reader never sees a partial file.
-    ln -f "$ENTRY/vmlinux" "$tmp" 2>/dev/null || cp -f "$ENTRY/vmlinux" "$tmp"
-    mv -f "$tmp" "$OUT_DIR/vmlinux"
+    if ! [ "$ENTRY/vmlinux" -ef "$OUT_DIR/vmlinux" ]; then
+        ln -f "$ENTRY/vmlinux" "$tmp" 2>/dev/null || cp -f "$ENTRY/vmlinux" "$tmp"
+        mv -f "$tmp" "$OUT_DIR/vmlinux"
+    fi
     echo "$OUT_DIR/vmlinux"
     log "kernel: $OUT_DIR/vmlinux"
     log "key: $KEY ($PKG $PKG_VERSION)"
@@ -230,3 +236,7 @@ else
 fi
 log "published $ENTRY"
 install_kernel
+}
+
+main "$@"
+exit $?
