@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Sets up everything on a fresh machine, then boots a Nutshell microVM (2 vCPUs, 256 MiB)
+# Sets up everything on a fresh machine, then boots a Nutshell microVM (2 vCPUs, 128 MiB)
 # with the guest kernel and a test /init that reports what the guest sees and powers off.
 # The guest console is shown as it boots.
 set -euo pipefail
@@ -14,6 +14,6 @@ status=0
 "$TARGET_DIR/release/nutshell-vmm" \
     --kernel "$TARGET_DIR/nutshell/vmlinux" \
     --initrd "$TARGET_DIR/nutshell/test-initramfs.cpio" \
-    --vcpus 2 --memory-mib 256 --cmdline "quiet" || status=$?
+    --vcpus 2 --memory-mib 128 --cmdline "quiet" || status=$?
 log "VM exited with status $status after $(echo "$(date +%s.%N) - $start" | bc) s"
 exit "$status"

@@ -32,7 +32,7 @@ fn boot(vcpus: &str, memory_mib: &str, cmdline: &str) -> VmmProcess {
 #[test]
 #[ignore = "slow lane: boots the real guest kernel (scripts/test.sh runs it)"]
 fn linux_boots_smp_to_init_and_powers_off() {
-    let mut vm = boot("2", "256", "quiet nutshell_test.user_arg=1");
+    let mut vm = boot("2", "128", "quiet nutshell_test.user_arg=1");
     let to_init = vm.wait_for_console(MARKER, BOOT_TIMEOUT).unwrap();
     let out = vm.wait(Duration::from_secs(60)).unwrap();
     eprintln!(
@@ -52,8 +52,8 @@ fn linux_boots_smp_to_init_and_powers_off() {
     assert_eq!(report_field(console, "cpus"), Some("2"), "{console}");
     let mem_kib: u64 = report_field(console, "mem_kib").unwrap().parse().unwrap();
     assert!(
-        (200 * 1024..=256 * 1024).contains(&mem_kib),
-        "MemTotal {mem_kib} KiB for a 256 MiB guest"
+        (96 * 1024..=128 * 1024).contains(&mem_kib),
+        "MemTotal {mem_kib} KiB for a 128 MiB guest"
     );
     let cmdline = report_field(console, "cmdline").unwrap();
     assert!(
