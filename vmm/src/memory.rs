@@ -136,7 +136,13 @@ Rss:                 900 kB
 Rss:                  16 kB
 ";
         let r = resident_from_smaps(smaps, &[0x7f00_0000_0000]);
-        assert_eq!(r, ResidentKib { total: 2116, guest: 1200 });
+        assert_eq!(
+            r,
+            ResidentKib {
+                total: 2116,
+                guest: 1200
+            }
+        );
     }
 
     use super::*;

@@ -128,8 +128,20 @@ pub const COMPAT_HIDDEN: &[FeatureBit] = &[
 /// [`COMPAT_HIDDEN`] (the AVX family, osxsave, ospke) follows from `xsave` through the kernel's
 /// CPUID dependency table. Linux reads at most 127 characters of `clearcpuid=`.
 pub const COMPAT_CLEARCPUID: &[&str] = &[
-    "xsave", "popcnt", "cx16", "smap", "smep", "fsgsbase", "pcid", "invpcid", "pku", "rdpid",
-    "clflushopt", "clwb", "erms", "fsrm",
+    "xsave",
+    "popcnt",
+    "cx16",
+    "smap",
+    "smep",
+    "fsgsbase",
+    "pcid",
+    "invpcid",
+    "pku",
+    "rdpid",
+    "clflushopt",
+    "clwb",
+    "erms",
+    "fsrm",
 ];
 
 /// Longest `clearcpuid=` value Linux 6.1 reads.
@@ -297,7 +309,11 @@ mod tests {
         let arg = compat_clearcpuid_arg();
         let value = arg.strip_prefix("clearcpuid=").unwrap();
         // Linux silently drops what is past its buffer: everything must fit.
-        assert!(value.len() <= CLEARCPUID_MAX, "{} chars: {value}", value.len());
+        assert!(
+            value.len() <= CLEARCPUID_MAX,
+            "{} chars: {value}",
+            value.len()
+        );
         for name in value.split(',') {
             assert!(
                 COMPAT_HIDDEN.iter().any(|f| f.name == name),
