@@ -61,6 +61,17 @@ fn linux_boots_smp_to_init_and_powers_off() {
         "{cmdline}"
     );
     assert!(!console.contains("error"), "{console}");
+    // The guest's wall clock comes from the host (CMOS RTC or kvm-clock). Allow for the boot
+    // time and for the guest clock running slow on an emulating host.
+    let guest_epoch: u64 = report_field(console, "epoch").unwrap().parse().unwrap();
+    let host_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(
+        host_epoch.abs_diff(guest_epoch) < 300,
+        "guest wall clock {guest_epoch}, host {host_epoch}"
+    );
 }
 
 #[test]

@@ -22,6 +22,7 @@ use crate::boot::{self, BootError};
 use crate::devices::bus::BusError;
 use crate::devices::exit_port::{ExitPort, EXIT_PORT};
 use crate::devices::legacy::{I8042, I8042_BASE, I8042_LEN};
+use crate::devices::rtc::{Rtc, RTC_BASE, RTC_LEN};
 use crate::devices::serial::{ConsoleSink, SerialDevice, COM1_BASE, COM1_LEN};
 use crate::devices::PioBus;
 use crate::exit::{ExitHandle, VmExit};
@@ -359,6 +360,7 @@ fn build_bus(fd: &VmFd, exit: &Arc<ExitHandle>, console: ConsoleSink) -> Result<
         Arc::new(Mutex::new(I8042::new(exit.clone()))),
     )?;
     bus.insert(EXIT_PORT, 1, Arc::new(Mutex::new(ExitPort(exit.clone()))))?;
+    bus.insert(RTC_BASE, RTC_LEN, Arc::new(Mutex::new(Rtc::default())))?;
     Ok(bus)
 }
 

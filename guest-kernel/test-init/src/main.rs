@@ -3,7 +3,7 @@
 //! It mounts `/proc` and `/sys`, prints one line for the test to check,
 //!
 //! ```text
-//! NUTSHELL_TEST_INIT uptime=<secs> cpus=<online CPUs> mem_kib=<MemTotal> cmdline=<cmdline>
+//! NUTSHELL_TEST_INIT uptime=<secs> epoch=<wall clock, s since 1970> cpus=<online CPUs> mem_kib=<MemTotal> cmdline=<cmdline>
 //! ```
 //!
 //! then does what `nutshell_test.action=` on the kernel command line says: `poweroff` (the
@@ -78,8 +78,13 @@ fn report() -> Result<Action, InitError> {
     let uptime = parse::parse_uptime(&uptime)?;
     let cpus = online_cpus()?;
     let mem_kib = parse::parse_mem_total_kib(&read("/proc/meminfo")?)?;
+    // Before the epoch (no clock source for the wall time) reads as 0.
+    let epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     print_line(format_args!(
-        "{PREFIX} uptime={uptime} cpus={cpus} mem_kib={mem_kib} cmdline={cmdline}"
+        "{PREFIX} uptime={uptime} epoch={epoch} cpus={cpus} mem_kib={mem_kib} cmdline={cmdline}"
     ));
     Ok(parse::parse_action(cmdline)?)
 }

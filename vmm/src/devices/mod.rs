@@ -3,6 +3,7 @@
 pub mod bus;
 pub mod exit_port;
 pub mod legacy;
+pub mod rtc;
 pub mod serial;
 
 pub use bus::{PioBus, PioDevice};
