@@ -210,7 +210,8 @@ mod tests {
 
     #[test]
     fn report_fields_parse() {
-        let c = "[boot]\nNUTSHELL_TEST_INIT uptime=1.50 epoch=99 cpus=2 mem_kib=120000 cmdline=a b=c\n";
+        let c =
+            "[boot]\nNUTSHELL_TEST_INIT uptime=1.50 epoch=99 cpus=2 mem_kib=120000 cmdline=a b=c\n";
         assert_eq!(report_field(c, "cpus"), Some("2"));
         assert_eq!(report_field(c, "uptime"), Some("1.50"));
         assert_eq!(report_field(c, "epoch"), Some("99"));

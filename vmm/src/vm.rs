@@ -90,11 +90,14 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { what, source }
 }
 
+/// Most bytes of guest console kept in a console file; the rest is dropped.
+pub const CONSOLE_FILE_LIMIT: u64 = 64 << 20;
+
 /// Where the guest console goes.
 pub enum Console {
     /// The VMM's standard output.
     Stdout,
-    /// A file, created or truncated.
+    /// A file, created or truncated, holding at most [`CONSOLE_FILE_LIMIT`] bytes.
     File(PathBuf),
     /// Any writer (tests).
     Writer(Box<dyn Write + Send>),
@@ -112,14 +115,14 @@ impl std::fmt::Debug for Console {
 
 impl Console {
     fn open(self) -> Result<ConsoleSink, VmError> {
-        let out: Box<dyn Write + Send> = match self {
-            Console::Stdout => Box::new(std::io::stdout()),
-            Console::File(path) => Box::new(
+        Ok(match self {
+            Console::Stdout => ConsoleSink::new(Box::new(std::io::stdout())),
+            Console::File(path) => ConsoleSink::new(Box::new(
                 std::fs::File::create(&path).map_err(|source| VmError::Console { path, source })?,
-            ),
-            Console::Writer(w) => w,
-        };
-        Ok(ConsoleSink::new(out))
+            ))
+            .with_limit(CONSOLE_FILE_LIMIT),
+            Console::Writer(w) => ConsoleSink::new(w),
+        })
     }
 }
 

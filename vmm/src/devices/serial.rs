@@ -30,6 +30,10 @@ impl Trigger for IrqTrigger {
 pub struct ConsoleSink {
     out: Box<dyn Write + Send>,
     buf: Vec<u8>,
+    /// Bytes the guest may still write; `None`: no limit.
+    budget: Option<u64>,
+    /// Whether output was dropped (logged once).
+    truncated: bool,
 }
 
 impl std::fmt::Debug for ConsoleSink {
@@ -48,7 +52,16 @@ impl ConsoleSink {
         ConsoleSink {
             out,
             buf: Vec::with_capacity(CONSOLE_BUFFER),
+            budget: None,
+            truncated: false,
         }
+    }
+
+    /// Keeps at most `bytes` of guest output; the rest is dropped (a guest must not be able to
+    /// fill the host's disk through its console).
+    pub fn with_limit(mut self, bytes: u64) -> Self {
+        self.budget = Some(bytes);
+        self
     }
 
     /// Writes the first `len` buffered bytes out.
@@ -67,7 +80,19 @@ impl ConsoleSink {
 
 impl Write for ConsoleSink {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        self.buf.extend_from_slice(data);
+        let keep = match self.budget.as_mut() {
+            None => data.len(),
+            Some(budget) => {
+                let keep = usize::try_from(*budget).map_or(data.len(), |b| b.min(data.len()));
+                *budget -= keep as u64;
+                if keep < data.len() && !self.truncated {
+                    self.truncated = true;
+                    log::warn!("guest console reached its size limit; further output is dropped");
+                }
+                keep
+            }
+        };
+        self.buf.extend_from_slice(&data[..keep]);
         Ok(data.len())
     }
 
@@ -155,6 +180,18 @@ mod tests {
         assert_eq!(&*out.0.lock().unwrap(), b"hello\n");
         drop(sink);
         assert_eq!(&*out.0.lock().unwrap(), b"hello\nwor");
+    }
+
+    #[test]
+    fn sink_drops_output_past_its_limit() {
+        let out = Shared::default();
+        let mut sink = ConsoleSink::new(Box::new(out.clone())).with_limit(5);
+        for b in b"abc\ndefgh\n" {
+            sink.write_all(&[*b]).unwrap();
+            sink.flush().unwrap();
+        }
+        drop(sink);
+        assert_eq!(&*out.0.lock().unwrap(), b"abc\nd");
     }
 
     #[test]
