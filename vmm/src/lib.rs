@@ -94,6 +94,17 @@ pub fn boot_linux(config: LinuxConfig) -> Result<RunningVm, VmError> {
     let result = boot::build_cmdline(&config.cmdline, &vmm_args)
         .map_err(VmError::from)
         .and_then(|cmdline| {
+            let mut cmdline = cmdline;
+            if machine.vsock.is_some() {
+                cmdline
+                    .add_virtio_mmio_device(
+                        arch::x86_64::layout::VIRTIO_MMIO_SIZE,
+                        vm_memory::GuestAddress(arch::x86_64::layout::VIRTIO_MMIO_BASE),
+                        arch::x86_64::layout::VIRTIO_GSI_BASE,
+                        None,
+                    )
+                    .map_err(boot::BootError::Cmdline)?;
+            }
             let mut vm = Vm::new(machine)?;
             vm.load_linux(&config.kernel, config.initrd.as_deref(), &cmdline)?;
             vm.start()

@@ -7,6 +7,7 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use nutshell_vmm::arch::x86_64::cpuid::CpuProfile;
+use nutshell_vmm::devices::virtio::vsock::VsockConfig;
 use nutshell_vmm::{boot_linux, Console, CpuProfileChoice, LinuxConfig, MachineConfig, VmExit};
 
 /// Boots a Linux guest in a KVM microVM and runs it until the guest powers off or reboots.
@@ -46,6 +47,16 @@ struct Args {
     /// supports) or compat (hide what a software-emulated ring 0 cannot run).
     #[arg(long, value_enum, default_value_t = ProfileArg::Auto)]
     cpu_profile: ProfileArg,
+
+    /// Add a virtio-vsock device: the VMM listens on this Unix socket (a client writes
+    /// `CONNECT <port>\n`, reads `OK <hostport>\n`, then talks to the guest's vsock port), and
+    /// guest connections to host port P go to the Unix socket `PATH_P`.
+    #[arg(long, value_name = "PATH")]
+    vsock_uds: Option<PathBuf>,
+
+    /// The guest's vsock context id (with --vsock-uds).
+    #[arg(long, value_name = "N", default_value_t = nutshell_vmm::devices::virtio::vsock::DEFAULT_GUEST_CID)]
+    vsock_cid: u64,
 
     /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
     #[arg(long, value_name = "LEVEL", default_value = "info")]
@@ -99,6 +110,10 @@ fn run(args: Args, started_at: Instant) -> anyhow::Result<VmExit> {
                 ProfileArg::Compat => CpuProfileChoice::Fixed(CpuProfile::Compat),
             },
             started_at: Some(started_at),
+            vsock: args.vsock_uds.map(|uds_path| VsockConfig {
+                guest_cid: args.vsock_cid,
+                uds_path,
+            }),
         },
     };
     let vm = boot_linux(config)?;

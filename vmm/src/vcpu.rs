@@ -12,7 +12,7 @@ use kvm_bindings::{
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
-use crate::devices::PioBus;
+use crate::devices::{MmioBus, PioBus};
 use crate::exit::{ExitHandle, VmExit};
 
 /// Errors of creating and starting vCPUs.
@@ -103,6 +103,7 @@ pub struct Vcpu {
     index: u8,
     fd: VcpuFd,
     bus: Arc<PioBus>,
+    mmio: Arc<MmioBus>,
     exit: Arc<ExitHandle>,
 }
 
@@ -113,6 +114,7 @@ impl Vcpu {
         index: u8,
         cpuid: &CpuId,
         bus: Arc<PioBus>,
+        mmio: Arc<MmioBus>,
         exit: Arc<ExitHandle>,
     ) -> Result<Self, VcpuError> {
         let fd = vm
@@ -124,6 +126,7 @@ impl Vcpu {
             index,
             fd,
             bus,
+            mmio,
             exit,
         })
     }
@@ -186,18 +189,21 @@ impl Vcpu {
                 None
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
-                data.fill(0xff);
-                crate::ratelimited!(
-                    log::Level::Debug,
-                    "vCPU {index}: read of unused MMIO {addr:#x}"
-                );
+                if !self.mmio.read(addr, data) {
+                    crate::ratelimited!(
+                        log::Level::Debug,
+                        "vCPU {index}: read of unused MMIO {addr:#x}"
+                    );
+                }
                 None
             }
-            Ok(VcpuExit::MmioWrite(addr, _)) => {
-                crate::ratelimited!(
-                    log::Level::Debug,
-                    "vCPU {index}: write to unused MMIO {addr:#x}"
-                );
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                if !self.mmio.write(addr, data) {
+                    crate::ratelimited!(
+                        log::Level::Debug,
+                        "vCPU {index}: write to unused MMIO {addr:#x}"
+                    );
+                }
                 None
             }
             Ok(VcpuExit::Shutdown) => Some(VmExit::TripleFault { vcpu: index }),

@@ -14,7 +14,9 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::Killable;
 
 use crate::arch::x86_64::cpuid::{self, CpuProfile, CpuidError};
-use crate::arch::x86_64::layout::{KVM_TSS_ADDR, SERIAL_IRQ};
+use crate::arch::x86_64::layout::{
+    KVM_TSS_ADDR, SERIAL_IRQ, VIRTIO_GSI_BASE, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE,
+};
 use crate::arch::x86_64::mptable::{self, MptableError};
 use crate::arch::x86_64::pvh::{self, PvhError};
 use crate::arch::x86_64::regs::{self, RegsError};
@@ -22,9 +24,13 @@ use crate::boot::{self, BootError};
 use crate::devices::bus::BusError;
 use crate::devices::exit_port::{ExitPort, EXIT_PORT};
 use crate::devices::legacy::{I8042, I8042_BASE, I8042_LEN};
+use crate::devices::mmio::MmioBusError;
 use crate::devices::rtc::{Rtc, RTC_BASE, RTC_LEN};
 use crate::devices::serial::{ConsoleSink, SerialDevice, COM1_BASE, COM1_LEN};
-use crate::devices::PioBus;
+use crate::devices::virtio::mmio::{reg, MmioTransport};
+use crate::devices::virtio::vsock::{self, Vsock, VsockConfig, VsockError};
+use crate::devices::virtio::{Interrupt, VirtioDevice};
+use crate::devices::{MmioBus, PioBus};
 use crate::exit::{ExitHandle, VmExit};
 use crate::host::{self, HostError, KvmFlavour};
 use crate::memory::{self, GuestMemoryMmap, MemoryError};
@@ -84,6 +90,21 @@ pub enum VmError {
     /// An eventfd could not be created.
     #[error("cannot create an eventfd")]
     EventFd(#[source] std::io::Error),
+    /// MMIO bus layout.
+    #[error(transparent)]
+    MmioBus(#[from] MmioBusError),
+    /// The vsock device.
+    #[error(transparent)]
+    Vsock(#[from] VsockError),
+    /// A device thread could not start.
+    #[error("cannot start the {what} thread")]
+    DeviceThread {
+        /// Which.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -162,6 +183,8 @@ pub struct MachineConfig {
     pub cpu_profile: CpuProfileChoice,
     /// When the VMM started, to log the host-side start cost.
     pub started_at: Option<Instant>,
+    /// A virtio-vsock device (hybrid vsock over a Unix socket), if any.
+    pub vsock: Option<VsockConfig>,
 }
 
 /// Smallest guest the VMM accepts: room for boot data below 1 MiB and a kernel above it.
@@ -180,6 +203,7 @@ pub struct Vm {
     exit: Arc<ExitHandle>,
     first_run: Arc<FirstRun>,
     profile: CpuProfile,
+    vsock: Option<Arc<Mutex<Vsock>>>,
 }
 
 impl Vm {
@@ -222,12 +246,19 @@ impl Vm {
 
         let exit = ExitHandle::new().map_err(VmError::EventFd)?;
         let bus = Arc::new(build_bus(&fd, &exit, config.console.open()?)?);
+        let mut mmio = MmioBus::default();
+        let vsock = config
+            .vsock
+            .as_ref()
+            .map(|c| add_vsock(&fd, &mem, &mut mmio, c))
+            .transpose()?;
+        let mmio = Arc::new(mmio);
 
         let supported = cpuid::supported(&kvm)?;
         let mut vcpus = Vec::with_capacity(config.vcpus.into());
         for index in 0..config.vcpus {
             let table = cpuid::for_vcpu(&supported, profile, index, config.vcpus)?;
-            let vcpu = Vcpu::new(&fd, index, &table, bus.clone(), exit.clone())?;
+            let vcpu = Vcpu::new(&fd, index, &table, bus.clone(), mmio.clone(), exit.clone())?;
             regs::setup_common(vcpu.fd())?;
             vcpus.push(vcpu);
         }
@@ -241,6 +272,7 @@ impl Vm {
             exit,
             first_run: FirstRun::new(config.started_at),
             profile,
+            vsock,
         })
     }
 
@@ -308,14 +340,26 @@ impl Vm {
             mem,
             exit,
             first_run,
+            vsock,
             ..
         } = self;
         let mut running = RunningVm {
             threads: Vec::with_capacity(vcpus.len()),
+            device_threads: Vec::new(),
             exit,
             _fd: fd,
             mem,
         };
+        if let Some(dev) = vsock {
+            let thread =
+                vsock::event_loop::spawn(dev, running.exit.as_raw_fd()).map_err(|source| {
+                    VmError::DeviceThread {
+                        what: "vsock",
+                        source,
+                    }
+                })?;
+            running.device_threads.push(thread);
+        }
         for vcpu in vcpus {
             match vcpu.start(first_run.clone()) {
                 Ok(handle) => running.threads.push(handle),
@@ -367,10 +411,41 @@ fn build_bus(fd: &VmFd, exit: &Arc<ExitHandle>, console: ConsoleSink) -> Result<
     Ok(bus)
 }
 
+/// The first virtio-mmio device: a vsock device at `VIRTIO_MMIO_BASE`, GSI `VIRTIO_GSI_BASE`,
+/// its queue notifications as ioeventfds.
+fn add_vsock(
+    fd: &VmFd,
+    mem: &GuestMemoryMmap,
+    mmio: &mut MmioBus,
+    config: &VsockConfig,
+) -> Result<Arc<Mutex<Vsock>>, VmError> {
+    let device = Arc::new(Mutex::new(Vsock::new(config)?));
+    let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+    fd.register_irqfd(&irqfd, VIRTIO_GSI_BASE)
+        .map_err(kvm_err("register the vsock irqfd"))?;
+    let notify = kvm_ioctls::IoEventAddress::Mmio(VIRTIO_MMIO_BASE + reg::QUEUE_NOTIFY);
+    {
+        let d = device.lock().unwrap_or_else(|e| e.into_inner());
+        for (index, evt) in d.queue_events().iter().enumerate() {
+            fd.register_ioevent(evt, &notify, index as u32)
+                .map_err(kvm_err("register a vsock queue ioeventfd"))?;
+        }
+    }
+    let transport = MmioTransport::new(device.clone(), mem.clone(), Interrupt::new(irqfd));
+    mmio.insert(
+        VIRTIO_MMIO_BASE,
+        VIRTIO_MMIO_SIZE,
+        Arc::new(Mutex::new(transport)),
+    )?;
+    Ok(device)
+}
+
 /// A running VM. Dropping it without [`RunningVm::wait`] stops it.
 #[derive(Debug)]
 pub struct RunningVm {
     threads: Vec<JoinHandle<()>>,
+    /// Device event loops; they end once the stop is requested.
+    device_threads: Vec<JoinHandle<()>>,
     exit: Arc<ExitHandle>,
     _fd: VmFd,
     mem: GuestMemoryMmap,
@@ -416,6 +491,11 @@ impl RunningVm {
         for t in self.threads.drain(..) {
             if t.join().is_err() {
                 log::error!("a vCPU thread panicked");
+            }
+        }
+        for t in self.device_threads.drain(..) {
+            if t.join().is_err() {
+                log::error!("a device thread panicked");
             }
         }
     }

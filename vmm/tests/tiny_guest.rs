@@ -18,6 +18,7 @@ fn machine(vcpus: u8, console: &Captured) -> MachineConfig {
         console: Console::Writer(Box::new(console.clone())),
         cpu_profile: CpuProfileChoice::Auto,
         started_at: None,
+        vsock: None,
     }
 }
 

@@ -1,9 +1,12 @@
-//! Emulated devices and the port I/O bus they sit on.
+//! Emulated devices and the buses (port I/O, MMIO) they sit on.
 
 pub mod bus;
 pub mod exit_port;
 pub mod legacy;
+pub mod mmio;
 pub mod rtc;
 pub mod serial;
+pub mod virtio;
 
 pub use bus::{PioBus, PioDevice};
+pub use mmio::{MmioBus, MmioDevice};

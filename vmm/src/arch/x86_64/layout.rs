@@ -43,3 +43,10 @@ pub const KVM_TSS_ADDR: u64 = 0xfffb_d000;
 pub const IOAPIC_PINS: u8 = 24;
 /// IRQ of the first serial port (COM1).
 pub const SERIAL_IRQ: u32 = 4;
+
+/// First virtio-mmio device; the next ones follow every `VIRTIO_MMIO_SIZE` bytes.
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+/// Size of one virtio-mmio register window.
+pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
+/// GSI of the first virtio-mmio device; the next ones take the following GSIs.
+pub const VIRTIO_GSI_BASE: u32 = 5;

@@ -1,0 +1,421 @@
+//! The virtio-mmio transport, version 2 (virtio 1.x "modern" devices only).
+//!
+//! The register state machine follows the virtio 1.2 spec, section 4.2.2. Whatever the driver
+//! writes is checked: features outside the offer or without `VIRTIO_F_VERSION_1` leave
+//! FEATURES_OK unset; queue sizes must be powers of two up to the maximum; queue addresses must
+//! lie in guest RAM (checked with `Queue::is_valid` when a queue is made ready and again at
+//! DRIVER_OK). A bad setup sets DEVICE_NEEDS_RESET; nothing the driver writes panics.
+
+use std::sync::{Arc, Mutex};
+
+use virtio_queue::{Queue, QueueT};
+
+use super::{Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::devices::MmioDevice;
+use crate::memory::GuestMemoryMmap;
+
+/// Size of one device's register window; devices sit this far apart.
+pub const MMIO_DEVICE_SIZE: u64 = 0x1000;
+
+/// "virt" in little endian.
+const MAGIC: u32 = 0x7472_6976;
+const VERSION: u32 = 2;
+/// Our vendor id ("NUTS" would do as well; anything but 0xffff).
+const VENDOR_ID: u32 = 0x5354_554e;
+
+/// Register offsets.
+pub mod reg {
+    #![allow(missing_docs)]
+    pub const MAGIC: u64 = 0x000;
+    pub const VERSION: u64 = 0x004;
+    pub const DEVICE_ID: u64 = 0x008;
+    pub const VENDOR_ID: u64 = 0x00c;
+    pub const DEVICE_FEATURES: u64 = 0x010;
+    pub const DEVICE_FEATURES_SEL: u64 = 0x014;
+    pub const DRIVER_FEATURES: u64 = 0x020;
+    pub const DRIVER_FEATURES_SEL: u64 = 0x024;
+    pub const QUEUE_SEL: u64 = 0x030;
+    pub const QUEUE_NUM_MAX: u64 = 0x034;
+    pub const QUEUE_NUM: u64 = 0x038;
+    pub const QUEUE_READY: u64 = 0x044;
+    pub const QUEUE_NOTIFY: u64 = 0x050;
+    pub const INTERRUPT_STATUS: u64 = 0x060;
+    pub const INTERRUPT_ACK: u64 = 0x064;
+    pub const STATUS: u64 = 0x070;
+    pub const QUEUE_DESC_LOW: u64 = 0x080;
+    pub const QUEUE_DESC_HIGH: u64 = 0x084;
+    pub const QUEUE_AVAIL_LOW: u64 = 0x090;
+    pub const QUEUE_AVAIL_HIGH: u64 = 0x094;
+    pub const QUEUE_USED_LOW: u64 = 0x0a0;
+    pub const QUEUE_USED_HIGH: u64 = 0x0a4;
+    pub const CONFIG_GENERATION: u64 = 0x0fc;
+    pub const CONFIG: u64 = 0x100;
+}
+
+/// Device status bits.
+pub mod status {
+    #![allow(missing_docs)]
+    pub const ACKNOWLEDGE: u32 = 1;
+    pub const DRIVER: u32 = 2;
+    pub const DRIVER_OK: u32 = 4;
+    pub const FEATURES_OK: u32 = 8;
+    pub const DEVICE_NEEDS_RESET: u32 = 64;
+    pub const FAILED: u32 = 128;
+}
+
+/// One device behind the virtio-mmio register window.
+pub struct MmioTransport {
+    device: Arc<Mutex<dyn VirtioDevice>>,
+    mem: GuestMemoryMmap,
+    interrupt: Interrupt,
+    device_type: u32,
+    avail_features: u64,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    acked_features: u64,
+    acked_beyond_64: bool,
+    queue_sel: u32,
+    queues: Vec<Queue>,
+    /// A queue whose size the driver set to an invalid value cannot be made ready.
+    bad_size: Vec<bool>,
+    status: u32,
+    config_generation: u32,
+    activated: bool,
+}
+
+impl std::fmt::Debug for MmioTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MmioTransport")
+            .field("device_type", &self.device_type)
+            .field("status", &self.status)
+            .field("activated", &self.activated)
+            .finish()
+    }
+}
+
+fn lock<'a>(
+    device: &'a Mutex<dyn VirtioDevice + 'static>,
+) -> std::sync::MutexGuard<'a, dyn VirtioDevice + 'static> {
+    device.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn set_low(value: &mut u64, low: u32) {
+    *value = (*value & !0xffff_ffff) | u64::from(low);
+}
+
+fn set_high(value: &mut u64, high: u32) {
+    *value = (*value & 0xffff_ffff) | (u64::from(high) << 32);
+}
+
+impl MmioTransport {
+    /// A transport for `device`, raising `interrupt`.
+    pub fn new(
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        mem: GuestMemoryMmap,
+        interrupt: Interrupt,
+    ) -> Self {
+        let (device_type, avail_features, queues) = {
+            let d = lock(&device);
+            let queues: Vec<Queue> = d
+                .queue_max_sizes()
+                .iter()
+                // `Queue::new` only fails for sizes that are not powers of two; devices use
+                // valid constants, and an invalid one just leaves the queue out.
+                .filter_map(|max| Queue::new(*max).ok())
+                .collect();
+            (d.device_type(), d.avail_features(), queues)
+        };
+        let bad_size = vec![false; queues.len()];
+        MmioTransport {
+            device,
+            mem,
+            interrupt,
+            device_type,
+            avail_features,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            acked_features: 0,
+            acked_beyond_64: false,
+            queue_sel: 0,
+            queues,
+            bad_size,
+            status: 0,
+            config_generation: 0,
+            activated: false,
+        }
+    }
+
+    /// The device status register.
+    pub fn status(&self) -> u32 {
+        self.status
+    }
+
+    /// Whether the device is serving its queues.
+    pub fn is_activated(&self) -> bool {
+        self.activated
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut Queue> {
+        self.queues.get_mut(self.queue_sel as usize)
+    }
+
+    /// Queue registers may be written between FEATURES_OK and DRIVER_OK only.
+    fn queue_setup_allowed(&self) -> bool {
+        self.status & (status::FEATURES_OK | status::DRIVER_OK | status::FAILED)
+            == status::FEATURES_OK
+    }
+
+    fn read_register(&self, offset: u64) -> u32 {
+        let queue = self.queues.get(self.queue_sel as usize);
+        match offset {
+            reg::MAGIC => MAGIC,
+            reg::VERSION => VERSION,
+            reg::DEVICE_ID => self.device_type,
+            reg::VENDOR_ID => VENDOR_ID,
+            reg::DEVICE_FEATURES => match self.device_features_sel {
+                0 => self.avail_features as u32,
+                1 => (self.avail_features >> 32) as u32,
+                _ => 0,
+            },
+            reg::QUEUE_NUM_MAX => queue.map_or(0, |q| u32::from(q.max_size())),
+            reg::QUEUE_READY => queue.map_or(0, |q| u32::from(q.ready())),
+            reg::INTERRUPT_STATUS => self.interrupt.status(),
+            reg::STATUS => self.status,
+            reg::CONFIG_GENERATION => self.config_generation,
+            _ => {
+                crate::ratelimited!(
+                    log::Level::Debug,
+                    "virtio-mmio: read of write-only or unknown register {offset:#x}"
+                );
+                0
+            }
+        }
+    }
+
+    fn write_register(&mut self, offset: u64, value: u32) {
+        match offset {
+            reg::DEVICE_FEATURES_SEL => self.device_features_sel = value,
+            reg::DRIVER_FEATURES_SEL => self.driver_features_sel = value,
+            reg::DRIVER_FEATURES => {
+                if self.status & (status::DRIVER | status::FEATURES_OK) != status::DRIVER {
+                    self.refuse("driver features written outside feature negotiation");
+                    return;
+                }
+                match self.driver_features_sel {
+                    0 => set_low(&mut self.acked_features, value),
+                    1 => set_high(&mut self.acked_features, value),
+                    // Pages beyond 64 bits: nothing is offered there, so nothing may be acked.
+                    _ => self.acked_beyond_64 |= value != 0,
+                }
+            }
+            reg::QUEUE_SEL => self.queue_sel = value,
+            reg::QUEUE_NUM => self.with_queue_setup(|t, idx| {
+                let size = u16::try_from(value).unwrap_or(0);
+                let ok = t.queues[idx].try_set_size(size).is_ok();
+                t.bad_size[idx] = !ok;
+                if !ok {
+                    crate::ratelimited!(
+                        log::Level::Warn,
+                        "virtio-mmio: invalid queue size {value}"
+                    );
+                }
+            }),
+            reg::QUEUE_READY => self.with_queue_setup(|t, idx| t.set_queue_ready(idx, value == 1)),
+            reg::QUEUE_DESC_LOW => self
+                .with_queue_setup(|t, idx| t.queues[idx].set_desc_table_address(Some(value), None)),
+            reg::QUEUE_DESC_HIGH => self
+                .with_queue_setup(|t, idx| t.queues[idx].set_desc_table_address(None, Some(value))),
+            reg::QUEUE_AVAIL_LOW => self
+                .with_queue_setup(|t, idx| t.queues[idx].set_avail_ring_address(Some(value), None)),
+            reg::QUEUE_AVAIL_HIGH => self
+                .with_queue_setup(|t, idx| t.queues[idx].set_avail_ring_address(None, Some(value))),
+            reg::QUEUE_USED_LOW => self
+                .with_queue_setup(|t, idx| t.queues[idx].set_used_ring_address(Some(value), None)),
+            reg::QUEUE_USED_HIGH => self
+                .with_queue_setup(|t, idx| t.queues[idx].set_used_ring_address(None, Some(value))),
+            reg::QUEUE_NOTIFY => self.notify(value),
+            reg::INTERRUPT_ACK => self.interrupt.ack(value),
+            reg::STATUS => self.write_status(value),
+            _ => crate::ratelimited!(
+                log::Level::Debug,
+                "virtio-mmio: write to read-only or unknown register {offset:#x}"
+            ),
+        }
+    }
+
+    /// Runs `f` on the selected queue if queue setup is allowed now and the queue exists.
+    fn with_queue_setup(&mut self, f: impl FnOnce(&mut Self, usize)) {
+        let idx = self.queue_sel as usize;
+        if !self.queue_setup_allowed() || idx >= self.queues.len() {
+            self.refuse("queue register written outside queue setup or for a missing queue");
+            return;
+        }
+        if self.queues[idx].ready() {
+            // The spec forbids changing a live queue; only un-readying is allowed.
+            if let Some(q) = self.selected_queue() {
+                q.set_ready(false);
+            }
+        }
+        f(self, idx);
+    }
+
+    fn set_queue_ready(&mut self, idx: usize, ready: bool) {
+        let q = &mut self.queues[idx];
+        q.set_ready(ready);
+        if ready && (self.bad_size[idx] || !q.is_valid(&self.mem)) {
+            q.set_ready(false);
+            crate::ratelimited!(
+                log::Level::Warn,
+                "virtio-mmio: queue {idx} refused: size or addresses outside guest memory"
+            );
+            self.status |= status::DEVICE_NEEDS_RESET;
+        }
+    }
+
+    fn refuse(&self, what: &str) {
+        crate::ratelimited!(log::Level::Warn, "virtio-mmio: {what}; ignored");
+    }
+
+    fn notify(&mut self, queue: u32) {
+        if !self.activated {
+            return;
+        }
+        let device = lock(&self.device);
+        if let Some(evt) = device.queue_events().get(queue as usize) {
+            if let Err(e) = evt.write(1) {
+                crate::ratelimited!(log::Level::Warn, "virtio-mmio: cannot signal queue: {e}");
+            }
+        }
+    }
+
+    fn write_status(&mut self, value: u32) {
+        if value == 0 {
+            self.reset();
+            return;
+        }
+        // Bits may only be added, one step at a time, in the spec's order.
+        let new = value & !self.status;
+        if value & self.status != self.status {
+            self.refuse("status bits cleared without a reset");
+            return;
+        }
+        match new {
+            status::ACKNOWLEDGE if self.status == 0 => self.status = value,
+            status::DRIVER if self.status == status::ACKNOWLEDGE => self.status = value,
+            status::FEATURES_OK if self.status == status::ACKNOWLEDGE | status::DRIVER => {
+                let unknown = self.acked_features & !self.avail_features;
+                if unknown != 0
+                    || self.acked_beyond_64
+                    || self.acked_features & VIRTIO_F_VERSION_1 == 0
+                {
+                    // FEATURES_OK stays unset: the driver reads it back and gives up.
+                    crate::ratelimited!(
+                        log::Level::Warn,
+                        "virtio-mmio: driver features {:#x} refused (offered {:#x}, VERSION_1 required)",
+                        self.acked_features,
+                        self.avail_features
+                    );
+                } else {
+                    self.status = value;
+                }
+            }
+            status::DRIVER_OK
+                if self.status == status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK =>
+            {
+                self.status = value;
+                self.activate();
+            }
+            status::FAILED => self.status |= status::FAILED,
+            _ => self.refuse("invalid device status transition"),
+        }
+    }
+
+    fn activate(&mut self) {
+        let all_valid = self
+            .queues
+            .iter()
+            .zip(&self.bad_size)
+            .all(|(q, bad)| !bad && q.ready() && q.is_valid(&self.mem));
+        if !all_valid {
+            crate::ratelimited!(
+                log::Level::Warn,
+                "virtio-mmio: DRIVER_OK with a queue not ready or outside guest memory"
+            );
+            self.status |= status::DEVICE_NEEDS_RESET;
+            return;
+        }
+        // The device gets its own copies of the queues; the transport keeps the registers.
+        let queues: Result<Vec<Queue>, _> = self
+            .queues
+            .iter()
+            .map(|q| Queue::try_from(q.state()))
+            .collect();
+        let result = match queues {
+            Ok(queues) => lock(&self.device).activate(
+                self.mem.clone(),
+                self.acked_features,
+                queues,
+                self.interrupt.clone(),
+            ),
+            Err(e) => Err(super::ActivateError::Device(format!("invalid queue: {e}"))),
+        };
+        match result {
+            Ok(()) => self.activated = true,
+            Err(e) => {
+                crate::ratelimited!(log::Level::Warn, "virtio-mmio: activation failed: {e}");
+                self.status |= status::DEVICE_NEEDS_RESET;
+            }
+        }
+    }
+
+    fn reset(&mut self) {
+        lock(&self.device).reset();
+        self.activated = false;
+        self.status = 0;
+        self.acked_features = 0;
+        self.acked_beyond_64 = false;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.queue_sel = 0;
+        for q in &mut self.queues {
+            q.reset();
+        }
+        self.bad_size.fill(false);
+        self.interrupt.clear();
+    }
+}
+
+impl MmioDevice for MmioTransport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= reg::CONFIG {
+            lock(&self.device).read_config(offset - reg::CONFIG, data);
+            return;
+        }
+        match <&mut [u8; 4]>::try_from(&mut *data) {
+            Ok(word) => *word = self.read_register(offset).to_le_bytes(),
+            Err(_) => {
+                data.fill(0);
+                crate::ratelimited!(
+                    log::Level::Debug,
+                    "virtio-mmio: {}-byte register read at {offset:#x}",
+                    data.len()
+                );
+            }
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= reg::CONFIG {
+            lock(&self.device).write_config(offset - reg::CONFIG, data);
+            return;
+        }
+        match <[u8; 4]>::try_from(data) {
+            Ok(word) => self.write_register(offset, u32::from_le_bytes(word)),
+            Err(_) => crate::ratelimited!(
+                log::Level::Debug,
+                "virtio-mmio: {}-byte register write at {offset:#x}",
+                data.len()
+            ),
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! Virtio devices behind the virtio-mmio transport.
+
+pub mod mmio;
+pub mod vsock;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::memory::GuestMemoryMmap;
+
+/// `VIRTIO_F_VERSION_1`: a modern (virtio 1.x) device; the only kind the transport accepts.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
+/// Interrupt status bit: the device used buffers in a queue.
+pub const VIRTIO_MMIO_INT_VRING: u32 = 1 << 0;
+/// Interrupt status bit: the configuration changed.
+pub const VIRTIO_MMIO_INT_CONFIG: u32 = 1 << 1;
+
+/// Errors of activating a device.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    /// The driver gave a different number of queues than the device has.
+    #[error("expected {expected} queues, got {got}")]
+    QueueCount {
+        /// What the device has.
+        expected: usize,
+        /// What it got.
+        got: usize,
+    },
+    /// The device could not start.
+    #[error("device failed to start: {0}")]
+    Device(String),
+}
+
+/// A device the transport serves: identity, features, config space, queues.
+pub trait VirtioDevice: Send {
+    /// Virtio device id (19 for vsock).
+    fn device_type(&self) -> u32;
+    /// Largest size of each queue; the number of queues is its length.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Features the device offers.
+    fn avail_features(&self) -> u64;
+    /// Reads the device configuration space.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes the device configuration space (ignored by read-only configs).
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// The driver set DRIVER_OK with valid queues: start serving them.
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        acked_features: u64,
+        queues: Vec<Queue>,
+        interrupt: Interrupt,
+    ) -> Result<(), ActivateError>;
+    /// The driver reset the device: stop serving queues, drop per-driver state.
+    fn reset(&mut self);
+    /// One eventfd per queue, signalled when the driver notifies that queue.
+    fn queue_events(&self) -> &[EventFd];
+}
+
+/// The device's interrupt: status bits the driver reads and acks, and the irqfd that raises
+/// the GSI.
+#[derive(Debug, Clone)]
+pub struct Interrupt {
+    inner: Arc<InterruptInner>,
+}
+
+#[derive(Debug)]
+struct InterruptInner {
+    status: AtomicU32,
+    irqfd: EventFd,
+}
+
+impl Interrupt {
+    /// An interrupt raised through `irqfd`.
+    pub fn new(irqfd: EventFd) -> Self {
+        Interrupt {
+            inner: Arc::new(InterruptInner {
+                status: AtomicU32::new(0),
+                irqfd,
+            }),
+        }
+    }
+
+    /// The irqfd, for registering with KVM.
+    pub fn irqfd(&self) -> &EventFd {
+        &self.inner.irqfd
+    }
+
+    /// Sets `bit` in the interrupt status and raises the interrupt.
+    pub fn trigger(&self, bit: u32) {
+        self.inner.status.fetch_or(bit, Ordering::SeqCst);
+        if let Err(e) = self.inner.irqfd.write(1) {
+            crate::ratelimited!(log::Level::Warn, "cannot raise a virtio interrupt: {e}");
+        }
+    }
+
+    /// The interrupt status register.
+    pub fn status(&self) -> u32 {
+        self.inner.status.load(Ordering::SeqCst)
+    }
+
+    /// The driver acknowledged `bits`.
+    pub fn ack(&self, bits: u32) {
+        self.inner.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    /// Clears every status bit (device reset).
+    pub fn clear(&self) {
+        self.inner.status.store(0, Ordering::SeqCst);
+    }
+}
