@@ -8,7 +8,8 @@
 //!
 //! then does what `nutshell_test.action=` on the kernel command line says: `poweroff` (the
 //! default: sync, then `reboot(RB_POWER_OFF)`), `reboot` (`RB_AUTOBOOT`), `panic` (exit, so the
-//! kernel panics) or `hang` (sleep forever). On any failure it prints
+//! kernel panics), `hang` (sleep forever) or `vsock-echo` (echo one connection on vsock port
+//! 1024 until EOF, then write `hello-from-guest` to host port 1025, then power off). On any failure it prints
 //! `NUTSHELL_TEST_INIT error: <what>` instead and powers off.
 //!
 //! It must never panic: a panic aborts PID 1, which is a kernel panic the test did not ask for.
@@ -102,7 +103,38 @@ fn act(action: Action) -> ! {
         Action::Hang => loop {
             thread::sleep(Duration::from_secs(3600));
         },
+        Action::VsockEcho => {
+            match vsock_echo() {
+                Ok(bytes) => print_line(format_args!("{PREFIX} vsock-echo done bytes={bytes}")),
+                Err(e) => print_error(&e),
+            }
+            power_off()
+        }
     }
+}
+
+/// Echoes one connection on vsock port 1024 until EOF, then says hello to host port 1025.
+fn vsock_echo() -> io::Result<u64> {
+    use std::io::Read;
+    let mut conn = sys::vsock_accept_one(1024)?;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = match conn.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        conn.write_all(&buf[..n])?;
+        total += n as u64;
+    }
+    drop(conn);
+    let mut host = sys::vsock_connect(libc::VMADDR_CID_HOST, 1025)?;
+    host.write_all(b"hello-from-guest\n")?;
+    // Wait until the host closes, so that the line has left the guest before power-off.
+    let _ = host.read(&mut buf);
+    Ok(total)
 }
 
 /// Syncs and powers off; if even that fails, exits, which panics the kernel: the most visible

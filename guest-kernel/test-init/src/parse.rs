@@ -14,12 +14,16 @@ pub enum Action {
     Panic,
     /// Sleep forever.
     Hang,
+    /// Echo one vsock connection on port 1024 until EOF, send a line to host port 1025, power off.
+    VsockEcho,
 }
 
 /// Errors of parsing kernel-provided text.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ParseError {
-    #[error("unknown {ACTION_PARAM} value {0:?} (expected poweroff, reboot, panic or hang)")]
+    #[error(
+        "unknown {ACTION_PARAM} value {0:?} (expected poweroff, reboot, panic, hang or vsock-echo)"
+    )]
     UnknownAction(String),
     #[error("invalid CPU list {0:?}")]
     CpuList(String),
@@ -47,6 +51,7 @@ pub fn parse_action(cmdline: &str) -> Result<Action, ParseError> {
             "reboot" => Action::Reboot,
             "panic" => Action::Panic,
             "hang" => Action::Hang,
+            "vsock-echo" => Action::VsockEcho,
             other => return Err(ParseError::UnknownAction(other.to_owned())),
         };
     }

@@ -56,3 +56,81 @@ pub fn reboot(cmd: RebootCmd) -> io::Error {
     }
     io::Error::last_os_error()
 }
+
+/// A vsock stream socket.
+fn vsock_socket() -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain socket(2) call with constant arguments.
+    let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a new descriptor that nothing else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+fn vsock_addr(cid: u32, port: u32) -> libc::sockaddr_vm {
+    // SAFETY: sockaddr_vm is plain data; all-zero is a valid value.
+    let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+    addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+    addr.svm_cid = cid;
+    addr.svm_port = port;
+    addr
+}
+
+const VSOCK_ADDR_LEN: libc::socklen_t = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+
+/// Listens on vsock `port` (any CID) and accepts one connection.
+pub fn vsock_accept_one(port: u32) -> io::Result<std::fs::File> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let sock = vsock_socket()?;
+    let addr = vsock_addr(libc::VMADDR_CID_ANY, port);
+    // SAFETY: `addr` is a valid sockaddr_vm of the given length.
+    if unsafe {
+        libc::bind(
+            sock.as_raw_fd(),
+            (&addr as *const libc::sockaddr_vm).cast(),
+            VSOCK_ADDR_LEN,
+        )
+    } < 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: listen(2) on a bound socket we own.
+    if unsafe { libc::listen(sock.as_raw_fd(), 1) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: accept(2) without a peer address.
+    let fd = unsafe {
+        libc::accept4(
+            sock.as_raw_fd(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a new descriptor that nothing else owns.
+    Ok(unsafe { std::fs::File::from_raw_fd(fd) })
+}
+
+/// Connects to vsock `cid`:`port`.
+pub fn vsock_connect(cid: u32, port: u32) -> io::Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let sock = vsock_socket()?;
+    let addr = vsock_addr(cid, port);
+    // SAFETY: `addr` is a valid sockaddr_vm of the given length.
+    if unsafe {
+        libc::connect(
+            sock.as_raw_fd(),
+            (&addr as *const libc::sockaddr_vm).cast(),
+            VSOCK_ADDR_LEN,
+        )
+    } < 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(std::fs::File::from(sock))
+}

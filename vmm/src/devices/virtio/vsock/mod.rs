@@ -385,10 +385,7 @@ impl Vsock {
         let mut used_any = false;
         // Packets are copied out in small batches, which bounds what is held at once.
         let mut batch = Vec::with_capacity(TX_BATCH);
-        loop {
-            let Some(active) = self.active.as_mut() else {
-                break;
-            };
+        while let Some(active) = self.active.as_mut() {
             let mem = active.mem.clone();
             let queue = &mut active.queues[TXQ];
             while batch.len() < TX_BATCH {
