@@ -419,3 +419,201 @@ impl MmioDevice for MmioTransport {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use vm_memory::GuestAddress;
+    use vmm_sys_util::eventfd::EventFd;
+
+    use super::*;
+    use crate::devices::virtio::ActivateError;
+
+    #[derive(Default)]
+    struct Fake {
+        activations: usize,
+        resets: usize,
+        evts: Vec<EventFd>,
+    }
+
+    impl VirtioDevice for Fake {
+        fn device_type(&self) -> u32 {
+            42
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[16, 16]
+        }
+        fn avail_features(&self) -> u64 {
+            VIRTIO_F_VERSION_1 | 1
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            data.fill(offset as u8);
+        }
+        fn write_config(&mut self, _: u64, _: &[u8]) {}
+        fn activate(
+            &mut self,
+            _: GuestMemoryMmap,
+            _: u64,
+            queues: Vec<Queue>,
+            _: Interrupt,
+        ) -> Result<(), ActivateError> {
+            assert_eq!(queues.len(), 2);
+            self.activations += 1;
+            Ok(())
+        }
+        fn reset(&mut self) {
+            self.resets += 1;
+        }
+        fn queue_events(&self) -> &[EventFd] {
+            &self.evts
+        }
+    }
+
+    fn setup() -> (MmioTransport, Arc<Mutex<Fake>>) {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let fake = Arc::new(Mutex::new(Fake {
+            evts: vec![EventFd::new(libc::EFD_NONBLOCK).unwrap()],
+            ..Fake::default()
+        }));
+        let irq = Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        (MmioTransport::new(fake.clone(), mem, irq), fake)
+    }
+
+    fn r(t: &mut MmioTransport, offset: u64) -> u32 {
+        let mut b = [0u8; 4];
+        t.read(offset, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    fn w(t: &mut MmioTransport, offset: u64, value: u32) {
+        t.write(offset, &value.to_le_bytes());
+    }
+
+    fn negotiate(t: &mut MmioTransport, high: u32) {
+        w(t, reg::STATUS, status::ACKNOWLEDGE);
+        w(t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
+        w(t, reg::DRIVER_FEATURES_SEL, 1);
+        w(t, reg::DRIVER_FEATURES, high);
+        w(
+            t,
+            reg::STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
+    }
+
+    fn setup_queue(t: &mut MmioTransport, index: u32, desc: u64) {
+        w(t, reg::QUEUE_SEL, index);
+        w(t, reg::QUEUE_NUM, 16);
+        w(t, reg::QUEUE_DESC_LOW, desc as u32);
+        w(t, reg::QUEUE_DESC_HIGH, (desc >> 32) as u32);
+        let base = 0x1000 * u64::from(index + 1);
+        w(t, reg::QUEUE_AVAIL_LOW, (base + 0x100) as u32);
+        w(t, reg::QUEUE_USED_LOW, (base + 0x200) as u32);
+        w(t, reg::QUEUE_READY, 1);
+    }
+
+    const OK: u32 = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
+
+    #[test]
+    fn identity_registers() {
+        let (mut t, _) = setup();
+        assert_eq!(r(&mut t, reg::MAGIC), 0x7472_6976);
+        assert_eq!(r(&mut t, reg::VERSION), 2);
+        assert_eq!(r(&mut t, reg::DEVICE_ID), 42);
+        w(&mut t, reg::DEVICE_FEATURES_SEL, 1);
+        assert_eq!(r(&mut t, reg::DEVICE_FEATURES), 1, "VERSION_1 is bit 32");
+        w(&mut t, reg::DEVICE_FEATURES_SEL, 0);
+        assert_eq!(r(&mut t, reg::DEVICE_FEATURES), 1);
+        w(&mut t, reg::DEVICE_FEATURES_SEL, 7);
+        assert_eq!(r(&mut t, reg::DEVICE_FEATURES), 0);
+        w(&mut t, reg::QUEUE_SEL, 1);
+        assert_eq!(r(&mut t, reg::QUEUE_NUM_MAX), 16);
+        w(&mut t, reg::QUEUE_SEL, 2);
+        assert_eq!(r(&mut t, reg::QUEUE_NUM_MAX), 0, "no third queue");
+        let mut b = [0u8; 2];
+        t.read(reg::CONFIG + 5, &mut b);
+        assert_eq!(b, [5, 5]);
+        // Odd-sized register accesses are ignored.
+        let mut b = [0xaau8; 2];
+        t.read(reg::MAGIC, &mut b);
+        assert_eq!(b, [0, 0]);
+    }
+
+    #[test]
+    fn features_without_version_1_are_refused() {
+        let (mut t, _) = setup();
+        negotiate(&mut t, 0);
+        assert_eq!(t.status() & status::FEATURES_OK, 0);
+        w(&mut t, reg::STATUS, 0);
+        negotiate(&mut t, 1 | 2);
+        assert_eq!(t.status() & status::FEATURES_OK, 0, "unoffered bit 33");
+        w(&mut t, reg::STATUS, 0);
+        negotiate(&mut t, 1);
+        assert_eq!(t.status(), OK);
+    }
+
+    #[test]
+    fn queue_outside_memory_is_refused_and_needs_reset() {
+        let (mut t, fake) = setup();
+        negotiate(&mut t, 1);
+        setup_queue(&mut t, 0, 0x7fff_ffff_f000);
+        assert_eq!(r(&mut t, reg::QUEUE_READY), 0);
+        assert_ne!(t.status() & status::DEVICE_NEEDS_RESET, 0);
+        setup_queue(&mut t, 1, 0x3000);
+        w(&mut t, reg::STATUS, OK | status::DRIVER_OK);
+        assert!(!t.is_activated());
+        assert_eq!(fake.lock().unwrap().activations, 0);
+
+        // Reset, then a correct setup activates the device.
+        w(&mut t, reg::STATUS, 0);
+        assert_eq!(t.status(), 0);
+        assert_eq!(fake.lock().unwrap().resets, 1);
+        negotiate(&mut t, 1);
+        setup_queue(&mut t, 0, 0x5000);
+        setup_queue(&mut t, 1, 0x6000);
+        w(&mut t, reg::STATUS, OK | status::DRIVER_OK);
+        assert!(t.is_activated());
+        assert_eq!(fake.lock().unwrap().activations, 1);
+        // Queue registers are read-only once live.
+        w(&mut t, reg::QUEUE_SEL, 0);
+        w(&mut t, reg::QUEUE_NUM, 8);
+        assert_eq!(r(&mut t, reg::QUEUE_READY), 1);
+    }
+
+    #[test]
+    fn invalid_queue_size_and_out_of_order_status_are_refused() {
+        let (mut t, _) = setup();
+        // DRIVER_OK before anything else.
+        w(&mut t, reg::STATUS, status::DRIVER_OK);
+        assert_eq!(t.status(), 0);
+        negotiate(&mut t, 1);
+        w(&mut t, reg::QUEUE_SEL, 0);
+        w(&mut t, reg::QUEUE_NUM, 17);
+        w(&mut t, reg::QUEUE_READY, 1);
+        assert_eq!(r(&mut t, reg::QUEUE_READY), 0);
+        // A missing queue: ignored, no panic.
+        w(&mut t, reg::QUEUE_SEL, 99);
+        w(&mut t, reg::QUEUE_NUM, 16);
+        w(&mut t, reg::QUEUE_READY, 1);
+        w(&mut t, reg::STATUS, OK | status::DRIVER_OK);
+        assert!(!t.is_activated());
+    }
+
+    #[test]
+    fn notify_and_interrupt_ack() {
+        let (mut t, fake) = setup();
+        negotiate(&mut t, 1);
+        setup_queue(&mut t, 0, 0x5000);
+        setup_queue(&mut t, 1, 0x6000);
+        w(&mut t, reg::STATUS, OK | status::DRIVER_OK);
+        w(&mut t, reg::QUEUE_NOTIFY, 0);
+        assert_eq!(fake.lock().unwrap().evts[0].read().unwrap(), 1);
+        w(&mut t, reg::QUEUE_NOTIFY, 5);
+        t.interrupt
+            .trigger(crate::devices::virtio::VIRTIO_MMIO_INT_VRING);
+        assert_eq!(r(&mut t, reg::INTERRUPT_STATUS), 1);
+        w(&mut t, reg::INTERRUPT_ACK, 1);
+        assert_eq!(r(&mut t, reg::INTERRUPT_STATUS), 0);
+    }
+}
