@@ -192,6 +192,25 @@ fn bad_inputs_get_one_clear_error() {
         &["--kernel", good, "--memory-mib", "2"],
         "guest memory must be",
     );
+    assert_refused(
+        d,
+        &["--kernel", good, "--vsock-uds", text.to_str().unwrap()],
+        "is not a socket",
+    );
+    assert!(text.exists(), "a non-socket path is never removed");
+    let uds = d.join("v.sock");
+    assert_refused(
+        d,
+        &[
+            "--kernel",
+            good,
+            "--vsock-uds",
+            uds.to_str().unwrap(),
+            "--vsock-cid",
+            "2",
+        ],
+        "CID 2 is reserved",
+    );
     let long = "x".repeat(3000);
     assert_refused(
         d,
@@ -212,8 +231,39 @@ fn help_names_every_option() {
         "--memory-mib",
         "--vcpus",
         "--console",
+        "--vsock-uds",
+        "--vsock-cid",
         "Exit status",
     ] {
         assert!(help.contains(opt), "--help lacks {opt}");
     }
+}
+
+#[test]
+fn vsock_device_is_announced_and_its_socket_removed_at_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = write(
+        dir.path(),
+        "kernel",
+        &pvh_elf(&pvh_check_program(), LOAD_ADDR, 0, true),
+    );
+    let console = dir.path().join("console");
+    let uds = dir.path().join("vsock.sock");
+    let out = vmm(&[
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--memory-mib",
+        "32",
+        "--console",
+        console.to_str().unwrap(),
+        "--vsock-uds",
+        uds.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = std::fs::read_to_string(&console).unwrap();
+    assert!(
+        text.contains("virtio_mmio.device=4K@0xd0000000:5"),
+        "console: {text:?}"
+    );
+    assert!(!uds.exists(), "socket file left behind");
 }

@@ -79,6 +79,9 @@ pub enum VsockError {
     /// An eventfd or the epoll instance could not be created.
     #[error("cannot create the vsock event descriptors")]
     Events(#[source] io::Error),
+    /// Something other than a socket is at the path.
+    #[error("{} exists and is not a socket", .0.display())]
+    NotASocket(PathBuf),
     /// The guest CID is reserved.
     #[error("guest CID {0} is reserved (use 3 or more)")]
     Cid(u64),
@@ -102,7 +105,12 @@ struct Listener {
 
 impl Listener {
     fn bind(path: &Path) -> Result<Listener, VsockError> {
-        if path.exists() {
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            use std::os::unix::fs::FileTypeExt;
+            // Only a socket is ever removed: a mistyped path must not delete a file.
+            if !meta.file_type().is_socket() {
+                return Err(VsockError::NotASocket(path.to_owned()));
+            }
             // A stale socket from a dead VMM is replaced; a live one is not.
             if UnixStream::connect(path).is_ok() {
                 return Err(VsockError::InUse(path.to_owned()));
@@ -503,9 +511,9 @@ impl Vsock {
         }
         let mut path = self.uds_path.clone().into_os_string();
         path.push(format!("_{}", hdr.dst_port));
-        let stream = match UnixStream::connect(&path) {
-            Ok(s) if s.set_nonblocking(true).is_ok() => s,
-            _ => {
+        let stream = match connect_nonblocking(Path::new(&path)) {
+            Ok(s) => s,
+            Err(_) => {
                 crate::ratelimited!(
                     log::Level::Debug,
                     "vsock: guest connection to host port {} refused: no listener",
@@ -823,6 +831,51 @@ fn write_packet(
         crate::ratelimited!(log::Level::Warn, "vsock: cannot write an RX packet");
     }
     Some((HDR_SIZE + payload.len()) as u32)
+}
+
+/// Connects to a Unix socket without blocking: a host listener whose backlog is full refuses
+/// (EAGAIN) instead of stalling the event loop, which a guest could otherwise arrange.
+fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::ffi::OsStrExt;
+
+    // SAFETY: sockaddr_un is plain data; all-zero is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: plain socket(2) call with constant arguments.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a new descriptor that nothing else owns; the stream closes it.
+    let stream = unsafe { UnixStream::from_raw_fd(fd) };
+    let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+    // SAFETY: `addr` is an initialised sockaddr_un of `len` bytes, NUL-terminated (zeroed
+    // beyond the path, which is shorter than sun_path).
+    let r = unsafe {
+        libc::connect(
+            stream.as_raw_fd(),
+            (&addr as *const libc::sockaddr_un).cast(),
+            len,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(stream)
 }
 
 /// Parses `CONNECT <port>` (the newline already stripped).

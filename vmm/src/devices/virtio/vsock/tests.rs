@@ -428,6 +428,16 @@ fn stale_socket_is_replaced_live_one_refused() {
     };
     let dev = Vsock::new(&config).unwrap();
     assert!(matches!(Vsock::new(&config), Err(VsockError::InUse(_))));
+    let file = dir.path().join("f");
+    std::fs::write(&file, b"keep").unwrap();
+    assert!(matches!(
+        Vsock::new(&VsockConfig {
+            guest_cid: 3,
+            uds_path: file.clone()
+        }),
+        Err(VsockError::NotASocket(_))
+    ));
+    assert!(file.exists());
     drop(dev);
     assert!(!path.exists(), "socket file removed with the device");
     assert!(matches!(
@@ -437,6 +447,33 @@ fn stale_socket_is_replaced_live_one_refused() {
         }),
         Err(VsockError::Cid(2))
     ));
+}
+
+#[test]
+fn guest_connect_to_a_full_backlog_is_refused_not_blocking() {
+    let mut h = Harness::new();
+    h.give_rx(64);
+    let mut path = h.uds().into_os_string();
+    path.push("_1025");
+    // Never accepts; the backlog fills after a few connections.
+    let listener = UnixListener::bind(&path).unwrap();
+    // SAFETY: listen(2) on a socket the listener owns, to shrink its backlog to one.
+    assert_eq!(
+        unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&listener), 0) },
+        0
+    );
+    let start = std::time::Instant::now();
+    let mut resets = 0;
+    for port in 0..8 {
+        h.send(h.guest_hdr(6000 + port, 1025, op::REQUEST), &[]);
+        resets += h
+            .receive()
+            .iter()
+            .filter(|(hdr, _)| hdr.op == op::RST)
+            .count();
+    }
+    assert!(resets > 0, "a full backlog refuses");
+    assert!(start.elapsed() < Duration::from_secs(5));
 }
 
 #[test]
