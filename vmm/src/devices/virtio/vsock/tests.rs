@@ -458,10 +458,8 @@ fn guest_connect_to_a_full_backlog_is_refused_not_blocking() {
     // Never accepts; the backlog fills after a few connections.
     let listener = UnixListener::bind(&path).unwrap();
     // SAFETY: listen(2) on a socket the listener owns, to shrink its backlog to one.
-    assert_eq!(
-        unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&listener), 0) },
-        0
-    );
+    let r = unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&listener), 0) };
+    assert_eq!(r, 0);
     let start = std::time::Instant::now();
     let mut resets = 0;
     for port in 0..8 {
