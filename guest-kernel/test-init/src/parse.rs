@@ -124,6 +124,7 @@ mod tests {
     fn action_is_read_from_cmdline() {
         for (cmdline, action) in [
             ("nutshell_test.action=reboot", Action::Reboot),
+            ("quiet nutshell_test.action=vsock-echo", Action::VsockEcho),
             (
                 "console=ttyS0 nutshell_test.action=panic quiet",
                 Action::Panic,
