@@ -181,15 +181,28 @@ pub fn load_initrd(
     Ok((GuestAddress(addr), size))
 }
 
-/// The command line the guest gets: the user's, then what the VMM's devices and boot need.
+/// The command line the guest gets: the user's kernel parameters, then what the VMM's devices
+/// and boot need, then the user's arguments for init (what followed ` -- `), if any.
 pub fn build_cmdline(user: &str, vmm_args: &[&str]) -> Result<Cmdline, BootError> {
     let mut cmdline = Cmdline::new(CMDLINE_MAX_SIZE).map_err(BootError::Cmdline)?;
     let user = user.trim();
-    if !user.is_empty() {
-        cmdline.insert_str(user).map_err(BootError::Cmdline)?;
+    let (kernel_part, init_part) = match user.strip_prefix("--") {
+        Some(rest) if rest.is_empty() || rest.starts_with(' ') => ("", Some(rest.trim())),
+        _ => match user.split_once(" -- ") {
+            Some((k, i)) => (k.trim(), Some(i.trim())),
+            None => (user.strip_suffix(" --").unwrap_or(user), None),
+        },
+    };
+    if !kernel_part.is_empty() {
+        cmdline
+            .insert_str(kernel_part)
+            .map_err(BootError::Cmdline)?;
     }
     for arg in vmm_args {
         cmdline.insert_str(arg).map_err(BootError::Cmdline)?;
+    }
+    if let Some(init) = init_part.filter(|i| !i.is_empty()) {
+        cmdline.insert_init_args(init).map_err(BootError::Cmdline)?;
     }
     Ok(cmdline)
 }
@@ -227,6 +240,17 @@ mod tests {
         assert_eq!(
             c.as_cstring().unwrap().to_str().unwrap(),
             "quiet console=ttyS0"
+        );
+        // Arguments for init stay after the VMM's kernel parameters.
+        let c = build_cmdline("quiet -- features x", &["console=ttyS0"]).unwrap();
+        assert_eq!(
+            c.as_cstring().unwrap().to_str().unwrap(),
+            "quiet console=ttyS0 -- features x"
+        );
+        let c = build_cmdline("-- only-init", &["console=ttyS0"]).unwrap();
+        assert_eq!(
+            c.as_cstring().unwrap().to_str().unwrap(),
+            "console=ttyS0 -- only-init"
         );
         let long = "a".repeat(CMDLINE_MAX_SIZE);
         assert!(matches!(
