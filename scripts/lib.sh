@@ -32,6 +32,16 @@ ensure_packages() {
     fi
 }
 
+# The pinned toolchain (rust-toolchain.toml) with the musl target for static guest binaries.
+ensure_rust() {
+    command -v cargo >/dev/null || die "cargo not found: install Rust with rustup"
+    (cd "$REPO" && rustup show active-toolchain >/dev/null 2>&1 || rustup toolchain install)
+    (cd "$REPO" && rustup target list --installed | grep -qx x86_64-unknown-linux-musl ||
+        rustup target add x86_64-unknown-linux-musl)
+    (cd "$REPO" && rustup component list --installed | grep -q '^clippy' ||
+        rustup component add clippy rustfmt)
+}
+
 ensure_kvm() {
     [ -e /dev/kvm ] || die "/dev/kvm does not exist: Nutshell needs KVM"
 }

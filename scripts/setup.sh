@@ -10,6 +10,7 @@ set -euo pipefail
 
 ensure_root
 ensure_packages
+ensure_rust
 ensure_kvm
 
 "$REPO/guest-kernel/build.sh"
