@@ -140,9 +140,13 @@ pub fn run() -> Result<std::convert::Infallible, InitError> {
     let service = AgentService::new(release.clone(), Arc::new(power_off_or_die));
     let addr = format!("vsock://-1:{AGENT_VSOCK_PORT}");
     let _server = service.serve(&addr).map_err(InitError::Serve)?;
+    // The guest's uptime splits the boot time into kernel and agent (the log's own clock
+    // starts with the agent).
+    let uptime = std::fs::read_to_string("/proc/uptime").unwrap_or_default();
     log::info!(
-        "nutshell-agent {} serving on vsock port {AGENT_VSOCK_PORT} (kernel {release})",
-        env!("CARGO_PKG_VERSION")
+        "nutshell-agent {} serving on vsock port {AGENT_VSOCK_PORT} (kernel {release}, uptime {}s)",
+        env!("CARGO_PKG_VERSION"),
+        uptime.split_whitespace().next().unwrap_or("?")
     );
     // The server runs on its own threads; PID 1 must not return.
     loop {
