@@ -33,6 +33,12 @@ pub enum InitError {
     /// SIGCHLD handling could not be set up.
     #[error("cannot set up the child reaper")]
     Reaper(#[source] io::Error),
+    /// The vsock CID cannot be read.
+    #[error("cannot read the vsock CID from /dev/vsock")]
+    VsockCid(#[source] io::Error),
+    /// No virtio-vsock device: nothing could ever reach the API.
+    #[error("no virtio-vsock device (start nutshell-vmm with --vsock-uds): the agent API is unreachable")]
+    NoVsock,
     /// The ttrpc server did not start.
     #[error("cannot serve the agent API")]
     Serve(#[source] ServiceError),
@@ -136,6 +142,13 @@ pub fn run() -> Result<std::convert::Infallible, InitError> {
     log::debug!("kernel command line: {}", cmdline.trim());
     start_reaper()?;
     let release = sys::kernel_release().map_err(InitError::KernelRelease)?;
+
+    // Binding to VMADDR_CID_ANY succeeds even without a transport; without this check a guest
+    // with no vsock device would idle forever, unreachable.
+    let cid = sys::vsock_local_cid()
+        .map_err(InitError::VsockCid)?
+        .ok_or(InitError::NoVsock)?;
+    log::debug!("vsock CID {cid}");
 
     let service = AgentService::new(release.clone(), Arc::new(power_off_or_die));
     let addr = format!("vsock://-1:{AGENT_VSOCK_PORT}");

@@ -151,3 +151,28 @@ pub fn reap_exited() -> Vec<Reaped> {
         reaped.push(Reaped { pid, status });
     }
 }
+
+/// `IOCTL_VM_SOCKETS_GET_LOCAL_CID` of `<linux/vm_sockets.h>`: `_IO(7, 0xb9)` (the request
+/// argument is `c_ulong` on glibc, `c_int` on musl; cast at the call).
+const IOCTL_VM_SOCKETS_GET_LOCAL_CID: libc::c_ulong = 0x7b9;
+
+/// The guest's vsock CID, or `None` when no guest-to-host transport (virtio-vsock device) is
+/// present: the kernel then answers `VMADDR_CID_ANY`, or `VMADDR_CID_LOCAL` (1) when the
+/// loopback transport is built in. A guest's own CID is always above `VMADDR_CID_HOST` (2).
+pub fn vsock_local_cid() -> io::Result<Option<u32>> {
+    use std::os::fd::AsRawFd as _;
+    let dev = std::fs::File::open("/dev/vsock")?;
+    let mut cid: u32 = libc::VMADDR_CID_ANY;
+    // SAFETY: this ioctl writes one u32 into `cid`, which lives for the call.
+    if unsafe {
+        libc::ioctl(
+            dev.as_raw_fd(),
+            IOCTL_VM_SOCKETS_GET_LOCAL_CID as _,
+            &mut cid,
+        )
+    } < 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((cid > libc::VMADDR_CID_HOST && cid != libc::VMADDR_CID_ANY).then_some(cid))
+}

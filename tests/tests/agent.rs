@@ -100,3 +100,32 @@ fn agent_answers_health_and_version_then_powers_off() {
     );
     assert!(!uds.exists(), "the VMM removes its socket on exit");
 }
+
+#[test]
+#[ignore = "slow lane: boots the real guest kernel (scripts/test.sh runs it)"]
+fn agent_without_vsock_says_why_and_powers_off() {
+    let kernel = guest_artifact("vmlinux").unwrap();
+    let initrd = guest_artifact("initramfs.cpio").unwrap();
+    let vm = VmmProcess::spawn(&[
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--cmdline",
+        "quiet",
+    ])
+    .unwrap();
+    let out = vm.wait(Duration::from_secs(120)).unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}\n{}",
+        out.console,
+        out.stderr
+    );
+    assert!(
+        out.console.contains("no virtio-vsock device") && out.console.contains("powering off"),
+        "{}",
+        out.console
+    );
+}
