@@ -4,6 +4,7 @@
 #   - the guest kernel (cached outside the repo, see guest-kernel/README.md)
 #   - nutshell-vmm and nutshell-initramfs (release)
 #   - the slow-lane test initramfs: target/nutshell/test-initramfs.cpio
+#   - the guest initramfs with nutshell-agent as /init: target/nutshell/initramfs.cpio
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 . "$(dirname "$0")/lib.sh"
@@ -19,9 +20,15 @@ log "building nutshell-vmm and nutshell-initramfs"
 cargo build --release --locked -p nutshell-vmm -p nutshell-initramfs
 log "building the test /init (static, musl)"
 cargo build --release --locked -p nutshell-test-init --target x86_64-unknown-linux-musl
+log "building the agent (static, musl)"
+cargo build --release --locked -p nutshell-agent --target x86_64-unknown-linux-musl
 
 mkdir -p "$TARGET_DIR/nutshell"
 "$TARGET_DIR/release/nutshell-initramfs" \
     --init "$TARGET_DIR/x86_64-unknown-linux-musl/release/nutshell-test-init" \
     -o "$TARGET_DIR/nutshell/test-initramfs.cpio" >&2
-log "ready: $TARGET_DIR/nutshell/{vmlinux,test-initramfs.cpio}, $TARGET_DIR/release/nutshell-vmm"
+MUSL_RELEASE="$TARGET_DIR/x86_64-unknown-linux-musl/release"
+"$TARGET_DIR/release/nutshell-initramfs" \
+    --init "$MUSL_RELEASE/nutshell-agent" \
+    -o "$TARGET_DIR/nutshell/initramfs.cpio" >&2
+log "ready: $TARGET_DIR/nutshell/{vmlinux,test-initramfs.cpio,initramfs.cpio}, $TARGET_DIR/release/nutshell-vmm"

@@ -1,8 +1,39 @@
-//! `nutshell-agent`: PID 1 of a Nutshell guest. Not implemented yet (agent issue).
+//! `nutshell-agent`: PID 1 of a Nutshell guest (see the library for the parts).
+//!
+//! It must never hang silently and never panic: a failure is logged on the console, then the
+//! guest powers off; a panic is logged by the hook, which powers off too.
 
-use std::process::ExitCode;
+use std::error::Error;
 
-fn main() -> ExitCode {
-    eprintln!("nutshell-agent: not supported yet (the guest agent is not implemented)");
-    ExitCode::FAILURE
+use nutshell_agent::{init, logger, sys};
+
+fn main() {
+    // Before any thread: every thread inherits the blocked SIGCHLD, the reaper reads it.
+    let sigchld = sys::block_sigchld();
+    logger::init(init::DEFAULT_LEVEL);
+    std::panic::set_hook(Box::new(|info| {
+        log::error!("panic: {info}; powering off");
+        init::power_off_or_die();
+    }));
+    if std::process::id() != 1 {
+        log::error!("nutshell-agent runs as PID 1 of a Nutshell guest only; exiting");
+        std::process::exit(1);
+    }
+    let Err(e) = sigchld
+        .map_err(init::InitError::Reaper)
+        .and_then(|()| init::run());
+    log::error!("{}; powering off", chain(&e));
+    init::power_off_or_die();
+}
+
+/// `error: cause: cause…`, printed once.
+fn chain(e: &dyn Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    s
 }

@@ -1,4 +1,33 @@
 //! The agent API and the VMM control API of Nutshell.
 //!
-//! Not implemented yet: the `.proto` files and their generated ttrpc code come with the agent
-//! issue. This crate is a placeholder in the workspace so that the layout is in place.
+//! The `.proto` files under `protos/` are the source of truth; `build.rs` generates their Rust
+//! code (rust-protobuf messages and ttrpc stubs) into `OUT_DIR` at build time. The rest of the
+//! code uses the hand-written domain types in [`types`] and the host-side [`client`]; the raw
+//! generated modules are exposed under [`generated`] for the agent's server and for the
+//! conversions here.
+
+pub mod client;
+pub mod types;
+
+/// Generated code: rust-protobuf messages and ttrpc clients/servers. Not committed.
+#[allow(
+    missing_docs,
+    missing_debug_implementations,
+    unreachable_pub,
+    clippy::all,
+    clippy::pedantic,
+    clippy::unwrap_used,
+    clippy::undocumented_unsafe_blocks
+)]
+pub mod generated {
+    // Modules `agent` and `agent_ttrpc` (agent API), `vmm` and `vmm_ttrpc` (VMM control API).
+    include!(concat!(env!("OUT_DIR"), "/generated.rs"));
+}
+
+pub use ttrpc;
+
+/// The vsock port the agent serves its ttrpc API on.
+pub const AGENT_VSOCK_PORT: u32 = 1024;
+
+/// Version of the agent API; the agent reports it in `Version`. Bump on an incompatible change.
+pub const AGENT_API_VERSION: u32 = 1;

@@ -1,0 +1,179 @@
+//! The PID 1 sequence: mounts, logging level, orphan reaping, the ttrpc server on vsock.
+
+use std::ffi::CStr;
+use std::io;
+use std::sync::Arc;
+
+use log::LevelFilter;
+use nutshell_protocol::AGENT_VSOCK_PORT;
+
+use crate::service::{AgentService, ServiceError};
+use crate::{logger, sys};
+
+/// Why PID 1 could not come up.
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    /// A mount failed.
+    #[error("cannot mount {fstype} on {target}")]
+    Mount {
+        /// File system type.
+        fstype: &'static str,
+        /// Mount point.
+        target: &'static str,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// `/proc/cmdline` is unreadable.
+    #[error("cannot read /proc/cmdline")]
+    Cmdline(#[source] io::Error),
+    /// uname(2) failed.
+    #[error("cannot read the kernel release")]
+    KernelRelease(#[source] io::Error),
+    /// SIGCHLD handling could not be set up.
+    #[error("cannot set up the child reaper")]
+    Reaper(#[source] io::Error),
+    /// The vsock CID cannot be read.
+    #[error("cannot read the vsock CID from /dev/vsock")]
+    VsockCid(#[source] io::Error),
+    /// No virtio-vsock device: nothing could ever reach the API.
+    #[error("no virtio-vsock device (start nutshell-vmm with --vsock-uds): the agent API is unreachable")]
+    NoVsock,
+    /// The ttrpc server did not start.
+    #[error("cannot serve the agent API")]
+    Serve(#[source] ServiceError),
+}
+
+/// One mount of the guest's base file systems.
+struct Mount {
+    source: &'static CStr,
+    target: &'static str,
+    target_c: &'static CStr,
+    fstype: &'static CStr,
+    flags: libc::c_ulong,
+}
+
+const NOSUID_NODEV_NOEXEC: libc::c_ulong = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+
+/// In order: `/sys/fs/cgroup` exists only once sysfs is mounted.
+const MOUNTS: [Mount; 5] = [
+    Mount {
+        source: c"proc",
+        target: "/proc",
+        target_c: c"/proc",
+        fstype: c"proc",
+        flags: NOSUID_NODEV_NOEXEC,
+    },
+    Mount {
+        source: c"sysfs",
+        target: "/sys",
+        target_c: c"/sys",
+        fstype: c"sysfs",
+        flags: NOSUID_NODEV_NOEXEC,
+    },
+    Mount {
+        source: c"devtmpfs",
+        target: "/dev",
+        target_c: c"/dev",
+        fstype: c"devtmpfs",
+        flags: libc::MS_NOSUID,
+    },
+    Mount {
+        source: c"tmpfs",
+        target: "/run",
+        target_c: c"/run",
+        fstype: c"tmpfs",
+        flags: libc::MS_NOSUID | libc::MS_NODEV,
+    },
+    Mount {
+        source: c"cgroup2",
+        target: "/sys/fs/cgroup",
+        target_c: c"/sys/fs/cgroup",
+        fstype: c"cgroup2",
+        flags: NOSUID_NODEV_NOEXEC,
+    },
+];
+
+fn mount_all() -> Result<(), InitError> {
+    for m in &MOUNTS {
+        // The initramfs has the top-level directories; a missing one is made here. In sysfs
+        // mkdir fails, but the kernel made /sys/fs/cgroup already.
+        let _ = std::fs::create_dir_all(m.target);
+        sys::mount(m.source, m.target_c, m.fstype, m.flags).map_err(|source| InitError::Mount {
+            fstype: m.fstype.to_str().unwrap_or("?"),
+            target: m.target,
+            source,
+        })?;
+        log::debug!("mounted {} on {}", m.fstype.to_string_lossy(), m.target);
+    }
+    Ok(())
+}
+
+/// Reaps every child that exits, forever, on a thread of its own.
+fn start_reaper() -> Result<(), InitError> {
+    let reaper = sys::ChildReaper::new().map_err(InitError::Reaper)?;
+    std::thread::Builder::new()
+        .name("reaper".into())
+        .spawn(move || loop {
+            match reaper.wait() {
+                Ok(reaped) => {
+                    for r in reaped {
+                        log::debug!("reaped pid {} (wait status {:#x})", r.pid, r.status);
+                    }
+                }
+                Err(e) => {
+                    log::error!("child reaper: {e}; orphans are no longer reaped");
+                    return;
+                }
+            }
+        })
+        .map_err(InitError::Reaper)?;
+    Ok(())
+}
+
+/// Brings PID 1 up and serves the agent API; returns only on an error. `SIGCHLD` must have been
+/// blocked ([`sys::block_sigchld`]) before any thread started.
+pub fn run() -> Result<std::convert::Infallible, InitError> {
+    mount_all()?;
+    let cmdline = std::fs::read_to_string("/proc/cmdline").map_err(InitError::Cmdline)?;
+    if let Some(level) = logger::level_from_cmdline(&cmdline) {
+        logger::init(level);
+    }
+    log::debug!("kernel command line: {}", cmdline.trim());
+    start_reaper()?;
+    let release = sys::kernel_release().map_err(InitError::KernelRelease)?;
+
+    // Binding to VMADDR_CID_ANY succeeds even without a transport; without this check a guest
+    // with no vsock device would idle forever, unreachable.
+    let cid = sys::vsock_local_cid()
+        .map_err(InitError::VsockCid)?
+        .ok_or(InitError::NoVsock)?;
+    log::debug!("vsock CID {cid}");
+
+    let service = AgentService::new(release.clone(), Arc::new(power_off_or_die));
+    let addr = format!("vsock://-1:{AGENT_VSOCK_PORT}");
+    let _server = service.serve(&addr).map_err(InitError::Serve)?;
+    // The guest's uptime splits the boot time into kernel and agent (the log's own clock
+    // starts with the agent).
+    let uptime = std::fs::read_to_string("/proc/uptime").unwrap_or_default();
+    log::info!(
+        "nutshell-agent {} serving on vsock port {AGENT_VSOCK_PORT} (kernel {release}, uptime {}s)",
+        env!("CARGO_PKG_VERSION"),
+        uptime.split_whitespace().next().unwrap_or("?")
+    );
+    // The server runs on its own threads; PID 1 must not return.
+    loop {
+        std::thread::park();
+    }
+}
+
+/// The default log level before the command line is read.
+pub const DEFAULT_LEVEL: LevelFilter = LevelFilter::Info;
+
+/// Syncs and powers off; if even that fails, exits, which panics the kernel: the VMM then exits
+/// with status 2 instead of the guest hanging.
+pub fn power_off_or_die() {
+    let err = sys::power_off();
+    log::error!("power off failed: {err}; exiting (kernel panic)");
+    std::process::exit(1);
+}

@@ -1,0 +1,179 @@
+//! The agent's RPC handlers on the host: the service served on a Unix socket, called with the
+//! host-side client of `nutshell-protocol` (directly, and through a fake hybrid vsock socket).
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
+
+use nutshell_agent::service::AgentService;
+use nutshell_protocol::client::{AgentClient, ClientError, ConnectOptions};
+use nutshell_protocol::generated::agent as pb;
+use nutshell_protocol::types::ServingStatus;
+
+const RPC_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// An agent service on a Unix socket; `shutdowns` receives one message per shutdown action.
+struct TestAgent {
+    _dir: tempfile::TempDir,
+    socket: PathBuf,
+    server: Option<ttrpc::Server>,
+    shutdowns: mpsc::Receiver<()>,
+}
+
+impl TestAgent {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("agent.sock");
+        let (tx, shutdowns) = mpsc::channel();
+        let tx = Mutex::new(tx);
+        let service = AgentService::new(
+            "6.1.0-test".into(),
+            Arc::new(move || {
+                let _ = tx.lock().unwrap().send(());
+            }),
+        );
+        let server = service
+            .serve(&format!("unix://{}", socket.display()))
+            .unwrap();
+        TestAgent {
+            _dir: dir,
+            socket,
+            server: Some(server),
+            shutdowns,
+        }
+    }
+
+    fn client(&self) -> AgentClient {
+        AgentClient::from_stream(UnixStream::connect(&self.socket).unwrap(), RPC_TIMEOUT).unwrap()
+    }
+}
+
+impl Drop for TestAgent {
+    fn drop(&mut self) {
+        if let Some(s) = self.server.take() {
+            s.shutdown();
+        }
+    }
+}
+
+#[test]
+fn health_answers_serving() {
+    let agent = TestAgent::start();
+    assert_eq!(agent.client().check().unwrap(), ServingStatus::Serving);
+}
+
+#[test]
+fn version_reports_agent_and_kernel() {
+    let agent = TestAgent::start();
+    let v = agent.client().version().unwrap();
+    assert_eq!(v.agent_version, env!("CARGO_PKG_VERSION"));
+    assert_eq!(v.api_version, nutshell_protocol::AGENT_API_VERSION);
+    assert_eq!(v.kernel_release, "6.1.0-test");
+}
+
+fn assert_unimplemented<T: std::fmt::Debug>(result: ttrpc::Result<T>, method: &str) {
+    match ClientError::from(result.unwrap_err()) {
+        ClientError::Status { code, message } => {
+            assert_eq!(code, ttrpc::Code::UNIMPLEMENTED, "{method}");
+            assert_eq!(message, format!("not implemented yet: {method}"));
+        }
+        e => panic!("{method}: unexpected {e:?}"),
+    }
+}
+
+#[test]
+fn methods_not_served_yet_answer_unimplemented() {
+    let agent = TestAgent::start();
+    let client = agent.client();
+    let raw = client.raw_agent();
+    let ctx = || client.context();
+    assert_unimplemented(
+        raw.create_container(ctx(), &pb::CreateContainerRequest::new()),
+        "CreateContainer",
+    );
+    assert_unimplemented(
+        raw.create_sandbox(ctx(), &pb::CreateSandboxRequest::new()),
+        "CreateSandbox",
+    );
+    assert_unimplemented(
+        raw.exec_process(ctx(), &pb::ExecProcessRequest::new()),
+        "ExecProcess",
+    );
+    assert_unimplemented(
+        raw.wait_process(ctx(), &pb::WaitProcessRequest::new()),
+        "WaitProcess",
+    );
+    assert_unimplemented(
+        raw.stats_container(ctx(), &pb::StatsContainerRequest::new()),
+        "StatsContainer",
+    );
+    assert_unimplemented(
+        raw.get_oom_event(ctx(), &pb::GetOOMEventRequest::new()),
+        "GetOOMEvent",
+    );
+    assert_unimplemented(
+        raw.update_routes(ctx(), &pb::UpdateRoutesRequest::new()),
+        "UpdateRoutes",
+    );
+    // The connection stays usable after errors.
+    assert_eq!(client.check().unwrap(), ServingStatus::Serving);
+}
+
+#[test]
+fn shutdown_replies_then_acts_once() {
+    let agent = TestAgent::start();
+    let client = agent.client();
+    client.shutdown().unwrap();
+    agent
+        .shutdowns
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the shutdown action ran");
+    assert_eq!(client.check().unwrap(), ServingStatus::NotServing);
+    // A second request answers but does not act again.
+    client.shutdown().unwrap();
+    assert!(agent
+        .shutdowns
+        .recv_timeout(Duration::from_millis(500))
+        .is_err());
+}
+
+/// A fake VMM hybrid vsock socket at `uds`: each connection's `CONNECT 1024` is answered with
+/// `OK` and proxied to the agent's Unix socket.
+fn fake_hybrid_vsock(uds: &Path, agent: PathBuf) {
+    let listener = UnixListener::bind(uds).unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let mut host = conn.unwrap();
+            let mut line = String::new();
+            BufReader::new(&host).read_line(&mut line).unwrap();
+            assert_eq!(line, "CONNECT 1024\n");
+            let guest = UnixStream::connect(&agent).unwrap();
+            host.write_all(b"OK 1073741824\n").unwrap();
+            let (mut h2, mut g2) = (host.try_clone().unwrap(), guest.try_clone().unwrap());
+            std::thread::spawn(move || std::io::copy(&mut h2, &mut g2));
+            let (mut g, mut h) = (guest, host);
+            std::thread::spawn(move || std::io::copy(&mut g, &mut h));
+        }
+    });
+}
+
+#[test]
+fn client_connects_through_hybrid_vsock() {
+    let agent = TestAgent::start();
+    let dir = tempfile::tempdir().unwrap();
+    let uds = dir.path().join("vsock.sock");
+    fake_hybrid_vsock(&uds, agent.socket.clone());
+    let opts = ConnectOptions {
+        connect_timeout: Duration::from_secs(10),
+        ..Default::default()
+    };
+    let client = AgentClient::connect(&uds, &opts).unwrap();
+    assert_eq!(client.check().unwrap(), ServingStatus::Serving);
+    assert_eq!(
+        client.version().unwrap().agent_version,
+        env!("CARGO_PKG_VERSION")
+    );
+}

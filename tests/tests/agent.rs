@@ -1,0 +1,131 @@
+//! Slow lane: the real guest kernel boots the agent initramfs (`nutshell-agent` as `/init`);
+//! the host-side client calls it over hybrid vsock, then shuts the guest down.
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use std::time::{Duration, Instant};
+
+use nutshell_protocol::client::{AgentClient, ConnectOptions};
+use nutshell_protocol::types::ServingStatus;
+use nutshell_tests::{guest_artifact, VmmProcess};
+
+#[test]
+#[ignore = "slow lane: boots the real guest kernel (scripts/test.sh runs it)"]
+fn agent_answers_health_and_version_then_powers_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let uds = dir.path().join("vsock.sock");
+    let kernel = guest_artifact("vmlinux").unwrap();
+    let initrd = guest_artifact("initramfs.cpio").unwrap();
+    let spawned = Instant::now();
+    let vm = VmmProcess::spawn(&[
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--vcpus",
+        "1",
+        "--memory-mib",
+        "128",
+        "--vsock-uds",
+        uds.to_str().unwrap(),
+        "--cmdline",
+        "quiet nutshell.log=debug",
+    ])
+    .unwrap();
+
+    let opts = ConnectOptions {
+        retry_interval: Duration::from_millis(20),
+        ..Default::default()
+    };
+    let client = match AgentClient::connect(&uds, &opts) {
+        Ok(c) => c,
+        Err(e) => panic!("{e:?}\nconsole:\n{}", vm.console()),
+    };
+    assert_eq!(client.check().unwrap(), ServingStatus::Serving);
+    let to_health = spawned.elapsed();
+
+    let version = client.version().unwrap();
+    assert_eq!(version.agent_version, env!("CARGO_PKG_VERSION"));
+    assert_eq!(version.api_version, nutshell_protocol::AGENT_API_VERSION);
+    assert!(
+        version.kernel_release.starts_with("6.1"),
+        "{}",
+        version.kernel_release
+    );
+
+    // Round trips of Health.Check: the RPC latency over hybrid vsock.
+    let mut rtts: Vec<Duration> = (0..50)
+        .map(|_| {
+            let t = Instant::now();
+            client.check().unwrap();
+            t.elapsed()
+        })
+        .collect();
+    rtts.sort();
+    eprintln!(
+        "agent: VMM spawn -> Health answered {:.2} s; Check round trip median {:.1} ms (min {:.1}, max {:.1}); kernel {}",
+        to_health.as_secs_f64(),
+        rtts[rtts.len() / 2].as_secs_f64() * 1e3,
+        rtts[0].as_secs_f64() * 1e3,
+        rtts[rtts.len() - 1].as_secs_f64() * 1e3,
+        version.kernel_release
+    );
+
+    if let Some(line) = vm
+        .console()
+        .lines()
+        .find(|l| l.contains("serving on vsock port"))
+    {
+        eprintln!("agent: {}", line.trim());
+    }
+
+    client.shutdown().unwrap();
+    let out = vm.wait(Duration::from_secs(60)).unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}\n{}",
+        out.console,
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains("guest powered off"),
+        "{}\n{}",
+        out.console,
+        out.stderr
+    );
+    assert!(
+        out.console.contains("shutdown requested"),
+        "{}",
+        out.console
+    );
+    assert!(!uds.exists(), "the VMM removes its socket on exit");
+}
+
+#[test]
+#[ignore = "slow lane: boots the real guest kernel (scripts/test.sh runs it)"]
+fn agent_without_vsock_says_why_and_powers_off() {
+    let kernel = guest_artifact("vmlinux").unwrap();
+    let initrd = guest_artifact("initramfs.cpio").unwrap();
+    let vm = VmmProcess::spawn(&[
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--cmdline",
+        "quiet",
+    ])
+    .unwrap();
+    let out = vm.wait(Duration::from_secs(120)).unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}\n{}",
+        out.console,
+        out.stderr
+    );
+    assert!(
+        out.console.contains("no virtio-vsock device") && out.console.contains("powering off"),
+        "{}",
+        out.console
+    );
+}
