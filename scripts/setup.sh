@@ -16,18 +16,18 @@ ensure_kvm
 
 "$REPO/guest-kernel/build.sh"
 
-log "building nutshell-vmm and nutshell-initramfs"
-cargo build --release --locked -p nutshell-vmm -p nutshell-initramfs
+log "building nutshell-vmm, nutshell-initramfs and nutshell-agent-ctl"
+cargo build --release --locked -p nutshell-vmm -p nutshell-initramfs -p nutshell-protocol
 log "building the test /init (static, musl)"
 cargo build --release --locked -p nutshell-test-init --target x86_64-unknown-linux-musl
 log "building the agent (static, musl)"
 cargo build --release --locked -p nutshell-agent --target x86_64-unknown-linux-musl
 
 mkdir -p "$TARGET_DIR/nutshell"
-"$TARGET_DIR/release/nutshell-initramfs" \
-    --init "$TARGET_DIR/x86_64-unknown-linux-musl/release/nutshell-test-init" \
-    -o "$TARGET_DIR/nutshell/test-initramfs.cpio" >&2
 MUSL_RELEASE="$TARGET_DIR/x86_64-unknown-linux-musl/release"
+"$TARGET_DIR/release/nutshell-initramfs" \
+    --init "$MUSL_RELEASE/nutshell-test-init" \
+    -o "$TARGET_DIR/nutshell/test-initramfs.cpio" >&2
 "$TARGET_DIR/release/nutshell-initramfs" \
     --init "$MUSL_RELEASE/nutshell-agent" \
     -o "$TARGET_DIR/nutshell/initramfs.cpio" >&2

@@ -634,11 +634,24 @@ impl Vsock {
             return;
         };
         let Some(port) = port else {
-            log::warn!("vsock: host client sent no valid CONNECT line; closed");
+            crate::ratelimited!(
+                log::Level::Warn,
+                "vsock: host client sent no valid CONNECT line; closed"
+            );
             return;
         };
         if self.active.is_none() || self.conns.len() >= MAX_CONNECTIONS {
-            log::warn!("vsock: host connection to port {port} refused: guest driver not ready or too many connections");
+            if self.active.is_none() {
+                // Expected while the guest boots: clients retry until its driver is up.
+                log::debug!(
+                    "vsock: host connection to port {port} refused: guest driver not ready"
+                );
+            } else {
+                crate::ratelimited!(
+                    log::Level::Warn,
+                    "vsock: host connection to port {port} refused: {MAX_CONNECTIONS} connections open"
+                );
+            }
             return;
         }
         let Some(local_port) = self.alloc_host_port() else {
