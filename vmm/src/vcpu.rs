@@ -171,7 +171,7 @@ impl Vcpu {
         };
         match self.fd.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
-                if !self.bus.read(port, data) {
+                if !self.bus.read(u64::from(port), data) {
                     crate::ratelimited!(
                         log::Level::Debug,
                         "vCPU {index}: read of unused port {port:#x}"
@@ -180,7 +180,7 @@ impl Vcpu {
                 None
             }
             Ok(VcpuExit::IoOut(port, data)) => {
-                if !self.bus.write(port, data) {
+                if !self.bus.write(u64::from(port), data) {
                     crate::ratelimited!(
                         log::Level::Debug,
                         "vCPU {index}: write to unused port {port:#x}"

@@ -24,7 +24,6 @@ use crate::boot::{self, BootError};
 use crate::devices::bus::BusError;
 use crate::devices::exit_port::{ExitPort, EXIT_PORT};
 use crate::devices::legacy::{I8042, I8042_BASE, I8042_LEN};
-use crate::devices::mmio::MmioBusError;
 use crate::devices::rtc::{Rtc, RTC_BASE, RTC_LEN};
 use crate::devices::serial::{ConsoleSink, SerialDevice, COM1_BASE, COM1_LEN};
 use crate::devices::virtio::mmio::{reg, MmioTransport};
@@ -90,9 +89,6 @@ pub enum VmError {
     /// An eventfd could not be created.
     #[error("cannot create an eventfd")]
     EventFd(#[source] std::io::Error),
-    /// MMIO bus layout.
-    #[error(transparent)]
-    MmioBus(#[from] MmioBusError),
     /// The vsock device.
     #[error(transparent)]
     Vsock(#[from] VsockError),
@@ -397,17 +393,25 @@ fn build_bus(fd: &VmFd, exit: &Arc<ExitHandle>, console: ConsoleSink) -> Result<
         .map_err(kvm_err("register the serial irqfd"))?;
     let mut bus = PioBus::default();
     bus.insert(
-        COM1_BASE,
-        COM1_LEN,
+        COM1_BASE.into(),
+        COM1_LEN.into(),
         Arc::new(Mutex::new(SerialDevice::new(serial_irq, console))),
     )?;
     bus.insert(
-        I8042_BASE,
-        I8042_LEN,
+        I8042_BASE.into(),
+        I8042_LEN.into(),
         Arc::new(Mutex::new(I8042::new(exit.clone()))),
     )?;
-    bus.insert(EXIT_PORT, 1, Arc::new(Mutex::new(ExitPort(exit.clone()))))?;
-    bus.insert(RTC_BASE, RTC_LEN, Arc::new(Mutex::new(Rtc::default())))?;
+    bus.insert(
+        EXIT_PORT.into(),
+        1,
+        Arc::new(Mutex::new(ExitPort(exit.clone()))),
+    )?;
+    bus.insert(
+        RTC_BASE.into(),
+        RTC_LEN.into(),
+        Arc::new(Mutex::new(Rtc::default())),
+    )?;
     Ok(bus)
 }
 

@@ -1,69 +1,80 @@
-//! The port I/O bus: ranges of ports, each served by one device.
+//! A bus: address ranges, each served by one device. The port I/O space and the MMIO space
+//! are each one `Bus`; ports are widened to `u64`.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-/// A device on the port I/O bus. `offset` is relative to the device's first port.
-pub trait PioDevice: Send {
+/// A device on a bus. `offset` is relative to the device's first address (or port).
+pub trait BusDevice: Send {
     /// The guest reads `data.len()` bytes at `offset`.
-    fn read(&mut self, offset: u16, data: &mut [u8]);
+    fn read(&mut self, offset: u64, data: &mut [u8]);
     /// The guest writes `data` at `offset`.
-    fn write(&mut self, offset: u16, data: &[u8]);
+    fn write(&mut self, offset: u64, data: &[u8]);
 }
 
-/// Errors of building the bus.
+/// Errors of building a bus.
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
-    /// Two devices claim the same port.
-    #[error("port range {base:#x}+{len} overlaps another device")]
+    /// Two devices claim the same addresses.
+    #[error("range {base:#x}+{len:#x} overlaps another device")]
     Overlap {
-        /// First port.
-        base: u16,
-        /// Number of ports.
-        len: u16,
+        /// First address.
+        base: u64,
+        /// Length.
+        len: u64,
     },
-    /// An empty range.
-    #[error("empty port range at {0:#x}")]
-    Empty(u16),
+    /// An empty or wrapping range.
+    #[error("invalid range {base:#x}+{len:#x}")]
+    Invalid {
+        /// First address.
+        base: u64,
+        /// Length.
+        len: u64,
+    },
 }
 
-type SharedDevice = Arc<Mutex<dyn PioDevice>>;
+/// A device shared between the vCPU threads.
+pub type SharedDevice = Arc<Mutex<dyn BusDevice>>;
 
-/// Port ranges and their devices. Built before the vCPUs start, read-only afterwards.
+/// Address ranges and their devices. Built before the vCPUs start, read-only afterwards.
 #[derive(Default)]
-pub struct PioBus {
-    // Keyed by first port; value: (number of ports, device).
-    devices: BTreeMap<u16, (u16, SharedDevice)>,
+pub struct Bus {
+    // Keyed by first address; value: (length, device).
+    devices: BTreeMap<u64, (u64, SharedDevice)>,
 }
 
-impl std::fmt::Debug for PioBus {
+/// The port I/O space (ports 0..=0xffff).
+pub type PioBus = Bus;
+/// The MMIO space.
+pub type MmioBus = Bus;
+
+impl std::fmt::Debug for Bus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let ranges: Vec<String> = self
             .devices
             .iter()
-            .map(|(base, (len, _))| format!("{base:#x}+{len}"))
+            .map(|(base, (len, _))| format!("{base:#x}+{len:#x}"))
             .collect();
-        f.debug_struct("PioBus").field("ranges", &ranges).finish()
+        f.debug_struct("Bus").field("ranges", &ranges).finish()
     }
 }
 
-impl PioBus {
-    /// Adds `device` at ports `base..base+len`.
-    pub fn insert(&mut self, base: u16, len: u16, device: SharedDevice) -> Result<(), BusError> {
-        if len == 0 {
-            return Err(BusError::Empty(base));
-        }
-        let end = u32::from(base) + u32::from(len);
+impl Bus {
+    /// Adds `device` at `base..base+len`.
+    pub fn insert(&mut self, base: u64, len: u64, device: SharedDevice) -> Result<(), BusError> {
+        let Some(end) = base.checked_add(len).filter(|_| len > 0) else {
+            return Err(BusError::Invalid { base, len });
+        };
         let overlaps_next = self
             .devices
             .range(base..)
             .next()
-            .is_some_and(|(b, _)| u32::from(*b) < end);
+            .is_some_and(|(b, _)| *b < end);
         let overlaps_prev = self
             .devices
             .range(..base)
             .next_back()
-            .is_some_and(|(b, (l, _))| u32::from(*b) + u32::from(*l) > u32::from(base));
+            .is_some_and(|(b, (l, _))| b + l > base);
         if overlaps_next || overlaps_prev {
             return Err(BusError::Overlap { base, len });
         }
@@ -71,15 +82,15 @@ impl PioBus {
         Ok(())
     }
 
-    fn find(&self, port: u16) -> Option<(u16, &SharedDevice)> {
-        let (base, (len, dev)) = self.devices.range(..=port).next_back()?;
-        (u32::from(port) < u32::from(*base) + u32::from(*len)).then_some((port - base, dev))
+    fn find(&self, addr: u64) -> Option<(u64, &SharedDevice)> {
+        let (base, (len, dev)) = self.devices.range(..=addr).next_back()?;
+        (addr - base < *len).then_some((addr - base, dev))
     }
 
-    /// Serves a guest read; ports without a device read as all ones, like an open bus.
+    /// Serves a guest read; addresses without a device read as all ones, like an open bus.
     /// Returns whether a device answered.
-    pub fn read(&self, port: u16, data: &mut [u8]) -> bool {
-        match self.find(port) {
+    pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
+        match self.find(addr) {
             Some((offset, dev)) => {
                 dev.lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -93,10 +104,10 @@ impl PioBus {
         }
     }
 
-    /// Serves a guest write; writes to ports without a device are dropped.
+    /// Serves a guest write; writes without a device are dropped.
     /// Returns whether a device took it.
-    pub fn write(&self, port: u16, data: &[u8]) -> bool {
-        match self.find(port) {
+    pub fn write(&self, addr: u64, data: &[u8]) -> bool {
+        match self.find(addr) {
             Some((offset, dev)) => {
                 dev.lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -114,27 +125,31 @@ mod tests {
 
     #[derive(Default)]
     struct Recorder {
-        writes: Vec<(u16, Vec<u8>)>,
+        writes: Vec<(u64, Vec<u8>)>,
     }
 
-    impl PioDevice for Recorder {
-        fn read(&mut self, offset: u16, data: &mut [u8]) {
+    impl BusDevice for Recorder {
+        fn read(&mut self, offset: u64, data: &mut [u8]) {
             data.fill(offset as u8);
         }
-        fn write(&mut self, offset: u16, data: &[u8]) {
+        fn write(&mut self, offset: u64, data: &[u8]) {
             self.writes.push((offset, data.to_vec()));
         }
     }
 
     #[test]
     fn routes_by_offset_and_rejects_overlaps() {
-        let mut bus = PioBus::default();
+        let mut bus = Bus::default();
         let dev = Arc::new(Mutex::new(Recorder::default()));
         bus.insert(0x3f8, 8, dev.clone()).unwrap();
         assert!(bus.insert(0x3ff, 1, dev.clone()).is_err());
         assert!(bus.insert(0x3f0, 9, dev.clone()).is_err());
         bus.insert(0x3f0, 8, dev.clone()).unwrap();
         assert!(bus.insert(0x100, 0, dev.clone()).is_err());
+        assert!(matches!(
+            bus.insert(u64::MAX, 2, dev.clone()),
+            Err(BusError::Invalid { .. })
+        ));
 
         let mut b = [0u8; 1];
         assert!(bus.read(0x3fd, &mut b));
@@ -144,5 +159,23 @@ mod tests {
         assert!(bus.write(0x3f9, &[7]));
         assert!(!bus.write(0xffff, &[7]));
         assert_eq!(dev.lock().unwrap().writes, vec![(1, vec![7])]);
+    }
+
+    #[test]
+    fn high_addresses_route_and_ranges_past_the_top_are_refused() {
+        let mut bus = Bus::default();
+        let dev = Arc::new(Mutex::new(Recorder::default()));
+        bus.insert(0xd000_0000, 0x1000, dev.clone()).unwrap();
+        bus.insert(u64::MAX - 0x1f, 0x10, dev.clone()).unwrap();
+        assert!(matches!(
+            bus.insert(u64::MAX - 0xf, 0x10, dev.clone()),
+            Err(BusError::Invalid { .. })
+        ));
+        let mut b = [0u8; 4];
+        assert!(bus.read(0xd000_0ffc, &mut b));
+        assert_eq!(b, [0xfc; 4]);
+        assert!(!bus.read(0xd000_1000, &mut b));
+        assert!(bus.read(u64::MAX - 0x10, &mut b));
+        assert!(!bus.read(u64::MAX, &mut b));
     }
 }

@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use super::PioDevice;
+use super::BusDevice;
 use crate::exit::{ExitHandle, VmExit};
 
 /// The port (QEMU's isa-debug-exit uses the same one).
@@ -20,12 +20,12 @@ pub const EXIT_PANIC: u8 = 1;
 #[derive(Debug)]
 pub struct ExitPort(pub Arc<ExitHandle>);
 
-impl PioDevice for ExitPort {
-    fn read(&mut self, _offset: u16, data: &mut [u8]) {
+impl BusDevice for ExitPort {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
         data.fill(0xff);
     }
 
-    fn write(&mut self, _offset: u16, data: &[u8]) {
+    fn write(&mut self, _offset: u64, data: &[u8]) {
         match data.first() {
             Some(&EXIT_POWER_OFF) => self.0.request(VmExit::PowerOff),
             Some(&EXIT_PANIC) => self.0.request(VmExit::GuestPanic),

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use vm_superio::{I8042Device, Trigger};
 
-use super::PioDevice;
+use super::BusDevice;
 use crate::exit::{ExitHandle, VmExit};
 
 /// First port of the i8042 (data port); the command port is at offset 4.
@@ -37,15 +37,15 @@ impl I8042 {
     }
 }
 
-impl PioDevice for I8042 {
-    fn read(&mut self, offset: u16, data: &mut [u8]) {
+impl BusDevice for I8042 {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
         match (u8::try_from(offset), data) {
             (Ok(offset), [byte]) => *byte = self.0.read(offset),
             (_, data) => data.fill(0xff),
         }
     }
 
-    fn write(&mut self, offset: u16, data: &[u8]) {
+    fn write(&mut self, offset: u64, data: &[u8]) {
         if let (Ok(offset), [byte]) = (u8::try_from(offset), data) {
             // The trigger cannot fail.
             let _ = self.0.write(offset, *byte);

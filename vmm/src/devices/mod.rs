@@ -3,10 +3,8 @@
 pub mod bus;
 pub mod exit_port;
 pub mod legacy;
-pub mod mmio;
 pub mod rtc;
 pub mod serial;
 pub mod virtio;
 
-pub use bus::{PioBus, PioDevice};
-pub use mmio::{MmioBus, MmioDevice};
+pub use bus::{Bus, BusDevice, MmioBus, PioBus};

@@ -4,7 +4,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use super::PioDevice;
+use super::BusDevice;
 
 /// Index port; the data port follows it.
 pub const RTC_BASE: u16 = 0x70;
@@ -106,8 +106,8 @@ impl Rtc {
     }
 }
 
-impl PioDevice for Rtc {
-    fn read(&mut self, offset: u16, data: &mut [u8]) {
+impl BusDevice for Rtc {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
         let value = match offset {
             1 => {
                 let secs = SystemTime::now()
@@ -121,7 +121,7 @@ impl PioDevice for Rtc {
         data.fill(value);
     }
 
-    fn write(&mut self, offset: u16, data: &[u8]) {
+    fn write(&mut self, offset: u64, data: &[u8]) {
         if let (0, Some(&v)) = (offset, data.first()) {
             // Bit 7 of the index port masks NMIs on real hardware.
             self.index = v & 0x7f;

@@ -6,7 +6,7 @@ use std::io::{self, Write};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::PioDevice;
+use super::BusDevice;
 
 /// First port of COM1.
 pub const COM1_BASE: u16 = 0x3f8;
@@ -133,15 +133,15 @@ impl SerialDevice {
     }
 }
 
-impl PioDevice for SerialDevice {
-    fn read(&mut self, offset: u16, data: &mut [u8]) {
+impl BusDevice for SerialDevice {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
         match (u8::try_from(offset), data) {
             (Ok(offset), [byte]) => *byte = self.uart.read(offset),
             (_, data) => data.fill(0xff),
         }
     }
 
-    fn write(&mut self, offset: u16, data: &[u8]) {
+    fn write(&mut self, offset: u64, data: &[u8]) {
         if let (Ok(offset), [byte]) = (u8::try_from(offset), data) {
             if let Err(e) = self.uart.write(offset, *byte) {
                 crate::ratelimited!(log::Level::Warn, "serial: {e:?}");

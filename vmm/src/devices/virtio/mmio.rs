@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use virtio_queue::{Queue, QueueT};
 
 use super::{Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
-use crate::devices::MmioDevice;
+use crate::devices::BusDevice;
 use crate::memory::GuestMemoryMmap;
 
 /// Size of one device's register window; devices sit this far apart.
@@ -385,7 +385,7 @@ impl MmioTransport {
     }
 }
 
-impl MmioDevice for MmioTransport {
+impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= reg::CONFIG {
             lock(&self.device).read_config(offset - reg::CONFIG, data);
