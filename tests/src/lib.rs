@@ -56,6 +56,86 @@ pub fn vmm_binary() -> Result<PathBuf> {
     }
 }
 
+/// A boot of the real guest kernel under `nutshell-vmm`, built up option by option:
+///
+/// ```text
+/// let vm = GuestBoot::new("initramfs.cpio").vcpus(2).cmdline("quiet").vsock(&uds).spawn()?;
+/// ```
+#[derive(Debug, Clone)]
+pub struct GuestBoot {
+    initramfs: &'static str,
+    vcpus: u8,
+    memory_mib: u64,
+    cmdline: String,
+    vsock_uds: Option<PathBuf>,
+}
+
+impl GuestBoot {
+    /// The guest kernel with `target/nutshell/<initramfs>`, 1 vCPU, 128 MiB, `quiet`.
+    pub fn new(initramfs: &'static str) -> Self {
+        GuestBoot {
+            initramfs,
+            vcpus: 1,
+            memory_mib: 128,
+            cmdline: "quiet".to_owned(),
+            vsock_uds: None,
+        }
+    }
+
+    /// Number of vCPUs.
+    pub fn vcpus(mut self, n: u8) -> Self {
+        self.vcpus = n;
+        self
+    }
+
+    /// Guest memory.
+    pub fn memory_mib(mut self, mib: u64) -> Self {
+        self.memory_mib = mib;
+        self
+    }
+
+    /// The user's kernel command line.
+    pub fn cmdline(mut self, cmdline: &str) -> Self {
+        self.cmdline = cmdline.to_owned();
+        self
+    }
+
+    /// A vsock device with its hybrid socket at `uds`.
+    pub fn vsock(mut self, uds: &Path) -> Self {
+        self.vsock_uds = Some(uds.to_owned());
+        self
+    }
+
+    /// The `nutshell-vmm` arguments (the console is added by [`VmmProcess::spawn`]).
+    pub fn args(&self) -> Result<Vec<String>> {
+        let path = |p: PathBuf| p.to_string_lossy().into_owned();
+        let mut args = vec![
+            "--kernel".to_owned(),
+            path(guest_artifact("vmlinux")?),
+            "--initrd".to_owned(),
+            path(guest_artifact(self.initramfs)?),
+            "--vcpus".to_owned(),
+            self.vcpus.to_string(),
+            "--memory-mib".to_owned(),
+            self.memory_mib.to_string(),
+            "--cmdline".to_owned(),
+            self.cmdline.clone(),
+        ];
+        if let Some(uds) = &self.vsock_uds {
+            args.push("--vsock-uds".to_owned());
+            args.push(path(uds.clone()));
+        }
+        Ok(args)
+    }
+
+    /// Starts the VMM.
+    pub fn spawn(&self) -> Result<VmmProcess> {
+        let args = self.args()?;
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        VmmProcess::spawn(&args)
+    }
+}
+
 /// A running `nutshell-vmm` with its console in a temporary file. Killed and reaped on drop,
 /// so that a failing test leaves no VM behind.
 #[derive(Debug)]

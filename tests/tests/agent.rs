@@ -6,31 +6,19 @@ use std::time::{Duration, Instant};
 
 use nutshell_protocol::client::{AgentClient, ConnectOptions};
 use nutshell_protocol::types::ServingStatus;
-use nutshell_tests::{guest_artifact, VmmProcess};
+use nutshell_tests::GuestBoot;
 
 #[test]
 #[ignore = "slow lane: boots the real guest kernel (scripts/test.sh runs it)"]
 fn agent_answers_health_and_version_then_powers_off() {
     let dir = tempfile::tempdir().unwrap();
     let uds = dir.path().join("vsock.sock");
-    let kernel = guest_artifact("vmlinux").unwrap();
-    let initrd = guest_artifact("initramfs.cpio").unwrap();
     let spawned = Instant::now();
-    let vm = VmmProcess::spawn(&[
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--initrd",
-        initrd.to_str().unwrap(),
-        "--vcpus",
-        "1",
-        "--memory-mib",
-        "128",
-        "--vsock-uds",
-        uds.to_str().unwrap(),
-        "--cmdline",
-        "quiet nutshell.log=debug",
-    ])
-    .unwrap();
+    let vm = GuestBoot::new("initramfs.cpio")
+        .cmdline("quiet nutshell.log=debug")
+        .vsock(&uds)
+        .spawn()
+        .unwrap();
 
     let opts = ConnectOptions {
         retry_interval: Duration::from_millis(20),
@@ -104,17 +92,7 @@ fn agent_answers_health_and_version_then_powers_off() {
 #[test]
 #[ignore = "slow lane: boots the real guest kernel (scripts/test.sh runs it)"]
 fn agent_without_vsock_says_why_and_powers_off() {
-    let kernel = guest_artifact("vmlinux").unwrap();
-    let initrd = guest_artifact("initramfs.cpio").unwrap();
-    let vm = VmmProcess::spawn(&[
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--initrd",
-        initrd.to_str().unwrap(),
-        "--cmdline",
-        "quiet",
-    ])
-    .unwrap();
+    let vm = GuestBoot::new("initramfs.cpio").spawn().unwrap();
     let out = vm.wait(Duration::from_secs(120)).unwrap();
     assert_eq!(
         out.status.code(),

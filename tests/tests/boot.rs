@@ -6,33 +6,23 @@
 
 use std::time::Duration;
 
-use nutshell_tests::{guest_artifact, report_field, VmmProcess};
+use nutshell_tests::{report_field, GuestBoot, VmmProcess};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 const MARKER: &str = "NUTSHELL_TEST_INIT uptime=";
 
-fn boot(vcpus: &str, memory_mib: &str, cmdline: &str) -> VmmProcess {
-    let kernel = guest_artifact("vmlinux").unwrap();
-    let initrd = guest_artifact("test-initramfs.cpio").unwrap();
-    VmmProcess::spawn(&[
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--initrd",
-        initrd.to_str().unwrap(),
-        "--vcpus",
-        vcpus,
-        "--memory-mib",
-        memory_mib,
-        "--cmdline",
-        cmdline,
-    ])
-    .unwrap()
+fn boot(vcpus: u8, cmdline: &str) -> VmmProcess {
+    GuestBoot::new("test-initramfs.cpio")
+        .vcpus(vcpus)
+        .cmdline(cmdline)
+        .spawn()
+        .unwrap()
 }
 
 #[test]
 #[ignore = "slow lane: boots the real guest kernel (scripts/test.sh runs it)"]
 fn linux_boots_smp_to_init_and_powers_off() {
-    let mut vm = boot("2", "128", "quiet nutshell_test.user_arg=1");
+    let mut vm = boot(2, "quiet nutshell_test.user_arg=1");
     let to_init = vm.wait_for_console(MARKER, BOOT_TIMEOUT).unwrap();
     let out = vm.wait(Duration::from_secs(60)).unwrap();
     eprintln!(
@@ -78,7 +68,7 @@ fn linux_boots_smp_to_init_and_powers_off() {
 #[test]
 #[ignore = "slow lane: boots the real guest kernel (scripts/test.sh runs it)"]
 fn guest_reboot_stops_the_vm_with_status_0() {
-    let vm = boot("1", "128", "quiet nutshell_test.action=reboot");
+    let vm = boot(1, "quiet nutshell_test.action=reboot");
     let out = vm.wait(BOOT_TIMEOUT).unwrap();
     assert!(out.console.contains(MARKER), "{}", out.console);
     assert_eq!(out.status.code(), Some(0), "{}", out.stderr);
@@ -89,7 +79,7 @@ fn guest_reboot_stops_the_vm_with_status_0() {
 #[ignore = "slow lane: boots the real guest kernel (scripts/test.sh runs it)"]
 fn guest_kernel_panic_is_reported_with_status_2() {
     // PID 1 exits: the kernel panics, reports it on the exit port, and reboots.
-    let vm = boot("1", "128", "quiet nutshell_test.action=panic");
+    let vm = boot(1, "quiet nutshell_test.action=panic");
     let out = vm.wait(BOOT_TIMEOUT).unwrap();
     assert_eq!(
         out.status.code(),
@@ -109,7 +99,7 @@ fn guest_kernel_panic_is_reported_with_status_2() {
 #[test]
 #[ignore = "slow lane: boots the real guest kernel (scripts/test.sh runs it)"]
 fn sigterm_stops_a_running_guest_cleanly() {
-    let mut vm = boot("2", "128", "quiet nutshell_test.action=hang");
+    let mut vm = boot(2, "quiet nutshell_test.action=hang");
     vm.wait_for_console(MARKER, BOOT_TIMEOUT).unwrap();
     vm.signal(libc::SIGTERM).unwrap();
     let out = vm.wait(Duration::from_secs(30)).unwrap();

@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::{Duration, Instant};
 
-use nutshell_tests::{guest_artifact, VmmProcess};
+use nutshell_tests::GuestBoot;
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 
@@ -36,23 +36,11 @@ fn hybrid_vsock_echo_and_guest_initiated_connection() {
     let dir = tempfile::tempdir().unwrap();
     let uds = dir.path().join("vsock.sock");
     let host_listener = UnixListener::bind(dir.path().join("vsock.sock_1025")).unwrap();
-    let kernel = guest_artifact("vmlinux").unwrap();
-    let initrd = guest_artifact("test-initramfs.cpio").unwrap();
-    let mut vm = VmmProcess::spawn(&[
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--initrd",
-        initrd.to_str().unwrap(),
-        "--vcpus",
-        "1",
-        "--memory-mib",
-        "128",
-        "--vsock-uds",
-        uds.to_str().unwrap(),
-        "--cmdline",
-        "quiet nutshell_test.action=vsock-echo",
-    ])
-    .unwrap();
+    let mut vm = GuestBoot::new("test-initramfs.cpio")
+        .cmdline("quiet nutshell_test.action=vsock-echo")
+        .vsock(&uds)
+        .spawn()
+        .unwrap();
     vm.wait_for_console("NUTSHELL_TEST_INIT uptime=", BOOT_TIMEOUT)
         .unwrap();
 
