@@ -76,7 +76,9 @@ const SAVED_MSRS: &[u32] = &[
 /// What this host's KVM lets the VMM save: which MSRs, and whether XCRs and XSAVE exist.
 #[derive(Debug, Clone, Default)]
 pub struct SaveCaps {
-    /// MSRs to save, in order: [`SAVED_MSRS`] that KVM lists.
+    /// MSRs to try, in order: [`SAVED_MSRS`], then the other KVM paravirtual MSRs KVM lists.
+    /// Not every one KVM saves is in its index list (MTRRs, EFER), so the fixed list is tried
+    /// whole; the ones KVM cannot read are skipped at save time.
     pub msrs: Vec<u32>,
     /// `KVM_GET_XCRS` is supported.
     pub xcrs: bool,
@@ -84,19 +86,24 @@ pub struct SaveCaps {
     pub xsave: bool,
 }
 
+/// KVM's own MSR range (`MSR_KVM_*`).
+const KVM_MSR_RANGE: std::ops::RangeInclusive<u32> = 0x4b56_4d00..=0x4b56_4dff;
+
 impl SaveCaps {
-    /// Asks KVM. An unreadable MSR index list means the fixed list is tried as is.
+    /// Asks KVM.
     pub fn probe(kvm: &Kvm) -> SaveCaps {
-        let listed = kvm
-            .get_msr_index_list()
-            .map(|l| l.as_slice().to_vec())
-            .unwrap_or_else(|_| SAVED_MSRS.to_vec());
+        let mut msrs = SAVED_MSRS.to_vec();
+        if let Ok(listed) = kvm.get_msr_index_list() {
+            msrs.extend(
+                listed
+                    .as_slice()
+                    .iter()
+                    .copied()
+                    .filter(|m| KVM_MSR_RANGE.contains(m) && !SAVED_MSRS.contains(m)),
+            );
+        }
         SaveCaps {
-            msrs: SAVED_MSRS
-                .iter()
-                .copied()
-                .filter(|m| listed.contains(m))
-                .collect(),
+            msrs,
             xcrs: kvm.check_extension(Cap::Xcrs),
             xsave: kvm.check_extension(Cap::Xsave),
         }
