@@ -194,6 +194,56 @@ fn two_restores_run_independently_on_private_memory() {
     assert_eq!(marker, 0);
 }
 
+/// `Private_Dirty` (KiB) of the mapping that starts at `addr` and the file it maps, from
+/// /proc/self/smaps.
+fn mapping_private_dirty(addr: usize) -> Option<(u64, String)> {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+    let mut file = None;
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        if let Some((lo, _)) = words.next().and_then(|r| r.split_once('-')) {
+            if let Ok(lo) = usize::from_str_radix(lo, 16) {
+                file = (lo == addr).then(|| words.nth(4).unwrap_or("").to_owned());
+                continue;
+            }
+        }
+        if let (Some(f), Some(v)) = (&file, line.strip_prefix("Private_Dirty:")) {
+            return Some((
+                v.trim().trim_end_matches("kB").trim().parse().ok()?,
+                f.clone(),
+            ));
+        }
+    }
+    None
+}
+
+#[test]
+fn restored_memory_is_a_private_copy_on_write_file_mapping() {
+    use vm_memory::{GuestMemory, GuestMemoryRegion};
+    let dir = tempfile::tempdir().unwrap();
+    counting_snapshot(1, dir.path());
+    let vm = Vm::restore(dir.path(), restore_config(&Captured::default())).unwrap();
+    let mem = vm.memory();
+    let region = mem.iter().next().unwrap();
+    let start = mem.get_host_address(region.start_addr()).unwrap() as usize;
+    // Reading every page maps the file's pages without copying them.
+    let mut buf = vec![0u8; region.len() as usize];
+    mem.read_slice(&mut buf, region.start_addr()).unwrap();
+    let (dirty, file) = mapping_private_dirty(start).unwrap();
+    assert!(file.ends_with("/memory"), "guest RAM maps {file:?}");
+    assert_eq!(dirty, 0, "reading guest RAM copied pages");
+    // A write copies one page, and only in this VM.
+    mem.write_obj(1u64, GuestAddress(0x40_0000)).unwrap();
+    let (dirty, _) = mapping_private_dirty(start).unwrap();
+    // (4 KiB, or one huge page where the host backs copies with them.)
+    assert!(
+        (4..=2048).contains(&dirty),
+        "{dirty} KiB copied for one write"
+    );
+    let on_disk = std::fs::read(dir.path().join("memory")).unwrap();
+    assert_eq!(on_disk[0x40_0000], 0);
+}
+
 #[test]
 fn pause_resume_and_illegal_transitions() {
     let console = Captured::default();
