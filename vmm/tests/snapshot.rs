@@ -8,7 +8,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{Asm, Captured};
+use common::{assert_consecutive, counter_program, Captured, COUNTER};
 use nutshell_vmm::snapshot::{self, SnapshotError};
 use nutshell_vmm::{
     Console, CpuProfileChoice, MachineConfig, RestoreConfig, RunningVm, Vm, VmError, VmExit,
@@ -17,7 +17,6 @@ use nutshell_vmm::{
 use vm_memory::{Bytes, GuestAddress};
 
 const LOAD_ADDR: u64 = 0x10_0000;
-const COUNTER: u64 = 0x20_0000;
 
 fn machine(vcpus: u8, console: &Captured) -> MachineConfig {
     MachineConfig {
@@ -38,23 +37,6 @@ fn restore_config(console: &Captured) -> RestoreConfig {
         expect_vcpus: None,
         expect_memory_mib: None,
     }
-}
-
-/// `loop: inc qword [COUNTER]; rax = [COUNTER]; out 0x3f8, '0' + rax % 10; jmp loop`
-fn counter_program() -> Asm {
-    let addr = (COUNTER as u32).to_le_bytes();
-    let mut p = Asm::default();
-    p.bytes(&[0x48, 0xff, 0x04, 0x25]).bytes(&addr); // inc qword [addr]
-    p.bytes(&[0x48, 0x8b, 0x04, 0x25]).bytes(&addr); // mov rax, [addr]
-    p.bytes(&[0xb9, 10, 0, 0, 0]); // mov ecx, 10
-    p.bytes(&[0x31, 0xd2]); // xor edx, edx
-    p.bytes(&[0x48, 0xf7, 0xf1]); // div rcx
-    p.bytes(&[0x88, 0xd0]); // mov al, dl
-    p.bytes(&[0x04, b'0']); // add al, '0'
-    p.mov_dx(0x3f8).out_dx_al();
-    let back = -(i8::try_from(p.len() + 2).unwrap());
-    p.bytes(&[0xeb, back as u8]); // jmp loop
-    p
 }
 
 fn counter(vm: &RunningVm) -> u64 {
@@ -93,14 +75,6 @@ fn counting_snapshot(vcpus: u8, dir: &Path) -> (u64, String) {
         .request(VmExit::Stopped("test".into()));
     assert_eq!(running.wait(), VmExit::Stopped("test".into()));
     (at_pause, console.text())
-}
-
-/// Every digit follows the one before it (mod 10): no output lost or repeated.
-fn assert_consecutive(text: &str) {
-    let digits: Vec<u8> = text.bytes().map(|b| b - b'0').collect();
-    for (i, w) in digits.windows(2).enumerate() {
-        assert_eq!((w[0] + 1) % 10, w[1], "digits break at {i}");
-    }
 }
 
 #[test]
