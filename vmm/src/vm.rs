@@ -239,6 +239,8 @@ pub enum VmRunState {
     Running,
     /// Every vCPU is parked outside `KVM_RUN`.
     Paused,
+    /// A vCPU thread ended: the VM is stopping.
+    Stopped,
 }
 
 impl std::fmt::Display for VmRunState {
@@ -246,6 +248,7 @@ impl std::fmt::Display for VmRunState {
         f.write_str(match self {
             VmRunState::Running => "running",
             VmRunState::Paused => "paused",
+            VmRunState::Stopped => "stopped",
         })
     }
 }
@@ -758,12 +761,17 @@ impl RunningVm {
             c.request_pause();
         }
         let deadline = Instant::now() + PAUSE_TIMEOUT;
+        let mut stopped = false;
         for (c, t) in self.controls.iter().zip(&self.threads) {
             loop {
                 // A kick outside KVM_RUN is lost: kick until the thread acknowledges.
                 let _ = t.kill(vcpu::kick_signal());
                 match c.wait_parked(KICK_INTERVAL) {
-                    VcpuRunState::Paused | VcpuRunState::Exited => break,
+                    VcpuRunState::Paused => break,
+                    VcpuRunState::Exited => {
+                        stopped = true;
+                        break;
+                    }
                     VcpuRunState::Running if Instant::now() >= deadline => {
                         self.resume_all();
                         return Err(VmError::VcpuTimeout {
@@ -775,6 +783,14 @@ impl RunningVm {
                     VcpuRunState::Running => {}
                 }
             }
+        }
+        if stopped || self.exit.is_requested() {
+            self.resume_all();
+            self.state = VmRunState::Stopped;
+            return Err(VmError::IllegalTransition {
+                op: "pause",
+                state: self.state,
+            });
         }
         self.state = VmRunState::Paused;
         Ok(())
@@ -883,18 +899,33 @@ impl RunningVm {
     }
 
     fn write_memory(&self, path: &Path) -> Result<(), SnapshotError> {
-        use vm_memory::{Bytes, GuestMemory, GuestMemoryRegion};
+        use vm_memory::{Address, Bytes, GuestMemory, GuestMemoryRegion};
         let io = |source| SnapshotError::Io {
             path: path.to_path_buf(),
             source,
         };
+        use std::io::{Seek, SeekFrom, Write};
         let tmp = path.with_extension("tmp");
         let mut file = std::fs::File::create(&tmp).map_err(io)?;
+        // Pages of zeros become holes: the file takes disk space only for what the guest wrote.
+        const PAGE: usize = 4096;
+        let mut page = [0u8; PAGE];
+        let mut size = 0u64;
         for region in self.mem.iter() {
-            self.mem
-                .write_all_volatile_to(region.start_addr(), &mut file, region.len() as usize)
-                .map_err(|e| io(std::io::Error::other(e)))?;
+            for offset in (0..region.len()).step_by(PAGE) {
+                let len = PAGE.min((region.len() - offset) as usize);
+                self.mem
+                    .read_slice(&mut page[..len], region.start_addr().unchecked_add(offset))
+                    .map_err(|e| io(std::io::Error::other(e)))?;
+                if page[..len].iter().all(|b| *b == 0) {
+                    file.seek(SeekFrom::Current(len as i64)).map_err(io)?;
+                } else {
+                    file.write_all(&page[..len]).map_err(io)?;
+                }
+                size += len as u64;
+            }
         }
+        file.set_len(size).map_err(io)?;
         file.sync_all().map_err(io)?;
         std::fs::rename(&tmp, path).map_err(io)
     }

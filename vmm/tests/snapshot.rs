@@ -8,7 +8,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{assert_consecutive, counter_program, Captured, COUNTER};
+use common::{assert_consecutive, counter_program, Asm, Captured, COUNTER};
 use nutshell_vmm::snapshot::{self, SnapshotError};
 use nutshell_vmm::{
     Console, CpuProfileChoice, MachineConfig, RestoreConfig, RunningVm, Vm, VmError, VmExit,
@@ -130,10 +130,16 @@ fn restored_guest_continues_exactly_where_it_stopped() {
         vcpu.xcrs.is_some(),
         vcpu.xsave.is_some()
     );
+    use std::os::unix::fs::MetadataExt;
     let state = std::fs::metadata(dir.path().join("state")).unwrap().len();
-    let memory = std::fs::metadata(dir.path().join("memory")).unwrap().len();
+    let memory = std::fs::metadata(dir.path().join("memory")).unwrap();
+    assert_eq!(memory.len(), 16 << 20);
+    // Zero pages are holes: the tiny guest wrote a few pages only.
+    let on_disk = memory.blocks() * 512;
+    assert!(on_disk < 1 << 20, "memory takes {on_disk} bytes on disk");
     eprintln!(
-        "snapshot: state {state} bytes, memory {memory} bytes; restore to running {restore_ms:.1} ms"
+        "snapshot: state {state} bytes, memory {} bytes ({on_disk} on disk); restore to running {restore_ms:.1} ms",
+        memory.len()
     );
 }
 
@@ -257,6 +263,27 @@ fn pause_resume_and_illegal_transitions() {
         .exit_handle()
         .request(VmExit::Stopped("test".into()));
     assert_eq!(running.wait(), VmExit::Stopped("test".into()));
+}
+
+#[test]
+fn a_stopped_vm_cannot_be_paused() {
+    let mut p = Asm::default();
+    common::poweroff(&mut p);
+    let mut vm = Vm::new(machine(1, &Captured::default())).unwrap();
+    vm.load_long_mode_program(&p.0, LOAD_ADDR).unwrap();
+    let mut running = vm.start().unwrap();
+    let exit = running.exit_handle();
+    while exit.reason().is_none() {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let err = running.pause().unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("cannot pause a VM that is stopped"),
+        "{err}"
+    );
+    assert_eq!(running.state(), VmRunState::Stopped);
+    assert_eq!(running.wait(), VmExit::PowerOff);
 }
 
 fn refused(dir: &Path, config: RestoreConfig) -> VmError {
