@@ -11,13 +11,17 @@ pub mod exit;
 pub mod host;
 pub mod memory;
 pub mod ratelimit;
+pub mod snapshot;
 pub mod vcpu;
+pub mod vcpu_state;
 pub mod vm;
 
 use std::path::PathBuf;
 
 pub use exit::{ExitHandle, VmExit};
-pub use vm::{Console, CpuProfileChoice, MachineConfig, RunningVm, Vm, VmError};
+pub use vm::{
+    Console, CpuProfileChoice, MachineConfig, RestoreConfig, RunningVm, Vm, VmError, VmRunState,
+};
 
 /// A Linux guest to boot.
 #[derive(Debug)]

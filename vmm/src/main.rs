@@ -8,7 +8,9 @@ use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use nutshell_vmm::arch::x86_64::cpuid::CpuProfile;
 use nutshell_vmm::devices::virtio::vsock::VsockConfig;
-use nutshell_vmm::{boot_linux, Console, CpuProfileChoice, LinuxConfig, MachineConfig, VmExit};
+use nutshell_vmm::{
+    boot_linux, Console, CpuProfileChoice, LinuxConfig, MachineConfig, RestoreConfig, Vm, VmExit,
+};
 
 /// Boots a Linux guest in a KVM microVM and runs it until the guest powers off or reboots.
 ///
@@ -19,8 +21,8 @@ use nutshell_vmm::{boot_linux, Console, CpuProfileChoice, LinuxConfig, MachineCo
 #[command(name = "nutshell-vmm", version, about, long_about)]
 struct Args {
     /// Uncompressed vmlinux with a PVH entry (e.g. target/nutshell/vmlinux).
-    #[arg(long, value_name = "PATH")]
-    kernel: PathBuf,
+    #[arg(long, value_name = "PATH", required_unless_present = "restore")]
+    kernel: Option<PathBuf>,
 
     /// Initrd: an uncompressed newc cpio archive (see nutshell-initramfs).
     #[arg(long, value_name = "PATH")]
@@ -30,6 +32,15 @@ struct Args {
     /// (console=ttyS0 reboot=k panic=-1 ...).
     #[arg(long, value_name = "STR", default_value = "")]
     cmdline: String,
+
+    /// Restore the VM snapshotted in this directory instead of booting a kernel; its memory,
+    /// vCPUs and devices come from the snapshot.
+    #[arg(
+        long,
+        value_name = "DIR",
+        conflicts_with_all = ["kernel", "initrd", "cmdline", "memory_mib", "vcpus", "vsock_uds"]
+    )]
+    restore: Option<PathBuf>,
 
     /// Guest memory in MiB. Pages cost host memory only once the guest touches them.
     #[arg(long, value_name = "N", default_value_t = 128)]
@@ -96,27 +107,49 @@ fn main() -> ExitCode {
 
 fn run(args: Args, started_at: Instant) -> anyhow::Result<VmExit> {
     let signals = StopSignals::block().context("cannot set up signal handling")?;
-    let config = LinuxConfig {
-        kernel: args.kernel,
-        initrd: args.initrd,
-        cmdline: args.cmdline,
-        machine: MachineConfig {
-            memory_mib: args.memory_mib,
-            vcpus: args.vcpus,
-            console: args.console.map_or(Console::Stdout, Console::File),
-            cpu_profile: match args.cpu_profile {
-                ProfileArg::Auto => CpuProfileChoice::Auto,
-                ProfileArg::Host => CpuProfileChoice::Fixed(CpuProfile::Host),
-                ProfileArg::Compat => CpuProfileChoice::Fixed(CpuProfile::Compat),
-            },
-            started_at: Some(started_at),
-            vsock: args.vsock_uds.map(|uds_path| VsockConfig {
-                guest_cid: args.vsock_cid,
-                uds_path,
-            }),
-        },
+    let console = args.console.map_or(Console::Stdout, Console::File);
+    let cpu_profile = match args.cpu_profile {
+        ProfileArg::Auto => CpuProfileChoice::Auto,
+        ProfileArg::Host => CpuProfileChoice::Fixed(CpuProfile::Host),
+        ProfileArg::Compat => CpuProfileChoice::Fixed(CpuProfile::Compat),
     };
-    let vm = boot_linux(config)?;
+    let vm = if let Some(dir) = args.restore {
+        let vm = Vm::restore(
+            &dir,
+            RestoreConfig {
+                console,
+                cpu_profile,
+                started_at: Some(started_at),
+                expect_vcpus: None,
+                expect_memory_mib: None,
+            },
+        )?
+        .start()?;
+        log::info!(
+            "restored {} in {:.2} ms",
+            dir.display(),
+            started_at.elapsed().as_secs_f64() * 1e3
+        );
+        vm
+    } else {
+        let kernel = args.kernel.context("--kernel or --restore is needed")?;
+        boot_linux(LinuxConfig {
+            kernel,
+            initrd: args.initrd,
+            cmdline: args.cmdline,
+            machine: MachineConfig {
+                memory_mib: args.memory_mib,
+                vcpus: args.vcpus,
+                console,
+                cpu_profile,
+                started_at: Some(started_at),
+                vsock: args.vsock_uds.map(|uds_path| VsockConfig {
+                    guest_cid: args.vsock_cid,
+                    uds_path,
+                }),
+            },
+        })?
+    };
     let exit = vm.exit_handle();
     if let Some(signal) = signals.wait_or(&*exit) {
         exit.request(VmExit::Stopped(format!("received {signal}")));

@@ -21,6 +21,15 @@ pub enum MemoryError {
         #[source]
         source: vm_memory::mmap::FromRangesError,
     },
+    /// A snapshot's memory file could not be opened or mapped.
+    #[error("cannot map guest memory from {}", .path.display())]
+    MapFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// KVM refused a memory slot.
     #[error("KVM refused guest memory slot {slot}")]
     Register {
@@ -51,6 +60,34 @@ pub fn create(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
         mib: size >> 20,
         source,
     })
+}
+
+/// Maps `size` bytes of guest RAM from `path` (regions back to back in the file), private and
+/// copy-on-write: pages the guest only reads stay shared with every other VM mapping the same
+/// file, through the page cache; a page it writes becomes its own.
+pub fn create_from_file(size: u64, path: &std::path::Path) -> Result<GuestMemoryMmap, MemoryError> {
+    let err = |source| MemoryError::MapFile {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(err)?;
+    let mut offset = 0u64;
+    let mut regions = Vec::new();
+    for (addr, len) in ram_ranges(size) {
+        let file = file.try_clone().map_err(err)?;
+        let mapping = vm_memory::MmapRegion::build(
+            Some(vm_memory::FileOffset::new(file, offset)),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+        )
+        .map_err(|e| err(std::io::Error::other(e)))?;
+        let region = vm_memory::GuestRegionMmap::new(mapping, addr)
+            .ok_or_else(|| err(std::io::Error::other("guest region overflows")))?;
+        regions.push(region);
+        offset += len as u64;
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(|e| err(std::io::Error::other(e)))
 }
 
 /// Gives every region of `mem` to KVM, one slot per region.

@@ -1,9 +1,9 @@
 //! vCPU threads: run the guest, serve its port I/O, report why they stopped.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Once};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{
     CpuId, KVM_EXIT_INTERNAL_ERROR, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
@@ -14,6 +14,7 @@ use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use crate::devices::{MmioBus, PioBus};
 use crate::exit::{ExitHandle, VmExit};
+use crate::vcpu_state::{SaveCaps, VcpuState, VcpuStateError};
 
 /// Errors of creating and starting vCPUs.
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +98,124 @@ impl FirstRun {
     }
 }
 
+/// Where a vCPU thread is in its lifecycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VcpuRunState {
+    /// Running the guest (or about to).
+    Running,
+    /// Out of `KVM_RUN`, parked, its state readable.
+    Paused,
+    /// The thread ended.
+    Exited,
+}
+
+#[derive(Debug)]
+struct ControlInner {
+    state: VcpuRunState,
+    /// The owner wants the thread parked.
+    pause: bool,
+    /// The owner wants the parked thread's state.
+    save: bool,
+    saved: Option<Result<VcpuState, VcpuStateError>>,
+}
+
+/// How the VM's owner pauses, resumes and reads one vCPU thread. The thread acknowledges every
+/// change of state through the condition variable.
+#[derive(Debug)]
+pub struct VcpuControl {
+    index: u8,
+    inner: Mutex<ControlInner>,
+    changed: Condvar,
+}
+
+/// How long a parked vCPU thread waits before it looks at the stop request again.
+const PARK_POLL: Duration = Duration::from_millis(50);
+
+impl VcpuControl {
+    fn new(index: u8) -> Arc<Self> {
+        Arc::new(VcpuControl {
+            index,
+            inner: Mutex::new(ControlInner {
+                state: VcpuRunState::Running,
+                pause: false,
+                save: false,
+                saved: None,
+            }),
+            changed: Condvar::new(),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, ControlInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The vCPU's index.
+    pub fn index(&self) -> u8 {
+        self.index
+    }
+
+    /// The thread's state as last acknowledged.
+    pub fn state(&self) -> VcpuRunState {
+        self.lock().state
+    }
+
+    /// Asks the thread to park (the caller kicks it out of `KVM_RUN`).
+    pub fn request_pause(&self) {
+        self.lock().pause = true;
+    }
+
+    /// Asks a parked thread to run the guest again.
+    pub fn request_resume(&self) {
+        self.lock().pause = false;
+        self.changed.notify_all();
+    }
+
+    /// Waits up to `timeout` until the thread is `Paused` or `Exited`; returns the state then.
+    pub fn wait_parked(&self, timeout: Duration) -> VcpuRunState {
+        let guard = self.lock();
+        let (guard, _) = self
+            .changed
+            .wait_timeout_while(guard, timeout, |c| c.state == VcpuRunState::Running)
+            .unwrap_or_else(|e| e.into_inner());
+        guard.state
+    }
+
+    /// Waits up to `timeout` until the thread left `Paused`.
+    pub fn wait_unparked(&self, timeout: Duration) -> VcpuRunState {
+        let guard = self.lock();
+        let (guard, _) = self
+            .changed
+            .wait_timeout_while(guard, timeout, |c| c.state == VcpuRunState::Paused)
+            .unwrap_or_else(|e| e.into_inner());
+        guard.state
+    }
+
+    /// Has the parked thread read its state; `None` when it is not parked or did not answer
+    /// within `timeout`.
+    pub fn save(&self, timeout: Duration) -> Option<Result<VcpuState, VcpuStateError>> {
+        let mut guard = self.lock();
+        if guard.state != VcpuRunState::Paused {
+            return None;
+        }
+        guard.save = true;
+        guard.saved = None;
+        self.changed.notify_all();
+        let (mut guard, _) = self
+            .changed
+            .wait_timeout_while(guard, timeout, |c| {
+                c.saved.is_none() && c.state == VcpuRunState::Paused
+            })
+            .unwrap_or_else(|e| e.into_inner());
+        guard.save = false;
+        guard.saved.take()
+    }
+
+    fn set_state(&self, state: VcpuRunState) {
+        self.lock().state = state;
+        self.changed.notify_all();
+    }
+}
+
 /// One vCPU, before its thread starts.
 #[derive(Debug)]
 pub struct Vcpu {
@@ -105,6 +224,8 @@ pub struct Vcpu {
     bus: Arc<PioBus>,
     mmio: Arc<MmioBus>,
     exit: Arc<ExitHandle>,
+    control: Arc<VcpuControl>,
+    caps: Arc<SaveCaps>,
 }
 
 impl Vcpu {
@@ -116,6 +237,7 @@ impl Vcpu {
         bus: Arc<PioBus>,
         mmio: Arc<MmioBus>,
         exit: Arc<ExitHandle>,
+        caps: Arc<SaveCaps>,
     ) -> Result<Self, VcpuError> {
         let fd = vm
             .create_vcpu(u64::from(index))
@@ -128,7 +250,14 @@ impl Vcpu {
             bus,
             mmio,
             exit,
+            control: VcpuControl::new(index),
+            caps,
         })
+    }
+
+    /// How the owner pauses, resumes and reads this vCPU once its thread runs.
+    pub fn control(&self) -> Arc<VcpuControl> {
+        self.control.clone()
     }
 
     /// The KVM vCPU, for setting its initial state.
@@ -147,6 +276,10 @@ impl Vcpu {
 
     fn run(mut self, first_run: &FirstRun) {
         while !self.exit.is_requested() {
+            if self.control.lock().pause {
+                self.park();
+                continue;
+            }
             if self.index == 0 {
                 first_run.mark();
             }
@@ -154,10 +287,40 @@ impl Vcpu {
                 self.exit.request(reason);
             }
         }
+        self.control.set_state(VcpuRunState::Exited);
         if log::log_enabled!(log::Level::Debug) {
             let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
             log::debug!("vCPU {} stopped at guest rip {rip:#x}", self.index);
         }
+    }
+
+    /// Parks the thread until resumed or stopped, serving state reads meanwhile.
+    fn park(&mut self) {
+        // The exit just served may have left an I/O completion pending: KVM finishes it on the
+        // next KVM_RUN. With `immediate_exit` that entry completes it and returns EINTR at
+        // once, so the registers read while parked are the whole truth.
+        self.fd.set_kvm_immediate_exit(1);
+        if let Some(reason) = self.run_once() {
+            self.exit.request(reason);
+        }
+        self.fd.set_kvm_immediate_exit(0);
+        let mut guard = self.control.lock();
+        guard.state = VcpuRunState::Paused;
+        self.control.changed.notify_all();
+        while guard.pause && !self.exit.is_requested() {
+            if guard.save && guard.saved.is_none() {
+                guard.saved = Some(VcpuState::save(self.index, &self.fd, &self.caps));
+                self.control.changed.notify_all();
+            }
+            guard = self
+                .control
+                .changed
+                .wait_timeout(guard, PARK_POLL)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
+        guard.state = VcpuRunState::Running;
+        self.control.changed.notify_all();
     }
 
     /// Runs the guest until its next exit and serves it. Returns a reason when the VM must stop.

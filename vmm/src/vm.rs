@@ -2,12 +2,12 @@
 
 use std::io::Write;
 use std::os::fd::AsRawFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{kvm_irqchip, kvm_pit_config, CpuId, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
@@ -33,7 +33,9 @@ use crate::devices::{MmioBus, PioBus};
 use crate::exit::{ExitHandle, VmExit};
 use crate::host::{self, HostError, KvmFlavour};
 use crate::memory::{self, GuestMemoryMmap, MemoryError};
-use crate::vcpu::{self, FirstRun, Vcpu, VcpuError};
+use crate::snapshot::{self, SnapshotError, SnapshotHeader, VmState};
+use crate::vcpu::{self, FirstRun, Vcpu, VcpuControl, VcpuError, VcpuRunState};
+use crate::vcpu_state::{SaveCaps, VcpuState, VcpuStateError};
 
 /// Errors of building and starting a VM, one per step.
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +94,33 @@ pub enum VmError {
     /// The vsock device.
     #[error(transparent)]
     Vsock(#[from] VsockError),
+    /// Writing or reading a snapshot.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    /// Saving or restoring a vCPU.
+    #[error(transparent)]
+    VcpuState(#[from] VcpuStateError),
+    /// The VM has a device whose state cannot be saved yet.
+    #[error("snapshot of VMs with virtio devices is not supported yet")]
+    SnapshotUnsupported,
+    /// An operation the VM's current state does not allow.
+    #[error("cannot {op} a VM that is {state}")]
+    IllegalTransition {
+        /// What was asked.
+        op: &'static str,
+        /// The VM's state.
+        state: VmRunState,
+    },
+    /// A vCPU did not park (or answer) in time.
+    #[error("vCPU {index} did not {what} within {timeout:?}")]
+    VcpuTimeout {
+        /// vCPU index.
+        index: u8,
+        /// Pause or save.
+        what: &'static str,
+        /// How long we waited.
+        timeout: Duration,
+    },
     /// A device thread could not start.
     #[error("cannot start the {what} thread")]
     DeviceThread {
@@ -188,6 +217,42 @@ pub const MIN_MEMORY_MIB: u64 = 8;
 /// Largest guest the VMM accepts.
 pub const MAX_MEMORY_MIB: u64 = 1 << 20;
 
+/// What a snapshot is restored with: where its console goes, and what the caller expects.
+#[derive(Debug)]
+pub struct RestoreConfig {
+    /// Guest console.
+    pub console: Console,
+    /// CPU feature profile; must give the CPUID the snapshot was taken with.
+    pub cpu_profile: CpuProfileChoice,
+    /// When the VMM started, to log the host-side start cost.
+    pub started_at: Option<Instant>,
+    /// Refuse the snapshot unless it has this many vCPUs.
+    pub expect_vcpus: Option<u8>,
+    /// Refuse the snapshot unless it has this much memory.
+    pub expect_memory_mib: Option<u64>,
+}
+
+/// Whether a started VM runs or is paused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmRunState {
+    /// vCPUs run the guest.
+    Running,
+    /// Every vCPU is parked outside `KVM_RUN`.
+    Paused,
+    /// A vCPU thread ended: the VM is stopping.
+    Stopped,
+}
+
+impl std::fmt::Display for VmRunState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            VmRunState::Running => "running",
+            VmRunState::Paused => "paused",
+            VmRunState::Stopped => "stopped",
+        })
+    }
+}
+
 /// A VM with memory, devices and vCPUs, not yet running.
 #[derive(Debug)]
 pub struct Vm {
@@ -200,6 +265,21 @@ pub struct Vm {
     first_run: Arc<FirstRun>,
     profile: CpuProfile,
     vsock: Option<Arc<Mutex<Vsock>>>,
+    serial: Arc<Mutex<SerialDevice>>,
+    cpuid_hash: u32,
+    payload: Option<String>,
+}
+
+/// The parts of a VM that a fresh boot and a restore build alike.
+struct Parts {
+    vcpus: u8,
+    ram_size: u64,
+    mem: GuestMemoryMmap,
+    console: ConsoleSink,
+    serial_state: Option<vm_superio::SerialState>,
+    profile: CpuProfile,
+    started_at: Option<Instant>,
+    vsock: Option<VsockConfig>,
 }
 
 impl Vm {
@@ -235,41 +315,179 @@ impl Vm {
             host::detect_flavour()
         );
 
-        let fd = create_vm(&kvm)?;
         let ram_size = config.memory_mib << 20;
-        let mem = memory::create(ram_size)?;
+        let vm = Vm::build(
+            &kvm,
+            Parts {
+                vcpus: config.vcpus,
+                ram_size,
+                mem: memory::create(ram_size)?,
+                console: config.console.open()?,
+                serial_state: None,
+                profile,
+                started_at: config.started_at,
+                vsock: config.vsock,
+            },
+        )?;
+        for vcpu in &vm.vcpus {
+            regs::setup_common(vcpu.fd())?;
+        }
+        mptable::setup(&vm.mem, config.vcpus)?;
+        Ok(vm)
+    }
+
+    fn build(kvm: &Kvm, parts: Parts) -> Result<Vm, VmError> {
+        let fd = create_vm(kvm)?;
+        let mem = parts.mem;
         memory::register(&fd, &mem)?;
 
         let exit = ExitHandle::new().map_err(VmError::EventFd)?;
-        let bus = Arc::new(build_bus(&fd, &exit, config.console.open()?)?);
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+        fd.register_irqfd(&serial_irq, SERIAL_IRQ)
+            .map_err(kvm_err("register the serial irqfd"))?;
+        let serial = match &parts.serial_state {
+            None => SerialDevice::new(serial_irq, parts.console),
+            Some(state) => {
+                SerialDevice::from_state(state, serial_irq, parts.console).ok_or_else(|| {
+                    SnapshotError::Inconsistent("the serial receive FIFO is overfull".into())
+                })?
+            }
+        };
+        let serial = Arc::new(Mutex::new(serial));
+        let bus = Arc::new(build_bus(&exit, serial.clone())?);
         let mut mmio = MmioBus::default();
-        let vsock = config
+        let vsock = parts
             .vsock
             .as_ref()
             .map(|c| add_vsock(&fd, &mem, &mut mmio, c))
             .transpose()?;
         let mmio = Arc::new(mmio);
 
-        let supported = cpuid::supported(&kvm)?;
-        let mut vcpus = Vec::with_capacity(config.vcpus.into());
-        for index in 0..config.vcpus {
-            let table = cpuid::for_vcpu(&supported, profile, index, config.vcpus)?;
-            let vcpu = Vcpu::new(&fd, index, &table, bus.clone(), mmio.clone(), exit.clone())?;
-            regs::setup_common(vcpu.fd())?;
+        let caps = Arc::new(SaveCaps::probe(kvm));
+        let supported = cpuid::supported(kvm)?;
+        let mut vcpus = Vec::with_capacity(parts.vcpus.into());
+        let mut tables = Vec::with_capacity(parts.vcpus.into());
+        for index in 0..parts.vcpus {
+            let table = cpuid::for_vcpu(&supported, parts.profile, index, parts.vcpus)?;
+            let vcpu = Vcpu::new(
+                &fd,
+                index,
+                &table,
+                bus.clone(),
+                mmio.clone(),
+                exit.clone(),
+                caps.clone(),
+            )?;
             vcpus.push(vcpu);
+            tables.push(table);
         }
-        mptable::setup(&mem, config.vcpus)?;
 
         Ok(Vm {
             vcpus,
             fd,
             mem,
-            ram_size,
+            ram_size: parts.ram_size,
             exit,
-            first_run: FirstRun::new(config.started_at),
-            profile,
+            first_run: FirstRun::new(parts.started_at),
+            profile: parts.profile,
             vsock,
+            serial,
+            cpuid_hash: cpuid_hash(&tables),
+            payload: None,
         })
+    }
+
+    /// Restores a VM from the snapshot directory `dir`, not yet running. Everything that must
+    /// match (magic, checksums, format and VMM versions, shape, CPUID) is checked before any
+    /// state is set; a refused snapshot leaves nothing behind.
+    pub fn restore(dir: &Path, config: RestoreConfig) -> Result<Vm, VmError> {
+        let bytes = snapshot::read_file(&dir.join(snapshot::STATE_FILE))?;
+        let (header, rest) = snapshot::decode_header(&bytes)?;
+        check_shape(&header, &config)?;
+        let memory_path = dir.join(snapshot::MEMORY_FILE);
+        let (memory_crc, memory_len) = snapshot::file_crc(&memory_path)?;
+        if memory_len != header.memory_size {
+            return Err(SnapshotError::MemorySize {
+                found: memory_len,
+                expected: header.memory_size,
+            }
+            .into());
+        }
+        if memory_crc != header.memory_crc {
+            return Err(SnapshotError::MemoryChecksum {
+                found: memory_crc,
+                expected: header.memory_crc,
+            }
+            .into());
+        }
+        let state = snapshot::decode_state(&header, rest)?;
+        let memory_mib = header.memory_size >> 20;
+        if header.vcpus == 0
+            || header.vcpus > mptable::MAX_CPUS
+            || !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&memory_mib)
+            || memory_mib << 20 != header.memory_size
+        {
+            return Err(SnapshotError::Inconsistent(format!(
+                "{} vCPUs, {} bytes of memory",
+                header.vcpus, header.memory_size
+            ))
+            .into());
+        }
+
+        let kvm = host::open_kvm()?;
+        let profile = config.cpu_profile.resolve();
+        let mut vm = Vm::build(
+            &kvm,
+            Parts {
+                vcpus: header.vcpus,
+                ram_size: header.memory_size,
+                mem: memory::create_from_file(header.memory_size, &memory_path)?,
+                console: config.console.open()?,
+                serial_state: Some((&state.serial).into()),
+                profile,
+                started_at: config.started_at,
+                vsock: None,
+            },
+        )?;
+        if vm.cpuid_hash != header.cpuid_hash {
+            return Err(SnapshotError::Cpuid {
+                found: header.cpuid_hash,
+                expected: vm.cpuid_hash,
+            }
+            .into());
+        }
+        vm.set_vm_state(&state)?;
+        for (vcpu, saved) in vm.vcpus.iter().zip(&state.vcpus) {
+            saved.restore(vcpu.fd())?;
+        }
+        vm.payload = header.payload;
+        Ok(vm)
+    }
+
+    fn set_vm_state(&self, state: &VmState) -> Result<(), VmError> {
+        for chip in &state.irqchips {
+            self.fd
+                .set_irqchip(chip)
+                .map_err(kvm_err("restore the irqchip"))?;
+        }
+        self.fd
+            .set_pit2(&state.pit)
+            .map_err(kvm_err("restore the PIT"))?;
+        self.fd
+            .set_clock(&state.clock)
+            .map_err(kvm_err("restore the clock"))?;
+        Ok(())
+    }
+
+    /// Names what was loaded into the VM (kernel and initrd, a program), for the snapshot
+    /// header.
+    pub fn set_payload(&mut self, payload: impl Into<String>) {
+        self.payload = Some(payload.into());
+    }
+
+    /// What was loaded into the VM, if known (kept across snapshots).
+    pub fn payload(&self) -> Option<&str> {
+        self.payload.as_deref()
     }
 
     /// The CPU profile in use.
@@ -334,16 +552,27 @@ impl Vm {
             vcpus,
             fd,
             mem,
+            ram_size,
             exit,
             first_run,
             vsock,
+            serial,
+            cpuid_hash,
+            payload,
             ..
         } = self;
         let mut running = RunningVm {
             threads: Vec::with_capacity(vcpus.len()),
+            controls: vcpus.iter().map(Vcpu::control).collect(),
             device_threads: Vec::new(),
             exit,
-            _fd: fd,
+            state: VmRunState::Running,
+            has_virtio: vsock.is_some(),
+            serial,
+            cpuid_hash,
+            payload,
+            ram_size,
+            fd,
             mem,
         };
         if let Some(dev) = vsock {
@@ -387,16 +616,52 @@ fn create_vm(kvm: &Kvm) -> Result<VmFd, VmError> {
     Ok(fd)
 }
 
-fn build_bus(fd: &VmFd, exit: &Arc<ExitHandle>, console: ConsoleSink) -> Result<PioBus, VmError> {
-    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
-    fd.register_irqfd(&serial_irq, SERIAL_IRQ)
-        .map_err(kvm_err("register the serial irqfd"))?;
+/// CRC-32 of the serialised CPUID tables: equal hashes mean the guest sees the same CPU.
+fn cpuid_hash(tables: &[CpuId]) -> u32 {
+    let mut hasher = crc32fast::Hasher::new();
+    for table in tables {
+        for entry in table.as_slice() {
+            for word in [
+                entry.function,
+                entry.index,
+                entry.flags,
+                entry.eax,
+                entry.ebx,
+                entry.ecx,
+                entry.edx,
+            ] {
+                hasher.update(&word.to_le_bytes());
+            }
+        }
+    }
+    hasher.finalize()
+}
+
+fn check_shape(header: &SnapshotHeader, config: &RestoreConfig) -> Result<(), SnapshotError> {
+    if let Some(vcpus) = config.expect_vcpus {
+        if vcpus != header.vcpus {
+            return Err(SnapshotError::Shape {
+                what: "vCPUs",
+                found: header.vcpus.into(),
+                expected: vcpus.into(),
+            });
+        }
+    }
+    if let Some(mib) = config.expect_memory_mib {
+        if mib << 20 != header.memory_size {
+            return Err(SnapshotError::Shape {
+                what: "MiB of memory",
+                found: header.memory_size >> 20,
+                expected: mib,
+            });
+        }
+    }
+    Ok(())
+}
+
+fn build_bus(exit: &Arc<ExitHandle>, serial: Arc<Mutex<SerialDevice>>) -> Result<PioBus, VmError> {
     let mut bus = PioBus::default();
-    bus.insert(
-        COM1_BASE.into(),
-        COM1_LEN.into(),
-        Arc::new(Mutex::new(SerialDevice::new(serial_irq, console))),
-    )?;
+    bus.insert(COM1_BASE.into(), COM1_LEN.into(), serial)?;
     bus.insert(
         I8042_BASE.into(),
         I8042_LEN.into(),
@@ -448,12 +713,22 @@ fn add_vsock(
 #[derive(Debug)]
 pub struct RunningVm {
     threads: Vec<JoinHandle<()>>,
+    controls: Vec<Arc<VcpuControl>>,
     /// Device event loops; they end once the stop is requested.
     device_threads: Vec<JoinHandle<()>>,
     exit: Arc<ExitHandle>,
-    _fd: VmFd,
+    state: VmRunState,
+    has_virtio: bool,
+    serial: Arc<Mutex<SerialDevice>>,
+    cpuid_hash: u32,
+    payload: Option<String>,
+    ram_size: u64,
+    fd: VmFd,
     mem: GuestMemoryMmap,
 }
+
+/// How long pausing waits for every vCPU to park, and a save for its state.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How often a stopping vCPU thread is kicked until it leaves `KVM_RUN`.
 const KICK_INTERVAL: Duration = Duration::from_millis(2);
@@ -462,6 +737,197 @@ impl RunningVm {
     /// The handle through which anyone can stop the VM.
     pub fn exit_handle(&self) -> Arc<ExitHandle> {
         self.exit.clone()
+    }
+
+    /// Whether the VM runs or is paused.
+    pub fn state(&self) -> VmRunState {
+        self.state
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// Takes every vCPU out of `KVM_RUN` and parks it; returns once all acknowledged.
+    pub fn pause(&mut self) -> Result<(), VmError> {
+        if self.state != VmRunState::Running {
+            return Err(VmError::IllegalTransition {
+                op: "pause",
+                state: self.state,
+            });
+        }
+        for c in &self.controls {
+            c.request_pause();
+        }
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        let mut stopped = false;
+        for (c, t) in self.controls.iter().zip(&self.threads) {
+            loop {
+                // A kick outside KVM_RUN is lost: kick until the thread acknowledges.
+                let _ = t.kill(vcpu::kick_signal());
+                match c.wait_parked(KICK_INTERVAL) {
+                    VcpuRunState::Paused => break,
+                    VcpuRunState::Exited => {
+                        stopped = true;
+                        break;
+                    }
+                    VcpuRunState::Running if Instant::now() >= deadline => {
+                        self.resume_all();
+                        return Err(VmError::VcpuTimeout {
+                            index: c.index(),
+                            what: "pause",
+                            timeout: PAUSE_TIMEOUT,
+                        });
+                    }
+                    VcpuRunState::Running => {}
+                }
+            }
+        }
+        if stopped || self.exit.is_requested() {
+            self.resume_all();
+            self.state = VmRunState::Stopped;
+            return Err(VmError::IllegalTransition {
+                op: "pause",
+                state: self.state,
+            });
+        }
+        self.state = VmRunState::Paused;
+        Ok(())
+    }
+
+    /// Lets every paused vCPU run the guest again.
+    pub fn resume(&mut self) -> Result<(), VmError> {
+        if self.state != VmRunState::Paused {
+            return Err(VmError::IllegalTransition {
+                op: "resume",
+                state: self.state,
+            });
+        }
+        self.resume_all();
+        self.state = VmRunState::Running;
+        Ok(())
+    }
+
+    fn resume_all(&self) {
+        for c in &self.controls {
+            c.request_resume();
+        }
+        for c in &self.controls {
+            c.wait_unparked(PAUSE_TIMEOUT);
+        }
+    }
+
+    /// Writes the complete state of the paused VM to the directory `dir` (created if needed):
+    /// `memory` first, then `state`, which makes the snapshot valid.
+    pub fn snapshot(&self, dir: &Path) -> Result<(), VmError> {
+        if self.state != VmRunState::Paused {
+            return Err(VmError::IllegalTransition {
+                op: "snapshot",
+                state: self.state,
+            });
+        }
+        if self.has_virtio {
+            return Err(VmError::SnapshotUnsupported);
+        }
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| SnapshotError::Io { path, source }
+        };
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let state_path = dir.join(snapshot::STATE_FILE);
+        // An old state must not describe the new memory.
+        match std::fs::remove_file(&state_path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(io(&state_path)(e).into())
+            }
+            _ => {}
+        }
+
+        let mut vcpus = Vec::with_capacity(self.controls.len());
+        for c in &self.controls {
+            let saved: VcpuState = c.save(PAUSE_TIMEOUT).ok_or(VmError::VcpuTimeout {
+                index: c.index(),
+                what: "save its state",
+                timeout: PAUSE_TIMEOUT,
+            })??;
+            vcpus.push(saved);
+        }
+        let mut irqchips = Vec::with_capacity(3);
+        for chip_id in 0..3 {
+            let mut chip = kvm_irqchip {
+                chip_id,
+                ..Default::default()
+            };
+            self.fd
+                .get_irqchip(&mut chip)
+                .map_err(kvm_err("read the irqchip"))?;
+            irqchips.push(chip);
+        }
+        let pit = self.fd.get_pit2().map_err(kvm_err("read the PIT"))?;
+        let mut clock = self.fd.get_clock().map_err(kvm_err("read the clock"))?;
+        // The restored clock goes on from the saved value: no realtime or TSC adjustment.
+        clock.flags = 0;
+        let serial = (&self
+            .serial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .state())
+            .into();
+
+        let memory_path = dir.join(snapshot::MEMORY_FILE);
+        self.write_memory(&memory_path)?;
+        let (memory_crc, _) = snapshot::file_crc(&memory_path)?;
+        let header = SnapshotHeader {
+            vmm_version: snapshot::VMM_VERSION.into(),
+            cpuid_hash: self.cpuid_hash,
+            memory_size: self.ram_size,
+            vcpus: self.controls.len() as u8,
+            payload: self.payload.clone(),
+            memory_crc,
+        };
+        let state = VmState {
+            irqchips,
+            pit,
+            clock,
+            serial,
+            vcpus,
+        };
+        let bytes = snapshot::encode(&header, &state)?;
+        snapshot::write_file_atomic(&state_path, &[&bytes])?;
+        Ok(())
+    }
+
+    fn write_memory(&self, path: &Path) -> Result<(), SnapshotError> {
+        use vm_memory::{Address, Bytes, GuestMemory, GuestMemoryRegion};
+        let io = |source| SnapshotError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        use std::io::{Seek, SeekFrom, Write};
+        let tmp = path.with_extension("tmp");
+        let mut file = std::fs::File::create(&tmp).map_err(io)?;
+        // Pages of zeros become holes: the file takes disk space only for what the guest wrote.
+        const PAGE: usize = 4096;
+        let mut page = [0u8; PAGE];
+        let mut size = 0u64;
+        for region in self.mem.iter() {
+            for offset in (0..region.len()).step_by(PAGE) {
+                let len = PAGE.min((region.len() - offset) as usize);
+                self.mem
+                    .read_slice(&mut page[..len], region.start_addr().unchecked_add(offset))
+                    .map_err(|e| io(std::io::Error::other(e)))?;
+                if page[..len].iter().all(|b| *b == 0) {
+                    file.seek(SeekFrom::Current(len as i64)).map_err(io)?;
+                } else {
+                    file.write_all(&page[..len]).map_err(io)?;
+                }
+                size += len as u64;
+            }
+        }
+        file.set_len(size).map_err(io)?;
+        file.sync_all().map_err(io)?;
+        std::fs::rename(&tmp, path).map_err(io)
     }
 
     /// Waits until the VM stops for any reason, joins every vCPU thread, returns the reason.
@@ -484,6 +950,10 @@ impl RunningVm {
     fn stop_threads(&mut self) {
         if !self.exit.is_requested() {
             self.exit.request(VmExit::Stopped("VM dropped".into()));
+        }
+        // Parked vCPUs see the stop request when woken.
+        for c in &self.controls {
+            c.request_resume();
         }
         while self.threads.iter().any(|t| !t.is_finished()) {
             for t in self.threads.iter().filter(|t| !t.is_finished()) {

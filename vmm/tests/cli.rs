@@ -267,3 +267,84 @@ fn vsock_device_is_announced_and_its_socket_removed_at_exit() {
     );
     assert!(!uds.exists(), "socket file left behind");
 }
+
+/// Snapshots the counting guest (run in this process) into `dir`; returns its console so far.
+fn counting_snapshot(dir: &Path) -> String {
+    use nutshell_vmm::{Console, CpuProfileChoice, MachineConfig, Vm, VmExit};
+    let console = common::Captured::default();
+    let mut vm = Vm::new(MachineConfig {
+        memory_mib: 16,
+        vcpus: 1,
+        console: Console::Writer(Box::new(console.clone())),
+        cpu_profile: CpuProfileChoice::Auto,
+        started_at: None,
+        vsock: None,
+    })
+    .unwrap();
+    vm.load_long_mode_program(&common::counter_program().0, LOAD_ADDR)
+        .unwrap();
+    let mut running = vm.start().unwrap();
+    while console.0.lock().unwrap().len() < 100 && running.exit_handle().reason().is_none() {
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    running.pause().unwrap();
+    running.snapshot(dir).unwrap();
+    running
+        .exit_handle()
+        .request(VmExit::Stopped("test".into()));
+    running.wait();
+    console.text()
+}
+
+#[test]
+fn restore_runs_a_snapshot_until_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("snap");
+    let before = counting_snapshot(&snap);
+    let console = dir.path().join("console");
+    let child = Command::new(VMM)
+        .args(["--restore", snap.to_str().unwrap()])
+        .args(["--console", console.to_str().unwrap()])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The console file is written in 4 KiB chunks (no newlines here).
+    for _ in 0..1000 {
+        if std::fs::metadata(&console).is_ok_and(|m| m.len() >= 4096) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    // SAFETY: plain kill(2) of the child we spawned.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stderr(&out).contains("restored"), "{}", stderr(&out));
+    let after = std::fs::read_to_string(&console).unwrap();
+    assert!(after.len() >= 4096, "{} bytes after restore", after.len());
+    common::assert_consecutive(&format!("{before}{after}"));
+}
+
+#[test]
+fn restore_refuses_a_corrupted_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("snap");
+    counting_snapshot(&snap);
+    let state = snap.join("state");
+    let mut bytes = std::fs::read(&state).unwrap();
+    bytes[20] ^= 1;
+    std::fs::write(&state, bytes).unwrap();
+    assert_refused(
+        dir.path(),
+        &["--restore", snap.to_str().unwrap()],
+        "snapshot state is corrupted",
+    );
+    // Boot options make no sense with a restore: a usage error (clap's status 2).
+    let out = vmm(&["--restore", snap.to_str().unwrap(), "--kernel", "/x"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("cannot be used with"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -131,6 +131,23 @@ impl SerialDevice {
             uart: Serial::new(IrqTrigger(irq), sink),
         }
     }
+
+    /// A UART with registers from a snapshot; `None` when the state is invalid (an overfull
+    /// receive FIFO).
+    pub fn from_state(
+        state: &vm_superio::SerialState,
+        irq: EventFd,
+        sink: ConsoleSink,
+    ) -> Option<Self> {
+        Serial::from_state(state, IrqTrigger(irq), vm_superio::serial::NoEvents, sink)
+            .ok()
+            .map(|uart| SerialDevice { uart })
+    }
+
+    /// The registers, for a snapshot.
+    pub fn state(&self) -> vm_superio::SerialState {
+        self.uart.state()
+    }
 }
 
 impl BusDevice for SerialDevice {

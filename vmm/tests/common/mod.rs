@@ -164,3 +164,31 @@ pub fn pvh_check_program() -> Vec<u8> {
     a.bytes(&bad.0).bytes(&ok.0);
     a.0
 }
+
+/// Where [`counter_program`] counts.
+pub const COUNTER: u64 = 0x20_0000;
+
+/// `loop: inc qword [COUNTER]; rax = [COUNTER]; out 0x3f8, '0' + rax % 10; jmp loop`
+pub fn counter_program() -> Asm {
+    let addr = (COUNTER as u32).to_le_bytes();
+    let mut p = Asm::default();
+    p.bytes(&[0x48, 0xff, 0x04, 0x25]).bytes(&addr); // inc qword [addr]
+    p.bytes(&[0x48, 0x8b, 0x04, 0x25]).bytes(&addr); // mov rax, [addr]
+    p.bytes(&[0xb9, 10, 0, 0, 0]); // mov ecx, 10
+    p.bytes(&[0x31, 0xd2]); // xor edx, edx
+    p.bytes(&[0x48, 0xf7, 0xf1]); // div rcx
+    p.bytes(&[0x88, 0xd0]); // mov al, dl
+    p.bytes(&[0x04, b'0']); // add al, '0'
+    p.mov_dx(0x3f8).out_dx_al();
+    let back = -(i8::try_from(p.len() + 2).unwrap());
+    p.bytes(&[0xeb, back as u8]); // jmp loop
+    p
+}
+
+/// Every digit follows the one before it (mod 10): no output lost or repeated.
+pub fn assert_consecutive(text: &str) {
+    let digits: Vec<u8> = text.bytes().map(|b| b - b'0').collect();
+    for (i, w) in digits.windows(2).enumerate() {
+        assert_eq!((w[0] + 1) % 10, w[1], "digits break at {i}");
+    }
+}
