@@ -189,64 +189,60 @@ impl Segments {
         self.total == 0
     }
 
-    /// Copies `buf.len()` bytes starting at byte `offset` of the chain into `buf`.
-    pub fn read_at<M: GuestMemory>(
+    /// Walks the chain's memory for bytes `offset..offset + len`, calling `f` with each
+    /// contiguous guest range and the matching range of a caller's buffer.
+    fn for_each_span(
         &self,
-        mem: &M,
         mut offset: usize,
-        buf: &mut [u8],
+        len: usize,
+        mut f: impl FnMut(GuestAddress, std::ops::Range<usize>) -> Result<(), ChainError>,
     ) -> Result<(), ChainError> {
         let mut done = 0;
-        for (addr, len) in &self.segs {
-            if done == buf.len() {
+        for (addr, seg_len) in &self.segs {
+            if done == len {
                 break;
             }
-            if offset >= *len {
-                offset -= len;
+            if offset >= *seg_len {
+                offset -= seg_len;
                 continue;
             }
-            let n = (len - offset).min(buf.len() - done);
+            let n = (seg_len - offset).min(len - done);
             let at = addr.checked_add(offset as u64).ok_or(ChainError::Memory)?;
-            mem.read_slice(&mut buf[done..done + n], at)
-                .map_err(|_| ChainError::Memory)?;
+            f(at, done..done + n)?;
             done += n;
             offset = 0;
         }
-        if done == buf.len() {
+        if done == len {
             Ok(())
         } else {
             Err(ChainError::TooShort(self.total))
         }
     }
 
+    /// Copies `buf.len()` bytes starting at byte `offset` of the chain into `buf`.
+    pub fn read_at<M: GuestMemory>(
+        &self,
+        mem: &M,
+        offset: usize,
+        buf: &mut [u8],
+    ) -> Result<(), ChainError> {
+        self.for_each_span(offset, buf.len(), |at, range| {
+            mem.read_slice(&mut buf[range], at)
+                .map_err(|_| ChainError::Memory)
+        })
+    }
+
     /// Copies `buf` into the chain starting at byte `offset`.
     pub fn write_at<M: GuestMemory>(
         &self,
         mem: &M,
-        mut offset: usize,
+        offset: usize,
         buf: &[u8],
     ) -> Result<(), ChainError> {
-        let mut done = 0;
-        for (addr, len) in &self.segs {
-            if done == buf.len() {
-                break;
-            }
-            if offset >= *len {
-                offset -= len;
-                continue;
-            }
-            let n = (len - offset).min(buf.len() - done);
-            let at = addr.checked_add(offset as u64).ok_or(ChainError::Memory)?;
-            mem.write_slice(&buf[done..done + n], at)
-                .map_err(|_| ChainError::Memory)?;
-            done += n;
-            offset = 0;
-        }
-        if done == buf.len() {
-            Ok(())
-        } else {
-            Err(ChainError::TooShort(self.total))
-        }
+        self.for_each_span(offset, buf.len(), |at, range| {
+            mem.write_slice(&buf[range], at)
+                .map_err(|_| ChainError::Memory)
+        })
     }
 
     /// Reads and checks a TX packet: header, then exactly `len` payload bytes.
