@@ -158,6 +158,20 @@ pub struct VmmOutcome {
     pub stderr: String,
 }
 
+impl VmmOutcome {
+    /// Panics with the console and the VMM's log unless the VMM exited with `code`.
+    #[track_caller]
+    pub fn assert_status(&self, code: i32) {
+        assert_eq!(
+            self.status.code(),
+            Some(code),
+            "console:\n{}\nstderr:\n{}",
+            self.console,
+            self.stderr
+        );
+    }
+}
+
 impl VmmProcess {
     /// Starts `nutshell-vmm` with `args` (the console goes to a file this struct owns).
     pub fn spawn(args: &[&str]) -> Result<Self> {

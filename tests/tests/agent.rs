@@ -68,13 +68,7 @@ fn agent_answers_health_and_version_then_powers_off() {
 
     client.shutdown().unwrap();
     let out = vm.wait(Duration::from_secs(60)).unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}\n{}",
-        out.console,
-        out.stderr
-    );
+    out.assert_status(0);
     assert!(
         out.stderr.contains("guest powered off"),
         "{}\n{}",
@@ -94,13 +88,7 @@ fn agent_answers_health_and_version_then_powers_off() {
 fn agent_without_vsock_says_why_and_powers_off() {
     let vm = GuestBoot::new("initramfs.cpio").spawn().unwrap();
     let out = vm.wait(Duration::from_secs(120)).unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}\n{}",
-        out.console,
-        out.stderr
-    );
+    out.assert_status(0);
     assert!(
         out.console.contains("no virtio-vsock device") && out.console.contains("powering off"),
         "{}",

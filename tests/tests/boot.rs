@@ -29,13 +29,7 @@ fn linux_boots_smp_to_init_and_powers_off() {
         "boot: exec -> /init report {:.2} s wall",
         to_init.as_secs_f64()
     );
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}\n{}",
-        out.console,
-        out.stderr
-    );
+    out.assert_status(0);
     assert!(out.stderr.contains("guest powered off"), "{}", out.stderr);
 
     let console = &out.console;
@@ -71,7 +65,7 @@ fn guest_reboot_stops_the_vm_with_status_0() {
     let vm = boot(1, "quiet nutshell_test.action=reboot");
     let out = vm.wait(BOOT_TIMEOUT).unwrap();
     assert!(out.console.contains(MARKER), "{}", out.console);
-    assert_eq!(out.status.code(), Some(0), "{}", out.stderr);
+    out.assert_status(0);
     assert!(out.stderr.contains("guest rebooted"), "{}", out.stderr);
 }
 
@@ -81,13 +75,7 @@ fn guest_kernel_panic_is_reported_with_status_2() {
     // PID 1 exits: the kernel panics, reports it on the exit port, and reboots.
     let vm = boot(1, "quiet nutshell_test.action=panic");
     let out = vm.wait(BOOT_TIMEOUT).unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(2),
-        "{}\n{}",
-        out.console,
-        out.stderr
-    );
+    out.assert_status(2);
     assert!(out.console.contains("Kernel panic"), "{}", out.console);
     assert!(
         out.stderr.contains("guest kernel panicked"),
@@ -103,6 +91,6 @@ fn sigterm_stops_a_running_guest_cleanly() {
     vm.wait_for_console(MARKER, BOOT_TIMEOUT).unwrap();
     vm.signal(libc::SIGTERM).unwrap();
     let out = vm.wait(Duration::from_secs(30)).unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", out.stderr);
+    out.assert_status(0);
     assert!(out.stderr.contains("received SIGTERM"), "{}", out.stderr);
 }

@@ -98,13 +98,7 @@ fn hybrid_vsock_echo_and_guest_initiated_connection() {
     drop(from_guest);
 
     let out = vm.wait(Duration::from_secs(60)).unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}\n{}",
-        out.console,
-        out.stderr
-    );
+    out.assert_status(0);
     assert!(out.console.contains("vsock-echo done"), "{}", out.console);
     assert!(!uds.exists(), "the VMM removes its socket on exit");
 }

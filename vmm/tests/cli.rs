@@ -7,10 +7,9 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::{pvh_check_program, pvh_elf, Asm};
+use common::{pvh_check_program, pvh_elf, Asm, LOAD_ADDR};
 
 const VMM: &str = env!("CARGO_BIN_EXE_nutshell-vmm");
-const LOAD_ADDR: u64 = 0x10_0000;
 
 fn vmm(args: &[&str]) -> Output {
     Command::new(VMM)

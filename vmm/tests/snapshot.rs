@@ -8,26 +8,12 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{assert_consecutive, counter_program, Asm, Captured, COUNTER};
+use common::{assert_consecutive, counter_program, machine, Asm, Captured, COUNTER, LOAD_ADDR};
 use nutshell_vmm::snapshot::{self, SnapshotError};
 use nutshell_vmm::{
-    Console, CpuProfileChoice, MachineConfig, RestoreConfig, RunningVm, Vm, VmError, VmExit,
-    VmRunState,
+    Console, CpuProfileChoice, RestoreConfig, RunningVm, Vm, VmError, VmExit, VmRunState,
 };
 use vm_memory::{Bytes, GuestAddress};
-
-const LOAD_ADDR: u64 = 0x10_0000;
-
-fn machine(vcpus: u8, console: &Captured) -> MachineConfig {
-    MachineConfig {
-        memory_mib: 16,
-        vcpus,
-        console: Console::Writer(Box::new(console.clone())),
-        cpu_profile: CpuProfileChoice::Auto,
-        started_at: None,
-        vsock: None,
-    }
-}
 
 fn restore_config(console: &Captured) -> RestoreConfig {
     RestoreConfig {

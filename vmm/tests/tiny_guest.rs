@@ -6,21 +6,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{poweroff, Asm, Captured};
-use nutshell_vmm::{Console, CpuProfileChoice, MachineConfig, Vm, VmError, VmExit};
-
-const LOAD_ADDR: u64 = 0x10_0000;
-
-fn machine(vcpus: u8, console: &Captured) -> MachineConfig {
-    MachineConfig {
-        memory_mib: 16,
-        vcpus,
-        console: Console::Writer(Box::new(console.clone())),
-        cpu_profile: CpuProfileChoice::Auto,
-        started_at: None,
-        vsock: None,
-    }
-}
+use common::{machine, poweroff, Asm, Captured, LOAD_ADDR};
+use nutshell_vmm::{Vm, VmError, VmExit};
 
 /// Runs `program` in long mode on a fresh VM; returns why it stopped and the console text.
 fn run_program(vcpus: u8, program: &Asm) -> (VmExit, String) {

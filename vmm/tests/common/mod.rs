@@ -5,6 +5,8 @@
 use std::io::{self, Write};
 use std::sync::{Arc, Mutex};
 
+use nutshell_vmm::{Console, CpuProfileChoice, MachineConfig};
+
 /// A console writer whose bytes the test can read.
 #[derive(Clone, Default)]
 pub struct Captured(pub Arc<Mutex<Vec<u8>>>);
@@ -190,5 +192,20 @@ pub fn assert_consecutive(text: &str) {
     let digits: Vec<u8> = text.bytes().map(|b| b - b'0').collect();
     for (i, w) in digits.windows(2).enumerate() {
         assert_eq!((w[0] + 1) % 10, w[1], "digits break at {i}");
+    }
+}
+
+/// Where the tiny guests' code is loaded (and the synthetic kernels' load address).
+pub const LOAD_ADDR: u64 = 0x10_0000;
+
+/// A 16 MiB machine with `vcpus` vCPUs whose console the test reads.
+pub fn machine(vcpus: u8, console: &Captured) -> MachineConfig {
+    MachineConfig {
+        memory_mib: 16,
+        vcpus,
+        console: Console::Writer(Box::new(console.clone())),
+        cpu_profile: CpuProfileChoice::Auto,
+        started_at: None,
+        vsock: None,
     }
 }
