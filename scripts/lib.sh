@@ -12,6 +12,9 @@ die() { printf '[nutshell] error: %s\n' "$*" >&2; exit 1; }
 APT_PACKAGES=(
     # guest kernel build (guest-kernel/build.sh)
     linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev cpio xz-utils
+    # containers: the agent's host-run tests use busybox-static as a rootfs; containerd and
+    # runc are the real components the end-to-end tests and benchmarks drive
+    busybox-static containerd runc iproute2
 )
 
 ensure_root() {
