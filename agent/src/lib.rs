@@ -7,5 +7,7 @@
 
 pub mod init;
 pub mod logger;
+pub mod sandbox;
 pub mod service;
+pub mod stdio;
 pub mod sys;

@@ -31,3 +31,10 @@ pub const AGENT_VSOCK_PORT: u32 = 1024;
 
 /// Version of the agent API; the agent reports it in `Version`. Bump on an incompatible change.
 pub const AGENT_API_VERSION: u32 = 1;
+
+/// The virtio-fs tag of a sandbox's shared directory (container root file systems, volumes).
+pub const SHARED_FS_TAG: &str = "nutshell";
+
+/// Where the agent mounts the shared directory in the guest; a container's rootfs is
+/// `<GUEST_SHARED_DIR>/<container-id>/rootfs`.
+pub const GUEST_SHARED_DIR: &str = "/run/shared";
