@@ -15,6 +15,8 @@ APT_PACKAGES=(
     # containers: the agent's host-run tests use busybox-static as a rootfs; containerd and
     # runc are the real components the end-to-end tests and benchmarks drive
     busybox-static containerd runc iproute2
+    # the CRI client of the end-to-end tests (k8s-cri generates its gRPC code with protoc)
+    protobuf-compiler
 )
 
 ensure_root() {

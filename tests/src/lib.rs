@@ -5,6 +5,8 @@
 //! builds into `target/nutshell/`. They are `#[ignore]`d so that a plain `cargo test` stays
 //! fast; `scripts/test.sh` runs them with `--include-ignored`.
 
+pub mod cri;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};

@@ -1,0 +1,334 @@
+//! A CRI client that drives containerd's CRI plugin the way kubelet does, over its Unix
+//! socket (gRPC, `runtime.v1`), with a blocking API for tests.
+//!
+//! kubelet's order for a pod: `RunPodSandbox` (with the RuntimeClass handler) →
+//! `CreateContainer` (with the sandbox config) → `StartContainer`; `ExecSync` for probes and
+//! `kubectl exec`; `StopPodSandbox` → `RemovePodSandbox` on delete.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use hyper_util::rt::TokioIo;
+use k8s_cri::v1 as cri;
+use k8s_cri::v1::image_service_client::ImageServiceClient;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+pub use k8s_cri::v1::{ContainerConfig, PodSandboxConfig};
+
+/// A connected CRI client with its own single-threaded runtime.
+pub struct CriClient {
+    rt: tokio::runtime::Runtime,
+    runtime: RuntimeServiceClient<Channel>,
+    images: ImageServiceClient<Channel>,
+}
+
+impl std::fmt::Debug for CriClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CriClient").finish_non_exhaustive()
+    }
+}
+
+/// The result of `ExecSync`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecResult {
+    /// Exit code of the command.
+    pub exit_code: i32,
+    /// Its standard output.
+    pub stdout: Vec<u8>,
+    /// Its standard error.
+    pub stderr: Vec<u8>,
+}
+
+impl CriClient {
+    /// Connects to the CRI socket at `socket` (containerd's `--address`).
+    pub fn connect(socket: &Path) -> Result<Self> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("tokio runtime")?;
+        let path: PathBuf = socket.to_path_buf();
+        let channel = rt
+            .block_on(async move {
+                // The URI is required by the API but unused: the connector dials the socket.
+                Endpoint::try_from("http://[::]:50051")?
+                    .connect_timeout(Duration::from_secs(10))
+                    .timeout(Duration::from_secs(300))
+                    .connect_with_connector(tower::service_fn(move |_: Uri| {
+                        let path = path.clone();
+                        async move {
+                            Ok::<_, std::io::Error>(TokioIo::new(
+                                tokio::net::UnixStream::connect(path).await?,
+                            ))
+                        }
+                    }))
+                    .await
+            })
+            .with_context(|| format!("connecting to the CRI socket {}", socket.display()))?;
+        Ok(CriClient {
+            rt,
+            runtime: RuntimeServiceClient::new(channel.clone()),
+            images: ImageServiceClient::new(channel),
+        })
+    }
+
+    /// `Version`: the runtime's name and version.
+    pub fn version(&mut self) -> Result<cri::VersionResponse> {
+        let req = cri::VersionRequest {
+            version: "v1".into(),
+        };
+        Ok(self
+            .rt
+            .block_on(self.runtime.version(req))
+            .context("CRI Version")?
+            .into_inner())
+    }
+
+    /// `ImageStatus`: whether `image` is present in containerd's `k8s.io` namespace.
+    pub fn image_present(&mut self, image: &str) -> Result<bool> {
+        let req = cri::ImageStatusRequest {
+            image: Some(cri::ImageSpec {
+                image: image.into(),
+                ..Default::default()
+            }),
+            verbose: false,
+        };
+        let resp = self
+            .rt
+            .block_on(self.images.image_status(req))
+            .context("CRI ImageStatus")?
+            .into_inner();
+        Ok(resp.image.is_some())
+    }
+
+    /// `RunPodSandbox` with the RuntimeClass handler `handler`; returns the sandbox id.
+    pub fn run_pod_sandbox(&mut self, config: &PodSandboxConfig, handler: &str) -> Result<String> {
+        let req = cri::RunPodSandboxRequest {
+            config: Some(config.clone()),
+            runtime_handler: handler.into(),
+        };
+        Ok(self
+            .rt
+            .block_on(self.runtime.run_pod_sandbox(req))
+            .context("CRI RunPodSandbox")?
+            .into_inner()
+            .pod_sandbox_id)
+    }
+
+    /// `CreateContainer` in the pod `pod_id`; returns the container id.
+    pub fn create_container(
+        &mut self,
+        pod_id: &str,
+        config: &ContainerConfig,
+        sandbox: &PodSandboxConfig,
+    ) -> Result<String> {
+        let req = cri::CreateContainerRequest {
+            pod_sandbox_id: pod_id.into(),
+            config: Some(config.clone()),
+            sandbox_config: Some(sandbox.clone()),
+        };
+        Ok(self
+            .rt
+            .block_on(self.runtime.create_container(req))
+            .context("CRI CreateContainer")?
+            .into_inner()
+            .container_id)
+    }
+
+    /// `StartContainer`.
+    pub fn start_container(&mut self, id: &str) -> Result<()> {
+        let req = cri::StartContainerRequest {
+            container_id: id.into(),
+        };
+        self.rt
+            .block_on(self.runtime.start_container(req))
+            .context("CRI StartContainer")?;
+        Ok(())
+    }
+
+    /// `ContainerStatus`: (state, exit code).
+    pub fn container_state(&mut self, id: &str) -> Result<(cri::ContainerState, i32)> {
+        let req = cri::ContainerStatusRequest {
+            container_id: id.into(),
+            verbose: false,
+        };
+        let status = self
+            .rt
+            .block_on(self.runtime.container_status(req))
+            .context("CRI ContainerStatus")?
+            .into_inner()
+            .status
+            .context("ContainerStatus without a status")?;
+        Ok((status.state(), status.exit_code))
+    }
+
+    /// Polls `ContainerStatus` until the container has exited; returns its exit code.
+    pub fn wait_exited(&mut self, id: &str, timeout: Duration) -> Result<i32> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let (state, code) = self.container_state(id)?;
+            if state == cri::ContainerState::ContainerExited {
+                return Ok(code);
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("container {id} still {state:?} after {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// `ExecSync`: runs `cmd` in the container and collects its output.
+    pub fn exec_sync(&mut self, id: &str, cmd: &[&str], timeout: Duration) -> Result<ExecResult> {
+        let req = cri::ExecSyncRequest {
+            container_id: id.into(),
+            cmd: cmd.iter().map(|s| s.to_string()).collect(),
+            timeout: i64::try_from(timeout.as_secs()).unwrap_or(i64::MAX),
+        };
+        let resp = self
+            .rt
+            .block_on(self.runtime.exec_sync(req))
+            .context("CRI ExecSync")?
+            .into_inner();
+        Ok(ExecResult {
+            exit_code: resp.exit_code,
+            stdout: resp.stdout,
+            stderr: resp.stderr,
+        })
+    }
+
+    /// `ListPodSandbox`: the ids of every pod sandbox.
+    pub fn list_pod_sandboxes(&mut self) -> Result<Vec<String>> {
+        let resp = self
+            .rt
+            .block_on(
+                self.runtime
+                    .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None }),
+            )
+            .context("CRI ListPodSandbox")?
+            .into_inner();
+        Ok(resp.items.into_iter().map(|p| p.id).collect())
+    }
+
+    /// `StopPodSandbox`: stops every container of the pod and the sandbox.
+    pub fn stop_pod_sandbox(&mut self, id: &str) -> Result<()> {
+        let req = cri::StopPodSandboxRequest {
+            pod_sandbox_id: id.into(),
+        };
+        self.rt
+            .block_on(self.runtime.stop_pod_sandbox(req))
+            .context("CRI StopPodSandbox")?;
+        Ok(())
+    }
+
+    /// `RemovePodSandbox`.
+    pub fn remove_pod_sandbox(&mut self, id: &str) -> Result<()> {
+        let req = cri::RemovePodSandboxRequest {
+            pod_sandbox_id: id.into(),
+        };
+        self.rt
+            .block_on(self.runtime.remove_pod_sandbox(req))
+            .context("CRI RemovePodSandbox")?;
+        Ok(())
+    }
+}
+
+/// A pod config as kubelet sends it: metadata, a log directory, Linux options.
+pub fn pod_config(name: &str, uid: &str, log_dir: &Path) -> PodSandboxConfig {
+    PodSandboxConfig {
+        metadata: Some(cri::PodSandboxMetadata {
+            name: name.into(),
+            uid: uid.into(),
+            namespace: "default".into(),
+            attempt: 0,
+        }),
+        hostname: name.into(),
+        log_directory: log_dir.display().to_string(),
+        labels: HashMap::from([("app".to_string(), name.to_string())]),
+        linux: Some(cri::LinuxPodSandboxConfig {
+            security_context: Some(cri::LinuxSandboxSecurityContext {
+                namespace_options: Some(cri::NamespaceOption::default()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// A container config: `image` running `command`, logging to `log_path` (relative to the
+/// pod's log directory).
+pub fn container_config(
+    name: &str,
+    image: &str,
+    command: &[&str],
+    log_path: &str,
+) -> ContainerConfig {
+    ContainerConfig {
+        metadata: Some(cri::ContainerMetadata {
+            name: name.into(),
+            attempt: 0,
+        }),
+        image: Some(cri::ImageSpec {
+            image: image.into(),
+            ..Default::default()
+        }),
+        command: command.iter().map(|s| s.to_string()).collect(),
+        log_path: log_path.into(),
+        linux: Some(cri::LinuxContainerConfig::default()),
+        ..Default::default()
+    }
+}
+
+/// Parses the CRI log format kubelet reads (`<RFC3339Nano> <stdout|stderr> <F|P> <line>`),
+/// returning (stream, line) pairs; partial lines (`P`) are joined with what follows.
+pub fn parse_cri_log(text: &str) -> Result<Vec<(String, String)>> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    let mut partial: HashMap<String, String> = HashMap::new();
+    for line in text.lines() {
+        let mut parts = line.splitn(4, ' ');
+        let (Some(ts), Some(stream), Some(tag), rest) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            bail!("malformed CRI log line: {line:?}");
+        };
+        if !ts.contains('T') || !matches!(stream, "stdout" | "stderr") {
+            bail!("malformed CRI log line: {line:?}");
+        }
+        let acc = partial.entry(stream.to_string()).or_default();
+        acc.push_str(rest.unwrap_or(""));
+        match tag {
+            "F" => out.push((stream.to_string(), std::mem::take(acc))),
+            "P" => {}
+            _ => bail!("malformed CRI log tag {tag:?} in {line:?}"),
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cri_log_lines_parse_and_join_partials() {
+        let log = "2026-11-28T16:00:00.000000001Z stdout F hello\n\
+                   2026-11-28T16:00:00.000000002Z stderr P par\n\
+                   2026-11-28T16:00:00.000000003Z stderr F tial\n";
+        assert_eq!(
+            parse_cri_log(log).unwrap(),
+            [
+                ("stdout".to_string(), "hello".to_string()),
+                ("stderr".to_string(), "partial".to_string())
+            ]
+        );
+    }
+
+    #[test]
+    fn malformed_cri_log_lines_are_errors() {
+        assert!(parse_cri_log("hello world\n").is_err());
+        assert!(parse_cri_log("2026-11-28T16:00:00Z stdin F x\n").is_err());
+        assert!(parse_cri_log("2026-11-28T16:00:00Z stdout X x\n").is_err());
+    }
+}
