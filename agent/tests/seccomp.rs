@@ -68,7 +68,7 @@ fn denied_calls_fail_with_the_profile_errno_and_others_work() {
     ))
     .unwrap();
     fn check() -> i32 {
-        // SAFETY (whole function): raw syscalls with constant, valid arguments.
+        // SAFETY: (whole block) raw syscalls with constant, valid arguments.
         unsafe {
             // mkdir in /tmp would succeed for anyone; EPERM comes from the filter.
             if errno_of(libc::syscall(
@@ -191,7 +191,7 @@ fn docker_default_profile_compiles_and_behaves() {
     eprintln!("docker default profile: {} BPF instructions", prog.len());
     assert_eq!(seccomp::filter_flags(&spec).unwrap(), 0);
     fn check() -> i32 {
-        // SAFETY (whole function): raw syscalls with valid or deliberately invalid arguments
+        // SAFETY: (whole block) raw syscalls with valid or deliberately invalid arguments
         // that the filter or the kernel rejects; a clone that succeeds exits at once.
         unsafe {
             if libc::syscall(libc::SYS_getpid) <= 0 {

@@ -234,11 +234,12 @@ pub fn parse_flat_keyed(content: &str) -> Result<HashMap<String, u64>, ParseErro
     Ok(map)
 }
 
+/// The lines of a nested-keyed file: device (`"8:0"`) and its `key=value` pairs.
+pub type NestedKeyed = Vec<(String, HashMap<String, u64>)>;
+
 /// Parses a nested-keyed file (`io.stat`): `MAJ:MIN key=value key=value …` per line. Returns
-/// the device (`"8:0"`) and its pairs, in file order.
-pub fn parse_nested_keyed(
-    content: &str,
-) -> Result<Vec<(String, HashMap<String, u64>)>, ParseError> {
+/// the devices and their pairs, in file order.
+pub fn parse_nested_keyed(content: &str) -> Result<NestedKeyed, ParseError> {
     let mut devices = Vec::new();
     for (i, raw) in content.lines().enumerate() {
         let line = i + 1;

@@ -48,10 +48,16 @@ const X32_SYSCALL_BIT: u32 = 0x4000_0000;
 const SECCOMP_DATA_NR_OFFSET: u32 = 0;
 const SECCOMP_DATA_ARCH_OFFSET: u32 = 4;
 
-const BPF_LD_W_ABS: u16 = 0x00 | 0x00 | 0x20;
+// Classic BPF opcodes (`<linux/bpf_common.h>`): class | size | mode or class | op | source.
+/// `BPF_LD | BPF_W | BPF_ABS` (BPF_LD and BPF_W are 0).
+const BPF_LD_W_ABS: u16 = 0x20;
+/// `BPF_JMP | BPF_JA`.
 const BPF_JMP_JA: u16 = 0x05;
-const BPF_JMP_JEQ_K: u16 = 0x05 | 0x10;
-const BPF_JMP_JGE_K: u16 = 0x05 | 0x30;
+/// `BPF_JMP | BPF_JEQ | BPF_K`.
+const BPF_JMP_JEQ_K: u16 = 0x15;
+/// `BPF_JMP | BPF_JGE | BPF_K`.
+const BPF_JMP_JGE_K: u16 = 0x35;
+/// `BPF_RET | BPF_K`.
 const BPF_RET_K: u16 = 0x06;
 
 /// `SECCOMP_FILTER_FLAG_*` of `<linux/seccomp.h>`.
