@@ -16,11 +16,12 @@
 //!    order; the first whose conditions all hold returns its action; none → the default action.
 //! 3. Any other syscall → the default action.
 //!
-//! Rules whose action equals the default action are dropped (runc does the same: libseccomp
-//! refuses them). Unknown syscall names are skipped with a debug log (Docker's profile names
-//! calls newer than some kernels and libraries). Several conditions on the same argument
-//! index become alternatives (one rule each), as runc does; otherwise a rule's conditions must
-//! all hold.
+//! Rules whose action is the default action are kept: runc drops them (libseccomp refuses
+//! them), which lets a later rule for the same syscall allow a call that an earlier rule
+//! denied; here the earlier rule wins. Unknown syscall names are skipped with a debug log
+//! (Docker's profile names calls newer than some kernels and libraries). Several conditions on
+//! the same argument index become alternatives (one rule each), as runc does; otherwise a
+//! rule's conditions must all hold.
 
 use std::collections::HashMap;
 use std::str::FromStr;
@@ -235,13 +236,6 @@ pub fn compile(spec: &LinuxSeccomp) -> Result<BpfProgram, SeccompError> {
     let mut chains: HashMap<i64, Chain> = HashMap::new();
     for entry in spec.syscalls().as_deref().unwrap_or_default() {
         let entry_action = action(entry.action(), entry.errno_ret())?;
-        if entry_action == default {
-            log::debug!(
-                "seccomp rule for {:?} ignored: its action is the default",
-                entry.names()
-            );
-            continue;
-        }
         for name in entry.names() {
             let Ok(sysno) = Sysno::from_str(name) else {
                 log::debug!("seccomp: unknown syscall {name:?} skipped");
@@ -497,11 +491,16 @@ mod tests {
     }
 
     #[test]
-    fn rules_with_the_default_action_are_dropped() {
+    fn rules_with_the_default_action_are_kept_and_win_when_first() {
         let p = profile(
-            r#"{"defaultAction":"SCMP_ACT_ERRNO","syscalls":[{"names":["getpid"],"action":"SCMP_ACT_ERRNO"}]}"#,
+            r#"{"defaultAction":"SCMP_ACT_ERRNO","syscalls":[
+                {"names":["getpid"],"action":"SCMP_ACT_ERRNO"},
+                {"names":["getpid"],"action":"SCMP_ACT_ALLOW"}]}"#,
         );
-        assert_eq!(compile(&p).unwrap().len(), 7);
+        let prog = compile(&p).unwrap();
+        // 6 header + JEQ + JA + RET(errno) + final RET: the ALLOW after it is unreachable.
+        assert_eq!(prog.len(), 10);
+        assert_eq!(prog[8].k, 0x0005_0000 | libc::EPERM as u32);
     }
 
     #[test]
