@@ -12,9 +12,10 @@
 //!    `KILL_PROCESS`. x86 (i386) and x32 entries of `architectures` are accepted and ignored
 //!    with a log: their system calls are killed, as libseccomp does for an architecture that is
 //!    not in the filter.
-//! 2. Per syscall number, in the order of first appearance in the profile: its rules in profile
-//!    order; the first whose conditions all hold returns its action; none → the default action.
-//! 3. Any other syscall → the default action.
+//! 2. A binary tree of `JGE` over the sorted syscall numbers, with runs of at most 8 `JEQ` at
+//!    its leaves: a call costs ~6 levels, not one comparison per syscall of the profile.
+//! 3. Per syscall: its rules in profile order; the first whose conditions all hold returns its
+//!    action; none → the default action. Any syscall not in the profile → the default action.
 //!
 //! Rules whose action is the default action are kept: runc drops them (libseccomp refuses
 //! them), which lets a later rule for the same syscall allow a call that an earlier rule
@@ -23,7 +24,7 @@
 //! the same argument index become alternatives (one rule each), as runc does; otherwise a
 //! rule's conditions must all hold.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::str::FromStr;
 
 use oci_spec::runtime::{
@@ -223,17 +224,23 @@ fn rules_for(name: &str, args: &[LinuxSeccompArg]) -> Result<Vec<SeccompRule>, S
 /// One syscall's rules in order: `None` conditions is unconditional.
 type Chain = Vec<(Option<SeccompRule>, SeccompAction)>;
 
+/// Syscalls per leaf of the dispatch tree: below this a linear run of comparisons is shorter.
+const LEAF_SYSCALLS: usize = 8;
+
 /// Compiles an OCI seccomp profile into a BPF program for x86_64 (see the module doc for the
 /// layout and the semantics). The flags are separate: [`filter_flags`].
 pub fn compile(spec: &LinuxSeccomp) -> Result<BpfProgram, SeccompError> {
+    compile_with_leaf(spec, LEAF_SYSCALLS)
+}
+
+fn compile_with_leaf(spec: &LinuxSeccomp, leaf: usize) -> Result<BpfProgram, SeccompError> {
     check_architectures(spec)?;
     if spec.listener_path().is_some() {
         log::debug!("seccomp listenerPath ignored: SCMP_ACT_NOTIFY is not supported");
     }
     let default = action(spec.default_action(), spec.default_errno_ret())?;
 
-    let mut order: Vec<i64> = Vec::new();
-    let mut chains: HashMap<i64, Chain> = HashMap::new();
+    let mut chains: BTreeMap<u32, Chain> = BTreeMap::new();
     for entry in spec.syscalls().as_deref().unwrap_or_default() {
         let entry_action = action(entry.action(), entry.errno_ret())?;
         for name in entry.names() {
@@ -241,12 +248,9 @@ pub fn compile(spec: &LinuxSeccomp) -> Result<BpfProgram, SeccompError> {
                 log::debug!("seccomp: unknown syscall {name:?} skipped");
                 continue;
             };
-            let nr = i64::from(sysno.id());
+            let nr = u32::try_from(sysno.id()).expect("x86_64 syscall numbers are positive");
             let rules = rules_for(name, entry.args().as_deref().unwrap_or_default())?;
-            let chain = chains.entry(nr).or_insert_with(|| {
-                order.push(nr);
-                Vec::new()
-            });
+            let chain = chains.entry(nr).or_default();
             // After an unconditional rule nothing else of this syscall is reachable.
             if chain.iter().any(|(rule, _)| rule.is_none()) {
                 continue;
@@ -260,6 +264,10 @@ pub fn compile(spec: &LinuxSeccomp) -> Result<BpfProgram, SeccompError> {
     }
 
     let default_ret = u32::from(default);
+    let bodies: Vec<(u32, Vec<sock_filter>)> = chains
+        .into_iter()
+        .map(|(nr, chain)| (nr, chain_code(chain, default_ret)))
+        .collect();
     let kill = u32::from(SeccompAction::KillProcess);
     let mut prog = vec![
         stmt(BPF_LD_W_ABS, SECCOMP_DATA_ARCH_OFFSET),
@@ -269,37 +277,65 @@ pub fn compile(spec: &LinuxSeccomp) -> Result<BpfProgram, SeccompError> {
         jump(BPF_JMP_JGE_K, X32_SYSCALL_BIT, 0, 1),
         stmt(BPF_RET_K, kill),
     ];
-    for nr in order {
-        let chain = chains.remove(&nr).unwrap_or_default();
-        let mut body: Vec<sock_filter> = Vec::new();
-        let mut unconditional = false;
-        for (rule, act) in chain {
-            match rule {
-                // seccompiler's rule code falls through on a match and jumps over the one
-                // instruction after it otherwise: that instruction is the rule's return.
-                Some(rule) => body.extend(BpfProgram::from(rule)),
-                None => unconditional = true,
-            }
-            body.push(stmt(BPF_RET_K, u32::from(act)));
-        }
-        if !unconditional {
-            body.push(stmt(BPF_RET_K, default_ret));
-        }
-        let nr = u32::try_from(nr).expect("x86_64 syscall numbers are small and positive");
-        let skip = u32::try_from(body.len()).map_err(|_| SeccompError::TooLarge(body.len()))?;
-        // Not this syscall: jump over its body (JA has a 32-bit offset, JEQ only 8 bits).
-        prog.push(jump(BPF_JMP_JEQ_K, nr, 1, 0));
-        prog.push(stmt(BPF_JMP_JA, skip));
-        prog.extend(body);
-        if prog.len() > MAX_INSTRUCTIONS {
-            return Err(SeccompError::TooLarge(prog.len()));
-        }
-    }
-    prog.push(stmt(BPF_RET_K, default_ret));
+    dispatch(&bodies, default_ret, leaf.max(1), &mut prog);
     if prog.len() > MAX_INSTRUCTIONS {
         return Err(SeccompError::TooLarge(prog.len()));
     }
     Ok(prog)
+}
+
+/// One syscall's rules, each followed by its return; the default action if none matched.
+fn chain_code(chain: Chain, default_ret: u32) -> Vec<sock_filter> {
+    let mut body = Vec::new();
+    for (rule, act) in chain {
+        match rule {
+            // seccompiler's rule code falls through on a match and jumps over the one
+            // instruction after it otherwise: that instruction is the rule's return.
+            Some(rule) => body.extend(BpfProgram::from(rule)),
+            None => {
+                body.push(stmt(BPF_RET_K, u32::from(act)));
+                return body;
+            }
+        }
+        body.push(stmt(BPF_RET_K, u32::from(act)));
+    }
+    body.push(stmt(BPF_RET_K, default_ret));
+    body
+}
+
+/// The syscall-number dispatch, with the number in the accumulator: a binary tree of `JGE`
+/// over the sorted numbers, linear `JEQ` runs of at most `leaf` syscalls at its leaves. Every
+/// path ends in a return, so subtrees need no join. Conditional jumps have 8-bit offsets:
+/// long ones go through `JA` (32-bit).
+fn dispatch(
+    bodies: &[(u32, Vec<sock_filter>)],
+    default_ret: u32,
+    leaf: usize,
+    prog: &mut BpfProgram,
+) {
+    if bodies.len() <= leaf {
+        for (nr, body) in bodies {
+            prog.push(jump(BPF_JMP_JEQ_K, *nr, 1, 0));
+            prog.push(stmt(BPF_JMP_JA, len_u32(body.len())));
+            prog.extend(body.iter().cloned());
+        }
+        prog.push(stmt(BPF_RET_K, default_ret));
+        return;
+    }
+    let (low, high) = bodies.split_at(bodies.len() / 2);
+    let mut low_code = Vec::new();
+    dispatch(low, default_ret, leaf, &mut low_code);
+    // nr >= pivot: the JA to the high half; below: skip it into the low half.
+    prog.push(jump(BPF_JMP_JGE_K, high[0].0, 0, 1));
+    prog.push(stmt(BPF_JMP_JA, len_u32(low_code.len())));
+    prog.extend(low_code);
+    dispatch(high, default_ret, leaf, prog);
+}
+
+fn len_u32(len: usize) -> u32 {
+    // A program is at most 4096 instructions (checked by the caller); a longer one is refused
+    // before it reaches the kernel, so saturating here cannot produce a wrong jump that loads.
+    u32::try_from(len).unwrap_or(u32::MAX)
 }
 
 fn check_architectures(spec: &LinuxSeccomp) -> Result<(), SeccompError> {
@@ -366,6 +402,87 @@ mod tests {
 
     fn profile(json: &str) -> LinuxSeccomp {
         serde_json::from_str(json).unwrap()
+    }
+
+    /// A classic-BPF interpreter for the instructions our programs use; panics on others.
+    fn run(prog: &[sock_filter], arch: u32, nr: u32, args: [u64; 6]) -> u32 {
+        let mut data = Vec::new();
+        data.extend(nr.to_le_bytes());
+        data.extend(arch.to_le_bytes());
+        data.extend(0u64.to_le_bytes());
+        for a in args {
+            data.extend(a.to_le_bytes());
+        }
+        let (mut pc, mut acc) = (0usize, 0u32);
+        loop {
+            let i = &prog[pc];
+            let k = i.k;
+            pc += 1;
+            let cond = |taken: bool| usize::from(if taken { i.jt } else { i.jf });
+            match i.code {
+                0x20 => {
+                    let o = k as usize;
+                    acc = u32::from_le_bytes(data[o..o + 4].try_into().unwrap());
+                }
+                0x54 => acc &= k,
+                0x05 => pc += k as usize,
+                0x15 => pc += cond(acc == k),
+                0x25 => pc += cond(acc > k),
+                0x35 => pc += cond(acc >= k),
+                0x45 => pc += cond(acc & k != 0),
+                0x06 => return k,
+                other => panic!("opcode {other:#x} at {}", pc - 1),
+            }
+        }
+    }
+
+    const DOCKER: &str = include_str!("../../tests/fixtures/docker-default-seccomp.json");
+
+    #[test]
+    fn dispatch_tree_answers_like_a_linear_scan() {
+        for json in [
+            DOCKER,
+            r#"{"defaultAction":"SCMP_ACT_ALLOW","syscalls":[
+                {"names":["close"],"action":"SCMP_ACT_ERRNO","errnoRet":77,
+                 "args":[{"index":0,"value":1000,"op":"SCMP_CMP_LT"},{"index":2,"value":5,"op":"SCMP_CMP_LE"}]},
+                {"names":["read","write","openat","mmap","dup","exit"],"action":"SCMP_ACT_LOG"},
+                {"names":["dup"],"action":"SCMP_ACT_TRAP","args":[{"index":0,"value":40,"op":"SCMP_CMP_GT"}]}]}"#,
+        ] {
+            let spec = profile(json);
+            let linear = compile_with_leaf(&spec, usize::MAX).unwrap();
+            let arg_sets = [
+                [0u64; 6],
+                [40, 1, 2, 3, 4, 5],
+                [999, 0, 5, 0, 0, 0],
+                [1000, 0, 6, 0, 0, 0],
+                [0x7e02_0000 | 17, 0, 0, 0, 0, 0],
+                [0xffff_ffff, 0, 0, 0, 0, 0],
+                [1 << 40, u64::MAX, 0, 0, 0, 0],
+            ];
+            for leaf in [1, 2, LEAF_SYSCALLS] {
+                let tree = compile_with_leaf(&spec, leaf).unwrap();
+                // The small profile has 6 syscalls: a leaf of 8 holds them all.
+                assert!(tree != linear || (leaf == LEAF_SYSCALLS && json != DOCKER));
+                for nr in 0..=470 {
+                    for args in arg_sets {
+                        assert_eq!(
+                            run(&tree, AUDIT_ARCH_X86_64, nr, args),
+                            run(&linear, AUDIT_ARCH_X86_64, nr, args),
+                            "leaf {leaf} nr {nr} args {args:?}"
+                        );
+                    }
+                }
+            }
+        }
+        let docker = compile(&profile(DOCKER)).unwrap();
+        let x86 = |nr: u32| run(&docker, AUDIT_ARCH_X86_64, nr, [0; 6]);
+        assert_eq!(x86(libc::SYS_write as u32), 0x7fff_0000);
+        assert_eq!(x86(libc::SYS_keyctl as u32), 0x0005_0001);
+        assert_eq!(x86(libc::SYS_clone3 as u32), 0x0005_0000 | 38);
+        assert_eq!(x86(1000), 0x0005_0001);
+        // i386 and x32 calls are killed.
+        assert_eq!(run(&docker, 0x4000_0003, 1, [0; 6]), 0x8000_0000);
+        assert_eq!(x86(X32_SYSCALL_BIT | 1), 0x8000_0000);
     }
 
     #[test]
