@@ -752,8 +752,7 @@ impl Cgroup {
                     });
                 }
             }
-            // Swap first when lowering both would otherwise be refused? cgroup v2 keeps the
-            // two independent, so the order does not matter.
+            // cgroup v2 keeps memory.max and memory.swap.max independent: no order to keep.
             self.write("memory.max", &value)?;
         }
         if let Some(swap) = swap {
