@@ -267,3 +267,66 @@ fn unsupported_actions_are_refused_before_anything_is_installed() {
         "seccomp action SCMP_ACT_TRACE is not supported yet"
     );
 }
+
+/// An i386 system call from this 64-bit process (`int 0x80`), as a 32-bit program makes it.
+fn int80(nr: i32) -> i32 {
+    let ret: i32;
+    // SAFETY: `int 0x80` enters the kernel's i386 entry with the call number in eax and no
+    // arguments used by the calls tested here; the kernel returns in eax and zeroes r8-r11.
+    unsafe {
+        std::arch::asm!(
+            "int 0x80",
+            inlateout("eax") nr => ret,
+            out("r8") _, out("r9") _, out("r10") _, out("r11") _,
+            options(nostack)
+        );
+    }
+    ret
+}
+
+const I386_GETPID: i32 = 20;
+const I386_GETPPID: i32 = 64;
+
+#[test]
+fn i386_calls_follow_the_i386_table_or_are_killed() {
+    // Does this kernel run i386 calls at all (IA32_EMULATION)? Ask in a child: without it
+    // `int 0x80` kills the caller.
+    let allow_all = seccomp::compile(&profile(r#"{"defaultAction": "SCMP_ACT_ALLOW"}"#)).unwrap();
+    fn probe() -> i32 {
+        // SAFETY: getpid has no arguments.
+        if i64::from(int80(I386_GETPID)) == unsafe { libc::syscall(libc::SYS_getpid) } {
+            0
+        } else {
+            1
+        }
+    }
+    let with_x86 = seccomp::compile(&profile(
+        r#"{"defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86"], "syscalls": []}"#,
+    ))
+    .unwrap();
+    if in_child(&with_x86, probe) != Outcome::Exited(0) {
+        eprintln!("SKIPPED: this kernel does not run i386 system calls");
+        return;
+    }
+    // A profile without SCMP_ARCH_X86 kills i386 calls, even with an ALLOW default.
+    assert_eq!(in_child(&allow_all, probe), Outcome::Signaled(libc::SIGSYS));
+    let prog = seccomp::compile(&profile(
+        r#"{"defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86"],
+            "syscalls": [{"names": ["getpid"], "action": "SCMP_ACT_ERRNO", "errnoRet": 99}]}"#,
+    ))
+    .unwrap();
+    fn check() -> i32 {
+        if int80(I386_GETPID) != -99 {
+            return 1;
+        }
+        // SAFETY: getpid has no arguments.
+        if errno_of(unsafe { libc::syscall(libc::SYS_getpid) }) != 99 {
+            return 2;
+        }
+        if int80(I386_GETPPID) <= 0 {
+            return 3;
+        }
+        0
+    }
+    assert_eq!(in_child(&prog, check), Outcome::Exited(0));
+}

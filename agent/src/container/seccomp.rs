@@ -8,10 +8,11 @@
 //! own return.
 //!
 //! The program:
-//! 1. `arch != AUDIT_ARCH_X86_64` → `KILL_PROCESS`; an x32 syscall number (bit 30) →
-//!    `KILL_PROCESS`. x86 (i386) and x32 entries of `architectures` are accepted and ignored
-//!    with a log: their system calls are killed, as libseccomp does for an architecture that is
-//!    not in the filter.
+//! 1. The architecture: x86_64, and i386 when the profile lists `SCMP_ARCH_X86` (the guest
+//!    kernel has `IA32_EMULATION`; i386 names are looked up in the i386 table and get a section
+//!    of their own). Any other architecture, and an x32 syscall number (bit 30) under x86_64,
+//!    → `KILL_PROCESS`, as libseccomp does for an architecture that is not in the filter
+//!    (`SCMP_ARCH_X32` entries are accepted and ignored with a log).
 //! 2. A binary tree of `JGE` over the sorted syscall numbers, with runs of at most 8 `JEQ` at
 //!    its leaves: a call costs ~6 levels, not one comparison per syscall of the profile.
 //! 3. Per syscall: its rules in profile order; the first whose conditions all hold returns its
@@ -46,6 +47,7 @@ pub const DEFAULT_ERRNO: u32 = libc::EPERM as u32;
 pub const MAX_INSTRUCTIONS: usize = 4096;
 
 const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
+const AUDIT_ARCH_I386: u32 = 0x4000_0003;
 const X32_SYSCALL_BIT: u32 = 0x4000_0000;
 const SECCOMP_DATA_NR_OFFSET: u32 = 0;
 const SECCOMP_DATA_ARCH_OFFSET: u32 = 4;
@@ -234,21 +236,80 @@ pub fn compile(spec: &LinuxSeccomp) -> Result<BpfProgram, SeccompError> {
 }
 
 fn compile_with_leaf(spec: &LinuxSeccomp, leaf: usize) -> Result<BpfProgram, SeccompError> {
-    check_architectures(spec)?;
+    let with_i386 = check_architectures(spec)?;
     if spec.listener_path().is_some() {
         log::debug!("seccomp listenerPath ignored: SCMP_ACT_NOTIFY is not supported");
     }
     let default = action(spec.default_action(), spec.default_errno_ret())?;
+    let default_ret = u32::from(default);
+    let kill = u32::from(SeccompAction::KillProcess);
+    let leaf = leaf.max(1);
 
+    let x86_64_nr = |name: &str| {
+        Sysno::from_str(name)
+            .ok()
+            .and_then(|s| u32::try_from(s.id()).ok())
+    };
+    // x86_64: the number, refusing x32 numbers (bit 30), then the dispatch.
+    let mut native = vec![
+        stmt(BPF_LD_W_ABS, SECCOMP_DATA_NR_OFFSET),
+        jump(BPF_JMP_JGE_K, X32_SYSCALL_BIT, 0, 1),
+        stmt(BPF_RET_K, kill),
+    ];
+    dispatch(
+        &bodies(spec, x86_64_nr, default_ret)?,
+        default_ret,
+        leaf,
+        &mut native,
+    );
+
+    let mut prog = vec![stmt(BPF_LD_W_ABS, SECCOMP_DATA_ARCH_OFFSET)];
+    if with_i386 {
+        let i386_nr = |name: &str| {
+            syscalls::x86::Sysno::from_str(name)
+                .ok()
+                .and_then(|s| u32::try_from(s.id()).ok())
+        };
+        let mut i386 = vec![stmt(BPF_LD_W_ABS, SECCOMP_DATA_NR_OFFSET)];
+        dispatch(
+            &bodies(spec, i386_nr, default_ret)?,
+            default_ret,
+            leaf,
+            &mut i386,
+        );
+        // i386: jump over the x86_64 check, its kill and the x86_64 section.
+        prog.push(jump(BPF_JMP_JEQ_K, AUDIT_ARCH_I386, 0, 1));
+        prog.push(stmt(BPF_JMP_JA, len_u32(2 + native.len())));
+        prog.push(jump(BPF_JMP_JEQ_K, AUDIT_ARCH_X86_64, 1, 0));
+        prog.push(stmt(BPF_RET_K, kill));
+        prog.extend(native);
+        prog.extend(i386);
+    } else {
+        prog.push(jump(BPF_JMP_JEQ_K, AUDIT_ARCH_X86_64, 1, 0));
+        prog.push(stmt(BPF_RET_K, kill));
+        prog.extend(native);
+    }
+    if prog.len() > MAX_INSTRUCTIONS {
+        return Err(SeccompError::TooLarge(prog.len()));
+    }
+    Ok(prog)
+}
+
+/// The code of each syscall of the profile that `number` knows (an architecture's table),
+/// sorted by number. Names it does not know are skipped.
+fn bodies(
+    spec: &LinuxSeccomp,
+    number: impl Fn(&str) -> Option<u32>,
+    default_ret: u32,
+) -> Result<Vec<(u32, Vec<sock_filter>)>, SeccompError> {
     let mut chains: BTreeMap<u32, Chain> = BTreeMap::new();
     for entry in spec.syscalls().as_deref().unwrap_or_default() {
         let entry_action = action(entry.action(), entry.errno_ret())?;
         for name in entry.names() {
-            let Ok(sysno) = Sysno::from_str(name) else {
+            let Some(nr) = number(name) else {
                 log::debug!("seccomp: unknown syscall {name:?} skipped");
                 continue;
             };
-            let nr = u32::try_from(sysno.id()).expect("x86_64 syscall numbers are positive");
             let rules = rules_for(name, entry.args().as_deref().unwrap_or_default())?;
             let chain = chains.entry(nr).or_default();
             // After an unconditional rule nothing else of this syscall is reachable.
@@ -262,26 +323,10 @@ fn compile_with_leaf(spec: &LinuxSeccomp, leaf: usize) -> Result<BpfProgram, Sec
             }
         }
     }
-
-    let default_ret = u32::from(default);
-    let bodies: Vec<(u32, Vec<sock_filter>)> = chains
+    Ok(chains
         .into_iter()
         .map(|(nr, chain)| (nr, chain_code(chain, default_ret)))
-        .collect();
-    let kill = u32::from(SeccompAction::KillProcess);
-    let mut prog = vec![
-        stmt(BPF_LD_W_ABS, SECCOMP_DATA_ARCH_OFFSET),
-        jump(BPF_JMP_JEQ_K, AUDIT_ARCH_X86_64, 1, 0),
-        stmt(BPF_RET_K, kill),
-        stmt(BPF_LD_W_ABS, SECCOMP_DATA_NR_OFFSET),
-        jump(BPF_JMP_JGE_K, X32_SYSCALL_BIT, 0, 1),
-        stmt(BPF_RET_K, kill),
-    ];
-    dispatch(&bodies, default_ret, leaf.max(1), &mut prog);
-    if prog.len() > MAX_INSTRUCTIONS {
-        return Err(SeccompError::TooLarge(prog.len()));
-    }
-    Ok(prog)
+        .collect())
 }
 
 /// One syscall's rules, each followed by its return; the default action if none matched.
@@ -338,22 +383,26 @@ fn len_u32(len: usize) -> u32 {
     u32::try_from(len).unwrap_or(u32::MAX)
 }
 
-fn check_architectures(spec: &LinuxSeccomp) -> Result<(), SeccompError> {
+/// Checks that x86_64 is among the profile's architectures (an empty list means the native
+/// one); returns whether i386 (`SCMP_ARCH_X86`) is too.
+fn check_architectures(spec: &LinuxSeccomp) -> Result<bool, SeccompError> {
     let Some(archs) = spec.architectures().as_ref().filter(|a| !a.is_empty()) else {
-        return Ok(());
+        return Ok(false);
     };
     let mut native = false;
+    let mut i386 = false;
     for arch in archs {
         match arch {
             Arch::ScmpArchX86_64 | Arch::ScmpArchNative => native = true,
-            Arch::ScmpArchX86 | Arch::ScmpArchX32 => {
-                log::debug!("seccomp architecture {arch} ignored: its system calls are killed")
+            Arch::ScmpArchX86 => i386 = true,
+            Arch::ScmpArchX32 => {
+                log::debug!("seccomp architecture {arch} ignored: x32 system calls are killed")
             }
             other => log::debug!("seccomp architecture {other} ignored: not this machine's"),
         }
     }
     if native {
-        Ok(())
+        Ok(i386)
     } else {
         let names: Vec<String> = archs.iter().map(ToString::to_string).collect();
         Err(SeccompError::NoNativeArch(names.join(", ")))
@@ -459,16 +508,19 @@ mod tests {
                 [0xffff_ffff, 0, 0, 0, 0, 0],
                 [1 << 40, u64::MAX, 0, 0, 0, 0],
             ];
-            for leaf in [1, 2, LEAF_SYSCALLS] {
+            for leaf in [2, 3, LEAF_SYSCALLS] {
                 let tree = compile_with_leaf(&spec, leaf).unwrap();
                 // The small profile has 6 syscalls: a leaf of 8 holds them all.
                 assert!(tree != linear || (leaf == LEAF_SYSCALLS && json != DOCKER));
                 for nr in 0..=470 {
-                    for args in arg_sets {
+                    for (arch, args) in arg_sets
+                        .iter()
+                        .flat_map(|a| [(AUDIT_ARCH_X86_64, *a), (AUDIT_ARCH_I386, *a)])
+                    {
                         assert_eq!(
-                            run(&tree, AUDIT_ARCH_X86_64, nr, args),
-                            run(&linear, AUDIT_ARCH_X86_64, nr, args),
-                            "leaf {leaf} nr {nr} args {args:?}"
+                            run(&tree, arch, nr, args),
+                            run(&linear, arch, nr, args),
+                            "leaf {leaf} arch {arch:#x} nr {nr} args {args:?}"
                         );
                     }
                 }
@@ -480,9 +532,27 @@ mod tests {
         assert_eq!(x86(libc::SYS_keyctl as u32), 0x0005_0001);
         assert_eq!(x86(libc::SYS_clone3 as u32), 0x0005_0000 | 38);
         assert_eq!(x86(1000), 0x0005_0001);
-        // i386 and x32 calls are killed.
-        assert_eq!(run(&docker, 0x4000_0003, 1, [0; 6]), 0x8000_0000);
+        // The profile lists SCMP_ARCH_X86: i386 calls go by the i386 table.
+        let i386 = |nr: u32| run(&docker, AUDIT_ARCH_I386, nr, [0; 6]);
+        assert_eq!(i386(20), 0x7fff_0000); // getpid
+        assert_eq!(i386(288), 0x0005_0001); // keyctl
+        assert_eq!(i386(435), 0x0005_0000 | 38); // clone3
+        assert_eq!(i386(120), 0x7fff_0000); // clone without namespace flags
+        let new_user = [u64::from(libc::CLONE_NEWUSER as u32) | 17, 0, 0, 0, 0, 0];
+        assert_eq!(run(&docker, AUDIT_ARCH_I386, 120, new_user), 0x0005_0001);
+        // x32 numbers and other architectures are killed.
         assert_eq!(x86(X32_SYSCALL_BIT | 1), 0x8000_0000);
+        assert_eq!(run(&docker, 0xc000_00b7, 1, [0; 6]), 0x8000_0000);
+        // Without SCMP_ARCH_X86 in the list, i386 calls are killed.
+        let native_only = compile(&profile(
+            r#"{"defaultAction":"SCMP_ACT_ALLOW","architectures":["SCMP_ARCH_X86_64"]}"#,
+        ))
+        .unwrap();
+        assert_eq!(run(&native_only, AUDIT_ARCH_I386, 20, [0; 6]), 0x8000_0000);
+        assert_eq!(
+            run(&native_only, AUDIT_ARCH_X86_64, 20, [0; 6]),
+            0x7fff_0000
+        );
     }
 
     #[test]
