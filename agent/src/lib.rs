@@ -5,6 +5,7 @@
 //! injected as a [`service::ShutdownAction`]) and [`logger`] (the console logger). [`sys`] holds
 //! the system calls (all the crate's `unsafe`), [`init`] the PID 1 sequence.
 
+pub mod container;
 pub mod init;
 pub mod logger;
 pub mod sandbox;

@@ -331,3 +331,37 @@ pub fn unmount_lazy(dir: &std::path::Path) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// Installs a seccomp BPF program on the calling thread with seccomp(2) and
+/// `SECCOMP_FILTER_FLAG_*` `flags`. Does not set `no_new_privs` (seccompiler's apply does);
+/// the kernel then requires `CAP_SYS_ADMIN`. Allocates nothing unless it fails, so a child
+/// may call it between fork(2) and execve(2).
+pub fn seccomp_set_mode_filter(prog: &[seccompiler::sock_filter], flags: u32) -> io::Result<()> {
+    let len = u16::try_from(prog.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "seccomp program too long"))?;
+    let fprog = libc::sock_fprog {
+        len,
+        // seccompiler's sock_filter is #[repr(C)] with the fields of the kernel's.
+        filter: prog.as_ptr().cast::<libc::sock_filter>().cast_mut(),
+    };
+    // SAFETY: `fprog` points to `len` initialized instructions that outlive the call; the kernel
+    // copies the program and writes nothing of ours.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_SET_MODE_FILTER,
+            libc::c_ulong::from(flags),
+            &fprog as *const libc::sock_fprog,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if rc > 0 {
+        // SECCOMP_FILTER_FLAG_TSYNC: the ID of a thread that could not be synchronized.
+        return Err(io::Error::other(format!(
+            "thread {rc} cannot take the filter (TSYNC)"
+        )));
+    }
+    Ok(())
+}

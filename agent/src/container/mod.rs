@@ -1,0 +1,4 @@
+//! OCI containers in the guest.
+
+pub mod cgroup;
+pub mod seccomp;
