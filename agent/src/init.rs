@@ -55,8 +55,8 @@ struct Mount {
 
 const NOSUID_NODEV_NOEXEC: libc::c_ulong = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
 
-/// In order: `/sys/fs/cgroup` exists only once sysfs is mounted.
-const MOUNTS: [Mount; 5] = [
+/// In order: `/sys/fs/cgroup` exists only once sysfs is mounted, `/dev/pts` once `/dev` is.
+const MOUNTS: [Mount; 6] = [
     Mount {
         source: c"proc",
         target: "/proc",
@@ -77,6 +77,14 @@ const MOUNTS: [Mount; 5] = [
         target_c: c"/dev",
         fstype: c"devtmpfs",
         flags: libc::MS_NOSUID,
+    },
+    // Container terminals are ptys opened by the agent (openpty needs devpts).
+    Mount {
+        source: c"devpts",
+        target: "/dev/pts",
+        target_c: c"/dev/pts",
+        fstype: c"devpts",
+        flags: libc::MS_NOSUID | libc::MS_NOEXEC,
     },
     Mount {
         source: c"tmpfs",
