@@ -12,24 +12,32 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use nutshell_agent::container::{ContainerError, Containers, State, Stdio};
+use nutshell_agent::container::{ContainerError, Containers, RootMode, State, Stdio};
 use oci_spec::runtime::{Process, Spec};
 use serde_json::{json, Value};
 
-/// The registry and its reaper, once per test process.
-fn registry() -> &'static Arc<Containers> {
-    static REGISTRY: OnceLock<Arc<Containers>> = OnceLock::new();
+/// The registries (pivot_root, and move-root as from an initramfs) and their reaper, once per
+/// test process.
+fn registries() -> &'static (Arc<Containers>, Arc<Containers>) {
+    static REGISTRY: OnceLock<(Arc<Containers>, Arc<Containers>)> = OnceLock::new();
     REGISTRY.get_or_init(|| {
-        let containers = Arc::new(Containers::new());
-        let reaper = containers.clone();
+        let pivot = Arc::new(Containers::with_root_mode(RootMode::PivotRoot));
+        let move_root = Arc::new(Containers::with_root_mode(RootMode::MoveRoot));
+        let (a, b) = (pivot.clone(), move_root.clone());
         std::thread::spawn(move || loop {
             for r in nutshell_agent::sys::reap_exited() {
-                reaper.on_exit(r.pid, r.status);
+                // Each ignores the other's PIDs.
+                a.on_exit(r.pid, r.status);
+                b.on_exit(r.pid, r.status);
             }
             std::thread::sleep(Duration::from_millis(2));
         });
-        containers
+        (pivot, move_root)
     })
+}
+
+fn registry() -> &'static Arc<Containers> {
+    &registries().0
 }
 
 fn no_hook(_: nix::unistd::Pid) -> Result<(), nutshell_agent::container::HookError> {
@@ -170,7 +178,10 @@ struct Output {
 
 /// Creates, starts and waits for a container of `spec`; removes it.
 fn run(spec: &Value) -> Output {
-    let reg = registry();
+    run_in(registry(), spec)
+}
+
+fn run_in(reg: &Containers, spec: &Value) -> Output {
     let id = unique_id("run");
     let (mut out_r, out_w) = pipe();
     let (mut err_r, err_w) = pipe();
@@ -209,6 +220,23 @@ fn chain(e: &dyn std::error::Error) -> String {
 
 fn sh(bundle: &Bundle, script: &str) -> Value {
     bundle.spec(&["sh", "-c", script])
+}
+
+#[test]
+fn move_root_as_from_an_initramfs() {
+    let b = Bundle::new();
+    let mut spec = sh(
+        &b,
+        "echo $$; hostname; cat /proc/kcore | busybox wc -c; touch /x || echo rofail; ls /bin/sh",
+    );
+    spec["root"]["readonly"] = json!(true);
+    let out = run_in(&registries().1, &spec);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(
+        out.stdout, "1\nnutshell-ctr\n0\nrofail\n/bin/sh\n",
+        "{}",
+        out.stderr
+    );
 }
 
 #[test]

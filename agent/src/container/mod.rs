@@ -27,6 +27,7 @@ use nix::unistd::Pid;
 use oci_spec::runtime::{LinuxNamespaceType, Process, Spec};
 
 use self::process::ProcessPlan;
+pub use self::rootfs::RootMode;
 use self::rootfs::RootfsPlan;
 use self::spawn::{InitPart, Pending, SpawnPlan};
 use self::tty::Pty;
@@ -257,6 +258,7 @@ struct Inner {
 #[derive(Debug, Default)]
 pub struct Containers {
     inner: Mutex<Inner>,
+    root_mode: RootMode,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -267,6 +269,15 @@ impl Containers {
     /// An empty registry.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty registry whose containers enter their root as `mode` says (the default,
+    /// [`RootMode::Auto`], picks `pivot_root` unless the agent runs from an initramfs).
+    pub fn with_root_mode(mode: RootMode) -> Self {
+        Containers {
+            inner: Mutex::default(),
+            root_mode: mode.resolve(),
+        }
     }
 
     fn inner(&self) -> MutexGuard<'_, Inner> {
@@ -314,7 +325,7 @@ impl Containers {
         if self.inner().containers.contains_key(id) {
             return Err(ContainerError::AlreadyExists(id.to_string()));
         }
-        let plan = init_plan(spec)?;
+        let plan = init_plan(spec, self.root_mode)?;
         let exit = Arc::new(ExitCell::default());
         let (entry, pending) =
             self.spawn_process(id, None, &plan, stdio, terminal, &exit, place)?;
@@ -744,7 +755,7 @@ fn seccomp_of(
 }
 
 /// Validates `spec` into the plan of its init.
-fn init_plan(spec: &Spec) -> Result<SpawnPlan, ContainerError> {
+fn init_plan(spec: &Spec, root_mode: RootMode) -> Result<SpawnPlan, ContainerError> {
     let process = spec
         .process()
         .as_ref()
@@ -821,7 +832,7 @@ fn init_plan(spec: &Spec) -> Result<SpawnPlan, ContainerError> {
         init: Some(InitPart {
             clone_flags,
             new_cgroupns,
-            rootfs: RootfsPlan::from_spec(spec)?,
+            rootfs: RootfsPlan::from_spec(spec, root_mode)?,
             hostname: spec.hostname().clone(),
             domainname: spec.domainname().clone(),
             sysctls,

@@ -41,10 +41,53 @@ pub struct DevicePlan {
     gid: u32,
 }
 
+/// How the child enters its root.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RootMode {
+    /// `pivot_root` unless the agent's own root is the initramfs (`rootfs`), which cannot be
+    /// pivoted away from; then [`RootMode::MoveRoot`].
+    #[default]
+    Auto,
+    /// `pivot_root(".", ".")` and detach the old root.
+    PivotRoot,
+    /// Detach every mount outside the container's root, move the root onto `/` and chroot
+    /// (runc's `--no-pivot`): for an agent that runs from an initramfs.
+    MoveRoot,
+}
+
+impl RootMode {
+    /// `Auto` decided for this process.
+    pub fn resolve(self) -> RootMode {
+        match self {
+            RootMode::Auto => {
+                let on_rootfs = fs::read_to_string("/proc/self/mountinfo")
+                    .map(|info| {
+                        info.lines().any(|line| {
+                            let mut fields = line.split(" - ");
+                            let (Some(left), Some(right)) = (fields.next(), fields.next()) else {
+                                return false;
+                            };
+                            left.split(' ').nth(4) == Some("/")
+                                && right.split(' ').next() == Some("rootfs")
+                        })
+                    })
+                    .unwrap_or(false);
+                if on_rootfs {
+                    RootMode::MoveRoot
+                } else {
+                    RootMode::PivotRoot
+                }
+            }
+            mode => mode,
+        }
+    }
+}
+
 /// Everything the child does to the mount namespace.
 #[derive(Debug, Clone)]
 pub struct RootfsPlan {
     root: PathBuf,
+    mode: RootMode,
     readonly: bool,
     propagation: MsFlags,
     shared_root: bool,
@@ -67,8 +110,8 @@ const DEFAULT_DEVICES: [(&str, u64, u64); 6] = [
 ];
 
 impl RootfsPlan {
-    /// Validates the root, mounts, devices and paths of `spec`.
-    pub fn from_spec(spec: &Spec) -> Result<Self, ContainerError> {
+    /// Validates the root, mounts, devices and paths of `spec`; `mode` is resolved.
+    pub fn from_spec(spec: &Spec, mode: RootMode) -> Result<Self, ContainerError> {
         let root = spec.root().as_ref().ok_or_else(|| invalid("no root"))?;
         let root_path = root.path();
         if !root_path.is_absolute() {
@@ -171,6 +214,7 @@ impl RootfsPlan {
         };
         Ok(RootfsPlan {
             root: root_path,
+            mode: mode.resolve(),
             readonly: root.readonly().unwrap_or(false),
             propagation,
             shared_root,
@@ -266,6 +310,9 @@ impl RootfsPlan {
     fn pivot(&self) -> StepResult {
         nix::unistd::chdir(&self.root)
             .map_err(|e| format!("chdir {}: {e}", self.root.display()))?;
+        if self.mode == RootMode::MoveRoot {
+            return self.move_root();
+        }
         // pivot_root(".", ".") stacks the old root on top of the new one; unmounting "." then
         // drops the old root without needing a directory for it in the container.
         nix::unistd::pivot_root(".", ".").map_err(|e| format!("pivot_root: {e}"))?;
@@ -291,6 +338,37 @@ impl RootfsPlan {
             )
             .map_err(|e| format!("make / shared: {e}"))?;
         }
+        Ok(())
+    }
+
+    /// The root of an initramfs has no parent mount, so pivot_root(2) refuses it: detach every
+    /// mount that is neither the container's root, under it, nor above it (the agent's /proc,
+    /// /sys, /dev …, which the container must not reach), then move the root onto `/` and
+    /// chroot into it. The current directory is the root.
+    fn move_root(&self) -> StepResult {
+        let info = fs::read_to_string("/proc/self/mountinfo")
+            .map_err(|e| format!("read mountinfo: {e}"))?;
+        let mut outside: Vec<PathBuf> = info
+            .lines()
+            .filter_map(|line| line.split(' ').nth(4))
+            .map(unescape_mountinfo)
+            .filter(|p| {
+                p != Path::new("/") && !p.starts_with(&self.root) && !self.root.starts_with(p)
+            })
+            .collect();
+        // Deepest first.
+        outside.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+        outside.dedup();
+        for path in outside {
+            match umount2(&path, MntFlags::MNT_DETACH) {
+                Ok(()) | Err(nix::Error::EINVAL) | Err(nix::Error::ENOENT) => {}
+                Err(e) => return Err(format!("detach {}: {e}", path.display())),
+            }
+        }
+        mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+            .map_err(|e| format!("move the root onto /: {e}"))?;
+        nix::unistd::chroot(".").map_err(|e| format!("chroot: {e}"))?;
+        nix::unistd::chdir("/").map_err(|e| format!("chdir /: {e}"))?;
         Ok(())
     }
 
@@ -558,6 +636,32 @@ fn make_readonly(path: &Path) -> StepResult {
     .map_err(|e| format!("remount {} read-only: {e}", path.display()))
 }
 
+/// A mount point from /proc/self/mountinfo, whose space, tab, newline and backslash are
+/// octal escapes.
+fn unescape_mountinfo(field: &str) -> PathBuf {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\'
+            && i + 3 < bytes.len()
+            && bytes[i + 1..i + 4]
+                .iter()
+                .all(|b| (b'0'..=b'7').contains(b))
+        {
+            let digit = |b: u8| u32::from(b - b'0');
+            let v = digit(bytes[i + 1]) * 64 + digit(bytes[i + 2]) * 8 + digit(bytes[i + 3]);
+            out.push(v as u8);
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    use std::os::unix::ffi::OsStringExt;
+    PathBuf::from(std::ffi::OsString::from_vec(out))
+}
+
 /// `path` as an absolute path without `.`, `..` (lexically, never above `/`) or doubled slashes;
 /// `None` if it is relative.
 pub fn clean_absolute(path: &Path) -> Option<PathBuf> {
@@ -681,6 +785,15 @@ mod tests {
         symlink("b", root.join("a")).unwrap();
         symlink("a", root.join("b")).unwrap();
         assert!(secure_join(root, Path::new("/a/x")).starts_with(root));
+    }
+
+    #[test]
+    fn mountinfo_escapes() {
+        assert_eq!(
+            unescape_mountinfo("/a\\040b\\134c"),
+            PathBuf::from("/a b\\c")
+        );
+        assert_eq!(unescape_mountinfo("/x\\04"), PathBuf::from("/x\\04"));
     }
 
     #[test]
