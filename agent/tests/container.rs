@@ -533,6 +533,34 @@ fn terminal_output_and_resize() {
 }
 
 #[test]
+fn exec_with_a_terminal_of_the_spec_size() {
+    let b = Bundle::new();
+    let reg = registry();
+    let id = start(&b.spec(&["sleep", "100"]));
+    let mut p: Value = json!({
+        "terminal": true,
+        "consoleSize": {"height": 7, "width": 55},
+        "user": {"uid": 0, "gid": 0},
+        "args": ["sh", "-c", "stty size"],
+        "env": ["PATH=/bin"],
+        "cwd": "/"
+    });
+    let (mut out_r, out_w) = pipe();
+    let stdio = Stdio {
+        stdout: Some(out_w),
+        ..Stdio::default()
+    };
+    let process: Process = serde_json::from_value(p.take()).unwrap();
+    reg.exec(&id, "tty", &process, stdio, true, &no_hook)
+        .unwrap();
+    assert_eq!(reg.wait(&id, Some("tty")).unwrap().code, 0);
+    let mut out = String::new();
+    out_r.read_to_string(&mut out).unwrap();
+    assert_eq!(out, "7 55\r\n");
+    reg.remove(&id, Duration::from_secs(5)).unwrap();
+}
+
+#[test]
 fn terminal_input_reaches_the_process() {
     let b = Bundle::new();
     let reg = registry();

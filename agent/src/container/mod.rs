@@ -266,9 +266,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Containers {
-    /// An empty registry.
+    /// An empty registry with [`RootMode::Auto`], decided once here.
     pub fn new() -> Self {
-        Self::default()
+        Self::with_root_mode(RootMode::Auto)
     }
 
     /// An empty registry whose containers enter their root as `mode` says (the default,
@@ -327,8 +327,16 @@ impl Containers {
         }
         let plan = init_plan(spec, self.root_mode)?;
         let exit = Arc::new(ExitCell::default());
-        let (entry, pending) =
-            self.spawn_process(id, None, &plan, stdio, terminal, &exit, place)?;
+        let (entry, pending) = self.spawn_process(
+            id,
+            None,
+            &plan,
+            stdio,
+            terminal,
+            spec.process().as_ref().and_then(console_size),
+            &exit,
+            place,
+        )?;
         let pidns = std::fs::read_link(format!("/proc/{}/ns/pid", entry.pid)).ok();
         let mut inner = self.inner();
         if inner.containers.contains_key(id) {
@@ -364,11 +372,15 @@ impl Containers {
         plan: &SpawnPlan,
         stdio: Stdio,
         terminal: bool,
+        console_size: Option<(u16, u16)>,
         exit: &Arc<ExitCell>,
         place: PlaceHook<'_>,
     ) -> Result<(ProcessEntry, Pending), ContainerError> {
         let (stdio, pty, slave) = if terminal {
             let (pty, slave) = Pty::open(stdio.stdin, stdio.stdout)?;
+            if let Some((rows, cols)) = console_size {
+                pty.resize(rows, cols)?;
+            }
             (Stdio::default(), Some(pty), Some(slave))
         } else {
             (stdio, None, None)
@@ -482,8 +494,16 @@ impl Containers {
             process: ProcessPlan::from_spec(process)?,
         };
         let exit = Arc::new(ExitCell::default());
-        let (entry, pending) =
-            self.spawn_process(id, Some(exec_id), &plan, stdio, terminal, &exit, place)?;
+        let (entry, pending) = self.spawn_process(
+            id,
+            Some(exec_id),
+            &plan,
+            stdio,
+            terminal,
+            console_size(process),
+            &exit,
+            place,
+        )?;
         let pid = entry.pid;
         {
             let mut inner = self.inner();
@@ -659,6 +679,14 @@ impl Containers {
         log::debug!("container {id} removed");
         Ok(())
     }
+}
+
+/// The spec's initial terminal size as (rows, columns), clamped to what a winsize holds.
+fn console_size(process: &Process) -> Option<(u16, u16)> {
+    process.console_size().map(|b| {
+        let clamp = |v: u64| u16::try_from(v).unwrap_or(u16::MAX);
+        (clamp(b.height()), clamp(b.width()))
+    })
 }
 
 fn validate_id(id: &str) -> Result<(), ContainerError> {
