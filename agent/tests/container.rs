@@ -443,6 +443,22 @@ fn exec_joins_the_container() {
         reg.signal(&id, Some("e2"), 15, false),
         Err(ContainerError::ProcessExited(_))
     ));
+    reg.remove_exec(&id, "e2").unwrap();
+    assert!(matches!(
+        reg.wait(&id, Some("e2")),
+        Err(ContainerError::ProcessNotFound { .. })
+    ));
+    // The ID is free again; a running process cannot be removed.
+    reg.exec(
+        &id,
+        "e2",
+        &process(&["sleep", "100"]),
+        Stdio::default(),
+        false,
+        &no_hook,
+    )
+    .unwrap();
+    assert!(reg.remove_exec(&id, "e2").is_err());
     reg.signal(&id, None, Signal::SIGKILL as i32, false)
         .unwrap();
     assert_eq!(reg.wait(&id, None).unwrap().code, 137);

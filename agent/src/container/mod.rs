@@ -644,6 +644,28 @@ impl Containers {
         Ok(())
     }
 
+    /// Forgets an exec'd process that has exited (its exit status with it).
+    pub fn remove_exec(&self, id: &str, exec_id: &str) -> Result<(), ContainerError> {
+        let mut inner = self.inner();
+        let c = get_mut(&mut inner, id)?;
+        let p = c
+            .execs
+            .get(exec_id)
+            .ok_or_else(|| ContainerError::ProcessNotFound {
+                id: id.to_string(),
+                exec_id: exec_id.to_string(),
+            })?;
+        if p.exit.get().is_none() {
+            return Err(ContainerError::InvalidState {
+                id: format!("{id}/{exec_id}"),
+                state: State::Running,
+                op: "remove running process of",
+            });
+        }
+        c.execs.remove(exec_id);
+        Ok(())
+    }
+
     /// Removes the container: a stopped one at once; otherwise every process gets SIGKILL and
     /// init is waited for up to `timeout` (a paused container must be thawed first).
     pub fn remove(&self, id: &str, timeout: Duration) -> Result<(), ContainerError> {
