@@ -577,26 +577,28 @@ fn exec_with_a_terminal_of_the_spec_size() {
 }
 
 #[test]
-fn terminal_input_reaches_the_process() {
+fn terminal_stream_both_ways() {
+    // As the agent's stdio streams give it: one socket carries the terminal both ways.
     let b = Bundle::new();
     let reg = registry();
     let id = unique_id("ttyin");
     let mut spec = sh(&b, "read line; echo got:$line");
     spec["process"]["terminal"] = json!(true);
-    let (mut stdin_ours, stdin_theirs) = UnixStream::pair().unwrap();
-    let (mut out_r, out_w) = pipe();
+    let (mut ours, theirs) = UnixStream::pair().unwrap();
     let stdio = Stdio {
-        stdin: Some(stdin_theirs.into()),
-        stdout: Some(out_w),
-        stderr: None,
+        stdout: Some(theirs.into()),
+        ..Stdio::default()
     };
     reg.create(&id, &to_spec(&spec), stdio, true, &no_hook)
         .unwrap();
     reg.start(&id).unwrap();
-    stdin_ours.write_all(b"hello\n").unwrap();
+    ours.write_all(b"hello\n").unwrap();
     assert_eq!(reg.wait(&id, None).unwrap().code, 0);
+    // EOF once the output ended: the agent keeps no copy of the stream.
     let mut out = String::new();
-    out_r.read_to_string(&mut out).unwrap();
+    ours.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    ours.read_to_string(&mut out).unwrap();
     // The terminal echoes the input, then the reply.
     assert_eq!(out, "hello\r\ngot:hello\r\n");
     reg.remove(&id, Duration::from_secs(5)).unwrap();

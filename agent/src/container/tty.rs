@@ -20,7 +20,9 @@ pub struct Pty {
 }
 
 impl Pty {
-    /// Opens a pty and starts the copy threads; returns the slave for the child.
+    /// Opens a pty and starts the copy threads; returns the slave for the child. Without a
+    /// separate `stdin`, `stdout` carries the terminal both ways (the agent's stdio streams
+    /// give one stream for a terminal).
     pub fn open(
         stdin: Option<OwnedFd>,
         stdout: Option<OwnedFd>,
@@ -35,11 +37,17 @@ impl Pty {
         for fd in [&pty.master, &pty.slave] {
             fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).map_err(io("fcntl"))?;
         }
-        let master_out = pty.master.try_clone().map_err(|e| ContainerError::Io {
-            what: "dup pty",
-            source: e,
-        })?;
-        spawn_thread("pty-out", move || copy_output(master_out, stdout))?;
+        let stdin = match (stdin, &stdout) {
+            (Some(stdin), _) => Some(stdin),
+            (None, Some(stdout)) => Some(stdout.try_clone().map_err(|e| ContainerError::Io {
+                what: "dup the terminal stream",
+                source: e,
+            })?),
+            (None, None) => None,
+        };
+        // Closed when the output ends: the input thread then drops its copy of the stream too,
+        // so that the host sees EOF.
+        let (done_r, done_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(io("pipe"))?;
         let stop_stdin = match stdin {
             Some(stdin) => {
                 let (stop_r, stop_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(io("pipe"))?;
@@ -47,11 +55,18 @@ impl Pty {
                     what: "dup pty",
                     source: e,
                 })?;
-                spawn_thread("pty-in", move || copy_input(stdin, master_in, stop_r))?;
+                spawn_thread("pty-in", move || {
+                    copy_input(stdin, master_in, stop_r, done_r)
+                })?;
                 Some(stop_w)
             }
             None => None,
         };
+        let master_out = pty.master.try_clone().map_err(|e| ContainerError::Io {
+            what: "dup pty",
+            source: e,
+        })?;
+        spawn_thread("pty-out", move || copy_output(master_out, stdout, done_w))?;
         Ok((
             Pty {
                 master: pty.master,
@@ -88,7 +103,7 @@ fn spawn_thread(name: &str, f: impl FnOnce() + Send + 'static) -> Result<(), Con
 
 /// Master → stdout until the last slave closes (EIO) or stdout goes away; without stdout the
 /// output is drained so that the process never blocks on a full terminal.
-fn copy_output(master: OwnedFd, stdout: Option<OwnedFd>) {
+fn copy_output(master: OwnedFd, stdout: Option<OwnedFd>, _done: OwnedFd) {
     let mut master = File::from(master);
     let mut stdout = stdout.map(File::from);
     let mut buf = [0u8; 16 * 1024];
@@ -107,21 +122,25 @@ fn copy_output(master: OwnedFd, stdout: Option<OwnedFd>) {
     }
 }
 
-/// stdin → master until stdin ends or `stop` is closed.
-fn copy_input(stdin: OwnedFd, master: OwnedFd, stop: OwnedFd) {
+/// stdin → master until stdin ends, or `stop` or `done` is closed.
+fn copy_input(stdin: OwnedFd, master: OwnedFd, stop: OwnedFd, done: OwnedFd) {
     let mut master = File::from(master);
     let mut buf = [0u8; 16 * 1024];
     loop {
         let mut fds = [
             PollFd::new(stdin.as_fd(), PollFlags::POLLIN),
             PollFd::new(stop.as_fd(), PollFlags::POLLIN),
+            PollFd::new(done.as_fd(), PollFlags::POLLIN),
         ];
         match poll(&mut fds, PollTimeout::NONE) {
             Ok(_) => {}
             Err(nix::Error::EINTR) => continue,
             Err(_) => return,
         }
-        if fds[1].revents().is_some_and(|r| !r.is_empty()) {
+        if fds[1..]
+            .iter()
+            .any(|f| f.revents().is_some_and(|r| !r.is_empty()))
+        {
             return;
         }
         let n = match nix::unistd::read(&stdin, &mut buf) {
