@@ -240,6 +240,52 @@ fn move_root_as_from_an_initramfs() {
 }
 
 #[test]
+fn sysctls_oom_score_adj_and_devices() {
+    let b = Bundle::new();
+    let mut spec = sh(
+        &b,
+        "cat /proc/sys/kernel/msgmax /proc/self/oom_score_adj; \
+         test -c /dev/null && test -c /dev/urandom && test -c /dev/tty && echo devices; \
+         readlink /dev/ptmx; readlink /dev/fd; readlink /dev/stdout; echo hi > /dev/null && echo null-ok",
+    );
+    spec["linux"]["sysctl"] = json!({"kernel.msgmax": "12345"});
+    spec["process"]["oomScoreAdj"] = json!(500);
+    let out = run(&spec);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(
+        out.stdout, "12345\n500\ndevices\npts/ptmx\n/proc/self/fd\n/proc/self/fd/1\nnull-ok\n",
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn bind_mounts_with_flags() {
+    let b = Bundle::new();
+    let data = b.dir.path().join("data");
+    fs::create_dir(&data).unwrap();
+    fs::write(data.join("hello"), "from the host\n").unwrap();
+    let mut spec = sh(
+        &b,
+        "cat /data/hello; touch /data/new || echo rofail; touch /rw/new && echo rwok",
+    );
+    let rw = b.dir.path().join("rw");
+    fs::create_dir(&rw).unwrap();
+    let mounts = spec["mounts"].as_array_mut().unwrap();
+    mounts.push(json!({"destination": "/data", "type": "bind", "source": data, "options": ["rbind", "ro", "nosuid", "nodev"]}));
+    mounts.push(json!({"destination": "/rw", "source": rw, "options": ["bind", "rprivate"]}));
+    let out = run(&spec);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(
+        out.stdout, "from the host\nrofail\nrwok\n",
+        "{}",
+        out.stderr
+    );
+    assert!(!data.join("new").exists());
+    assert!(rw.join("new").exists());
+}
+
+#[test]
 fn exit_codes_zero_and_three() {
     let b = Bundle::new();
     assert_eq!(run(&b.spec(&["true"])).code, 0);
