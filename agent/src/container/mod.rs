@@ -16,7 +16,7 @@ mod tty;
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
@@ -205,6 +205,8 @@ impl ExitCell {
 #[derive(Debug)]
 struct ProcessEntry {
     pid: Pid,
+    /// Names the process even after the reaper took its PID (`None` if pidfd_open failed).
+    pidfd: Option<OwnedFd>,
     exit: Arc<ExitCell>,
     pty: Option<Pty>,
     /// The agent's copy of a non-terminal stdin, for close_stdin.
@@ -393,6 +395,7 @@ impl Containers {
             None => None,
         };
         let mut routed: Option<Pid> = None;
+        let mut pidfd: Option<OwnedFd> = None;
         let result = spawn::spawn(
             plan,
             stdio,
@@ -407,6 +410,9 @@ impl Containers {
                     },
                 );
                 routed = Some(pid);
+                // The child waits for "go": it cannot have exited and been reaped unless
+                // someone killed it, and then the open fails.
+                pidfd = syscall::pidfd_open(pid).ok();
             },
             place,
         );
@@ -414,6 +420,7 @@ impl Containers {
             Ok(pending) => Ok((
                 ProcessEntry {
                     pid: pending.pid,
+                    pidfd,
                     exit: exit.clone(),
                     pty,
                     stdin,
@@ -556,17 +563,28 @@ impl Containers {
             }
             return Ok(());
         }
-        // The exit is recorded under the registry lock, which we hold: the PID is still ours
-        // (unreaped or not yet routed) if no exit was recorded.
+        // Through the pidfd: between the reaper's waitpid and its on_exit the PID could be
+        // reused; the pidfd still names our process (and answers ESRCH once it is gone).
         if process.exit.get().is_some() {
             return Err(ContainerError::ProcessExited(
                 exec_id.unwrap_or("init").to_string(),
             ));
         }
-        nix::sys::signal::kill(process.pid, signal).map_err(|e| ContainerError::Io {
-            what: "send the signal",
-            source: e.into(),
-        })
+        let sent = match &process.pidfd {
+            Some(pidfd) => syscall::pidfd_send_signal(pidfd.as_fd(), signal as libc::c_int),
+            None => nix::sys::signal::kill(process.pid, signal).map_err(Into::into),
+        };
+        match sent {
+            // Exited, not yet routed by the reaper: as good as exited.
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Err(ContainerError::ProcessExited(
+                exec_id.unwrap_or("init").to_string(),
+            )),
+            Err(e) => Err(ContainerError::Io {
+                what: "send the signal",
+                source: e,
+            }),
+            Ok(()) => Ok(()),
+        }
     }
 
     /// Waits until init or the exec'd process exited (at once if it has) and returns how.
