@@ -7,6 +7,7 @@ use std::sync::Arc;
 use log::LevelFilter;
 use nutshell_protocol::AGENT_VSOCK_PORT;
 
+use crate::container::Containers;
 use crate::service::{AgentService, ServiceError};
 use crate::{logger, sys};
 
@@ -55,8 +56,8 @@ struct Mount {
 
 const NOSUID_NODEV_NOEXEC: libc::c_ulong = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
 
-/// In order: `/sys/fs/cgroup` exists only once sysfs is mounted.
-const MOUNTS: [Mount; 5] = [
+/// In order: `/sys/fs/cgroup` exists only once sysfs is mounted, `/dev/pts` once `/dev` is.
+const MOUNTS: [Mount; 6] = [
     Mount {
         source: c"proc",
         target: "/proc",
@@ -77,6 +78,14 @@ const MOUNTS: [Mount; 5] = [
         target_c: c"/dev",
         fstype: c"devtmpfs",
         flags: libc::MS_NOSUID,
+    },
+    // Container terminals are ptys opened by the agent (openpty needs devpts).
+    Mount {
+        source: c"devpts",
+        target: "/dev/pts",
+        target_c: c"/dev/pts",
+        fstype: c"devpts",
+        flags: libc::MS_NOSUID | libc::MS_NOEXEC,
     },
     Mount {
         source: c"tmpfs",
@@ -109,8 +118,9 @@ fn mount_all() -> Result<(), InitError> {
     Ok(())
 }
 
-/// Reaps every child that exits, forever, on a thread of its own.
-fn start_reaper() -> Result<(), InitError> {
+/// Reaps every child that exits, forever, on a thread of its own, and hands each exit to the
+/// container registry (which ignores PIDs that are not its processes).
+fn start_reaper(containers: Arc<Containers>) -> Result<(), InitError> {
     let reaper = sys::ChildReaper::new().map_err(InitError::Reaper)?;
     std::thread::Builder::new()
         .name("reaper".into())
@@ -119,6 +129,7 @@ fn start_reaper() -> Result<(), InitError> {
                 Ok(reaped) => {
                     for r in reaped {
                         log::debug!("reaped pid {} (wait status {:#x})", r.pid, r.status);
+                        containers.on_exit(r.pid, r.status);
                     }
                 }
                 Err(e) => {
@@ -140,7 +151,9 @@ pub fn run() -> Result<std::convert::Infallible, InitError> {
         logger::init(level);
     }
     log::debug!("kernel command line: {}", cmdline.trim());
-    start_reaper()?;
+    // The registry of containers: the reaper routes exits to it; the RPC service will call it.
+    let containers = Arc::new(Containers::new());
+    start_reaper(containers.clone())?;
     let release = sys::kernel_release().map_err(InitError::KernelRelease)?;
 
     // Binding to VMADDR_CID_ANY succeeds even without a transport; without this check a guest

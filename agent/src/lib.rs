@@ -3,7 +3,8 @@
 //! The library holds everything that can run without being PID 1, so that the RPC service is
 //! tested on the host over a Unix socket: [`service`] (the ttrpc handlers, with the power-off
 //! injected as a [`service::ShutdownAction`]) and [`logger`] (the console logger). [`sys`] holds
-//! the system calls (all the crate's `unsafe`), [`init`] the PID 1 sequence.
+//! the system calls of PID 1, [`init`] the PID 1 sequence, [`container`] the OCI containers
+//! (its own system calls in `container::syscall`).
 
 pub mod container;
 pub mod init;

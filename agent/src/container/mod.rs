@@ -1,4 +1,913 @@
-//! OCI containers in the guest.
+//! OCI containers inside the guest: a registry ([`Containers`]) that creates, starts, execs
+//! into, signals, waits for and removes containers with the semantics of runc.
+//!
+//! How it works (details in `docs/agent.md`): [`spawn`] forks the container's init into new
+//! namespaces, sets up its root file system and process, and leaves it waiting for "start";
+//! exec joins the namespaces of the container's init and runs the process at once. Every
+//! process is the agent's own child, and PID 1's reaper hands each exit to
+//! [`Containers::on_exit`], which records `code` or `128 + signal` for all waiters.
 
+mod process;
 pub mod cgroup;
+pub mod rootfs;
 pub mod seccomp;
+mod spawn;
+mod syscall;
+mod tty;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use nix::sched::CloneFlags;
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+use oci_spec::runtime::{LinuxNamespaceType, Process, Spec};
+
+use self::process::ProcessPlan;
+pub use self::rootfs::RootMode;
+use self::rootfs::RootfsPlan;
+use self::spawn::{InitPart, Pending, SpawnPlan};
+use self::tty::Pty;
+
+/// The error of a cgroup placement hook.
+pub type HookError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Called with the PID of a new process after it was forked and before it does anything in the
+/// container (the lead puts it into the container's cgroups there).
+pub type PlaceHook<'a> = &'a dyn Fn(Pid) -> Result<(), HookError>;
+
+/// How long [`Containers::remove`] waits for init after SIGKILL by default.
+pub const DEFAULT_REMOVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a container operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ContainerError {
+    /// No container with this ID.
+    #[error("container {0:?} not found")]
+    NotFound(String),
+    /// The ID is taken.
+    #[error("container {0:?} already exists")]
+    AlreadyExists(String),
+    /// No exec process with this ID in the container.
+    #[error("process {exec_id:?} not found in container {id:?}")]
+    ProcessNotFound {
+        /// Container.
+        id: String,
+        /// Exec ID.
+        exec_id: String,
+    },
+    /// The exec ID is taken.
+    #[error("process {exec_id:?} already exists in container {id:?}")]
+    ProcessExists {
+        /// Container.
+        id: String,
+        /// Exec ID.
+        exec_id: String,
+    },
+    /// The operation is not allowed in the container's state.
+    #[error("cannot {op} container {id:?}: it is {state:?}")]
+    InvalidState {
+        /// Container.
+        id: String,
+        /// Its state.
+        state: State,
+        /// What was asked.
+        op: &'static str,
+    },
+    /// The process already exited.
+    #[error("process {0} has already exited")]
+    ProcessExited(String),
+    /// The spec is malformed or inconsistent.
+    #[error("invalid spec: {0}")]
+    InvalidSpec(String),
+    /// The spec asks for something this agent cannot do yet.
+    #[error("not supported yet: {0}")]
+    NotSupported(String),
+    /// The seccomp profile could not be compiled.
+    #[error("seccomp")]
+    Seccomp(#[source] seccomp::SeccompError),
+    /// The child failed before its exec (its own message, e.g. "exec: /bin/nope: no such file
+    /// or directory").
+    #[error("{0}")]
+    Setup(String),
+    /// The cgroup placement hook failed.
+    #[error("cannot place the process in its cgroups")]
+    Hook(#[source] HookError),
+    /// A system call in the agent failed.
+    #[error("cannot {what}")]
+    Io {
+        /// The step.
+        what: &'static str,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A container's lifecycle state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Init is set up and waits for start.
+    Created,
+    /// Init was started and has not exited.
+    Running,
+    /// Frozen (by the cgroup freezer; see [`Containers::set_paused`]).
+    Paused,
+    /// Init has exited.
+    Stopped,
+}
+
+/// The descriptors a process gets as stdin, stdout and stderr (in the guest: vsock streams).
+/// Absent ones are `/dev/null`. With a terminal, stdin and stdout are copied to and from the
+/// pty and stderr is unused (the terminal carries both).
+#[derive(Debug, Default)]
+pub struct Stdio {
+    /// stdin.
+    pub stdin: Option<OwnedFd>,
+    /// stdout.
+    pub stdout: Option<OwnedFd>,
+    /// stderr.
+    pub stderr: Option<OwnedFd>,
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExitStatus {
+    /// Exit code, or 128 + the signal that killed it.
+    pub code: i32,
+    /// When the reaper saw it.
+    pub exited_at: SystemTime,
+}
+
+impl ExitStatus {
+    /// From a wait status as waitpid(2) reports it.
+    pub fn from_wait_status(status: libc::c_int) -> Self {
+        let code = if libc::WIFSIGNALED(status) {
+            128 + libc::WTERMSIG(status)
+        } else {
+            libc::WEXITSTATUS(status)
+        };
+        ExitStatus {
+            code,
+            exited_at: SystemTime::now(),
+        }
+    }
+}
+
+/// One process's exit, for any number of waiters.
+#[derive(Debug, Default)]
+struct ExitCell {
+    status: Mutex<Option<ExitStatus>>,
+    cond: Condvar,
+}
+
+impl ExitCell {
+    fn set(&self, status: ExitStatus) {
+        let mut guard = lock(&self.status);
+        if guard.is_none() {
+            *guard = Some(status);
+        }
+        self.cond.notify_all();
+    }
+
+    fn get(&self) -> Option<ExitStatus> {
+        *lock(&self.status)
+    }
+
+    fn wait(&self, timeout: Option<Duration>) -> Option<ExitStatus> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut guard = lock(&self.status);
+        loop {
+            if let Some(status) = *guard {
+                return Some(status);
+            }
+            guard = match deadline {
+                None => self
+                    .cond
+                    .wait(guard)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+                Some(deadline) => {
+                    let left = deadline.checked_duration_since(Instant::now())?;
+                    self.cond
+                        .wait_timeout(guard, left)
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .0
+                }
+            };
+        }
+    }
+}
+
+/// A running or exited process of a container.
+#[derive(Debug)]
+struct ProcessEntry {
+    pid: Pid,
+    /// Names the process even after the reaper took its PID (`None` if pidfd_open failed).
+    pidfd: Option<OwnedFd>,
+    exit: Arc<ExitCell>,
+    pty: Option<Pty>,
+    /// The agent's copy of a non-terminal stdin, for close_stdin.
+    stdin: Option<OwnedFd>,
+}
+
+impl ProcessEntry {
+    fn close_stdin(&mut self) {
+        if let Some(pty) = self.pty.as_mut() {
+            pty.close_stdin();
+        }
+        if let Some(stdin) = self.stdin.take() {
+            // A socket (vsock in the guest) held by the process reads EOF after this; a pipe
+            // cannot be closed from here, the writer closes it.
+            let _ = nix::sys::socket::shutdown(
+                std::os::fd::AsRawFd::as_raw_fd(&stdin),
+                nix::sys::socket::Shutdown::Read,
+            );
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Container {
+    state: State,
+    init: ProcessEntry,
+    /// Init waiting for start.
+    pending: Option<Pending>,
+    execs: HashMap<String, ProcessEntry>,
+    /// `/proc/<init>/ns/pid` as read at create: identifies the container's processes.
+    pidns: Option<PathBuf>,
+    /// The container's seccomp filter, for exec'd processes too.
+    seccomp: Option<seccompiler::BpfProgram>,
+}
+
+/// Where a PID's exit goes.
+#[derive(Debug)]
+struct Route {
+    container: String,
+    exec_id: Option<String>,
+    exit: Arc<ExitCell>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    containers: HashMap<String, Container>,
+    routes: HashMap<i32, Route>,
+}
+
+/// The containers of this guest.
+#[derive(Debug, Default)]
+pub struct Containers {
+    inner: Mutex<Inner>,
+    root_mode: RootMode,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Containers {
+    /// An empty registry with [`RootMode::Auto`], decided once here.
+    pub fn new() -> Self {
+        Self::with_root_mode(RootMode::Auto)
+    }
+
+    /// An empty registry whose containers enter their root as `mode` says (the default,
+    /// [`RootMode::Auto`], picks `pivot_root` unless the agent runs from an initramfs).
+    pub fn with_root_mode(mode: RootMode) -> Self {
+        Containers {
+            inner: Mutex::default(),
+            root_mode: mode.resolve(),
+        }
+    }
+
+    fn inner(&self) -> MutexGuard<'_, Inner> {
+        lock(&self.inner)
+    }
+
+    /// Routes one reaped child (from PID 1's reaper) to its process; unknown PIDs (orphans,
+    /// the intermediate processes of spawns) are ignored.
+    pub fn on_exit(&self, pid: i32, wait_status: libc::c_int) {
+        let mut inner = self.inner();
+        let Some(route) = inner.routes.remove(&pid) else {
+            log::trace!("reaped pid {pid}, not a container process");
+            return;
+        };
+        let status = ExitStatus::from_wait_status(wait_status);
+        log::debug!(
+            "container {} process {} (pid {pid}) exited with {}",
+            route.container,
+            route.exec_id.as_deref().unwrap_or("init"),
+            status.code
+        );
+        route.exit.set(status);
+        if route.exec_id.is_none() {
+            if let Some(c) = inner.containers.get_mut(&route.container) {
+                if Arc::ptr_eq(&c.init.exit, &route.exit) {
+                    c.state = State::Stopped;
+                    c.pending = None;
+                }
+            }
+        }
+    }
+
+    /// Creates the container `id` from `spec` (root path already present), up to the point
+    /// where init waits for [`Self::start`]. `place` runs with init's PID before it sets
+    /// anything up. Returns init's PID.
+    pub fn create(
+        &self,
+        id: &str,
+        spec: &Spec,
+        stdio: Stdio,
+        terminal: bool,
+        place: PlaceHook<'_>,
+    ) -> Result<Pid, ContainerError> {
+        validate_id(id)?;
+        if self.inner().containers.contains_key(id) {
+            return Err(ContainerError::AlreadyExists(id.to_string()));
+        }
+        let plan = init_plan(spec, self.root_mode)?;
+        let exit = Arc::new(ExitCell::default());
+        let (entry, pending) = self.spawn_process(
+            id,
+            None,
+            &plan,
+            stdio,
+            terminal,
+            spec.process().as_ref().and_then(console_size),
+            &exit,
+            place,
+        )?;
+        let pidns = std::fs::read_link(format!("/proc/{}/ns/pid", entry.pid)).ok();
+        let mut inner = self.inner();
+        if inner.containers.contains_key(id) {
+            let _ = nix::sys::signal::kill(entry.pid, Signal::SIGKILL);
+            return Err(ContainerError::AlreadyExists(id.to_string()));
+        }
+        let pid = entry.pid;
+        let state = if exit.get().is_some() {
+            State::Stopped
+        } else {
+            State::Created
+        };
+        inner.containers.insert(
+            id.to_string(),
+            Container {
+                state,
+                init: entry,
+                pending: Some(pending),
+                execs: HashMap::new(),
+                pidns,
+                seccomp: plan.seccomp.clone(),
+            },
+        );
+        log::debug!("container {id} created, init pid {pid}");
+        Ok(pid)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn spawn_process(
+        &self,
+        id: &str,
+        exec_id: Option<&str>,
+        plan: &SpawnPlan,
+        stdio: Stdio,
+        terminal: bool,
+        console_size: Option<(u16, u16)>,
+        exit: &Arc<ExitCell>,
+        place: PlaceHook<'_>,
+    ) -> Result<(ProcessEntry, Pending), ContainerError> {
+        let (stdio, pty, slave) = if terminal {
+            let (pty, slave) = Pty::open(stdio.stdin, stdio.stdout)?;
+            if let Some((rows, cols)) = console_size {
+                pty.resize(rows, cols)?;
+            }
+            (Stdio::default(), Some(pty), Some(slave))
+        } else {
+            (stdio, None, None)
+        };
+        let stdin = match &stdio.stdin {
+            Some(fd) => Some(fd.try_clone().map_err(|e| ContainerError::Io {
+                what: "dup stdin",
+                source: e,
+            })?),
+            None => None,
+        };
+        let mut routed: Option<Pid> = None;
+        let mut pidfd: Option<OwnedFd> = None;
+        let result = spawn::spawn(
+            plan,
+            stdio,
+            slave,
+            &mut |pid| {
+                self.inner().routes.insert(
+                    pid.as_raw(),
+                    Route {
+                        container: id.to_string(),
+                        exec_id: exec_id.map(str::to_string),
+                        exit: exit.clone(),
+                    },
+                );
+                routed = Some(pid);
+                // The child waits for "go": it cannot have exited and been reaped unless
+                // someone killed it, and then the open fails.
+                pidfd = syscall::pidfd_open(pid).ok();
+            },
+            place,
+        );
+        match result {
+            Ok(pending) => Ok((
+                ProcessEntry {
+                    pid: pending.pid,
+                    pidfd,
+                    exit: exit.clone(),
+                    pty,
+                    stdin,
+                },
+                pending,
+            )),
+            Err(e) => {
+                // The child was killed (or died); its exit has nobody to go to.
+                if let Some(pid) = routed {
+                    self.inner().routes.remove(&pid.as_raw());
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Starts a created container: init execs its process.
+    pub fn start(&self, id: &str) -> Result<(), ContainerError> {
+        let pending = {
+            let mut inner = self.inner();
+            let c = get_mut(&mut inner, id)?;
+            if c.state != State::Created {
+                return Err(invalid_state(id, c.state, "start"));
+            }
+            let pending = c
+                .pending
+                .take()
+                .ok_or_else(|| invalid_state(id, c.state, "start"))?;
+            c.state = State::Running;
+            pending
+        };
+        pending.start()
+    }
+
+    /// Runs `process` in the running container `id` as `exec_id`; returns its PID once it
+    /// execed.
+    pub fn exec(
+        &self,
+        id: &str,
+        exec_id: &str,
+        process: &Process,
+        stdio: Stdio,
+        terminal: bool,
+        place: PlaceHook<'_>,
+    ) -> Result<Pid, ContainerError> {
+        validate_id(exec_id)?;
+        let (init_pid, seccomp) = {
+            let inner = self.inner();
+            let c = get(&inner, id)?;
+            if c.state != State::Running {
+                return Err(invalid_state(id, c.state, "exec in"));
+            }
+            if c.execs.contains_key(exec_id) {
+                return Err(ContainerError::ProcessExists {
+                    id: id.to_string(),
+                    exec_id: exec_id.to_string(),
+                });
+            }
+            (c.init.pid, c.seccomp.clone())
+        };
+        // Open the namespaces first: from here on they stay valid even if init exits.
+        let join = ["cgroup", "ipc", "uts", "net", "pid", "mnt"]
+            .iter()
+            .map(|name| {
+                let path = format!("/proc/{init_pid}/ns/{name}");
+                File::open(&path)
+                    .map(|f| (f, ns_flag(name)))
+                    .map_err(|e| ContainerError::Io {
+                        what: "open the container's namespaces",
+                        source: e,
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let plan = SpawnPlan {
+            join,
+            init: None,
+            seccomp,
+            process: ProcessPlan::from_spec(process)?,
+        };
+        let exit = Arc::new(ExitCell::default());
+        let (entry, pending) = self.spawn_process(
+            id,
+            Some(exec_id),
+            &plan,
+            stdio,
+            terminal,
+            console_size(process),
+            &exit,
+            place,
+        )?;
+        let pid = entry.pid;
+        {
+            let mut inner = self.inner();
+            match inner.containers.get_mut(id) {
+                Some(c) if !c.execs.contains_key(exec_id) => {
+                    c.execs.insert(exec_id.to_string(), entry);
+                }
+                _ => {
+                    let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+                    return Err(ContainerError::ProcessExists {
+                        id: id.to_string(),
+                        exec_id: exec_id.to_string(),
+                    });
+                }
+            }
+        }
+        pending.start()?;
+        Ok(pid)
+    }
+
+    /// Sends `signal` to init (`exec_id` `None`) or an exec'd process; with `all`, to every
+    /// process of the container.
+    pub fn signal(
+        &self,
+        id: &str,
+        exec_id: Option<&str>,
+        signal: i32,
+        all: bool,
+    ) -> Result<(), ContainerError> {
+        let signal = Signal::try_from(signal)
+            .map_err(|_| ContainerError::InvalidSpec(format!("unknown signal {signal}")))?;
+        let inner = self.inner();
+        let c = get(&inner, id)?;
+        let process = match exec_id {
+            None => &c.init,
+            Some(e) => c
+                .execs
+                .get(e)
+                .ok_or_else(|| ContainerError::ProcessNotFound {
+                    id: id.to_string(),
+                    exec_id: e.to_string(),
+                })?,
+        };
+        if all && exec_id.is_none() {
+            if c.state == State::Stopped {
+                return Err(invalid_state(id, c.state, "signal"));
+            }
+            for pid in container_pids(c) {
+                let _ = nix::sys::signal::kill(pid, signal);
+            }
+            return Ok(());
+        }
+        // Through the pidfd: between the reaper's waitpid and its on_exit the PID could be
+        // reused; the pidfd still names our process (and answers ESRCH once it is gone).
+        if process.exit.get().is_some() {
+            return Err(ContainerError::ProcessExited(
+                exec_id.unwrap_or("init").to_string(),
+            ));
+        }
+        let sent = match &process.pidfd {
+            Some(pidfd) => syscall::pidfd_send_signal(pidfd.as_fd(), signal as libc::c_int),
+            None => nix::sys::signal::kill(process.pid, signal).map_err(Into::into),
+        };
+        match sent {
+            // Exited, not yet routed by the reaper: as good as exited.
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Err(ContainerError::ProcessExited(
+                exec_id.unwrap_or("init").to_string(),
+            )),
+            Err(e) => Err(ContainerError::Io {
+                what: "send the signal",
+                source: e,
+            }),
+            Ok(()) => Ok(()),
+        }
+    }
+
+    /// Waits until init or the exec'd process exited (at once if it has) and returns how.
+    pub fn wait(&self, id: &str, exec_id: Option<&str>) -> Result<ExitStatus, ContainerError> {
+        let cell = {
+            let inner = self.inner();
+            let c = get(&inner, id)?;
+            match exec_id {
+                None => c.init.exit.clone(),
+                Some(e) => c
+                    .execs
+                    .get(e)
+                    .ok_or_else(|| ContainerError::ProcessNotFound {
+                        id: id.to_string(),
+                        exec_id: e.to_string(),
+                    })?
+                    .exit
+                    .clone(),
+            }
+        };
+        cell.wait(None)
+            .ok_or_else(|| ContainerError::Setup("wait without an exit".into()))
+    }
+
+    /// The container's state.
+    pub fn state(&self, id: &str) -> Result<State, ContainerError> {
+        Ok(get(&self.inner(), id)?.state)
+    }
+
+    /// The PIDs (in the agent's PID namespace) of every process of the container.
+    pub fn pids(&self, id: &str) -> Result<Vec<Pid>, ContainerError> {
+        let inner = self.inner();
+        let c = get(&inner, id)?;
+        if c.state == State::Stopped {
+            return Ok(Vec::new());
+        }
+        Ok(container_pids(c))
+    }
+
+    /// Records that the container was frozen (`true`) or thawed (`false`) by the caller.
+    pub fn set_paused(&self, id: &str, paused: bool) -> Result<(), ContainerError> {
+        let mut inner = self.inner();
+        let c = get_mut(&mut inner, id)?;
+        c.state = match (c.state, paused) {
+            (State::Running, true) => State::Paused,
+            (State::Paused, false) => State::Running,
+            (state, true) => return Err(invalid_state(id, state, "pause")),
+            (state, false) => return Err(invalid_state(id, state, "resume")),
+        };
+        Ok(())
+    }
+
+    /// Sets the window size of the terminal of init or an exec'd process.
+    pub fn resize_pty(
+        &self,
+        id: &str,
+        exec_id: Option<&str>,
+        rows: u16,
+        cols: u16,
+    ) -> Result<(), ContainerError> {
+        let mut inner = self.inner();
+        let p = process_mut(&mut inner, id, exec_id)?;
+        match &p.pty {
+            Some(pty) => pty.resize(rows, cols),
+            None => Err(ContainerError::InvalidSpec(
+                "the process has no terminal".into(),
+            )),
+        }
+    }
+
+    /// Closes the agent's end of the process's stdin: the process reads EOF.
+    pub fn close_stdin(&self, id: &str, exec_id: Option<&str>) -> Result<(), ContainerError> {
+        let mut inner = self.inner();
+        process_mut(&mut inner, id, exec_id)?.close_stdin();
+        Ok(())
+    }
+
+    /// Forgets an exec'd process that has exited (its exit status with it).
+    pub fn remove_exec(&self, id: &str, exec_id: &str) -> Result<(), ContainerError> {
+        let mut inner = self.inner();
+        let c = get_mut(&mut inner, id)?;
+        let p = c
+            .execs
+            .get(exec_id)
+            .ok_or_else(|| ContainerError::ProcessNotFound {
+                id: id.to_string(),
+                exec_id: exec_id.to_string(),
+            })?;
+        if p.exit.get().is_none() {
+            return Err(ContainerError::InvalidState {
+                id: format!("{id}/{exec_id}"),
+                state: State::Running,
+                op: "remove running process of",
+            });
+        }
+        c.execs.remove(exec_id);
+        Ok(())
+    }
+
+    /// Removes the container: a stopped one at once; otherwise every process gets SIGKILL and
+    /// init is waited for up to `timeout` (a paused container must be thawed first).
+    pub fn remove(&self, id: &str, timeout: Duration) -> Result<(), ContainerError> {
+        let exit = {
+            let mut inner = self.inner();
+            let c = get_mut(&mut inner, id)?;
+            match c.state {
+                State::Stopped => None,
+                State::Paused => return Err(invalid_state(id, c.state, "remove")),
+                State::Created | State::Running => {
+                    // A created init waits on its sync pipe: dropping it ends the child too.
+                    c.pending = None;
+                    for pid in container_pids(c) {
+                        let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+                    }
+                    let _ = nix::sys::signal::kill(c.init.pid, Signal::SIGKILL);
+                    Some(c.init.exit.clone())
+                }
+            }
+        };
+        if let Some(exit) = exit {
+            if exit.wait(Some(timeout)).is_none() {
+                return Err(ContainerError::Io {
+                    what: "stop init",
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("init did not exit within {timeout:?} of SIGKILL"),
+                    ),
+                });
+            }
+        }
+        self.inner().containers.remove(id);
+        log::debug!("container {id} removed");
+        Ok(())
+    }
+}
+
+/// The spec's initial terminal size as (rows, columns), clamped to what a winsize holds.
+fn console_size(process: &Process) -> Option<(u16, u16)> {
+    process.console_size().map(|b| {
+        let clamp = |v: u64| u16::try_from(v).unwrap_or(u16::MAX);
+        (clamp(b.height()), clamp(b.width()))
+    })
+}
+
+fn validate_id(id: &str) -> Result<(), ContainerError> {
+    let ok = !id.is_empty()
+        && id.len() <= 256
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.+".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(ContainerError::InvalidSpec(format!("bad id {id:?}")))
+    }
+}
+
+fn get<'a>(inner: &'a Inner, id: &str) -> Result<&'a Container, ContainerError> {
+    inner
+        .containers
+        .get(id)
+        .ok_or_else(|| ContainerError::NotFound(id.to_string()))
+}
+
+fn get_mut<'a>(inner: &'a mut Inner, id: &str) -> Result<&'a mut Container, ContainerError> {
+    inner
+        .containers
+        .get_mut(id)
+        .ok_or_else(|| ContainerError::NotFound(id.to_string()))
+}
+
+fn process_mut<'a>(
+    inner: &'a mut Inner,
+    id: &str,
+    exec_id: Option<&str>,
+) -> Result<&'a mut ProcessEntry, ContainerError> {
+    let c = get_mut(inner, id)?;
+    match exec_id {
+        None => Ok(&mut c.init),
+        Some(e) => c
+            .execs
+            .get_mut(e)
+            .ok_or_else(|| ContainerError::ProcessNotFound {
+                id: id.to_string(),
+                exec_id: e.to_string(),
+            }),
+    }
+}
+
+fn invalid_state(id: &str, state: State, op: &'static str) -> ContainerError {
+    ContainerError::InvalidState {
+        id: id.to_string(),
+        state,
+        op,
+    }
+}
+
+/// Every process in the container's PID namespace (a walk of /proc).
+fn container_pids(c: &Container) -> Vec<Pid> {
+    let Some(pidns) = &c.pidns else {
+        return vec![c.init.pid];
+    };
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return vec![c.init.pid];
+    };
+    let mut pids: Vec<Pid> = dir
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read_link(format!("/proc/{pid}/ns/pid")).is_ok_and(|ns| &ns == pidns)
+        })
+        .map(Pid::from_raw)
+        .collect();
+    pids.sort();
+    pids
+}
+
+fn ns_flag(name: &str) -> CloneFlags {
+    match name {
+        "cgroup" => CloneFlags::CLONE_NEWCGROUP,
+        "ipc" => CloneFlags::CLONE_NEWIPC,
+        "uts" => CloneFlags::CLONE_NEWUTS,
+        "net" => CloneFlags::CLONE_NEWNET,
+        "pid" => CloneFlags::CLONE_NEWPID,
+        _ => CloneFlags::CLONE_NEWNS,
+    }
+}
+
+fn seccomp_of(
+    seccomp: Option<&oci_spec::runtime::LinuxSeccomp>,
+) -> Result<Option<seccompiler::BpfProgram>, ContainerError> {
+    seccomp
+        .map(seccomp::compile)
+        .transpose()
+        .map_err(ContainerError::Seccomp)
+}
+
+/// Validates `spec` into the plan of its init.
+fn init_plan(spec: &Spec, root_mode: RootMode) -> Result<SpawnPlan, ContainerError> {
+    let process = spec
+        .process()
+        .as_ref()
+        .ok_or_else(|| ContainerError::InvalidSpec("no process".into()))?;
+    let linux = spec.linux().as_ref();
+    let mut clone_flags = CloneFlags::empty();
+    let mut new_cgroupns = false;
+    let mut join = Vec::new();
+    let mut has_mount = false;
+    for ns in linux
+        .and_then(|l| l.namespaces().as_deref())
+        .unwrap_or_default()
+    {
+        let flag = match ns.typ() {
+            LinuxNamespaceType::Mount => CloneFlags::CLONE_NEWNS,
+            LinuxNamespaceType::Pid => CloneFlags::CLONE_NEWPID,
+            LinuxNamespaceType::Uts => CloneFlags::CLONE_NEWUTS,
+            LinuxNamespaceType::Ipc => CloneFlags::CLONE_NEWIPC,
+            LinuxNamespaceType::Cgroup => CloneFlags::CLONE_NEWCGROUP,
+            LinuxNamespaceType::Network => CloneFlags::CLONE_NEWNET,
+            LinuxNamespaceType::User => {
+                return Err(ContainerError::NotSupported("user namespaces".into()))
+            }
+            LinuxNamespaceType::Time => {
+                return Err(ContainerError::NotSupported("time namespaces".into()))
+            }
+        };
+        match ns.path() {
+            Some(path) => {
+                if flag == CloneFlags::CLONE_NEWNS {
+                    return Err(ContainerError::NotSupported(
+                        "joining an existing mount namespace".into(),
+                    ));
+                }
+                let file = File::open(path).map_err(|e| {
+                    ContainerError::InvalidSpec(format!("namespace path {}: {e}", path.display()))
+                })?;
+                join.push((file, flag));
+            }
+            // The network without a path is the sandbox's: the guest's own.
+            None if flag == CloneFlags::CLONE_NEWNET => {}
+            None if flag == CloneFlags::CLONE_NEWCGROUP => new_cgroupns = true,
+            None => clone_flags |= flag,
+        }
+        has_mount |= flag == CloneFlags::CLONE_NEWNS;
+    }
+    // The root file system setup needs a mount namespace of its own.
+    if !has_mount {
+        clone_flags |= CloneFlags::CLONE_NEWNS;
+    }
+    let new_uts = clone_flags.contains(CloneFlags::CLONE_NEWUTS);
+    if !new_uts && (spec.hostname().is_some() || spec.domainname().is_some()) {
+        return Err(ContainerError::InvalidSpec(
+            "a hostname needs a UTS namespace of its own".into(),
+        ));
+    }
+    let mut sysctls: Vec<(String, String)> = linux
+        .and_then(|l| l.sysctl().clone())
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    sysctls.sort();
+    for (key, _) in &sysctls {
+        if key.is_empty() || key.contains('/') || key.split('.').any(|p| p.is_empty() || p == "..")
+        {
+            return Err(ContainerError::InvalidSpec(format!("bad sysctl {key:?}")));
+        }
+    }
+    if linux.is_some_and(|l| l.uid_mappings().is_some() || l.gid_mappings().is_some()) {
+        return Err(ContainerError::NotSupported("uid/gid mappings".into()));
+    }
+    let plan = SpawnPlan {
+        join,
+        init: Some(InitPart {
+            clone_flags,
+            new_cgroupns,
+            rootfs: RootfsPlan::from_spec(spec, root_mode)?,
+            hostname: spec.hostname().clone(),
+            domainname: spec.domainname().clone(),
+            sysctls,
+        }),
+        seccomp: seccomp_of(linux.and_then(|l| l.seccomp().as_ref()))?,
+        process: ProcessPlan::from_spec(process)?,
+    };
+    Ok(plan)
+}
