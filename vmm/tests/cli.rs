@@ -278,6 +278,7 @@ fn counting_snapshot(dir: &Path) -> String {
         cpu_profile: CpuProfileChoice::Auto,
         started_at: None,
         vsock: None,
+        fs: None,
     })
     .unwrap();
     vm.load_long_mode_program(&common::counter_program().0, LOAD_ADDR)
