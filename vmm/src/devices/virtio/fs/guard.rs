@@ -8,8 +8,8 @@
 //! - names: empty, `.`, `..`, longer than 255 bytes or containing `/` are refused in every
 //!   operation that takes a name (NUL cannot occur: names arrive as C strings);
 //! - device nodes: `mknod` of character or block devices and `RENAME_WHITEOUT` are refused;
-//! - sizes: reads and writes above [`MAX_IO_SIZE`] are refused, directory reads are clamped to
-//!   [`MAX_READDIR_SIZE`];
+//! - sizes: reads and writes above [`MAX_IO_SIZE`] are refused; a directory read takes at most
+//!   [`MAX_READDIR_SIZE`] of host directory entries (the server already refuses asks above 1 MiB);
 //! - counts: at most [`MAX_INODES`] inodes the guest holds a lookup reference on (each is an
 //!   `O_PATH` descriptor on the host) and [`MAX_HANDLES`] open files and directories;
 //! - DAX mappings and ioctls are not offered.
@@ -29,7 +29,8 @@ use fuse_backend_rs::passthrough::PassthroughFs;
 
 /// Largest read or write one request may ask for (also what INIT advertises: 256 pages).
 pub const MAX_IO_SIZE: u32 = 1 << 20;
-/// Largest directory read; bigger requests are served up to this size.
+/// Most bytes of host directory entries read for one READDIR(PLUS); bigger asks get fewer
+/// entries.
 pub const MAX_READDIR_SIZE: u32 = 64 * 1024;
 /// Most inodes the guest may hold a lookup reference on at once.
 pub const MAX_INODES: usize = 16 * 1024;
