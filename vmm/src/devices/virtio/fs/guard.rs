@@ -478,7 +478,7 @@ impl FileSystem for GuardedFs {
             if !self.take_lookup(entry.inode) {
                 return Ok(0);
             }
-            let written = add_entry(dirent, entry.clone());
+            let written = add_entry(dirent, entry);
             if !matches!(written, Ok(n) if n > 0) {
                 self.drop_lookups(entry.inode, 1);
             }

@@ -196,7 +196,7 @@ fn passthrough_config(root: &Path) -> PassthroughConfig {
 impl Fs {
     /// Creates the device exporting `config.shared_dir`.
     pub fn new(config: &FsConfig) -> Result<Fs, FsError> {
-        Self::with_fs(config, |inner| GuardedFs::new(inner))
+        Self::with_fs(config, GuardedFs::new)
     }
 
     /// Creates the device with the guard built by `guard` (tests use small limits).

@@ -70,7 +70,7 @@ fn body(parts: &[&[u8]]) -> Vec<u8> {
 
 impl Harness {
     fn new() -> Harness {
-        Self::with(|inner| GuardedFs::new(inner))
+        Self::with(GuardedFs::new)
     }
 
     fn with(guard: impl FnOnce(PassthroughFs) -> GuardedFs) -> Harness {
