@@ -840,3 +840,46 @@ fn reset_releases_what_the_guest_held() {
         "an inactive device serves nothing"
     );
 }
+
+#[test]
+fn readdirplus_entries_count_as_lookups_and_respect_the_cap() {
+    let mut h = Harness::with(|inner| GuardedFs::with_limits(inner, 3, 8));
+    for i in 0..5 {
+        std::fs::write(h.path(&format!("f{i}")), b"").unwrap();
+    }
+    let fh = h
+        .call(Opcode::Opendir, ROOT_ID, OpenIn::default().as_slice())
+        .obj::<OpenOut>()
+        .fh;
+    let read = ReadIn {
+        fh,
+        size: 64 * 1024,
+        ..ReadIn::default()
+    };
+    let raw = h.call(Opcode::Readdirplus, ROOT_ID, read.as_slice()).ok();
+    // Each direntplus is an EntryOut, a Dirent and the padded name.
+    let mut names = Vec::new();
+    let mut at = 0;
+    let fixed = std::mem::size_of::<EntryOut>() + std::mem::size_of::<Dirent>();
+    while at + fixed <= raw.len() {
+        let d =
+            *Dirent::from_slice(&raw[at + std::mem::size_of::<EntryOut>()..at + fixed]).unwrap();
+        names.push(
+            String::from_utf8_lossy(&raw[at + fixed..at + fixed + d.namelen as usize]).into_owned(),
+        );
+        at += (fixed + d.namelen as usize + 7) & !7;
+    }
+    assert_eq!(names.len(), 3, "the directory read stops at the inode cap");
+    assert_eq!(h.dev.filesystem().inode_count(), 3);
+    // Nothing beyond the cap is reachable until the guest forgets something.
+    let other = (0..5)
+        .map(|i| format!("f{i}"))
+        .find(|n| !names.contains(n))
+        .unwrap();
+    assert_eq!(h.lookup(ROOT_ID, &other).error, errno(libc::ENFILE));
+    assert_eq!(
+        h.entry(ROOT_ID, &names[0]).attr.size,
+        0,
+        "held ones still are"
+    );
+}
