@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 
 use nutshell_tests::GuestBoot;
 
-const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
-const BENCH_MIB: usize = 32;
-const BENCH_FILES: usize = 500;
+const BOOT_TIMEOUT: Duration = Duration::from_secs(400);
+const BENCH_MIB: usize = 8;
+const BENCH_FILES: usize = 100;
 
 /// The value of `key=` in the `virtiofs-bench` line.
 fn bench_field(console: &str, key: &str) -> f64 {

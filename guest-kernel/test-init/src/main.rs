@@ -147,9 +147,9 @@ fn vsock_echo() -> io::Result<u64> {
 }
 
 /// Size of the sequential write and read of `virtiofs-check`.
-const BENCH_MIB: usize = 32;
+const BENCH_MIB: usize = 8;
 /// Number of small files `virtiofs-check` creates.
-const BENCH_FILES: usize = 500;
+const BENCH_FILES: usize = 100;
 
 /// Mounts the virtio-fs export, exchanges one file each way with the host, times the
 /// workloads and prints them on one line.

@@ -196,8 +196,16 @@ impl FileSystem for GuardedFs {
 
     fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
         let opts = self.inner.init(capable)?;
-        // Offered only what the guard knows how to account for.
-        Ok(opts & !(FsOptions::PERFILE_DAX))
+        // Requests of up to MAX_IO_SIZE (256 pages), parallel lookups and reads, and open with
+        // O_TRUNC in one request. Not EXPORT_SUPPORT (it makes the guest look up `..`, which
+        // the guard refuses), not DAX, not POSIX ACLs (no xattrs).
+        let wanted = FsOptions::BIG_WRITES
+            | FsOptions::MAX_PAGES
+            | FsOptions::ASYNC_READ
+            | FsOptions::PARALLEL_DIROPS
+            | FsOptions::AUTO_INVAL_DATA
+            | FsOptions::ATOMIC_O_TRUNC;
+        Ok((opts | wanted) & !FsOptions::PERFILE_DAX)
     }
 
     fn destroy(&self) {

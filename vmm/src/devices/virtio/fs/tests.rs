@@ -10,7 +10,7 @@ use fuse_backend_rs::abi::fuse_abi::{
     AttrOut, CreateIn, Dirent, EntryOut, GetattrIn, InHeader, InitIn, MkdirIn, MknodIn, Opcode,
     OpenIn, OpenOut, OutHeader, ReadIn, ReleaseIn, Rename2In, SetattrIn, WriteIn, WriteOut,
 };
-use fuse_backend_rs::api::filesystem::ROOT_ID;
+use fuse_backend_rs::api::filesystem::{FsOptions, ROOT_ID};
 use virtio_queue::desc::split::Descriptor as SplitDescriptor;
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
@@ -105,11 +105,20 @@ impl Harness {
             major: 7,
             minor: 31,
             max_readahead: 0x2_0000,
-            flags: 0,
+            flags: (FsOptions::BIG_WRITES
+                | FsOptions::MAX_PAGES
+                | FsOptions::EXPORT_SUPPORT
+                | FsOptions::POSIX_ACL)
+                .bits() as u32,
         };
         let out: fuse_backend_rs::abi::fuse_abi::InitOut =
             h.call(Opcode::Init, 0, init.as_slice()).obj();
         assert_eq!(out.major, 7);
+        assert_eq!(out.max_write, guard::MAX_IO_SIZE, "1 MiB writes");
+        assert_eq!(out.max_pages, 256);
+        let flags = FsOptions::from_bits_truncate(u64::from(out.flags));
+        assert!(!flags.contains(FsOptions::EXPORT_SUPPORT));
+        assert!(!flags.contains(FsOptions::POSIX_ACL));
         h
     }
 
