@@ -70,6 +70,7 @@ pub struct GuestBoot {
     memory_mib: u64,
     cmdline: String,
     vsock_uds: Option<PathBuf>,
+    shared_dir: Option<PathBuf>,
 }
 
 impl GuestBoot {
@@ -81,6 +82,7 @@ impl GuestBoot {
             memory_mib: 128,
             cmdline: "quiet".to_owned(),
             vsock_uds: None,
+            shared_dir: None,
         }
     }
 
@@ -108,6 +110,12 @@ impl GuestBoot {
         self
     }
 
+    /// A virtio-fs device exporting `dir` with the default tag (`nutshell`).
+    pub fn shared_dir(mut self, dir: &Path) -> Self {
+        self.shared_dir = Some(dir.to_owned());
+        self
+    }
+
     /// The `nutshell-vmm` arguments (the console is added by [`VmmProcess::spawn`]).
     pub fn args(&self) -> Result<Vec<String>> {
         let path = |p: PathBuf| p.to_string_lossy().into_owned();
@@ -126,6 +134,10 @@ impl GuestBoot {
         if let Some(uds) = &self.vsock_uds {
             args.push("--vsock-uds".to_owned());
             args.push(path(uds.clone()));
+        }
+        if let Some(dir) = &self.shared_dir {
+            args.push("--shared-dir".to_owned());
+            args.push(path(dir.clone()));
         }
         Ok(args)
     }

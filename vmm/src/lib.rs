@@ -81,6 +81,9 @@ pub fn boot_linux(config: LinuxConfig) -> Result<RunningVm, VmError> {
             .into());
         }
     }
+    if let Some(fs) = &config.machine.fs {
+        fs.validate()?;
+    }
     // A console file this call creates is removed again if the boot fails.
     let created_console = match &config.machine.console {
         Console::File(path) if !path.exists() => Some(path.clone()),
@@ -105,6 +108,16 @@ pub fn boot_linux(config: LinuxConfig) -> Result<RunningVm, VmError> {
                         arch::x86_64::layout::VIRTIO_MMIO_SIZE,
                         vm_memory::GuestAddress(arch::x86_64::layout::VIRTIO_MMIO_BASE),
                         arch::x86_64::layout::VIRTIO_GSI_BASE,
+                        None,
+                    )
+                    .map_err(boot::BootError::Cmdline)?;
+            }
+            if machine.fs.is_some() {
+                cmdline
+                    .add_virtio_mmio_device(
+                        arch::x86_64::layout::VIRTIO_MMIO_SIZE,
+                        vm_memory::GuestAddress(arch::x86_64::layout::FS_MMIO_BASE),
+                        arch::x86_64::layout::FS_GSI,
                         None,
                     )
                     .map_err(boot::BootError::Cmdline)?;

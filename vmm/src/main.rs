@@ -7,6 +7,7 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use nutshell_vmm::arch::x86_64::cpuid::CpuProfile;
+use nutshell_vmm::devices::virtio::fs::FsConfig;
 use nutshell_vmm::devices::virtio::vsock::VsockConfig;
 use nutshell_vmm::{
     boot_linux, Console, CpuProfileChoice, LinuxConfig, MachineConfig, RestoreConfig, Vm, VmExit,
@@ -38,7 +39,7 @@ struct Args {
     #[arg(
         long,
         value_name = "DIR",
-        conflicts_with_all = ["kernel", "initrd", "cmdline", "memory_mib", "vcpus", "vsock_uds"]
+        conflicts_with_all = ["kernel", "initrd", "cmdline", "memory_mib", "vcpus", "vsock_uds", "shared_dir"]
     )]
     restore: Option<PathBuf>,
 
@@ -68,6 +69,15 @@ struct Args {
     /// The guest's vsock context id (with --vsock-uds).
     #[arg(long, value_name = "N", default_value_t = nutshell_vmm::devices::virtio::vsock::DEFAULT_GUEST_CID)]
     vsock_cid: u64,
+
+    /// Add a virtio-fs device exporting this host directory (the sandbox's shared directory);
+    /// the guest mounts it with `mount -t virtiofs TAG /mnt`.
+    #[arg(long, value_name = "PATH")]
+    shared_dir: Option<PathBuf>,
+
+    /// The virtio-fs tag (with --shared-dir), 1 to 36 bytes.
+    #[arg(long, value_name = "TAG", default_value = nutshell_vmm::devices::virtio::fs::DEFAULT_TAG, requires = "shared_dir")]
+    fs_tag: String,
 
     /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
     #[arg(long, value_name = "LEVEL", default_value = "info")]
@@ -146,6 +156,10 @@ fn run(args: Args, started_at: Instant) -> anyhow::Result<VmExit> {
                 vsock: args.vsock_uds.map(|uds_path| VsockConfig {
                     guest_cid: args.vsock_cid,
                     uds_path,
+                }),
+                fs: args.shared_dir.map(|shared_dir| FsConfig {
+                    shared_dir,
+                    tag: args.fs_tag,
                 }),
             },
         })?

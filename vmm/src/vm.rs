@@ -15,7 +15,8 @@ use vmm_sys_util::signal::Killable;
 
 use crate::arch::x86_64::cpuid::{self, CpuProfile, CpuidError};
 use crate::arch::x86_64::layout::{
-    KVM_TSS_ADDR, SERIAL_IRQ, VIRTIO_GSI_BASE, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE,
+    FS_GSI, FS_MMIO_BASE, KVM_TSS_ADDR, SERIAL_IRQ, VIRTIO_GSI_BASE, VIRTIO_MMIO_BASE,
+    VIRTIO_MMIO_SIZE,
 };
 use crate::arch::x86_64::mptable::{self, MptableError};
 use crate::arch::x86_64::pvh::{self, PvhError};
@@ -26,6 +27,7 @@ use crate::devices::exit_port::{ExitPort, EXIT_PORT};
 use crate::devices::legacy::{I8042, I8042_BASE, I8042_LEN};
 use crate::devices::rtc::{Rtc, RTC_BASE, RTC_LEN};
 use crate::devices::serial::{ConsoleSink, SerialDevice, COM1_BASE, COM1_LEN};
+use crate::devices::virtio::fs::{self as virtio_fs, Fs, FsConfig, FsError};
 use crate::devices::virtio::mmio::{reg, MmioTransport};
 use crate::devices::virtio::vsock::{self, Vsock, VsockConfig, VsockError};
 use crate::devices::virtio::{Interrupt, VirtioDevice};
@@ -94,6 +96,9 @@ pub enum VmError {
     /// The vsock device.
     #[error(transparent)]
     Vsock(#[from] VsockError),
+    /// The virtio-fs device.
+    #[error(transparent)]
+    Fs(#[from] FsError),
     /// Writing or reading a snapshot.
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
@@ -210,6 +215,8 @@ pub struct MachineConfig {
     pub started_at: Option<Instant>,
     /// A virtio-vsock device (hybrid vsock over a Unix socket), if any.
     pub vsock: Option<VsockConfig>,
+    /// A virtio-fs device exporting a host directory, if any.
+    pub fs: Option<FsConfig>,
 }
 
 /// Smallest guest the VMM accepts: room for boot data below 1 MiB and a kernel above it.
@@ -265,6 +272,7 @@ pub struct Vm {
     first_run: Arc<FirstRun>,
     profile: CpuProfile,
     vsock: Option<Arc<Mutex<Vsock>>>,
+    fs: Option<Arc<Mutex<Fs>>>,
     serial: Arc<Mutex<SerialDevice>>,
     cpuid_hash: u32,
     payload: Option<String>,
@@ -280,6 +288,7 @@ struct Parts {
     profile: CpuProfile,
     started_at: Option<Instant>,
     vsock: Option<VsockConfig>,
+    fs: Option<FsConfig>,
 }
 
 impl Vm {
@@ -327,6 +336,7 @@ impl Vm {
                 profile,
                 started_at: config.started_at,
                 vsock: config.vsock,
+                fs: config.fs,
             },
         )?;
         for vcpu in &vm.vcpus {
@@ -361,6 +371,11 @@ impl Vm {
             .as_ref()
             .map(|c| add_vsock(&fd, &mem, &mut mmio, c))
             .transpose()?;
+        let fs = parts
+            .fs
+            .as_ref()
+            .map(|c| add_fs(&fd, &mem, &mut mmio, c))
+            .transpose()?;
         let mmio = Arc::new(mmio);
 
         let caps = Arc::new(SaveCaps::probe(kvm));
@@ -391,6 +406,7 @@ impl Vm {
             first_run: FirstRun::new(parts.started_at),
             profile: parts.profile,
             vsock,
+            fs,
             serial,
             cpuid_hash: cpuid_hash(&tables),
             payload: None,
@@ -447,6 +463,7 @@ impl Vm {
                 profile,
                 started_at: config.started_at,
                 vsock: None,
+                fs: None,
             },
         )?;
         if vm.cpuid_hash != header.cpuid_hash {
@@ -556,6 +573,7 @@ impl Vm {
             exit,
             first_run,
             vsock,
+            fs,
             serial,
             cpuid_hash,
             payload,
@@ -567,7 +585,7 @@ impl Vm {
             device_threads: Vec::new(),
             exit,
             state: VmRunState::Running,
-            has_virtio: vsock.is_some(),
+            has_virtio: vsock.is_some() || fs.is_some(),
             serial,
             cpuid_hash,
             payload,
@@ -580,6 +598,16 @@ impl Vm {
                 vsock::event_loop::spawn(dev, running.exit.as_raw_fd()).map_err(|source| {
                     VmError::DeviceThread {
                         what: "vsock",
+                        source,
+                    }
+                })?;
+            running.device_threads.push(thread);
+        }
+        if let Some(dev) = fs {
+            let thread =
+                virtio_fs::event_loop::spawn(dev, running.exit.as_raw_fd()).map_err(|source| {
+                    VmError::DeviceThread {
+                        what: "virtio-fs",
                         source,
                     }
                 })?;
@@ -703,6 +731,35 @@ fn add_vsock(
     let transport = MmioTransport::new(device.clone(), mem.clone(), Interrupt::new(irqfd));
     mmio.insert(
         VIRTIO_MMIO_BASE,
+        VIRTIO_MMIO_SIZE,
+        Arc::new(Mutex::new(transport)),
+    )?;
+    Ok(device)
+}
+
+/// The virtio-fs device: the MMIO slot and GSI after the vsock one (`FS_MMIO_BASE`, `FS_GSI`),
+/// its queue notifications as ioeventfds.
+fn add_fs(
+    fd: &VmFd,
+    mem: &GuestMemoryMmap,
+    mmio: &mut MmioBus,
+    config: &FsConfig,
+) -> Result<Arc<Mutex<Fs>>, VmError> {
+    let device = Arc::new(Mutex::new(Fs::new(config)?));
+    let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+    fd.register_irqfd(&irqfd, FS_GSI)
+        .map_err(kvm_err("register the virtio-fs irqfd"))?;
+    let notify = kvm_ioctls::IoEventAddress::Mmio(FS_MMIO_BASE + reg::QUEUE_NOTIFY);
+    {
+        let d = device.lock().unwrap_or_else(|e| e.into_inner());
+        for (index, evt) in d.queue_events().iter().enumerate() {
+            fd.register_ioevent(evt, &notify, index as u32)
+                .map_err(kvm_err("register a virtio-fs queue ioeventfd"))?;
+        }
+    }
+    let transport = MmioTransport::new(device.clone(), mem.clone(), Interrupt::new(irqfd));
+    mmio.insert(
+        FS_MMIO_BASE,
         VIRTIO_MMIO_SIZE,
         Arc::new(Mutex::new(transport)),
     )?;

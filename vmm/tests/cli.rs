@@ -210,6 +210,29 @@ fn bad_inputs_get_one_clear_error() {
         ],
         "CID 2 is reserved",
     );
+    assert_refused(
+        d,
+        &["--kernel", good, "--shared-dir", missing],
+        "shared directory",
+    );
+    assert_refused(
+        d,
+        &["--kernel", good, "--shared-dir", text.to_str().unwrap()],
+        "is not a directory",
+    );
+    let tag = "t".repeat(37);
+    assert_refused(
+        d,
+        &[
+            "--kernel",
+            good,
+            "--shared-dir",
+            d.to_str().unwrap(),
+            "--fs-tag",
+            &tag,
+        ],
+        "tag",
+    );
     let long = "x".repeat(3000);
     assert_refused(
         d,
@@ -232,6 +255,8 @@ fn help_names_every_option() {
         "--console",
         "--vsock-uds",
         "--vsock-cid",
+        "--shared-dir",
+        "--fs-tag",
         "Exit status",
     ] {
         assert!(help.contains(opt), "--help lacks {opt}");
@@ -267,6 +292,35 @@ fn vsock_device_is_announced_and_its_socket_removed_at_exit() {
     assert!(!uds.exists(), "socket file left behind");
 }
 
+#[test]
+fn fs_device_takes_the_slot_after_vsock() {
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = write(
+        dir.path(),
+        "kernel",
+        &pvh_elf(&pvh_check_program(), LOAD_ADDR, 0, true),
+    );
+    let console = dir.path().join("console");
+    let shared = tempfile::tempdir().unwrap();
+    let out = vmm(&[
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--memory-mib",
+        "32",
+        "--console",
+        console.to_str().unwrap(),
+        "--shared-dir",
+        shared.path().to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = std::fs::read_to_string(&console).unwrap();
+    assert!(
+        text.contains("virtio_mmio.device=4K@0xd0001000:6"),
+        "console: {text:?}"
+    );
+    assert!(!text.contains("0xd0000000"), "console: {text:?}");
+}
+
 /// Snapshots the counting guest (run in this process) into `dir`; returns its console so far.
 fn counting_snapshot(dir: &Path) -> String {
     use nutshell_vmm::{Console, CpuProfileChoice, MachineConfig, Vm, VmExit};
@@ -278,6 +332,7 @@ fn counting_snapshot(dir: &Path) -> String {
         cpu_profile: CpuProfileChoice::Auto,
         started_at: None,
         vsock: None,
+        fs: None,
     })
     .unwrap();
     vm.load_long_mode_program(&common::counter_program().0, LOAD_ADDR)

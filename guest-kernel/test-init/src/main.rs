@@ -9,7 +9,10 @@
 //! then does what `nutshell_test.action=` on the kernel command line says: `poweroff` (the
 //! default: sync, then `reboot(RB_POWER_OFF)`), `reboot` (`RB_AUTOBOOT`), `panic` (exit, so the
 //! kernel panics), `hang` (sleep forever) or `vsock-echo` (echo one connection on vsock port
-//! 1024 until EOF, then write `hello-from-guest` to host port 1025, then power off). On any failure it prints
+//! 1024 until EOF, then write `hello-from-guest` to host port 1025, then power off) or
+//! `virtiofs-check` (mount the virtio-fs tag `nutshell` on `/mnt`, print `from-host.txt`, write
+//! `from-guest.txt`, time a sequential write and read and the creation of small files, print one
+//! `virtiofs-bench` line, power off). On any failure it prints
 //! `NUTSHELL_TEST_INIT error: <what>` instead and powers off.
 //!
 //! It must never panic: a panic aborts PID 1, which is a kernel panic the test did not ask for.
@@ -103,6 +106,12 @@ fn act(action: Action) -> ! {
         Action::Hang => loop {
             thread::sleep(Duration::from_secs(3600));
         },
+        Action::VirtiofsCheck => {
+            if let Err(e) = virtiofs_check() {
+                print_error(&e);
+            }
+            power_off()
+        }
         Action::VsockEcho => {
             match vsock_echo() {
                 Ok(bytes) => print_line(format_args!("{PREFIX} vsock-echo done bytes={bytes}")),
@@ -135,6 +144,66 @@ fn vsock_echo() -> io::Result<u64> {
     // Wait until the host closes, so that the line has left the guest before power-off.
     let _ = host.read(&mut buf);
     Ok(total)
+}
+
+/// Size of the sequential write and read of `virtiofs-check`.
+const BENCH_MIB: usize = 8;
+/// Number of small files `virtiofs-check` creates.
+const BENCH_FILES: usize = 100;
+
+/// Mounts the virtio-fs export, exchanges one file each way with the host, times the
+/// workloads and prints them on one line.
+fn virtiofs_check() -> io::Result<()> {
+    use std::io::Read;
+    use std::time::Instant;
+    match fs::create_dir("/mnt") {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+        _ => {}
+    }
+    sys::mount_virtiofs(c"nutshell", c"/mnt")?;
+    let from_host = fs::read_to_string("/mnt/from-host.txt")?;
+    print_line(format_args!(
+        "{PREFIX} virtiofs read={}",
+        from_host.trim_end()
+    ));
+    fs::write("/mnt/from-guest.txt", b"hello-from-guest\n")?;
+
+    // Sequential write of BENCH_MIB in 1 MiB writes, then fsync.
+    let chunk = vec![0x5au8; 1 << 20];
+    let t = Instant::now();
+    let mut f = fs::File::create("/mnt/bench-write.bin")?;
+    for _ in 0..BENCH_MIB {
+        f.write_all(&chunk)?;
+    }
+    f.sync_all()?;
+    drop(f);
+    let write_s = t.elapsed().as_secs_f64();
+
+    // Sequential read of a file the host wrote (never in this guest's page cache).
+    let mut buf = vec![0u8; 1 << 20];
+    let t = Instant::now();
+    let mut f = fs::File::open("/mnt/bench-read.bin")?;
+    let mut read = 0usize;
+    loop {
+        match f.read(&mut buf)? {
+            0 => break,
+            n => read += n,
+        }
+    }
+    let read_s = t.elapsed().as_secs_f64();
+
+    // Small files: create, write 100 bytes, close.
+    fs::create_dir("/mnt/small")?;
+    let t = Instant::now();
+    for i in 0..BENCH_FILES {
+        fs::write(format!("/mnt/small/f{i}"), [b'x'; 100])?;
+    }
+    let create_s = t.elapsed().as_secs_f64();
+    sys::sync();
+    print_line(format_args!(
+        "{PREFIX} virtiofs-bench write_mib={BENCH_MIB} write_s={write_s:.3} read_bytes={read} read_s={read_s:.3} files={BENCH_FILES} create_s={create_s:.3}"
+    ));
+    Ok(())
 }
 
 /// Syncs and powers off; if even that fails, exits, which panics the kernel: the most visible

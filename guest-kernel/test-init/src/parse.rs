@@ -16,13 +16,16 @@ pub enum Action {
     Hang,
     /// Echo one vsock connection on port 1024 until EOF, send a line to host port 1025, power off.
     VsockEcho,
+    /// Mount the virtio-fs tag `nutshell` on `/mnt`, read `from-host.txt`, write
+    /// `from-guest.txt`, time a few workloads, power off.
+    VirtiofsCheck,
 }
 
 /// Errors of parsing kernel-provided text.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ParseError {
     #[error(
-        "unknown {ACTION_PARAM} value {0:?} (expected poweroff, reboot, panic, hang or vsock-echo)"
+        "unknown {ACTION_PARAM} value {0:?} (expected poweroff, reboot, panic, hang, vsock-echo or virtiofs-check)"
     )]
     UnknownAction(String),
     #[error("invalid CPU list {0:?}")]
@@ -52,6 +55,7 @@ pub fn parse_action(cmdline: &str) -> Result<Action, ParseError> {
             "panic" => Action::Panic,
             "hang" => Action::Hang,
             "vsock-echo" => Action::VsockEcho,
+            "virtiofs-check" => Action::VirtiofsCheck,
             other => return Err(ParseError::UnknownAction(other.to_owned())),
         };
     }
@@ -125,6 +129,7 @@ mod tests {
         for (cmdline, action) in [
             ("nutshell_test.action=reboot", Action::Reboot),
             ("quiet nutshell_test.action=vsock-echo", Action::VsockEcho),
+            ("nutshell_test.action=virtiofs-check", Action::VirtiofsCheck),
             (
                 "console=ttyS0 nutshell_test.action=panic quiet",
                 Action::Panic,

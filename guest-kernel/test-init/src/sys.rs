@@ -28,6 +28,26 @@ pub fn mount_pseudo(fstype: &CStr, target: &CStr) -> io::Result<()> {
     Err(err)
 }
 
+/// Mounts the virtio-fs file system tagged `tag` on `target`.
+pub fn mount_virtiofs(tag: &CStr, target: &CStr) -> io::Result<()> {
+    // SAFETY: all strings are valid NUL-terminated C strings that outlive the call, and a null
+    // `data` is allowed; mount(2) reads them and touches no memory of ours otherwise.
+    let rc = unsafe {
+        libc::mount(
+            tag.as_ptr(),
+            target.as_ptr(),
+            c"virtiofs".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Flushes file system buffers.
 pub fn sync() {
     // SAFETY: sync(2) takes no arguments and cannot fail.

@@ -207,5 +207,6 @@ pub fn machine(vcpus: u8, console: &Captured) -> MachineConfig {
         cpu_profile: CpuProfileChoice::Auto,
         started_at: None,
         vsock: None,
+        fs: None,
     }
 }

@@ -50,3 +50,8 @@ pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
 pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
 /// GSI of the first virtio-mmio device; the next ones take the following GSIs.
 pub const VIRTIO_GSI_BASE: u32 = 5;
+/// The virtio-fs device: the slot and GSI after the vsock device (fixed, whether or not vsock
+/// is present, so that a device's address never depends on which others exist).
+pub const FS_MMIO_BASE: u64 = VIRTIO_MMIO_BASE + VIRTIO_MMIO_SIZE;
+/// GSI of the virtio-fs device.
+pub const FS_GSI: u32 = VIRTIO_GSI_BASE + 1;

@@ -1,5 +1,6 @@
 //! Virtio devices behind the virtio-mmio transport.
 
+pub mod fs;
 pub mod mmio;
 pub mod vsock;
 
@@ -37,7 +38,7 @@ pub enum ActivateError {
 
 /// A device the transport serves: identity, features, config space, queues.
 pub trait VirtioDevice: Send {
-    /// Virtio device id (19 for vsock).
+    /// Virtio device id (19 for vsock, 26 for virtio-fs).
     fn device_type(&self) -> u32;
     /// Largest size of each queue; the number of queues is its length.
     fn queue_max_sizes(&self) -> &[u16];
