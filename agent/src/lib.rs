@@ -7,5 +7,6 @@
 
 pub mod init;
 pub mod logger;
+pub mod refresh;
 pub mod service;
 pub mod sys;
