@@ -779,6 +779,9 @@ fn build_bus(exit: &Arc<ExitHandle>, serial: Arc<Mutex<SerialDevice>>) -> Result
     Ok(bus)
 }
 
+/// A virtio-mmio transport on the MMIO bus, shared with the VM for snapshots.
+type SharedTransport = Arc<Mutex<MmioTransport>>;
+
 /// The first virtio-mmio device: a vsock device at `VIRTIO_MMIO_BASE`, GSI `VIRTIO_GSI_BASE`,
 /// its queue notifications as ioeventfds.
 fn add_vsock(
@@ -786,7 +789,7 @@ fn add_vsock(
     mem: &GuestMemoryMmap,
     mmio: &mut MmioBus,
     config: &VsockConfig,
-) -> Result<(Arc<Mutex<Vsock>>, Arc<Mutex<MmioTransport>>), VmError> {
+) -> Result<(Arc<Mutex<Vsock>>, SharedTransport), VmError> {
     let device = Arc::new(Mutex::new(Vsock::new(config)?));
     let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
     fd.register_irqfd(&irqfd, VIRTIO_GSI_BASE)
