@@ -17,6 +17,9 @@ use ttrpc::TtrpcContext;
 use crate::exit::{ExitHandle, VmExit};
 use crate::vm::{RunningVm, VmError};
 
+/// How long Shutdown waits after answering before it stops the VM.
+const SHUTDOWN_REPLY_GRACE: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// Longest snapshot directory path accepted.
 pub const MAX_PATH_LEN: usize = 4096;
 
@@ -183,9 +186,19 @@ impl ControlService {
             ));
         }
         log::info!("shutdown requested over the control socket");
-        self.exit.request(VmExit::Stopped(
-            "shutdown requested over the control socket".into(),
-        ));
+        // The stop tears the server down: let the reply leave first (ttrpc sends it only after
+        // the handler returned).
+        let reason = || VmExit::Stopped("shutdown requested over the control socket".into());
+        let exit = self.exit.clone();
+        let spawned = std::thread::Builder::new()
+            .name("api-shutdown".into())
+            .spawn(move || {
+                std::thread::sleep(SHUTDOWN_REPLY_GRACE);
+                exit.request(reason());
+            });
+        if spawned.is_err() {
+            self.exit.request(reason());
+        }
         Ok(())
     }
 }

@@ -309,4 +309,56 @@ mod tests {
         let r = unsafe { libc::flock(other.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
         assert_eq!(r, 0);
     }
+
+    #[test]
+    fn key_follows_every_input() {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = dir.path().join("vmlinux");
+        let initrd = dir.path().join("initrd");
+        std::fs::write(&kernel, b"kernel bytes").unwrap();
+        std::fs::write(&initrd, b"initrd bytes").unwrap();
+        let config = TemplateConfig {
+            kernel: kernel.clone(),
+            initrd: initrd.clone(),
+            cmdline: "quiet".into(),
+            vcpus: 1,
+            memory_mib: 128,
+            cpu_profile: CpuProfileChoice::Auto,
+            cache_dir: dir.path().join("cache"),
+            ready_timeout: Duration::from_secs(1),
+        };
+        let key = template_key(&config).unwrap();
+        assert_eq!(key.len(), 64);
+        assert_eq!(template_key(&config).unwrap(), key, "deterministic");
+        let mut keys = vec![key];
+        std::fs::write(&initrd, b"initrd bytes!").unwrap();
+        keys.push(template_key(&config).unwrap());
+        std::fs::write(&kernel, b"other kernel").unwrap();
+        keys.push(template_key(&config).unwrap());
+        for changed in [
+            TemplateConfig {
+                vcpus: 2,
+                ..config.clone()
+            },
+            TemplateConfig {
+                memory_mib: 256,
+                ..config.clone()
+            },
+            TemplateConfig {
+                cmdline: "quiet x".into(),
+                ..config.clone()
+            },
+        ] {
+            keys.push(template_key(&changed).unwrap());
+        }
+        let mut unique = keys.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), keys.len(), "{keys:?}");
+        assert!(template_key(&TemplateConfig {
+            kernel: dir.path().join("missing"),
+            ..config
+        })
+        .is_err());
+    }
 }
