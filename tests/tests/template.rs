@@ -76,9 +76,11 @@ fn restore(cache: &Path, sockets: &Path, i: usize) -> Restored {
 }
 
 fn connect(r: &Restored) -> AgentClient {
+    // Generous bounds: on a loaded kvm_pvm host one RPC can take seconds.
     let opts = ConnectOptions {
-        connect_timeout: Duration::from_secs(60),
+        connect_timeout: Duration::from_secs(120),
         retry_interval: Duration::from_millis(5),
+        rpc_timeout: Duration::from_secs(120),
         ..Default::default()
     };
     match AgentClient::connect(&r.uds, &opts) {
@@ -103,7 +105,7 @@ fn api_client(path: &Path) -> VmmClient {
 }
 
 fn ctx() -> ttrpc::context::Context {
-    ttrpc::context::with_timeout(30_000_000_000)
+    ttrpc::context::with_timeout(120_000_000_000)
 }
 
 fn now_nanos() -> i64 {
@@ -123,7 +125,7 @@ fn logged_clock(console: &str) -> Option<f64> {
 }
 
 fn wait_logged_clock(vm: &VmmProcess) -> f64 {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Some(c) = logged_clock(&vm.console()) {
             return c;

@@ -286,6 +286,9 @@ pub struct Vsock {
     next_host_port: u32,
     active: Option<Active>,
     payload: Vec<u8>,
+    /// A transport reset was sent and the guest has not handled it yet: host connections wait,
+    /// or the guest's reset would cut them too.
+    reset_pending: bool,
 }
 
 impl Vsock {
@@ -322,6 +325,7 @@ impl Vsock {
             next_host_port: FIRST_HOST_PORT,
             active: None,
             payload: Vec::with_capacity(MAX_PKT_PAYLOAD),
+            reset_pending: false,
         })
     }
 
@@ -364,7 +368,22 @@ impl Vsock {
             crate::ratelimited!(log::Level::Warn, "vsock: cannot return an event buffer");
         }
         self.signal();
+        self.reset_pending = len != 0;
         len != 0
+    }
+
+    /// The guest notified the event queue: it handled the event and gave the buffer back
+    /// (Linux refills the event queue, then kicks, after resetting its sockets).
+    pub fn event_queue_notified(&mut self) {
+        if self.reset_pending {
+            log::debug!("vsock: the guest handled the transport reset");
+            self.reset_pending = false;
+        }
+    }
+
+    /// Whether a transport reset is waiting for the guest.
+    pub fn reset_pending(&self) -> bool {
+        self.reset_pending
     }
 
     fn header(&self, key: ConnKey, op: u16) -> Header {
@@ -675,8 +694,13 @@ impl Vsock {
             );
             return;
         };
-        if self.active.is_none() || self.conns.len() >= MAX_CONNECTIONS {
-            if self.active.is_none() {
+        if self.active.is_none() || self.reset_pending || self.conns.len() >= MAX_CONNECTIONS {
+            if self.reset_pending {
+                // The client retries, as while the guest boots.
+                log::debug!(
+                    "vsock: host connection to port {port} refused: the guest has not handled the transport reset yet"
+                );
+            } else if self.active.is_none() {
                 // Expected while the guest boots: clients retry until its driver is up.
                 log::debug!(
                     "vsock: host connection to port {port} refused: guest driver not ready"
@@ -988,6 +1012,7 @@ impl VirtioDevice for Vsock {
 
     fn reset(&mut self) {
         self.active = None;
+        self.reset_pending = false;
         self.conns.clear();
         self.tokens.clear();
         self.pending_host.clear();

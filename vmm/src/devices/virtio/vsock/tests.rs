@@ -567,4 +567,31 @@ fn transport_reset_event_is_written_to_the_event_queue() {
         0,
         "VIRTIO_VSOCK_EVENT_TRANSPORT_RESET"
     );
+
+    // Until the guest gives the event buffer back, host connections wait (the guest's reset
+    // would cut them); then they go through.
+    assert!(h.dev.reset_pending());
+    h.give_rx(4);
+    let mut early = UnixStream::connect(h.uds()).unwrap();
+    early.write_all(b"CONNECT 1024\n").unwrap();
+    assert!(
+        h.receive().is_empty(),
+        "no REQUEST while the reset is pending"
+    );
+    early
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut buf = [0u8; 16];
+    assert_eq!(
+        early.read(&mut buf).unwrap(),
+        0,
+        "closed: the client retries"
+    );
+    h.dev.event_queue_notified();
+    assert!(!h.dev.reset_pending());
+    let mut host = UnixStream::connect(h.uds()).unwrap();
+    host.write_all(b"CONNECT 1024\n").unwrap();
+    let got = h.receive();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].0.op, op::REQUEST);
 }
