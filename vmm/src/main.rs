@@ -48,7 +48,7 @@ struct Args {
     restore: Option<PathBuf>,
 
     /// With --restore: refuse the snapshot unless it is the template of this key.
-    #[arg(long, value_name = "KEY", requires = "restore")]
+    #[arg(long, value_name = "KEY")]
     template_key: Option<String>,
 
     /// Start from the agent-ready template of this kernel, initrd, command line and shape in
@@ -204,6 +204,9 @@ fn run(args: Args, started_at: Instant) -> anyhow::Result<Option<VmExit>> {
         ProfileArg::Host => CpuProfileChoice::Fixed(CpuProfile::Host),
         ProfileArg::Compat => CpuProfileChoice::Fixed(CpuProfile::Compat),
     };
+    if args.template_key.is_some() && args.restore.is_none() {
+        anyhow::bail!("--template-key is used with --restore only");
+    }
     let vm = if let Some(dir) = &args.restore {
         restore(
             dir,
