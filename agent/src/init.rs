@@ -164,6 +164,7 @@ pub fn run() -> Result<std::convert::Infallible, InitError> {
     log::debug!("vsock CID {cid}");
 
     let service = AgentService::new(release.clone(), Arc::new(power_off_or_die));
+    service.set_refresh_action(Arc::new(crate::refresh::SystemRefresh));
     let addr = format!("vsock://-1:{AGENT_VSOCK_PORT}");
     let _server = service.serve(&addr).map_err(InitError::Serve)?;
     // The guest's uptime splits the boot time into kernel and agent (the log's own clock

@@ -1,12 +1,12 @@
 //! The ttrpc services of the agent API: `Health` (Check, Version) and `Agent`.
 //!
-//! Served now: Check, Version, Shutdown. Every other `Agent` method answers UNIMPLEMENTED with
+//! Served now: Check, Version, Shutdown, RefreshGuest. Every other `Agent` method answers UNIMPLEMENTED with
 //! "not implemented yet: <Method>". The power-off that follows Shutdown is injected as a
 //! [`ShutdownAction`], so that the service runs on the host in tests.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use nutshell_protocol::generated::agent as pb;
@@ -14,6 +14,8 @@ use nutshell_protocol::generated::agent_ttrpc;
 use nutshell_protocol::types::{not_implemented, AgentVersion, ServingStatus};
 use nutshell_protocol::AGENT_API_VERSION;
 use ttrpc::TtrpcContext;
+
+use crate::refresh::{Refresh, RefreshAction, RefreshError};
 
 /// How long Shutdown waits after answering before it acts, so that the reply leaves the guest
 /// first (ttrpc sends it only after the handler returned).
@@ -50,6 +52,7 @@ pub struct AgentService {
     version: AgentVersion,
     shutting_down: AtomicBool,
     on_shutdown: Arc<dyn ShutdownAction>,
+    refresh: OnceLock<Arc<dyn RefreshAction>>,
 }
 
 impl std::fmt::Debug for AgentService {
@@ -72,7 +75,36 @@ impl AgentService {
             },
             shutting_down: AtomicBool::new(false),
             on_shutdown,
+            refresh: OnceLock::new(),
         })
+    }
+
+    /// Installs what RefreshGuest does (in the guest: [`crate::refresh::SystemRefresh`]);
+    /// without one, RefreshGuest answers FAILED_PRECONDITION. Only the first call counts.
+    pub fn set_refresh_action(&self, action: Arc<dyn RefreshAction>) {
+        let _ = self.refresh.set(action);
+    }
+
+    fn do_refresh(&self, req: pb::RefreshGuestRequest) -> Result<(), RefreshError> {
+        let refresh = Refresh::new(req.unix_nanos, req.entropy)?;
+        let action = self.refresh.get().ok_or(RefreshError::Unavailable)?;
+        action.refresh(&refresh)?;
+        // The clock as read back, so that the host can check it on the console.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        log::info!(
+            "guest refreshed: wall clock {}.{:09} ({}), {} entropy bytes",
+            now.as_secs(),
+            now.subsec_nanos(),
+            if refresh.unix_nanos.is_some() {
+                "set"
+            } else {
+                "kept"
+            },
+            refresh.entropy.len()
+        );
+        Ok(())
     }
 
     /// The ttrpc method table of both services, for `ttrpc::Server::register_service`.
@@ -183,5 +215,26 @@ impl agent_ttrpc::Agent for AgentService {
     fn shutdown(&self, _ctx: &TtrpcContext, _: pb::ShutdownRequest) -> ttrpc::Result<pb::Empty> {
         self.do_shutdown();
         Ok(pb::Empty::new())
+    }
+
+    fn refresh_guest(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::RefreshGuestRequest,
+    ) -> ttrpc::Result<pb::Empty> {
+        self.do_refresh(req)
+            .map(|()| pb::Empty::new())
+            .map_err(|e| {
+                let code = match e {
+                    RefreshError::Invalid(_) => ttrpc::Code::INVALID_ARGUMENT,
+                    RefreshError::Unavailable => ttrpc::Code::FAILED_PRECONDITION,
+                    _ => ttrpc::Code::INTERNAL,
+                };
+                let message = match std::error::Error::source(&e) {
+                    Some(cause) => format!("{e}: {cause}"),
+                    None => e.to_string(),
+                };
+                ttrpc::Error::RpcStatus(ttrpc::get_status(code, message))
+            })
     }
 }

@@ -268,6 +268,19 @@ pub fn set_hostname(name: &str) -> io::Result<()> {
     Ok(())
 }
 
+/// Sets `CLOCK_REALTIME` to `nanos` since the Unix epoch.
+pub fn set_realtime_nanos(nanos: i64) -> io::Result<()> {
+    let ts = libc::timespec {
+        tv_sec: (nanos / 1_000_000_000) as libc::time_t,
+        tv_nsec: (nanos % 1_000_000_000) as _,
+    };
+    // SAFETY: `ts` is a valid timespec that lives for the call.
+    if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Sets IFF_UP on the loopback interface `lo`.
 pub fn loopback_up() -> io::Result<()> {
     // SAFETY: socket(2) takes plain integers; a non-negative result is a new descriptor.
@@ -290,6 +303,38 @@ pub fn loopback_up() -> io::Result<()> {
     unsafe { ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
     // SAFETY: SIOCSIFFLAGS reads `ifr`, alive for the call.
     if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS as _, &ifr) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `RNDADDENTROPY` of `<linux/random.h>`: `_IOW('R', 0x03, int[2])`.
+const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+
+/// Mixes `bytes` into the kernel RNG and credits them as entropy (8 bits per byte).
+pub fn add_entropy(bytes: &[u8]) -> io::Result<()> {
+    let len = libc::c_int::try_from(bytes.len())
+        .ok()
+        .and_then(|l| l.checked_mul(8).map(|bits| (l, bits)))
+        .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
+    let mut info = Vec::with_capacity(8 + bytes.len());
+    info.extend_from_slice(&len.1.to_ne_bytes());
+    info.extend_from_slice(&len.0.to_ne_bytes());
+    info.extend_from_slice(bytes);
+    // The kernel reads the header as ints and the buffer as u32s: keep it 4-byte aligned.
+    let mut words = vec![0u32; info.len().div_ceil(4)];
+    for (w, chunk) in words.iter_mut().zip(info.chunks(4)) {
+        let mut b = [0u8; 4];
+        b[..chunk.len()].copy_from_slice(chunk);
+        *w = u32::from_ne_bytes(b);
+    }
+    let dev = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/urandom")?;
+    // SAFETY: RNDADDENTROPY reads a rand_pool_info of 8 + buf_size bytes from `words`, which
+    // holds exactly that (rounded up to whole u32s) and lives for the call.
+    if unsafe { libc::ioctl(dev.as_raw_fd(), RNDADDENTROPY as _, words.as_ptr()) } < 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(())

@@ -177,3 +177,65 @@ fn client_connects_through_hybrid_vsock() {
         env!("CARGO_PKG_VERSION")
     );
 }
+
+#[test]
+fn refresh_guest_is_validated_and_needs_an_action() {
+    use nutshell_agent::refresh::{Refresh, RefreshAction, RefreshError};
+
+    struct Recorder(Mutex<Vec<Refresh>>);
+    impl RefreshAction for Recorder {
+        fn refresh(&self, r: &Refresh) -> Result<(), RefreshError> {
+            self.0.lock().unwrap().push(r.clone());
+            Ok(())
+        }
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("agent.sock");
+    let service = AgentService::new("6.1.0-test".into(), Arc::new(|| {}));
+    let server = service
+        .serve(&format!("unix://{}", socket.display()))
+        .unwrap();
+    let client =
+        AgentClient::from_stream(UnixStream::connect(&socket).unwrap(), RPC_TIMEOUT).unwrap();
+    let code = |r: Result<(), ClientError>| match r {
+        Err(ClientError::Status { code, .. }) => code,
+        other => panic!("{other:?}"),
+    };
+    // No action installed (outside a guest): refused, nothing touched.
+    assert_eq!(
+        code(client.refresh_guest(1, &[1, 2, 3])),
+        ttrpc::Code::FAILED_PRECONDITION
+    );
+
+    let recorder = Arc::new(Recorder(Mutex::new(Vec::new())));
+    service.set_refresh_action(recorder.clone());
+    assert_eq!(
+        code(client.refresh_guest(-5, &[])),
+        ttrpc::Code::INVALID_ARGUMENT
+    );
+    assert_eq!(
+        code(client.refresh_guest(1, &[0; 513])),
+        ttrpc::Code::INVALID_ARGUMENT
+    );
+    assert!(recorder.0.lock().unwrap().is_empty());
+    client
+        .refresh_guest(1_700_000_000_123_456_789, &[7; 64])
+        .unwrap();
+    client.refresh_guest(0, &[]).unwrap();
+    let seen = recorder.0.lock().unwrap().clone();
+    assert_eq!(
+        seen,
+        vec![
+            Refresh {
+                unix_nanos: Some(1_700_000_000_123_456_789),
+                entropy: vec![7; 64]
+            },
+            Refresh {
+                unix_nanos: None,
+                entropy: vec![]
+            }
+        ]
+    );
+    server.shutdown();
+}

@@ -105,6 +105,9 @@ pub enum ClientError {
     /// The agent's reply is invalid.
     #[error("invalid reply from the agent")]
     InvalidReply(#[source] TypesError),
+    /// The host's random bytes could not be read.
+    #[error("cannot read host entropy")]
+    Entropy(#[source] io::Error),
 }
 
 impl From<ttrpc::Error> for ClientError {
@@ -313,6 +316,29 @@ impl AgentClient {
         self.agent
             .shutdown(self.ctx(), &pb::ShutdownRequest::new())?;
         Ok(())
+    }
+
+    /// `Agent.RefreshGuest`: sets the guest wall clock to `unix_nanos` (0 leaves it) and adds
+    /// `entropy` to the guest RNG. Called right after a restore.
+    pub fn refresh_guest(&self, unix_nanos: i64, entropy: &[u8]) -> Result<(), ClientError> {
+        let mut req = pb::RefreshGuestRequest::new();
+        req.unix_nanos = unix_nanos;
+        req.entropy = entropy.to_vec();
+        self.agent.refresh_guest(self.ctx(), &req)?;
+        Ok(())
+    }
+
+    /// `Agent.RefreshGuest` with the host's wall clock now and 64 bytes from the host's
+    /// `getrandom`.
+    pub fn refresh_guest_now(&self) -> Result<(), ClientError> {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+            .unwrap_or(0);
+        let mut entropy = [0u8; 64];
+        let mut f = std::fs::File::open("/dev/urandom").map_err(ClientError::Entropy)?;
+        f.read_exact(&mut entropy).map_err(ClientError::Entropy)?;
+        self.refresh_guest(nanos, &entropy)
     }
 
     /// The raw generated client of the `Agent` service, for methods without a typed wrapper yet.

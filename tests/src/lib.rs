@@ -289,6 +289,36 @@ impl VmmProcess {
     fn read_stderr(&self) -> String {
         std::fs::read_to_string(&self.stderr).unwrap_or_default()
     }
+
+    /// The VMM's log so far.
+    pub fn stderr(&self) -> String {
+        self.read_stderr()
+    }
+}
+
+/// Resident and proportional memory of a process, in KiB, from `/proc/PID/smaps_rollup`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryUse {
+    /// `Rss`.
+    pub rss_kib: u64,
+    /// `Pss`: shared pages divided among their users.
+    pub pss_kib: u64,
+}
+
+/// Reads `/proc/PID/smaps_rollup`.
+pub fn memory_use(pid: u32) -> Result<MemoryUse> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .with_context(|| format!("smaps_rollup of {pid}"))?;
+    let field = |name: &str| -> Result<u64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .with_context(|| format!("no {name} in smaps_rollup of {pid}"))
+    };
+    Ok(MemoryUse {
+        rss_kib: field("Rss:")?,
+        pss_kib: field("Pss:")?,
+    })
 }
 
 impl Drop for VmmProcess {

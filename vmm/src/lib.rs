@@ -4,6 +4,7 @@
 //! PIT, the port-I/O devices (8250 console, i8042 reset, exit port) and the vCPU threads.
 //! [`boot_linux`] loads a PVH `vmlinux`, an initrd and a command line into it and starts it.
 
+pub mod api;
 pub mod arch;
 pub mod boot;
 pub mod devices;
@@ -12,6 +13,7 @@ pub mod host;
 pub mod memory;
 pub mod ratelimit;
 pub mod snapshot;
+pub mod template;
 pub mod vcpu;
 pub mod vcpu_state;
 pub mod vm;

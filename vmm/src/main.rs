@@ -1,16 +1,20 @@
 //! `nutshell-vmm`: boots one microVM and runs it until the guest powers off.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
+use nutshell_vmm::api::{ControlService, ControlSocket, SharedVm};
 use nutshell_vmm::arch::x86_64::cpuid::CpuProfile;
 use nutshell_vmm::devices::virtio::fs::FsConfig;
 use nutshell_vmm::devices::virtio::vsock::VsockConfig;
+use nutshell_vmm::template::{self, TemplateConfig};
 use nutshell_vmm::{
-    boot_linux, Console, CpuProfileChoice, LinuxConfig, MachineConfig, RestoreConfig, Vm, VmExit,
+    boot_linux, Console, CpuProfileChoice, LinuxConfig, MachineConfig, RestoreConfig, RunningVm,
+    Vm, VmExit,
 };
 
 /// Boots a Linux guest in a KVM microVM and runs it until the guest powers off or reboots.
@@ -35,13 +39,40 @@ struct Args {
     cmdline: String,
 
     /// Restore the VM snapshotted in this directory instead of booting a kernel; its memory,
-    /// vCPUs and devices come from the snapshot.
+    /// vCPUs and devices come from the snapshot. A vsock device in the snapshot is attached to
+    /// the new socket given with --vsock-uds.
     #[arg(
         long,
         value_name = "DIR",
-        conflicts_with_all = ["kernel", "initrd", "cmdline", "memory_mib", "vcpus", "vsock_uds", "shared_dir"]
+        conflicts_with_all = ["kernel", "initrd", "cmdline", "memory_mib", "vcpus", "template_cache", "shared_dir"]
     )]
     restore: Option<PathBuf>,
+
+    /// With --restore: refuse the snapshot unless it is the template of this key.
+    #[arg(long, value_name = "KEY")]
+    template_key: Option<String>,
+
+    /// Start from the agent-ready template of this kernel, initrd, command line and shape in
+    /// this cache directory: restore it if it is there, otherwise boot it once, snapshot it
+    /// when the agent answers, and restore that. A restore that is impossible falls back to a
+    /// cold boot (logged).
+    #[arg(
+        long,
+        value_name = "DIR",
+        num_args = 0..=1,
+        default_missing_value = nutshell_vmm::template::DEFAULT_CACHE_DIR,
+        requires_all = ["kernel", "initrd"]
+    )]
+    template_cache: Option<PathBuf>,
+
+    /// With --template-cache: only make sure the template exists, print its directory, exit.
+    #[arg(long, requires = "template_cache")]
+    template_only: bool,
+
+    /// Serve the VMM control API (ttrpc: Pause, Resume, Snapshot, Stats, Shutdown) on this Unix
+    /// socket; it is removed at exit.
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
 
     /// Guest memory in MiB. Pages cost host memory only once the guest touches them.
     #[arg(long, value_name = "N", default_value_t = 128)]
@@ -71,8 +102,9 @@ struct Args {
     vsock_cid: u64,
 
     /// Add a virtio-fs device exporting this host directory (the sandbox's shared directory);
-    /// the guest mounts it with `mount -t virtiofs TAG /mnt`.
-    #[arg(long, value_name = "PATH")]
+    /// the guest mounts it with `mount -t virtiofs TAG /mnt`. Not supported yet with
+    /// --template-cache or --restore (a virtio-fs device has no snapshot state yet).
+    #[arg(long, value_name = "PATH", conflicts_with = "template_cache")]
     shared_dir: Option<PathBuf>,
 
     /// The virtio-fs tag (with --shared-dir), 1 to 36 bytes.
@@ -100,7 +132,8 @@ fn main() -> ExitCode {
         .format_target(false)
         .init();
     match run(args, started_at) {
-        Ok(exit) => {
+        Ok(None) => ExitCode::SUCCESS,
+        Ok(Some(exit)) => {
             if exit.is_clean() {
                 log::info!("VM exit: {exit}");
             } else {
@@ -115,60 +148,158 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: Args, started_at: Instant) -> anyhow::Result<VmExit> {
+fn restore(
+    dir: &Path,
+    args: &Args,
+    cpu_profile: CpuProfileChoice,
+    started_at: Instant,
+    expect: (Option<String>, Option<u8>, Option<u64>),
+) -> anyhow::Result<RunningVm> {
+    let vm = Vm::restore(
+        dir,
+        RestoreConfig {
+            console: console(args),
+            cpu_profile,
+            started_at: Some(started_at),
+            expect_vcpus: expect.1,
+            expect_memory_mib: expect.2,
+            expect_template_key: expect.0,
+            vsock_uds: args.vsock_uds.clone(),
+        },
+    )?
+    .start()?;
+    log::info!(
+        "restored {} in {:.2} ms",
+        dir.display(),
+        started_at.elapsed().as_secs_f64() * 1e3
+    );
+    Ok(vm)
+}
+
+fn console(args: &Args) -> Console {
+    args.console.clone().map_or(Console::Stdout, Console::File)
+}
+
+fn cold_boot(
+    args: &Args,
+    cpu_profile: CpuProfileChoice,
+    started_at: Instant,
+) -> anyhow::Result<RunningVm> {
+    let kernel = args
+        .kernel
+        .clone()
+        .context("--kernel or --restore is needed")?;
+    Ok(boot_linux(LinuxConfig {
+        kernel,
+        initrd: args.initrd.clone(),
+        cmdline: args.cmdline.clone(),
+        machine: MachineConfig {
+            memory_mib: args.memory_mib,
+            vcpus: args.vcpus,
+            console: console(args),
+            cpu_profile,
+            started_at: Some(started_at),
+            vsock: args.vsock_uds.clone().map(|uds_path| VsockConfig {
+                guest_cid: args.vsock_cid,
+                uds_path,
+            }),
+            fs: args.shared_dir.clone().map(|shared_dir| FsConfig {
+                shared_dir,
+                tag: args.fs_tag.clone(),
+            }),
+        },
+    })?)
+}
+
+/// Runs the VM to its end; `None` when there was no VM to run (--template-only).
+fn run(args: Args, started_at: Instant) -> anyhow::Result<Option<VmExit>> {
     let signals = StopSignals::block().context("cannot set up signal handling")?;
-    let console = args.console.map_or(Console::Stdout, Console::File);
     let cpu_profile = match args.cpu_profile {
         ProfileArg::Auto => CpuProfileChoice::Auto,
         ProfileArg::Host => CpuProfileChoice::Fixed(CpuProfile::Host),
         ProfileArg::Compat => CpuProfileChoice::Fixed(CpuProfile::Compat),
     };
-    let vm = if let Some(dir) = args.restore {
-        let vm = Vm::restore(
-            &dir,
-            RestoreConfig {
-                console,
-                cpu_profile,
-                started_at: Some(started_at),
-                expect_vcpus: None,
-                expect_memory_mib: None,
-            },
+    if args.template_key.is_some() && args.restore.is_none() {
+        anyhow::bail!("--template-key is used with --restore only");
+    }
+    let vm = if let Some(dir) = &args.restore {
+        restore(
+            dir,
+            &args,
+            cpu_profile,
+            started_at,
+            (args.template_key.clone(), None, None),
         )?
-        .start()?;
-        log::info!(
-            "restored {} in {:.2} ms",
-            dir.display(),
-            started_at.elapsed().as_secs_f64() * 1e3
-        );
-        vm
+    } else if let Some(cache_dir) = &args.template_cache {
+        let config = TemplateConfig {
+            kernel: args
+                .kernel
+                .clone()
+                .context("--template-cache needs --kernel")?,
+            initrd: args
+                .initrd
+                .clone()
+                .context("--template-cache needs --initrd")?,
+            cmdline: args.cmdline.clone(),
+            vcpus: args.vcpus,
+            memory_mib: args.memory_mib,
+            cpu_profile,
+            cache_dir: cache_dir.clone(),
+            ready_timeout: Duration::from_secs(600),
+        };
+        if args.template_only {
+            let t = template::ensure(&config)?;
+            println!("{}", t.dir.display());
+            return Ok(None);
+        }
+        if args.vsock_uds.is_none() {
+            anyhow::bail!("--template-cache needs --vsock-uds (the agent is reached over vsock)");
+        }
+        let restored = template::ensure(&config)
+            .map_err(anyhow::Error::from)
+            .and_then(|t| {
+                restore(
+                    &t.dir,
+                    &args,
+                    cpu_profile,
+                    started_at,
+                    (Some(t.key), Some(args.vcpus), Some(args.memory_mib)),
+                )
+            });
+        match restored {
+            Ok(vm) => vm,
+            Err(e) => {
+                log::warn!("template restore impossible ({e:#}); booting cold");
+                cold_boot(&args, cpu_profile, started_at)?
+            }
+        }
     } else {
-        let kernel = args.kernel.context("--kernel or --restore is needed")?;
-        boot_linux(LinuxConfig {
-            kernel,
-            initrd: args.initrd,
-            cmdline: args.cmdline,
-            machine: MachineConfig {
-                memory_mib: args.memory_mib,
-                vcpus: args.vcpus,
-                console,
-                cpu_profile,
-                started_at: Some(started_at),
-                vsock: args.vsock_uds.map(|uds_path| VsockConfig {
-                    guest_cid: args.vsock_cid,
-                    uds_path,
-                }),
-                fs: args.shared_dir.map(|shared_dir| FsConfig {
-                    shared_dir,
-                    tag: args.fs_tag,
-                }),
-            },
-        })?
+        cold_boot(&args, cpu_profile, started_at)?
     };
     let exit = vm.exit_handle();
+    let shared: SharedVm = Arc::new(Mutex::new(Some(vm)));
+    let api = args
+        .api_sock
+        .as_deref()
+        .map(|path| {
+            ControlSocket::serve(
+                path,
+                ControlService::new(shared.clone(), exit.clone(), started_at),
+            )
+        })
+        .transpose()?;
     if let Some(signal) = signals.wait_or(&*exit) {
         exit.request(VmExit::Stopped(format!("received {signal}")));
     }
-    Ok(vm.wait())
+    if let Some(api) = api {
+        api.stop();
+    }
+    let vm = shared
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+        .context("the VM is gone")?;
+    Ok(Some(vm.wait()))
 }
 
 /// SIGTERM, SIGINT and SIGHUP, blocked in every thread and read from a signalfd, so that a

@@ -11,12 +11,13 @@ use std::path::{Path, PathBuf};
 use kvm_bindings::{kvm_clock_data, kvm_irqchip, kvm_pit_state2};
 use serde::{Deserialize, Serialize};
 
+use crate::devices::virtio::state::MmioSnapshot;
 use crate::vcpu_state::VcpuState;
 
 /// First bytes of every `state` file.
 pub const MAGIC: [u8; 8] = *b"NUTSNAP\0";
 /// Version of the layout of `state`; bumped on any change of the serialised types.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// The VMM that wrote the snapshot; another one refuses it.
 pub const VMM_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// File of the state, in the snapshot directory.
@@ -102,6 +103,15 @@ pub enum SnapshotError {
         /// Asked.
         expected: u64,
     },
+    /// The snapshot was made for another template key (kernel, initrd, shape, VMM version or
+    /// CPU features).
+    #[error("snapshot was made for template key {found}, {expected} is needed (another kernel, initramfs, VM shape, VMM version or CPU feature set)")]
+    TemplateKey {
+        /// In the snapshot (`none` when it has none).
+        found: String,
+        /// Asked.
+        expected: String,
+    },
     /// The header or state could not be (de)serialised.
     #[error("snapshot state cannot be (de)serialised")]
     Serde(#[source] bincode::Error),
@@ -125,6 +135,8 @@ pub struct SnapshotHeader {
     pub payload: Option<String>,
     /// CRC-32 of the memory file.
     pub memory_crc: u32,
+    /// The template cache key this snapshot was made for, if it is a template.
+    pub template_key: Option<String>,
 }
 
 /// The 8250 UART's registers (vm-superio's `SerialState`, which is not serialisable).
@@ -196,6 +208,8 @@ pub struct VmState {
     pub serial: SerialSnapshot,
     /// Every vCPU, in index order.
     pub vcpus: Vec<VcpuState>,
+    /// The virtio-mmio devices, in slot order.
+    pub virtio: Vec<MmioSnapshot>,
 }
 
 /// Encodes header and state into the bytes of a `state` file.
@@ -334,6 +348,7 @@ mod tests {
             vcpus: 0,
             payload: Some("test".into()),
             memory_crc: 7,
+            template_key: Some("k".into()),
         };
         let mut pit = kvm_pit_state2::default();
         pit.channels[0].count = 0x1234;
@@ -347,8 +362,41 @@ mod tests {
             clock,
             serial: SerialSnapshot::from(&vm_superio::serial::SerialState::default()),
             vcpus: Vec::new(),
+            virtio: vec![sample_virtio()],
         };
         (header, state)
+    }
+
+    fn sample_virtio() -> MmioSnapshot {
+        use crate::devices::virtio::state::{DeviceKind, DeviceState, QueueSnapshot};
+        let q = QueueSnapshot {
+            max_size: 256,
+            size: 128,
+            ready: true,
+            desc_table: 0x1000,
+            avail_ring: 0x2000,
+            used_ring: 0x3000,
+            next_avail: 7,
+            next_used: 5,
+            event_idx: false,
+        };
+        MmioSnapshot {
+            device_type: 19,
+            status: 15,
+            acked_features: 1 << 32,
+            device_features_sel: 1,
+            driver_features_sel: 1,
+            queue_sel: 2,
+            queues: vec![q; 3],
+            bad_size: vec![false; 3],
+            interrupt_status: 1,
+            config_generation: 0,
+            activated: true,
+            device: DeviceState {
+                queues: vec![q; 3],
+                kind: DeviceKind::Vsock { guest_cid: 42 },
+            },
+        }
     }
 
     #[test]
@@ -361,6 +409,7 @@ mod tests {
         assert_eq!(s.pit.channels[0].count, 0x1234);
         assert_eq!(s.clock.clock, 42);
         assert_eq!(s.serial, state.serial);
+        assert_eq!(s.virtio, state.virtio);
     }
 
     #[test]

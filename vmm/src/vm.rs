@@ -105,9 +105,9 @@ pub enum VmError {
     /// Saving or restoring a vCPU.
     #[error(transparent)]
     VcpuState(#[from] VcpuStateError),
-    /// The VM has a device whose state cannot be saved yet.
-    #[error("snapshot of VMs with virtio devices is not supported yet")]
-    SnapshotUnsupported,
+    /// A device's state cannot be saved or restored (no support yet, busy, or invalid).
+    #[error("virtio device state")]
+    DeviceState(#[from] crate::devices::virtio::state::DeviceStateError),
     /// An operation the VM's current state does not allow.
     #[error("cannot {op} a VM that is {state}")]
     IllegalTransition {
@@ -237,6 +237,10 @@ pub struct RestoreConfig {
     pub expect_vcpus: Option<u8>,
     /// Refuse the snapshot unless it has this much memory.
     pub expect_memory_mib: Option<u64>,
+    /// Refuse the snapshot unless it was made for this template key.
+    pub expect_template_key: Option<String>,
+    /// The new host Unix socket of the vsock device (needed when the snapshot has one).
+    pub vsock_uds: Option<PathBuf>,
 }
 
 /// Whether a started VM runs or is paused.
@@ -273,9 +277,14 @@ pub struct Vm {
     profile: CpuProfile,
     vsock: Option<Arc<Mutex<Vsock>>>,
     fs: Option<Arc<Mutex<Fs>>>,
+    /// virtio-mmio transports, in slot order.
+    virtio: Vec<Arc<Mutex<MmioTransport>>>,
     serial: Arc<Mutex<SerialDevice>>,
     cpuid_hash: u32,
     payload: Option<String>,
+    template_key: Option<String>,
+    /// Restored from a snapshot: the guest gets a vsock transport reset once it runs.
+    restored: bool,
 }
 
 /// The parts of a VM that a fresh boot and a restore build alike.
@@ -366,16 +375,25 @@ impl Vm {
         let serial = Arc::new(Mutex::new(serial));
         let bus = Arc::new(build_bus(&exit, serial.clone())?);
         let mut mmio = MmioBus::default();
+        let mut virtio = Vec::new();
         let vsock = parts
             .vsock
             .as_ref()
             .map(|c| add_vsock(&fd, &mem, &mut mmio, c))
-            .transpose()?;
+            .transpose()?
+            .map(|(device, transport)| {
+                virtio.push(transport);
+                device
+            });
         let fs = parts
             .fs
             .as_ref()
             .map(|c| add_fs(&fd, &mem, &mut mmio, c))
-            .transpose()?;
+            .transpose()?
+            .map(|(device, transport)| {
+                virtio.push(transport);
+                device
+            });
         let mmio = Arc::new(mmio);
 
         let caps = Arc::new(SaveCaps::probe(kvm));
@@ -407,9 +425,12 @@ impl Vm {
             profile: parts.profile,
             vsock,
             fs,
+            virtio,
             serial,
             cpuid_hash: cpuid_hash(&tables),
             payload: None,
+            template_key: None,
+            restored: false,
         })
     }
 
@@ -420,6 +441,15 @@ impl Vm {
         let bytes = snapshot::read_file(&dir.join(snapshot::STATE_FILE))?;
         let (header, rest) = snapshot::decode_header(&bytes)?;
         check_shape(&header, &config)?;
+        if let Some(expected) = &config.expect_template_key {
+            if header.template_key.as_ref() != Some(expected) {
+                return Err(SnapshotError::TemplateKey {
+                    found: header.template_key.clone().unwrap_or_else(|| "none".into()),
+                    expected: expected.clone(),
+                }
+                .into());
+            }
+        }
         let memory_path = dir.join(snapshot::MEMORY_FILE);
         let (memory_crc, memory_len) = snapshot::file_crc(&memory_path)?;
         if memory_len != header.memory_size {
@@ -450,6 +480,7 @@ impl Vm {
             .into());
         }
 
+        let vsock = restore_vsock_config(&state, config.vsock_uds.as_deref())?;
         let kvm = host::open_kvm()?;
         let profile = config.cpu_profile.resolve();
         let mut vm = Vm::build(
@@ -462,7 +493,7 @@ impl Vm {
                 serial_state: Some((&state.serial).into()),
                 profile,
                 started_at: config.started_at,
-                vsock: None,
+                vsock,
                 fs: None,
             },
         )?;
@@ -473,11 +504,27 @@ impl Vm {
             }
             .into());
         }
+        if vm.virtio.len() != state.virtio.len() {
+            return Err(SnapshotError::Inconsistent(format!(
+                "{} virtio devices saved, {} built",
+                state.virtio.len(),
+                vm.virtio.len()
+            ))
+            .into());
+        }
+        for (transport, saved) in vm.virtio.iter().zip(&state.virtio) {
+            transport
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .restore(saved)?;
+        }
         vm.set_vm_state(&state)?;
         for (vcpu, saved) in vm.vcpus.iter().zip(&state.vcpus) {
             saved.restore(vcpu.fd())?;
         }
         vm.payload = header.payload;
+        vm.template_key = header.template_key;
+        vm.restored = true;
         Ok(vm)
     }
 
@@ -500,6 +547,12 @@ impl Vm {
     /// header.
     pub fn set_payload(&mut self, payload: impl Into<String>) {
         self.payload = Some(payload.into());
+    }
+
+    /// Marks the VM as a template for `key`: its snapshots carry the key, and a restore that
+    /// expects another key refuses them.
+    pub fn set_template_key(&mut self, key: impl Into<String>) {
+        self.template_key = Some(key.into());
     }
 
     /// What was loaded into the VM, if known (kept across snapshots).
@@ -574,9 +627,12 @@ impl Vm {
             first_run,
             vsock,
             fs,
+            virtio,
             serial,
             cpuid_hash,
             payload,
+            template_key,
+            restored,
             ..
         } = self;
         let mut running = RunningVm {
@@ -585,15 +641,25 @@ impl Vm {
             device_threads: Vec::new(),
             exit,
             state: VmRunState::Running,
-            has_virtio: vsock.is_some() || fs.is_some(),
+            virtio,
+            vsock: vsock.clone(),
             serial,
             cpuid_hash,
             payload,
+            template_key,
             ram_size,
             fd,
             mem,
         };
         if let Some(dev) = vsock {
+            if restored {
+                // The host sockets of the snapshotted VM are gone: the guest drops the
+                // connections it believes open (there were none at the snapshot, but this also
+                // makes it read the CID again).
+                dev.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .send_transport_reset();
+            }
             let thread =
                 vsock::event_loop::spawn(dev, running.exit.as_raw_fd()).map_err(|source| {
                     VmError::DeviceThread {
@@ -644,6 +710,17 @@ fn create_vm(kvm: &Kvm) -> Result<VmFd, VmError> {
     Ok(fd)
 }
 
+/// The CPUID hash a VM with `vcpus` vCPUs and `profile` would have on this host (what a
+/// snapshot's header records and a restore compares).
+pub fn guest_cpuid_hash(profile: CpuProfile, vcpus: u8) -> Result<u32, VmError> {
+    let kvm = host::open_kvm()?;
+    let supported = cpuid::supported(&kvm)?;
+    let tables = (0..vcpus)
+        .map(|index| cpuid::for_vcpu(&supported, profile, index, vcpus))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(cpuid_hash(&tables))
+}
+
 /// CRC-32 of the serialised CPUID tables: equal hashes mean the guest sees the same CPU.
 fn cpuid_hash(tables: &[CpuId]) -> u32 {
     let mut hasher = crc32fast::Hasher::new();
@@ -687,6 +764,32 @@ fn check_shape(header: &SnapshotHeader, config: &RestoreConfig) -> Result<(), Sn
     Ok(())
 }
 
+/// The vsock device a restore re-creates: the saved CID on the new host socket `uds`.
+fn restore_vsock_config(
+    state: &VmState,
+    uds: Option<&Path>,
+) -> Result<Option<VsockConfig>, VmError> {
+    use crate::devices::virtio::state::DeviceKind;
+    let cid = state.virtio.iter().find_map(|t| match t.device.kind {
+        DeviceKind::Vsock { guest_cid } => Some(guest_cid),
+        #[allow(unreachable_patterns)]
+        _ => None,
+    });
+    match (cid, uds) {
+        (Some(guest_cid), Some(uds)) => Ok(Some(VsockConfig {
+            guest_cid,
+            uds_path: uds.to_path_buf(),
+        })),
+        (Some(_), None) => Err(VmError::Config(
+            "the snapshot has a vsock device: a new host socket (--vsock-uds) is needed".into(),
+        )),
+        (None, Some(_)) => Err(VmError::Config(
+            "the snapshot has no vsock device; --vsock-uds cannot be used with it".into(),
+        )),
+        (None, None) => Ok(None),
+    }
+}
+
 fn build_bus(exit: &Arc<ExitHandle>, serial: Arc<Mutex<SerialDevice>>) -> Result<PioBus, VmError> {
     let mut bus = PioBus::default();
     bus.insert(COM1_BASE.into(), COM1_LEN.into(), serial)?;
@@ -708,6 +811,9 @@ fn build_bus(exit: &Arc<ExitHandle>, serial: Arc<Mutex<SerialDevice>>) -> Result
     Ok(bus)
 }
 
+/// A virtio-mmio transport on the MMIO bus, shared with the VM for snapshots.
+type SharedTransport = Arc<Mutex<MmioTransport>>;
+
 /// The first virtio-mmio device: a vsock device at `VIRTIO_MMIO_BASE`, GSI `VIRTIO_GSI_BASE`,
 /// its queue notifications as ioeventfds.
 fn add_vsock(
@@ -715,7 +821,7 @@ fn add_vsock(
     mem: &GuestMemoryMmap,
     mmio: &mut MmioBus,
     config: &VsockConfig,
-) -> Result<Arc<Mutex<Vsock>>, VmError> {
+) -> Result<(Arc<Mutex<Vsock>>, SharedTransport), VmError> {
     let device = Arc::new(Mutex::new(Vsock::new(config)?));
     let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
     fd.register_irqfd(&irqfd, VIRTIO_GSI_BASE)
@@ -728,13 +834,13 @@ fn add_vsock(
                 .map_err(kvm_err("register a vsock queue ioeventfd"))?;
         }
     }
-    let transport = MmioTransport::new(device.clone(), mem.clone(), Interrupt::new(irqfd));
-    mmio.insert(
-        VIRTIO_MMIO_BASE,
-        VIRTIO_MMIO_SIZE,
-        Arc::new(Mutex::new(transport)),
-    )?;
-    Ok(device)
+    let transport = Arc::new(Mutex::new(MmioTransport::new(
+        device.clone(),
+        mem.clone(),
+        Interrupt::new(irqfd),
+    )));
+    mmio.insert(VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE, transport.clone())?;
+    Ok((device, transport))
 }
 
 /// The virtio-fs device: the MMIO slot and GSI after the vsock one (`FS_MMIO_BASE`, `FS_GSI`),
@@ -744,7 +850,7 @@ fn add_fs(
     mem: &GuestMemoryMmap,
     mmio: &mut MmioBus,
     config: &FsConfig,
-) -> Result<Arc<Mutex<Fs>>, VmError> {
+) -> Result<(Arc<Mutex<Fs>>, SharedTransport), VmError> {
     let device = Arc::new(Mutex::new(Fs::new(config)?));
     let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
     fd.register_irqfd(&irqfd, FS_GSI)
@@ -757,13 +863,13 @@ fn add_fs(
                 .map_err(kvm_err("register a virtio-fs queue ioeventfd"))?;
         }
     }
-    let transport = MmioTransport::new(device.clone(), mem.clone(), Interrupt::new(irqfd));
-    mmio.insert(
-        FS_MMIO_BASE,
-        VIRTIO_MMIO_SIZE,
-        Arc::new(Mutex::new(transport)),
-    )?;
-    Ok(device)
+    let transport = Arc::new(Mutex::new(MmioTransport::new(
+        device.clone(),
+        mem.clone(),
+        Interrupt::new(irqfd),
+    )));
+    mmio.insert(FS_MMIO_BASE, VIRTIO_MMIO_SIZE, transport.clone())?;
+    Ok((device, transport))
 }
 
 /// A running VM. Dropping it without [`RunningVm::wait`] stops it.
@@ -775,10 +881,12 @@ pub struct RunningVm {
     device_threads: Vec<JoinHandle<()>>,
     exit: Arc<ExitHandle>,
     state: VmRunState,
-    has_virtio: bool,
+    virtio: Vec<Arc<Mutex<MmioTransport>>>,
+    vsock: Option<Arc<Mutex<Vsock>>>,
     serial: Arc<Mutex<SerialDevice>>,
     cpuid_hash: u32,
     payload: Option<String>,
+    template_key: Option<String>,
     ram_size: u64,
     fd: VmFd,
     mem: GuestMemoryMmap,
@@ -804,6 +912,30 @@ impl RunningVm {
     /// Guest memory.
     pub fn memory(&self) -> &GuestMemoryMmap {
         &self.mem
+    }
+
+    /// Number of vCPUs.
+    pub fn vcpu_count(&self) -> usize {
+        self.controls.len()
+    }
+
+    /// Guest RAM in bytes.
+    pub fn ram_size(&self) -> u64 {
+        self.ram_size
+    }
+
+    /// Marks the VM as a template for `key` (see [`Vm::set_template_key`]).
+    pub fn set_template_key(&mut self, key: impl Into<String>) {
+        self.template_key = Some(key.into());
+    }
+
+    /// Open vsock connections (None without a vsock device).
+    pub fn vsock_connections(&self) -> Option<usize> {
+        self.vsock.as_ref().map(|v| {
+            v.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .connection_count()
+        })
     }
 
     /// Takes every vCPU out of `KVM_RUN` and parks it; returns once all acknowledged.
@@ -884,8 +1016,27 @@ impl RunningVm {
                 state: self.state,
             });
         }
-        if self.has_virtio {
-            return Err(VmError::SnapshotUnsupported);
+        // Device threads are held off for the whole snapshot (they could otherwise write
+        // guest memory after their state was saved), and every device is asked first, so
+        // that a refusal (a busy or unsupported device) leaves nothing on disk.
+        let devices: Vec<_> = self
+            .virtio
+            .iter()
+            .map(|t| t.lock().unwrap_or_else(|e| e.into_inner()).device())
+            .collect();
+        let guards: Vec<_> = devices
+            .iter()
+            .map(|d| d.lock().unwrap_or_else(|e| e.into_inner()))
+            .collect();
+        let mut virtio = Vec::with_capacity(guards.len());
+        for (transport, device) in self.virtio.iter().zip(&guards) {
+            let state = device.save_state()?;
+            virtio.push(
+                transport
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .save_with(state),
+            );
         }
         let io = |path: &Path| {
             let path = path.to_path_buf();
@@ -942,6 +1093,7 @@ impl RunningVm {
             vcpus: self.controls.len() as u8,
             payload: self.payload.clone(),
             memory_crc,
+            template_key: self.template_key.clone(),
         };
         let state = VmState {
             irqchips,
@@ -949,9 +1101,11 @@ impl RunningVm {
             clock,
             serial,
             vcpus,
+            virtio,
         };
         let bytes = snapshot::encode(&header, &state)?;
         snapshot::write_file_atomic(&state_path, &[&bytes])?;
+        drop(guards);
         Ok(())
     }
 

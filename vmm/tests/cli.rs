@@ -402,3 +402,34 @@ fn restore_refuses_a_corrupted_snapshot() {
         stderr(&out)
     );
 }
+
+#[test]
+fn restore_refuses_another_template_key_and_a_vsock_socket_it_cannot_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("snap");
+    counting_snapshot(&snap);
+    assert_refused(
+        dir.path(),
+        &["--restore", snap.to_str().unwrap(), "--template-key", "abc"],
+        "snapshot was made for template key none, abc is needed",
+    );
+    // The snapshot has no vsock device: a socket for one is a mistake, said so.
+    let uds = dir.path().join("v.sock");
+    assert_refused(
+        dir.path(),
+        &[
+            "--restore",
+            snap.to_str().unwrap(),
+            "--vsock-uds",
+            uds.to_str().unwrap(),
+        ],
+        "the snapshot has no vsock device",
+    );
+    assert!(!uds.exists());
+    // A template key without a restore is refused.
+    assert_refused(
+        dir.path(),
+        &["--template-key", "abc", "--kernel", "/x"],
+        "--template-key is used with --restore only",
+    );
+}

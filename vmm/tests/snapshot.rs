@@ -22,6 +22,8 @@ fn restore_config(console: &Captured) -> RestoreConfig {
         started_at: None,
         expect_vcpus: None,
         expect_memory_mib: None,
+        expect_template_key: None,
+        vsock_uds: None,
     }
 }
 
@@ -312,9 +314,9 @@ fn damaged_or_mismatched_snapshots_are_refused() {
         "{err}"
     );
 
-    // Another format version (with a valid checksum).
+    // Another format version (the previous one, with a valid checksum).
     let mut other = state.clone();
-    other[8..12].copy_from_slice(&2u32.to_le_bytes());
+    other[8..12].copy_from_slice(&1u32.to_le_bytes());
     let n = other.len();
     let crc = crc32fast::hash(&other[..n - 4]);
     other[n - 4..].copy_from_slice(&crc.to_le_bytes());
@@ -323,7 +325,7 @@ fn damaged_or_mismatched_snapshots_are_refused() {
     assert!(
         matches!(
             err,
-            VmError::Snapshot(SnapshotError::FormatVersion { found: 2 })
+            VmError::Snapshot(SnapshotError::FormatVersion { found: 1 })
         ),
         "{err}"
     );
@@ -412,24 +414,88 @@ fn smp_guest_snapshot_restores() {
 }
 
 #[test]
-fn vms_with_virtio_devices_refuse_snapshots() {
+fn vm_with_vsock_restores_onto_a_new_socket() {
     let dir = tempfile::tempdir().unwrap();
     let console = Captured::default();
     let mut config = machine(1, &console);
+    let old_uds = dir.path().join("vsock.sock");
     config.vsock = Some(nutshell_vmm::devices::virtio::vsock::VsockConfig {
-        guest_cid: 3,
-        uds_path: dir.path().join("vsock.sock"),
+        guest_cid: 7,
+        uds_path: old_uds.clone(),
     });
     let mut vm = Vm::new(config).unwrap();
     vm.load_long_mode_program(&counter_program().0, LOAD_ADDR)
         .unwrap();
     let mut running = vm.start().unwrap();
+    wait_counter(&running, 200);
     running.pause().unwrap();
-    let err = running.snapshot(&dir.path().join("snap")).unwrap_err();
-    assert!(matches!(err, VmError::SnapshotUnsupported), "{err}");
-    assert_eq!(
-        err.to_string(),
-        "snapshot of VMs with virtio devices is not supported yet"
+    let snap = dir.path().join("snap");
+    running.snapshot(&snap).unwrap();
+    drop(running);
+    assert!(!old_uds.exists(), "the first VM removed its socket");
+
+    // The snapshot has a vsock device: a restore needs a new host socket for it.
+    let c = Captured::default();
+    let err = Vm::restore(&snap, restore_config(&c)).unwrap_err();
+    assert!(err.to_string().contains("--vsock-uds"), "{err}");
+
+    let new_uds = dir.path().join("new.sock");
+    let vm = Vm::restore(
+        &snap,
+        RestoreConfig {
+            vsock_uds: Some(new_uds.clone()),
+            ..restore_config(&c)
+        },
+    )
+    .unwrap();
+    let running = vm.start().unwrap();
+    assert!(
+        std::os::unix::net::UnixStream::connect(&new_uds).is_ok(),
+        "the restored vsock device listens on the new socket"
     );
-    assert!(!dir.path().join("snap").exists());
+    assert_eq!(running.vsock_connections(), Some(0));
+    wait_counter(&running, 400);
+    drop(running);
+    assert!(!new_uds.exists());
+}
+
+#[test]
+fn mismatched_template_key_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let console = Captured::default();
+    let mut vm = Vm::new(machine(1, &console)).unwrap();
+    vm.load_long_mode_program(&counter_program().0, LOAD_ADDR)
+        .unwrap();
+    vm.set_template_key("key-a");
+    let mut running = vm.start().unwrap();
+    wait_counter(&running, 50);
+    running.pause().unwrap();
+    running.snapshot(dir.path()).unwrap();
+    drop(running);
+
+    let c = Captured::default();
+    let err = Vm::restore(
+        dir.path(),
+        RestoreConfig {
+            expect_template_key: Some("key-b".into()),
+            ..restore_config(&c)
+        },
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, VmError::Snapshot(SnapshotError::TemplateKey { .. })),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("key-a") && err.to_string().contains("key-b"),
+        "{err}"
+    );
+    Vm::restore(
+        dir.path(),
+        RestoreConfig {
+            expect_template_key: Some("key-a".into()),
+            ..restore_config(&c)
+        },
+    )
+    .unwrap();
 }

@@ -7,8 +7,8 @@
 //! process is the agent's own child, and PID 1's reaper hands each exit to
 //! [`Containers::on_exit`], which records `code` or `128 + signal` for all waiters.
 
-mod process;
 pub mod cgroup;
+mod process;
 pub mod rootfs;
 pub mod seccomp;
 mod spawn;

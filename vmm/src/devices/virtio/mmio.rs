@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use virtio_queue::{Queue, QueueT};
 
+use super::state::{DeviceState, DeviceStateError, MmioSnapshot, QueueSnapshot};
 use super::{Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::devices::BusDevice;
 use crate::memory::GuestMemoryMmap;
@@ -385,6 +386,113 @@ impl MmioTransport {
     }
 }
 
+impl MmioTransport {
+    /// The device behind the transport.
+    pub fn device(&self) -> Arc<Mutex<dyn VirtioDevice>> {
+        self.device.clone()
+    }
+
+    /// Saves the registers and the queues, with the device's state `device` (saved by the
+    /// caller under the device's lock, which it may keep held; the VM must be paused).
+    pub fn save_with(&self, device: DeviceState) -> MmioSnapshot {
+        MmioSnapshot {
+            device_type: self.device_type,
+            status: self.status,
+            acked_features: self.acked_features,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            queue_sel: self.queue_sel,
+            queues: self.queues.iter().map(QueueSnapshot::from).collect(),
+            bad_size: self.bad_size.clone(),
+            interrupt_status: self.interrupt.status(),
+            config_generation: self.config_generation,
+            activated: self.activated,
+            device,
+        }
+    }
+
+    /// Sets a freshly created transport (and its device) to a saved state. Everything is
+    /// checked against this transport's device first; an activated device is activated again
+    /// with the saved queues (ring positions included), then given its own state.
+    pub fn restore(&mut self, s: &MmioSnapshot) -> Result<(), DeviceStateError> {
+        let invalid = |what: String| Err(DeviceStateError::Invalid(what));
+        if s.device_type != self.device_type {
+            return invalid(format!(
+                "device type {} saved, {} here",
+                s.device_type, self.device_type
+            ));
+        }
+        if s.queues.len() != self.queues.len() || s.bad_size.len() != self.queues.len() {
+            return invalid(format!(
+                "{} queues saved, the device has {}",
+                s.queues.len(),
+                self.queues.len()
+            ));
+        }
+        if s.acked_features & !self.avail_features != 0 {
+            return invalid(format!(
+                "acknowledged features {:#x} beyond the offer {:#x}",
+                s.acked_features, self.avail_features
+            ));
+        }
+        let mut queues = Vec::with_capacity(s.queues.len());
+        for (saved, own) in s.queues.iter().zip(&self.queues) {
+            if saved.max_size != own.max_size() {
+                return invalid(format!(
+                    "queue maximum {} saved, {} here",
+                    saved.max_size,
+                    own.max_size()
+                ));
+            }
+            let q = saved.to_queue()?;
+            if q.ready() && !q.is_valid(&self.mem) {
+                return invalid("a ready queue lies outside guest memory".into());
+            }
+            queues.push(q);
+        }
+        let live: Vec<Queue> = if s.activated {
+            if s.device.queues.len() != self.queues.len() {
+                return invalid("an active device without all its queues".into());
+            }
+            let mut live = Vec::with_capacity(s.device.queues.len());
+            for saved in &s.device.queues {
+                let q = saved.to_queue()?;
+                if !q.ready() || !q.is_valid(&self.mem) {
+                    return invalid("an active queue not ready or outside guest memory".into());
+                }
+                live.push(q);
+            }
+            live
+        } else {
+            Vec::new()
+        };
+
+        self.status = s.status;
+        self.acked_features = s.acked_features;
+        self.acked_beyond_64 = false;
+        self.device_features_sel = s.device_features_sel;
+        self.driver_features_sel = s.driver_features_sel;
+        self.queue_sel = s.queue_sel;
+        self.queues = queues;
+        self.bad_size = s.bad_size.clone();
+        self.config_generation = s.config_generation;
+        self.interrupt.set_status(s.interrupt_status);
+        let mut device = lock(&self.device);
+        if s.activated {
+            device
+                .activate(
+                    self.mem.clone(),
+                    self.acked_features,
+                    live,
+                    self.interrupt.clone(),
+                )
+                .map_err(|e| DeviceStateError::Invalid(format!("activation: {e}")))?;
+        }
+        self.activated = s.activated;
+        device.restore_state(&s.device.kind)
+    }
+}
+
 impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= reg::CONFIG {
@@ -435,6 +543,8 @@ mod tests {
         activations: usize,
         resets: usize,
         evts: Vec<EventFd>,
+        live: Vec<QueueSnapshot>,
+        snapshots: bool,
     }
 
     impl VirtioDevice for Fake {
@@ -460,6 +570,22 @@ mod tests {
         ) -> Result<(), ActivateError> {
             assert_eq!(queues.len(), 2);
             self.activations += 1;
+            self.live = queues.iter().map(QueueSnapshot::from).collect();
+            Ok(())
+        }
+        fn save_state(&self) -> Result<DeviceState, DeviceStateError> {
+            if !self.snapshots {
+                return Err(DeviceStateError::Unsupported { device_type: 42 });
+            }
+            Ok(DeviceState {
+                queues: self.live.clone(),
+                kind: crate::devices::virtio::state::DeviceKind::Vsock { guest_cid: 7 },
+            })
+        }
+        fn restore_state(
+            &mut self,
+            _: &crate::devices::virtio::state::DeviceKind,
+        ) -> Result<(), DeviceStateError> {
             Ok(())
         }
         fn reset(&mut self) {
@@ -615,5 +741,94 @@ mod tests {
         assert_eq!(r(&mut t, reg::INTERRUPT_STATUS), 1);
         w(&mut t, reg::INTERRUPT_ACK, 1);
         assert_eq!(r(&mut t, reg::INTERRUPT_STATUS), 0);
+    }
+
+    fn save(t: &MmioTransport) -> Result<MmioSnapshot, DeviceStateError> {
+        let state = t.device.lock().unwrap().save_state()?;
+        Ok(t.save_with(state))
+    }
+
+    #[test]
+    fn device_without_snapshot_support_is_refused() {
+        let (t, _) = setup();
+        let err = save(&t).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "snapshot of virtio device type 42 is not supported yet"
+        );
+    }
+
+    #[test]
+    fn transport_state_round_trips_into_a_new_transport() {
+        let (mut t, fake) = setup();
+        fake.lock().unwrap().snapshots = true;
+        negotiate(&mut t, 1);
+        setup_queue(&mut t, 0, 0x5000);
+        setup_queue(&mut t, 1, 0x6000);
+        w(&mut t, reg::STATUS, OK | status::DRIVER_OK);
+        w(&mut t, reg::QUEUE_SEL, 1);
+        t.interrupt
+            .trigger(crate::devices::virtio::VIRTIO_MMIO_INT_VRING);
+        // The device advanced its own queue copy.
+        fake.lock().unwrap().live[0].next_avail = 9;
+        fake.lock().unwrap().live[0].next_used = 8;
+        let saved = save(&t).unwrap();
+        assert!(saved.activated);
+        assert_eq!(saved.queue_sel, 1);
+        assert_eq!(saved.interrupt_status, 1);
+        let bytes = bincode::serialize(&saved).unwrap();
+        let saved: MmioSnapshot = bincode::deserialize(&bytes).unwrap();
+
+        let (mut t2, fake2) = setup();
+        fake2.lock().unwrap().snapshots = true;
+        t2.restore(&saved).unwrap();
+        assert!(t2.is_activated());
+        assert_eq!(t2.status(), OK | status::DRIVER_OK);
+        assert_eq!(
+            r(&mut t2, reg::QUEUE_READY),
+            1,
+            "queue 1 selected and ready"
+        );
+        assert_eq!(r(&mut t2, reg::INTERRUPT_STATUS), 1);
+        assert_eq!(fake2.lock().unwrap().activations, 1);
+        assert_eq!(fake2.lock().unwrap().live[0].next_avail, 9);
+        assert_eq!(fake2.lock().unwrap().live[0].next_used, 8);
+        assert_eq!(save(&t2).unwrap(), saved);
+    }
+
+    #[test]
+    fn invalid_saved_transport_state_is_refused() {
+        let (mut t, fake) = setup();
+        fake.lock().unwrap().snapshots = true;
+        negotiate(&mut t, 1);
+        setup_queue(&mut t, 0, 0x5000);
+        setup_queue(&mut t, 1, 0x6000);
+        w(&mut t, reg::STATUS, OK | status::DRIVER_OK);
+        let good = save(&t).unwrap();
+        let mut cases = Vec::new();
+        let mut s = good.clone();
+        s.device_type = 19;
+        cases.push(s);
+        let mut s = good.clone();
+        s.queues.pop();
+        cases.push(s);
+        let mut s = good.clone();
+        s.acked_features |= 1 << 40;
+        cases.push(s);
+        let mut s = good.clone();
+        s.device.queues[0].desc_table = 0x7fff_ffff_f000;
+        cases.push(s);
+        let mut s = good.clone();
+        s.device.queues[1].size = 17;
+        cases.push(s);
+        let mut s = good.clone();
+        s.device.queues.clear();
+        cases.push(s);
+        for bad in cases {
+            let (mut t2, fake2) = setup();
+            assert!(t2.restore(&bad).is_err(), "{bad:?}");
+            assert_eq!(fake2.lock().unwrap().activations, 0);
+            assert!(!t2.is_activated());
+        }
     }
 }

@@ -2,6 +2,7 @@
 
 pub mod fs;
 pub mod mmio;
+pub mod state;
 pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -10,6 +11,7 @@ use std::sync::Arc;
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
+use self::state::{DeviceKind, DeviceState, DeviceStateError};
 use crate::memory::GuestMemoryMmap;
 
 /// `VIRTIO_F_VERSION_1`: a modern (virtio 1.x) device; the only kind the transport accepts.
@@ -60,6 +62,21 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self);
     /// One eventfd per queue, signalled when the driver notifies that queue.
     fn queue_events(&self) -> &[EventFd];
+    /// Saves the device's state for a snapshot (the VM is paused). Devices without snapshot
+    /// support keep this default, which refuses.
+    fn save_state(&self) -> Result<DeviceState, DeviceStateError> {
+        Err(DeviceStateError::Unsupported {
+            device_type: self.device_type(),
+        })
+    }
+    /// Sets the device-specific state of a restored device (after the transport re-activated
+    /// it with the saved queues, if it was active).
+    fn restore_state(&mut self, kind: &DeviceKind) -> Result<(), DeviceStateError> {
+        let _ = kind;
+        Err(DeviceStateError::Unsupported {
+            device_type: self.device_type(),
+        })
+    }
 }
 
 /// The device's interrupt: status bits the driver reads and acks, and the irqfd that raises
@@ -107,6 +124,11 @@ impl Interrupt {
     /// The driver acknowledged `bits`.
     pub fn ack(&self, bits: u32) {
         self.inner.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    /// Sets the status register (restore).
+    pub fn set_status(&self, bits: u32) {
+        self.inner.status.store(bits, Ordering::SeqCst);
     }
 
     /// Clears every status bit (device reset).

@@ -72,6 +72,9 @@ fn run(device: &Mutex<Vsock>, epoll: &Epoll) {
                         // Reading resets the counter; EAGAIN means a spurious wakeup.
                         let _ = evt.read();
                     }
+                    if queue == super::EVQ as u64 {
+                        d.event_queue_notified();
+                    }
                 }
             }
         }

@@ -28,6 +28,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use self::packet::{op, ChainError, Header, Segments, HDR_SIZE, MAX_PKT_PAYLOAD, TYPE_STREAM};
+use super::state::{DeviceKind, DeviceState, DeviceStateError, QueueSnapshot};
 use super::{ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_VRING};
 use crate::memory::GuestMemoryMmap;
 
@@ -55,6 +56,9 @@ const FIRST_HOST_PORT: u32 = 1 << 30;
 const QUEUE_SIZE: u16 = 256;
 const RXQ: usize = 0;
 const TXQ: usize = 1;
+const EVQ: usize = 2;
+/// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`: the guest drops its connections (listeners stay).
+const EVENT_TRANSPORT_RESET: u32 = 0;
 const QUEUE_SIZES: [u16; 3] = [QUEUE_SIZE; 3];
 /// TX packets copied out of guest memory before they are handled.
 const TX_BATCH: usize = 16;
@@ -282,6 +286,9 @@ pub struct Vsock {
     next_host_port: u32,
     active: Option<Active>,
     payload: Vec<u8>,
+    /// A transport reset was sent and the guest has not handled it yet: host connections wait,
+    /// or the guest's reset would cut them too.
+    reset_pending: bool,
 }
 
 impl Vsock {
@@ -318,6 +325,7 @@ impl Vsock {
             next_host_port: FIRST_HOST_PORT,
             active: None,
             payload: Vec::with_capacity(MAX_PKT_PAYLOAD),
+            reset_pending: false,
         })
     }
 
@@ -330,6 +338,52 @@ impl Vsock {
     /// Number of open connections.
     pub fn connection_count(&self) -> usize {
         self.conns.len()
+    }
+
+    /// Puts a transport-reset event in the guest's event queue, as after a restore: the guest
+    /// drops every connection it believes open (listening sockets survive) and reads the CID
+    /// again. Returns whether a buffer was available.
+    pub fn send_transport_reset(&mut self) -> bool {
+        let Some(active) = self.active.as_mut() else {
+            return false;
+        };
+        let mem = active.mem.clone();
+        let queue = &mut active.queues[EVQ];
+        let Some(chain) = queue.pop_descriptor_chain(&mem) else {
+            log::warn!("vsock: no event buffer for the transport reset");
+            return false;
+        };
+        let head = chain.head_index();
+        let event = EVENT_TRANSPORT_RESET.to_le_bytes();
+        let len = match Segments::collect(chain, &mem, true) {
+            Ok(segs) if segs.len() >= event.len() && segs.write_at(&mem, 0, &event).is_ok() => {
+                event.len() as u32
+            }
+            _ => {
+                crate::ratelimited!(log::Level::Warn, "vsock: bad event buffer");
+                0
+            }
+        };
+        if queue.add_used(&mem, head, len).is_err() {
+            crate::ratelimited!(log::Level::Warn, "vsock: cannot return an event buffer");
+        }
+        self.signal();
+        self.reset_pending = len != 0;
+        len != 0
+    }
+
+    /// The guest notified the event queue: it handled the event and gave the buffer back
+    /// (Linux refills the event queue, then kicks, after resetting its sockets).
+    pub fn event_queue_notified(&mut self) {
+        if self.reset_pending {
+            log::debug!("vsock: the guest handled the transport reset");
+            self.reset_pending = false;
+        }
+    }
+
+    /// Whether a transport reset is waiting for the guest.
+    pub fn reset_pending(&self) -> bool {
+        self.reset_pending
     }
 
     fn header(&self, key: ConnKey, op: u16) -> Header {
@@ -640,8 +694,13 @@ impl Vsock {
             );
             return;
         };
-        if self.active.is_none() || self.conns.len() >= MAX_CONNECTIONS {
-            if self.active.is_none() {
+        if self.active.is_none() || self.reset_pending || self.conns.len() >= MAX_CONNECTIONS {
+            if self.reset_pending {
+                // The client retries, as while the guest boots.
+                log::debug!(
+                    "vsock: host connection to port {port} refused: the guest has not handled the transport reset yet"
+                );
+            } else if self.active.is_none() {
                 // Expected while the guest boots: clients retry until its driver is up.
                 log::debug!(
                     "vsock: host connection to port {port} refused: guest driver not ready"
@@ -953,6 +1012,7 @@ impl VirtioDevice for Vsock {
 
     fn reset(&mut self) {
         self.active = None;
+        self.reset_pending = false;
         self.conns.clear();
         self.tokens.clear();
         self.pending_host.clear();
@@ -962,6 +1022,41 @@ impl VirtioDevice for Vsock {
 
     fn queue_events(&self) -> &[EventFd] {
         &self.queue_evts
+    }
+
+    /// Connections are not saved: a snapshot with one open is refused. Host clients that have
+    /// not sent their `CONNECT` line yet are not part of the guest's state and are dropped.
+    fn save_state(&self) -> Result<DeviceState, DeviceStateError> {
+        if !self.conns.is_empty() {
+            return Err(DeviceStateError::Busy(format!(
+                "vsock has {} open connection(s); close them before a snapshot",
+                self.conns.len()
+            )));
+        }
+        Ok(DeviceState {
+            queues: self
+                .active
+                .as_ref()
+                .map(|a| a.queues.iter().map(QueueSnapshot::from).collect())
+                .unwrap_or_default(),
+            kind: DeviceKind::Vsock {
+                guest_cid: self.guest_cid,
+            },
+        })
+    }
+
+    fn restore_state(&mut self, kind: &DeviceKind) -> Result<(), DeviceStateError> {
+        match kind {
+            DeviceKind::Vsock { guest_cid } if *guest_cid == self.guest_cid => Ok(()),
+            DeviceKind::Vsock { guest_cid } => Err(DeviceStateError::Invalid(format!(
+                "vsock CID {guest_cid} saved, {} here",
+                self.guest_cid
+            ))),
+            #[allow(unreachable_patterns)]
+            other => Err(DeviceStateError::Invalid(format!(
+                "{other:?} is not a vsock state"
+            ))),
+        }
     }
 }
 

@@ -11,6 +11,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::packet::{op, Header, HDR_SIZE, SHUTDOWN_SEND, TYPE_STREAM};
 use super::*;
+use crate::devices::virtio::state::DeviceKind;
 
 const GUEST_CID: u64 = 3;
 const F_NEXT: u16 = 1;
@@ -21,6 +22,7 @@ struct Harness {
     mem: &'static GuestMemoryMmap,
     rx: MockSplitQueue<'static, GuestMemoryMmap>,
     tx: MockSplitQueue<'static, GuestMemoryMmap>,
+    ev: MockSplitQueue<'static, GuestMemoryMmap>,
     dev: Vsock,
     dir: tempfile::TempDir,
     rx_desc: u16,
@@ -55,6 +57,7 @@ impl Harness {
             mem,
             rx,
             tx,
+            ev,
             dev,
             dir,
             rx_desc: 0,
@@ -485,4 +488,110 @@ fn config_space_is_the_guest_cid() {
     assert_eq!(b, [0, 0, 0, 0]);
     h.dev.read_config(u64::MAX, &mut b);
     assert_eq!(b, [0; 4]);
+}
+
+#[test]
+fn snapshot_with_an_open_connection_is_refused() {
+    let mut h = Harness::new();
+    h.give_rx(8);
+    let host = h.guest_connect(5000, 1025);
+    let err = h.dev.save_state().unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("vsock has 1 open connection(s); close them before a snapshot"),
+        "{err}"
+    );
+    // Once the guest resets the connection, the snapshot is allowed.
+    h.send(h.guest_hdr(5000, 1025, op::RST), &[]);
+    drop(host);
+    let state = h.dev.save_state().unwrap();
+    assert_eq!(
+        state.kind,
+        DeviceKind::Vsock {
+            guest_cid: GUEST_CID
+        }
+    );
+}
+
+#[test]
+fn saved_ring_positions_carry_over_to_a_new_device() {
+    let mut h = Harness::new();
+    h.give_rx(8);
+    let host = h.guest_connect(5000, 1025);
+    h.send(h.guest_hdr(5000, 1025, op::RST), &[]);
+    drop(host);
+    let saved = h.dev.save_state().unwrap();
+    assert_eq!(saved.queues.len(), 3);
+    assert_eq!(saved.queues[TXQ].next_avail, 2, "REQUEST and RST consumed");
+    assert_eq!(saved.queues[RXQ].next_used, 1, "RESPONSE delivered");
+
+    // A new device on a new socket, activated with the saved queues, saves the same state and
+    // goes on where the first stopped: the next guest connection works.
+    let dir = tempfile::tempdir().unwrap();
+    let mut dev = Vsock::new(&VsockConfig {
+        guest_cid: GUEST_CID,
+        uds_path: dir.path().join("v.sock"),
+    })
+    .unwrap();
+    let queues = saved.queues.iter().map(|q| q.to_queue().unwrap()).collect();
+    let irq = Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+    dev.activate(h.mem.clone(), VIRTIO_F_VERSION_1, queues, irq)
+        .unwrap();
+    dev.restore_state(&saved.kind).unwrap();
+    assert_eq!(dev.save_state().unwrap(), saved);
+    assert!(dev
+        .restore_state(&DeviceKind::Vsock { guest_cid: 99 })
+        .is_err());
+    h.dev = dev;
+    h.dir = dir;
+    let _host = h.guest_connect(5001, 1025);
+}
+
+#[test]
+fn transport_reset_event_is_written_to_the_event_queue() {
+    let mut h = Harness::new();
+    assert!(!h.dev.send_transport_reset(), "no event buffer yet");
+    let raw = RawDescriptor::from(SplitDescriptor::new(0x70_0000, 8, F_WRITE, 0));
+    h.ev.add_desc_chains(&[raw], 0).unwrap();
+    h.mem
+        .write_slice(&[0xff; 8], GuestAddress(0x70_0000))
+        .unwrap();
+    assert!(h.dev.send_transport_reset());
+    assert_eq!(h.ev.used().idx().load(), 1);
+    let elem = h.ev.used().ring().ref_at(0).unwrap().load();
+    assert_eq!(elem.len(), 4);
+    let mut id = [0u8; 4];
+    h.mem.read_slice(&mut id, GuestAddress(0x70_0000)).unwrap();
+    assert_eq!(
+        u32::from_le_bytes(id),
+        0,
+        "VIRTIO_VSOCK_EVENT_TRANSPORT_RESET"
+    );
+
+    // Until the guest gives the event buffer back, host connections wait (the guest's reset
+    // would cut them); then they go through.
+    assert!(h.dev.reset_pending());
+    h.give_rx(4);
+    let mut early = UnixStream::connect(h.uds()).unwrap();
+    early.write_all(b"CONNECT 1024\n").unwrap();
+    assert!(
+        h.receive().is_empty(),
+        "no REQUEST while the reset is pending"
+    );
+    early
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut buf = [0u8; 16];
+    assert_eq!(
+        early.read(&mut buf).unwrap(),
+        0,
+        "closed: the client retries"
+    );
+    h.dev.event_queue_notified();
+    assert!(!h.dev.reset_pending());
+    let mut host = UnixStream::connect(h.uds()).unwrap();
+    host.write_all(b"CONNECT 1024\n").unwrap();
+    let got = h.receive();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].0.op, op::REQUEST);
 }

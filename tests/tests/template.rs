@@ -1,0 +1,358 @@
+//! Slow lane: the agent-ready template. The real guest kernel boots the agent once, the VMM
+//! snapshots it when the agent answers; VMs restored from it concurrently each answer on their
+//! own new vsock socket, take a fresh clock and entropy, share memory, and shut down cleanly.
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use nutshell_protocol::client::{AgentClient, ConnectOptions};
+use nutshell_protocol::generated::vmm as vpb;
+use nutshell_protocol::generated::vmm_ttrpc::VmmClient;
+use nutshell_protocol::ttrpc;
+use nutshell_protocol::types::ServingStatus;
+use nutshell_tests::{guest_artifact, memory_use, vmm_binary, MemoryUse, VmmProcess};
+
+const CMDLINE: &str = "quiet";
+
+fn boot_args() -> Vec<String> {
+    let p = |name: &str| guest_artifact(name).unwrap().to_string_lossy().into_owned();
+    vec![
+        "--kernel".into(),
+        p("vmlinux"),
+        "--initrd".into(),
+        p("initramfs.cpio"),
+        "--cmdline".into(),
+        CMDLINE.into(),
+        "--memory-mib".into(),
+        "128".into(),
+    ]
+}
+
+/// Builds (or finds) the template in `cache`; returns its directory and how long it took.
+fn make_template(cache: &Path) -> (PathBuf, Duration) {
+    let t = Instant::now();
+    let out = Command::new(vmm_binary().unwrap())
+        .args(boot_args())
+        .arg(format!("--template-cache={}", cache.display()))
+        .arg("--template-only")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dir = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+    assert!(dir.join("state").is_file() && dir.join("memory").is_file());
+    (dir, t.elapsed())
+}
+
+/// A VM restored from the template in `cache`, with its own vsock and control sockets.
+struct Restored {
+    vm: VmmProcess,
+    uds: PathBuf,
+    api: PathBuf,
+}
+
+fn restore(cache: &Path, sockets: &Path, i: usize) -> Restored {
+    let uds = sockets.join(format!("vsock{i}.sock"));
+    let api = sockets.join(format!("api{i}.sock"));
+    let mut args = boot_args();
+    args.push(format!("--template-cache={}", cache.display()));
+    args.extend([
+        "--vsock-uds".into(),
+        uds.to_string_lossy().into_owned(),
+        "--api-sock".into(),
+        api.to_string_lossy().into_owned(),
+    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Restored {
+        vm: VmmProcess::spawn(&args).unwrap(),
+        uds,
+        api,
+    }
+}
+
+fn connect(r: &Restored) -> AgentClient {
+    // Generous bounds: on a loaded kvm_pvm host one RPC can take seconds.
+    let opts = ConnectOptions {
+        connect_timeout: Duration::from_secs(120),
+        retry_interval: Duration::from_millis(5),
+        rpc_timeout: Duration::from_secs(120),
+        ..Default::default()
+    };
+    match AgentClient::connect(&r.uds, &opts) {
+        Ok(c) => c,
+        Err(e) => panic!(
+            "{e:?}\nconsole:\n{}\nstderr:\n{}",
+            r.vm.console(),
+            r.vm.stderr()
+        ),
+    }
+}
+
+fn api_client(path: &Path) -> VmmClient {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match ttrpc::Client::connect(&format!("unix://{}", path.display())) {
+            Ok(c) => return VmmClient::new(c),
+            Err(e) if Instant::now() > deadline => panic!("control socket: {e:?}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+}
+
+fn ctx() -> ttrpc::context::Context {
+    ttrpc::context::with_timeout(120_000_000_000)
+}
+
+fn now_nanos() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i64
+}
+
+/// The guest wall clock the agent logged after the refresh.
+fn logged_clock(console: &str) -> Option<f64> {
+    console
+        .lines()
+        .find_map(|l| l.split_once("guest refreshed: wall clock ").map(|(_, r)| r))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
+fn wait_logged_clock(vm: &VmmProcess) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(c) = logged_clock(&vm.console()) {
+            return c;
+        }
+        assert!(Instant::now() < deadline, "console:\n{}", vm.console());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+#[ignore = "slow lane: boots the real guest kernel (scripts/test.sh runs it)"]
+fn template_restores_three_vms_concurrently() {
+    let cache = tempfile::tempdir().unwrap();
+    let sockets = tempfile::tempdir().unwrap();
+    let (template, built_in) = make_template(cache.path());
+    // Found again without a boot.
+    let (again, found_in) = make_template(cache.path());
+    assert_eq!(again, template);
+    assert!(found_in < built_in / 2, "{found_in:?} vs {built_in:?}");
+
+    let vms: Vec<Restored> = (0..3)
+        .map(|i| restore(cache.path(), sockets.path(), i))
+        .collect();
+    let clients: Vec<AgentClient> = std::thread::scope(|s| {
+        let handles: Vec<_> = vms.iter().map(|r| s.spawn(|| connect(r))).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (r, client) in vms.iter().zip(&clients) {
+        assert!(
+            r.vm.stderr().contains("restored"),
+            "not a restore:\n{}",
+            r.vm.stderr()
+        );
+        assert_eq!(client.check().unwrap(), ServingStatus::Serving);
+        let version = client.version().unwrap();
+        assert_eq!(version.api_version, nutshell_protocol::AGENT_API_VERSION);
+        assert!(version.kernel_release.starts_with("6.1"));
+    }
+
+    // A fresh clock: first a distinctive one, read back by the agent, then the host's.
+    let odd = 2_000_000_000i64 * 1_000_000_000;
+    clients[0].refresh_guest(odd, &[1; 32]).unwrap();
+    let seen = wait_logged_clock(&vms[0].vm);
+    assert!((seen - 2e9).abs() < 5.0, "guest clock {seen}");
+    for (r, client) in vms.iter().zip(&clients).skip(1) {
+        let host = now_nanos();
+        client.refresh_guest_now().unwrap();
+        let seen = wait_logged_clock(&r.vm);
+        assert!(
+            (seen - host as f64 / 1e9).abs() < 5.0,
+            "guest clock {seen}, host {}",
+            host as f64 / 1e9
+        );
+    }
+
+    // Memory: guest RAM pages the VMs only read are the template's page cache, shared.
+    let uses: Vec<MemoryUse> = vms
+        .iter()
+        .map(|r| memory_use(r.vm.pid().unwrap()).unwrap())
+        .collect();
+    let rss: u64 = uses.iter().map(|u| u.rss_kib).sum();
+    let pss: u64 = uses.iter().map(|u| u.pss_kib).sum();
+    eprintln!("template: 3 restored VMs: RSS {rss} KiB, PSS {pss} KiB in all ({uses:?})");
+    assert!(
+        pss * 4 < rss * 3,
+        "PSS {pss} KiB is not well below RSS {rss} KiB"
+    );
+
+    // The control socket: stats, pause/resume, and a snapshot refused while a vsock
+    // connection is open (the agent client's).
+    let api = api_client(&vms[0].api);
+    let stats = api.stats(ctx(), &vpb::StatsRequest::new()).unwrap();
+    assert_eq!(stats.vcpus, 1);
+    assert_eq!(stats.memory_bytes, 128 << 20);
+    assert!(stats.rss_bytes > 0);
+    api.pause(ctx(), &vpb::PauseRequest::new()).unwrap();
+    let err = api.pause(ctx(), &vpb::PauseRequest::new()).unwrap_err();
+    assert!(
+        format!("{err:?}").contains("FAILED_PRECONDITION"),
+        "{err:?}"
+    );
+    api.resume(ctx(), &vpb::ResumeRequest::new()).unwrap();
+    let mut req = vpb::SnapshotRequest::new();
+    req.directory = cache.path().join("again").to_string_lossy().into_owned();
+    let err = api.snapshot(ctx(), &req).unwrap_err();
+    assert!(format!("{err:?}").contains("open connection"), "{err:?}");
+    assert!(!cache.path().join("again").join("state").exists());
+    req.directory = "relative".into();
+    let err = api.snapshot(ctx(), &req).unwrap_err();
+    assert!(format!("{err:?}").contains("INVALID_ARGUMENT"), "{err:?}");
+    assert_eq!(clients[0].check().unwrap(), ServingStatus::Serving);
+
+    // Shutdown: two through the agent (the guest powers off), one through the control socket.
+    clients[1].shutdown().unwrap();
+    clients[2].shutdown().unwrap();
+    api.shutdown(ctx(), &vpb::ShutdownRequest::new()).unwrap();
+    drop(clients);
+    for r in vms {
+        let api_path = r.api.clone();
+        let uds = r.uds.clone();
+        let out = r.vm.wait(Duration::from_secs(60)).unwrap();
+        out.assert_status(0);
+        assert!(!api_path.exists(), "the control socket is removed at exit");
+        assert!(!uds.exists(), "the vsock socket is removed at exit");
+    }
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn disk_use(path: &Path) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).unwrap();
+    (m.len(), m.blocks() * 512)
+}
+
+/// Figures for the report: `NUTSHELL_MEASURE=1` to run (slow: several cold boots).
+#[test]
+#[ignore = "measurement: NUTSHELL_MEASURE=1 cargo test -p nutshell-tests --test template -- --ignored measure"]
+fn measure_cold_boot_vs_restore() {
+    if std::env::var_os("NUTSHELL_MEASURE").is_none() {
+        eprintln!("set NUTSHELL_MEASURE=1 to measure");
+        return;
+    }
+    let runs: usize = std::env::var("NUTSHELL_MEASURE_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let sockets = tempfile::tempdir().unwrap();
+
+    // Cold boot to agent-ready: VMM spawn until Health answers.
+    let mut cold = Vec::new();
+    for i in 0..runs {
+        let uds = sockets.path().join(format!("cold{i}.sock"));
+        let mut args = boot_args();
+        args.extend(["--vsock-uds".into(), uds.to_string_lossy().into_owned()]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let t = Instant::now();
+        let vm = VmmProcess::spawn(&args).unwrap();
+        let client = AgentClient::connect(
+            &uds,
+            &ConnectOptions {
+                retry_interval: Duration::from_millis(5),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        client.check().unwrap();
+        cold.push(t.elapsed());
+        client.shutdown().unwrap();
+        vm.wait(Duration::from_secs(60)).unwrap().assert_status(0);
+    }
+
+    let cache = tempfile::tempdir().unwrap();
+    let (template, built_in) = make_template(cache.path());
+    let (state_len, state_alloc) = disk_use(&template.join("state"));
+    let (mem_len, mem_alloc) = disk_use(&template.join("memory"));
+
+    // Restore to agent-ready, one at a time.
+    let mut warm = Vec::new();
+    let mut host_ms = Vec::new();
+    for i in 0..runs.max(5) {
+        let t = Instant::now();
+        let r = restore(cache.path(), sockets.path(), 100 + i);
+        let client = connect(&r);
+        client.check().unwrap();
+        warm.push(t.elapsed());
+        let log = r.vm.stderr();
+        if let Some(ms) = log
+            .lines()
+            .find_map(|l| l.split_once("restored ").map(|(_, r)| r))
+            .and_then(|r| r.split(" in ").nth(1))
+            .and_then(|r| r.trim_end_matches(" ms").trim().parse::<f64>().ok())
+        {
+            host_ms.push(ms);
+        }
+        client.shutdown().unwrap();
+        r.vm.wait(Duration::from_secs(60)).unwrap().assert_status(0);
+    }
+    host_ms.sort_by(f64::total_cmp);
+
+    // PSS per VM with N restored VMs alive at once.
+    let mut pss_lines = Vec::new();
+    for n in [1usize, 5, 10] {
+        let vms: Vec<Restored> = (0..n)
+            .map(|i| restore(cache.path(), sockets.path(), 200 + 20 * n + i))
+            .collect();
+        let clients: Vec<AgentClient> = vms.iter().map(connect).collect();
+        for c in &clients {
+            c.check().unwrap();
+        }
+        let uses: Vec<MemoryUse> = vms
+            .iter()
+            .map(|r| memory_use(r.vm.pid().unwrap()).unwrap())
+            .collect();
+        let pss = uses.iter().map(|u| u.pss_kib).sum::<u64>() / n as u64;
+        let rss = uses.iter().map(|u| u.rss_kib).sum::<u64>() / n as u64;
+        pss_lines.push(format!("{n} VMs: PSS {pss} KiB/VM, RSS {rss} KiB/VM"));
+        for c in &clients {
+            c.shutdown().unwrap();
+        }
+        for r in vms {
+            r.vm.wait(Duration::from_secs(120))
+                .unwrap()
+                .assert_status(0);
+        }
+    }
+
+    eprintln!(
+        "MEASURE cold boot to agent-ready: median {:.2} s of {cold:?}",
+        median(cold.clone()).as_secs_f64()
+    );
+    eprintln!(
+        "MEASURE template build (boot + snapshot): {:.2} s",
+        built_in.as_secs_f64()
+    );
+    eprintln!(
+        "MEASURE restore to agent-ready: median {:.1} ms of {warm:?}",
+        median(warm.clone()).as_secs_f64() * 1e3
+    );
+    eprintln!("MEASURE restore host-side (VMM start to vCPUs running): {host_ms:?} ms");
+    eprintln!(
+        "MEASURE snapshot: state {state_len} B ({state_alloc} B allocated), memory {mem_len} B ({mem_alloc} B allocated)"
+    );
+    for l in pss_lines {
+        eprintln!("MEASURE {l}");
+    }
+}
