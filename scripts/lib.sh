@@ -15,6 +15,8 @@ APT_PACKAGES=(
     # containers: the agent's host-run tests use busybox-static as a rootfs; containerd and
     # runc are the real components the end-to-end tests and benchmarks drive
     busybox-static containerd runc iproute2
+    # benchmark workloads (nutshell-bench builds its images from these Debian binaries)
+    sysbench fio
 )
 
 ensure_root() {

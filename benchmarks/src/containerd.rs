@@ -140,6 +140,9 @@ pub fn find_on_path(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// Makes the default namespaces of one process distinct.
+static NEXT_NAMESPACE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// How to start the private containerd.
 #[derive(Debug, Clone)]
 pub struct ContainerdOptions {
@@ -149,8 +152,8 @@ pub struct ContainerdOptions {
     pub ctr_binary: PathBuf,
     /// The runtimes to register beyond runc, which is always there.
     pub runtimes: Vec<RuntimeSpec>,
-    /// The `ctr` namespace; defaults to one unique to this process, so that cgroups of two
-    /// harnesses never collide.
+    /// The `ctr` namespace; defaults to one unique to this process and options value, so that
+    /// the cgroups of two harnesses never collide.
     pub namespace: String,
     /// How long to wait for containerd to answer.
     pub ready_timeout: Duration,
@@ -166,7 +169,11 @@ impl Default for ContainerdOptions {
             binary: PathBuf::from("containerd"),
             ctr_binary: PathBuf::from("ctr"),
             runtimes: vec![RuntimeSpec::nutshell()],
-            namespace: format!("nutshell-{}", std::process::id()),
+            namespace: format!(
+                "nutshell-{}-{}",
+                std::process::id(),
+                NEXT_NAMESPACE.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            ),
             ready_timeout: Duration::from_secs(30),
             parent_dir: None,
         }
@@ -415,6 +422,24 @@ impl Containerd {
         };
         if matches!(child.try_wait(), Ok(None)) {
             self.remove_all_containers();
+            // A shim exits shortly after its last task is deleted; one that stays is killed.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                let shims = shim_pids(&self.address, &self.namespace);
+                if shims.is_empty() {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    for pid in process_tree(&shims) {
+                        log::warn!("killing leftover shim process {pid}");
+                        if let Ok(pid) = i32::try_from(pid) {
+                            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                        }
+                    }
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
             if let Ok(pid) = i32::try_from(child.id()) {
                 let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
             }
@@ -497,6 +522,71 @@ fn tail(s: &str, max: usize) -> &str {
         start += 1;
     }
     &s[start..]
+}
+
+/// The shim processes of `namespace` on the containerd at `address` (by their command line:
+/// containerd starts every shim with `-namespace NS … -address SOCKET`).
+pub fn shim_pids(address: &Path, namespace: &str) -> Vec<u32> {
+    let address = address.to_string_lossy();
+    all_pids()
+        .into_iter()
+        .filter(|pid| {
+            let Ok(raw) = fs::read(format!("/proc/{pid}/cmdline")) else {
+                return false;
+            };
+            let args: Vec<String> = raw
+                .split(|b| *b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            let has =
+                |flag: &str, value: &str| args.windows(2).any(|w| w[0] == flag && w[1] == value);
+            args.first().is_some_and(|a| {
+                a.rsplit('/')
+                    .next()
+                    .unwrap_or("")
+                    .starts_with("containerd-shim")
+            }) && has("-namespace", namespace)
+                && has("-address", &address)
+        })
+        .collect()
+}
+
+fn all_pids() -> Vec<u32> {
+    fs::read_dir("/proc")
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `/proc/<pid>/stat`: the parent PID (the command name may contain spaces and parentheses).
+pub fn parse_ppid(stat: &str) -> Option<u32> {
+    let after = &stat[stat.rfind(')')? + 1..];
+    after.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// `roots` and all their descendants.
+pub fn process_tree(roots: &[u32]) -> Vec<u32> {
+    let parents: Vec<(u32, u32)> = all_pids()
+        .into_iter()
+        .filter_map(|pid| {
+            let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            Some((pid, parse_ppid(&stat)?))
+        })
+        .collect();
+    let mut tree: Vec<u32> = roots.to_vec();
+    let mut i = 0;
+    while i < tree.len() {
+        let parent = tree[i];
+        for (pid, ppid) in &parents {
+            if *ppid == parent && !tree.contains(pid) {
+                tree.push(*pid);
+            }
+        }
+        i += 1;
+    }
+    tree
 }
 
 /// `ctr` bound to one containerd socket and namespace.
@@ -583,6 +673,27 @@ fn check(args: &[&str], out: &Output) -> Result<(), ContainerdError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ppid_from_stat_with_odd_names() {
+        assert_eq!(parse_ppid("123 (sleep) S 45 123 123 0"), Some(45));
+        assert_eq!(parse_ppid("7 (a b) c)) R 1 7 7"), Some(1));
+        assert_eq!(parse_ppid("garbage"), None);
+    }
+
+    #[test]
+    fn process_tree_includes_children() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        let me = std::process::id();
+        let tree = process_tree(&[me]);
+        assert_eq!(tree[0], me);
+        assert!(tree.contains(&child.id()));
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
 
     #[test]
     fn shim_binary_names_follow_containerd() {

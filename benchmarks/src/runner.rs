@@ -9,7 +9,9 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use crate::containerd::RuntimeSpec;
-use crate::containerd::{find_on_path, Containerd, ContainerdError, ContainerdOptions, Ctr};
+use crate::containerd::{
+    find_on_path, process_tree, shim_pids, Containerd, ContainerdError, ContainerdOptions, Ctr,
+};
 use crate::image::{self, ImageError, ImageSpec};
 use crate::parse;
 use crate::report::{Machine, MetricResult, Results, RuntimeStatus};
@@ -822,95 +824,9 @@ fn last_line(stderr: &str, stdout: &str) -> String {
         .collect()
 }
 
-/// The shim processes of `namespace` on the containerd at `address` (by their command line:
-/// containerd starts every shim with `-namespace NS … -address SOCKET`).
-pub fn shim_pids(address: &Path, namespace: &str) -> Vec<u32> {
-    let address = address.to_string_lossy();
-    all_pids()
-        .into_iter()
-        .filter(|pid| {
-            let Ok(raw) = fs::read(format!("/proc/{pid}/cmdline")) else {
-                return false;
-            };
-            let args: Vec<String> = raw
-                .split(|b| *b == 0)
-                .map(|a| String::from_utf8_lossy(a).into_owned())
-                .collect();
-            let has =
-                |flag: &str, value: &str| args.windows(2).any(|w| w[0] == flag && w[1] == value);
-            args.first().is_some_and(|a| {
-                a.rsplit('/')
-                    .next()
-                    .unwrap_or("")
-                    .starts_with("containerd-shim")
-            }) && has("-namespace", namespace)
-                && has("-address", &address)
-        })
-        .collect()
-}
-
-fn all_pids() -> Vec<u32> {
-    fs::read_dir("/proc")
-        .map(|d| {
-            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// `/proc/<pid>/stat`: the parent PID (the command name may contain spaces and parentheses).
-pub fn parse_ppid(stat: &str) -> Option<u32> {
-    let after = &stat[stat.rfind(')')? + 1..];
-    after.split_whitespace().nth(1)?.parse().ok()
-}
-
-/// `roots` and all their descendants.
-pub fn process_tree(roots: &[u32]) -> Vec<u32> {
-    let parents: Vec<(u32, u32)> = all_pids()
-        .into_iter()
-        .filter_map(|pid| {
-            let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            Some((pid, parse_ppid(&stat)?))
-        })
-        .collect();
-    let mut tree: Vec<u32> = roots.to_vec();
-    let mut i = 0;
-    while i < tree.len() {
-        let parent = tree[i];
-        for (pid, ppid) in &parents {
-            if *ppid == parent && !tree.contains(pid) {
-                tree.push(*pid);
-            }
-        }
-        i += 1;
-    }
-    tree
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ppid_from_stat_with_odd_names() {
-        assert_eq!(parse_ppid("123 (sleep) S 45 123 123 0"), Some(45));
-        assert_eq!(parse_ppid("7 (a b) c)) R 1 7 7"), Some(1));
-        assert_eq!(parse_ppid("garbage"), None);
-    }
-
-    #[test]
-    fn process_tree_includes_children() {
-        let mut child = std::process::Command::new("sleep")
-            .arg("5")
-            .spawn()
-            .unwrap();
-        let me = std::process::id();
-        let tree = process_tree(&[me]);
-        assert_eq!(tree[0], me);
-        assert!(tree.contains(&child.id()));
-        child.kill().unwrap();
-        child.wait().unwrap();
-    }
 
     #[test]
     fn plans_are_bounded() {
