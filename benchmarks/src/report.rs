@@ -48,6 +48,9 @@ pub struct Machine {
     pub kernel: String,
     /// `hardware`, `emulated (kvm_pvm)` or `none`.
     pub kvm: String,
+    /// The 1, 5 and 15 minute load averages when the run started (other work on the machine
+    /// widens the ranges).
+    pub load_avg: String,
 }
 
 impl Machine {
@@ -67,6 +70,9 @@ impl Machine {
                 Path::new("/dev/kvm").exists(),
             )
             .to_owned(),
+            load_avg: fs::read_to_string("/proc/loadavg")
+                .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+                .unwrap_or_default(),
         }
     }
 
@@ -75,13 +81,33 @@ impl Machine {
         self.kvm.starts_with("emulated")
     }
 
-    /// One line: CPU, cores, memory, kernel, KVM.
+    /// One line: CPU, cores, memory, kernel, KVM, load.
     pub fn line(&self) -> String {
         format!(
-            "{}, {} cores, {:.1} GiB, Linux {}, KVM: {}",
-            self.cpu, self.cores, self.memory_gib, self.kernel, self.kvm
+            "{}, {} cores, {:.1} GiB, Linux {}, KVM: {}; load average at start {}",
+            self.cpu, self.cores, self.memory_gib, self.kernel, self.kvm, self.load_avg
         )
     }
+}
+
+/// Seconds since the epoch as `YYYY-MM-DD HH:MM UTC` (civil-from-days, proleptic Gregorian).
+pub fn utc(unix: u64) -> String {
+    let days = (unix / 86_400) as i64;
+    let secs = unix % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02} UTC",
+        secs / 3600,
+        secs % 3600 / 60
+    )
 }
 
 fn cpu_model(cpuinfo: &str) -> Option<String> {
@@ -208,10 +234,11 @@ impl Results {
                 } else if let Some(sum) = m.summary(&rt.name) {
                     let failed = m.errors.get(&rt.name).map_or(0, Vec::len);
                     let mut c = format!(
-                        "{} ({}–{})",
+                        "{} ({}–{}, n={})",
                         fmt_value(sum.median),
                         fmt_value(sum.min),
-                        fmt_value(sum.max)
+                        fmt_value(sum.max),
+                        sum.n
                     );
                     if failed > 0 {
                         let _ = write!(c, ", {failed} failed");
@@ -244,10 +271,10 @@ impl Results {
         let _ = writeln!(s, "Machine: {}\n", self.machine.line());
         let _ = writeln!(
             s,
-            "Run: {} run, {:.0} s wall, started at Unix time {}; workloads: {}.\n",
+            "Run: {} run, {:.0} s wall, started {}; workloads: {}.\n",
             if self.quick { "`--quick`" } else { "default" },
             self.wall_s,
-            self.started_unix,
+            utc(self.started_unix),
             self.workloads.join(", ")
         );
         s.push_str("## Runtimes\n\n");
@@ -265,8 +292,9 @@ impl Results {
                 }
             }
         }
-        s.push_str("\n## Results\n\nMedians with min–max over the runs; ↑ higher is better, ↓ lower is better. \
-                     Runs were interleaved (A B A B …) across runtimes.\n\n");
+        s.push_str("\n## Results\n\nMedians with min–max and the number of runs n; ↑ higher is better, ↓ lower is better. \
+                     Runs were interleaved (A B A B …) across runtimes; each workload has a time \
+                     budget, and a slow runtime gets fewer runs (smaller n) rather than a longer run.\n\n");
         s.push_str(&self.table());
         if !plots.is_empty() {
             s.push_str(
@@ -469,6 +497,7 @@ mod tests {
                 memory_gib: 24.0,
                 kernel: "6.1.0".into(),
                 kvm: kvm_kind(true, true).into(),
+                load_avg: "0.50 0.40 0.30".into(),
             },
             started_unix: 0,
             wall_s: 12.0,
@@ -508,8 +537,8 @@ mod tests {
     #[test]
     fn table_has_medians_ranges_ratios_and_unavailable_columns() {
         let t = results().table();
-        assert!(t.contains("| 100.0 (90.00–110.0) |"), "{t}");
-        assert!(t.contains("| 200.0 (180.0–220.0) | 2.00× |"), "{t}");
+        assert!(t.contains("| 100.0 (90.00–110.0, n=3) |"), "{t}");
+        assert!(t.contains("| 200.0 (180.0–220.0, n=3) | 2.00× |"), "{t}");
         assert!(t.contains("| not available | — |"), "{t}");
     }
 
@@ -544,5 +573,8 @@ mod tests {
             Some(24_000_000)
         );
         assert_eq!(kvm_kind(false, true), "hardware");
+        assert_eq!(utc(0), "1970-01-01 00:00 UTC");
+        assert_eq!(utc(951_782_400 + 3_660), "2000-02-29 01:01 UTC");
+        assert_eq!(utc(1_795_881_179), "2026-11-28 15:52 UTC");
     }
 }

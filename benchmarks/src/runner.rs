@@ -112,6 +112,10 @@ pub struct Plan {
     pub density: Vec<usize>,
     /// Repetitions of density.
     pub density_reps: usize,
+    /// Time budget of each workload: no new round (one run per runtime) starts after it is
+    /// spent, but every case gets at least one round. This bounds the run when a runtime is slow
+    /// (a VM boot per container on emulated KVM); fewer samples then show as a smaller `n`.
+    pub workload_budget: Duration,
 }
 
 impl Plan {
@@ -132,6 +136,7 @@ impl Plan {
                 files: 500,
                 density: vec![1, 4],
                 density_reps: 1,
+                workload_budget: Duration::from_secs(25),
             }
         } else {
             Plan {
@@ -148,6 +153,7 @@ impl Plan {
                 files: 2000,
                 density: vec![1, 10, 20],
                 density_reps: 2,
+                workload_budget: Duration::from_secs(180),
             }
         }
     }
@@ -185,6 +191,7 @@ pub struct Runner {
     volume: tempfile::TempDir,
     next_id: u64,
     metrics: Vec<MetricResult>,
+    workload_started: Instant,
 }
 
 /// Runs `config` from start to end: containerd up, images imported, runtimes checked, the
@@ -195,6 +202,7 @@ pub fn run(config: RunConfig) -> Result<Results, RunnerError> {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
+    let machine = Machine::detect();
     let mut runner = Runner::new(config)?;
     runner.check_runtimes();
     let workloads: Vec<Workload> = if runner.config.only.is_empty() {
@@ -220,7 +228,7 @@ pub fn run(config: RunConfig) -> Result<Results, RunnerError> {
         })
         .collect();
     let results = Results {
-        machine: Machine::detect(),
+        machine,
         started_unix,
         wall_s: started.elapsed().as_secs_f64(),
         quick: runner.config.plan.quick,
@@ -280,6 +288,7 @@ impl Runner {
             volume,
             next_id: 0,
             metrics: Vec::new(),
+            workload_started: Instant::now(),
         })
     }
 
@@ -356,6 +365,7 @@ impl Runner {
     }
 
     fn workload(&mut self, w: Workload) {
+        self.workload_started = Instant::now();
         match w {
             Workload::Startup => self.startup(),
             Workload::Cpu => self.cpu(),
@@ -366,11 +376,19 @@ impl Runner {
         }
     }
 
-    /// Runs `run` for every (repetition, runtime) in interleaved order.
+    /// Runs `run` for every (repetition, runtime) in interleaved order; stops before a new
+    /// round once the workload's budget is spent.
     fn interleaved(&mut self, reps: usize, mut run: impl FnMut(&mut Self, &RuntimeSpec)) {
         let specs = self.available();
         let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
-        for (_, name) in interleave(&names, reps) {
+        let budget = self.config.plan.workload_budget;
+        for (rep, name) in interleave(&names, reps) {
+            if rep > 0 && name == names[0] && self.workload_started.elapsed() > budget {
+                log::warn!(
+                    "time budget of {budget:?} spent: {rep} of {reps} repetitions of this case"
+                );
+                break;
+            }
             if let Some(spec) = specs.iter().find(|s| s.name == name) {
                 run(self, spec);
             }

@@ -1,7 +1,9 @@
 #![allow(clippy::unwrap_used)]
-//! `nutshell-bench --quick --only cpu` end to end with runc, a runtime that is not installed,
-//! and nutshell (available or not): the report and the JSON are produced, runc has figures, a
-//! missing runtime says "not available". Needs root, containerd, runc, sysbench (slow lane).
+//! `nutshell-bench --quick --only cpu` end to end with runc, a second handler of the runc shim
+//! (`runc-b`, a second runtime that really runs, so ratios are computed), a runtime that is not
+//! installed, and nutshell (available or not): the report and the JSON are produced, runc has
+//! figures, a missing runtime says "not available". Needs root, containerd, runc, sysbench
+//! (slow lane).
 
 use std::process::Command;
 
@@ -16,7 +18,7 @@ fn quick_run_reports_runc_figures_and_unavailable_runtimes() {
             "--only",
             "cpu",
             "--runtimes",
-            "runc,nutshell,absent=io.containerd.absent.v2",
+            "runc,nutshell,absent=io.containerd.absent.v2,runc-b=io.containerd.runc.v2",
         ])
         .arg("--out")
         .arg(out.path())
@@ -72,7 +74,23 @@ fn quick_run_reports_runc_figures_and_unavailable_runtimes() {
         );
         assert!(md.contains("**nutshell**"), "{md}");
     }
-    // The row says so in the unavailable runtime's column.
+    // The second runc handler ran as often as runc, and its ratio is near 1.
+    assert_eq!(status("runc-b")["available"], true);
+    let b = metric["samples"]["runc-b"].as_array().unwrap();
+    assert_eq!(b.len(), runc.len());
+    // The row has runc-b's ratio and says "not available" in the missing runtime's column.
     let row = md.lines().find(|l| l.starts_with("| cpu |")).unwrap();
     assert!(row.contains("not available"), "{row}");
+    let ratio: f64 = row
+        .split('|')
+        .map(str::trim)
+        .rev()
+        .find_map(|c| c.strip_suffix('×'))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (0.5..2.0).contains(&ratio),
+        "runc-b / runc = {ratio}: {row}"
+    );
 }
