@@ -163,7 +163,8 @@ pub struct ContainerdOptions {
 }
 
 impl Default for ContainerdOptions {
-    /// runc and nutshell registered, runsc too when `runsc` is on `PATH`.
+    /// runc and nutshell registered (add [`RuntimeSpec::runsc`] for gVisor), a namespace of
+    /// its own, 30 s to become ready, under the system's temporary directory.
     fn default() -> Self {
         ContainerdOptions {
             binary: PathBuf::from("containerd"),
