@@ -305,7 +305,7 @@ impl Runner {
                 Some(format!("{} is not installed (not on PATH)", bin.display()))
             } else {
                 let id = self.id("probe", &spec.name);
-                match self.run_to_end(&spec, BUSYBOX_IMAGE, &id, &["/bin/true"], &[], 300) {
+                match self.run_to_end(&spec, BUSYBOX_IMAGE, &id, &["/bin/true"], &[], 120) {
                     Ok(_) => None,
                     Err(e) => Some(format!("its first container failed: {e}")),
                 }
