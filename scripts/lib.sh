@@ -17,6 +17,8 @@ APT_PACKAGES=(
     busybox-static containerd runc iproute2
     # the CRI client of the end-to-end tests (k8s-cri generates its gRPC code with protoc)
     protobuf-compiler
+    # benchmark workloads (nutshell-bench builds its images from these Debian binaries)
+    sysbench fio
 )
 
 ensure_root() {

@@ -1,0 +1,115 @@
+//! `nutshell-bench-probe`: the loops the benchmark runs inside a container, each bounded by a
+//! count and a time limit, each printing `name value` lines.
+//!
+//! - `faults MIB ROUNDS`: allocate MIB MiB, touch every page, free it, ROUNDS times
+//!   (one page fault per 4 KiB page): `faults_per_s`.
+//! - `syscalls COUNT`: `getpid` COUNT times, 1-byte reads of `/dev/zero` COUNT times:
+//!   `getpid_per_s`, `read_per_s`.
+//! - `files DIR COUNT`: create, write 4 KiB, close and later unlink COUNT files in DIR:
+//!   `create_per_s`, `unlink_per_s`.
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+const PAGE: usize = 4096;
+/// No loop runs longer than this, whatever the count.
+const TIME_LIMIT: Duration = Duration::from_secs(10);
+
+fn arg(args: &[String], i: usize) -> Result<u64, String> {
+    args.get(i)
+        .ok_or_else(|| format!("argument {i} missing"))?
+        .parse::<u64>()
+        .map_err(|e| format!("argument {i}: {e}"))
+}
+
+fn per_s(count: u64, elapsed: Duration) -> f64 {
+    count as f64 / elapsed.as_secs_f64().max(1e-9)
+}
+
+fn faults(mib: u64, rounds: u64) -> Result<(), String> {
+    let bytes = usize::try_from(mib.min(4096) * 1024 * 1024).map_err(|e| e.to_string())?;
+    let start = Instant::now();
+    let mut touched = 0u64;
+    for _ in 0..rounds {
+        // A zeroed allocation this large is a fresh anonymous mapping: every first write to a
+        // page is a page fault, and dropping it unmaps it again.
+        let mut buf = vec![0u8; bytes];
+        for i in (0..bytes).step_by(PAGE) {
+            buf[i] = 1;
+            touched += 1;
+            if touched % 256 == 0 && start.elapsed() > TIME_LIMIT {
+                break;
+            }
+        }
+        std::hint::black_box(&buf);
+        if start.elapsed() > TIME_LIMIT {
+            break;
+        }
+    }
+    println!("faults_per_s {:.1}", per_s(touched, start.elapsed()));
+    Ok(())
+}
+
+fn syscalls(count: u64) -> Result<(), String> {
+    let start = Instant::now();
+    let mut n = 0;
+    while n < count && (n % 256 != 0 || start.elapsed() < TIME_LIMIT) {
+        std::hint::black_box(std::process::id());
+        n += 1;
+    }
+    println!("getpid_per_s {:.1}", per_s(n, start.elapsed()));
+    let mut zero = std::fs::File::open("/dev/zero").map_err(|e| e.to_string())?;
+    let mut byte = [0u8; 1];
+    let start = Instant::now();
+    let mut n = 0;
+    while n < count && (n % 256 != 0 || start.elapsed() < TIME_LIMIT) {
+        zero.read_exact(&mut byte).map_err(|e| e.to_string())?;
+        n += 1;
+    }
+    println!("read_per_s {:.1}", per_s(n, start.elapsed()));
+    Ok(())
+}
+
+fn files(dir: &str, count: u64) -> Result<(), String> {
+    let base = std::path::Path::new(dir).join(format!("probe-{}", std::process::id()));
+    std::fs::create_dir_all(&base).map_err(|e| format!("{}: {e}", base.display()))?;
+    let data = [0x5au8; PAGE];
+    let start = Instant::now();
+    let mut created = 0;
+    while created < count && start.elapsed() < TIME_LIMIT {
+        let mut f =
+            std::fs::File::create(base.join(created.to_string())).map_err(|e| e.to_string())?;
+        f.write_all(&data).map_err(|e| e.to_string())?;
+        created += 1;
+    }
+    println!("create_per_s {:.1}", per_s(created, start.elapsed()));
+    let start = Instant::now();
+    for i in 0..created {
+        std::fs::remove_file(base.join(i.to_string())).map_err(|e| e.to_string())?;
+    }
+    println!("unlink_per_s {:.1}", per_s(created, start.elapsed()));
+    std::fs::remove_dir(&base).map_err(|e| e.to_string())
+}
+
+fn main() -> std::process::ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    let result = match args.get(1).map(String::as_str) {
+        Some("faults") => arg(&args, 2).and_then(|m| faults(m, arg(&args, 3)?)),
+        Some("syscalls") => arg(&args, 2).and_then(syscalls),
+        Some("files") => match args.get(2) {
+            Some(dir) => arg(&args, 3).and_then(|n| files(dir, n)),
+            None => Err("files DIR COUNT".to_owned()),
+        },
+        _ => Err(
+            "usage: nutshell-bench-probe faults MIB ROUNDS | syscalls COUNT | files DIR COUNT"
+                .to_owned(),
+        ),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("nutshell-bench-probe: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,758 @@
+//! A private containerd for tests and benchmarks, and a `ctr` wrapper bound to it.
+//!
+//! [`Containerd::start`] runs `containerd` with its own temporary root, state directory, socket
+//! and config (CRI plugin enabled with `restrict_oom_score_adj = true`, because root lacks
+//! `CAP_SYS_RESOURCE` on the development machines), waits until it answers, and stops it when
+//! the value is dropped — also when a test panics: first every task it still runs is killed
+//! and deleted (shims outlive containerd otherwise), then containerd gets SIGTERM by PID and,
+//! if it does not exit in time, SIGKILL; mounts left under its directories are detached.
+//!
+//! ```no_run
+//! use nutshell_bench::containerd::{Containerd, ContainerdOptions};
+//! let containerd = Containerd::start(&ContainerdOptions::default())?;
+//! let ctr = containerd.ctr();
+//! let out = ctr.output(&["version"])?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use std::fmt::Write as _;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// Errors of the containerd harness.
+#[derive(Debug, thiserror::Error)]
+pub enum ContainerdError {
+    /// Creating the temporary directories or the config failed.
+    #[error("cannot prepare containerd's directory {path}")]
+    Prepare {
+        /// The path that could not be written.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// `containerd` could not be spawned.
+    #[error("cannot start {binary} (is containerd installed? scripts/setup.sh installs it)")]
+    Spawn {
+        /// The binary.
+        binary: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// containerd exited or did not answer in time.
+    #[error("containerd did not become ready within {waited:?}: {log_tail}")]
+    NotReady {
+        /// How long we waited.
+        waited: Duration,
+        /// The end of containerd's log.
+        log_tail: String,
+    },
+    /// `ctr` could not be run.
+    #[error("cannot run ctr")]
+    CtrSpawn(#[source] io::Error),
+    /// `ctr` failed.
+    #[error("ctr {args} failed ({status}): {stderr}")]
+    CtrFailed {
+        /// The arguments, space separated.
+        args: String,
+        /// Its exit status.
+        status: String,
+        /// The end of its standard error.
+        stderr: String,
+    },
+}
+
+/// A runtime that the private containerd registers (CRI `runtimes` table) and that `ctr run`
+/// can select.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuntimeSpec {
+    /// The runtime handler name (`runc`, `nutshell`, `runsc`).
+    pub name: String,
+    /// The shim's runtime type, e.g. `io.containerd.runc.v2`.
+    pub runtime_type: String,
+    /// An OCI runtime binary the runc shim should use instead of `runc` (for runsc).
+    pub binary_name: Option<PathBuf>,
+}
+
+impl RuntimeSpec {
+    /// runc through containerd's runc shim.
+    pub fn runc() -> Self {
+        RuntimeSpec {
+            name: "runc".to_owned(),
+            runtime_type: "io.containerd.runc.v2".to_owned(),
+            binary_name: None,
+        }
+    }
+
+    /// Nutshell's shim, `containerd-shim-nutshell-v2`.
+    pub fn nutshell() -> Self {
+        RuntimeSpec {
+            name: "nutshell".to_owned(),
+            runtime_type: "io.containerd.nutshell.v2".to_owned(),
+            binary_name: None,
+        }
+    }
+
+    /// gVisor: Debian's runsc has no containerd shim, so it runs as the runc shim's binary.
+    /// `binary` is a wrapper that adds `--network=none` (see [`Containerd::start`]).
+    pub fn runsc(binary: PathBuf) -> Self {
+        RuntimeSpec {
+            name: "runsc".to_owned(),
+            runtime_type: "io.containerd.runc.v2".to_owned(),
+            binary_name: Some(binary),
+        }
+    }
+
+    /// The shim binary containerd looks up on `PATH` for this runtime type
+    /// (`io.containerd.nutshell.v2` → `containerd-shim-nutshell-v2`), if the type has that form.
+    pub fn shim_binary_name(&self) -> Option<String> {
+        let rest = self.runtime_type.strip_prefix("io.containerd.")?;
+        let (name, version) = rest.rsplit_once('.')?;
+        if name.is_empty() || version.is_empty() || name.contains('/') || version.contains('/') {
+            return None;
+        }
+        Some(format!("containerd-shim-{name}-{version}"))
+    }
+
+    /// The extra `ctr run` arguments that select this runtime.
+    pub fn ctr_run_args(&self) -> Vec<String> {
+        let mut args = vec!["--runtime".to_owned(), self.runtime_type.clone()];
+        if let Some(binary) = &self.binary_name {
+            args.push("--runc-binary".to_owned());
+            args.push(binary.to_string_lossy().into_owned());
+        }
+        args
+    }
+}
+
+/// Where `name` is on `PATH`, if it is there.
+pub fn find_on_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+}
+
+/// Makes the default namespaces of one process distinct.
+static NEXT_NAMESPACE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How to start the private containerd.
+#[derive(Debug, Clone)]
+pub struct ContainerdOptions {
+    /// The `containerd` binary.
+    pub binary: PathBuf,
+    /// The `ctr` binary.
+    pub ctr_binary: PathBuf,
+    /// The runtimes to register beyond runc, which is always there.
+    pub runtimes: Vec<RuntimeSpec>,
+    /// The `ctr` namespace; defaults to one unique to this process and options value, so that
+    /// the cgroups of two harnesses never collide.
+    pub namespace: String,
+    /// How long to wait for containerd to answer.
+    pub ready_timeout: Duration,
+    /// Parent of the temporary directory (default: the system's temporary directory; the
+    /// socket path must stay short).
+    pub parent_dir: Option<PathBuf>,
+}
+
+impl Default for ContainerdOptions {
+    /// runc and nutshell registered (add [`RuntimeSpec::runsc`] for gVisor), a namespace of
+    /// its own, 30 s to become ready, under the system's temporary directory.
+    fn default() -> Self {
+        ContainerdOptions {
+            binary: PathBuf::from("containerd"),
+            ctr_binary: PathBuf::from("ctr"),
+            runtimes: vec![RuntimeSpec::nutshell()],
+            namespace: format!(
+                "nutshell-{}-{}",
+                std::process::id(),
+                NEXT_NAMESPACE.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            ),
+            ready_timeout: Duration::from_secs(30),
+            parent_dir: None,
+        }
+    }
+}
+
+/// A running private containerd; stopped (with every task it runs) on drop.
+#[derive(Debug)]
+pub struct Containerd {
+    child: Option<Child>,
+    dir: Option<tempfile::TempDir>,
+    address: PathBuf,
+    namespace: String,
+    ctr_binary: PathBuf,
+    log: PathBuf,
+    runtimes: Vec<RuntimeSpec>,
+}
+
+/// The containerd config: private paths, CRI plugin with `restrict_oom_score_adj`, runtimes.
+pub fn config_toml(dir: &Path, runtimes: &[RuntimeSpec]) -> String {
+    let d = dir.display();
+    let mut s = String::new();
+    // `writeln!` into a String cannot fail.
+    let _ = writeln!(
+        s,
+        r#"version = 2
+root = "{d}/root"
+state = "{d}/state"
+disabled_plugins = []
+
+[grpc]
+  address = "{d}/containerd.sock"
+
+[ttrpc]
+  address = "{d}/containerd.sock.ttrpc"
+
+[debug]
+  address = ""
+  level = "info"
+
+[metrics]
+  address = ""
+
+[plugins."io.containerd.grpc.v1.cri"]
+  restrict_oom_score_adj = true
+  disable_tcp_service = true
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  enable_selinux = false
+
+[plugins."io.containerd.grpc.v1.cri".cni]
+  bin_dir = "{d}/cni/bin"
+  conf_dir = "{d}/cni/conf"
+
+[plugins."io.containerd.grpc.v1.cri".containerd]
+  default_runtime_name = "runc"
+  snapshotter = "overlayfs""#
+    );
+    let mut all = vec![RuntimeSpec::runc()];
+    all.extend(runtimes.iter().filter(|r| r.name != "runc").cloned());
+    for rt in &all {
+        let _ = writeln!(
+            s,
+            r#"
+[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{name}]
+  runtime_type = "{ty}""#,
+            name = toml_key(&rt.name),
+            ty = toml_escape(&rt.runtime_type)
+        );
+        if let Some(binary) = &rt.binary_name {
+            let _ = writeln!(
+                s,
+                r#"[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{name}.options]
+  BinaryName = "{bin}""#,
+                name = toml_key(&rt.name),
+                bin = toml_escape(&binary.to_string_lossy())
+            );
+        }
+    }
+    s
+}
+
+fn toml_escape(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"")
+}
+
+fn toml_key(s: &str) -> String {
+    if !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        s.to_owned()
+    } else {
+        format!("\"{}\"", toml_escape(s))
+    }
+}
+
+impl Containerd {
+    /// Starts containerd and waits until `ctr version` answers.
+    pub fn start(opts: &ContainerdOptions) -> Result<Self, ContainerdError> {
+        let parent = opts.parent_dir.clone().unwrap_or_else(std::env::temp_dir);
+        let dir = tempfile::Builder::new()
+            .prefix("nutshell-ctrd-")
+            .tempdir_in(&parent)
+            .map_err(|source| ContainerdError::Prepare {
+                path: parent.clone(),
+                source,
+            })?;
+        let prepare = |path: PathBuf, r: io::Result<()>| {
+            r.map_err(|source| ContainerdError::Prepare { path, source })
+        };
+        for sub in ["root", "state", "cni/bin", "cni/conf"] {
+            let p = dir.path().join(sub);
+            prepare(p.clone(), fs::create_dir_all(&p))?;
+        }
+        let config = dir.path().join("config.toml");
+        prepare(
+            config.clone(),
+            fs::write(&config, config_toml(dir.path(), &opts.runtimes)),
+        )?;
+        let log = dir.path().join("containerd.log");
+        let log_file = fs::File::create(&log).map_err(|source| ContainerdError::Prepare {
+            path: log.clone(),
+            source,
+        })?;
+        let log_err = log_file
+            .try_clone()
+            .map_err(|source| ContainerdError::Prepare {
+                path: log.clone(),
+                source,
+            })?;
+        let child = Command::new(&opts.binary)
+            .arg("--config")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(log_file)
+            .stderr(log_err)
+            .spawn()
+            .map_err(|source| ContainerdError::Spawn {
+                binary: opts.binary.clone(),
+                source,
+            })?;
+        log::info!(
+            "containerd started (pid {}) in {}",
+            child.id(),
+            dir.path().display()
+        );
+        let mut containerd = Containerd {
+            child: Some(child),
+            address: dir.path().join("containerd.sock"),
+            dir: Some(dir),
+            namespace: opts.namespace.clone(),
+            ctr_binary: opts.ctr_binary.clone(),
+            log,
+            runtimes: opts.runtimes.clone(),
+        };
+        containerd.wait_ready(opts.ready_timeout)?;
+        Ok(containerd)
+    }
+
+    fn wait_ready(&mut self, timeout: Duration) -> Result<(), ContainerdError> {
+        let started = Instant::now();
+        loop {
+            let exited = match self.child.as_mut().map(Child::try_wait) {
+                Some(Ok(Some(_))) | None => true,
+                Some(Ok(None)) => false,
+                Some(Err(_)) => true,
+            };
+            if !exited && self.address.exists() && self.ctr().output(&["version"]).is_ok() {
+                log::info!("containerd ready after {:?}", started.elapsed());
+                return Ok(());
+            }
+            if exited || started.elapsed() > timeout {
+                return Err(ContainerdError::NotReady {
+                    waited: started.elapsed(),
+                    log_tail: self.log_tail(2000),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The gRPC socket.
+    pub fn address(&self) -> &Path {
+        &self.address
+    }
+
+    /// The namespace the `ctr` wrapper uses.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// The private directory (root, state, socket, config, log).
+    pub fn dir(&self) -> &Path {
+        self.dir
+            .as_ref()
+            .map(tempfile::TempDir::path)
+            .unwrap_or_else(|| Path::new("/nonexistent"))
+    }
+
+    /// containerd's PID.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The runtimes registered beyond runc.
+    pub fn runtimes(&self) -> &[RuntimeSpec] {
+        &self.runtimes
+    }
+
+    /// The last `max` bytes of containerd's log.
+    pub fn log_tail(&self, max: usize) -> String {
+        let text = fs::read_to_string(&self.log).unwrap_or_default();
+        tail(&text, max).to_owned()
+    }
+
+    /// A `ctr` bound to this containerd's socket and namespace.
+    pub fn ctr(&self) -> Ctr {
+        Ctr {
+            binary: self.ctr_binary.clone(),
+            address: self.address.clone(),
+            namespace: self.namespace.clone(),
+        }
+    }
+
+    /// Kills and deletes every task and container in the namespace (best effort).
+    pub fn remove_all_containers(&self) {
+        let ctr = self.ctr();
+        if let Ok(out) = ctr.output(&["tasks", "ls", "-q"]) {
+            for id in out.lines().map(str::trim).filter(|l| !l.is_empty()) {
+                ctr.remove_container(id);
+            }
+        }
+        if let Ok(out) = ctr.output(&["containers", "ls", "-q"]) {
+            for id in out.lines().map(str::trim).filter(|l| !l.is_empty()) {
+                ctr.remove_container(id);
+            }
+        }
+    }
+
+    /// Stops containerd: tasks removed, SIGTERM, then SIGKILL after 10 s; mounts detached and
+    /// the directory removed. Called by `Drop`.
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        if matches!(child.try_wait(), Ok(None)) {
+            self.remove_all_containers();
+            // A shim exits shortly after its last task is deleted; one that stays is killed.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                let shims = shim_pids(&self.address, &self.namespace);
+                if shims.is_empty() {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    for pid in process_tree(&shims) {
+                        log::warn!("killing leftover shim process {pid}");
+                        if let Ok(pid) = i32::try_from(pid) {
+                            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                        }
+                    }
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if let Ok(pid) = i32::try_from(child.id()) {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+            }
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if matches!(child.try_wait(), Ok(None)) {
+                log::warn!("containerd did not exit on SIGTERM; killing it");
+                let _ = child.kill();
+            }
+        }
+        let _ = child.wait();
+        if let Some(dir) = self.dir.take() {
+            detach_mounts_under(dir.path());
+            let path = dir.path().to_owned();
+            if let Err(e) = dir.close() {
+                log::warn!("cannot remove {}: {e}", path.display());
+            }
+        }
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Detaches every mount at or below `dir` (deepest first), so that removing it cannot reach
+/// into a container's rootfs.
+fn detach_mounts_under(dir: &Path) {
+    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let mut mounts: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(unescape_mountinfo)
+        .map(PathBuf::from)
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    mounts.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for m in mounts {
+        if let Err(e) = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH) {
+            log::warn!("cannot detach {}: {e}", m.display());
+        }
+    }
+}
+
+/// Mountinfo escapes space, tab, newline and backslash as octal `\NNN`.
+fn unescape_mountinfo(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' && i + 4 <= bytes.len() {
+            let oct = &bytes[i + 1..i + 4];
+            let parsed = std::str::from_utf8(oct)
+                .ok()
+                .and_then(|o| u8::from_str_radix(o, 8).ok());
+            if let Some(v) = parsed {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn tail(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut start = s.len() - max;
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    &s[start..]
+}
+
+/// The shim processes of `namespace` on the containerd at `address` (by their command line:
+/// containerd starts every shim with `-namespace NS … -address SOCKET`).
+pub fn shim_pids(address: &Path, namespace: &str) -> Vec<u32> {
+    let address = address.to_string_lossy();
+    all_pids()
+        .into_iter()
+        .filter(|pid| {
+            let Ok(raw) = fs::read(format!("/proc/{pid}/cmdline")) else {
+                return false;
+            };
+            let args: Vec<String> = raw
+                .split(|b| *b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            let has =
+                |flag: &str, value: &str| args.windows(2).any(|w| w[0] == flag && w[1] == value);
+            args.first().is_some_and(|a| {
+                a.rsplit('/')
+                    .next()
+                    .unwrap_or("")
+                    .starts_with("containerd-shim")
+            }) && has("-namespace", namespace)
+                && has("-address", &address)
+        })
+        .collect()
+}
+
+fn all_pids() -> Vec<u32> {
+    fs::read_dir("/proc")
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `/proc/<pid>/stat`: the parent PID (the command name may contain spaces and parentheses).
+pub fn parse_ppid(stat: &str) -> Option<u32> {
+    let after = &stat[stat.rfind(')')? + 1..];
+    after.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// `roots` and all their descendants.
+pub fn process_tree(roots: &[u32]) -> Vec<u32> {
+    let parents: Vec<(u32, u32)> = all_pids()
+        .into_iter()
+        .filter_map(|pid| {
+            let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            Some((pid, parse_ppid(&stat)?))
+        })
+        .collect();
+    let mut tree: Vec<u32> = roots.to_vec();
+    let mut i = 0;
+    while i < tree.len() {
+        let parent = tree[i];
+        for (pid, ppid) in &parents {
+            if *ppid == parent && !tree.contains(pid) {
+                tree.push(*pid);
+            }
+        }
+        i += 1;
+    }
+    tree
+}
+
+/// `ctr` bound to one containerd socket and namespace.
+#[derive(Debug, Clone)]
+pub struct Ctr {
+    binary: PathBuf,
+    address: PathBuf,
+    namespace: String,
+}
+
+impl Ctr {
+    /// A `ctr` command with `--address` and `--namespace` set; add the subcommand's arguments.
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new(&self.binary);
+        cmd.arg("--address")
+            .arg(&self.address)
+            .arg("--namespace")
+            .arg(&self.namespace)
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// Runs `ctr ARGS` to completion; its standard output on success.
+    pub fn output(&self, args: &[&str]) -> Result<String, ContainerdError> {
+        let out = self
+            .command()
+            .args(args)
+            .output()
+            .map_err(ContainerdError::CtrSpawn)?;
+        check(args, &out)?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Imports an OCI image tarball (`ctr images import`), unpacked for the default snapshotter.
+    pub fn import_image(&self, tarball: &Path) -> Result<String, ContainerdError> {
+        let path = tarball.to_string_lossy();
+        self.output(&["images", "import", &path])
+    }
+
+    /// Kills (SIGKILL) and deletes the task and the container `id`, ignoring what is not there.
+    pub fn remove_container(&self, id: &str) {
+        let quiet = |args: &[&str]| {
+            let _ = self
+                .command()
+                .args(args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        };
+        quiet(&["tasks", "kill", "--signal", "SIGKILL", id]);
+        // The task needs a moment to be reaped before it can be deleted.
+        for _ in 0..50 {
+            let ok = self
+                .command()
+                .args(["tasks", "delete", "--force", id])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .output()
+                .map(|o| {
+                    o.status.success() || String::from_utf8_lossy(&o.stderr).contains("not found")
+                })
+                .unwrap_or(true);
+            if ok {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        quiet(&["containers", "delete", id]);
+        quiet(&["snapshots", "rm", id]);
+    }
+}
+
+fn check(args: &[&str], out: &Output) -> Result<(), ContainerdError> {
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(ContainerdError::CtrFailed {
+        args: args.join(" "),
+        status: out.status.to_string(),
+        stderr: tail(String::from_utf8_lossy(&out.stderr).trim(), 2000).to_owned(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ppid_from_stat_with_odd_names() {
+        assert_eq!(parse_ppid("123 (sleep) S 45 123 123 0"), Some(45));
+        assert_eq!(parse_ppid("7 (a b) c)) R 1 7 7"), Some(1));
+        assert_eq!(parse_ppid("garbage"), None);
+    }
+
+    #[test]
+    fn process_tree_includes_children() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        let me = std::process::id();
+        let tree = process_tree(&[me]);
+        assert_eq!(tree[0], me);
+        assert!(tree.contains(&child.id()));
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    #[test]
+    fn shim_binary_names_follow_containerd() {
+        assert_eq!(
+            RuntimeSpec::nutshell().shim_binary_name().as_deref(),
+            Some("containerd-shim-nutshell-v2")
+        );
+        assert_eq!(
+            RuntimeSpec::runc().shim_binary_name().as_deref(),
+            Some("containerd-shim-runc-v2")
+        );
+        let odd = RuntimeSpec {
+            name: "x".into(),
+            runtime_type: "/usr/bin/x".into(),
+            binary_name: None,
+        };
+        assert_eq!(odd.shim_binary_name(), None);
+    }
+
+    #[test]
+    fn config_registers_runtimes_and_restricts_oom_score_adj() {
+        let cfg = config_toml(
+            Path::new("/tmp/x"),
+            &[
+                RuntimeSpec::nutshell(),
+                RuntimeSpec::runsc(PathBuf::from("/tmp/x/runsc")),
+            ],
+        );
+        assert!(cfg.contains("restrict_oom_score_adj = true"));
+        assert!(cfg.contains("address = \"/tmp/x/containerd.sock\""));
+        assert!(
+            cfg.contains("containerd.runtimes.runc]\n  runtime_type = \"io.containerd.runc.v2\"")
+        );
+        assert!(cfg.contains(
+            "containerd.runtimes.nutshell]\n  runtime_type = \"io.containerd.nutshell.v2\""
+        ));
+        assert!(cfg.contains("runtimes.runsc.options]\n  BinaryName = \"/tmp/x/runsc\""));
+        // runc is registered once even when asked for twice.
+        let cfg = config_toml(Path::new("/d"), &[RuntimeSpec::runc()]);
+        assert_eq!(cfg.matches("runtimes.runc]").count(), 1);
+    }
+
+    #[test]
+    fn toml_keys_and_strings_are_escaped() {
+        assert_eq!(toml_key("a.b"), "\"a.b\"");
+        assert_eq!(toml_escape("a\"b\\"), "a\\\"b\\\\");
+    }
+
+    #[test]
+    fn mountinfo_octal_escapes() {
+        assert_eq!(unescape_mountinfo("/a\\040b"), "/a b");
+        assert_eq!(unescape_mountinfo("/plain"), "/plain");
+        assert_eq!(unescape_mountinfo("/end\\"), "/end\\");
+    }
+
+    #[test]
+    fn tail_respects_char_boundaries() {
+        assert_eq!(tail("héllo", 4), "llo");
+        assert_eq!(tail("ab", 10), "ab");
+    }
+}

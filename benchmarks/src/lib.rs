@@ -1,0 +1,14 @@
+//! Nutshell's benchmarks and the containerd harness the end-to-end tests share.
+//!
+//! - [`containerd`]: a private containerd (own root, state, socket, config) that is stopped on
+//!   drop, and a `ctr` wrapper bound to it.
+//! - [`image`]: OCI images built locally from the host's Debian binaries, cached by input hash.
+//! - [`runner`]: the workloads under each runtime in interleaved order.
+//! - [`report`], [`stats`], [`parse`]: what the runs produce and how it is summarized.
+
+pub mod containerd;
+pub mod image;
+pub mod parse;
+pub mod report;
+pub mod runner;
+pub mod stats;

@@ -1,0 +1,857 @@
+//! The benchmark runner: images, runtime availability, the workloads in interleaved order.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use crate::containerd::RuntimeSpec;
+use crate::containerd::{
+    find_on_path, process_tree, shim_pids, Containerd, ContainerdError, ContainerdOptions, Ctr,
+};
+use crate::image::{self, ImageError, ImageSpec};
+use crate::parse;
+use crate::report::{Machine, MetricResult, Results, RuntimeStatus};
+use crate::stats::interleave;
+
+/// The busybox image (start-up, density).
+pub const BUSYBOX_IMAGE: &str = "docker.io/nutshell/busybox:latest";
+/// The workload image: busybox, sysbench, fio, the probe.
+pub const TOOLS_IMAGE: &str = "docker.io/nutshell/bench-tools:latest";
+
+/// Errors that stop a whole run (a runtime failing only marks that runtime).
+#[derive(Debug, thiserror::Error)]
+pub enum RunnerError {
+    /// containerd failed.
+    #[error(transparent)]
+    Containerd(#[from] ContainerdError),
+    /// An image could not be built.
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    /// A file of the runner could not be written.
+    #[error("cannot prepare {path}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A workload: one family of measurements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum Workload {
+    /// `ctr run` to first output, serially and N in parallel.
+    Startup,
+    /// `sysbench cpu`.
+    Cpu,
+    /// `sysbench memory` and page-fault-heavy allocation.
+    Memory,
+    /// getpid and 1-byte reads in a loop.
+    Syscalls,
+    /// fio and file creation on the rootfs and on a volume.
+    Fileio,
+    /// Host PSS of idle containers.
+    Density,
+}
+
+impl Workload {
+    /// All workloads in report order.
+    pub const ALL: [Workload; 6] = [
+        Workload::Startup,
+        Workload::Cpu,
+        Workload::Memory,
+        Workload::Syscalls,
+        Workload::Fileio,
+        Workload::Density,
+    ];
+
+    /// The workload's name in flags and reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Workload::Startup => "startup",
+            Workload::Cpu => "cpu",
+            Workload::Memory => "memory",
+            Workload::Syscalls => "syscalls",
+            Workload::Fileio => "fileio",
+            Workload::Density => "density",
+        }
+    }
+}
+
+/// Sizes and repetitions of a run.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// `--quick`.
+    pub quick: bool,
+    /// Serial start-up repetitions.
+    pub startup_reps: usize,
+    /// Parallel start-up: the values of N and the repetitions of each.
+    pub parallel: Vec<usize>,
+    /// Repetitions of parallel start-up.
+    pub parallel_reps: usize,
+    /// Repetitions of the throughput workloads.
+    pub reps: usize,
+    /// `sysbench --time` in seconds.
+    pub sysbench_s: u32,
+    /// Page-fault allocation: MiB per round and rounds.
+    pub fault_mib: u64,
+    /// Rounds of the page-fault allocation.
+    pub fault_rounds: u64,
+    /// Syscall loop count.
+    pub syscalls: u64,
+    /// fio file size in MiB.
+    pub fio_mib: u64,
+    /// Files created by the file-creation probe.
+    pub files: u64,
+    /// Idle container counts for density.
+    pub density: Vec<usize>,
+    /// Repetitions of density.
+    pub density_reps: usize,
+    /// Time budget of each workload: no new round (one run per runtime) starts after it is
+    /// spent, but every case gets at least one round. This bounds the run when a runtime is slow
+    /// (a VM boot per container on emulated KVM); fewer samples then show as a smaller `n`.
+    pub workload_budget: Duration,
+}
+
+impl Plan {
+    /// The default plan (well under 20 minutes for runc here) or the `--quick` one (under 3).
+    pub fn new(quick: bool) -> Self {
+        if quick {
+            Plan {
+                quick,
+                startup_reps: 3,
+                parallel: vec![1, 4],
+                parallel_reps: 1,
+                reps: 2,
+                sysbench_s: 2,
+                fault_mib: 64,
+                fault_rounds: 2,
+                syscalls: 200_000,
+                fio_mib: 16,
+                files: 500,
+                density: vec![1, 4],
+                density_reps: 1,
+                workload_budget: Duration::from_secs(25),
+            }
+        } else {
+            Plan {
+                quick,
+                startup_reps: 10,
+                parallel: vec![1, 4, 16],
+                parallel_reps: 3,
+                reps: 5,
+                sysbench_s: 5,
+                fault_mib: 256,
+                fault_rounds: 4,
+                syscalls: 2_000_000,
+                fio_mib: 64,
+                files: 2000,
+                density: vec![1, 10, 20],
+                density_reps: 2,
+                workload_budget: Duration::from_secs(180),
+            }
+        }
+    }
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    /// Sizes and repetitions.
+    pub plan: Plan,
+    /// Workloads to run (all when empty).
+    pub only: Vec<Workload>,
+    /// Runtimes in interleaving order; runc first is the baseline.
+    pub runtimes: Vec<RuntimeSpec>,
+    /// Where built image archives are cached.
+    pub cache_dir: PathBuf,
+    /// The probe binary put into the workload image.
+    pub probe: PathBuf,
+}
+
+/// A runtime as the run sees it.
+#[derive(Debug)]
+struct Runtime {
+    spec: RuntimeSpec,
+    unavailable: Option<String>,
+}
+
+/// One benchmark run against a private containerd.
+#[derive(Debug)]
+pub struct Runner {
+    config: RunConfig,
+    containerd: Containerd,
+    ctr: Ctr,
+    runtimes: Vec<Runtime>,
+    volume: tempfile::TempDir,
+    next_id: u64,
+    metrics: Vec<MetricResult>,
+    workload_started: Instant,
+}
+
+/// Runs `config` from start to end: containerd up, images imported, runtimes checked, the
+/// workloads, containerd down.
+pub fn run(config: RunConfig) -> Result<Results, RunnerError> {
+    let started = Instant::now();
+    let started_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let machine = Machine::detect();
+    let mut runner = Runner::new(config)?;
+    runner.check_runtimes();
+    let workloads: Vec<Workload> = if runner.config.only.is_empty() {
+        Workload::ALL.to_vec()
+    } else {
+        Workload::ALL
+            .into_iter()
+            .filter(|w| runner.config.only.contains(w))
+            .collect()
+    };
+    for w in &workloads {
+        log::info!("workload {}", w.name());
+        runner.workload(*w);
+    }
+    let runtimes = runner
+        .runtimes
+        .iter()
+        .map(|r| RuntimeStatus {
+            name: r.spec.name.clone(),
+            runtime_type: r.spec.runtime_type.clone(),
+            available: r.unavailable.is_none(),
+            reason: r.unavailable.clone(),
+        })
+        .collect();
+    let results = Results {
+        machine,
+        started_unix,
+        wall_s: started.elapsed().as_secs_f64(),
+        quick: runner.config.plan.quick,
+        workloads: workloads.iter().map(|w| w.name().to_owned()).collect(),
+        runtimes,
+        metrics: std::mem::take(&mut runner.metrics),
+    };
+    drop(runner);
+    Ok(results)
+}
+
+/// The workload image: busybox plus sysbench, fio and the probe with their libraries.
+pub fn tools_image(probe: &Path) -> Result<ImageSpec, ImageError> {
+    let sysbench = image::host_binary("sysbench", &["/usr/bin/sysbench"])?;
+    let fio = image::host_binary("fio", &["/usr/bin/fio"])?;
+    image::with_busybox(ImageSpec::new(TOOLS_IMAGE))?
+        .binary(&sysbench, "/usr/bin/sysbench")?
+        .binary(&fio, "/usr/bin/fio")?
+        .binary(probe, "/usr/bin/nutshell-bench-probe")?
+        .dir("/data", 0o1777)?
+        .dir("/vol", 0o755)
+}
+
+impl Runner {
+    fn new(config: RunConfig) -> Result<Self, RunnerError> {
+        let busybox = image::busybox_image(BUSYBOX_IMAGE)?.tarball(&config.cache_dir)?;
+        let tools = tools_image(&config.probe)?.tarball(&config.cache_dir)?;
+        let opts = ContainerdOptions {
+            runtimes: config.runtimes.clone(),
+            ..ContainerdOptions::default()
+        };
+        let containerd = Containerd::start(&opts)?;
+        let ctr = containerd.ctr();
+        for tarball in [&busybox, &tools] {
+            ctr.import_image(tarball)?;
+        }
+        let volume = tempfile::Builder::new()
+            .prefix("nutshell-bench-vol-")
+            .tempdir()
+            .map_err(|source| RunnerError::Io {
+                path: std::env::temp_dir(),
+                source,
+            })?;
+        let runtimes = config
+            .runtimes
+            .iter()
+            .map(|spec| Runtime {
+                spec: spec.clone(),
+                unavailable: None,
+            })
+            .collect();
+        Ok(Runner {
+            config,
+            containerd,
+            ctr,
+            runtimes,
+            volume,
+            next_id: 0,
+            metrics: Vec::new(),
+            workload_started: Instant::now(),
+        })
+    }
+
+    /// Marks runtimes whose shim or binary is missing, or whose first container fails.
+    fn check_runtimes(&mut self) {
+        for i in 0..self.runtimes.len() {
+            let spec = self.runtimes[i].spec.clone();
+            let reason = if let Some(shim) = spec
+                .shim_binary_name()
+                .filter(|s| find_on_path(s).is_none())
+            {
+                Some(format!("{shim} is not installed (not on PATH)"))
+            } else if let Some(bin) = spec.binary_name.as_ref().filter(|b| !b.is_file()) {
+                Some(format!("{} is not installed (not on PATH)", bin.display()))
+            } else {
+                let id = self.id("probe", &spec.name);
+                match self.run_to_end(&spec, BUSYBOX_IMAGE, &id, &["/bin/true"], &[], 120) {
+                    Ok(_) => None,
+                    Err(e) => Some(format!("its first container failed: {e}")),
+                }
+            };
+            if let Some(r) = &reason {
+                log::warn!("runtime {}: not available: {r}", spec.name);
+            }
+            self.runtimes[i].unavailable = reason;
+        }
+    }
+
+    fn available(&self) -> Vec<RuntimeSpec> {
+        self.runtimes
+            .iter()
+            .filter(|r| r.unavailable.is_none())
+            .map(|r| r.spec.clone())
+            .collect()
+    }
+
+    fn id(&mut self, what: &str, runtime: &str) -> String {
+        self.next_id += 1;
+        format!("nb-{what}-{runtime}-{}", self.next_id)
+    }
+
+    fn metric(&mut self, workload: Workload, name: &str, unit: &str, higher: bool) -> usize {
+        if let Some(i) = self
+            .metrics
+            .iter()
+            .position(|m| m.workload == workload.name() && m.name == name)
+        {
+            return i;
+        }
+        self.metrics.push(MetricResult {
+            workload: workload.name().to_owned(),
+            name: name.to_owned(),
+            unit: unit.to_owned(),
+            higher_is_better: higher,
+            samples: BTreeMap::new(),
+            errors: BTreeMap::new(),
+        });
+        self.metrics.len() - 1
+    }
+
+    fn record(&mut self, m: usize, runtime: &str, value: Result<f64, String>) {
+        let metric = &mut self.metrics[m];
+        match value {
+            Ok(v) => metric
+                .samples
+                .entry(runtime.to_owned())
+                .or_default()
+                .push(v),
+            Err(e) => {
+                log::warn!("{} {} under {runtime}: {e}", metric.workload, metric.name);
+                metric.errors.entry(runtime.to_owned()).or_default().push(e)
+            }
+        }
+    }
+
+    fn workload(&mut self, w: Workload) {
+        self.workload_started = Instant::now();
+        match w {
+            Workload::Startup => self.startup(),
+            Workload::Cpu => self.cpu(),
+            Workload::Memory => self.memory(),
+            Workload::Syscalls => self.syscalls(),
+            Workload::Fileio => self.fileio(),
+            Workload::Density => self.density(),
+        }
+    }
+
+    /// Runs `run` for every (repetition, runtime) in interleaved order; stops before a new
+    /// round once the workload's budget is spent.
+    fn interleaved(&mut self, reps: usize, mut run: impl FnMut(&mut Self, &RuntimeSpec)) {
+        let specs = self.available();
+        let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+        let budget = self.config.plan.workload_budget;
+        for (rep, name) in interleave(&names, reps) {
+            if rep > 0 && name == names[0] && self.workload_started.elapsed() > budget {
+                log::warn!(
+                    "time budget of {budget:?} spent: {rep} of {reps} repetitions of this case"
+                );
+                break;
+            }
+            if let Some(spec) = specs.iter().find(|s| s.name == name) {
+                run(self, spec);
+            }
+        }
+    }
+
+    fn startup(&mut self) {
+        let serial = self.metric(Workload::Startup, "ctr run to first output", "ms", false);
+        let reps = self.config.plan.startup_reps;
+        self.interleaved(reps, |r, spec| {
+            let v = r.first_outputs(spec, 1).map(|t| t[0]);
+            r.record(serial, &spec.name, v);
+        });
+        for n in self.config.plan.parallel.clone() {
+            let m = self.metric(
+                Workload::Startup,
+                &format!("{n} in parallel, all first outputs"),
+                "ms",
+                false,
+            );
+            let reps = self.config.plan.parallel_reps;
+            self.interleaved(reps, |r, spec| {
+                let v = r
+                    .first_outputs(spec, n)
+                    .map(|t| t.iter().copied().fold(0.0, f64::max));
+                r.record(m, &spec.name, v);
+            });
+        }
+    }
+
+    fn cpu(&mut self) {
+        let m = self.metric(Workload::Cpu, "sysbench cpu (1 thread)", "events/s", true);
+        let time = self.config.plan.sysbench_s.to_string();
+        let reps = self.config.plan.reps;
+        self.interleaved(reps, |r, spec| {
+            let args = [
+                "sysbench",
+                "cpu",
+                "--cpu-max-prime=10000",
+                "--threads=1",
+                &format!("--time={time}"),
+                "run",
+            ];
+            let v = r
+                .tools(spec, "cpu", &args, &[], 120)
+                .and_then(|out| parse::sysbench_cpu_events_per_s(&out).map_err(|e| e.to_string()));
+            r.record(m, &spec.name, v);
+        });
+    }
+
+    fn memory(&mut self) {
+        let bw = self.metric(
+            Workload::Memory,
+            "sysbench memory (1 MiB blocks)",
+            "MiB/s",
+            true,
+        );
+        let faults = self.metric(Workload::Memory, "page-fault allocation", "faults/s", true);
+        let plan = self.config.plan.clone();
+        self.interleaved(plan.reps, |r, spec| {
+            let args = [
+                "sysbench",
+                "memory",
+                "--memory-block-size=1M",
+                "--memory-total-size=1000G",
+                "--threads=1",
+                &format!("--time={}", plan.sysbench_s),
+                "run",
+            ];
+            let v = r
+                .tools(spec, "mem", &args, &[], 120)
+                .and_then(|out| parse::sysbench_memory_mib_per_s(&out).map_err(|e| e.to_string()));
+            r.record(bw, &spec.name, v);
+            let mib = plan.fault_mib.to_string();
+            let rounds = plan.fault_rounds.to_string();
+            let args = ["nutshell-bench-probe", "faults", &mib, &rounds];
+            let v = r.tools(spec, "faults", &args, &[], 120).and_then(|out| {
+                parse::probe_value(&out, "faults_per_s").map_err(|e| e.to_string())
+            });
+            r.record(faults, &spec.name, v);
+        });
+    }
+
+    fn syscalls(&mut self) {
+        let getpid = self.metric(Workload::Syscalls, "getpid loop", "calls/s", true);
+        let read = self.metric(
+            Workload::Syscalls,
+            "1-byte read of /dev/zero",
+            "calls/s",
+            true,
+        );
+        let count = self.config.plan.syscalls.to_string();
+        let reps = self.config.plan.reps;
+        self.interleaved(reps, |r, spec| {
+            let args = ["nutshell-bench-probe", "syscalls", &count];
+            match r.tools(spec, "sys", &args, &[], 120) {
+                Ok(out) => {
+                    for (m, name) in [(getpid, "getpid_per_s"), (read, "read_per_s")] {
+                        let v = parse::probe_value(&out, name).map_err(|e| e.to_string());
+                        r.record(m, &spec.name, v);
+                    }
+                }
+                Err(e) => {
+                    r.record(getpid, &spec.name, Err(e.clone()));
+                    r.record(read, &spec.name, Err(e));
+                }
+            }
+        });
+    }
+
+    fn fileio(&mut self) {
+        let plan = self.config.plan.clone();
+        let volume = self.volume.path().to_string_lossy().into_owned();
+        let locations = [("rootfs", "/data"), ("volume", "/vol")];
+        let mut ids = Vec::new();
+        for (loc, _) in locations {
+            let jobs = [
+                ("seqwrite", "sequential write 1 MiB", "MiB/s"),
+                ("seqread", "sequential read 1 MiB", "MiB/s"),
+                ("randwrite", "random write 4 KiB", "IOPS"),
+                ("randread", "random read 4 KiB", "IOPS"),
+            ];
+            let mut job_metrics = Vec::new();
+            for (job, label, unit) in jobs {
+                job_metrics.push((
+                    job,
+                    self.metric(Workload::Fileio, &format!("{loc}: {label}"), unit, true),
+                ));
+            }
+            let create = self.metric(
+                Workload::Fileio,
+                &format!("{loc}: create 4 KiB files"),
+                "files/s",
+                true,
+            );
+            ids.push((job_metrics, create));
+        }
+        let mount = format!("type=bind,src={volume},dst=/vol,options=rbind:rw");
+        self.interleaved(plan.reps, |r, spec| {
+            for ((_, dir), (job_metrics, create)) in locations.iter().zip(&ids) {
+                let mounts: &[&str] = if *dir == "/vol" { &[&mount] } else { &[] };
+                let size = format!("--size={}M", plan.fio_mib);
+                let directory = format!("--directory={dir}");
+                let args = [
+                    "fio",
+                    "--output-format=json",
+                    &directory,
+                    &size,
+                    "--runtime=10",
+                    "--ioengine=psync",
+                    "--filename=fio.dat",
+                    "--name=seqwrite",
+                    "--rw=write",
+                    "--bs=1M",
+                    "--end_fsync=1",
+                    "--name=seqread",
+                    "--stonewall",
+                    "--rw=read",
+                    "--bs=1M",
+                    "--name=randwrite",
+                    "--stonewall",
+                    "--rw=randwrite",
+                    "--bs=4k",
+                    "--end_fsync=1",
+                    "--name=randread",
+                    "--stonewall",
+                    "--rw=randread",
+                    "--bs=4k",
+                    "--unlink=1",
+                ];
+                match r
+                    .tools(spec, "fio", &args, mounts, 300)
+                    .and_then(|out| parse::fio_jobs(&out).map_err(|e| e.to_string()))
+                {
+                    Ok(jobs) => {
+                        for (job, m) in job_metrics {
+                            let v = jobs
+                                .iter()
+                                .find(|j| j.name == *job)
+                                .map(|j| match *job {
+                                    "seqwrite" => j.write_mib_s,
+                                    "seqread" => j.read_mib_s,
+                                    "randwrite" => j.write_iops,
+                                    _ => j.read_iops,
+                                })
+                                .ok_or_else(|| format!("fio job {job} missing"));
+                            r.record(*m, &spec.name, v);
+                        }
+                    }
+                    Err(e) => {
+                        for (_, m) in job_metrics {
+                            r.record(*m, &spec.name, Err(e.clone()));
+                        }
+                    }
+                }
+                let files = plan.files.to_string();
+                let args = ["nutshell-bench-probe", "files", dir, &files];
+                let v = r.tools(spec, "files", &args, mounts, 120).and_then(|out| {
+                    parse::probe_value(&out, "create_per_s").map_err(|e| e.to_string())
+                });
+                r.record(*create, &spec.name, v);
+            }
+        });
+    }
+
+    fn density(&mut self) {
+        let plan = self.config.plan.clone();
+        for k in plan.density.clone() {
+            let m = self.metric(
+                Workload::Density,
+                &format!("{k} idle: host PSS per container"),
+                "MiB",
+                false,
+            );
+            self.interleaved(plan.density_reps, |r, spec| {
+                let v = r.idle_pss(spec, k).map(|total| total / k as f64);
+                r.record(m, &spec.name, v);
+            });
+        }
+    }
+
+    /// Starts `k` idle containers, measures the PSS of all their shims' process trees (MiB),
+    /// removes them.
+    fn idle_pss(&mut self, spec: &RuntimeSpec, k: usize) -> Result<f64, String> {
+        let mut ids = Vec::new();
+        let result = (|| {
+            for _ in 0..k {
+                let id = self.id("idle", &spec.name);
+                ids.push(id.clone());
+                let mut cmd = self.ctr.command();
+                cmd.args(["run", "-d"])
+                    .args(spec.ctr_run_args())
+                    .args([BUSYBOX_IMAGE, &id, "/bin/sleep", "3600"])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped());
+                let child = cmd.spawn().map_err(|e| format!("ctr: {e}"))?;
+                let (status, _, stderr) = wait_child(child, Duration::from_secs(300));
+                if status != Some(true) {
+                    return Err(format!("ctr run -d failed: {}", stderr.trim()));
+                }
+            }
+            // Let the shims settle (lazy allocations, page cache) before measuring.
+            std::thread::sleep(Duration::from_secs(2));
+            let shims = shim_pids(self.containerd.address(), self.containerd.namespace());
+            if shims.is_empty() {
+                return Err("no shim process found".to_owned());
+            }
+            let kib: u64 = process_tree(&shims)
+                .iter()
+                .filter_map(|pid| fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok())
+                .filter_map(|text| parse::smaps_rollup_pss_kib(&text).ok())
+                .sum();
+            Ok(kib as f64 / 1024.0)
+        })();
+        for id in &ids {
+            self.ctr.remove_container(id);
+        }
+        result
+    }
+
+    /// Runs `args` in the workload image to completion; its standard output.
+    fn tools(
+        &mut self,
+        spec: &RuntimeSpec,
+        what: &str,
+        args: &[&str],
+        mounts: &[&str],
+        timeout_s: u64,
+    ) -> Result<String, String> {
+        let id = self.id(what, &spec.name);
+        self.run_to_end(spec, TOOLS_IMAGE, &id, args, mounts, timeout_s)
+    }
+
+    fn run_to_end(
+        &self,
+        spec: &RuntimeSpec,
+        image: &str,
+        id: &str,
+        args: &[&str],
+        mounts: &[&str],
+        timeout_s: u64,
+    ) -> Result<String, String> {
+        let mut cmd = self.ctr.command();
+        cmd.args(["run", "--rm"]).args(spec.ctr_run_args());
+        for m in mounts {
+            cmd.args(["--mount", m]);
+        }
+        cmd.args([image, id])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let child = cmd.spawn().map_err(|e| format!("ctr: {e}"))?;
+        let (status, stdout, stderr) = wait_child(child, Duration::from_secs(timeout_s));
+        match status {
+            Some(true) => Ok(stdout),
+            Some(false) => {
+                self.ctr.remove_container(id);
+                Err(format!(
+                    "exited with an error: {}",
+                    last_line(&stderr, &stdout)
+                ))
+            }
+            None => {
+                self.ctr.remove_container(id);
+                Err(format!("timed out after {timeout_s} s"))
+            }
+        }
+    }
+
+    /// Starts `n` `ctr run --rm … echo ready` at once; each one's time to its first output (ms).
+    fn first_outputs(&mut self, spec: &RuntimeSpec, n: usize) -> Result<Vec<f64>, String> {
+        let timeout = Duration::from_secs(if n > 1 { 300 } else { 120 });
+        let ids: Vec<String> = (0..n).map(|_| self.id("start", &spec.name)).collect();
+        let (tx, rx) = mpsc::channel();
+        let start = Instant::now();
+        let mut children = Vec::new();
+        for (i, id) in ids.iter().enumerate() {
+            let mut cmd = self.ctr.command();
+            cmd.args(["run", "--rm"])
+                .args(spec.ctr_run_args())
+                .args([BUSYBOX_IMAGE, id, "/bin/echo", "ready"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            let mut child = match cmd.spawn() {
+                Ok(c) => c,
+                Err(e) => {
+                    kill_all(&mut children);
+                    return Err(format!("ctr: {e}"));
+                }
+            };
+            if let Some(mut out) = child.stdout.take() {
+                let tx = tx.clone();
+                std::thread::spawn(move || {
+                    let mut byte = [0u8; 1];
+                    let first = matches!(out.read(&mut byte), Ok(1));
+                    let _ = tx.send((i, first.then(|| start.elapsed())));
+                    let _ = std::io::copy(&mut out, &mut std::io::sink());
+                });
+            }
+            children.push(child);
+        }
+        drop(tx);
+        let mut times = vec![None; n];
+        let mut error = None;
+        for _ in 0..n {
+            match rx.recv_timeout(timeout.saturating_sub(start.elapsed())) {
+                Ok((i, Some(t))) => times[i] = Some(t.as_secs_f64() * 1000.0),
+                Ok((_, None)) => error = Some("a container printed nothing".to_owned()),
+                Err(_) => {
+                    error = Some(format!("no first output within {timeout:?}"));
+                    break;
+                }
+            }
+        }
+        for (child, id) in children.iter_mut().zip(&ids) {
+            let remaining = timeout
+                .saturating_sub(start.elapsed())
+                .max(Duration::from_secs(5));
+            let deadline = Instant::now() + remaining;
+            let ok = loop {
+                match child.try_wait() {
+                    Ok(Some(s)) => break s.success(),
+                    Ok(None) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(20))
+                    }
+                    _ => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break false;
+                    }
+                }
+            };
+            if !ok {
+                let mut err = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    let _ = e.read_to_string(&mut err);
+                }
+                self.ctr.remove_container(id);
+                error.get_or_insert_with(|| format!("ctr run failed: {}", last_line(&err, "")));
+            }
+        }
+        match error {
+            Some(e) => Err(e),
+            None => Ok(times.into_iter().map(|t| t.unwrap_or(f64::NAN)).collect()),
+        }
+    }
+}
+
+fn kill_all(children: &mut [Child]) {
+    for c in children {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+/// Waits for `child` up to `timeout` (killing it then); (success, stdout, stderr), success
+/// `None` on timeout.
+fn wait_child(mut child: Child, timeout: Duration) -> (Option<bool>, String, String) {
+    let reader = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            if let Some(mut p) = pipe {
+                let mut buf = Vec::new();
+                let _ = p.read_to_end(&mut buf);
+                s = String::from_utf8_lossy(&buf).into_owned();
+            }
+            s
+        })
+    };
+    let out = reader(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let err = reader(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(s)) => break Some(s.success()),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+        }
+    };
+    let stdout = out.join().unwrap_or_default();
+    let stderr = err.join().unwrap_or_default();
+    (status, stdout, stderr)
+}
+
+fn last_line(stderr: &str, stdout: &str) -> String {
+    let text = if stderr.trim().is_empty() {
+        stdout
+    } else {
+        stderr
+    };
+    text.trim()
+        .lines()
+        .last()
+        .unwrap_or("(no output)")
+        .chars()
+        .take(300)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plans_are_bounded() {
+        let quick = Plan::new(true);
+        let full = Plan::new(false);
+        assert!(quick.reps < full.reps && quick.sysbench_s < full.sysbench_s);
+        assert_eq!(full.parallel, [1, 4, 16]);
+        assert_eq!(full.density, [1, 10, 20]);
+    }
+}

@@ -1,0 +1,83 @@
+//! Statistics of the samples, and the interleaved order of the runs.
+
+/// Median, minimum and maximum of a set of samples.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct Summary {
+    /// The median (mean of the two middle values for an even count).
+    pub median: f64,
+    /// The smallest sample.
+    pub min: f64,
+    /// The largest sample.
+    pub max: f64,
+    /// How many samples.
+    pub n: usize,
+}
+
+/// The summary of `samples`, or `None` when there is none (NaNs are ignored).
+pub fn summarize(samples: &[f64]) -> Option<Summary> {
+    let mut v: Vec<f64> = samples.iter().copied().filter(|x| !x.is_nan()).collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    let median = if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    };
+    Some(Summary {
+        median,
+        min: v[0],
+        max: v[n - 1],
+        n,
+    })
+}
+
+/// `value / baseline`, or `None` when the baseline is zero or not finite.
+pub fn ratio(value: f64, baseline: f64) -> Option<f64> {
+    (baseline != 0.0 && baseline.is_finite() && value.is_finite()).then(|| value / baseline)
+}
+
+/// The order of the runs: repetition by repetition, every runtime once each (A B A B …), so
+/// that drift of the machine over time hits every runtime alike.
+pub fn interleave<'a>(runtimes: &[&'a str], reps: usize) -> Vec<(usize, &'a str)> {
+    (0..reps)
+        .flat_map(|rep| runtimes.iter().map(move |rt| (rep, *rt)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_min_max() {
+        let s = summarize(&[3.0, 1.0, 2.0]).unwrap();
+        assert_eq!((s.median, s.min, s.max, s.n), (2.0, 1.0, 3.0, 3));
+        let s = summarize(&[4.0, 1.0, 3.0, 2.0]).unwrap();
+        assert_eq!(s.median, 2.5);
+        let s = summarize(&[f64::NAN, 5.0]).unwrap();
+        assert_eq!((s.median, s.n), (5.0, 1));
+        assert!(summarize(&[]).is_none());
+    }
+
+    #[test]
+    fn ratios() {
+        assert_eq!(ratio(3.0, 2.0), Some(1.5));
+        assert_eq!(ratio(1.0, 0.0), None);
+        assert_eq!(ratio(f64::NAN, 1.0), None);
+    }
+
+    #[test]
+    fn runs_alternate_between_runtimes() {
+        let order = interleave(&["runc", "nutshell"], 3);
+        let names: Vec<&str> = order.iter().map(|(_, r)| *r).collect();
+        assert_eq!(
+            names,
+            ["runc", "nutshell", "runc", "nutshell", "runc", "nutshell"]
+        );
+        assert_eq!(order[2], (1, "runc"));
+        assert!(interleave(&["runc"], 0).is_empty());
+    }
+}
