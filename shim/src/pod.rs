@@ -142,10 +142,10 @@ pub struct ResourceRequest {
 impl ResourceRequest {
     /// From the pod sandbox annotations; absent ones are 0.
     pub fn from_annotations(annotations: &HashMap<String, String>) -> Result<Self> {
-        fn num<T: std::str::FromStr>(a: &HashMap<String, String>, key: &str) -> Result<T>
-        where
-            T: Default,
-        {
+        fn num<T: std::str::FromStr + Default>(
+            a: &HashMap<String, String>,
+            key: &str,
+        ) -> Result<T> {
             match a.get(key) {
                 None => Ok(T::default()),
                 Some(v) if v.is_empty() => Ok(T::default()),

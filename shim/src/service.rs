@@ -363,9 +363,10 @@ impl Inner {
                             };
                             inner.publish(topics::TASK_OOM_EVENT_TOPIC, Box::new(ev));
                         }
-                        Err(ClientError::Status { code, .. })
-                            if code == nutshell_protocol::ttrpc::Code::UNIMPLEMENTED =>
-                        {
+                        Err(ClientError::Status {
+                            code: nutshell_protocol::ttrpc::Code::UNIMPLEMENTED,
+                            ..
+                        }) => {
                             log::debug!("sandbox {}: the agent has no OOM events yet", vm.id);
                             return;
                         }
@@ -1096,7 +1097,7 @@ impl Service {
             cpuset_mems: cpu.and_then(|c| c.mems().clone()),
             memory_limit_bytes: mem.and_then(|m| m.limit()),
             memory_swap_bytes: mem.and_then(|m| m.swap()),
-            pids_limit: r.pids().as_ref().and_then(|p| p.limit()),
+            pids_limit: r.pids().as_ref().map(|p| p.limit()),
         };
         vm.agent()
             .update_container(&req.id, &res)

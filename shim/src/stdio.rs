@@ -12,7 +12,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nutshell_protocol::client::{connect_hybrid, ClientError};
@@ -58,7 +58,7 @@ impl StdioPaths {
 #[derive(Debug)]
 pub struct StdioCopy {
     cancel: Arc<AtomicBool>,
-    outputs_done: Receiver<()>,
+    outputs_done: Mutex<Receiver<()>>,
 }
 
 impl StdioCopy {
@@ -107,7 +107,7 @@ impl StdioCopy {
         }
         StdioCopy {
             cancel,
-            outputs_done,
+            outputs_done: Mutex::new(outputs_done),
         }
     }
 
@@ -115,9 +115,10 @@ impl StdioCopy {
     /// bytes are in the FIFOs before its exit is reported.
     pub fn wait_outputs(&self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
+        let rx = self.outputs_done.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            match self.outputs_done.recv_timeout(left) {
+            match rx.recv_timeout(left) {
                 Ok(()) => {}
                 Err(RecvTimeoutError::Disconnected) | Err(RecvTimeoutError::Timeout) => return,
             }

@@ -268,7 +268,7 @@ impl SandboxVm {
         {
             Ok(c) => c,
             Err(e) => {
-                let _ = unsubscribe(sub.id);
+                unsubscribe(sub.id);
                 return Err(ShimError::io(format!("spawn {}", config.vmm.display()))(e));
             }
         };
@@ -302,7 +302,7 @@ impl SandboxVm {
                             Err(_) => break 255,
                         }
                     };
-                    let _ = unsubscribe(sub.id);
+                    unsubscribe(sub.id);
                     log::info!("sandbox {id}: VMM (pid {pid}) exited with status {code}");
                     exit.set(code);
                     on_exit(code);
