@@ -19,7 +19,7 @@ use containerd_shim_protos::api::{
 };
 use containerd_shim_protos::shim_sync::{create_events, Events, TaskClient};
 use containerd_shim_protos::ttrpc::{self, context, Code, TtrpcContext};
-use nutshell_tests::{guest_artifact, shim_binary, vmm_binary};
+use nutshell_tests::{guest_artifact, shim_binary, target_dir, vmm_binary};
 
 /// containerd's event service: records each forwarded topic.
 #[derive(Default)]
@@ -57,9 +57,9 @@ impl Harness {
         let config = format!(
             "kernel = {:?}\ninitramfs = {:?}\nvmm = {:?}\nrun_dir = {:?}\n\
              default_memory_mib = 128\nlog_level = \"debug\"\nboot_timeout_secs = 240\n",
-            guest_artifact("vmlinux").unwrap(),
-            guest_artifact("initramfs.cpio").unwrap(),
-            vmm_binary().unwrap(),
+            target_dir().join("nutshell").join("vmlinux"),
+            target_dir().join("nutshell").join("initramfs.cpio"),
+            vmm_binary().unwrap_or_default(),
             dir.path().join("run"),
         );
         std::fs::write(dir.path().join("config.toml"), config).unwrap();
@@ -263,6 +263,10 @@ fn pod_containers_get_the_shim_of_their_sandbox() {
 #[test]
 #[ignore = "slow lane: boots the real guest kernel under the shim (scripts/test.sh runs it)"]
 fn create_boots_a_vm_reaches_the_agent_and_delete_leaves_nothing() {
+    for artifact in ["vmlinux", "initramfs.cpio"] {
+        guest_artifact(artifact).unwrap();
+    }
+    vmm_binary().unwrap();
     let h = Harness::new();
     let id = "ctr1";
     let bundle = h.bundle(id, &[]);
