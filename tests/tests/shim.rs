@@ -326,6 +326,12 @@ fn create_boots_a_vm_reaches_the_agent_and_delete_leaves_nothing() {
         "{log}"
     );
     eprintln!("shim: Create -> reply {:.2} s", took.as_secs_f64());
+    for line in log
+        .lines()
+        .filter(|l| l.contains("agent answered") || l.contains("spawned"))
+    {
+        eprintln!("shim log: {line}");
+    }
 
     match created {
         // Today's agent answers the sandbox and container RPCs with UNIMPLEMENTED: the code
