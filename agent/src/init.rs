@@ -165,6 +165,12 @@ pub fn run() -> Result<std::convert::Infallible, InitError> {
 
     let service = AgentService::new(release.clone(), Arc::new(power_off_or_die));
     service.set_refresh_action(Arc::new(crate::refresh::SystemRefresh));
+    service.set_pod(Arc::new(crate::pod::Pod::new(
+        containers,
+        Box::new(crate::stdio::VsockListen),
+        Box::new(crate::sandbox::GuestOs),
+        std::path::PathBuf::from("/sys/fs/cgroup"),
+    )));
     let addr = format!("vsock://-1:{AGENT_VSOCK_PORT}");
     let _server = service.serve(&addr).map_err(InitError::Serve)?;
     // The guest's uptime splits the boot time into kernel and agent (the log's own clock

@@ -15,6 +15,7 @@ use nutshell_protocol::types::{not_implemented, AgentVersion, ServingStatus};
 use nutshell_protocol::AGENT_API_VERSION;
 use ttrpc::TtrpcContext;
 
+use crate::pod::{stats_to_pb, unix_nanos, Pod, PodError};
 use crate::refresh::{Refresh, RefreshAction, RefreshError};
 
 /// How long Shutdown waits after answering before it acts, so that the reply leaves the guest
@@ -53,6 +54,7 @@ pub struct AgentService {
     shutting_down: AtomicBool,
     on_shutdown: Arc<dyn ShutdownAction>,
     refresh: OnceLock<Arc<dyn RefreshAction>>,
+    pod: OnceLock<Arc<Pod>>,
 }
 
 impl std::fmt::Debug for AgentService {
@@ -76,6 +78,7 @@ impl AgentService {
             shutting_down: AtomicBool::new(false),
             on_shutdown,
             refresh: OnceLock::new(),
+            pod: OnceLock::new(),
         })
     }
 
@@ -83,6 +86,21 @@ impl AgentService {
     /// without one, RefreshGuest answers FAILED_PRECONDITION. Only the first call counts.
     pub fn set_refresh_action(&self, action: Arc<dyn RefreshAction>) {
         let _ = self.refresh.set(action);
+    }
+
+    /// Installs the pod the container RPCs act on; without one they answer
+    /// FAILED_PRECONDITION. Only the first call counts.
+    pub fn set_pod(&self, pod: Arc<Pod>) {
+        let _ = self.pod.set(pod);
+    }
+
+    fn pod(&self) -> Result<&Pod, ttrpc::Error> {
+        self.pod.get().map(|p| p.as_ref()).ok_or_else(|| {
+            ttrpc::Error::RpcStatus(ttrpc::get_status(
+                ttrpc::Code::FAILED_PRECONDITION,
+                "this agent runs no containers (no pod installed)",
+            ))
+        })
     }
 
     fn do_refresh(&self, req: pb::RefreshGuestRequest) -> Result<(), RefreshError> {
@@ -190,24 +208,202 @@ macro_rules! not_served {
     };
 }
 
+/// The ttrpc status of a failed container RPC: its code, and the error with its causes.
+fn status(method: &str, e: &PodError) -> ttrpc::Error {
+    let mut message = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    log::warn!("{method}: {message}");
+    ttrpc::Error::RpcStatus(ttrpc::get_status(e.code(), message))
+}
+
+/// An empty reply, or the error's status.
+fn reply(method: &str, result: Result<(), PodError>) -> ttrpc::Result<pb::Empty> {
+    result
+        .map(|()| pb::Empty::new())
+        .map_err(|e| status(method, &e))
+}
+
 impl agent_ttrpc::Agent for AgentService {
+    fn create_sandbox(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::CreateSandboxRequest,
+    ) -> ttrpc::Result<pb::Empty> {
+        reply("CreateSandbox", self.pod()?.create_sandbox(&req))
+    }
+
+    fn destroy_sandbox(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::DestroySandboxRequest,
+    ) -> ttrpc::Result<pb::Empty> {
+        reply(
+            "DestroySandbox",
+            self.pod()?.destroy_sandbox(&req.sandbox_id),
+        )
+    }
+
+    fn create_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::CreateContainerRequest,
+    ) -> ttrpc::Result<pb::Empty> {
+        reply(
+            "CreateContainer",
+            self.pod()?.create_container(&req).map(drop),
+        )
+    }
+
+    fn start_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::StartContainerRequest,
+    ) -> ttrpc::Result<pb::Empty> {
+        reply(
+            "StartContainer",
+            self.pod()?.start_container(&req.container_id),
+        )
+    }
+
+    fn remove_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::RemoveContainerRequest,
+    ) -> ttrpc::Result<pb::Empty> {
+        let pod = self.pod()?;
+        reply(
+            "RemoveContainer",
+            pod.remove_container(&req.container_id, req.timeout_secs),
+        )
+    }
+
+    fn exec_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::ExecProcessRequest,
+    ) -> ttrpc::Result<pb::Empty> {
+        reply("ExecProcess", self.pod()?.exec_process(&req).map(drop))
+    }
+
+    fn signal_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::SignalProcessRequest,
+    ) -> ttrpc::Result<pb::Empty> {
+        reply("SignalProcess", self.pod()?.signal_process(&req))
+    }
+
+    fn wait_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::WaitProcessRequest,
+    ) -> ttrpc::Result<pb::WaitProcessResponse> {
+        let exit = self
+            .pod()?
+            .wait_process(&req.container_id, &req.exec_id)
+            .map_err(|e| status("WaitProcess", &e))?;
+        Ok(pb::WaitProcessResponse {
+            exit_status: exit.status,
+            exited_at_unix_nanos: unix_nanos(exit.at),
+            ..Default::default()
+        })
+    }
+
+    fn list_pids(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::ListPidsRequest,
+    ) -> ttrpc::Result<pb::ListPidsResponse> {
+        let pids = self
+            .pod()?
+            .list_pids(&req.container_id)
+            .map_err(|e| status("ListPids", &e))?;
+        Ok(pb::ListPidsResponse {
+            pids,
+            ..Default::default()
+        })
+    }
+
+    fn stats_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::StatsContainerRequest,
+    ) -> ttrpc::Result<pb::StatsContainerResponse> {
+        let stats = self
+            .pod()?
+            .stats(&req.container_id)
+            .map_err(|e| status("StatsContainer", &e))?;
+        Ok(stats_to_pb(&stats))
+    }
+
+    fn update_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::UpdateContainerRequest,
+    ) -> ttrpc::Result<pb::Empty> {
+        let resources = req.resources.clone().unwrap_or_default();
+        reply(
+            "UpdateContainer",
+            self.pod()?.update(&req.container_id, &resources),
+        )
+    }
+
+    fn pause_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::PauseContainerRequest,
+    ) -> ttrpc::Result<pb::Empty> {
+        reply("PauseContainer", self.pod()?.pause(&req.container_id))
+    }
+
+    fn resume_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::ResumeContainerRequest,
+    ) -> ttrpc::Result<pb::Empty> {
+        reply("ResumeContainer", self.pod()?.resume(&req.container_id))
+    }
+
+    fn resize_tty(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::ResizeTtyRequest,
+    ) -> ttrpc::Result<pb::Empty> {
+        reply("ResizeTty", self.pod()?.resize(&req))
+    }
+
+    fn close_stdin(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::CloseStdinRequest,
+    ) -> ttrpc::Result<pb::Empty> {
+        reply(
+            "CloseStdin",
+            self.pod()?.close_stdin(&req.container_id, &req.exec_id),
+        )
+    }
+
+    fn get_oom_event(
+        &self,
+        _ctx: &TtrpcContext,
+        _: pb::GetOOMEventRequest,
+    ) -> ttrpc::Result<pb::OOMEvent> {
+        let id = self
+            .pod()?
+            .next_oom_event()
+            .map_err(|e| status("GetOOMEvent", &e))?;
+        Ok(pb::OOMEvent {
+            container_id: id,
+            ..Default::default()
+        })
+    }
+
     not_served! {
-        create_sandbox(CreateSandboxRequest) -> Empty = "CreateSandbox";
-        destroy_sandbox(DestroySandboxRequest) -> Empty = "DestroySandbox";
-        create_container(CreateContainerRequest) -> Empty = "CreateContainer";
-        start_container(StartContainerRequest) -> Empty = "StartContainer";
-        remove_container(RemoveContainerRequest) -> Empty = "RemoveContainer";
-        exec_process(ExecProcessRequest) -> Empty = "ExecProcess";
-        signal_process(SignalProcessRequest) -> Empty = "SignalProcess";
-        wait_process(WaitProcessRequest) -> WaitProcessResponse = "WaitProcess";
-        list_pids(ListPidsRequest) -> ListPidsResponse = "ListPids";
-        stats_container(StatsContainerRequest) -> StatsContainerResponse = "StatsContainer";
-        update_container(UpdateContainerRequest) -> Empty = "UpdateContainer";
-        pause_container(PauseContainerRequest) -> Empty = "PauseContainer";
-        resume_container(ResumeContainerRequest) -> Empty = "ResumeContainer";
-        resize_tty(ResizeTtyRequest) -> Empty = "ResizeTty";
-        close_stdin(CloseStdinRequest) -> Empty = "CloseStdin";
-        get_oom_event(GetOOMEventRequest) -> OOMEvent = "GetOOMEvent";
         update_interface(UpdateInterfaceRequest) -> Interface = "UpdateInterface";
         update_routes(UpdateRoutesRequest) -> Routes = "UpdateRoutes";
     }

@@ -17,7 +17,10 @@ use std::time::{Duration, Instant};
 
 use crate::generated::agent as pb;
 use crate::generated::agent_ttrpc;
-use crate::types::{AgentVersion, ServingStatus, TypesError};
+use crate::types::{
+    validate_pids, validate_printable, AgentVersion, ContainerStats, ProcessExit, Resources,
+    SandboxSpec, ServingStatus, StdioPorts, TypesError, MAX_ID_LEN,
+};
 
 /// Longest handshake reply accepted: `OK ` + a u32 in decimal + `\n` is at most 14 bytes.
 pub const MAX_HANDSHAKE_LINE: usize = 32;
@@ -203,6 +206,36 @@ pub fn connect_hybrid(uds: &Path, port: u32, timeout: Duration) -> Result<UnixSt
     Ok(stream)
 }
 
+/// Opens a raw stream to guest vsock `port` through the hybrid vsock socket `uds`, retrying
+/// every `retry_interval` while the guest does not listen on the port yet, at most `timeout` in
+/// all. Used for stdio streams: the agent listens on their ports only while it handles the RPC
+/// that creates the process, so the host starts connecting before or while it sends that RPC.
+pub fn connect_hybrid_retry(
+    uds: &Path,
+    port: u32,
+    timeout: Duration,
+    retry_interval: Duration,
+) -> Result<UnixStream, ClientError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let err = match connect_hybrid(uds, port, left) {
+            Ok(stream) => return Ok(stream),
+            Err(e) => e,
+        };
+        if !is_transient(&err) {
+            return Err(err);
+        }
+        if Instant::now() + retry_interval >= deadline {
+            return Err(ClientError::Timeout {
+                timeout,
+                last: Box::new(err),
+            });
+        }
+        std::thread::sleep(retry_interval);
+    }
+}
+
 /// Whether a failed connection attempt is worth repeating while the guest boots.
 fn is_transient(e: &ClientError) -> bool {
     match e {
@@ -293,6 +326,11 @@ impl AgentClient {
     }
 
     fn ctx(&self) -> ttrpc::context::Context {
+        if self.rpc_timeout.is_zero() {
+            // No deadline: for the calls that block until something happens (WaitProcess,
+            // GetOOMEvent), each on a connection of its own.
+            return ttrpc::context::Context::default();
+        }
         let nanos = i64::try_from(self.rpc_timeout.as_nanos()).unwrap_or(i64::MAX);
         ttrpc::context::with_timeout(nanos)
     }
@@ -309,6 +347,229 @@ impl AgentClient {
             .health
             .version(self.ctx(), &pb::VersionRequest::new())?;
         AgentVersion::try_from(&r).map_err(ClientError::InvalidReply)
+    }
+
+    /// `Agent.CreateSandbox`.
+    pub fn create_sandbox(&self, req: &SandboxSpec) -> Result<(), ClientError> {
+        let r = pb::CreateSandboxRequest {
+            sandbox_id: req.sandbox_id.clone(),
+            hostname: req.hostname.clone(),
+            dns_servers: req.dns_servers.clone(),
+            dns_search: req.dns_search.clone(),
+            shared_dir: req.shared_dir.clone(),
+            annotations: req.annotations.clone(),
+            ..Default::default()
+        };
+        self.agent.create_sandbox(self.ctx(), &r)?;
+        Ok(())
+    }
+
+    /// `Agent.DestroySandbox`.
+    pub fn destroy_sandbox(&self, sandbox_id: &str) -> Result<(), ClientError> {
+        let r = pb::DestroySandboxRequest {
+            sandbox_id: sandbox_id.to_owned(),
+            ..Default::default()
+        };
+        self.agent.destroy_sandbox(self.ctx(), &r)?;
+        Ok(())
+    }
+
+    /// `Agent.CreateContainer`: `oci_spec_json` is the spec already rewritten for the guest.
+    pub fn create_container(
+        &self,
+        container_id: &str,
+        oci_spec_json: Vec<u8>,
+        stdio: StdioPorts,
+        terminal: bool,
+    ) -> Result<(), ClientError> {
+        let r = pb::CreateContainerRequest {
+            container_id: container_id.to_owned(),
+            oci_spec_json,
+            stdio: protobuf::MessageField::some(stdio.into()),
+            terminal,
+            ..Default::default()
+        };
+        self.agent.create_container(self.ctx(), &r)?;
+        Ok(())
+    }
+
+    /// `Agent.StartContainer`.
+    pub fn start_container(&self, container_id: &str) -> Result<(), ClientError> {
+        let r = pb::StartContainerRequest {
+            container_id: container_id.to_owned(),
+            ..Default::default()
+        };
+        self.agent.start_container(self.ctx(), &r)?;
+        Ok(())
+    }
+
+    /// `Agent.RemoveContainer`; `timeout_secs` 0 is the agent's default.
+    pub fn remove_container(
+        &self,
+        container_id: &str,
+        timeout_secs: u32,
+    ) -> Result<(), ClientError> {
+        let r = pb::RemoveContainerRequest {
+            container_id: container_id.to_owned(),
+            timeout_secs,
+            ..Default::default()
+        };
+        self.agent.remove_container(self.ctx(), &r)?;
+        Ok(())
+    }
+
+    /// `Agent.ExecProcess`: `process_json` is the OCI `process` object.
+    pub fn exec_process(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        process_json: Vec<u8>,
+        stdio: StdioPorts,
+        terminal: bool,
+    ) -> Result<(), ClientError> {
+        let r = pb::ExecProcessRequest {
+            container_id: container_id.to_owned(),
+            exec_id: exec_id.to_owned(),
+            process_json,
+            stdio: protobuf::MessageField::some(stdio.into()),
+            terminal,
+            ..Default::default()
+        };
+        self.agent.exec_process(self.ctx(), &r)?;
+        Ok(())
+    }
+
+    /// `Agent.SignalProcess`; an empty `exec_id` is the init process, `all` every process of
+    /// the container.
+    pub fn signal_process(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        signal: u32,
+        all: bool,
+    ) -> Result<(), ClientError> {
+        let r = pb::SignalProcessRequest {
+            container_id: container_id.to_owned(),
+            exec_id: exec_id.to_owned(),
+            signal,
+            all,
+            ..Default::default()
+        };
+        self.agent.signal_process(self.ctx(), &r)?;
+        Ok(())
+    }
+
+    /// `Agent.WaitProcess`: blocks until the process exits. Call it on a client of its own made
+    /// with no RPC timeout ([`ConnectOptions::rpc_timeout`] zero).
+    pub fn wait_process(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+    ) -> Result<ProcessExit, ClientError> {
+        let r = pb::WaitProcessRequest {
+            container_id: container_id.to_owned(),
+            exec_id: exec_id.to_owned(),
+            ..Default::default()
+        };
+        let r = self.agent.wait_process(self.ctx(), &r)?;
+        ProcessExit::try_from(&r).map_err(ClientError::InvalidReply)
+    }
+
+    /// `Agent.ListPids`: guest PIDs of the container's processes.
+    pub fn list_pids(&self, container_id: &str) -> Result<Vec<u32>, ClientError> {
+        let r = pb::ListPidsRequest {
+            container_id: container_id.to_owned(),
+            ..Default::default()
+        };
+        let r = self.agent.list_pids(self.ctx(), &r)?;
+        validate_pids(&r.pids).map_err(ClientError::InvalidReply)?;
+        Ok(r.pids)
+    }
+
+    /// `Agent.StatsContainer`.
+    pub fn stats_container(&self, container_id: &str) -> Result<ContainerStats, ClientError> {
+        let r = pb::StatsContainerRequest {
+            container_id: container_id.to_owned(),
+            ..Default::default()
+        };
+        let r = self.agent.stats_container(self.ctx(), &r)?;
+        Ok(ContainerStats::from(&r))
+    }
+
+    /// `Agent.UpdateContainer`.
+    pub fn update_container(
+        &self,
+        container_id: &str,
+        resources: &Resources,
+    ) -> Result<(), ClientError> {
+        let r = pb::UpdateContainerRequest {
+            container_id: container_id.to_owned(),
+            resources: protobuf::MessageField::some(resources.into()),
+            ..Default::default()
+        };
+        self.agent.update_container(self.ctx(), &r)?;
+        Ok(())
+    }
+
+    /// `Agent.PauseContainer`.
+    pub fn pause_container(&self, container_id: &str) -> Result<(), ClientError> {
+        let r = pb::PauseContainerRequest {
+            container_id: container_id.to_owned(),
+            ..Default::default()
+        };
+        self.agent.pause_container(self.ctx(), &r)?;
+        Ok(())
+    }
+
+    /// `Agent.ResumeContainer`.
+    pub fn resume_container(&self, container_id: &str) -> Result<(), ClientError> {
+        let r = pb::ResumeContainerRequest {
+            container_id: container_id.to_owned(),
+            ..Default::default()
+        };
+        self.agent.resume_container(self.ctx(), &r)?;
+        Ok(())
+    }
+
+    /// `Agent.ResizeTty`.
+    pub fn resize_tty(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        rows: u32,
+        columns: u32,
+    ) -> Result<(), ClientError> {
+        let r = pb::ResizeTtyRequest {
+            container_id: container_id.to_owned(),
+            exec_id: exec_id.to_owned(),
+            rows,
+            columns,
+            ..Default::default()
+        };
+        self.agent.resize_tty(self.ctx(), &r)?;
+        Ok(())
+    }
+
+    /// `Agent.CloseStdin`.
+    pub fn close_stdin(&self, container_id: &str, exec_id: &str) -> Result<(), ClientError> {
+        let r = pb::CloseStdinRequest {
+            container_id: container_id.to_owned(),
+            exec_id: exec_id.to_owned(),
+            ..Default::default()
+        };
+        self.agent.close_stdin(self.ctx(), &r)?;
+        Ok(())
+    }
+
+    /// `Agent.GetOOMEvent`: blocks until a container of the sandbox hits OOM; returns its id.
+    /// Call it on a client of its own made with no RPC timeout.
+    pub fn get_oom_event(&self) -> Result<String, ClientError> {
+        let r = self
+            .agent
+            .get_oom_event(self.ctx(), &pb::GetOOMEventRequest::new())?;
+        validate_printable("container_id", &r.container_id, MAX_ID_LEN)
+            .map_err(ClientError::InvalidReply)?;
+        Ok(r.container_id)
     }
 
     /// `Agent.Shutdown`: the agent replies, then powers the guest off.

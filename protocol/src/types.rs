@@ -32,6 +32,24 @@ pub enum TypesError {
         /// The field.
         field: &'static str,
     },
+    /// A number is outside the range this field allows.
+    #[error("{field} has the value {value}, out of range")]
+    OutOfRange {
+        /// The field.
+        field: &'static str,
+        /// The value.
+        value: i64,
+    },
+    /// A list is longer than allowed.
+    #[error("{field} has {len} entries, more than {max}")]
+    TooMany {
+        /// The field.
+        field: &'static str,
+        /// Its length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
     /// An enum field has a value this side does not know.
     #[error("{field} has the unknown value {value}")]
     UnknownEnum {
@@ -139,6 +157,197 @@ impl TryFrom<&pb::VersionResponse> for AgentVersion {
     }
 }
 
+/// Longest container, exec or sandbox id accepted from the guest.
+pub const MAX_ID_LEN: usize = 256;
+
+/// Most PIDs accepted in one `ListPids` reply.
+pub const MAX_PIDS: usize = 65_536;
+
+/// Highest exit status a process can have: an exit code is 0..=255, a signal 128 + 1..=64.
+pub const MAX_EXIT_STATUS: i32 = 255;
+
+/// What `CreateSandbox` asks for.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SandboxSpec {
+    /// The sandbox id (the pod's, or the container's own without a pod).
+    pub sandbox_id: String,
+    /// The guest's hostname.
+    pub hostname: String,
+    /// Name servers for the guest's resolv.conf.
+    pub dns_servers: Vec<String>,
+    /// Search domains for the guest's resolv.conf.
+    pub dns_search: Vec<String>,
+    /// Guest path where the agent mounts the shared directory (virtio-fs).
+    pub shared_dir: String,
+    /// Annotations of the sandbox.
+    pub annotations: std::collections::HashMap<String, String>,
+}
+
+/// Guest vsock ports of a process's stdio streams; 0 = not connected.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StdioPorts {
+    /// Port of stdin (with a terminal: the one stream of the pty).
+    pub stdin: u32,
+    /// Port of stdout (0 with a terminal).
+    pub stdout: u32,
+    /// Port of stderr (0 with a terminal).
+    pub stderr: u32,
+}
+
+impl From<StdioPorts> for pb::StdioPorts {
+    fn from(p: StdioPorts) -> Self {
+        pb::StdioPorts {
+            stdin: p.stdin,
+            stdout: p.stdout,
+            stderr: p.stderr,
+            ..Default::default()
+        }
+    }
+}
+
+/// How a process ended, as `WaitProcess` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcessExit {
+    /// Exit code, or 128 + signal number.
+    pub exit_status: u32,
+    /// When, in nanoseconds since the Unix epoch.
+    pub exited_at_unix_nanos: u64,
+}
+
+impl TryFrom<&pb::WaitProcessResponse> for ProcessExit {
+    type Error = TypesError;
+
+    fn try_from(r: &pb::WaitProcessResponse) -> Result<Self, TypesError> {
+        let exit_status = u32::try_from(r.exit_status)
+            .ok()
+            .filter(|s| *s <= MAX_EXIT_STATUS as u32)
+            .ok_or(TypesError::OutOfRange {
+                field: "exit_status",
+                value: i64::from(r.exit_status),
+            })?;
+        Ok(ProcessExit {
+            exit_status,
+            exited_at_unix_nanos: r.exited_at_unix_nanos,
+        })
+    }
+}
+
+/// Checks a `ListPids` reply: at most [`MAX_PIDS`], none zero.
+pub fn validate_pids(pids: &[u32]) -> Result<(), TypesError> {
+    if pids.len() > MAX_PIDS {
+        return Err(TypesError::TooMany {
+            field: "pids",
+            len: pids.len(),
+            max: MAX_PIDS,
+        });
+    }
+    if pids.contains(&0) {
+        return Err(TypesError::OutOfRange {
+            field: "pids",
+            value: 0,
+        });
+    }
+    Ok(())
+}
+
+/// Resource usage of a container inside the guest (counters; any value is plausible).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ContainerStats {
+    /// CPU time in microseconds: total, user, system.
+    pub cpu_usage_usec: u64,
+    /// User CPU time in microseconds.
+    pub cpu_user_usec: u64,
+    /// System CPU time in microseconds.
+    pub cpu_system_usec: u64,
+    /// Periods throttled.
+    pub cpu_nr_throttled: u64,
+    /// Time throttled in microseconds.
+    pub cpu_throttled_usec: u64,
+    /// Memory in use.
+    pub memory_usage_bytes: u64,
+    /// Memory limit.
+    pub memory_limit_bytes: u64,
+    /// Peak memory use.
+    pub memory_max_usage_bytes: u64,
+    /// OOM kills.
+    pub memory_oom_kills: u64,
+    /// Anonymous memory.
+    pub memory_anon_bytes: u64,
+    /// Page cache.
+    pub memory_file_bytes: u64,
+    /// Number of processes.
+    pub pids_current: u64,
+    /// Process limit.
+    pub pids_limit: u64,
+    /// Bytes read from block devices.
+    pub io_read_bytes: u64,
+    /// Bytes written to block devices.
+    pub io_write_bytes: u64,
+}
+
+impl From<&pb::StatsContainerResponse> for ContainerStats {
+    fn from(r: &pb::StatsContainerResponse) -> Self {
+        let cpu = r.cpu.get_or_default();
+        let mem = r.memory.get_or_default();
+        let pids = r.pids.get_or_default();
+        let io = r.io.get_or_default();
+        ContainerStats {
+            cpu_usage_usec: cpu.usage_usec,
+            cpu_user_usec: cpu.user_usec,
+            cpu_system_usec: cpu.system_usec,
+            cpu_nr_throttled: cpu.nr_throttled,
+            cpu_throttled_usec: cpu.throttled_usec,
+            memory_usage_bytes: mem.usage_bytes,
+            memory_limit_bytes: mem.limit_bytes,
+            memory_max_usage_bytes: mem.max_usage_bytes,
+            memory_oom_kills: mem.oom_kills,
+            memory_anon_bytes: mem.anon_bytes,
+            memory_file_bytes: mem.file_bytes,
+            pids_current: pids.current,
+            pids_limit: pids.limit,
+            io_read_bytes: io.read_bytes,
+            io_write_bytes: io.write_bytes,
+        }
+    }
+}
+
+/// Linux resources of a container for `UpdateContainer`; `None` leaves a value as it is.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Resources {
+    /// CPU shares (relative weight).
+    pub cpu_shares: Option<u64>,
+    /// CFS quota in microseconds per period; -1 = unlimited.
+    pub cpu_quota: Option<i64>,
+    /// CFS period in microseconds.
+    pub cpu_period: Option<u64>,
+    /// CPUs the container may use.
+    pub cpuset_cpus: Option<String>,
+    /// Memory nodes the container may use.
+    pub cpuset_mems: Option<String>,
+    /// Memory limit in bytes.
+    pub memory_limit_bytes: Option<i64>,
+    /// Memory + swap limit in bytes.
+    pub memory_swap_bytes: Option<i64>,
+    /// Process limit.
+    pub pids_limit: Option<i64>,
+}
+
+impl From<&Resources> for pb::LinuxResources {
+    fn from(r: &Resources) -> Self {
+        pb::LinuxResources {
+            cpu_shares: r.cpu_shares.unwrap_or(0),
+            cpu_quota: r.cpu_quota.unwrap_or(0),
+            cpu_period: r.cpu_period.unwrap_or(0),
+            cpuset_cpus: r.cpuset_cpus.clone().unwrap_or_default(),
+            cpuset_mems: r.cpuset_mems.clone().unwrap_or_default(),
+            memory_limit_bytes: r.memory_limit_bytes.unwrap_or(0),
+            memory_swap_bytes: r.memory_swap_bytes.unwrap_or(0),
+            pids_limit: r.pids_limit.unwrap_or(0),
+            ..Default::default()
+        }
+    }
+}
+
 /// The error every agent method that is defined but not served yet answers with: ttrpc code
 /// UNIMPLEMENTED, message "not implemented yet: `method`".
 pub fn not_implemented(method: &str) -> ttrpc::Error {
@@ -219,6 +428,53 @@ mod tests {
                 value: 42
             })
         );
+    }
+
+    #[test]
+    fn wait_reply_is_range_checked() {
+        let reply = |s: i32| pb::WaitProcessResponse {
+            exit_status: s,
+            exited_at_unix_nanos: 7,
+            ..Default::default()
+        };
+        assert_eq!(
+            ProcessExit::try_from(&reply(137)),
+            Ok(ProcessExit {
+                exit_status: 137,
+                exited_at_unix_nanos: 7
+            })
+        );
+        for bad in [-1, 256, i32::MAX, i32::MIN] {
+            assert!(matches!(
+                ProcessExit::try_from(&reply(bad)),
+                Err(TypesError::OutOfRange { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn pids_are_bounded_and_nonzero() {
+        assert!(validate_pids(&[1, 2, 3]).is_ok());
+        assert!(validate_pids(&[]).is_ok());
+        assert!(matches!(
+            validate_pids(&[1, 0]),
+            Err(TypesError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            validate_pids(&vec![1; MAX_PIDS + 1]),
+            Err(TypesError::TooMany { .. })
+        ));
+    }
+
+    #[test]
+    fn unset_resources_stay_zero() {
+        let r = pb::LinuxResources::from(&Resources {
+            memory_limit_bytes: Some(64 << 20),
+            ..Default::default()
+        });
+        assert_eq!(r.memory_limit_bytes, 64 << 20);
+        assert_eq!(r.cpu_quota, 0);
+        assert_eq!(r.cpuset_cpus, "");
     }
 
     #[test]

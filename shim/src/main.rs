@@ -1,11 +1,135 @@
-//! `containerd-shim-nutshell-v2`: the containerd shim v2 of Nutshell.
+//! `containerd-shim-nutshell-v2`: the containerd shim v2 of Nutshell. Runtime type
+//! `io.containerd.nutshell.v2`; each pod (or each container without a pod) runs in a KVM
+//! microVM of its own, where nutshell-agent runs its containers.
 //!
-//! Not implemented yet: the Task API over ttrpc comes with the shim issue. Until then the
-//! binary refuses to run, so that containerd reports a clear error instead of a hung task.
+//! containerd runs `containerd-shim-nutshell-v2 -namespace N -id ID -address A start` in the
+//! bundle directory; `start` answers the address of the shim serving the container's pod,
+//! spawning it first if there is none ([`pod::grouping`]). The served process implements the
+//! Task API ([`service::Service`]).
 
-use std::process::ExitCode;
+mod config;
+mod error;
+mod pod;
+mod service;
+mod spec;
+mod state;
+mod stdio;
+mod vm;
 
-fn main() -> ExitCode {
-    eprintln!("containerd-shim-nutshell-v2: not supported yet (the shim is not implemented)");
-    ExitCode::FAILURE
+use std::path::Path;
+use std::sync::Arc;
+
+use containerd_shim::api::DeleteResponse;
+use containerd_shim::publisher::RemotePublisher;
+use containerd_shim::{ExitSignal, Flags, Shim, StartOpts};
+
+use crate::config::Config;
+
+/// The runtime id containerd knows this shim by.
+const RUNTIME_ID: &str = "io.containerd.nutshell.v2";
+
+/// The shim process.
+struct NutshellShim {
+    namespace: String,
+    id: String,
+    bundle: String,
+    config: Result<Config, String>,
+    exit: Arc<ExitSignal>,
+}
+
+impl Shim for NutshellShim {
+    type T = service::Service;
+
+    fn new(_runtime_id: &str, args: &Flags, config: &mut containerd_shim::Config) -> Self {
+        let ours = Config::load(None).map_err(|e| error::chain(&e));
+        if let Ok(c) = &ours {
+            config.default_log_level = c.log_filter().to_string().to_lowercase();
+        }
+        NutshellShim {
+            namespace: args.namespace.clone(),
+            id: args.id.clone(),
+            bundle: args.bundle.clone(),
+            config: ours,
+            exit: Arc::new(ExitSignal::default()),
+        }
+    }
+
+    fn start_shim(&mut self, opts: StartOpts) -> containerd_shim::Result<String> {
+        // containerd runs `start` in the bundle directory.
+        let spec = containerd_shim::util::read_spec_from_file(".")?;
+        let annotations = spec.annotations().clone().unwrap_or_default();
+        let grouping = pod::grouping(&opts.id, &annotations)
+            .map_err(|e| containerd_shim::Error::InvalidArgument(e.to_string()))?;
+        let (_pid, address) = containerd_shim::spawn(opts, &grouping, Vec::new())?;
+        containerd_shim::util::write_address(&address)?;
+        Ok(address)
+    }
+
+    fn delete_shim(&mut self) -> containerd_shim::Result<DeleteResponse> {
+        // The shim serving this container died: clean up what it left.
+        if let Ok(config) = &self.config {
+            let spec = containerd_shim::util::read_spec_from_file(&self.bundle).ok();
+            let annotations = spec
+                .and_then(|s| s.annotations().clone())
+                .unwrap_or_default();
+            if let Ok(role) = pod::Role::from_annotations(&self.id, &annotations) {
+                let paths = vm::SandboxPaths::new(&config.run_dir, role.sandbox_id(&self.id));
+                if role.starts_vm() {
+                    cleanup_sandbox(&paths);
+                } else {
+                    vm::remove_sandbox_dir(&paths.shared().join(&self.id));
+                }
+            }
+        }
+        let mut resp = DeleteResponse::new();
+        resp.exit_status = 128 + 9;
+        resp.exited_at = containerd_shim::util::timestamp().ok().into();
+        Ok(resp)
+    }
+
+    fn wait(&mut self) {
+        self.exit.wait();
+    }
+
+    fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
+        log::info!(
+            "{RUNTIME_ID} {} serving namespace {} ({})",
+            env!("CARGO_PKG_VERSION"),
+            self.namespace,
+            self.id
+        );
+        if let Err(e) = &self.config {
+            log::error!("configuration: {e}");
+        }
+        service::Service::new(
+            self.namespace.clone(),
+            self.config.clone(),
+            publisher,
+            Arc::clone(&self.exit),
+        )
+    }
+}
+
+/// Kills a VMM left by a dead shim (by its PID file, only if it still is a nutshell-vmm) and
+/// removes the sandbox directory.
+fn cleanup_sandbox(paths: &vm::SandboxPaths) {
+    if let Some(pid) = std::fs::read_to_string(paths.pid_file())
+        .ok()
+        .and_then(|s| s.trim().parse::<libc::pid_t>().ok())
+        .filter(|pid| *pid > 1)
+    {
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let ours = comm.trim() == "nutshell-vmm"
+            && String::from_utf8_lossy(&cmdline).contains(&*paths.dir.to_string_lossy());
+        if ours {
+            // SAFETY: kill(2) has no memory effects; the PID was checked to be this sandbox's VMM.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+    vm::remove_sandbox_dir(Path::new(&paths.dir));
+}
+
+fn main() {
+    containerd_shim::run::<NutshellShim>(RUNTIME_ID, None);
 }

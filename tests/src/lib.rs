@@ -42,19 +42,27 @@ pub fn guest_artifact(name: &str) -> Result<PathBuf> {
 
 /// The `nutshell-vmm` binary: `$NUTSHELL_VMM`, else the newest of the release and debug builds.
 pub fn vmm_binary() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("NUTSHELL_VMM") {
+    built_binary("NUTSHELL_VMM", "nutshell-vmm")
+}
+
+/// The shim binary: `$NUTSHELL_SHIM`, else the newest of the release and debug builds.
+pub fn shim_binary() -> Result<PathBuf> {
+    built_binary("NUTSHELL_SHIM", "containerd-shim-nutshell-v2")
+}
+
+/// `$env`, else the newest of `target/{release,debug}/name`.
+fn built_binary(env: &str, name: &str) -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os(env) {
         return Ok(PathBuf::from(p));
     }
     let newest = ["release", "debug"]
         .iter()
-        .map(|profile| target_dir().join(profile).join("nutshell-vmm"))
+        .map(|profile| target_dir().join(profile).join(name))
         .filter_map(|p| Some((p.metadata().ok()?.modified().ok()?, p)))
         .max();
     match newest {
         Some((_, p)) => Ok(p),
-        None => {
-            bail!("nutshell-vmm is not built: run scripts/setup.sh or cargo build -p nutshell-vmm")
-        }
+        None => bail!("{name} is not built: run scripts/setup.sh or cargo build -p {name}"),
     }
 }
 

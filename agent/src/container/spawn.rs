@@ -356,6 +356,14 @@ fn child(plan: &SpawnPlan, fds: ChildFds) -> StepResult<std::convert::Infallible
         super::seccomp::apply(prog).map_err(|e| format!("apply seccomp: {e}"))?;
     }
     let (argv, envp) = plan.process.argv_envp();
+    // The agent blocks SIGCHLD in every thread (its reaper reads a signalfd); a blocked mask
+    // survives execve, and the container must start with none blocked, as under runc.
+    nix::sys::signal::sigprocmask(
+        nix::sys::signal::SigmaskHow::SIG_SETMASK,
+        Some(&nix::sys::signal::SigSet::empty()),
+        None,
+    )
+    .map_err(|e| format!("reset the signal mask: {e}"))?;
     let err = syscall::execve(&executable, &argv, &envp);
     Err(format!(
         "exec: {}: {err}",

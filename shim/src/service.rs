@@ -1,0 +1,1356 @@
+//! The Task API that containerd calls, on top of one microVM per sandbox.
+//!
+//! Handlers are thin: each calls a `do_*` method returning [`crate::error::Result`], and the
+//! error becomes a ttrpc status in one place ([`ShimError`]'s `From`). Slow work (booting a
+//! VM) runs without holding the state lock, so `State`/`Wait` stay answerable meanwhile.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use containerd_shim::api::{
+    CloseIORequest, ConnectRequest, ConnectResponse, CreateTaskRequest, CreateTaskResponse,
+    DeleteRequest, DeleteResponse, Empty, ExecProcessRequest, KillRequest, PauseRequest,
+    PidsRequest, PidsResponse, ResizePtyRequest, ResumeRequest, ShutdownRequest, StartRequest,
+    StartResponse, StateRequest, StateResponse, StatsRequest, StatsResponse, UpdateTaskRequest,
+    WaitRequest, WaitResponse,
+};
+use containerd_shim::protos::cgroups::metrics::{
+    BlkIOEntry, BlkIOStat, CPUStat, CPUUsage, MemoryEntry, MemoryStat, Metrics, PidsStat, Throttle,
+};
+use containerd_shim::protos::events::task::{
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused,
+    TaskResumed, TaskStart,
+};
+use containerd_shim::protos::protobuf::well_known_types::any::Any;
+use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
+use containerd_shim::protos::protobuf::{CodedInputStream, Message, MessageDyn, MessageField};
+use containerd_shim::protos::topics;
+use containerd_shim::protos::ttrpc::context::Context;
+use containerd_shim::protos::types::task::ProcessInfo;
+use containerd_shim::publisher::RemotePublisher;
+use containerd_shim::{ExitSignal, Task, TtrpcContext, TtrpcResult};
+use nutshell_protocol::client::ClientError;
+use nutshell_protocol::types::Resources;
+use oci_spec::runtime::Spec;
+
+use crate::config::Config;
+use crate::error::{Result, ShimError};
+use crate::pod::{validate_id, ResourceRequest, Role};
+use crate::spec::{rewrite_for_guest, shared_mounts};
+use crate::state::{TaskState, Transition};
+use crate::stdio::{StdioCopy, StdioPaths};
+use crate::vm::{SandboxVm, VmExitCode};
+
+/// Bound on waiting for a process's output to drain after it exited.
+const OUTPUT_DRAIN: Duration = Duration::from_secs(5);
+
+/// An event for containerd.
+type Event = (&'static str, Box<dyn MessageDyn>);
+
+/// One process: a container's init (exec id empty) or an exec.
+#[derive(Debug)]
+struct Process {
+    state: TaskState,
+    stdio: StdioPaths,
+    exit_status: u32,
+    exited_at: Option<Timestamp>,
+    /// The OCI `process` JSON of an exec.
+    exec_spec: Vec<u8>,
+    copy: Option<Arc<StdioCopy>>,
+}
+
+impl Process {
+    fn new(stdio: StdioPaths) -> Self {
+        Process {
+            state: TaskState::Created,
+            stdio,
+            exit_status: 0,
+            exited_at: None,
+            exec_spec: Vec::new(),
+            copy: None,
+        }
+    }
+
+    /// Records the exit; false if it was recorded already.
+    fn exited(&mut self, id: &str, status: u32, at: Timestamp) -> bool {
+        if self.state.apply(Transition::Exit, id).is_err() {
+            return false;
+        }
+        self.exit_status = status;
+        self.exited_at = Some(at);
+        true
+    }
+}
+
+#[derive(Debug)]
+struct Container {
+    bundle: String,
+    role: Role,
+    sandbox_id: String,
+    init: Process,
+    execs: HashMap<String, Process>,
+    /// The signal a pod sandbox container was killed with (its "exit" is the VM's stop).
+    kill_signal: Option<u32>,
+}
+
+impl Container {
+    fn process(&self, id: &str, exec_id: &str) -> Result<&Process> {
+        if exec_id.is_empty() {
+            return Ok(&self.init);
+        }
+        self.execs.get(exec_id).ok_or_else(|| ShimError::NotFound {
+            kind: "exec",
+            id: format!("{id}/{exec_id}"),
+        })
+    }
+
+    fn process_mut(&mut self, id: &str, exec_id: &str) -> Result<&mut Process> {
+        if exec_id.is_empty() {
+            return Ok(&mut self.init);
+        }
+        self.execs
+            .get_mut(exec_id)
+            .ok_or_else(|| ShimError::NotFound {
+                kind: "exec",
+                id: format!("{id}/{exec_id}"),
+            })
+    }
+}
+
+#[derive(Debug, Default)]
+struct State {
+    sandboxes: HashMap<String, Arc<SandboxVm>>,
+    containers: HashMap<String, Container>,
+    /// Ids whose Create is in progress (the VM may be booting).
+    creating: HashSet<String>,
+}
+
+/// What the service shares with its threads.
+struct Inner {
+    namespace: String,
+    config: std::result::Result<Config, String>,
+    state: Mutex<State>,
+    changed: Condvar,
+    events: Mutex<Sender<Event>>,
+    exit: Arc<ExitSignal>,
+}
+
+/// The Task service.
+#[derive(Clone)]
+pub struct Service {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Service")
+            .field("namespace", &self.inner.namespace)
+            .finish_non_exhaustive()
+    }
+}
+
+fn now() -> Timestamp {
+    let d = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let mut t = Timestamp::new();
+    t.seconds = i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
+    t.nanos = i32::try_from(d.subsec_nanos()).unwrap_or(0);
+    t
+}
+
+fn timestamp_from_nanos(nanos: u64) -> Timestamp {
+    if nanos == 0 {
+        return now();
+    }
+    let mut t = Timestamp::new();
+    t.seconds = i64::try_from(nanos / 1_000_000_000).unwrap_or(i64::MAX);
+    t.nanos = i32::try_from(nanos % 1_000_000_000).unwrap_or(0);
+    t
+}
+
+/// The exit status of a process whose VM exited with `code`.
+fn status_after_vm_exit(code: VmExitCode, kill_signal: Option<u32>) -> u32 {
+    match kill_signal {
+        Some(sig) => 128 + sig,
+        None if code == 0 => 0,
+        // The VM went away under the process: as if SIGKILLed.
+        None => 128 + 9,
+    }
+}
+
+/// The config file named in containerd's runtime options (`runtimeoptions.v1.Options`,
+/// `config_path` = field 2), if any.
+pub fn config_path_from_options(options: &Any) -> Result<Option<PathBuf>> {
+    if !options.type_url.ends_with("runtimeoptions.v1.Options") {
+        return Ok(None);
+    }
+    let bad = |e: containerd_shim::protos::protobuf::Error| {
+        ShimError::InvalidArgument(format!("runtime options: {e}"))
+    };
+    let mut input = CodedInputStream::from_bytes(&options.value);
+    let mut path = None;
+    while let Some(tag) = input.read_raw_tag_or_eof().map_err(bad)? {
+        if tag == (2 << 3) | 2 {
+            path = Some(PathBuf::from(input.read_string().map_err(bad)?));
+        } else {
+            let wire =
+                containerd_shim::protos::protobuf::rt::WireType::new(tag & 7).ok_or_else(|| {
+                    ShimError::InvalidArgument("runtime options: bad wire type".into())
+                })?;
+            input.skip_field(wire).map_err(bad)?;
+        }
+    }
+    Ok(path.filter(|p| !p.as_os_str().is_empty()))
+}
+
+impl Service {
+    /// A service publishing to containerd through `publisher` in `namespace`; `exit` is
+    /// signalled by `Shutdown`.
+    pub fn new(
+        namespace: String,
+        config: std::result::Result<Config, String>,
+        publisher: RemotePublisher,
+        exit: Arc<ExitSignal>,
+    ) -> Service {
+        let (tx, rx) = mpsc::channel::<Event>();
+        let ns = namespace.clone();
+        // One thread publishes in order, so that no handler waits on containerd.
+        let _ = std::thread::Builder::new()
+            .name("events".into())
+            .spawn(move || {
+                for (topic, event) in rx {
+                    if let Err(e) = publisher.publish(Context::default(), topic, &ns, event) {
+                        log::warn!("publish {topic}: {e}");
+                    }
+                }
+            });
+        Service {
+            inner: Arc::new(Inner {
+                namespace,
+                config,
+                state: Mutex::new(State::default()),
+                changed: Condvar::new(),
+                events: Mutex::new(tx),
+                exit,
+            }),
+        }
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn publish(&self, topic: &'static str, event: Box<dyn MessageDyn>) {
+        let tx = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        if tx.send((topic, event)).is_err() {
+            log::warn!("event {topic} dropped: the publisher is gone");
+        }
+    }
+
+    fn config(&self, options: Option<&Any>) -> Result<Config> {
+        if let Some(path) = options.map(config_path_from_options).transpose()?.flatten() {
+            return Ok(Config::load(Some(&path))?);
+        }
+        self.config
+            .clone()
+            .map_err(|e| ShimError::InvalidArgument(format!("configuration: {e}")))
+    }
+
+    /// Called by a VM's watcher: every process of the sandbox ends.
+    fn vm_exited(&self, sandbox_id: &str, code: VmExitCode) {
+        let mut events: Vec<Event> = Vec::new();
+        {
+            let mut st = self.lock();
+            let at = now();
+            for (id, c) in st.containers.iter_mut() {
+                if c.sandbox_id != sandbox_id {
+                    continue;
+                }
+                let status = status_after_vm_exit(code, c.kill_signal);
+                if c.init.exited(id, status, at.clone()) {
+                    events.push(exit_event(id, id, status, &at));
+                }
+                for (eid, p) in c.execs.iter_mut() {
+                    if p.exited(eid, status, at.clone()) {
+                        events.push(exit_event(id, eid, status, &at));
+                    }
+                }
+            }
+            self.changed.notify_all();
+        }
+        for (topic, e) in events {
+            self.publish(topic, e);
+        }
+    }
+
+    /// Waits for a process in the guest (on its own connection) and records its exit.
+    fn watch_process(self: &Arc<Self>, vm: Arc<SandboxVm>, id: String, exec_id: String) {
+        let inner = Arc::clone(self);
+        let name = format!("wait-{id}-{exec_id}");
+        let spawned = std::thread::Builder::new().name(name).spawn(move || {
+            let result = vm.blocking_agent().and_then(|a| {
+                a.wait_process(&id, &exec_id)
+                    .map_err(ShimError::agent("WaitProcess"))
+            });
+            let (status, at) = match result {
+                Ok(exit) => (
+                    exit.exit_status,
+                    timestamp_from_nanos(exit.exited_at_unix_nanos),
+                ),
+                // The VM's exit ends the process; vm_exited records it.
+                Err(_) if vm.exited().is_some() => return,
+                Err(e) => {
+                    log::error!("{id}/{exec_id}: wait: {}", crate::error::chain(&e));
+                    (255, now())
+                }
+            };
+            let copy = {
+                let st = inner.lock();
+                st.containers
+                    .get(&id)
+                    .and_then(|c| c.process(&id, &exec_id).ok())
+                    .and_then(|p| p.copy.clone())
+            };
+            if let Some(copy) = copy {
+                copy.wait_outputs(OUTPUT_DRAIN);
+            }
+            let mut st = inner.lock();
+            let Some(c) = st.containers.get_mut(&id) else {
+                return;
+            };
+            let Ok(p) = c.process_mut(&id, &exec_id) else {
+                return;
+            };
+            let process_id = if exec_id.is_empty() {
+                id.clone()
+            } else {
+                exec_id.clone()
+            };
+            if p.exited(&process_id, status, at.clone()) {
+                inner.changed.notify_all();
+                drop(st);
+                let (topic, e) = exit_event(&id, &process_id, status, &at);
+                inner.publish(topic, e);
+            }
+        });
+        if let Err(e) = spawned {
+            log::error!("cannot start a waiter thread: {e}");
+        }
+    }
+
+    /// Forwards the guest's OOM events of a sandbox until the VM goes.
+    fn watch_oom(self: &Arc<Self>, vm: Arc<SandboxVm>) {
+        let inner = Arc::clone(self);
+        let _ = std::thread::Builder::new()
+            .name(format!("oom-{}", vm.id))
+            .spawn(move || {
+                let Ok(agent) = vm.blocking_agent() else {
+                    return;
+                };
+                loop {
+                    match agent.get_oom_event() {
+                        Ok(container_id) => {
+                            log::info!("sandbox {}: OOM in {container_id}", vm.id);
+                            let ev = TaskOOM {
+                                container_id,
+                                ..Default::default()
+                            };
+                            inner.publish(topics::TASK_OOM_EVENT_TOPIC, Box::new(ev));
+                        }
+                        Err(ClientError::Status {
+                            code: nutshell_protocol::ttrpc::Code::UNIMPLEMENTED,
+                            ..
+                        }) => {
+                            log::debug!("sandbox {}: the agent has no OOM events yet", vm.id);
+                            return;
+                        }
+                        Err(e) => {
+                            if vm.exited().is_none() {
+                                log::warn!("sandbox {}: GetOOMEvent: {e}", vm.id);
+                            }
+                            return;
+                        }
+                    }
+                }
+            });
+    }
+}
+
+fn exit_event(container_id: &str, id: &str, status: u32, at: &Timestamp) -> Event {
+    (
+        topics::TASK_EXIT_EVENT_TOPIC,
+        Box::new(TaskExit {
+            container_id: container_id.to_owned(),
+            id: id.to_owned(),
+            exit_status: status,
+            exited_at: MessageField::some(at.clone()),
+            ..Default::default()
+        }),
+    )
+}
+
+/// The host directory of container `id` in the sandbox's shared directory.
+fn container_shared_dir(vm: &SandboxVm, id: &str) -> PathBuf {
+    vm.shared().join(id)
+}
+
+/// Unmounts and removes a container's directory in the shared directory.
+fn remove_container_dir(dir: &Path) {
+    crate::vm::remove_sandbox_dir(dir);
+}
+
+/// Mounts containerd's rootfs mounts (or, without any, the bundle's rootfs) at `target`.
+fn mount_rootfs(req: &CreateTaskRequest, spec: &Spec, target: &Path) -> Result<()> {
+    std::fs::create_dir_all(target)
+        .map_err(ShimError::io(format!("create {}", target.display())))?;
+    if req.rootfs.is_empty() {
+        let root = spec
+            .root()
+            .as_ref()
+            .map(|r| r.path().clone())
+            .ok_or_else(|| {
+                ShimError::InvalidArgument("no rootfs mounts and no root.path".into())
+            })?;
+        let root = if root.is_absolute() {
+            root
+        } else {
+            Path::new(&req.bundle).join(root)
+        };
+        return bind(&root, target, false);
+    }
+    for m in &req.rootfs {
+        let typ = (!m.type_.is_empty()).then_some(m.type_.as_str());
+        let source = (!m.source.is_empty()).then_some(m.source.as_str());
+        containerd_shim::mount::mount_rootfs(typ, source, &m.options, target).map_err(|e| {
+            ShimError::Internal(format!(
+                "mount {} {} at {}: {e}",
+                m.type_,
+                m.source,
+                target.display()
+            ))
+        })?;
+    }
+    Ok(())
+}
+
+/// Mounts container `req.id`'s root filesystem and shared bind mounts under `shared_root`
+/// (the host side of the sandbox's shared directory); returns the spec for the guest as JSON.
+fn prepare_fs(req: &CreateTaskRequest, spec: &Spec, shared_root: &Path) -> Result<Vec<u8>> {
+    let id = &req.id;
+    mount_rootfs(req, spec, &shared_root.join(id).join("rootfs"))?;
+    let shared = shared_mounts(spec, id);
+    for m in &shared {
+        bind(&m.host_source, &shared_root.join(&m.shared_rel), m.readonly)?;
+    }
+    let guest_spec = rewrite_for_guest(spec.clone(), id, &shared);
+    serde_json::to_vec(&guest_spec)
+        .map_err(|e| ShimError::Internal(format!("serialize the spec: {e}")))
+}
+
+/// Binds `source` (file or directory) at `target`, creating the target.
+fn bind(source: &Path, target: &Path, readonly: bool) -> Result<()> {
+    let meta = std::fs::metadata(source)
+        .map_err(ShimError::io(format!("bind source {}", source.display())))?;
+    if meta.is_dir() {
+        std::fs::create_dir_all(target)
+    } else {
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(ShimError::io(format!("create {}", parent.display())))?;
+        }
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(target)
+            .map(drop)
+    }
+    .map_err(ShimError::io(format!("create {}", target.display())))?;
+    let mut options = vec!["rbind".to_owned()];
+    if readonly {
+        options.push("ro".to_owned());
+    }
+    containerd_shim::mount::mount_rootfs(Some("bind"), source.to_str(), &options, target).map_err(
+        |e| {
+            ShimError::Internal(format!(
+                "bind {} at {}: {e}",
+                source.display(),
+                target.display()
+            ))
+        },
+    )
+}
+
+impl Service {
+    fn inner(&self) -> &Arc<Inner> {
+        &self.inner
+    }
+
+    fn do_create(&self, req: &CreateTaskRequest) -> Result<CreateTaskResponse> {
+        let id = req.id.clone();
+        validate_id(&id)?;
+        if !req.checkpoint.is_empty() {
+            return Err(ShimError::Unimplemented("create from a checkpoint"));
+        }
+        let spec_path = Path::new(&req.bundle).join("config.json");
+        let spec = Spec::load(&spec_path)
+            .map_err(|e| ShimError::InvalidArgument(format!("{}: {e}", spec_path.display())))?;
+        let annotations = spec.annotations().clone().unwrap_or_default();
+        let role = Role::from_annotations(&id, &annotations)?;
+        let sandbox_id = role.sandbox_id(&id).to_owned();
+        let config = self.inner.config(req.options.as_ref())?;
+
+        {
+            let mut st = self.inner.lock();
+            if st.containers.contains_key(&id) || st.creating.contains(&id) {
+                return Err(ShimError::AlreadyExists { kind: "task", id });
+            }
+            if role.starts_vm() && st.sandboxes.contains_key(&sandbox_id) {
+                return Err(ShimError::AlreadyExists {
+                    kind: "sandbox",
+                    id: sandbox_id,
+                });
+            }
+            if !role.starts_vm() && !st.sandboxes.contains_key(&sandbox_id) {
+                return Err(ShimError::NotFound {
+                    kind: "sandbox",
+                    id: sandbox_id,
+                });
+            }
+            st.creating.insert(id.clone());
+        }
+        let result = self.create_unlocked(req, &config, &spec, &role, &sandbox_id);
+        let mut st = self.inner.lock();
+        st.creating.remove(&id);
+        let (vm, stdio, copy) = result?;
+        let pid = vm.pid;
+        if role.starts_vm() {
+            st.sandboxes.insert(sandbox_id.clone(), Arc::clone(&vm));
+        }
+        let mut init = Process::new(stdio);
+        init.copy = copy.map(Arc::new);
+        st.containers.insert(
+            id.clone(),
+            Container {
+                bundle: req.bundle.clone(),
+                role: role.clone(),
+                sandbox_id,
+                init,
+                execs: HashMap::new(),
+                kill_signal: None,
+            },
+        );
+        drop(st);
+        if role.starts_vm() {
+            self.inner.watch_oom(Arc::clone(&vm));
+        }
+        self.inner.publish(
+            topics::TASK_CREATE_EVENT_TOPIC,
+            Box::new(TaskCreate {
+                container_id: id,
+                bundle: req.bundle.clone(),
+                rootfs: req.rootfs.clone(),
+                io: MessageField::some(TaskIO {
+                    stdin: req.stdin.clone(),
+                    stdout: req.stdout.clone(),
+                    stderr: req.stderr.clone(),
+                    terminal: req.terminal,
+                    ..Default::default()
+                }),
+                pid,
+                ..Default::default()
+            }),
+        );
+        Ok(CreateTaskResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    /// The slow part of Create: boot the VM if this container starts one, mount, call the agent.
+    fn create_unlocked(
+        &self,
+        req: &CreateTaskRequest,
+        config: &Config,
+        spec: &Spec,
+        role: &Role,
+        sandbox_id: &str,
+    ) -> Result<(Arc<SandboxVm>, StdioPaths, Option<StdioCopy>)> {
+        let id = &req.id;
+        let annotations = spec.annotations().clone().unwrap_or_default();
+        let stdio = StdioPaths {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        let (vm, guest_spec) = if role.starts_vm() {
+            let request = match role {
+                Role::PodSandbox { .. } => ResourceRequest::from_annotations(&annotations)?,
+                _ => ResourceRequest::from_spec(spec),
+            };
+            let size = request.vm_size(config)?;
+            let hostname = spec.hostname().clone().unwrap_or_else(|| id.clone());
+            let paths = SandboxVm::create_dir(config, sandbox_id)?;
+            // The container's file systems are mounted before the boot: a bad mount fails fast.
+            let guest_spec = if role.runs_process() {
+                match prepare_fs(req, spec, &paths.shared()) {
+                    Ok(json) => Some(json),
+                    Err(e) => {
+                        crate::vm::remove_sandbox_dir(&paths.dir);
+                        return Err(e);
+                    }
+                }
+            } else {
+                None
+            };
+            let weak: Weak<Inner> = Arc::downgrade(self.inner());
+            let sid = sandbox_id.to_owned();
+            let on_exit = Box::new(move |code| {
+                if let Some(inner) = weak.upgrade() {
+                    inner.vm_exited(&sid, code);
+                }
+            });
+            let vm = SandboxVm::start(config, &paths, sandbox_id, &hostname, size, on_exit)?;
+            (Arc::new(vm), guest_spec)
+        } else {
+            let vm = {
+                let st = self.inner.lock();
+                st.sandboxes
+                    .get(sandbox_id)
+                    .cloned()
+                    .ok_or_else(|| ShimError::NotFound {
+                        kind: "sandbox",
+                        id: sandbox_id.to_owned(),
+                    })?
+            };
+            if vm.exited().is_some() {
+                return Err(ShimError::FailedPrecondition(format!(
+                    "sandbox {sandbox_id}: the VM is not running"
+                )));
+            }
+            match prepare_fs(req, spec, &vm.shared()) {
+                Ok(json) => (vm, Some(json)),
+                Err(e) => {
+                    remove_container_dir(&vm.shared().join(id));
+                    return Err(e);
+                }
+            }
+        };
+        let Some(json) = guest_spec else {
+            return Ok((vm, stdio, None));
+        };
+        let ports = stdio.ports(|| vm.next_port());
+        let copy = StdioCopy::start(&vm.vsock(), &stdio, ports, id);
+        match vm
+            .agent()
+            .create_container(id, json, ports, stdio.terminal)
+            .map_err(ShimError::agent("CreateContainer"))
+        {
+            Ok(()) => Ok((vm, stdio, Some(copy))),
+            Err(e) => {
+                drop(copy);
+                remove_container_dir(&container_shared_dir(&vm, id));
+                if role.starts_vm() {
+                    vm.stop();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn lookup_vm(&self, id: &str) -> Result<(Arc<SandboxVm>, Role)> {
+        let st = self.inner.lock();
+        let c = st.containers.get(id).ok_or_else(|| ShimError::NotFound {
+            kind: "task",
+            id: id.to_owned(),
+        })?;
+        let vm =
+            st.sandboxes.get(&c.sandbox_id).cloned().ok_or_else(|| {
+                ShimError::FailedPrecondition(format!("task {id}: its VM is gone"))
+            })?;
+        Ok((vm, c.role.clone()))
+    }
+
+    fn do_start(&self, req: &StartRequest) -> Result<StartResponse> {
+        let (id, exec_id) = (req.id.as_str(), req.exec_id.as_str());
+        let (vm, role) = self.lookup_vm(id)?;
+        let (stdio, exec_spec) = {
+            let st = self.inner.lock();
+            let c = st.containers.get(id).ok_or_else(|| ShimError::NotFound {
+                kind: "task",
+                id: id.to_owned(),
+            })?;
+            let p = c.process(id, exec_id)?;
+            p.state.next(Transition::Start, id)?;
+            (p.stdio.clone(), p.exec_spec.clone())
+        };
+        let mut copy = None;
+        if exec_id.is_empty() {
+            if role.runs_process() {
+                vm.agent()
+                    .start_container(id)
+                    .map_err(ShimError::agent("StartContainer"))?;
+            }
+        } else {
+            let ports = stdio.ports(|| vm.next_port());
+            let c = StdioCopy::start(&vm.vsock(), &stdio, ports, &format!("{id}/{exec_id}"));
+            vm.agent()
+                .exec_process(id, exec_id, exec_spec, ports, stdio.terminal)
+                .map_err(ShimError::agent("ExecProcess"))?;
+            copy = Some(Arc::new(c));
+        }
+        {
+            let mut st = self.inner.lock();
+            let c = st
+                .containers
+                .get_mut(id)
+                .ok_or_else(|| ShimError::NotFound {
+                    kind: "task",
+                    id: id.to_owned(),
+                })?;
+            let p = c.process_mut(id, exec_id)?;
+            p.state.apply(Transition::Start, id)?;
+            if copy.is_some() {
+                p.copy = copy;
+            }
+            self.inner.changed.notify_all();
+        }
+        if role.runs_process() {
+            self.inner
+                .watch_process(Arc::clone(&vm), id.to_owned(), exec_id.to_owned());
+        }
+        if exec_id.is_empty() {
+            self.inner.publish(
+                topics::TASK_START_EVENT_TOPIC,
+                Box::new(TaskStart {
+                    container_id: id.to_owned(),
+                    pid: vm.pid,
+                    ..Default::default()
+                }),
+            );
+        } else {
+            self.inner.publish(
+                topics::TASK_EXEC_STARTED_EVENT_TOPIC,
+                Box::new(TaskExecStarted {
+                    container_id: id.to_owned(),
+                    exec_id: exec_id.to_owned(),
+                    pid: vm.pid,
+                    ..Default::default()
+                }),
+            );
+        }
+        Ok(StartResponse {
+            pid: vm.pid,
+            ..Default::default()
+        })
+    }
+
+    fn do_delete(&self, req: &DeleteRequest) -> Result<DeleteResponse> {
+        let (id, exec_id) = (req.id.as_str(), req.exec_id.as_str());
+        let (vm, role) = self.lookup_vm(id)?;
+        if !exec_id.is_empty() {
+            let mut st = self.inner.lock();
+            let c = st
+                .containers
+                .get_mut(id)
+                .ok_or_else(|| ShimError::NotFound {
+                    kind: "task",
+                    id: id.to_owned(),
+                })?;
+            let p = c.process_mut(id, exec_id)?;
+            p.state.apply(Transition::Delete, exec_id)?;
+            let resp = DeleteResponse {
+                pid: vm.pid,
+                exit_status: p.exit_status,
+                exited_at: p.exited_at.clone().into(),
+                ..Default::default()
+            };
+            c.execs.remove(exec_id);
+            return Ok(resp);
+        }
+        {
+            let st = self.inner.lock();
+            let c = st.containers.get(id).ok_or_else(|| ShimError::NotFound {
+                kind: "task",
+                id: id.to_owned(),
+            })?;
+            c.init.state.next(Transition::Delete, id)?;
+            if role.starts_vm() {
+                let others: Vec<&String> = st
+                    .containers
+                    .iter()
+                    .filter(|(cid, o)| *cid != id && o.sandbox_id == c.sandbox_id)
+                    .map(|(cid, _)| cid)
+                    .collect();
+                if !others.is_empty() {
+                    return Err(ShimError::FailedPrecondition(format!(
+                        "sandbox {id} still has containers {others:?}"
+                    )));
+                }
+            }
+        }
+        if role.runs_process() && vm.exited().is_none() {
+            if let Err(e) = vm.agent().remove_container(id, 0) {
+                log::warn!("{id}: agent RemoveContainer: {}", crate::error::chain(&e));
+            }
+        }
+        remove_container_dir(&container_shared_dir(&vm, id));
+        if role.starts_vm() {
+            vm.stop();
+        }
+        let mut st = self.inner.lock();
+        if role.starts_vm() {
+            st.sandboxes.remove(role.sandbox_id(id));
+        }
+        let mut c = st
+            .containers
+            .remove(id)
+            .ok_or_else(|| ShimError::NotFound {
+                kind: "task",
+                id: id.to_owned(),
+            })?;
+        // Created and never started: it ends here.
+        if c.init.state == TaskState::Created {
+            c.init.exited(id, 128 + 9, now());
+        }
+        let _ = c.init.state.apply(Transition::Delete, id);
+        self.inner.changed.notify_all();
+        drop(st);
+        let exited_at = c.init.exited_at.clone().unwrap_or_else(now);
+        self.inner.publish(
+            topics::TASK_DELETE_EVENT_TOPIC,
+            Box::new(TaskDelete {
+                container_id: id.to_owned(),
+                id: id.to_owned(),
+                pid: vm.pid,
+                exit_status: c.init.exit_status,
+                exited_at: MessageField::some(exited_at.clone()),
+                ..Default::default()
+            }),
+        );
+        Ok(DeleteResponse {
+            pid: vm.pid,
+            exit_status: c.init.exit_status,
+            exited_at: MessageField::some(exited_at),
+            ..Default::default()
+        })
+    }
+
+    fn do_exec(&self, req: &ExecProcessRequest) -> Result<()> {
+        let (id, exec_id) = (req.id.as_str(), req.exec_id.as_str());
+        validate_id(exec_id)?;
+        let spec = req
+            .spec
+            .as_ref()
+            .ok_or_else(|| ShimError::InvalidArgument("exec without a process spec".into()))?;
+        serde_json::from_slice::<oci_spec::runtime::Process>(&spec.value).map_err(|e| {
+            ShimError::InvalidArgument(format!("exec {exec_id}: process spec: {e}"))
+        })?;
+        let mut st = self.inner.lock();
+        let c = st
+            .containers
+            .get_mut(id)
+            .ok_or_else(|| ShimError::NotFound {
+                kind: "task",
+                id: id.to_owned(),
+            })?;
+        if !c.role.runs_process() {
+            return Err(ShimError::FailedPrecondition(format!(
+                "{id} is a pod sandbox: it runs no process to exec in"
+            )));
+        }
+        if c.init.state != TaskState::Running {
+            return Err(ShimError::FailedPrecondition(format!(
+                "cannot exec in {id}: it is {}",
+                c.init.state
+            )));
+        }
+        if c.execs.contains_key(exec_id) {
+            return Err(ShimError::AlreadyExists {
+                kind: "exec",
+                id: format!("{id}/{exec_id}"),
+            });
+        }
+        let mut p = Process::new(StdioPaths {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        });
+        p.exec_spec = spec.value.clone();
+        c.execs.insert(exec_id.to_owned(), p);
+        drop(st);
+        self.inner.publish(
+            topics::TASK_EXEC_ADDED_EVENT_TOPIC,
+            Box::new(TaskExecAdded {
+                container_id: id.to_owned(),
+                exec_id: exec_id.to_owned(),
+                ..Default::default()
+            }),
+        );
+        Ok(())
+    }
+
+    fn do_kill(&self, req: &KillRequest) -> Result<()> {
+        let (id, exec_id) = (req.id.as_str(), req.exec_id.as_str());
+        let (vm, role) = self.lookup_vm(id)?;
+        {
+            let mut st = self.inner.lock();
+            let c = st
+                .containers
+                .get_mut(id)
+                .ok_or_else(|| ShimError::NotFound {
+                    kind: "task",
+                    id: id.to_owned(),
+                })?;
+            let p = c.process(id, exec_id)?;
+            if matches!(p.state, TaskState::Stopped | TaskState::Deleted) {
+                return Err(ShimError::NotFound {
+                    kind: "process",
+                    id: format!("{id}/{exec_id} (already exited)"),
+                });
+            }
+            if !role.runs_process() {
+                c.kill_signal = Some(req.signal);
+            }
+        }
+        if role.runs_process() {
+            return vm
+                .agent()
+                .signal_process(id, exec_id, req.signal, req.all)
+                .map_err(ShimError::agent("SignalProcess"));
+        }
+        // The pod sandbox's "process" is the VM: stopping it ends every task of the pod.
+        let _ = std::thread::Builder::new()
+            .name(format!("stop-{}", vm.id))
+            .spawn(move || vm.stop());
+        Ok(())
+    }
+
+    fn do_state(&self, req: &StateRequest) -> Result<StateResponse> {
+        let st = self.inner.lock();
+        let (id, exec_id) = (req.id.as_str(), req.exec_id.as_str());
+        let c = st.containers.get(id).ok_or_else(|| ShimError::NotFound {
+            kind: "task",
+            id: id.to_owned(),
+        })?;
+        let p = c.process(id, exec_id)?;
+        let pid = st.sandboxes.get(&c.sandbox_id).map_or(0, |vm| vm.pid);
+        Ok(StateResponse {
+            id: id.to_owned(),
+            bundle: c.bundle.clone(),
+            pid,
+            status: p.state.status().into(),
+            stdin: p.stdio.stdin.clone(),
+            stdout: p.stdio.stdout.clone(),
+            stderr: p.stdio.stderr.clone(),
+            terminal: p.stdio.terminal,
+            exit_status: p.exit_status,
+            exited_at: p.exited_at.clone().into(),
+            exec_id: exec_id.to_owned(),
+            ..Default::default()
+        })
+    }
+
+    fn do_wait(&self, req: &WaitRequest) -> Result<WaitResponse> {
+        let (id, exec_id) = (req.id.as_str(), req.exec_id.as_str());
+        let mut st = self.inner.lock();
+        loop {
+            let c = st.containers.get(id).ok_or_else(|| ShimError::NotFound {
+                kind: "task",
+                id: id.to_owned(),
+            })?;
+            let p = c.process(id, exec_id)?;
+            if matches!(p.state, TaskState::Stopped | TaskState::Deleted) {
+                return Ok(WaitResponse {
+                    exit_status: p.exit_status,
+                    exited_at: p.exited_at.clone().into(),
+                    ..Default::default()
+                });
+            }
+            st = self
+                .inner
+                .changed
+                .wait(st)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn do_pids(&self, req: &PidsRequest) -> Result<PidsResponse> {
+        let (vm, role) = self.lookup_vm(&req.id)?;
+        let pids = if role.runs_process() {
+            vm.agent()
+                .list_pids(&req.id)
+                .map_err(ShimError::agent("ListPids"))?
+        } else {
+            vec![vm.pid]
+        };
+        Ok(PidsResponse {
+            processes: pids
+                .into_iter()
+                .map(|pid| ProcessInfo {
+                    pid,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        })
+    }
+
+    fn do_stats(&self, req: &StatsRequest) -> Result<StatsResponse> {
+        let (vm, role) = self.lookup_vm(&req.id)?;
+        if !role.runs_process() {
+            return Err(ShimError::Unimplemented("stats of a pod sandbox container"));
+        }
+        let s = vm
+            .agent()
+            .stats_container(&req.id)
+            .map_err(ShimError::agent("StatsContainer"))?;
+        let metrics = Metrics {
+            pids: MessageField::some(PidsStat {
+                current: s.pids_current,
+                limit: s.pids_limit,
+                ..Default::default()
+            }),
+            cpu: MessageField::some(CPUStat {
+                usage: MessageField::some(CPUUsage {
+                    total: s.cpu_usage_usec.saturating_mul(1000),
+                    kernel: s.cpu_system_usec.saturating_mul(1000),
+                    user: s.cpu_user_usec.saturating_mul(1000),
+                    ..Default::default()
+                }),
+                throttling: MessageField::some(Throttle {
+                    throttled_periods: s.cpu_nr_throttled,
+                    throttled_time: s.cpu_throttled_usec.saturating_mul(1000),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            memory: MessageField::some(MemoryStat {
+                cache: s.memory_file_bytes,
+                rss: s.memory_anon_bytes,
+                usage: MessageField::some(MemoryEntry {
+                    usage: s.memory_usage_bytes,
+                    limit: s.memory_limit_bytes,
+                    max: s.memory_max_usage_bytes,
+                    failcnt: s.memory_oom_kills,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            blkio: MessageField::some(BlkIOStat {
+                io_service_bytes_recursive: vec![
+                    BlkIOEntry {
+                        op: "Read".into(),
+                        value: s.io_read_bytes,
+                        ..Default::default()
+                    },
+                    BlkIOEntry {
+                        op: "Write".into(),
+                        value: s.io_write_bytes,
+                        ..Default::default()
+                    },
+                ],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        // containerd resolves metrics by this type URL (its typeurl registry).
+        let any = Any {
+            type_url: "io.containerd.cgroups.v1.Metrics".to_owned(),
+            value: metrics
+                .write_to_bytes()
+                .map_err(|e| ShimError::Internal(format!("encode metrics: {e}")))?,
+            ..Default::default()
+        };
+        Ok(StatsResponse {
+            stats: MessageField::some(any),
+            ..Default::default()
+        })
+    }
+
+    fn do_update(&self, req: &UpdateTaskRequest) -> Result<()> {
+        let (vm, role) = self.lookup_vm(&req.id)?;
+        if !role.runs_process() {
+            return Err(ShimError::Unimplemented("resizing a pod's VM"));
+        }
+        let any = req
+            .resources
+            .as_ref()
+            .ok_or_else(|| ShimError::InvalidArgument("update without resources".into()))?;
+        let r: oci_spec::runtime::LinuxResources = serde_json::from_slice(&any.value)
+            .map_err(|e| ShimError::InvalidArgument(format!("resources: {e}")))?;
+        let cpu = r.cpu().as_ref();
+        let mem = r.memory().as_ref();
+        let res = Resources {
+            cpu_shares: cpu.and_then(|c| c.shares()),
+            cpu_quota: cpu.and_then(|c| c.quota()),
+            cpu_period: cpu.and_then(|c| c.period()),
+            cpuset_cpus: cpu.and_then(|c| c.cpus().clone()),
+            cpuset_mems: cpu.and_then(|c| c.mems().clone()),
+            memory_limit_bytes: mem.and_then(|m| m.limit()),
+            memory_swap_bytes: mem.and_then(|m| m.swap()),
+            pids_limit: r.pids().as_ref().map(|p| p.limit()),
+        };
+        vm.agent()
+            .update_container(&req.id, &res)
+            .map_err(ShimError::agent("UpdateContainer"))
+    }
+
+    fn do_pause_resume(&self, id: &str, pause: bool) -> Result<()> {
+        let (vm, role) = self.lookup_vm(id)?;
+        let t = if pause {
+            Transition::Pause
+        } else {
+            Transition::Resume
+        };
+        {
+            let st = self.inner.lock();
+            let c = st.containers.get(id).ok_or_else(|| ShimError::NotFound {
+                kind: "task",
+                id: id.to_owned(),
+            })?;
+            c.init.state.next(t, id)?;
+        }
+        if !role.runs_process() {
+            return Err(ShimError::Unimplemented("pausing a pod's VM"));
+        }
+        if pause {
+            vm.agent()
+                .pause_container(id)
+                .map_err(ShimError::agent("PauseContainer"))?;
+        } else {
+            vm.agent()
+                .resume_container(id)
+                .map_err(ShimError::agent("ResumeContainer"))?;
+        }
+        {
+            let mut st = self.inner.lock();
+            if let Some(c) = st.containers.get_mut(id) {
+                c.init.state.apply(t, id)?;
+            }
+        }
+        let (topic, ev): Event = if pause {
+            (
+                topics::TASK_PAUSED_EVENT_TOPIC,
+                Box::new(TaskPaused {
+                    container_id: id.to_owned(),
+                    ..Default::default()
+                }),
+            )
+        } else {
+            (
+                topics::TASK_RESUMED_EVENT_TOPIC,
+                Box::new(TaskResumed {
+                    container_id: id.to_owned(),
+                    ..Default::default()
+                }),
+            )
+        };
+        self.inner.publish(topic, ev);
+        Ok(())
+    }
+
+    fn do_shutdown(&self) -> Result<()> {
+        let vms: Vec<Arc<SandboxVm>> = {
+            let st = self.inner.lock();
+            if !st.containers.is_empty() || !st.creating.is_empty() {
+                // containerd asks after each Delete; the shim stays while it has tasks.
+                return Ok(());
+            }
+            st.sandboxes.values().cloned().collect()
+        };
+        for vm in vms {
+            vm.stop();
+        }
+        self.inner.exit.signal();
+        Ok(())
+    }
+}
+
+/// Logs a failed call once (with its chain) and turns it into a ttrpc status.
+fn reply<T>(method: &str, r: Result<T>) -> TtrpcResult<T> {
+    r.map_err(|e| {
+        log::warn!("{method}: {}", crate::error::chain(&e));
+        e.into()
+    })
+}
+
+impl Task for Service {
+    fn state(&self, _ctx: &TtrpcContext, req: StateRequest) -> TtrpcResult<StateResponse> {
+        reply("State", self.do_state(&req))
+    }
+
+    fn create(
+        &self,
+        _ctx: &TtrpcContext,
+        req: CreateTaskRequest,
+    ) -> TtrpcResult<CreateTaskResponse> {
+        log::info!("Create {} (bundle {})", req.id, req.bundle);
+        reply("Create", self.do_create(&req))
+    }
+
+    fn start(&self, _ctx: &TtrpcContext, req: StartRequest) -> TtrpcResult<StartResponse> {
+        log::info!("Start {} {}", req.id, req.exec_id);
+        reply("Start", self.do_start(&req))
+    }
+
+    fn delete(&self, _ctx: &TtrpcContext, req: DeleteRequest) -> TtrpcResult<DeleteResponse> {
+        log::info!("Delete {} {}", req.id, req.exec_id);
+        reply("Delete", self.do_delete(&req))
+    }
+
+    fn pids(&self, _ctx: &TtrpcContext, req: PidsRequest) -> TtrpcResult<PidsResponse> {
+        reply("Pids", self.do_pids(&req))
+    }
+
+    fn pause(&self, _ctx: &TtrpcContext, req: PauseRequest) -> TtrpcResult<Empty> {
+        reply("Pause", self.do_pause_resume(&req.id, true)).map(|()| Empty::new())
+    }
+
+    fn resume(&self, _ctx: &TtrpcContext, req: ResumeRequest) -> TtrpcResult<Empty> {
+        reply("Resume", self.do_pause_resume(&req.id, false)).map(|()| Empty::new())
+    }
+
+    fn checkpoint(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: containerd_shim::api::CheckpointTaskRequest,
+    ) -> TtrpcResult<Empty> {
+        reply("Checkpoint", Err(ShimError::Unimplemented("checkpoint")))
+    }
+
+    fn kill(&self, _ctx: &TtrpcContext, req: KillRequest) -> TtrpcResult<Empty> {
+        log::info!(
+            "Kill {} {} signal {} all {}",
+            req.id,
+            req.exec_id,
+            req.signal,
+            req.all
+        );
+        reply("Kill", self.do_kill(&req)).map(|()| Empty::new())
+    }
+
+    fn exec(&self, _ctx: &TtrpcContext, req: ExecProcessRequest) -> TtrpcResult<Empty> {
+        log::info!("Exec {} {}", req.id, req.exec_id);
+        reply("Exec", self.do_exec(&req)).map(|()| Empty::new())
+    }
+
+    fn resize_pty(&self, _ctx: &TtrpcContext, req: ResizePtyRequest) -> TtrpcResult<Empty> {
+        let r = self.lookup_vm(&req.id).and_then(|(vm, _)| {
+            vm.agent()
+                .resize_tty(&req.id, &req.exec_id, req.height, req.width)
+                .map_err(ShimError::agent("ResizeTty"))
+        });
+        reply("ResizePty", r).map(|()| Empty::new())
+    }
+
+    fn close_io(&self, _ctx: &TtrpcContext, req: CloseIORequest) -> TtrpcResult<Empty> {
+        let r = self.lookup_vm(&req.id).and_then(|(vm, _)| {
+            if !req.stdin {
+                return Ok(());
+            }
+            vm.agent()
+                .close_stdin(&req.id, &req.exec_id)
+                .map_err(ShimError::agent("CloseStdin"))
+        });
+        reply("CloseIO", r).map(|()| Empty::new())
+    }
+
+    fn update(&self, _ctx: &TtrpcContext, req: UpdateTaskRequest) -> TtrpcResult<Empty> {
+        reply("Update", self.do_update(&req)).map(|()| Empty::new())
+    }
+
+    fn wait(&self, _ctx: &TtrpcContext, req: WaitRequest) -> TtrpcResult<WaitResponse> {
+        reply("Wait", self.do_wait(&req))
+    }
+
+    fn stats(&self, _ctx: &TtrpcContext, req: StatsRequest) -> TtrpcResult<StatsResponse> {
+        reply("Stats", self.do_stats(&req))
+    }
+
+    fn connect(&self, _ctx: &TtrpcContext, req: ConnectRequest) -> TtrpcResult<ConnectResponse> {
+        let task_pid = self.lookup_vm(&req.id).map_or(0, |(vm, _)| vm.pid);
+        Ok(ConnectResponse {
+            shim_pid: std::process::id(),
+            task_pid,
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            ..Default::default()
+        })
+    }
+
+    fn shutdown(&self, _ctx: &TtrpcContext, _req: ShutdownRequest) -> TtrpcResult<Empty> {
+        log::info!("Shutdown");
+        reply("Shutdown", self.do_shutdown()).map(|()| Empty::new())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use containerd_shim::protos::protobuf::CodedOutputStream;
+
+    fn runtime_options(type_url: &str, fields: &[(u32, &str)]) -> Any {
+        let mut value = Vec::new();
+        {
+            let mut out = CodedOutputStream::vec(&mut value);
+            for (n, s) in fields {
+                out.write_string(*n, s).unwrap();
+            }
+            out.flush().unwrap();
+        }
+        Any {
+            type_url: type_url.into(),
+            value,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn config_path_comes_from_cri_runtime_options() {
+        let url = "type.googleapis.com/runtimeoptions.v1.Options";
+        let any = runtime_options(url, &[(1, "x"), (2, "/etc/nutshell/other.toml")]);
+        assert_eq!(
+            config_path_from_options(&any).unwrap(),
+            Some(PathBuf::from("/etc/nutshell/other.toml"))
+        );
+        assert_eq!(
+            config_path_from_options(&runtime_options(url, &[(1, "x")])).unwrap(),
+            None
+        );
+        let runc = runtime_options("containerd.runc.v1.Options", &[(2, "/x")]);
+        assert_eq!(config_path_from_options(&runc).unwrap(), None);
+        let garbage = Any {
+            type_url: url.into(),
+            value: vec![0x12, 0xff],
+            ..Default::default()
+        };
+        assert!(config_path_from_options(&garbage).is_err());
+    }
+
+    #[test]
+    fn vm_exit_statuses() {
+        assert_eq!(status_after_vm_exit(0, None), 0);
+        assert_eq!(status_after_vm_exit(2, None), 137);
+        assert_eq!(status_after_vm_exit(0, Some(15)), 143);
+    }
+
+    #[test]
+    fn process_exit_is_recorded_once() {
+        let mut p = Process::new(StdioPaths::default());
+        p.state.apply(Transition::Start, "c").unwrap();
+        assert!(p.exited("c", 3, now()));
+        assert!(!p.exited("c", 9, now()));
+        assert_eq!(p.exit_status, 3);
+        assert_eq!(p.state, TaskState::Stopped);
+    }
+}

@@ -1,0 +1,365 @@
+//! Stdio of a process: bytes between containerd's FIFOs and the agent's vsock streams.
+//!
+//! One stream per pipe (one for a terminal, carrying the pty both ways). The shim picks the
+//! guest ports and starts connecting before it sends the RPC that creates the process; the
+//! agent listens on them while it handles that RPC. The copies run in threads, no RPC per
+//! chunk; stdin's EOF half-closes its stream.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nutshell_protocol::client::{connect_hybrid, ClientError};
+use nutshell_protocol::types::StdioPorts;
+
+/// How long a stream is tried while the agent does not listen yet.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// containerd's stdio paths of a process (empty: not wanted).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StdioPaths {
+    /// stdin FIFO.
+    pub stdin: String,
+    /// stdout FIFO (with a terminal, the pty's output).
+    pub stdout: String,
+    /// stderr FIFO (unused with a terminal).
+    pub stderr: String,
+    /// Whether the process gets a pty.
+    pub terminal: bool,
+}
+
+impl StdioPaths {
+    /// The guest ports for these paths, drawn from `next_port`; 0 where no path.
+    pub fn ports(&self, mut next_port: impl FnMut() -> u32) -> StdioPorts {
+        if self.terminal {
+            let any = !self.stdin.is_empty() || !self.stdout.is_empty();
+            return StdioPorts {
+                stdin: if any { next_port() } else { 0 },
+                stdout: 0,
+                stderr: 0,
+            };
+        }
+        let mut port = |p: &str| if p.is_empty() { 0 } else { next_port() };
+        StdioPorts {
+            stdin: port(&self.stdin),
+            stdout: port(&self.stdout),
+            stderr: port(&self.stderr),
+        }
+    }
+}
+
+/// The copies of one process. Dropping it cancels streams still connecting.
+#[derive(Debug)]
+pub struct StdioCopy {
+    cancel: Arc<AtomicBool>,
+    outputs_done: Mutex<Receiver<()>>,
+}
+
+impl StdioCopy {
+    /// Starts connecting to `ports` through `uds` and copying to and from `paths`.
+    pub fn start(uds: &Path, paths: &StdioPaths, ports: StdioPorts, id: &str) -> StdioCopy {
+        let cancel = Arc::new(AtomicBool::new(false));
+        let (done_tx, outputs_done) = mpsc::channel::<()>();
+        let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
+            if let Err(e) = std::thread::Builder::new()
+                .name(format!("stdio-{name}-{id}"))
+                .spawn(f)
+            {
+                log::error!("{id}: cannot start the {name} copy: {e}");
+            }
+        };
+        let ctx = |port: u32| Ctx {
+            uds: uds.to_path_buf(),
+            port,
+            cancel: Arc::clone(&cancel),
+            id: id.to_owned(),
+        };
+        if paths.terminal {
+            if ports.stdin != 0 {
+                let c = ctx(ports.stdin);
+                let (stdin, stdout) = (paths.stdin.clone(), paths.stdout.clone());
+                let done = done_tx.clone();
+                spawn("pty", Box::new(move || c.run_pty(&stdin, &stdout, done)));
+            }
+        } else {
+            if ports.stdin != 0 {
+                let c = ctx(ports.stdin);
+                let path = paths.stdin.clone();
+                spawn("stdin", Box::new(move || c.run_stdin(&path)));
+            }
+            for (name, port, path) in [
+                ("stdout", ports.stdout, &paths.stdout),
+                ("stderr", ports.stderr, &paths.stderr),
+            ] {
+                if port != 0 {
+                    let c = ctx(port);
+                    let path = path.clone();
+                    let done = done_tx.clone();
+                    spawn(name, Box::new(move || c.run_output(&path, done)));
+                }
+            }
+        }
+        StdioCopy {
+            cancel,
+            outputs_done: Mutex::new(outputs_done),
+        }
+    }
+
+    /// Waits until the output copies reached EOF, at most `timeout`: the process's last
+    /// bytes are in the FIFOs before its exit is reported.
+    pub fn wait_outputs(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let rx = self.outputs_done.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(()) => {}
+                Err(RecvTimeoutError::Disconnected) | Err(RecvTimeoutError::Timeout) => return,
+            }
+        }
+    }
+}
+
+impl Drop for StdioCopy {
+    fn drop(&mut self) {
+        self.cancel.store(true, Ordering::Relaxed);
+    }
+}
+
+struct Ctx {
+    uds: PathBuf,
+    port: u32,
+    cancel: Arc<AtomicBool>,
+    id: String,
+}
+
+impl Ctx {
+    /// Connects to the guest port, retrying while the agent does not listen yet.
+    fn connect(&self) -> Option<UnixStream> {
+        let deadline = Instant::now() + CONNECT_TIMEOUT;
+        let mut last: Option<ClientError> = None;
+        while !self.cancel.load(Ordering::Relaxed) && Instant::now() < deadline {
+            match connect_hybrid(&self.uds, self.port, Duration::from_secs(1)) {
+                Ok(s) => return Some(s),
+                Err(e) => last = Some(e),
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if !self.cancel.load(Ordering::Relaxed) {
+            log::warn!(
+                "{}: stdio port {} not connected: {}",
+                self.id,
+                self.port,
+                last.map(|e| crate::error::chain(&e)).unwrap_or_default()
+            );
+        }
+        None
+    }
+
+    fn run_output(&self, path: &str, _done: Sender<()>) {
+        let Some(mut stream) = self.connect() else {
+            return;
+        };
+        match OpenOptions::new().write(true).open(path) {
+            Ok(mut fifo) => copy_logged(&mut stream, &mut fifo, &self.id, path),
+            Err(e) => log::warn!("{}: open {path}: {e}", self.id),
+        }
+        // `_done` drops here: one output finished.
+    }
+
+    fn run_stdin(&self, path: &str) {
+        let Some(mut stream) = self.connect() else {
+            return;
+        };
+        // Opening for reading waits for containerd's writer; read+write would never see EOF.
+        match File::open(path) {
+            Ok(mut fifo) => copy_logged(&mut fifo, &mut stream, &self.id, path),
+            Err(e) => log::warn!("{}: open {path}: {e}", self.id),
+        }
+        let _ = stream.shutdown(Shutdown::Write);
+    }
+
+    fn run_pty(&self, stdin: &str, stdout: &str, _done: Sender<()>) {
+        let Some(mut stream) = self.connect() else {
+            return;
+        };
+        if !stdin.is_empty() {
+            match (stream.try_clone(), File::open(stdin)) {
+                (Ok(mut to_guest), Ok(mut fifo)) => {
+                    let id = self.id.clone();
+                    let path = stdin.to_owned();
+                    let _ = std::thread::Builder::new()
+                        .name(format!("stdio-pty-in-{id}"))
+                        .spawn(move || {
+                            copy_logged(&mut fifo, &mut to_guest, &id, &path);
+                            let _ = to_guest.shutdown(Shutdown::Write);
+                        });
+                }
+                (Err(e), _) | (_, Err(e)) => log::warn!("{}: pty stdin: {e}", self.id),
+            }
+        }
+        if !stdout.is_empty() {
+            match OpenOptions::new().write(true).open(stdout) {
+                Ok(mut fifo) => copy_logged(&mut stream, &mut fifo, &self.id, stdout),
+                Err(e) => log::warn!("{}: open {stdout}: {e}", self.id),
+            }
+        }
+    }
+}
+
+fn copy_logged(from: &mut impl Read, to: &mut impl Write, id: &str, path: &str) {
+    match io::copy(from, to) {
+        Ok(n) => log::debug!("{id}: {path}: {n} bytes"),
+        // The reader went away (containerd closed its end): not an error of the task.
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {}
+        Err(e) => log::warn!("{id}: {path}: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::net::UnixListener;
+
+    #[test]
+    fn ports_are_drawn_per_pipe() {
+        let mut next = 0x4000_0000u32;
+        let mut draw = || {
+            next += 1;
+            next - 1
+        };
+        let p = StdioPaths {
+            stdin: String::new(),
+            stdout: "/o".into(),
+            stderr: "/e".into(),
+            terminal: false,
+        };
+        assert_eq!(
+            p.ports(&mut draw),
+            StdioPorts {
+                stdin: 0,
+                stdout: 0x4000_0000,
+                stderr: 0x4000_0001
+            }
+        );
+        let t = StdioPaths {
+            stdin: "/i".into(),
+            stdout: "/o".into(),
+            stderr: String::new(),
+            terminal: true,
+        };
+        assert_eq!(
+            t.ports(&mut draw),
+            StdioPorts {
+                stdin: 0x4000_0002,
+                stdout: 0,
+                stderr: 0
+            }
+        );
+        assert_eq!(
+            StdioPaths::default().ports(&mut draw),
+            StdioPorts::default()
+        );
+    }
+
+    /// A fake VMM + agent: refuses the first attempt, then accepts `CONNECT <port>` and runs
+    /// `serve` on the stream.
+    fn fake_guest(
+        uds: &Path,
+        port: u32,
+        serve: impl FnOnce(UnixStream) + Send + 'static,
+    ) -> std::thread::JoinHandle<()> {
+        let listener = UnixListener::bind(uds).unwrap();
+        std::thread::spawn(move || {
+            let (refused, _) = listener.accept().unwrap();
+            drop(refused);
+            let (s, _) = listener.accept().unwrap();
+            let mut line = String::new();
+            BufReader::new(&s).read_line(&mut line).unwrap();
+            assert_eq!(line, format!("CONNECT {port}\n"));
+            (&s).write_all(b"OK 1073741824\n").unwrap();
+            serve(s);
+        })
+    }
+
+    fn mkfifo(path: &Path) {
+        let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    }
+
+    #[test]
+    fn output_stream_reaches_the_fifo() {
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("vsock.sock");
+        let fifo = dir.path().join("stdout");
+        mkfifo(&fifo);
+        let guest = fake_guest(&uds, 7, |mut s| {
+            s.write_all(b"hello from the guest\n").unwrap();
+        });
+        let reader = {
+            let fifo = fifo.clone();
+            std::thread::spawn(move || std::fs::read_to_string(fifo).unwrap())
+        };
+        let paths = StdioPaths {
+            stdout: fifo.to_str().unwrap().into(),
+            ..Default::default()
+        };
+        let copy = StdioCopy::start(
+            &uds,
+            &paths,
+            StdioPorts {
+                stdout: 7,
+                ..Default::default()
+            },
+            "c1",
+        );
+        guest.join().unwrap();
+        copy.wait_outputs(Duration::from_secs(10));
+        assert_eq!(reader.join().unwrap(), "hello from the guest\n");
+    }
+
+    #[test]
+    fn stdin_eof_half_closes_the_stream() {
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("vsock.sock");
+        let fifo = dir.path().join("stdin");
+        mkfifo(&fifo);
+        let (tx, rx) = mpsc::channel();
+        let guest = fake_guest(&uds, 9, move |mut s| {
+            let mut got = String::new();
+            // read_to_string returns only at the half-close.
+            s.read_to_string(&mut got).unwrap();
+            tx.send(got).unwrap();
+        });
+        let writer = {
+            let fifo = fifo.clone();
+            std::thread::spawn(move || std::fs::write(fifo, b"input\n").unwrap())
+        };
+        let paths = StdioPaths {
+            stdin: fifo.to_str().unwrap().into(),
+            ..Default::default()
+        };
+        let _copy = StdioCopy::start(
+            &uds,
+            &paths,
+            StdioPorts {
+                stdin: 9,
+                ..Default::default()
+            },
+            "c1",
+        );
+        writer.join().unwrap();
+        assert_eq!(rx.recv_timeout(Duration::from_secs(10)).unwrap(), "input\n");
+        guest.join().unwrap();
+    }
+}

@@ -1,0 +1,598 @@
+//! One sandbox's microVM: its host directory, the `nutshell-vmm` child process, its logs, and
+//! the agent inside.
+//!
+//! `<run_dir>/<sandbox-id>/` holds `vsock.sock` (hybrid vsock), `console.log`, `vmm.pid` and
+//! `shared/` (exported to the guest with virtio-fs, tag `nutshell`; containers' root
+//! filesystems are mounted at `shared/<container-id>/rootfs`). Teardown removes all of it.
+//!
+//! The shim is a child subreaper and the containerd-shim crate's SIGCHLD handler reaps every
+//! child, so the VMM's exit is learned from the crate's exit monitor, not from `Child::wait`.
+
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use containerd_shim::monitor::{monitor_subscribe, Subject, Topic, MONITOR};
+use nutshell_protocol::client::{AgentClient, ClientError, ConnectOptions};
+use nutshell_protocol::types::{SandboxSpec, ServingStatus};
+
+use crate::config::{Config, VirtioFs};
+use crate::error::{Result, ShimError};
+use crate::pod::VmSize;
+use crate::spec::GUEST_SHARED_DIR;
+
+/// virtio-fs tag of the shared directory.
+pub const FS_TAG: &str = "nutshell";
+
+/// First guest vsock port handed out for stdio streams.
+pub const FIRST_STDIO_PORT: u32 = 0x4000_0000;
+
+/// Longest line of VMM stderr or guest console logged; the rest is cut.
+const MAX_LOG_LINE: usize = 512;
+
+/// Guest console lines logged per second at most (the guest writes what it wants).
+const CONSOLE_LINES_PER_SEC: u32 = 50;
+
+/// How the VMM ended: its exit code, or 128 + signal.
+pub type VmExitCode = i32;
+
+/// What the VM's watcher calls when the VMM exits.
+pub type OnExit = Box<dyn FnOnce(VmExitCode) + Send>;
+
+/// A running sandbox VM.
+pub struct SandboxVm {
+    /// The sandbox id.
+    pub id: String,
+    /// `<run_dir>/<id>`.
+    pub dir: PathBuf,
+    /// The VMM's PID.
+    pub pid: u32,
+    /// The size it was given.
+    pub size: VmSize,
+    agent: AgentClient,
+    next_port: AtomicU32,
+    exit: Arc<ExitCell>,
+}
+
+impl std::fmt::Debug for SandboxVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SandboxVm")
+            .field("id", &self.id)
+            .field("pid", &self.pid)
+            .field("size", &self.size)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The VMM's exit status, once known.
+#[derive(Default)]
+struct ExitCell {
+    code: Mutex<Option<VmExitCode>>,
+    cv: Condvar,
+}
+
+impl ExitCell {
+    fn set(&self, code: VmExitCode) {
+        let mut g = self.code.lock().unwrap_or_else(|e| e.into_inner());
+        *g = Some(code);
+        self.cv.notify_all();
+    }
+
+    fn get(&self) -> Option<VmExitCode> {
+        *self.code.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn wait(&self, timeout: Duration) -> Option<VmExitCode> {
+        let g = self.code.lock().unwrap_or_else(|e| e.into_inner());
+        let (g, _) = self
+            .cv
+            .wait_timeout_while(g, timeout, |c| c.is_none())
+            .unwrap_or_else(|e| e.into_inner());
+        *g
+    }
+}
+
+/// Paths of a sandbox's directory.
+#[derive(Debug, Clone)]
+pub struct SandboxPaths {
+    /// `<run_dir>/<id>`.
+    pub dir: PathBuf,
+}
+
+impl SandboxPaths {
+    /// The paths of sandbox `id` under `run_dir`.
+    pub fn new(run_dir: &Path, id: &str) -> Self {
+        SandboxPaths {
+            dir: run_dir.join(id),
+        }
+    }
+    /// The hybrid vsock socket.
+    pub fn vsock(&self) -> PathBuf {
+        self.dir.join("vsock.sock")
+    }
+    /// The guest console.
+    pub fn console(&self) -> PathBuf {
+        self.dir.join("console.log")
+    }
+    /// The shared directory.
+    pub fn shared(&self) -> PathBuf {
+        self.dir.join("shared")
+    }
+    /// The VMM's PID file (for `delete` after a shim crash).
+    pub fn pid_file(&self) -> PathBuf {
+        self.dir.join("vmm.pid")
+    }
+}
+
+/// Whether the VMM binary accepts `--shared-dir` (asked once per process).
+fn vmm_supports_shared_dir(vmm: &Path) -> bool {
+    static SUPPORT: OnceLock<bool> = OnceLock::new();
+    *SUPPORT.get_or_init(|| {
+        let child = Command::new(vmm)
+            .arg("--help")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn();
+        let Ok(mut child) = child else {
+            return false;
+        };
+        let mut help = String::new();
+        let read = child
+            .stdout
+            .take()
+            .map(|mut out| out.read_to_string(&mut help));
+        // The crate's reaper may have reaped it already; that is fine.
+        let _ = child.wait();
+        matches!(read, Some(Ok(_))) && help.contains("--shared-dir")
+    })
+}
+
+/// The VMM's command line for a sandbox.
+pub fn vmm_args(
+    config: &Config,
+    paths: &SandboxPaths,
+    size: VmSize,
+    virtio_fs: bool,
+) -> Vec<String> {
+    let p = |p: &Path| p.to_string_lossy().into_owned();
+    let mut args = vec![
+        "--kernel".to_owned(),
+        p(&config.kernel),
+        "--initrd".to_owned(),
+        p(&config.initramfs),
+        "--memory-mib".to_owned(),
+        size.memory_mib.to_string(),
+        "--vcpus".to_owned(),
+        size.vcpus.to_string(),
+        "--vsock-uds".to_owned(),
+        p(&paths.vsock()),
+        "--console".to_owned(),
+        p(&paths.console()),
+        "--cmdline".to_owned(),
+        config.kernel_cmdline.clone(),
+        "--log-level".to_owned(),
+        config.log_filter().to_string().to_lowercase(),
+    ];
+    if virtio_fs {
+        args.extend([
+            "--shared-dir".to_owned(),
+            p(&paths.shared()),
+            "--fs-tag".to_owned(),
+            FS_TAG.to_owned(),
+        ]);
+    }
+    args
+}
+
+/// Cuts a log line to [`MAX_LOG_LINE`] and masks control characters.
+fn clean_line(line: &str) -> String {
+    line.trim_end()
+        .chars()
+        .take(MAX_LOG_LINE)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
+impl SandboxVm {
+    /// Creates the sandbox directory with its empty shared directory.
+    pub fn create_dir(config: &Config, id: &str) -> Result<SandboxPaths> {
+        let paths = SandboxPaths::new(&config.run_dir, id);
+        if paths.dir.exists() {
+            return Err(ShimError::AlreadyExists {
+                kind: "sandbox directory",
+                id: paths.dir.display().to_string(),
+            });
+        }
+        std::fs::create_dir_all(paths.shared()).map_err(ShimError::io(format!(
+            "create {}",
+            paths.shared().display()
+        )))?;
+        Ok(paths)
+    }
+
+    /// Starts the VMM on a directory made by [`SandboxVm::create_dir`], waits for the agent
+    /// and creates the sandbox in the guest. On any failure the VMM is stopped and the
+    /// directory (with any mount under it) removed. `on_exit` is called once, from the watcher
+    /// thread, when the VMM exits.
+    pub fn start(
+        config: &Config,
+        paths: &SandboxPaths,
+        id: &str,
+        hostname: &str,
+        size: VmSize,
+        on_exit: OnExit,
+    ) -> Result<SandboxVm> {
+        match Self::spawn_and_connect(config, id, hostname, size, paths, on_exit) {
+            Ok(vm) => Ok(vm),
+            Err(e) => {
+                remove_sandbox_dir(&paths.dir);
+                Err(e)
+            }
+        }
+    }
+
+    fn spawn_and_connect(
+        config: &Config,
+        id: &str,
+        hostname: &str,
+        size: VmSize,
+        paths: &SandboxPaths,
+        on_exit: OnExit,
+    ) -> Result<SandboxVm> {
+        let virtio_fs = match config.virtio_fs {
+            VirtioFs::On => true,
+            VirtioFs::Off => false,
+            VirtioFs::Auto => vmm_supports_shared_dir(&config.vmm),
+        };
+        if !virtio_fs {
+            log::warn!(
+                "sandbox {id}: {} has no --shared-dir (virtio-fs): containers will have no root filesystem",
+                config.vmm.display()
+            );
+        }
+        let args = vmm_args(config, paths, size, virtio_fs);
+        // Subscribe before spawning so that an immediate exit is not missed.
+        let sub = monitor_subscribe(Topic::Pid)
+            .map_err(|e| ShimError::Internal(format!("subscribe to exits: {e}")))?;
+        let started = Instant::now();
+        let mut child = match Command::new(&config.vmm)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+        {
+            Ok(c) => c,
+            Err(e) => {
+                unsubscribe(sub.id);
+                return Err(ShimError::io(format!("spawn {}", config.vmm.display()))(e));
+            }
+        };
+        let pid = child.id();
+        log::info!(
+            "sandbox {id}: spawned {} (pid {pid}, {} vCPUs, {} MiB, virtio-fs {virtio_fs})",
+            config.vmm.display(),
+            size.vcpus,
+            size.memory_mib
+        );
+        let _ = std::fs::write(paths.pid_file(), format!("{pid}\n"));
+
+        let exit = Arc::new(ExitCell::default());
+        {
+            let exit = Arc::clone(&exit);
+            let id = id.to_owned();
+            let pid = i32::try_from(pid).unwrap_or(i32::MAX);
+            std::thread::Builder::new()
+                .name(format!("vmm-watch-{id}"))
+                .spawn(move || {
+                    let code = loop {
+                        match sub.rx.recv() {
+                            Ok(ev) => {
+                                if let Subject::Pid(p) = ev.subject {
+                                    if p == pid {
+                                        break ev.exit_code;
+                                    }
+                                }
+                            }
+                            // The monitor went away: the shim is exiting.
+                            Err(_) => break 255,
+                        }
+                    };
+                    unsubscribe(sub.id);
+                    log::info!("sandbox {id}: VMM (pid {pid}) exited with status {code}");
+                    exit.set(code);
+                    on_exit(code);
+                })
+                .map_err(ShimError::io("spawn the VMM watcher"))?;
+        }
+        if let Some(stderr) = child.stderr.take() {
+            let id = id.to_owned();
+            let _ = std::thread::Builder::new()
+                .name(format!("vmm-log-{id}"))
+                .spawn(move || {
+                    for line in BufReader::new(stderr).lines() {
+                        let Ok(line) = line else { break };
+                        log::info!("vmm[{id}]: {}", clean_line(&line));
+                    }
+                });
+        }
+        spawn_console_tail(id.to_owned(), paths.console(), Arc::clone(&exit));
+        // The child is reaped by the crate's SIGCHLD handler; dropping `Child` does not wait.
+        drop(child);
+
+        let vm = SandboxVm {
+            id: id.to_owned(),
+            dir: paths.dir.clone(),
+            pid,
+            size,
+            agent: match connect_agent(config, paths, &exit) {
+                Ok(a) => a,
+                Err(e) => {
+                    kill_and_wait(pid, &exit);
+                    return Err(e);
+                }
+            },
+            next_port: AtomicU32::new(FIRST_STDIO_PORT),
+            exit,
+        };
+        log::info!(
+            "sandbox {id}: agent answered {:.2} s after the VMM spawn",
+            started.elapsed().as_secs_f64()
+        );
+        let spec = SandboxSpec {
+            sandbox_id: id.to_owned(),
+            hostname: hostname.to_owned(),
+            shared_dir: GUEST_SHARED_DIR.to_owned(),
+            ..Default::default()
+        };
+        if let Err(e) = vm.agent.create_sandbox(&spec) {
+            vm.stop();
+            return Err(ShimError::agent("CreateSandbox")(e));
+        }
+        Ok(vm)
+    }
+
+    /// The agent client for ordinary calls (bounded by the RPC timeout).
+    pub fn agent(&self) -> &AgentClient {
+        &self.agent
+    }
+
+    /// A new connection to the agent without RPC timeout, for a call that blocks
+    /// (WaitProcess, GetOOMEvent).
+    pub fn blocking_agent(&self) -> Result<AgentClient> {
+        let opts = ConnectOptions {
+            connect_timeout: Duration::from_secs(10),
+            rpc_timeout: Duration::ZERO,
+            ..Default::default()
+        };
+        AgentClient::connect(
+            &SandboxPaths {
+                dir: self.dir.clone(),
+            }
+            .vsock(),
+            &opts,
+        )
+        .map_err(ShimError::agent("connect"))
+    }
+
+    /// The hybrid vsock socket.
+    pub fn vsock(&self) -> PathBuf {
+        self.dir.join("vsock.sock")
+    }
+
+    /// The shared directory on the host.
+    pub fn shared(&self) -> PathBuf {
+        self.dir.join("shared")
+    }
+
+    /// A fresh guest port for a stdio stream.
+    pub fn next_port(&self) -> u32 {
+        self.next_port.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The VMM's exit status, if it exited.
+    pub fn exited(&self) -> Option<VmExitCode> {
+        self.exit.get()
+    }
+
+    /// Stops the VM: asks the agent to power off, then SIGKILLs the VMM if it is still there;
+    /// then unmounts everything under the sandbox directory and removes it.
+    pub fn stop(&self) {
+        if self.exit.get().is_none() {
+            match self.agent.shutdown() {
+                Ok(()) => {
+                    if self.exit.wait(Duration::from_secs(10)).is_none() {
+                        log::warn!("sandbox {}: the guest did not power off in 10 s", self.id);
+                    }
+                }
+                Err(e) => log::debug!("sandbox {}: agent Shutdown: {e}", self.id),
+            }
+            kill_and_wait(self.pid, &self.exit);
+        }
+        remove_sandbox_dir(&self.dir);
+    }
+}
+
+/// Ends a subscription to the crate's exit monitor.
+fn unsubscribe(id: i64) {
+    if let Ok(mut m) = MONITOR.lock() {
+        let _ = m.unsubscribe(id);
+    }
+}
+
+/// SIGKILLs the VMM unless it exited, and waits for the reaper to report it.
+fn kill_and_wait(pid: u32, exit: &ExitCell) {
+    if exit.get().is_some() {
+        return;
+    }
+    if let Ok(pid) = libc::pid_t::try_from(pid) {
+        // SAFETY: kill(2) has no memory effects; `pid` is our child, not yet reported reaped.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    if exit.wait(Duration::from_secs(10)).is_none() {
+        log::error!("VMM pid {pid} not reaped 10 s after SIGKILL");
+    }
+}
+
+/// Unmounts everything under `dir` (deepest first, lazily) and removes it.
+pub fn remove_sandbox_dir(dir: &Path) {
+    let Some(d) = dir.to_str() else { return };
+    if let Err(e) = containerd_shim::mount::umount_recursive(Some(d), libc::MNT_DETACH) {
+        log::warn!("unmount under {d}: {e}");
+    }
+    if let Err(e) = std::fs::remove_dir_all(dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            log::warn!("remove {d}: {e}");
+        }
+    }
+}
+
+/// Connects to the agent while the guest boots; fails early if the VMM exits.
+fn connect_agent(config: &Config, paths: &SandboxPaths, exit: &ExitCell) -> Result<AgentClient> {
+    let deadline = Instant::now() + Duration::from_secs(config.boot_timeout_secs);
+    let opts = ConnectOptions {
+        connect_timeout: Duration::from_secs(1),
+        retry_interval: Duration::from_millis(20),
+        ..Default::default()
+    };
+    let vm_err = |message: String| ShimError::Vm {
+        id: paths
+            .dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        message,
+    };
+    loop {
+        if let Some(code) = exit.get() {
+            return Err(vm_err(format!(
+                "the VMM exited with status {code} before the agent answered"
+            )));
+        }
+        match AgentClient::connect(&paths.vsock(), &opts) {
+            Ok(agent) => {
+                return match agent.check() {
+                    Ok(ServingStatus::Serving) => Ok(agent),
+                    Ok(s) => Err(vm_err(format!("the agent is not serving ({s:?})"))),
+                    Err(e) => Err(ShimError::agent("Health.Check")(e)),
+                };
+            }
+            Err(ClientError::Timeout { .. }) if Instant::now() < deadline => {}
+            Err(e) if Instant::now() < deadline => {
+                log::debug!("agent connect: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => {
+                return Err(vm_err(format!(
+                    "the agent did not answer within {} s: {}",
+                    config.boot_timeout_secs,
+                    crate::error::chain(&e)
+                )))
+            }
+        }
+    }
+}
+
+/// Follows the guest console file and logs its lines with the sandbox id, rate-limited.
+fn spawn_console_tail(id: String, path: PathBuf, exit: Arc<ExitCell>) {
+    let _ = std::thread::Builder::new()
+        .name(format!("console-{id}"))
+        .spawn(move || {
+            let mut pos = 0u64;
+            let mut partial = Vec::new();
+            let mut window = Instant::now();
+            let mut in_window = 0u32;
+            let mut dropped = 0u64;
+            loop {
+                let done = exit.get().is_some();
+                let mut buf = Vec::new();
+                if let Ok(mut f) = std::fs::File::open(&path) {
+                    if f.seek(SeekFrom::Start(pos)).is_ok() {
+                        // At most 64 KiB per round: the guest cannot make us buffer more.
+                        if let Ok(n) = f.take(64 << 10).read_to_end(&mut buf) {
+                            pos += n as u64;
+                        }
+                    }
+                }
+                partial.extend_from_slice(&buf);
+                while let Some(nl) = partial.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = partial.drain(..=nl).collect();
+                    if window.elapsed() >= Duration::from_secs(1) {
+                        if dropped > 0 {
+                            log::warn!(
+                                "guest[{id}]: {dropped} console lines not logged (rate limit)"
+                            );
+                        }
+                        window = Instant::now();
+                        in_window = 0;
+                        dropped = 0;
+                    }
+                    if in_window < CONSOLE_LINES_PER_SEC {
+                        in_window += 1;
+                        log::info!(
+                            "guest[{id}]: {}",
+                            clean_line(&String::from_utf8_lossy(&line))
+                        );
+                    } else {
+                        dropped += 1;
+                    }
+                }
+                if partial.len() > MAX_LOG_LINE {
+                    log::info!(
+                        "guest[{id}]: {}",
+                        clean_line(&String::from_utf8_lossy(&partial))
+                    );
+                    partial.clear();
+                }
+                if done && buf.is_empty() {
+                    break;
+                }
+                if buf.is_empty() {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+        });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vmm_command_line_follows_the_contract() {
+        let config = Config {
+            run_dir: "/run/nutshell".into(),
+            ..Config::default()
+        };
+        let paths = SandboxPaths::new(&config.run_dir, "pod1");
+        let size = VmSize {
+            vcpus: 2,
+            memory_mib: 512,
+        };
+        let args = vmm_args(&config, &paths, size, true).join(" ");
+        for want in [
+            "--kernel /usr/local/share/nutshell/vmlinux",
+            "--initrd /usr/local/share/nutshell/initramfs.cpio",
+            "--memory-mib 512",
+            "--vcpus 2",
+            "--vsock-uds /run/nutshell/pod1/vsock.sock",
+            "--shared-dir /run/nutshell/pod1/shared",
+            "--fs-tag nutshell",
+            "--console /run/nutshell/pod1/console.log",
+        ] {
+            assert!(args.contains(want), "{want} missing in {args}");
+        }
+        let args = vmm_args(&config, &paths, size, false).join(" ");
+        assert!(!args.contains("--shared-dir") && !args.contains("--fs-tag"));
+    }
+
+    #[test]
+    fn log_lines_are_cut_and_masked() {
+        assert_eq!(clean_line("a\x1b[2Jb\r\n"), "a?[2Jb");
+        assert_eq!(clean_line(&"x".repeat(5000)).len(), MAX_LOG_LINE);
+    }
+}
