@@ -186,9 +186,9 @@ pub struct SandboxSpec {
 /// Guest vsock ports of a process's stdio streams; 0 = not connected.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StdioPorts {
-    /// Port of stdin (with a terminal: the one stream of the pty).
+    /// Port of stdin (0 with a terminal).
     pub stdin: u32,
-    /// Port of stdout (0 with a terminal).
+    /// Port of stdout (with a terminal: the one stream of the pty, both ways).
     pub stdout: u32,
     /// Port of stderr (0 with a terminal).
     pub stderr: u32,

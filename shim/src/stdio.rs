@@ -39,9 +39,10 @@ impl StdioPaths {
     pub fn ports(&self, mut next_port: impl FnMut() -> u32) -> StdioPorts {
         if self.terminal {
             let any = !self.stdin.is_empty() || !self.stdout.is_empty();
+            // The agent takes the pty stream on the stdout port (agent/src/stdio.rs).
             return StdioPorts {
-                stdin: if any { next_port() } else { 0 },
-                stdout: 0,
+                stdin: 0,
+                stdout: if any { next_port() } else { 0 },
                 stderr: 0,
             };
         }
@@ -81,8 +82,8 @@ impl StdioCopy {
             id: id.to_owned(),
         };
         if paths.terminal {
-            if ports.stdin != 0 {
-                let c = ctx(ports.stdin);
+            if ports.stdout != 0 {
+                let c = ctx(ports.stdout);
                 let (stdin, stdout) = (paths.stdin.clone(), paths.stdout.clone());
                 let done = done_tx.clone();
                 spawn("pty", Box::new(move || c.run_pty(&stdin, &stdout, done)));

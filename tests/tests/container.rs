@@ -1,0 +1,271 @@
+//! Slow lane: OCI containers in a real microVM, their root file systems shared from the host
+//! over virtio-fs, driven through the agent API as the shim drives it. One VM serves every
+//! check (a boot costs tens of seconds here).
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use std::io::Read;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use nutshell_protocol::client::{connect_hybrid_retry, AgentClient, ConnectOptions};
+use nutshell_protocol::types::{SandboxSpec, StdioPorts};
+use nutshell_protocol::GUEST_SHARED_DIR;
+use nutshell_tests::GuestBoot;
+use oci_spec::runtime::{
+    LinuxBuilder, LinuxMemoryBuilder, LinuxNamespaceType, LinuxResourcesBuilder, ProcessBuilder,
+    RootBuilder, Spec,
+};
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+const STREAM_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A busybox root file system at `dir`: the static binary and a link per applet.
+fn busybox_rootfs(dir: &Path) {
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    for d in ["proc", "sys", "dev", "tmp", "etc", "root"] {
+        std::fs::create_dir_all(dir.join(d)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", bin.join("busybox")).unwrap();
+    let list = std::process::Command::new("/bin/busybox")
+        .arg("--list")
+        .output()
+        .unwrap();
+    for applet in String::from_utf8(list.stdout).unwrap().lines() {
+        if applet != "busybox" {
+            std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
+        }
+    }
+}
+
+/// The default OCI spec (runc's), with `args`, the guest rootfs path of container `id`, and
+/// no network namespace of its own (the pod's is the VM's).
+fn spec(id: &str, args: &[&str]) -> Spec {
+    let mut spec = Spec::default();
+    // Inherit the sandbox's hostname (CreateSandbox) instead of the default spec's.
+    spec.set_hostname(None);
+    let process = ProcessBuilder::default()
+        .args(args.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+        .env(vec!["PATH=/bin".to_string()])
+        .cwd("/")
+        .build()
+        .unwrap();
+    spec.set_process(Some(process));
+    spec.set_root(Some(
+        RootBuilder::default()
+            .path(format!("{GUEST_SHARED_DIR}/{id}/rootfs"))
+            .readonly(false)
+            .build()
+            .unwrap(),
+    ));
+    let mut linux = spec.linux().clone().unwrap();
+    let ns: Vec<_> = linux
+        .namespaces()
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|n| n.typ() != LinuxNamespaceType::Network)
+        .collect();
+    linux.set_namespaces(Some(ns));
+    spec.set_linux(Some(linux));
+    spec
+}
+
+/// Connects the host ends of a process's streams in threads (before the RPC, as the shim
+/// does); each thread returns everything it read until EOF.
+fn connect_streams(uds: &Path, ports: &[u32]) -> Vec<JoinHandle<Vec<u8>>> {
+    ports
+        .iter()
+        .map(|&port| {
+            let uds = uds.to_path_buf();
+            std::thread::spawn(move || {
+                let mut s: UnixStream =
+                    connect_hybrid_retry(&uds, port, STREAM_TIMEOUT, Duration::from_millis(20))
+                        .unwrap();
+                s.set_read_timeout(Some(STREAM_TIMEOUT)).unwrap();
+                let mut out = Vec::new();
+                s.read_to_end(&mut out).unwrap();
+                out
+            })
+        })
+        .collect()
+}
+
+fn client(uds: &Path, rpc_timeout: Duration) -> AgentClient {
+    AgentClient::connect(
+        uds,
+        &ConnectOptions {
+            rpc_timeout,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
+fn text(h: JoinHandle<Vec<u8>>) -> String {
+    String::from_utf8(h.join().unwrap()).unwrap()
+}
+
+#[test]
+#[ignore = "slow lane: boots the real guest kernel (scripts/test.sh runs it)"]
+fn containers_run_in_the_guest_from_a_shared_rootfs() {
+    let dir = tempfile::tempdir().unwrap();
+    let uds = dir.path().join("vsock.sock");
+    let shared: PathBuf = dir.path().join("shared");
+    for id in ["c1", "c2", "c3"] {
+        busybox_rootfs(&shared.join(id).join("rootfs"));
+    }
+    let mut vm = GuestBoot::new("initramfs.cpio")
+        .memory_mib(256)
+        .vsock(&uds)
+        .shared_dir(&shared)
+        .spawn()
+        .unwrap();
+    vm.wait_for_console("serving on vsock port", BOOT_TIMEOUT)
+        .unwrap();
+    let agent = client(&uds, Duration::from_secs(120));
+    agent
+        .create_sandbox(&SandboxSpec {
+            sandbox_id: "pod1".into(),
+            hostname: "pod1".into(),
+            shared_dir: GUEST_SHARED_DIR.into(),
+            ..Default::default()
+        })
+        .unwrap();
+
+    // c1: output on both streams, a file from the host, and an exit code.
+    std::fs::write(shared.join("c1/rootfs/etc/greeting"), "from the host\n").unwrap();
+    let streams = connect_streams(&uds, &[0x4000_0001, 0x4000_0002]);
+    let c1 = spec(
+        "c1",
+        &["sh", "-c", "cat /etc/greeting; echo to-stderr >&2; exit 7"],
+    );
+    let t = Instant::now();
+    agent
+        .create_container(
+            "c1",
+            serde_json::to_vec(&c1).unwrap(),
+            StdioPorts {
+                stdin: 0,
+                stdout: 0x4000_0001,
+                stderr: 0x4000_0002,
+            },
+            false,
+        )
+        .unwrap();
+    agent.start_container("c1").unwrap();
+    let create_start = t.elapsed();
+    let mut streams = streams.into_iter();
+    assert_eq!(text(streams.next().unwrap()), "from the host\n");
+    assert_eq!(text(streams.next().unwrap()), "to-stderr\n");
+    let exit = agent.wait_process("c1", "").unwrap();
+    assert_eq!(exit.exit_status, 7);
+    agent.remove_container("c1", 0).unwrap();
+
+    // c2: a long-running container; exec into it; kill it.
+    let streams = connect_streams(&uds, &[0x4000_0003]);
+    agent
+        .create_container(
+            "c2",
+            serde_json::to_vec(&spec("c2", &["sleep", "1000"])).unwrap(),
+            StdioPorts {
+                stdin: 0,
+                stdout: 0x4000_0003,
+                stderr: 0,
+            },
+            false,
+        )
+        .unwrap();
+    agent.start_container("c2").unwrap();
+    let exec_out = connect_streams(&uds, &[0x4000_0004]);
+    let process = ProcessBuilder::default()
+        .args(vec![
+            "sh".to_string(),
+            "-c".into(),
+            "hostname; echo pid1=$(cat /proc/1/comm); touch /tmp/written-by-exec; exit 3".into(),
+        ])
+        .env(vec!["PATH=/bin".to_string()])
+        .cwd("/")
+        .build()
+        .unwrap();
+    agent
+        .exec_process(
+            "c2",
+            "e1",
+            serde_json::to_vec(&process).unwrap(),
+            StdioPorts {
+                stdin: 0,
+                stdout: 0x4000_0004,
+                stderr: 0,
+            },
+            false,
+        )
+        .unwrap();
+    let out = text(exec_out.into_iter().next().unwrap());
+    assert_eq!(out, "pod1\npid1=sleep\n", "exec output");
+    assert_eq!(agent.wait_process("c2", "e1").unwrap().exit_status, 3);
+    // The exec wrote into the container's rootfs: the host sees it through virtio-fs.
+    assert!(shared.join("c2/rootfs/tmp/written-by-exec").exists());
+    let pids = agent.list_pids("c2").unwrap();
+    assert!(!pids.is_empty(), "c2 has processes");
+    agent.signal_process("c2", "", 9, true).unwrap();
+    assert_eq!(agent.wait_process("c2", "").unwrap().exit_status, 137);
+    assert_eq!(text(streams.into_iter().next().unwrap()), "");
+    agent.remove_container("c2", 0).unwrap();
+
+    // c3: a 16 MiB memory limit; a process that grows past it is OOM-killed, the OOM event
+    // and the stats say so.
+    let (oom_tx, oom_rx) = mpsc::channel();
+    let oom_uds = uds.clone();
+    std::thread::spawn(move || {
+        let c = client(&oom_uds, Duration::ZERO);
+        let _ = oom_tx.send(c.get_oom_event());
+    });
+    let mut c3 = spec("c3", &["awk", "BEGIN { s = \"x\"; while (1) s = s s }"]);
+    let mut linux = c3
+        .linux()
+        .clone()
+        .unwrap_or_else(|| LinuxBuilder::default().build().unwrap());
+    linux.set_resources(Some(
+        LinuxResourcesBuilder::default()
+            .memory(
+                LinuxMemoryBuilder::default()
+                    .limit(16i64 << 20)
+                    .build()
+                    .unwrap(),
+            )
+            .build()
+            .unwrap(),
+    ));
+    c3.set_linux(Some(linux));
+    agent
+        .create_container(
+            "c3",
+            serde_json::to_vec(&c3).unwrap(),
+            StdioPorts::default(),
+            false,
+        )
+        .unwrap();
+    agent.start_container("c3").unwrap();
+    assert_eq!(agent.wait_process("c3", "").unwrap().exit_status, 137);
+    let event = oom_rx
+        .recv_timeout(Duration::from_secs(60))
+        .unwrap()
+        .unwrap();
+    assert_eq!(event, "c3");
+    let stats = agent.stats_container("c3").unwrap();
+    assert_eq!(stats.memory_limit_bytes, 16 << 20, "{stats:?}");
+    assert!(stats.memory_oom_kills >= 1, "{stats:?}");
+    agent.remove_container("c3", 0).unwrap();
+
+    agent.destroy_sandbox("pod1").unwrap();
+    eprintln!(
+        "container create+start in the guest (RPCs, streams connected): {:.0} ms",
+        create_start.as_secs_f64() * 1000.0
+    );
+    agent.shutdown().unwrap();
+    vm.wait(Duration::from_secs(120)).unwrap().assert_status(0);
+}
