@@ -271,7 +271,7 @@ pub fn set_hostname(name: &str) -> io::Result<()> {
 /// Sets `CLOCK_REALTIME` to `nanos` since the Unix epoch.
 pub fn set_realtime_nanos(nanos: i64) -> io::Result<()> {
     let ts = libc::timespec {
-        tv_sec: (nanos / 1_000_000_000) as libc::time_t,
+        tv_sec: (nanos / 1_000_000_000) as _,
         tv_nsec: (nanos % 1_000_000_000) as _,
     };
     // SAFETY: `ts` is a valid timespec that lives for the call.

@@ -350,6 +350,28 @@ pub fn report_field<'a>(console: &'a str, key: &str) -> Option<&'a str> {
         .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
 }
 
+/// A busybox root file system at `dir`: the static binary and a link per applet.
+pub fn busybox_rootfs(dir: &Path) {
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).expect("busybox rootfs");
+    for d in ["proc", "sys", "dev", "tmp", "etc", "root"] {
+        std::fs::create_dir_all(dir.join(d)).expect("busybox rootfs");
+    }
+    std::fs::copy("/bin/busybox", bin.join("busybox")).expect("busybox rootfs");
+    let list = std::process::Command::new("/bin/busybox")
+        .arg("--list")
+        .output()
+        .expect("busybox rootfs");
+    for applet in String::from_utf8(list.stdout)
+        .expect("busybox rootfs")
+        .lines()
+    {
+        if applet != "busybox" {
+            std::os::unix::fs::symlink("busybox", bin.join(applet)).expect("busybox rootfs");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

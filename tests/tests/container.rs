@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use nutshell_protocol::client::{connect_hybrid_retry, AgentClient, ConnectOptions};
 use nutshell_protocol::types::{SandboxSpec, StdioPorts};
 use nutshell_protocol::GUEST_SHARED_DIR;
-use nutshell_tests::GuestBoot;
+use nutshell_tests::{busybox_rootfs, GuestBoot};
 use oci_spec::runtime::{
     LinuxBuilder, LinuxMemoryBuilder, LinuxNamespaceType, LinuxResourcesBuilder, ProcessBuilder,
     RootBuilder, Spec,
@@ -21,25 +21,6 @@ use oci_spec::runtime::{
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 const STREAM_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// A busybox root file system at `dir`: the static binary and a link per applet.
-fn busybox_rootfs(dir: &Path) {
-    let bin = dir.join("bin");
-    std::fs::create_dir_all(&bin).unwrap();
-    for d in ["proc", "sys", "dev", "tmp", "etc", "root"] {
-        std::fs::create_dir_all(dir.join(d)).unwrap();
-    }
-    std::fs::copy("/bin/busybox", bin.join("busybox")).unwrap();
-    let list = std::process::Command::new("/bin/busybox")
-        .arg("--list")
-        .output()
-        .unwrap();
-    for applet in String::from_utf8(list.stdout).unwrap().lines() {
-        if applet != "busybox" {
-            std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
-        }
-    }
-}
 
 /// The default OCI spec (runc's), with `args`, the guest rootfs path of container `id`, and
 /// no network namespace of its own (the pod's is the VM's).

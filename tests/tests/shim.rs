@@ -15,11 +15,11 @@ use std::time::{Duration, Instant};
 
 use containerd_shim_protos::api::{
     ConnectRequest, CreateTaskRequest, DeleteRequest, Empty, ForwardRequest, Mount,
-    ShutdownRequest, StateRequest,
+    ShutdownRequest, StartRequest, StateRequest, WaitRequest,
 };
 use containerd_shim_protos::shim_sync::{create_events, Events, TaskClient};
 use containerd_shim_protos::ttrpc::{self, context, Code, TtrpcContext};
-use nutshell_tests::{guest_artifact, shim_binary, target_dir, vmm_binary};
+use nutshell_tests::{busybox_rootfs, guest_artifact, shim_binary, target_dir, vmm_binary};
 
 /// containerd's event service: records each forwarded topic.
 #[derive(Default)]
@@ -85,7 +85,7 @@ impl Harness {
         let spec = format!(
             r#"{{"ociVersion":"1.0.2","process":{{"user":{{"uid":0,"gid":0}},"args":["/bin/true"],"cwd":"/"}},
                "root":{{"path":"rootfs"}},"hostname":"{id}","annotations":{},
-               "linux":{{"namespaces":[{{"type":"pid"}},{{"type":"mount"}},{{"type":"network","path":"/var/run/netns/x"}}]}}}}"#,
+               "linux":{{"namespaces":[{{"type":"pid"}},{{"type":"mount"}},{{"type":"uts"}},{{"type":"network","path":"/var/run/netns/x"}}]}}}}"#,
             annotations_json(&annotations)
         );
         std::fs::write(bundle.join("config.json"), spec).unwrap();
@@ -273,7 +273,7 @@ fn create_boots_a_vm_reaches_the_agent_and_delete_leaves_nothing() {
     // A rootfs mount as containerd passes it (a bind of a directory, as the native snapshotter
     // gives); it must be mounted in the shared directory while the task lives.
     let rootfs_src = h.dir.path().join("snapshot");
-    std::fs::create_dir_all(rootfs_src.join("bin")).unwrap();
+    busybox_rootfs(&rootfs_src);
     std::fs::write(rootfs_src.join("marker"), b"rootfs").unwrap();
 
     let address = h.start(id, &bundle);
@@ -333,35 +333,37 @@ fn create_boots_a_vm_reaches_the_agent_and_delete_leaves_nothing() {
         eprintln!("shim log: {line}");
     }
 
-    match created {
-        // Today's agent answers the sandbox and container RPCs with UNIMPLEMENTED: the code
-        // and the method reach containerd, and the failed Create leaves nothing.
-        Err(e) => {
-            assert_eq!(code(&e), Some(Code::UNIMPLEMENTED), "{e:?}\n{log}");
-            let text = format!("{e:?}");
-            assert!(
-                text.contains("not implemented yet") && text.contains("agent Create"),
-                "{text}"
-            );
-            let mut state = StateRequest::new();
-            state.id = id.into();
-            let e = client.state(ctx(), &state).unwrap_err();
-            assert_eq!(code(&e), Some(Code::NOT_FOUND), "{e:?}");
-            assert!(
-                !h.topics().iter().any(|t| t == "/tasks/create"),
-                "{:?}",
-                h.topics()
-            );
-        }
-        // Once the agent creates containers: Delete of the created task tears it down.
-        Ok(resp) => {
-            assert!(resp.pid > 0);
-            let mut del = DeleteRequest::new();
-            del.id = id.into();
-            client.delete(ctx(), &del).unwrap();
-            let topics = h.topics();
-            assert!(topics.iter().any(|t| t == "/tasks/create"), "{topics:?}");
-        }
+    // The agent creates the container; Start runs it, Wait gets its exit, Delete tears the
+    // pod down.
+    let resp = created.unwrap_or_else(|e| panic!("{e:?}\n{log}"));
+    assert!(resp.pid > 0);
+    let mut start = StartRequest::new();
+    start.id = id.into();
+    client.start(ctx(), &start).unwrap();
+    let mut wait = WaitRequest::new();
+    wait.id = id.into();
+    let waited = client.wait(ctx(), &wait).unwrap();
+    assert_eq!(waited.exit_status, 0, "/bin/true exits 0");
+    let mut del = DeleteRequest::new();
+    del.id = id.into();
+    let deleted = client.delete(ctx(), &del).unwrap();
+    assert_eq!(deleted.exit_status, 0);
+    // Events leave through the shim's publisher thread: give the last one a moment.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !h.topics().iter().any(|t| t == "/tasks/delete") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let topics = h.topics();
+    for topic in [
+        "/tasks/create",
+        "/tasks/start",
+        "/tasks/exit",
+        "/tasks/delete",
+    ] {
+        assert!(
+            topics.iter().any(|t| t == topic),
+            "{topic} not in {topics:?}"
+        );
     }
 
     // Nothing is left: no VMM, no mount, no sandbox directory.

@@ -265,13 +265,32 @@ impl RootfsPlan {
                         .map_err(|e| format!("create {}: {e}", parent.display()))?;
                 }
                 let _ = fs::remove_file(&path);
-                mknod(
+                let made = mknod(
                     &path,
                     d.kind,
                     Mode::from_bits_truncate(d.mode),
                     makedev(d.major, d.minor),
-                )
-                .map_err(|e| format!("mknod {}: {e}", d.path.display()))?;
+                );
+                match made {
+                    Ok(()) => {}
+                    // The file system refuses device nodes (the shared directory over virtio-fs
+                    // does, so that a guest cannot plant device nodes on the host): bind the
+                    // agent's own node instead, as runc does where mknod is not allowed.
+                    Err(nix::errno::Errno::EPERM) => {
+                        fs::File::create(&path)
+                            .map_err(|e| format!("create {}: {e}", d.path.display()))?;
+                        nix::mount::mount(
+                            Some(&d.path),
+                            &path,
+                            None::<&str>,
+                            nix::mount::MsFlags::MS_BIND,
+                            None::<&str>,
+                        )
+                        .map_err(|e| format!("bind the device {}: {e}", d.path.display()))?;
+                        continue;
+                    }
+                    Err(e) => return Err(format!("mknod {}: {e}", d.path.display())),
+                }
                 chown(
                     &path,
                     Some(Uid::from_raw(d.uid)),
