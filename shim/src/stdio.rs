@@ -261,8 +261,8 @@ mod tests {
         assert_eq!(
             t.ports(&mut draw),
             StdioPorts {
-                stdin: 0x4000_0002,
-                stdout: 0,
+                stdin: 0,
+                stdout: 0x4000_0002,
                 stderr: 0
             }
         );
