@@ -764,10 +764,11 @@ fn bad_specs_and_states_are_errors() {
         reg.create("u", &to_spec(&user_ns), Stdio::default(), false, &no_hook),
         Err(ContainerError::NotSupported(_))
     ));
-    let mut seccomp = b.spec(&["true"]);
-    seccomp["linux"]["seccomp"] = json!({"defaultAction": "SCMP_ACT_ALLOW"});
+    // A seccomp action the agent cannot do is refused at create.
+    let mut notify = b.spec(&["true"]);
+    notify["linux"]["seccomp"] = json!({"defaultAction": "SCMP_ACT_NOTIFY"});
     assert!(reg
-        .create("s", &to_spec(&seccomp), Stdio::default(), false, &no_hook)
+        .create("s", &to_spec(&notify), Stdio::default(), false, &no_hook)
         .is_err());
     assert!(matches!(
         reg.start("none"),
@@ -827,4 +828,25 @@ fn create_start_latency() {
         "create+start of busybox true: median {:?} (min {:?}, max {:?}, n=20)",
         times[10], times[0], times[19]
     );
+}
+
+#[test]
+fn a_seccomp_profile_denies_a_syscall_in_the_container() {
+    let b = Bundle::new();
+    let reg = registry();
+    let mut spec = b.spec(&["sh", "-c", "mkdir /tmp/denied || exit 42; exit 0"]);
+    spec["linux"]["seccomp"] = json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": ["SCMP_ARCH_X86_64"],
+        "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]
+    });
+    reg.create("sc", &to_spec(&spec), Stdio::default(), false, &no_hook)
+        .unwrap();
+    reg.start("sc").unwrap();
+    assert_eq!(
+        reg.wait("sc", None).unwrap().code,
+        42,
+        "mkdir was not denied"
+    );
+    reg.remove("sc", Duration::from_secs(5)).unwrap();
 }

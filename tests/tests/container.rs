@@ -96,7 +96,7 @@ fn containers_run_in_the_guest_from_a_shared_rootfs() {
     let dir = tempfile::tempdir().unwrap();
     let uds = dir.path().join("vsock.sock");
     let shared: PathBuf = dir.path().join("shared");
-    for id in ["c1", "c2", "c3"] {
+    for id in ["c1", "c2", "c3", "c4"] {
         busybox_rootfs(&shared.join(id).join("rootfs"));
     }
     let mut vm = GuestBoot::new("initramfs.cpio")
@@ -241,6 +241,34 @@ fn containers_run_in_the_guest_from_a_shared_rootfs() {
     assert_eq!(stats.memory_limit_bytes, 16 << 20, "{stats:?}");
     assert!(stats.memory_oom_kills >= 1, "{stats:?}");
     agent.remove_container("c3", 0).unwrap();
+
+    // Stdio stream throughput: 4 MiB from a container's stdout to the host.
+    let streams = connect_streams(&uds, &[0x4000_0005]);
+    agent
+        .create_container(
+            "c4",
+            serde_json::to_vec(&spec("c4", &["head", "-c", "4194304", "/dev/zero"])).unwrap(),
+            StdioPorts {
+                stdin: 0,
+                stdout: 0x4000_0005,
+                stderr: 0,
+            },
+            false,
+        )
+        .unwrap();
+    let t = Instant::now();
+    agent.start_container("c4").unwrap();
+    let bytes = streams.into_iter().next().unwrap().join().unwrap();
+    let took = t.elapsed();
+    assert_eq!(bytes.len(), 4 << 20);
+    assert!(bytes.iter().all(|&b| b == 0));
+    assert_eq!(agent.wait_process("c4", "").unwrap().exit_status, 0);
+    agent.remove_container("c4", 0).unwrap();
+    eprintln!(
+        "stdio stream: 4 MiB in {:.2} s ({:.2} MiB/s)",
+        took.as_secs_f64(),
+        4.0 / took.as_secs_f64()
+    );
 
     agent.destroy_sandbox("pod1").unwrap();
     eprintln!(
