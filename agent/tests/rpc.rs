@@ -8,7 +8,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
+use nutshell_agent::container::Containers;
+use nutshell_agent::pod::Pod;
+use nutshell_agent::sandbox::GuestOs;
 use nutshell_agent::service::AgentService;
+use nutshell_agent::stdio::VsockListen;
 use nutshell_protocol::client::{AgentClient, ClientError, ConnectOptions};
 use nutshell_protocol::generated::agent as pb;
 use nutshell_protocol::types::ServingStatus;
@@ -21,6 +25,7 @@ struct TestAgent {
     socket: PathBuf,
     server: Option<ttrpc::Server>,
     shutdowns: mpsc::Receiver<()>,
+    service: Arc<AgentService>,
 }
 
 impl TestAgent {
@@ -42,6 +47,7 @@ impl TestAgent {
             _dir: dir,
             socket,
             server: Some(server),
+            service,
             shutdowns,
         }
     }
@@ -85,41 +91,95 @@ fn assert_unimplemented<T: std::fmt::Debug>(result: ttrpc::Result<T>, method: &s
 }
 
 #[test]
-fn methods_not_served_yet_answer_unimplemented() {
+fn network_methods_answer_unimplemented() {
     let agent = TestAgent::start();
     let client = agent.client();
     let raw = client.raw_agent();
     let ctx = || client.context();
     assert_unimplemented(
-        raw.create_container(ctx(), &pb::CreateContainerRequest::new()),
-        "CreateContainer",
-    );
-    assert_unimplemented(
-        raw.create_sandbox(ctx(), &pb::CreateSandboxRequest::new()),
-        "CreateSandbox",
-    );
-    assert_unimplemented(
-        raw.exec_process(ctx(), &pb::ExecProcessRequest::new()),
-        "ExecProcess",
-    );
-    assert_unimplemented(
-        raw.wait_process(ctx(), &pb::WaitProcessRequest::new()),
-        "WaitProcess",
-    );
-    assert_unimplemented(
-        raw.stats_container(ctx(), &pb::StatsContainerRequest::new()),
-        "StatsContainer",
-    );
-    assert_unimplemented(
-        raw.get_oom_event(ctx(), &pb::GetOOMEventRequest::new()),
-        "GetOOMEvent",
-    );
-    assert_unimplemented(
         raw.update_routes(ctx(), &pb::UpdateRoutesRequest::new()),
         "UpdateRoutes",
     );
+    assert_unimplemented(
+        raw.update_interface(ctx(), &pb::UpdateInterfaceRequest::new()),
+        "UpdateInterface",
+    );
     // The connection stays usable after errors.
     assert_eq!(client.check().unwrap(), ServingStatus::Serving);
+}
+
+fn assert_code<T: std::fmt::Debug>(result: ttrpc::Result<T>, want: ttrpc::Code, what: &str) {
+    match ClientError::from(result.unwrap_err()) {
+        ClientError::Status { code, message } => assert_eq!(code, want, "{what}: {message}"),
+        e => panic!("{what}: unexpected {e:?}"),
+    }
+}
+
+#[test]
+fn container_methods_without_a_pod_fail_their_precondition() {
+    let agent = TestAgent::start();
+    let client = agent.client();
+    let raw = client.raw_agent();
+    let ctx = || client.context();
+    let want = ttrpc::Code::FAILED_PRECONDITION;
+    assert_code(
+        raw.create_container(ctx(), &pb::CreateContainerRequest::new()),
+        want,
+        "CreateContainer",
+    );
+    assert_code(
+        raw.create_sandbox(ctx(), &pb::CreateSandboxRequest::new()),
+        want,
+        "CreateSandbox",
+    );
+    assert_code(
+        raw.wait_process(ctx(), &pb::WaitProcessRequest::new()),
+        want,
+        "WaitProcess",
+    );
+    assert_code(
+        raw.get_oom_event(ctx(), &pb::GetOOMEventRequest::new()),
+        want,
+        "GetOOMEvent",
+    );
+}
+
+#[test]
+fn container_methods_validate_their_requests() {
+    let agent = TestAgent::start();
+    let cgroups = tempfile::tempdir().unwrap();
+    agent.service.set_pod(Arc::new(Pod::new(
+        Arc::new(Containers::new()),
+        Box::new(VsockListen),
+        Box::new(GuestOs),
+        cgroups.path().to_path_buf(),
+    )));
+    let client = agent.client();
+    let raw = client.raw_agent();
+    let ctx = || client.context();
+    let mut bad_json = pb::CreateContainerRequest::new();
+    bad_json.container_id = "c1".into();
+    bad_json.oci_spec_json = b"{not json".to_vec();
+    assert_code(
+        raw.create_container(ctx(), &bad_json),
+        ttrpc::Code::INVALID_ARGUMENT,
+        "CreateContainer with malformed JSON",
+    );
+    let mut bad_sandbox = pb::CreateSandboxRequest::new();
+    bad_sandbox.sandbox_id = "pod".into();
+    bad_sandbox.shared_dir = "/proc".into();
+    assert_code(
+        raw.create_sandbox(ctx(), &bad_sandbox),
+        ttrpc::Code::INVALID_ARGUMENT,
+        "CreateSandbox over /proc",
+    );
+    let mut start = pb::StartContainerRequest::new();
+    start.container_id = "nope".into();
+    assert_code(
+        raw.start_container(ctx(), &start),
+        ttrpc::Code::NOT_FOUND,
+        "StartContainer of an unknown container",
+    );
 }
 
 #[test]
