@@ -814,62 +814,62 @@ fn build_bus(exit: &Arc<ExitHandle>, serial: Arc<Mutex<SerialDevice>>) -> Result
 /// A virtio-mmio transport on the MMIO bus, shared with the VM for snapshots.
 type SharedTransport = Arc<Mutex<MmioTransport>>;
 
-/// The first virtio-mmio device: a vsock device at `VIRTIO_MMIO_BASE`, GSI `VIRTIO_GSI_BASE`,
-/// its queue notifications as ioeventfds.
+/// Attaches a virtio device on a virtio-mmio transport at `base` with interrupt `gsi`; its
+/// queue notifications become ioeventfds.
+fn add_virtio<D: VirtioDevice + 'static>(
+    fd: &VmFd,
+    mem: &GuestMemoryMmap,
+    mmio: &mut MmioBus,
+    device: D,
+    base: u64,
+    gsi: u32,
+) -> Result<(Arc<Mutex<D>>, SharedTransport), VmError> {
+    let device = Arc::new(Mutex::new(device));
+    let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+    fd.register_irqfd(&irqfd, gsi)
+        .map_err(kvm_err("register a virtio irqfd"))?;
+    let notify = kvm_ioctls::IoEventAddress::Mmio(base + reg::QUEUE_NOTIFY);
+    {
+        let d = device.lock().unwrap_or_else(|e| e.into_inner());
+        for (index, evt) in d.queue_events().iter().enumerate() {
+            fd.register_ioevent(evt, &notify, index as u32)
+                .map_err(kvm_err("register a virtio queue ioeventfd"))?;
+        }
+    }
+    let transport = Arc::new(Mutex::new(MmioTransport::new(
+        device.clone(),
+        mem.clone(),
+        Interrupt::new(irqfd),
+    )));
+    mmio.insert(base, VIRTIO_MMIO_SIZE, transport.clone())?;
+    Ok((device, transport))
+}
+
+/// The first virtio-mmio device: vsock at `VIRTIO_MMIO_BASE`, GSI `VIRTIO_GSI_BASE`.
 fn add_vsock(
     fd: &VmFd,
     mem: &GuestMemoryMmap,
     mmio: &mut MmioBus,
     config: &VsockConfig,
 ) -> Result<(Arc<Mutex<Vsock>>, SharedTransport), VmError> {
-    let device = Arc::new(Mutex::new(Vsock::new(config)?));
-    let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
-    fd.register_irqfd(&irqfd, VIRTIO_GSI_BASE)
-        .map_err(kvm_err("register the vsock irqfd"))?;
-    let notify = kvm_ioctls::IoEventAddress::Mmio(VIRTIO_MMIO_BASE + reg::QUEUE_NOTIFY);
-    {
-        let d = device.lock().unwrap_or_else(|e| e.into_inner());
-        for (index, evt) in d.queue_events().iter().enumerate() {
-            fd.register_ioevent(evt, &notify, index as u32)
-                .map_err(kvm_err("register a vsock queue ioeventfd"))?;
-        }
-    }
-    let transport = Arc::new(Mutex::new(MmioTransport::new(
-        device.clone(),
-        mem.clone(),
-        Interrupt::new(irqfd),
-    )));
-    mmio.insert(VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE, transport.clone())?;
-    Ok((device, transport))
+    add_virtio(
+        fd,
+        mem,
+        mmio,
+        Vsock::new(config)?,
+        VIRTIO_MMIO_BASE,
+        VIRTIO_GSI_BASE,
+    )
 }
 
-/// The virtio-fs device: the MMIO slot and GSI after the vsock one (`FS_MMIO_BASE`, `FS_GSI`),
-/// its queue notifications as ioeventfds.
+/// virtio-fs: the MMIO slot and GSI after the vsock one (`FS_MMIO_BASE`, `FS_GSI`).
 fn add_fs(
     fd: &VmFd,
     mem: &GuestMemoryMmap,
     mmio: &mut MmioBus,
     config: &FsConfig,
 ) -> Result<(Arc<Mutex<Fs>>, SharedTransport), VmError> {
-    let device = Arc::new(Mutex::new(Fs::new(config)?));
-    let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
-    fd.register_irqfd(&irqfd, FS_GSI)
-        .map_err(kvm_err("register the virtio-fs irqfd"))?;
-    let notify = kvm_ioctls::IoEventAddress::Mmio(FS_MMIO_BASE + reg::QUEUE_NOTIFY);
-    {
-        let d = device.lock().unwrap_or_else(|e| e.into_inner());
-        for (index, evt) in d.queue_events().iter().enumerate() {
-            fd.register_ioevent(evt, &notify, index as u32)
-                .map_err(kvm_err("register a virtio-fs queue ioeventfd"))?;
-        }
-    }
-    let transport = Arc::new(Mutex::new(MmioTransport::new(
-        device.clone(),
-        mem.clone(),
-        Interrupt::new(irqfd),
-    )));
-    mmio.insert(FS_MMIO_BASE, VIRTIO_MMIO_SIZE, transport.clone())?;
-    Ok((device, transport))
+    add_virtio(fd, mem, mmio, Fs::new(config)?, FS_MMIO_BASE, FS_GSI)
 }
 
 /// A running VM. Dropping it without [`RunningVm::wait`] stops it.
