@@ -295,10 +295,10 @@ impl Pod {
             req.terminal,
             self.accept_timeout,
         )?;
-        let cgroup_path = lock(&self.cgroups).get(id).map(|c| c.path().to_path_buf());
+        let cgroup = lock(&self.cgroups).get(id).cloned();
         let place = |pid: Pid| -> Result<(), HookError> {
-            if let Some(path) = &cgroup_path {
-                std::fs::write(path.join("cgroup.procs"), pid.as_raw().to_string())?;
+            if let Some(cg) = &cgroup {
+                cg.add_process(pid.as_raw() as u32)?;
             }
             Ok(())
         };

@@ -136,3 +136,16 @@ impl Interrupt {
         self.inner.status.store(0, Ordering::SeqCst);
     }
 }
+
+/// Copies the bytes of a device's config space `config` at `offset` into `data`; bytes past
+/// its end read as 0 (the guest chooses the offset and the length).
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(i))
+            .and_then(|at| config.get(at))
+            .copied()
+            .unwrap_or(0);
+    }
+}

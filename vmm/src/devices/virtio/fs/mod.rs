@@ -323,14 +323,7 @@ impl VirtioDevice for Fs {
         let n = tag.len().min(TAG_MAX);
         config[..n].copy_from_slice(&tag[..n]);
         config[TAG_MAX..].copy_from_slice(&NUM_REQUEST_QUEUES.to_le_bytes());
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|at| config.get(at))
-                .copied()
-                .unwrap_or(0);
-        }
+        super::read_config_bytes(&config, offset, data);
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {
