@@ -40,11 +40,12 @@ struct Args {
 
     /// Restore the VM snapshotted in this directory instead of booting a kernel; its memory,
     /// vCPUs and devices come from the snapshot. A vsock device in the snapshot is attached to
-    /// the new socket given with --vsock-uds.
+    /// the new socket given with --vsock-uds, a virtio-fs device to the directory given with
+    /// --shared-dir (its tag is the snapshot's).
     #[arg(
         long,
         value_name = "DIR",
-        conflicts_with_all = ["kernel", "initrd", "cmdline", "memory_mib", "vcpus", "template_cache", "shared_dir"]
+        conflicts_with_all = ["kernel", "initrd", "cmdline", "memory_mib", "vcpus", "template_cache"]
     )]
     restore: Option<PathBuf>,
 
@@ -102,9 +103,9 @@ struct Args {
     vsock_cid: u64,
 
     /// Add a virtio-fs device exporting this host directory (the sandbox's shared directory);
-    /// the guest mounts it with `mount -t virtiofs TAG /mnt`. Not supported yet with
-    /// --template-cache or --restore (a virtio-fs device has no snapshot state yet).
-    #[arg(long, value_name = "PATH", conflicts_with = "template_cache")]
+    /// the guest mounts it with `mount -t virtiofs TAG /mnt`. With --template-cache the
+    /// template has the device (unmounted) and the restored VM exports this directory.
+    #[arg(long, value_name = "PATH")]
     shared_dir: Option<PathBuf>,
 
     /// The virtio-fs tag (with --shared-dir), 1 to 36 bytes.
@@ -165,6 +166,7 @@ fn restore(
             expect_memory_mib: expect.2,
             expect_template_key: expect.0,
             vsock_uds: args.vsock_uds.clone(),
+            shared_dir: args.shared_dir.clone(),
         },
     )?
     .start()?;
@@ -243,6 +245,7 @@ fn run(args: Args, started_at: Instant) -> anyhow::Result<Option<VmExit>> {
             cmdline: args.cmdline.clone(),
             vcpus: args.vcpus,
             memory_mib: args.memory_mib,
+            fs_tag: args.shared_dir.as_ref().map(|_| args.fs_tag.clone()),
             cpu_profile,
             cache_dir: cache_dir.clone(),
             ready_timeout: Duration::from_secs(600),

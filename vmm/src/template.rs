@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
+use crate::devices::virtio::fs::FsConfig;
 use crate::devices::virtio::vsock::{VsockConfig, DEFAULT_GUEST_CID};
 use crate::vm::{guest_cpuid_hash, CpuProfileChoice, MachineConfig, VmError};
 use crate::{Console, LinuxConfig};
@@ -75,6 +76,9 @@ pub struct TemplateConfig {
     pub vcpus: u8,
     /// Guest memory.
     pub memory_mib: u64,
+    /// The tag of a virtio-fs device, if pods get one. The template's device exports an empty
+    /// directory and is never mounted; a restore attaches it to the pod's shared directory.
+    pub fs_tag: Option<String>,
     /// CPU profile.
     pub cpu_profile: CpuProfileChoice,
     /// The cache directory.
@@ -124,6 +128,14 @@ pub fn template_key(config: &TemplateConfig) -> Result<String, TemplateError> {
     h.update(config.cmdline.as_bytes());
     h.update([config.vcpus]);
     h.update(config.memory_mib.to_le_bytes());
+    match &config.fs_tag {
+        Some(tag) => {
+            h.update([1]);
+            h.update((tag.len() as u64).to_le_bytes());
+            h.update(tag.as_bytes());
+        }
+        None => h.update([0]),
+    }
     h.update(profile.to_string().as_bytes());
     h.update([0]);
     h.update(cpuid.to_le_bytes());
@@ -226,6 +238,18 @@ pub fn build(config: &TemplateConfig, key: &str, out: &Path) -> Result<(), Templ
         .tempdir()
         .map_err(io_err(&std::env::temp_dir()))?;
     let uds = sock_dir.path().join("vsock.sock");
+    // The template's virtio-fs device exports an empty directory the guest never mounts.
+    let fs = match &config.fs_tag {
+        Some(tag) => {
+            let empty = sock_dir.path().join("shared");
+            std::fs::create_dir(&empty).map_err(io_err(&empty))?;
+            Some(FsConfig {
+                shared_dir: empty,
+                tag: tag.clone(),
+            })
+        }
+        None => None,
+    };
     let mut vm = crate::boot_linux(LinuxConfig {
         kernel: config.kernel.clone(),
         initrd: Some(config.initrd.clone()),
@@ -240,8 +264,7 @@ pub fn build(config: &TemplateConfig, key: &str, out: &Path) -> Result<(), Templ
                 guest_cid: DEFAULT_GUEST_CID,
                 uds_path: uds.clone(),
             }),
-            // Not yet: a virtio-fs device has no snapshot state.
-            fs: None,
+            fs,
         },
     })?;
     vm.set_template_key(key);
@@ -325,6 +348,7 @@ mod tests {
             cmdline: "quiet".into(),
             vcpus: 1,
             memory_mib: 128,
+            fs_tag: None,
             cpu_profile: CpuProfileChoice::Auto,
             cache_dir: dir.path().join("cache"),
             ready_timeout: Duration::from_secs(1),
@@ -348,6 +372,14 @@ mod tests {
             },
             TemplateConfig {
                 cmdline: "quiet x".into(),
+                ..config.clone()
+            },
+            TemplateConfig {
+                fs_tag: Some("nutshell".into()),
+                ..config.clone()
+            },
+            TemplateConfig {
+                fs_tag: Some("other".into()),
                 ..config.clone()
             },
         ] {

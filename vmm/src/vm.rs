@@ -241,6 +241,8 @@ pub struct RestoreConfig {
     pub expect_template_key: Option<String>,
     /// The new host Unix socket of the vsock device (needed when the snapshot has one).
     pub vsock_uds: Option<PathBuf>,
+    /// The directory the restored virtio-fs device exports (needed when the snapshot has one).
+    pub shared_dir: Option<PathBuf>,
 }
 
 /// Whether a started VM runs or is paused.
@@ -481,6 +483,7 @@ impl Vm {
         }
 
         let vsock = restore_vsock_config(&state, config.vsock_uds.as_deref())?;
+        let fs = restore_fs_config(&state, config.shared_dir.as_deref())?;
         let kvm = host::open_kvm()?;
         let profile = config.cpu_profile.resolve();
         let mut vm = Vm::build(
@@ -494,7 +497,7 @@ impl Vm {
                 profile,
                 started_at: config.started_at,
                 vsock,
-                fs: None,
+                fs,
             },
         )?;
         if vm.cpuid_hash != header.cpuid_hash {
@@ -772,7 +775,6 @@ fn restore_vsock_config(
     use crate::devices::virtio::state::DeviceKind;
     let cid = state.virtio.iter().find_map(|t| match t.device.kind {
         DeviceKind::Vsock { guest_cid } => Some(guest_cid),
-        #[allow(unreachable_patterns)]
         _ => None,
     });
     match (cid, uds) {
@@ -785,6 +787,31 @@ fn restore_vsock_config(
         )),
         (None, Some(_)) => Err(VmError::Config(
             "the snapshot has no vsock device; --vsock-uds cannot be used with it".into(),
+        )),
+        (None, None) => Ok(None),
+    }
+}
+
+/// The virtio-fs device a restore re-creates: the saved tag, exporting the new `shared_dir`.
+fn restore_fs_config(
+    state: &VmState,
+    shared_dir: Option<&Path>,
+) -> Result<Option<FsConfig>, VmError> {
+    use crate::devices::virtio::state::DeviceKind;
+    let tag = state.virtio.iter().find_map(|t| match &t.device.kind {
+        DeviceKind::Fs { tag } => Some(tag.clone()),
+        _ => None,
+    });
+    match (tag, shared_dir) {
+        (Some(tag), Some(dir)) => Ok(Some(FsConfig {
+            shared_dir: dir.to_path_buf(),
+            tag,
+        })),
+        (Some(tag), None) => Err(VmError::Config(format!(
+            "the snapshot has a virtio-fs device (tag {tag:?}): a shared directory (--shared-dir) is needed"
+        ))),
+        (None, Some(_)) => Err(VmError::Config(
+            "the snapshot has no virtio-fs device; --shared-dir cannot be used with it".into(),
         )),
         (None, None) => Ok(None),
     }

@@ -24,6 +24,7 @@ fn restore_config(console: &Captured) -> RestoreConfig {
         expect_memory_mib: None,
         expect_template_key: None,
         vsock_uds: None,
+        shared_dir: None,
     }
 }
 
@@ -444,6 +445,7 @@ fn vm_with_vsock_restores_onto_a_new_socket() {
         &snap,
         RestoreConfig {
             vsock_uds: Some(new_uds.clone()),
+            shared_dir: None,
             ..restore_config(&c)
         },
     )
@@ -457,6 +459,61 @@ fn vm_with_vsock_restores_onto_a_new_socket() {
     wait_counter(&running, 400);
     drop(running);
     assert!(!new_uds.exists());
+}
+
+#[test]
+fn vm_with_virtio_fs_restores_onto_a_new_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let console = Captured::default();
+    let mut config = machine(1, &console);
+    let template_dir = dir.path().join("empty");
+    std::fs::create_dir(&template_dir).unwrap();
+    config.fs = Some(nutshell_vmm::devices::virtio::fs::FsConfig {
+        shared_dir: template_dir,
+        tag: "pod-fs".into(),
+    });
+    let mut vm = Vm::new(config).unwrap();
+    vm.load_long_mode_program(&counter_program().0, LOAD_ADDR)
+        .unwrap();
+    let mut running = vm.start().unwrap();
+    wait_counter(&running, 200);
+    running.pause().unwrap();
+    let snap = dir.path().join("snap");
+    running.snapshot(&snap).unwrap();
+    drop(running);
+
+    // The snapshot has a virtio-fs device: a restore needs a directory for it to export.
+    let c = Captured::default();
+    let err = Vm::restore(&snap, restore_config(&c)).unwrap_err();
+    assert!(err.to_string().contains("--shared-dir"), "{err}");
+    assert!(err.to_string().contains("pod-fs"), "{err}");
+    let missing = dir.path().join("missing");
+    let err = Vm::restore(
+        &snap,
+        RestoreConfig {
+            shared_dir: Some(missing.clone()),
+            ..restore_config(&c)
+        },
+    )
+    .unwrap_err();
+    assert!(
+        format!("{err:#}").contains(&*missing.to_string_lossy()),
+        "the new directory is the one exported: {err:#}"
+    );
+
+    let pod_dir = dir.path().join("pod");
+    std::fs::create_dir(&pod_dir).unwrap();
+    let vm = Vm::restore(
+        &snap,
+        RestoreConfig {
+            shared_dir: Some(pod_dir),
+            ..restore_config(&c)
+        },
+    )
+    .unwrap();
+    let running = vm.start().unwrap();
+    wait_counter(&running, 400);
+    drop(running);
 }
 
 #[test]

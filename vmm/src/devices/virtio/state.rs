@@ -103,6 +103,13 @@ pub enum DeviceKind {
         /// The guest's context id.
         guest_cid: u64,
     },
+    /// virtio-fs: only its tag. A snapshot is taken before the guest mounts it (a mounted
+    /// filesystem's inodes and handles are host descriptors, which cannot be saved); the
+    /// restored device exports whatever directory the new VMM is given.
+    Fs {
+        /// The tag the guest mounts.
+        tag: String,
+    },
 }
 
 /// The virtio-mmio transport's registers and its device.

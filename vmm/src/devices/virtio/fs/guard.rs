@@ -67,6 +67,8 @@ pub fn check_name(name: &CStr) -> io::Result<()> {
 struct Holdings {
     lookups: HashMap<u64, u64>,
     handles: usize,
+    /// The guest sent INIT (it mounted the filesystem) and no DESTROY since.
+    mounted: bool,
 }
 
 /// The passthrough filesystem behind the guard.
@@ -115,6 +117,11 @@ impl GuardedFs {
     /// Number of open handles.
     pub fn handle_count(&self) -> usize {
         self.held().handles
+    }
+
+    /// Whether a FUSE session is open: the guest sent INIT and has not sent DESTROY.
+    pub fn is_mounted(&self) -> bool {
+        self.held().mounted
     }
 
     /// Whether one more reference on `inode` is within the limit; takes it if so.
@@ -196,6 +203,7 @@ impl FileSystem for GuardedFs {
 
     fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
         let opts = self.inner.init(capable)?;
+        self.held().mounted = true;
         // Requests of up to MAX_IO_SIZE (256 pages), parallel lookups and reads, and open with
         // O_TRUNC in one request. Not EXPORT_SUPPORT (it makes the guest look up `..`, which
         // the guard refuses), not DAX, not POSIX ACLs (no xattrs).
@@ -213,6 +221,7 @@ impl FileSystem for GuardedFs {
         let mut held = self.held();
         held.lookups.clear();
         held.handles = 0;
+        held.mounted = false;
     }
 
     fn lookup(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<Entry> {

@@ -35,6 +35,7 @@ use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use self::guard::GuardedFs;
+use super::state::{DeviceKind, DeviceState, DeviceStateError, QueueSnapshot};
 use super::{ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_VRING};
 use crate::memory::GuestMemoryMmap;
 
@@ -362,6 +363,40 @@ impl VirtioDevice for Fs {
 
     fn queue_events(&self) -> &[EventFd] {
         &self.queue_evts
+    }
+
+    /// Only an unmounted device is saved: its queues and tag. The inodes and handles of a
+    /// mounted filesystem are host descriptors a snapshot cannot carry.
+    fn save_state(&self) -> Result<DeviceState, DeviceStateError> {
+        if self.fs.is_mounted() {
+            return Err(DeviceStateError::Busy(format!(
+                "virtio-fs {:?} is mounted in the guest (snapshot before the sandbox mounts it)",
+                self.tag
+            )));
+        }
+        Ok(DeviceState {
+            queues: self
+                .active
+                .as_ref()
+                .map(|a| a.queues.iter().map(QueueSnapshot::from).collect())
+                .unwrap_or_default(),
+            kind: DeviceKind::Fs {
+                tag: self.tag.clone(),
+            },
+        })
+    }
+
+    fn restore_state(&mut self, kind: &DeviceKind) -> Result<(), DeviceStateError> {
+        match kind {
+            DeviceKind::Fs { tag } if *tag == self.tag => Ok(()),
+            DeviceKind::Fs { tag } => Err(DeviceStateError::Invalid(format!(
+                "virtio-fs tag {tag:?} saved, {:?} here",
+                self.tag
+            ))),
+            other => Err(DeviceStateError::Invalid(format!(
+                "{other:?} is not a virtio-fs state"
+            ))),
+        }
     }
 }
 

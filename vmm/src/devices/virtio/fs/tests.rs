@@ -945,3 +945,51 @@ fn measure_device_throughput() {
         create_s
     );
 }
+
+#[test]
+fn snapshot_is_refused_while_mounted_and_keeps_the_tag() {
+    use crate::devices::virtio::state::{DeviceKind, DeviceStateError};
+    let mut h = Harness::new();
+    // The harness sent INIT: the guest has the filesystem mounted.
+    assert!(h.dev.filesystem().is_mounted());
+    match h.dev.save_state() {
+        Err(DeviceStateError::Busy(why)) => assert!(why.contains("mounted"), "{why}"),
+        other => panic!("a mounted virtio-fs must refuse a snapshot, got {other:?}"),
+    }
+    // The guest unmounts: DESTROY ends the session and the device can be saved. (The server
+    // reports a used length of 0 for DESTROY, so `call`'s reply checks do not apply.)
+    let header = InHeader {
+        len: std::mem::size_of::<InHeader>() as u32,
+        opcode: Opcode::Destroy as u32,
+        unique: 1000,
+        ..InHeader::default()
+    };
+    h.mem
+        .write_slice(header.as_slice(), GuestAddress(REQ_ADDR))
+        .unwrap();
+    h.push_chain(&[
+        (REQ_ADDR, header.as_slice().len() as u32, 0),
+        (REPLY_ADDR, REPLY_LEN, F_WRITE),
+    ])
+    .expect("the chain is returned");
+    assert!(!h.dev.filesystem().is_mounted());
+    let saved = h.dev.save_state().unwrap();
+    assert_eq!(
+        saved.kind,
+        DeviceKind::Fs {
+            tag: "nutshell".into()
+        }
+    );
+    assert_eq!(saved.queues.len(), 2, "both queues are live");
+    h.dev.restore_state(&saved.kind).unwrap();
+    assert!(matches!(
+        h.dev.restore_state(&DeviceKind::Fs {
+            tag: "other".into()
+        }),
+        Err(DeviceStateError::Invalid(_))
+    ));
+    assert!(matches!(
+        h.dev.restore_state(&DeviceKind::Vsock { guest_cid: 3 }),
+        Err(DeviceStateError::Invalid(_))
+    ));
+}

@@ -1045,7 +1045,6 @@ impl VirtioDevice for Vsock {
                 "vsock CID {guest_cid} saved, {} here",
                 self.guest_cid
             ))),
-            #[allow(unreachable_patterns)]
             other => Err(DeviceStateError::Invalid(format!(
                 "{other:?} is not a vsock state"
             ))),
