@@ -19,7 +19,12 @@
 //! kernel_cmdline = "quiet"
 //! virtio_fs = "auto"        # auto | on | off
 //! boot_timeout_secs = 120
+//! templates = true          # start pods from an agent-ready VM template
+//! template_dir = "/var/cache/nutshell/templates"
 //! ```
+//!
+//! With `templates = true` the VMM restores each pod's VM from a template of its kernel,
+//! initramfs, command line and shape (built on first use: one boot), instead of booting it.
 
 use std::path::{Path, PathBuf};
 
@@ -77,6 +82,10 @@ pub struct Config {
     pub virtio_fs: VirtioFs,
     /// Bound on booting the VM until the agent answers.
     pub boot_timeout_secs: u64,
+    /// Start VMs from agent-ready templates (restore instead of a boot).
+    pub templates: bool,
+    /// Where templates are kept (one directory per kernel, initramfs and shape).
+    pub template_dir: PathBuf,
 }
 
 impl Default for Config {
@@ -94,6 +103,8 @@ impl Default for Config {
             kernel_cmdline: "quiet".to_owned(),
             virtio_fs: VirtioFs::Auto,
             boot_timeout_secs: 120,
+            templates: true,
+            template_dir: PathBuf::from("/var/cache/nutshell/templates"),
         }
     }
 }
@@ -177,6 +188,7 @@ impl Config {
             ("initramfs", &self.initramfs),
             ("vmm", &self.vmm),
             ("run_dir", &self.run_dir),
+            ("template_dir", &self.template_dir),
         ] {
             if !p.is_absolute() {
                 return Err(bad(key, format!("{} is not an absolute path", p.display())));
@@ -227,6 +239,13 @@ impl Config {
         }
         Ok(())
     }
+
+    /// How long the shim waits for the agent of a new VM: the boot bound, twice over with
+    /// templates (the first pod of a shape boots the template, snapshots it, then restores).
+    pub fn agent_timeout(&self) -> std::time::Duration {
+        let factor = if self.templates { 2 } else { 1 };
+        std::time::Duration::from_secs(self.boot_timeout_secs.saturating_mul(factor))
+    }
 }
 
 #[cfg(test)]
@@ -262,6 +281,8 @@ mod tests {
             kernel_cmdline = "quiet nutshell.log=debug"
             virtio_fs = "off"
             boot_timeout_secs = 300
+            templates = false
+            template_dir = "/var/tmp/templates"
             "#,
         )
         .unwrap();
@@ -272,6 +293,14 @@ mod tests {
         assert_eq!(c.log_filter(), log::LevelFilter::Debug);
         assert_eq!(c.virtio_fs, VirtioFs::Off);
         assert_eq!(c.boot_timeout_secs, 300);
+        assert!(!c.templates);
+        assert_eq!(c.template_dir, Path::new("/var/tmp/templates"));
+        assert_eq!(c.agent_timeout(), std::time::Duration::from_secs(300));
+        assert_eq!(
+            Config::default().agent_timeout(),
+            std::time::Duration::from_secs(240),
+            "the first pod of a shape builds the template, then restores it"
+        );
     }
 
     #[test]
@@ -288,6 +317,8 @@ mod tests {
         assert!(e.to_string().contains("default_vcpus"), "{e}");
         let e = parse("virtio_fs = \"maybe\"\n").unwrap_err();
         assert!(matches!(e, ConfigError::Parse { .. }), "{e:?}");
+        let e = parse("templates = \"yes\"\n").unwrap_err();
+        assert!(e.to_string().contains("templates"), "{e}");
     }
 
     #[test]
@@ -302,6 +333,7 @@ mod tests {
             ("kernel = \"vmlinux\"", "kernel"),
             ("run_dir = \"run\"", "run_dir"),
             ("boot_timeout_secs = 0", "boot_timeout_secs"),
+            ("template_dir = \"cache\"", "template_dir"),
         ] {
             match parse(text) {
                 Err(ConfigError::Value { key: k, .. }) => assert_eq!(k, key, "{text}"),

@@ -185,6 +185,9 @@ pub fn vmm_args(
             FS_TAG.to_owned(),
         ]);
     }
+    if config.templates {
+        args.push(format!("--template-cache={}", p(&config.template_dir)));
+    }
     args
 }
 
@@ -343,6 +346,13 @@ impl SandboxVm {
             "sandbox {id}: agent answered {:.2} s after the VMM spawn",
             started.elapsed().as_secs_f64()
         );
+        // A VM restored from a template starts with the template's clock and RNG state, shared
+        // by every VM from it: give it the host's clock and fresh entropy first (harmless
+        // after a cold boot).
+        if let Err(e) = vm.agent.refresh_guest_now() {
+            vm.stop();
+            return Err(ShimError::agent("RefreshGuest")(e));
+        }
         let spec = SandboxSpec {
             sandbox_id: id.to_owned(),
             hostname: hostname.to_owned(),
@@ -453,7 +463,8 @@ pub fn remove_sandbox_dir(dir: &Path) {
 
 /// Connects to the agent while the guest boots; fails early if the VMM exits.
 fn connect_agent(config: &Config, paths: &SandboxPaths, exit: &ExitCell) -> Result<AgentClient> {
-    let deadline = Instant::now() + Duration::from_secs(config.boot_timeout_secs);
+    let timeout = config.agent_timeout();
+    let deadline = Instant::now() + timeout;
     let opts = ConnectOptions {
         connect_timeout: Duration::from_secs(1),
         retry_interval: Duration::from_millis(20),
@@ -489,7 +500,7 @@ fn connect_agent(config: &Config, paths: &SandboxPaths, exit: &ExitCell) -> Resu
             Err(e) => {
                 return Err(vm_err(format!(
                     "the agent did not answer within {} s: {}",
-                    config.boot_timeout_secs,
+                    timeout.as_secs(),
                     crate::error::chain(&e)
                 )))
             }
@@ -583,11 +594,18 @@ mod tests {
             "--shared-dir /run/nutshell/pod1/shared",
             "--fs-tag nutshell",
             "--console /run/nutshell/pod1/console.log",
+            "--template-cache=/var/cache/nutshell/templates",
         ] {
             assert!(args.contains(want), "{want} missing in {args}");
         }
         let args = vmm_args(&config, &paths, size, false).join(" ");
         assert!(!args.contains("--shared-dir") && !args.contains("--fs-tag"));
+        let cold = Config {
+            templates: false,
+            ..config
+        };
+        let args = vmm_args(&cold, &paths, size, true).join(" ");
+        assert!(!args.contains("--template-cache"), "{args}");
     }
 
     #[test]

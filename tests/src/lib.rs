@@ -79,6 +79,13 @@ pub struct GuestBoot {
     cmdline: String,
     vsock_uds: Option<PathBuf>,
     shared_dir: Option<PathBuf>,
+    template: bool,
+}
+
+/// The agent-ready templates the slow lane shares: `target/nutshell/templates` (the VMM keys
+/// them by kernel, initramfs, shape and its own build, so a rebuild never restores a stale one).
+pub fn template_cache() -> PathBuf {
+    target_dir().join("nutshell").join("templates")
 }
 
 impl GuestBoot {
@@ -91,7 +98,16 @@ impl GuestBoot {
             cmdline: "quiet".to_owned(),
             vsock_uds: None,
             shared_dir: None,
+            template: false,
         }
+    }
+
+    /// Restore the VM from the agent-ready template in [`template_cache`] (built by the first
+    /// caller: one boot) instead of booting it. The console then starts after the restore, so
+    /// wait for the agent, not for its boot messages.
+    pub fn from_template(mut self) -> Self {
+        self.template = true;
+        self
     }
 
     /// Number of vCPUs.
@@ -146,6 +162,9 @@ impl GuestBoot {
         if let Some(dir) = &self.shared_dir {
             args.push("--shared-dir".to_owned());
             args.push(path(dir.clone()));
+        }
+        if self.template {
+            args.push(format!("--template-cache={}", template_cache().display()));
         }
         Ok(args)
     }

@@ -1,6 +1,6 @@
 //! Slow lane: OCI containers in a real microVM, their root file systems shared from the host
-//! over virtio-fs, driven through the agent API as the shim drives it. One VM serves every
-//! check (a boot costs tens of seconds here).
+//! over virtio-fs, driven through the agent API as the shim drives it. One VM, restored from
+//! the agent-ready template, serves every check (a boot costs tens of seconds here).
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 use std::io::Read;
@@ -99,15 +99,27 @@ fn containers_run_in_the_guest_from_a_shared_rootfs() {
     for id in ["c1", "c2", "c3", "c4"] {
         busybox_rootfs(&shared.join(id).join("rootfs"));
     }
-    let mut vm = GuestBoot::new("initramfs.cpio")
+    // Restored from the agent-ready template (the shim's default shape), as the shim does.
+    let vm = GuestBoot::new("initramfs.cpio")
         .memory_mib(256)
         .vsock(&uds)
         .shared_dir(&shared)
+        .from_template()
         .spawn()
         .unwrap();
-    vm.wait_for_console("serving on vsock port", BOOT_TIMEOUT)
-        .unwrap();
-    let agent = client(&uds, Duration::from_secs(120));
+    let agent = match AgentClient::connect(
+        &uds,
+        &ConnectOptions {
+            connect_timeout: BOOT_TIMEOUT,
+            retry_interval: Duration::from_millis(20),
+            rpc_timeout: Duration::from_secs(120),
+            ..Default::default()
+        },
+    ) {
+        Ok(a) => a,
+        Err(e) => panic!("{e:?}\nconsole:\n{}\nvmm:\n{}", vm.console(), vm.stderr()),
+    };
+    agent.refresh_guest_now().unwrap();
     agent
         .create_sandbox(&SandboxSpec {
             sandbox_id: "pod1".into(),

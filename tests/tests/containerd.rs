@@ -10,7 +10,7 @@ use std::process::Command;
 
 use nutshell_bench::containerd::{Containerd, ContainerdOptions};
 use nutshell_bench::image;
-use nutshell_tests::{guest_artifact, shim_binary, target_dir, vmm_binary};
+use nutshell_tests::{guest_artifact, shim_binary, target_dir, template_cache, vmm_binary};
 
 const IMAGE: &str = "docker.io/nutshell/e2e-busybox:1";
 
@@ -47,8 +47,12 @@ fn ctr_runs_a_container_in_a_nutshell_microvm() {
         &config,
         format!(
             "kernel = {:?}\ninitramfs = {:?}\nvmm = {:?}\nrun_dir = {:?}\n\
-             boot_timeout_secs = 300\n",
-            kernel, initramfs, vmm, run_dir
+             boot_timeout_secs = 300\ntemplate_dir = {:?}\n",
+            kernel,
+            initramfs,
+            vmm,
+            run_dir,
+            template_cache()
         ),
     )
     .unwrap();

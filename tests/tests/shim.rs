@@ -19,7 +19,9 @@ use containerd_shim_protos::api::{
 };
 use containerd_shim_protos::shim_sync::{create_events, Events, TaskClient};
 use containerd_shim_protos::ttrpc::{self, context, Code, TtrpcContext};
-use nutshell_tests::{busybox_rootfs, guest_artifact, shim_binary, target_dir, vmm_binary};
+use nutshell_tests::{
+    busybox_rootfs, guest_artifact, shim_binary, target_dir, template_cache, vmm_binary,
+};
 
 /// containerd's event service: records each forwarded topic.
 #[derive(Default)]
@@ -56,11 +58,12 @@ impl Harness {
         std::fs::create_dir_all(dir.path().join("run")).unwrap();
         let config = format!(
             "kernel = {:?}\ninitramfs = {:?}\nvmm = {:?}\nrun_dir = {:?}\n\
-             default_memory_mib = 128\nlog_level = \"debug\"\nboot_timeout_secs = 240\n",
+             log_level = \"debug\"\nboot_timeout_secs = 240\ntemplate_dir = {:?}\n",
             target_dir().join("nutshell").join("vmlinux"),
             target_dir().join("nutshell").join("initramfs.cpio"),
             vmm_binary().unwrap_or_default(),
             dir.path().join("run"),
+            template_cache(),
         );
         std::fs::write(dir.path().join("config.toml"), config).unwrap();
         // Unique per test run: the shim socket is derived from (address, namespace, id).

@@ -3,7 +3,8 @@
 //!
 //! Templates live in a cache directory (default [`DEFAULT_CACHE_DIR`]), one directory per
 //! [`template_key`]: a SHA-256 over the kernel and initramfs bytes, the command line, vCPUs,
-//! memory, the VMM and snapshot format versions, the CPU profile and this host's CPUID hash.
+//! memory, the virtio-fs tag, the VMM version and build (its executable's size, mtime and
+//! inode), the snapshot format version, the CPU profile and this host's CPUID hash.
 //! The key is also stored in the snapshot header and checked at restore, so that a template
 //! from another kernel, initramfs, VMM or CPU is refused even if it sits under the wrong name.
 //!
@@ -113,6 +114,16 @@ fn hash_file(hasher: &mut Sha256, path: &Path) -> Result<(), TemplateError> {
     Ok(())
 }
 
+/// This VMM build: size, modification time and inode of its executable. A rebuilt VMM of the
+/// same version may lay out devices differently, so its templates are its own.
+fn vmm_build_id() -> String {
+    use std::os::unix::fs::MetadataExt;
+    std::env::current_exe()
+        .and_then(std::fs::metadata)
+        .map(|m| format!("{}:{}.{}:{}", m.len(), m.mtime(), m.mtime_nsec(), m.ino()))
+        .unwrap_or_default()
+}
+
 /// The cache key of a template: hex SHA-256 of everything that decides what the snapshot holds.
 pub fn template_key(config: &TemplateConfig) -> Result<String, TemplateError> {
     let profile = config.cpu_profile.resolve();
@@ -122,6 +133,8 @@ pub fn template_key(config: &TemplateConfig) -> Result<String, TemplateError> {
     h.update(crate::snapshot::VMM_VERSION.as_bytes());
     h.update([0]);
     h.update(crate::snapshot::FORMAT_VERSION.to_le_bytes());
+    h.update(vmm_build_id().as_bytes());
+    h.update([0]);
     hash_file(&mut h, &config.kernel)?;
     hash_file(&mut h, &config.initrd)?;
     h.update((config.cmdline.len() as u64).to_le_bytes());
