@@ -18,7 +18,7 @@ if [ -d /run/nutshell ] && [ -n "$(ls -A /run/nutshell 2>/dev/null)" ]; then
 fi
 rm -f "$BIN_DIR/containerd-shim-nutshell-v2" "$BIN_DIR/nutshell-vmm"
 rm -rf "$SHARE_DIR"
-[ "$purge" = 1 ] && rm -rf "$CONFIG_DIR"
+[ "$purge" = 1 ] && rm -rf "$CONFIG_DIR" /var/cache/nutshell/templates
 if [ -f "$CONTAINERD_CONFIG" ] && grep -q "^$BEGIN\$" "$CONTAINERD_CONFIG"; then
     sed -i "/^$BEGIN\$/,/^$END\$/d" "$CONTAINERD_CONFIG"
     echo "uninstall: removed the nutshell runtime from $CONTAINERD_CONFIG"

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # README command 1. Sets up everything on a fresh machine (packages, guest kernel, binaries),
 # then runs a pod in a Nutshell microVM end to end: a private containerd runs a locally built
-# busybox image with `ctr run --runtime io.containerd.nutshell.v2`; the shim boots a microVM
-# with its own guest kernel, the guest agent runs the container, and its output is shown here.
+# busybox image with `ctr run --runtime io.containerd.nutshell.v2`; the shim starts a microVM
+# with its own guest kernel (restored from an agent-ready template in
+# /var/cache/nutshell/templates, built by the first run), the guest agent runs the container,
+# and its output is shown here.
 # Nothing is left behind: containerd, the shim and the VM are stopped, their directories removed.
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
@@ -22,6 +24,7 @@ initramfs = "$TARGET_DIR/nutshell/initramfs.cpio"
 vmm = "$TARGET_DIR/release/nutshell-vmm"
 run_dir = "$work/run"
 boot_timeout_secs = 300
+rpc_timeout_secs = 120
 TOML
 
 # containerd finds the shim on its PATH; the shim reads NUTSHELL_CONFIG.

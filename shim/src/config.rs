@@ -19,6 +19,7 @@
 //! kernel_cmdline = "quiet"
 //! virtio_fs = "auto"        # auto | on | off
 //! boot_timeout_secs = 120
+//! rpc_timeout_secs = 30     # bound on one agent call (CreateContainer, Exec, ...)
 //! templates = true          # start pods from an agent-ready VM template
 //! template_dir = "/var/cache/nutshell/templates"
 //! ```
@@ -82,6 +83,8 @@ pub struct Config {
     pub virtio_fs: VirtioFs,
     /// Bound on booting the VM until the agent answers.
     pub boot_timeout_secs: u64,
+    /// Bound on one agent call that is not meant to block (everything but waits).
+    pub rpc_timeout_secs: u64,
     /// Start VMs from agent-ready templates (restore instead of a boot).
     pub templates: bool,
     /// Where templates are kept (one directory per kernel, initramfs and shape).
@@ -103,6 +106,7 @@ impl Default for Config {
             kernel_cmdline: "quiet".to_owned(),
             virtio_fs: VirtioFs::Auto,
             boot_timeout_secs: 120,
+            rpc_timeout_secs: 30,
             templates: true,
             template_dir: PathBuf::from("/var/cache/nutshell/templates"),
         }
@@ -237,6 +241,9 @@ impl Config {
         if self.boot_timeout_secs == 0 {
             return Err(bad("boot_timeout_secs", "must be more than 0".to_owned()));
         }
+        if self.rpc_timeout_secs == 0 {
+            return Err(bad("rpc_timeout_secs", "must be more than 0".to_owned()));
+        }
         Ok(())
     }
 
@@ -281,6 +288,7 @@ mod tests {
             kernel_cmdline = "quiet nutshell.log=debug"
             virtio_fs = "off"
             boot_timeout_secs = 300
+            rpc_timeout_secs = 90
             templates = false
             template_dir = "/var/tmp/templates"
             "#,
@@ -293,6 +301,7 @@ mod tests {
         assert_eq!(c.log_filter(), log::LevelFilter::Debug);
         assert_eq!(c.virtio_fs, VirtioFs::Off);
         assert_eq!(c.boot_timeout_secs, 300);
+        assert_eq!(c.rpc_timeout_secs, 90);
         assert!(!c.templates);
         assert_eq!(c.template_dir, Path::new("/var/tmp/templates"));
         assert_eq!(c.agent_timeout(), std::time::Duration::from_secs(300));
@@ -333,6 +342,7 @@ mod tests {
             ("kernel = \"vmlinux\"", "kernel"),
             ("run_dir = \"run\"", "run_dir"),
             ("boot_timeout_secs = 0", "boot_timeout_secs"),
+            ("rpc_timeout_secs = 0", "rpc_timeout_secs"),
             ("template_dir = \"cache\"", "template_dir"),
         ] {
             match parse(text) {

@@ -468,6 +468,7 @@ fn connect_agent(config: &Config, paths: &SandboxPaths, exit: &ExitCell) -> Resu
     let opts = ConnectOptions {
         connect_timeout: Duration::from_secs(1),
         retry_interval: Duration::from_millis(20),
+        rpc_timeout: Duration::from_secs(config.rpc_timeout_secs),
         ..Default::default()
     };
     let vm_err = |message: String| ShimError::Vm {

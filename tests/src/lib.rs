@@ -6,6 +6,7 @@
 //! fast; `scripts/test.sh` runs them with `--include-ignored`.
 
 pub mod cri;
+pub mod guest;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};

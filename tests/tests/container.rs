@@ -3,76 +3,29 @@
 //! the agent-ready template, serves every check (a boot costs tens of seconds here).
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
-use std::io::Read;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use nutshell_protocol::client::{connect_hybrid_retry, AgentClient, ConnectOptions};
+use nutshell_protocol::client::{AgentClient, ConnectOptions};
 use nutshell_protocol::types::{SandboxSpec, StdioPorts};
 use nutshell_protocol::GUEST_SHARED_DIR;
+use nutshell_tests::guest::{self, container_spec};
 use nutshell_tests::{busybox_rootfs, GuestBoot};
 use oci_spec::runtime::{
-    LinuxBuilder, LinuxMemoryBuilder, LinuxNamespaceType, LinuxResourcesBuilder, ProcessBuilder,
-    RootBuilder, Spec,
+    LinuxBuilder, LinuxMemoryBuilder, LinuxResourcesBuilder, ProcessBuilder, Spec,
 };
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 const STREAM_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// The default OCI spec (runc's), with `args`, the guest rootfs path of container `id`, and
-/// no network namespace of its own (the pod's is the VM's).
 fn spec(id: &str, args: &[&str]) -> Spec {
-    let mut spec = Spec::default();
-    // Inherit the sandbox's hostname (CreateSandbox) instead of the default spec's.
-    spec.set_hostname(None);
-    let process = ProcessBuilder::default()
-        .args(args.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-        .env(vec!["PATH=/bin".to_string()])
-        .cwd("/")
-        .build()
-        .unwrap();
-    spec.set_process(Some(process));
-    spec.set_root(Some(
-        RootBuilder::default()
-            .path(format!("{GUEST_SHARED_DIR}/{id}/rootfs"))
-            .readonly(false)
-            .build()
-            .unwrap(),
-    ));
-    let mut linux = spec.linux().clone().unwrap();
-    let ns: Vec<_> = linux
-        .namespaces()
-        .clone()
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|n| n.typ() != LinuxNamespaceType::Network)
-        .collect();
-    linux.set_namespaces(Some(ns));
-    spec.set_linux(Some(linux));
-    spec
+    container_spec(id, args).unwrap()
 }
 
-/// Connects the host ends of a process's streams in threads (before the RPC, as the shim
-/// does); each thread returns everything it read until EOF.
-fn connect_streams(uds: &Path, ports: &[u32]) -> Vec<JoinHandle<Vec<u8>>> {
-    ports
-        .iter()
-        .map(|&port| {
-            let uds = uds.to_path_buf();
-            std::thread::spawn(move || {
-                let mut s: UnixStream =
-                    connect_hybrid_retry(&uds, port, STREAM_TIMEOUT, Duration::from_millis(20))
-                        .unwrap();
-                s.set_read_timeout(Some(STREAM_TIMEOUT)).unwrap();
-                let mut out = Vec::new();
-                s.read_to_end(&mut out).unwrap();
-                out
-            })
-        })
-        .collect()
+fn connect_streams(uds: &Path, ports: &[u32]) -> Vec<JoinHandle<anyhow::Result<Vec<u8>>>> {
+    guest::connect_streams(uds, ports, STREAM_TIMEOUT)
 }
 
 fn client(uds: &Path, rpc_timeout: Duration) -> AgentClient {
@@ -86,8 +39,8 @@ fn client(uds: &Path, rpc_timeout: Duration) -> AgentClient {
     .unwrap()
 }
 
-fn text(h: JoinHandle<Vec<u8>>) -> String {
-    String::from_utf8(h.join().unwrap()).unwrap()
+fn text(h: JoinHandle<anyhow::Result<Vec<u8>>>) -> String {
+    String::from_utf8(h.join().unwrap().unwrap()).unwrap()
 }
 
 #[test]
@@ -270,7 +223,7 @@ fn containers_run_in_the_guest_from_a_shared_rootfs() {
         .unwrap();
     let t = Instant::now();
     agent.start_container("c4").unwrap();
-    let bytes = streams.into_iter().next().unwrap().join().unwrap();
+    let bytes = streams.into_iter().next().unwrap().join().unwrap().unwrap();
     let took = t.elapsed();
     assert_eq!(bytes.len(), 4 << 20);
     assert!(bytes.iter().all(|&b| b == 0));

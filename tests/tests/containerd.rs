@@ -47,7 +47,7 @@ fn ctr_runs_a_container_in_a_nutshell_microvm() {
         &config,
         format!(
             "kernel = {:?}\ninitramfs = {:?}\nvmm = {:?}\nrun_dir = {:?}\n\
-             boot_timeout_secs = 300\ntemplate_dir = {:?}\n",
+             boot_timeout_secs = 300\nrpc_timeout_secs = 120\ntemplate_dir = {:?}\n",
             kernel,
             initramfs,
             vmm,
@@ -116,8 +116,9 @@ fn ctr_runs_a_container_in_a_nutshell_microvm() {
     assert_eq!(
         out.status.code(),
         Some(3),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        containerd.log_tail(8000)
     );
 
     // Nothing is left: no VMM, no sandbox directory.

@@ -58,7 +58,7 @@ impl Harness {
         std::fs::create_dir_all(dir.path().join("run")).unwrap();
         let config = format!(
             "kernel = {:?}\ninitramfs = {:?}\nvmm = {:?}\nrun_dir = {:?}\n\
-             log_level = \"debug\"\nboot_timeout_secs = 240\ntemplate_dir = {:?}\n",
+             log_level = \"debug\"\nboot_timeout_secs = 240\nrpc_timeout_secs = 120\ntemplate_dir = {:?}\n",
             target_dir().join("nutshell").join("vmlinux"),
             target_dir().join("nutshell").join("initramfs.cpio"),
             vmm_binary().unwrap_or_default(),

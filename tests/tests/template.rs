@@ -1,6 +1,7 @@
 //! Slow lane: the agent-ready template. The real guest kernel boots the agent once, the VMM
 //! snapshots it when the agent answers; VMs restored from it concurrently each answer on their
-//! own new vsock socket, take a fresh clock and entropy, share memory, and shut down cleanly.
+//! own new vsock socket, take a fresh clock and entropy, run a container from their own shared
+//! directory (virtio-fs attached at restore), share memory, and shut down cleanly.
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 use std::path::{Path, PathBuf};
@@ -12,11 +13,19 @@ use nutshell_protocol::generated::vmm as vpb;
 use nutshell_protocol::generated::vmm_ttrpc::VmmClient;
 use nutshell_protocol::ttrpc;
 use nutshell_protocol::types::ServingStatus;
-use nutshell_tests::{guest_artifact, memory_use, vmm_binary, MemoryUse, VmmProcess};
+use nutshell_protocol::types::{SandboxSpec, StdioPorts};
+use nutshell_protocol::GUEST_SHARED_DIR;
+use nutshell_tests::guest::{connect_streams, container_spec};
+use nutshell_tests::{
+    busybox_rootfs, guest_artifact, memory_use, vmm_binary, MemoryUse, VmmProcess,
+};
 
 const CMDLINE: &str = "quiet";
 
-fn boot_args() -> Vec<String> {
+/// The VMM arguments of the template's VMs: kernel, agent initramfs, shape, and a virtio-fs
+/// device exporting `shared` (the template's device is never mounted; each restored VM
+/// exports its own directory).
+fn boot_args(shared: &Path) -> Vec<String> {
     let p = |name: &str| guest_artifact(name).unwrap().to_string_lossy().into_owned();
     vec![
         "--kernel".into(),
@@ -27,6 +36,8 @@ fn boot_args() -> Vec<String> {
         CMDLINE.into(),
         "--memory-mib".into(),
         "128".into(),
+        "--shared-dir".into(),
+        shared.to_string_lossy().into_owned(),
     ]
 }
 
@@ -34,7 +45,7 @@ fn boot_args() -> Vec<String> {
 fn make_template(cache: &Path) -> (PathBuf, Duration) {
     let t = Instant::now();
     let out = Command::new(vmm_binary().unwrap())
-        .args(boot_args())
+        .args(boot_args(cache))
         .arg(format!("--template-cache={}", cache.display()))
         .arg("--template-only")
         .output()
@@ -49,17 +60,21 @@ fn make_template(cache: &Path) -> (PathBuf, Duration) {
     (dir, t.elapsed())
 }
 
-/// A VM restored from the template in `cache`, with its own vsock and control sockets.
+/// A VM restored from the template in `cache`, with its own vsock and control sockets and
+/// shared directory.
 struct Restored {
     vm: VmmProcess,
     uds: PathBuf,
     api: PathBuf,
+    shared: PathBuf,
 }
 
 fn restore(cache: &Path, sockets: &Path, i: usize) -> Restored {
     let uds = sockets.join(format!("vsock{i}.sock"));
     let api = sockets.join(format!("api{i}.sock"));
-    let mut args = boot_args();
+    let shared = sockets.join(format!("shared{i}"));
+    std::fs::create_dir_all(&shared).unwrap();
+    let mut args = boot_args(&shared);
     args.push(format!("--template-cache={}", cache.display()));
     args.extend([
         "--vsock-uds".into(),
@@ -72,6 +87,7 @@ fn restore(cache: &Path, sockets: &Path, i: usize) -> Restored {
         vm: VmmProcess::spawn(&args).unwrap(),
         uds,
         api,
+        shared,
     }
 }
 
@@ -135,6 +151,53 @@ fn wait_logged_clock(vm: &VmmProcess) -> f64 {
     }
 }
 
+/// Sandbox `pod<i>` with container `c` in VM `i`: it prints a file that only VM `i`'s shared
+/// directory has and the pod's hostname, and exits with `10 + i`.
+fn run_one_container(r: &Restored, client: &AgentClient, i: usize) {
+    busybox_rootfs(&r.shared.join("c").join("rootfs"));
+    std::fs::write(r.shared.join("c/rootfs/etc/who"), format!("vm {i}\n")).unwrap();
+    client
+        .create_sandbox(&SandboxSpec {
+            sandbox_id: format!("pod{i}"),
+            hostname: format!("pod{i}"),
+            shared_dir: GUEST_SHARED_DIR.into(),
+            ..Default::default()
+        })
+        .unwrap();
+    let port = 0x4000_0001;
+    let out = connect_streams(&r.uds, &[port], Duration::from_secs(120));
+    let spec = container_spec(
+        "c",
+        &[
+            "sh",
+            "-c",
+            &format!("cat /etc/who; hostname; exit {}", 10 + i),
+        ],
+    )
+    .unwrap();
+    client
+        .create_container(
+            "c",
+            serde_json::to_vec(&spec).unwrap(),
+            StdioPorts {
+                stdin: 0,
+                stdout: port,
+                stderr: 0,
+            },
+            false,
+        )
+        .unwrap();
+    client.start_container("c").unwrap();
+    let text = String::from_utf8(out.into_iter().next().unwrap().join().unwrap().unwrap()).unwrap();
+    assert_eq!(text, format!("vm {i}\npod{i}\n"));
+    assert_eq!(
+        client.wait_process("c", "").unwrap().exit_status,
+        10 + i as u32
+    );
+    client.remove_container("c", 0).unwrap();
+    client.destroy_sandbox(&format!("pod{i}")).unwrap();
+}
+
 #[test]
 #[ignore = "slow lane: boots the real guest kernel (scripts/test.sh runs it)"]
 fn template_restores_three_vms_concurrently() {
@@ -180,6 +243,13 @@ fn template_restores_three_vms_concurrently() {
             host as f64 / 1e9
         );
     }
+
+    // Each VM runs a container independently, its rootfs from its own shared directory.
+    std::thread::scope(|s| {
+        for (i, (r, client)) in vms.iter().zip(&clients).enumerate() {
+            s.spawn(move || run_one_container(r, client, i));
+        }
+    });
 
     // Memory: guest RAM pages the VMs only read are the template's page cache, shared.
     let uses: Vec<MemoryUse> = vms
@@ -262,7 +332,7 @@ fn measure_cold_boot_vs_restore() {
     let mut cold = Vec::new();
     for i in 0..runs {
         let uds = sockets.path().join(format!("cold{i}.sock"));
-        let mut args = boot_args();
+        let mut args = boot_args(sockets.path());
         args.extend(["--vsock-uds".into(), uds.to_string_lossy().into_owned()]);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let t = Instant::now();

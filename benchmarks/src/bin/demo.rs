@@ -46,8 +46,9 @@ fn run() -> anyhow::Result<i32> {
         .status()
         .context("running ctr")?;
     eprintln!(
-        "[nutshell-demo] the container exited with {status} after {:.1} s (VM boot included; \
-         on a kvm_pvm host the guest kernel's ring 0 is emulated)",
+        "[nutshell-demo] the container exited with {status} after {:.1} s (the VM is restored \
+         from an agent-ready template; the first run on a machine builds it: one guest boot, \
+         slow on a kvm_pvm host where the guest kernel's ring 0 is emulated)",
         started.elapsed().as_secs_f64()
     );
     if !status.success() {
