@@ -76,6 +76,9 @@ impl RefreshAction for SystemRefresh {
         }
         if !r.entropy.is_empty() {
             sys::add_entropy(&r.entropy).map_err(RefreshError::Entropy)?;
+            // The CRNG must use the new entropy now, not at its next scheduled reseed: until
+            // then every VM restored from one template would draw the same random bytes.
+            sys::reseed_crng().map_err(RefreshError::Entropy)?;
         }
         Ok(())
     }

@@ -152,8 +152,9 @@ fn wait_logged_clock(vm: &VmmProcess) -> f64 {
 }
 
 /// Sandbox `pod<i>` with container `c` in VM `i`: it prints a file that only VM `i`'s shared
-/// directory has and the pod's hostname, and exits with `10 + i`.
-fn run_one_container(r: &Restored, client: &AgentClient, i: usize) {
+/// directory has, the pod's hostname, 16 random bytes and the boot id, and exits with `10 + i`.
+/// Returns the random bytes (hex) and the boot id.
+fn run_one_container(r: &Restored, client: &AgentClient, i: usize) -> (String, String) {
     busybox_rootfs(&r.shared.join("c").join("rootfs"));
     std::fs::write(r.shared.join("c/rootfs/etc/who"), format!("vm {i}\n")).unwrap();
     client
@@ -166,15 +167,14 @@ fn run_one_container(r: &Restored, client: &AgentClient, i: usize) {
         .unwrap();
     let port = 0x4000_0001;
     let out = connect_streams(&r.uds, &[port], Duration::from_secs(120));
-    let spec = container_spec(
-        "c",
-        &[
-            "sh",
-            "-c",
-            &format!("cat /etc/who; hostname; exit {}", 10 + i),
-        ],
-    )
-    .unwrap();
+    // Fresh identity: after RefreshGuest (entropy, CRNG reseeded) each VM draws its own random
+    // bytes and its own boot id, though all resumed from the same RNG state.
+    let script = format!(
+        "cat /etc/who; hostname; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; \
+         cat /proc/sys/kernel/random/boot_id; exit {}",
+        10 + i
+    );
+    let spec = container_spec("c", &["sh", "-c", &script]).unwrap();
     client
         .create_container(
             "c",
@@ -189,13 +189,17 @@ fn run_one_container(r: &Restored, client: &AgentClient, i: usize) {
         .unwrap();
     client.start_container("c").unwrap();
     let text = String::from_utf8(out.into_iter().next().unwrap().join().unwrap().unwrap()).unwrap();
-    assert_eq!(text, format!("vm {i}\npod{i}\n"));
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 4, "{text}");
+    assert_eq!(lines[..2], [format!("vm {i}"), format!("pod{i}")], "{text}");
+    assert_eq!(lines[2].len(), 32, "{text}");
     assert_eq!(
         client.wait_process("c", "").unwrap().exit_status,
         10 + i as u32
     );
     client.remove_container("c", 0).unwrap();
     client.destroy_sandbox(&format!("pod{i}")).unwrap();
+    (lines[2].to_owned(), lines[3].to_owned())
 }
 
 #[test]
@@ -245,11 +249,25 @@ fn template_restores_three_vms_concurrently() {
     }
 
     // Each VM runs a container independently, its rootfs from its own shared directory.
-    std::thread::scope(|s| {
-        for (i, (r, client)) in vms.iter().zip(&clients).enumerate() {
-            s.spawn(move || run_one_container(r, client, i));
-        }
+    let identities: Vec<(String, String)> = std::thread::scope(|s| {
+        let handles: Vec<_> = vms
+            .iter()
+            .zip(&clients)
+            .enumerate()
+            .map(|(i, (r, client))| s.spawn(move || run_one_container(r, client, i)))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
+    for (a, b) in [(0, 1), (0, 2), (1, 2)] {
+        assert_ne!(
+            identities[a].0, identities[b].0,
+            "VMs {a} and {b} drew the same random bytes"
+        );
+        assert_ne!(
+            identities[a].1, identities[b].1,
+            "VMs {a} and {b} have the same boot id"
+        );
+    }
 
     // Memory: guest RAM pages the VMs only read are the template's page cache, shared.
     let uses: Vec<MemoryUse> = vms
