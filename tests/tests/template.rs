@@ -166,7 +166,7 @@ fn run_one_container(r: &Restored, client: &AgentClient, i: usize) -> (String, S
         })
         .unwrap();
     let port = 0x4000_0001;
-    let out = connect_streams(&r.uds, &[port], Duration::from_secs(120));
+    let out = connect_streams(&r.uds, &[port], Duration::from_secs(300));
     // Fresh identity: after RefreshGuest (entropy, CRNG reseeded) each VM draws its own random
     // bytes and its own boot id, though all resumed from the same RNG state.
     let script = format!(
