@@ -94,6 +94,16 @@ pub struct DeviceState {
     pub kind: DeviceKind,
 }
 
+impl DeviceState {
+    /// The state of a device serving `queues` (empty if not activated).
+    pub fn new(queues: &[Queue], kind: DeviceKind) -> Self {
+        DeviceState {
+            queues: queues.iter().map(QueueSnapshot::from).collect(),
+            kind,
+        }
+    }
+}
+
 /// The device-specific part of a [`DeviceState`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DeviceKind {

@@ -35,7 +35,7 @@ use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use self::guard::GuardedFs;
-use super::state::{DeviceKind, DeviceState, DeviceStateError, QueueSnapshot};
+use super::state::{DeviceKind, DeviceState, DeviceStateError};
 use super::{ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_VRING};
 use crate::memory::GuestMemoryMmap;
 
@@ -374,16 +374,13 @@ impl VirtioDevice for Fs {
                 self.tag
             )));
         }
-        Ok(DeviceState {
-            queues: self
-                .active
-                .as_ref()
-                .map(|a| a.queues.iter().map(QueueSnapshot::from).collect())
-                .unwrap_or_default(),
-            kind: DeviceKind::Fs {
+        let queues = self.active.as_ref().map_or(&[][..], |a| &a.queues[..]);
+        Ok(DeviceState::new(
+            queues,
+            DeviceKind::Fs {
                 tag: self.tag.clone(),
             },
-        })
+        ))
     }
 
     fn restore_state(&mut self, kind: &DeviceKind) -> Result<(), DeviceStateError> {

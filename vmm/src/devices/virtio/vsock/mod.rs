@@ -28,7 +28,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use self::packet::{op, ChainError, Header, Segments, HDR_SIZE, MAX_PKT_PAYLOAD, TYPE_STREAM};
-use super::state::{DeviceKind, DeviceState, DeviceStateError, QueueSnapshot};
+use super::state::{DeviceKind, DeviceState, DeviceStateError};
 use super::{ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_VRING};
 use crate::memory::GuestMemoryMmap;
 
@@ -1026,16 +1026,13 @@ impl VirtioDevice for Vsock {
                 self.conns.len()
             )));
         }
-        Ok(DeviceState {
-            queues: self
-                .active
-                .as_ref()
-                .map(|a| a.queues.iter().map(QueueSnapshot::from).collect())
-                .unwrap_or_default(),
-            kind: DeviceKind::Vsock {
+        let queues = self.active.as_ref().map_or(&[][..], |a| &a.queues[..]);
+        Ok(DeviceState::new(
+            queues,
+            DeviceKind::Vsock {
                 guest_cid: self.guest_cid,
             },
-        })
+        ))
     }
 
     fn restore_state(&mut self, kind: &DeviceKind) -> Result<(), DeviceStateError> {
