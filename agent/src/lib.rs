@@ -14,4 +14,5 @@ pub mod refresh;
 pub mod sandbox;
 pub mod service;
 pub mod stdio;
+pub mod switch_root;
 pub mod sys;

@@ -5,7 +5,7 @@
 
 use std::error::Error;
 
-use nutshell_agent::{init, logger, sys};
+use nutshell_agent::{init, logger, switch_root, sys};
 
 fn main() {
     // Before any thread: every thread inherits the blocked SIGCHLD, the reaper reads it.
@@ -18,6 +18,15 @@ fn main() {
     if std::process::id() != 1 {
         log::error!("nutshell-agent runs as PID 1 of a Nutshell guest only; exiting");
         std::process::exit(1);
+    }
+    if switch_root::already_switched() {
+        log::info!("running from a tmpfs root (left the initramfs)");
+    } else {
+        // Returns only if the switch failed; on success this process is replaced.
+        let e = switch_root::switch_to_tmpfs();
+        log::warn!(
+            "cannot leave the initramfs ({e}); containers enter their roots with a move mount"
+        );
     }
     let Err(e) = sigchld
         .map_err(init::InitError::Reaper)

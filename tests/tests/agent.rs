@@ -80,6 +80,12 @@ fn agent_answers_health_and_version_then_powers_off() {
         "{}",
         out.console
     );
+    // PID 1 left the initramfs for a tmpfs root, so that containers can pivot_root.
+    assert!(
+        out.console.contains("running from a tmpfs root"),
+        "{}",
+        out.console
+    );
     assert!(!uds.exists(), "the VMM removes its socket on exit");
 }
 
