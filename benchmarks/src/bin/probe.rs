@@ -5,6 +5,9 @@
 //!   (one page fault per 4 KiB page): `faults_per_s`.
 //! - `syscalls COUNT`: `getpid` COUNT times, 1-byte reads of `/dev/zero` COUNT times:
 //!   `getpid_per_s`, `read_per_s`.
+//! - `compute MIB`: SHA-256 over a 1 MiB buffer MIB times, no system call between the two
+//!   marker lines `compute_start` and `compute_done` (the host times them, independent of the
+//!   guest's clock); then `compute_mib_per_s` by the container's own clock (two clock reads).
 //! - `files DIR COUNT`: create, write 4 KiB, close and later unlink COUNT files in DIR:
 //!   `create_per_s`, `unlink_per_s`.
 
@@ -70,6 +73,26 @@ fn syscalls(count: u64) -> Result<(), String> {
     Ok(())
 }
 
+fn compute(mib: u64) -> Result<(), String> {
+    use sha2::Digest;
+    let buf: Vec<u8> = (0..1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "compute_start").map_err(|e| e.to_string())?;
+    out.flush().map_err(|e| e.to_string())?;
+    let start = Instant::now();
+    let mut digest = [0u8; 32];
+    for _ in 0..mib {
+        let mut h = sha2::Sha256::new();
+        h.update(digest);
+        h.update(&buf);
+        digest = h.finalize().into();
+    }
+    let elapsed = start.elapsed();
+    writeln!(out, "compute_done {:02x}{:02x}", digest[0], digest[1]).map_err(|e| e.to_string())?;
+    writeln!(out, "compute_mib_per_s {:.1}", per_s(mib, elapsed)).map_err(|e| e.to_string())?;
+    out.flush().map_err(|e| e.to_string())
+}
+
 fn files(dir: &str, count: u64) -> Result<(), String> {
     let base = std::path::Path::new(dir).join(format!("probe-{}", std::process::id()));
     std::fs::create_dir_all(&base).map_err(|e| format!("{}: {e}", base.display()))?;
@@ -96,12 +119,13 @@ fn main() -> std::process::ExitCode {
     let result = match args.get(1).map(String::as_str) {
         Some("faults") => arg(&args, 2).and_then(|m| faults(m, arg(&args, 3)?)),
         Some("syscalls") => arg(&args, 2).and_then(syscalls),
+        Some("compute") => arg(&args, 2).and_then(compute),
         Some("files") => match args.get(2) {
             Some(dir) => arg(&args, 3).and_then(|n| files(dir, n)),
             None => Err("files DIR COUNT".to_owned()),
         },
         _ => Err(
-            "usage: nutshell-bench-probe faults MIB ROUNDS | syscalls COUNT | files DIR COUNT"
+            "usage: nutshell-bench-probe faults MIB ROUNDS | syscalls COUNT | compute MIB | files DIR COUNT"
                 .to_owned(),
         ),
     };
