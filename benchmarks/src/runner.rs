@@ -522,8 +522,12 @@ impl Runner {
                         .find(|(_, l)| l.split_whitespace().next() == Some(marker))
                         .map(|(t, _)| *t)
                 };
+                // The probe sleeps 0.5 s after its start marker.
+                let pause = Duration::from_millis(500);
                 let v = match (at("compute_start"), at("compute_done")) {
-                    (Some(a), Some(b)) if b > a => Ok(mib as f64 / (b - a).as_secs_f64()),
+                    (Some(a), Some(b)) if b > a + pause => {
+                        Ok(mib as f64 / (b - a - pause).as_secs_f64())
+                    }
                     _ => Err("compute markers missing".to_owned()),
                 };
                 self.record(host, &spec.name, v);
@@ -771,7 +775,10 @@ impl Runner {
                     let id = self.id("idle", &spec.name);
                     ids.push(id.clone());
                     let mut cmd = self.ctr.command();
-                    cmd.args(["run", "-d"])
+                    // No stdio: an idle container prints nothing, and with stdio FIFOs a
+                    // detached `ctr run` under Nutshell never exited (its FIFO readers stayed
+                    // blocked until the container ended; seen in the 2026-11-28 full run).
+                    cmd.args(["run", "-d", "--null-io"])
                         .args(spec.ctr_run_args())
                         .args([BUSYBOX_IMAGE, &id, "/bin/sleep", "3600"])
                         .stdout(Stdio::null())
