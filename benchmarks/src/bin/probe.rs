@@ -5,9 +5,9 @@
 //!   ROUNDS times (one page fault per 4 KiB page): `faults_per_s`.
 //! - `syscalls COUNT`: `getpid` COUNT times, 1-byte reads of `/dev/zero` COUNT times:
 //!   `getpid_per_s`, `read_per_s`.
-//! - `compute MIB`: SHA-256 over a 1 MiB buffer MIB times, no system call between the two
-//!   marker lines `compute_start` and `compute_done` (the host times them, independent of the
-//!   guest's clock); then `compute_mib_per_s` by the container's own clock (two clock reads).
+//! - `compute MIB`: SHA-256 over a 1 MiB buffer MIB times, no system call between the marker
+//!   lines `compute_start` and `compute_done`; then `compute_mib_per_s` by the container's own
+//!   clock (two clock reads).
 //! - `files DIR COUNT`: create, write 4 KiB, close and later unlink COUNT files in DIR:
 //!   `create_per_s`, `unlink_per_s`.
 
@@ -84,9 +84,6 @@ fn compute(mib: u64) -> Result<(), String> {
     let mut out = std::io::stdout().lock();
     writeln!(out, "compute_start").map_err(|e| e.to_string())?;
     out.flush().map_err(|e| e.to_string())?;
-    // Give whatever forwards the output (in a 1-vCPU guest, the agent needs the CPU that the
-    // loop below would hold until its next preemption) time to pass the marker on.
-    std::thread::sleep(Duration::from_millis(500));
     let start = Instant::now();
     let mut digest = [0u8; 32];
     for _ in 0..mib {
