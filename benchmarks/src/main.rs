@@ -1,12 +1,14 @@
 //! `nutshell-bench`: the same workloads under runc, Nutshell and runsc, side by side.
 
-use std::path::PathBuf;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 
 use nutshell_bench::containerd::{find_on_path, RuntimeSpec};
+use nutshell_bench::nutshell;
 use nutshell_bench::runner::{self, Plan, RunConfig, Workload};
 
 /// Runs each workload under every runtime in interleaved order (A B A B …) against a private
@@ -39,6 +41,15 @@ struct Args {
     /// Where built image archives are cached.
     #[arg(long, default_value_os_t = default_cache())]
     cache_dir: PathBuf,
+    /// Where Nutshell's agent-ready VM templates are kept (default: CACHE_DIR/templates). The
+    /// first Nutshell container of a run builds one when none is there (a warm-up, not
+    /// counted); later runs reuse it.
+    #[arg(long)]
+    template_dir: Option<PathBuf>,
+    /// The cargo target directory with Nutshell's release builds and guest artifacts
+    /// (scripts/setup.sh builds them).
+    #[arg(long, default_value_os_t = default_target())]
+    target_dir: PathBuf,
 }
 
 fn repo_root() -> PathBuf {
@@ -52,12 +63,58 @@ fn default_out() -> PathBuf {
     repo_root().join("benchmarks").join("results")
 }
 
-fn default_cache() -> PathBuf {
+fn default_target() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo_root().join("target"))
-        .join("nutshell")
-        .join("bench-images")
+}
+
+fn default_cache() -> PathBuf {
+    default_target().join("nutshell").join("bench-images")
+}
+
+/// Makes the private containerd run this repository's Nutshell build: its shim first on `PATH`
+/// and `NUTSHELL_CONFIG` naming a config of the benchmark's own (both are inherited by
+/// containerd and the shims it starts). An operator's `NUTSHELL_CONFIG` is kept. Returns
+/// why Nutshell cannot run, if it cannot, and what its warm-up will do.
+fn prepare_nutshell(args: &Args, scratch: &Path) -> Result<(Option<String>, Option<PathBuf>)> {
+    let template_dir = args
+        .template_dir
+        .clone()
+        .unwrap_or_else(|| args.cache_dir.join("templates"));
+    if let Some(config) = std::env::var_os(nutshell::CONFIG_ENV) {
+        log::info!(
+            "nutshell: using NUTSHELL_CONFIG={} as set",
+            Path::new(&config).display()
+        );
+        return Ok((None, None));
+    }
+    let artifacts = nutshell::Artifacts::in_target(&args.target_dir);
+    if let Some(missing) = artifacts.missing() {
+        return Ok((Some(missing), None));
+    }
+    std::fs::create_dir_all(&template_dir)
+        .with_context(|| format!("template directory {}", template_dir.display()))?;
+    let config = scratch.join("nutshell.toml");
+    std::fs::write(
+        &config,
+        nutshell::config_toml(&artifacts, &scratch.join("run"), &template_dir),
+    )
+    .context("nutshell config")?;
+    if let Some(dir) = artifacts.shim.parent() {
+        let mut paths = vec![dir.to_path_buf()];
+        paths.extend(std::env::split_paths(
+            &std::env::var_os("PATH").unwrap_or_default(),
+        ));
+        std::env::set_var("PATH", std::env::join_paths(paths).context("PATH")?);
+    }
+    std::env::set_var(nutshell::CONFIG_ENV, &config);
+    log::info!(
+        "nutshell: shim {}, templates in {}",
+        artifacts.shim.display(),
+        template_dir.display()
+    );
+    Ok((None, Some(template_dir)))
 }
 
 fn runtime_spec(arg: &str, scratch: &std::path::Path) -> Result<RuntimeSpec> {
@@ -130,12 +187,23 @@ fn run() -> Result<()> {
             probe.display()
         );
     }
+    let mut unavailable = BTreeMap::new();
+    let mut template_dir = None;
+    if runtimes.iter().any(|r| r.name == "nutshell") {
+        let (missing, dir) = prepare_nutshell(&args, scratch.path())?;
+        if let Some(m) = missing {
+            unavailable.insert("nutshell".to_owned(), m);
+        }
+        template_dir = dir;
+    }
     let config = RunConfig {
         plan: Plan::new(args.quick),
         only: args.only,
         runtimes,
         cache_dir: args.cache_dir,
         probe,
+        unavailable,
+        template_dir,
     };
     let results = runner::run(config).context("benchmark run")?;
     let md = results.write(&args.out).context("report")?;

@@ -144,6 +144,11 @@ pub struct RuntimeStatus {
     pub available: bool,
     /// Why not.
     pub reason: Option<String>,
+    /// Seconds its warm-up container took (not in any median): for Nutshell the VM template
+    /// build when none was cached.
+    pub warmup_s: Option<f64>,
+    /// What the warm-up did (e.g. "template build").
+    pub warmup_note: Option<String>,
 }
 
 /// One measured quantity, with raw samples and errors per runtime.
@@ -161,6 +166,10 @@ pub struct MetricResult {
     pub samples: BTreeMap<String, Vec<f64>>,
     /// Failed runs by runtime.
     pub errors: BTreeMap<String, Vec<String>>,
+    /// Set when the benchmark cannot measure this yet (why): every column says so, and no
+    /// figure stands in for it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub not_supported: Option<String>,
 }
 
 impl MetricResult {
@@ -231,6 +240,8 @@ impl Results {
             for rt in &self.runtimes {
                 let cell = if !rt.available {
                     "not available".to_owned()
+                } else if m.not_supported.is_some() {
+                    "not supported yet".to_owned()
                 } else if let Some(sum) = m.summary(&rt.name) {
                     let failed = m.errors.get(&rt.name).map_or(0, Vec::len);
                     let mut c = format!(
@@ -281,7 +292,17 @@ impl Results {
         for rt in &self.runtimes {
             match &rt.reason {
                 None => {
-                    let _ = writeln!(s, "- **{}** (`{}`): ran", rt.name, rt.runtime_type);
+                    let _ = write!(s, "- **{}** (`{}`): ran", rt.name, rt.runtime_type);
+                    match (rt.warmup_s, &rt.warmup_note) {
+                        (Some(w), Some(note)) => {
+                            let _ = write!(s, "; {note}: {w:.1} s (warm-up, not counted)");
+                        }
+                        (Some(w), None) => {
+                            let _ = write!(s, "; warm-up container: {w:.1} s (not counted)");
+                        }
+                        _ => {}
+                    }
+                    s.push('\n');
                 }
                 Some(r) => {
                     let _ = writeln!(
@@ -296,6 +317,15 @@ impl Results {
                      Runs were interleaved (A B A B …) across runtimes; each workload has a time \
                      budget, and a slow runtime gets fewer runs (smaller n) rather than a longer run.\n\n");
         s.push_str(&self.table());
+        for m in &self.metrics {
+            if let Some(why) = &m.not_supported {
+                let _ = write!(
+                    s,
+                    "\n{} / {}: not supported yet: {why}\n",
+                    m.workload, m.name
+                );
+            }
+        }
         if !plots.is_empty() {
             s.push_str(
                 "\n## Plots\n\nMedians as a ratio to runc (1.0 = as runc), per workload.\n\n",
@@ -509,18 +539,24 @@ mod tests {
                     runtime_type: "io.containerd.runc.v2".into(),
                     available: true,
                     reason: None,
+                    warmup_s: Some(0.2),
+                    warmup_note: None,
                 },
                 RuntimeStatus {
                     name: "runsc".into(),
                     runtime_type: "io.containerd.runc.v2".into(),
                     available: true,
                     reason: None,
+                    warmup_s: Some(0.2),
+                    warmup_note: None,
                 },
                 RuntimeStatus {
                     name: "nutshell".into(),
                     runtime_type: "io.containerd.nutshell.v2".into(),
                     available: false,
                     reason: Some("containerd-shim-nutshell-v2 is not installed".into()),
+                    warmup_s: None,
+                    warmup_note: None,
                 },
             ],
             metrics: vec![MetricResult {
@@ -530,6 +566,7 @@ mod tests {
                 higher_is_better: false,
                 samples,
                 errors: BTreeMap::new(),
+                not_supported: None,
             }],
         }
     }
@@ -540,6 +577,27 @@ mod tests {
         assert!(t.contains("| 100.0 (90.00–110.0, n=3) |"), "{t}");
         assert!(t.contains("| 200.0 (180.0–220.0, n=3) | 2.00× |"), "{t}");
         assert!(t.contains("| not available | — |"), "{t}");
+    }
+
+    #[test]
+    fn an_unsupported_metric_says_so_in_every_available_column() {
+        let mut r = results();
+        r.metrics.push(MetricResult {
+            workload: "startup".into(),
+            name: "CRI".into(),
+            unit: "ms".into(),
+            higher_is_better: false,
+            samples: BTreeMap::new(),
+            errors: BTreeMap::new(),
+            not_supported: Some("no CRI client".into()),
+        });
+        let t = r.table();
+        let row = t.lines().find(|l| l.contains("| CRI |")).unwrap();
+        assert_eq!(row.matches("not supported yet").count(), 2, "{row}");
+        assert!(row.contains("| not available | — |"), "{row}");
+        assert!(r
+            .markdown(&[])
+            .contains("startup / CRI: not supported yet: no CRI client"));
     }
 
     #[test]

@@ -1,10 +1,13 @@
 //! `nutshell-bench-probe`: the loops the benchmark runs inside a container, each bounded by a
 //! count and a time limit, each printing `name value` lines.
 //!
-//! - `faults MIB ROUNDS`: allocate MIB MiB, touch every page, free it, ROUNDS times
-//!   (one page fault per 4 KiB page): `faults_per_s`.
+//! - `faults MIB ROUNDS`: allocate MIB MiB (32 MiB at a time), touch every page, free it,
+//!   ROUNDS times (one page fault per 4 KiB page): `faults_per_s`.
 //! - `syscalls COUNT`: `getpid` COUNT times, 1-byte reads of `/dev/zero` COUNT times:
 //!   `getpid_per_s`, `read_per_s`.
+//! - `compute MIB`: SHA-256 over a 1 MiB buffer MIB times, no system call between the marker
+//!   lines `compute_start` and `compute_done`; then `compute_mib_per_s` by the container's own
+//!   clock (two clock reads).
 //! - `files DIR COUNT`: create, write 4 KiB, close and later unlink COUNT files in DIR:
 //!   `create_per_s`, `unlink_per_s`.
 
@@ -26,24 +29,29 @@ fn per_s(count: u64, elapsed: Duration) -> f64 {
     count as f64 / elapsed.as_secs_f64().max(1e-9)
 }
 
+/// The page-fault loop maps at most this much at once, so that it runs in a small VM (a pod's
+/// guest has 256 MiB by default) as it does on the host.
+const FAULT_CHUNK_MIB: u64 = 32;
+
 fn faults(mib: u64, rounds: u64) -> Result<(), String> {
-    let bytes = usize::try_from(mib.min(4096) * 1024 * 1024).map_err(|e| e.to_string())?;
+    let mib = mib.min(4096);
+    let chunk_mib = mib.clamp(1, FAULT_CHUNK_MIB);
+    let bytes = usize::try_from(chunk_mib * 1024 * 1024).map_err(|e| e.to_string())?;
     let start = Instant::now();
     let mut touched = 0u64;
-    for _ in 0..rounds {
-        // A zeroed allocation this large is a fresh anonymous mapping: every first write to a
-        // page is a page fault, and dropping it unmaps it again.
-        let mut buf = vec![0u8; bytes];
-        for i in (0..bytes).step_by(PAGE) {
-            buf[i] = 1;
-            touched += 1;
-            if touched % 256 == 0 && start.elapsed() > TIME_LIMIT {
-                break;
+    'rounds: for _ in 0..rounds {
+        for _ in 0..mib.div_ceil(chunk_mib) {
+            // A zeroed allocation this large is a fresh anonymous mapping: every first write to
+            // a page is a page fault, and dropping it unmaps it again.
+            let mut buf = vec![0u8; bytes];
+            for i in (0..bytes).step_by(PAGE) {
+                buf[i] = 1;
+                touched += 1;
+                if touched % 256 == 0 && start.elapsed() > TIME_LIMIT {
+                    break 'rounds;
+                }
             }
-        }
-        std::hint::black_box(&buf);
-        if start.elapsed() > TIME_LIMIT {
-            break;
+            std::hint::black_box(&buf);
         }
     }
     println!("faults_per_s {:.1}", per_s(touched, start.elapsed()));
@@ -68,6 +76,26 @@ fn syscalls(count: u64) -> Result<(), String> {
     }
     println!("read_per_s {:.1}", per_s(n, start.elapsed()));
     Ok(())
+}
+
+fn compute(mib: u64) -> Result<(), String> {
+    use sha2::Digest;
+    let buf: Vec<u8> = (0..1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "compute_start").map_err(|e| e.to_string())?;
+    out.flush().map_err(|e| e.to_string())?;
+    let start = Instant::now();
+    let mut digest = [0u8; 32];
+    for _ in 0..mib {
+        let mut h = sha2::Sha256::new();
+        h.update(digest);
+        h.update(&buf);
+        digest = h.finalize().into();
+    }
+    let elapsed = start.elapsed();
+    writeln!(out, "compute_done {:02x}{:02x}", digest[0], digest[1]).map_err(|e| e.to_string())?;
+    writeln!(out, "compute_mib_per_s {:.1}", per_s(mib, elapsed)).map_err(|e| e.to_string())?;
+    out.flush().map_err(|e| e.to_string())
 }
 
 fn files(dir: &str, count: u64) -> Result<(), String> {
@@ -96,12 +124,13 @@ fn main() -> std::process::ExitCode {
     let result = match args.get(1).map(String::as_str) {
         Some("faults") => arg(&args, 2).and_then(|m| faults(m, arg(&args, 3)?)),
         Some("syscalls") => arg(&args, 2).and_then(syscalls),
+        Some("compute") => arg(&args, 2).and_then(compute),
         Some("files") => match args.get(2) {
             Some(dir) => arg(&args, 3).and_then(|n| files(dir, n)),
             None => Err("files DIR COUNT".to_owned()),
         },
         _ => Err(
-            "usage: nutshell-bench-probe faults MIB ROUNDS | syscalls COUNT | files DIR COUNT"
+            "usage: nutshell-bench-probe faults MIB ROUNDS | syscalls COUNT | compute MIB | files DIR COUNT"
                 .to_owned(),
         ),
     };
