@@ -163,53 +163,88 @@ impl Ctx {
         None
     }
 
+    // The FIFOs are opened first, while containerd's client (ctr, the CRI) waits for the
+    // Create or Exec that this copy belongs to and so is there to open its end: `ctr run -d`
+    // exits right after Start, and a FIFO opened after that never finds its partner.
+
     fn run_output(&self, path: &str, _done: Sender<()>) {
+        let mut fifo = match OpenOptions::new().write(true).open(path) {
+            Ok(f) => f,
+            Err(e) => {
+                log::warn!("{}: open {path}: {e}", self.id);
+                return;
+            }
+        };
         let Some(mut stream) = self.connect() else {
             return;
         };
-        match OpenOptions::new().write(true).open(path) {
-            Ok(mut fifo) => copy_logged(&mut stream, &mut fifo, &self.id, path),
-            Err(e) => log::warn!("{}: open {path}: {e}", self.id),
-        }
+        copy_logged(&mut stream, &mut fifo, &self.id, path);
         // `_done` drops here: one output finished.
     }
 
     fn run_stdin(&self, path: &str) {
+        // Opening for reading waits for containerd's writer; read+write would never see EOF.
+        let mut fifo = match File::open(path) {
+            Ok(f) => f,
+            Err(e) => {
+                log::warn!("{}: open {path}: {e}", self.id);
+                return;
+            }
+        };
         let Some(mut stream) = self.connect() else {
             return;
         };
-        // Opening for reading waits for containerd's writer; read+write would never see EOF.
-        match File::open(path) {
-            Ok(mut fifo) => copy_logged(&mut fifo, &mut stream, &self.id, path),
-            Err(e) => log::warn!("{}: open {path}: {e}", self.id),
-        }
+        copy_logged(&mut fifo, &mut stream, &self.id, path);
         let _ = stream.shutdown(Shutdown::Write);
     }
 
     fn run_pty(&self, stdin: &str, stdout: &str, _done: Sender<()>) {
+        // The stdin FIFO is opened in a thread of its own (its writer may come after the
+        // output's reader); it gets the stream once connected.
+        let (to_guest_tx, to_guest_rx) = mpsc::channel::<UnixStream>();
+        if !stdin.is_empty() {
+            let id = self.id.clone();
+            let path = stdin.to_owned();
+            let spawned = std::thread::Builder::new()
+                .name(format!("stdio-pty-in-{id}"))
+                .spawn(move || {
+                    let mut fifo = match File::open(&path) {
+                        Ok(f) => f,
+                        Err(e) => {
+                            log::warn!("{id}: pty stdin {path}: {e}");
+                            return;
+                        }
+                    };
+                    // The sender goes away without a stream when the connection failed.
+                    if let Ok(mut to_guest) = to_guest_rx.recv() {
+                        copy_logged(&mut fifo, &mut to_guest, &id, &path);
+                        let _ = to_guest.shutdown(Shutdown::Write);
+                    }
+                });
+            if let Err(e) = spawned {
+                log::warn!("{}: pty stdin: {e}", self.id);
+            }
+        }
+        let mut fifo = None;
+        if !stdout.is_empty() {
+            match OpenOptions::new().write(true).open(stdout) {
+                Ok(f) => fifo = Some(f),
+                Err(e) => log::warn!("{}: open {stdout}: {e}", self.id),
+            }
+        }
         let Some(mut stream) = self.connect() else {
             return;
         };
         if !stdin.is_empty() {
-            match (stream.try_clone(), File::open(stdin)) {
-                (Ok(mut to_guest), Ok(mut fifo)) => {
-                    let id = self.id.clone();
-                    let path = stdin.to_owned();
-                    let _ = std::thread::Builder::new()
-                        .name(format!("stdio-pty-in-{id}"))
-                        .spawn(move || {
-                            copy_logged(&mut fifo, &mut to_guest, &id, &path);
-                            let _ = to_guest.shutdown(Shutdown::Write);
-                        });
+            match stream.try_clone() {
+                Ok(to_guest) => {
+                    let _ = to_guest_tx.send(to_guest);
                 }
-                (Err(e), _) | (_, Err(e)) => log::warn!("{}: pty stdin: {e}", self.id),
+                Err(e) => log::warn!("{}: pty stdin: {e}", self.id),
             }
         }
-        if !stdout.is_empty() {
-            match OpenOptions::new().write(true).open(stdout) {
-                Ok(mut fifo) => copy_logged(&mut stream, &mut fifo, &self.id, stdout),
-                Err(e) => log::warn!("{}: open {stdout}: {e}", self.id),
-            }
+        if let Some(mut fifo) = fifo {
+            copy_logged(&mut stream, &mut fifo, &self.id, stdout);
         }
     }
 }
