@@ -163,9 +163,11 @@ impl Ctx {
         None
     }
 
-    // The FIFOs are opened first, while containerd's client (ctr, the CRI) waits for the
-    // Create or Exec that this copy belongs to and so is there to open its end: `ctr run -d`
-    // exits right after Start, and a FIFO opened after that never finds its partner.
+    // Output FIFOs are opened first, while containerd's client (ctr, the CRI) waits for the
+    // Create or Exec that this copy belongs to and so is there to read: `ctr run -d` exits
+    // right after Start, and a FIFO opened for writing after that never finds its reader.
+    // stdin cannot wait for its writer that way (the agent wants the stream connected within
+    // seconds, and ctr may open its end only later): see `open_stdin`.
 
     fn run_output(&self, path: &str, _done: Sender<()>) {
         let mut fifo = match OpenOptions::new().write(true).open(path) {
@@ -183,13 +185,8 @@ impl Ctx {
     }
 
     fn run_stdin(&self, path: &str) {
-        // Opening for reading waits for containerd's writer; read+write would never see EOF.
-        let mut fifo = match File::open(path) {
-            Ok(f) => f,
-            Err(e) => {
-                log::warn!("{}: open {path}: {e}", self.id);
-                return;
-            }
+        let Some(mut fifo) = StdinFifo::open(path, &self.id) else {
+            return;
         };
         let Some(mut stream) = self.connect() else {
             return;
@@ -205,15 +202,12 @@ impl Ctx {
         if !stdin.is_empty() {
             let id = self.id.clone();
             let path = stdin.to_owned();
+            let fifo = StdinFifo::open(&path, &id);
             let spawned = std::thread::Builder::new()
                 .name(format!("stdio-pty-in-{id}"))
                 .spawn(move || {
-                    let mut fifo = match File::open(&path) {
-                        Ok(f) => f,
-                        Err(e) => {
-                            log::warn!("{id}: pty stdin {path}: {e}");
-                            return;
-                        }
+                    let Some(mut fifo) = fifo else {
+                        return;
                     };
                     // The sender goes away without a stream when the connection failed.
                     if let Ok(mut to_guest) = to_guest_rx.recv() {
@@ -245,6 +239,57 @@ impl Ctx {
         }
         if let Some(mut fifo) = fifo {
             copy_logged(&mut stream, &mut fifo, &self.id, stdout);
+        }
+    }
+}
+
+/// containerd's stdin FIFO, read until its writer closes it.
+///
+/// Opened for reading with `O_NONBLOCK`, so the open never waits: a writer that is opening it,
+/// or opens it later, finds a reader at once (a blocking open waits for the writer, and a
+/// writer that wrote and closed before it would leave its bytes unread). Reads poll first: a
+/// FIFO reports hang-up only after a writer came and went, so "no writer yet" is not EOF.
+struct StdinFifo(File);
+
+impl StdinFifo {
+    fn open(path: &str, id: &str) -> Option<StdinFifo> {
+        use std::os::unix::fs::OpenOptionsExt;
+        match OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+        {
+            Ok(f) => Some(StdinFifo(f)),
+            Err(e) => {
+                log::warn!("{id}: open {path}: {e}");
+                None
+            }
+        }
+    }
+}
+
+impl Read for StdinFifo {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use std::os::fd::AsRawFd;
+        loop {
+            let mut pfd = libc::pollfd {
+                fd: self.0.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: `pfd` is one valid pollfd that lives across the call; the fd is open.
+            let n = unsafe { libc::poll(&mut pfd, 1, -1) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            match self.0.read(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                r => return r,
+            }
         }
     }
 }
@@ -362,6 +407,25 @@ mod tests {
         guest.join().unwrap();
         copy.wait_outputs(Duration::from_secs(10));
         assert_eq!(reader.join().unwrap(), "hello from the guest\n");
+    }
+
+    #[test]
+    fn stdin_without_a_writer_yet_is_not_eof() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("stdin");
+        mkfifo(&fifo);
+        // The open returns without a writer.
+        let mut reader = StdinFifo::open(fifo.to_str().unwrap(), "c1").unwrap();
+        let read = std::thread::spawn(move || {
+            let mut got = String::new();
+            reader.read_to_string(&mut got).unwrap();
+            got
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(!read.is_finished(), "EOF before any writer came");
+        // A writer that writes and closes at once: its bytes, then EOF.
+        std::fs::write(&fifo, b"late\n").unwrap();
+        assert_eq!(read.join().unwrap(), "late\n");
     }
 
     #[test]
