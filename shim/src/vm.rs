@@ -469,6 +469,9 @@ fn connect_agent(config: &Config, paths: &SandboxPaths, exit: &ExitCell) -> Resu
     let opts = ConnectOptions {
         connect_timeout: Duration::from_secs(1),
         retry_interval: Duration::from_millis(20),
+        // Creating a container takes the guest seconds, and far more on a busy host with an
+        // emulated guest kernel (over 30 s seen): each RPC gets as long as a boot may take.
+        rpc_timeout: timeout.max(ConnectOptions::default().rpc_timeout),
         ..Default::default()
     };
     let vm_err = |message: String| ShimError::Vm {
