@@ -62,6 +62,8 @@ struct Process {
     /// The terminal size (rows, columns) containerd set on an exec before its Start: the
     /// exec does not exist in the guest yet, so the size goes into its process spec.
     console_size: Option<(u32, u32)>,
+    /// containerd closed the stdin of an exec before its Start: closed right after it.
+    stdin_closed: bool,
     copy: Option<Arc<StdioCopy>>,
 }
 
@@ -74,6 +76,7 @@ impl Process {
             exited_at: None,
             exec_spec: Vec::new(),
             console_size: None,
+            stdin_closed: false,
             copy: None,
         }
     }
@@ -763,9 +766,16 @@ impl Service {
             let resize = p
                 .console_size
                 .filter(|s| !exec_id.is_empty() && Some(*s) != console_size);
+            let close_stdin = !exec_id.is_empty() && p.stdin_closed;
             self.inner.changed.notify_all();
-            resize
+            (resize, close_stdin)
         };
+        let (resize, close_stdin) = resize;
+        if close_stdin {
+            if let Err(e) = vm.agent().close_stdin(id, exec_id) {
+                log::warn!("{id}/{exec_id}: CloseStdin: {e}");
+            }
+        }
         if let Some((rows, cols)) = resize {
             if let Err(e) = vm.agent().resize_tty(id, exec_id, rows, cols) {
                 log::warn!("{id}/{exec_id}: ResizeTty: {e}");
@@ -1153,6 +1163,35 @@ impl Service {
             .map_err(ShimError::agent("UpdateContainer"))
     }
 
+    fn do_close_io(&self, req: &CloseIORequest) -> Result<()> {
+        let (id, exec_id) = (req.id.as_str(), req.exec_id.as_str());
+        let (vm, _) = self.lookup_vm(id)?;
+        if !req.stdin {
+            return Ok(());
+        }
+        {
+            let mut st = self.inner.lock();
+            let c = st
+                .containers
+                .get_mut(id)
+                .ok_or_else(|| ShimError::NotFound {
+                    kind: "task",
+                    id: id.to_owned(),
+                })?;
+            let p = c.process_mut(id, exec_id)?;
+            // Always remembered: an exec being started closes it afterwards (do_start).
+            p.stdin_closed = true;
+            if !exec_id.is_empty() && p.state == TaskState::Created {
+                // ctr closes an exec's stdin before its Start, when the process does not exist
+                // in the guest yet.
+                return Ok(());
+            }
+        }
+        vm.agent()
+            .close_stdin(id, exec_id)
+            .map_err(ShimError::agent("CloseStdin"))
+    }
+
     fn do_resize_pty(&self, req: &ResizePtyRequest) -> Result<()> {
         let (id, exec_id) = (req.id.as_str(), req.exec_id.as_str());
         let (vm, _) = self.lookup_vm(id)?;
@@ -1328,15 +1367,7 @@ impl Task for Service {
     }
 
     fn close_io(&self, _ctx: &TtrpcContext, req: CloseIORequest) -> TtrpcResult<Empty> {
-        let r = self.lookup_vm(&req.id).and_then(|(vm, _)| {
-            if !req.stdin {
-                return Ok(());
-            }
-            vm.agent()
-                .close_stdin(&req.id, &req.exec_id)
-                .map_err(ShimError::agent("CloseStdin"))
-        });
-        reply("CloseIO", r).map(|()| Empty::new())
+        reply("CloseIO", self.do_close_io(&req)).map(|()| Empty::new())
     }
 
     fn update(&self, _ctx: &TtrpcContext, req: UpdateTaskRequest) -> TtrpcResult<Empty> {

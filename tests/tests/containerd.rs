@@ -392,12 +392,15 @@ fn ctr_task_operations_on_a_nutshell_container() {
 
     // Kill one exec with SIGTERM: it ends by the signal (143).
     let long = exec("exec-long", "sleep 1000");
-    assert!(
-        eventually(Duration::from_secs(120), || task_pids(&ctr, ID).len() == 2),
-        "{:?}",
-        task_pids(&ctr, ID)
-    );
+    let started = |exec_id: &str| {
+        let line = format!("{ID}/{exec_id}: ExecProcess in the guest took");
+        eventually(Duration::from_secs(300), || {
+            env.containerd.log_tail(usize::MAX).contains(&line)
+        })
+    };
+    assert!(started("exec-long"), "{}", log());
     let pids = task_pids(&ctr, ID);
+    assert_eq!(pids.len(), 2, "{pids:?}");
     assert!(pids.contains(&init_pids[0]), "{pids:?}");
     let metrics = ctr.output(&["task", "metrics", ID]).unwrap();
     assert_eq!(metric(&metrics, "pids.current"), Some(2), "{metrics}");
@@ -406,27 +409,24 @@ fn ctr_task_operations_on_a_nutshell_container() {
     let long = wait_output(long, Duration::from_secs(120));
     assert_eq!(long.status.code(), Some(143), "{long:?}\n{}", log());
 
-    // Pause and resume: the cgroup freezer in the guest.
-    ctr.output(&["task", "pause", ID]).unwrap();
-    assert_eq!(task_status(&ctr, ID).unwrap().1, "PAUSED");
-    ctr.output(&["task", "resume", ID]).unwrap();
-    assert_eq!(task_status(&ctr, ID).unwrap().1, "RUNNING");
-
     // kill --all: SIGTERM to every process of the container. The two execs die of it; the
     // container's init (`sleep`, PID 1 of its PID namespace, no handler) ignores it, as under
     // runc.
     let x = exec("exec-x", "sleep 1000");
     let y = exec("exec-y", "sleep 1000");
-    assert!(
-        eventually(Duration::from_secs(120), || task_pids(&ctr, ID).len() == 3),
-        "{:?}",
-        task_pids(&ctr, ID)
-    );
+    assert!(started("exec-x") && started("exec-y"), "{}", log());
+    assert_eq!(task_pids(&ctr, ID).len(), 3);
     ctr.output(&["task", "kill", "--all", ID]).unwrap();
     for out in [x, y].map(|c| wait_output(c, Duration::from_secs(120))) {
         assert_eq!(out.status.code(), Some(143), "{out:?}\n{}", log());
     }
     assert_eq!(task_pids(&ctr, ID), init_pids);
+    assert_eq!(task_status(&ctr, ID).unwrap().1, "RUNNING");
+
+    // Pause and resume: the cgroup freezer in the guest.
+    ctr.output(&["task", "pause", ID]).unwrap();
+    assert_eq!(task_status(&ctr, ID).unwrap().1, "PAUSED");
+    ctr.output(&["task", "resume", ID]).unwrap();
     assert_eq!(task_status(&ctr, ID).unwrap().1, "RUNNING");
 
     // SIGKILL ends the init: the task stops with 137.
