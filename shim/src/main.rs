@@ -17,7 +17,8 @@ mod stdio;
 mod vm;
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
 
 use containerd_shim::api::DeleteResponse;
 use containerd_shim::publisher::RemotePublisher;
@@ -27,6 +28,14 @@ use crate::config::Config;
 
 /// The runtime id containerd knows this shim by.
 const RUNTIME_ID: &str = "io.containerd.nutshell.v2";
+
+/// When this shim process started: the reference of the host-side timings it logs.
+static STARTED: OnceLock<Instant> = OnceLock::new();
+
+/// Time since this shim process started (zero if `main` did not record it).
+pub(crate) fn since_start() -> std::time::Duration {
+    STARTED.get().map(Instant::elapsed).unwrap_or_default()
+}
 
 /// The shim process.
 struct NutshellShim {
@@ -131,5 +140,6 @@ fn cleanup_sandbox(paths: &vm::SandboxPaths) {
 }
 
 fn main() {
+    STARTED.get_or_init(Instant::now);
     containerd_shim::run::<NutshellShim>(RUNTIME_ID, None);
 }

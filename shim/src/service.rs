@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use containerd_shim::api::{
     CloseIORequest, ConnectRequest, ConnectResponse, CreateTaskRequest, CreateTaskResponse,
@@ -59,6 +59,11 @@ struct Process {
     exited_at: Option<Timestamp>,
     /// The OCI `process` JSON of an exec.
     exec_spec: Vec<u8>,
+    /// The terminal size (rows, columns) containerd set on an exec before its Start: the
+    /// exec does not exist in the guest yet, so the size goes into its process spec.
+    console_size: Option<(u32, u32)>,
+    /// containerd closed the stdin of an exec before its Start: closed right after it.
+    stdin_closed: bool,
     copy: Option<Arc<StdioCopy>>,
 }
 
@@ -70,6 +75,8 @@ impl Process {
             exit_status: 0,
             exited_at: None,
             exec_spec: Vec::new(),
+            console_size: None,
+            stdin_closed: false,
             copy: None,
         }
     }
@@ -180,6 +187,21 @@ fn status_after_vm_exit(code: VmExitCode, kill_signal: Option<u32>) -> u32 {
         // The VM went away under the process: as if SIGKILLed.
         None => 128 + 9,
     }
+}
+
+/// An exec's OCI `process` JSON with `consoleSize` set to `rows` × `cols`.
+fn with_console_size(process_json: &[u8], rows: u32, cols: u32) -> Result<Vec<u8>> {
+    let mut process: serde_json::Value = serde_json::from_slice(process_json)
+        .map_err(|e| ShimError::InvalidArgument(format!("exec process spec: {e}")))?;
+    let obj = process
+        .as_object_mut()
+        .ok_or_else(|| ShimError::InvalidArgument("exec process spec: not an object".into()))?;
+    obj.insert(
+        "consoleSize".to_owned(),
+        serde_json::json!({ "height": rows, "width": cols }),
+    );
+    serde_json::to_vec(&process)
+        .map_err(|e| ShimError::Internal(format!("serialize the exec process spec: {e}")))
 }
 
 /// The config file named in containerd's runtime options (`runtimeoptions.v1.Options`,
@@ -648,12 +670,19 @@ impl Service {
         };
         let ports = stdio.ports(|| vm.next_port());
         let copy = StdioCopy::start(&vm.vsock(), &stdio, ports, id);
+        let started = Instant::now();
         match vm
             .agent()
             .create_container(id, json, ports, stdio.terminal)
             .map_err(ShimError::agent("CreateContainer"))
         {
-            Ok(()) => Ok((vm, stdio, Some(copy))),
+            Ok(()) => {
+                log::info!(
+                    "{id}: CreateContainer in the guest took {:.3} s",
+                    started.elapsed().as_secs_f64()
+                );
+                Ok((vm, stdio, Some(copy)))
+            }
             Err(e) => {
                 drop(copy);
                 remove_container_dir(&container_shared_dir(&vm, id));
@@ -681,7 +710,7 @@ impl Service {
     fn do_start(&self, req: &StartRequest) -> Result<StartResponse> {
         let (id, exec_id) = (req.id.as_str(), req.exec_id.as_str());
         let (vm, role) = self.lookup_vm(id)?;
-        let (stdio, exec_spec) = {
+        let (stdio, exec_spec, console_size) = {
             let st = self.inner.lock();
             let c = st.containers.get(id).ok_or_else(|| ShimError::NotFound {
                 kind: "task",
@@ -689,24 +718,37 @@ impl Service {
             })?;
             let p = c.process(id, exec_id)?;
             p.state.next(Transition::Start, id)?;
-            (p.stdio.clone(), p.exec_spec.clone())
+            (p.stdio.clone(), p.exec_spec.clone(), p.console_size)
         };
         let mut copy = None;
+        let started = Instant::now();
         if exec_id.is_empty() {
             if role.runs_process() {
                 vm.agent()
                     .start_container(id)
                     .map_err(ShimError::agent("StartContainer"))?;
+                log::info!(
+                    "{id}: StartContainer in the guest took {:.3} s",
+                    started.elapsed().as_secs_f64()
+                );
             }
         } else {
+            let exec_spec = match console_size {
+                Some((rows, cols)) if stdio.terminal => with_console_size(&exec_spec, rows, cols)?,
+                _ => exec_spec,
+            };
             let ports = stdio.ports(|| vm.next_port());
             let c = StdioCopy::start(&vm.vsock(), &stdio, ports, &format!("{id}/{exec_id}"));
             vm.agent()
                 .exec_process(id, exec_id, exec_spec, ports, stdio.terminal)
                 .map_err(ShimError::agent("ExecProcess"))?;
+            log::info!(
+                "{id}/{exec_id}: ExecProcess in the guest took {:.3} s",
+                started.elapsed().as_secs_f64()
+            );
             copy = Some(Arc::new(c));
         }
-        {
+        let resize = {
             let mut st = self.inner.lock();
             let c = st
                 .containers
@@ -720,7 +762,24 @@ impl Service {
             if copy.is_some() {
                 p.copy = copy;
             }
+            // A resize that arrived while the exec was being started went into no spec.
+            let resize = p
+                .console_size
+                .filter(|s| !exec_id.is_empty() && Some(*s) != console_size);
+            let close_stdin = !exec_id.is_empty() && p.stdin_closed;
             self.inner.changed.notify_all();
+            (resize, close_stdin)
+        };
+        let (resize, close_stdin) = resize;
+        if close_stdin {
+            if let Err(e) = vm.agent().close_stdin(id, exec_id) {
+                log::warn!("{id}/{exec_id}: CloseStdin: {e}");
+            }
+        }
+        if let Some((rows, cols)) = resize {
+            if let Err(e) = vm.agent().resize_tty(id, exec_id, rows, cols) {
+                log::warn!("{id}/{exec_id}: ResizeTty: {e}");
+            }
         }
         if role.runs_process() {
             self.inner
@@ -1104,6 +1163,66 @@ impl Service {
             .map_err(ShimError::agent("UpdateContainer"))
     }
 
+    fn do_close_io(&self, req: &CloseIORequest) -> Result<()> {
+        let (id, exec_id) = (req.id.as_str(), req.exec_id.as_str());
+        let (vm, _) = self.lookup_vm(id)?;
+        if !req.stdin {
+            return Ok(());
+        }
+        {
+            let mut st = self.inner.lock();
+            let c = st
+                .containers
+                .get_mut(id)
+                .ok_or_else(|| ShimError::NotFound {
+                    kind: "task",
+                    id: id.to_owned(),
+                })?;
+            let p = c.process_mut(id, exec_id)?;
+            // Always remembered: an exec being started closes it afterwards (do_start).
+            p.stdin_closed = true;
+            if !exec_id.is_empty() && p.state == TaskState::Created {
+                // ctr closes an exec's stdin before its Start, when the process does not exist
+                // in the guest yet.
+                return Ok(());
+            }
+        }
+        vm.agent()
+            .close_stdin(id, exec_id)
+            .map_err(ShimError::agent("CloseStdin"))
+    }
+
+    fn do_resize_pty(&self, req: &ResizePtyRequest) -> Result<()> {
+        let (id, exec_id) = (req.id.as_str(), req.exec_id.as_str());
+        let (vm, _) = self.lookup_vm(id)?;
+        {
+            let mut st = self.inner.lock();
+            let c = st
+                .containers
+                .get_mut(id)
+                .ok_or_else(|| ShimError::NotFound {
+                    kind: "task",
+                    id: id.to_owned(),
+                })?;
+            let p = c.process_mut(id, exec_id)?;
+            if !p.stdio.terminal {
+                return Err(ShimError::FailedPrecondition(format!(
+                    "{id}/{exec_id} has no terminal"
+                )));
+            }
+            // Always remembered: an exec being started applies it afterwards (do_start).
+            p.console_size = Some((req.height, req.width));
+            if !exec_id.is_empty() && p.state == TaskState::Created {
+                // containerd sizes an exec's terminal before its Start, when the process does
+                // not exist in the guest yet: the size goes into its spec at Start.
+                return Ok(());
+            }
+        }
+        vm.agent()
+            .resize_tty(id, exec_id, req.height, req.width)
+            .map_err(ShimError::agent("ResizeTty"))
+    }
+
     fn do_pause_resume(&self, id: &str, pause: bool) -> Result<()> {
         let (vm, role) = self.lookup_vm(id)?;
         let t = if pause {
@@ -1244,24 +1363,11 @@ impl Task for Service {
     }
 
     fn resize_pty(&self, _ctx: &TtrpcContext, req: ResizePtyRequest) -> TtrpcResult<Empty> {
-        let r = self.lookup_vm(&req.id).and_then(|(vm, _)| {
-            vm.agent()
-                .resize_tty(&req.id, &req.exec_id, req.height, req.width)
-                .map_err(ShimError::agent("ResizeTty"))
-        });
-        reply("ResizePty", r).map(|()| Empty::new())
+        reply("ResizePty", self.do_resize_pty(&req)).map(|()| Empty::new())
     }
 
     fn close_io(&self, _ctx: &TtrpcContext, req: CloseIORequest) -> TtrpcResult<Empty> {
-        let r = self.lookup_vm(&req.id).and_then(|(vm, _)| {
-            if !req.stdin {
-                return Ok(());
-            }
-            vm.agent()
-                .close_stdin(&req.id, &req.exec_id)
-                .map_err(ShimError::agent("CloseStdin"))
-        });
-        reply("CloseIO", r).map(|()| Empty::new())
+        reply("CloseIO", self.do_close_io(&req)).map(|()| Empty::new())
     }
 
     fn update(&self, _ctx: &TtrpcContext, req: UpdateTaskRequest) -> TtrpcResult<Empty> {
@@ -1335,6 +1441,19 @@ mod tests {
             ..Default::default()
         };
         assert!(config_path_from_options(&garbage).is_err());
+    }
+
+    #[test]
+    fn exec_console_size_goes_into_the_process_spec() {
+        let spec =
+            br#"{"terminal":true,"user":{"uid":0,"gid":0},"args":["sh"],"cwd":"/","consoleSize":{"height":1,"width":1}}"#;
+        let out = with_console_size(spec, 33, 97).unwrap();
+        let p: oci_spec::runtime::Process = serde_json::from_slice(&out).unwrap();
+        let size = p.console_size().unwrap();
+        assert_eq!((size.height(), size.width()), (33, 97));
+        assert_eq!(p.args().as_ref().unwrap(), &["sh".to_owned()]);
+        assert!(with_console_size(b"[1]", 1, 1).is_err());
+        assert!(with_console_size(b"{", 1, 1).is_err());
     }
 
     #[test]

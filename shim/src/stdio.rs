@@ -163,52 +163,132 @@ impl Ctx {
         None
     }
 
+    // Output FIFOs are opened first, while containerd's client (ctr, the CRI) waits for the
+    // Create or Exec that this copy belongs to and so is there to read: `ctr run -d` exits
+    // right after Start, and a FIFO opened for writing after that never finds its reader.
+    // stdin cannot wait for its writer that way (the agent wants the stream connected within
+    // seconds, and ctr may open its end only later): see `open_stdin`.
+
     fn run_output(&self, path: &str, _done: Sender<()>) {
+        let mut fifo = match OpenOptions::new().write(true).open(path) {
+            Ok(f) => f,
+            Err(e) => {
+                log::warn!("{}: open {path}: {e}", self.id);
+                return;
+            }
+        };
         let Some(mut stream) = self.connect() else {
             return;
         };
-        match OpenOptions::new().write(true).open(path) {
-            Ok(mut fifo) => copy_logged(&mut stream, &mut fifo, &self.id, path),
-            Err(e) => log::warn!("{}: open {path}: {e}", self.id),
-        }
+        copy_logged(&mut stream, &mut fifo, &self.id, path);
         // `_done` drops here: one output finished.
     }
 
     fn run_stdin(&self, path: &str) {
+        let Some(mut fifo) = StdinFifo::open(path, &self.id) else {
+            return;
+        };
         let Some(mut stream) = self.connect() else {
             return;
         };
-        // Opening for reading waits for containerd's writer; read+write would never see EOF.
-        match File::open(path) {
-            Ok(mut fifo) => copy_logged(&mut fifo, &mut stream, &self.id, path),
-            Err(e) => log::warn!("{}: open {path}: {e}", self.id),
-        }
+        copy_logged(&mut fifo, &mut stream, &self.id, path);
         let _ = stream.shutdown(Shutdown::Write);
     }
 
     fn run_pty(&self, stdin: &str, stdout: &str, _done: Sender<()>) {
+        // The stdin FIFO is opened in a thread of its own (its writer may come after the
+        // output's reader); it gets the stream once connected.
+        let (to_guest_tx, to_guest_rx) = mpsc::channel::<UnixStream>();
+        if !stdin.is_empty() {
+            let id = self.id.clone();
+            let path = stdin.to_owned();
+            let fifo = StdinFifo::open(&path, &id);
+            let spawned = std::thread::Builder::new()
+                .name(format!("stdio-pty-in-{id}"))
+                .spawn(move || {
+                    let Some(mut fifo) = fifo else {
+                        return;
+                    };
+                    // The sender goes away without a stream when the connection failed.
+                    if let Ok(mut to_guest) = to_guest_rx.recv() {
+                        copy_logged(&mut fifo, &mut to_guest, &id, &path);
+                        let _ = to_guest.shutdown(Shutdown::Write);
+                    }
+                });
+            if let Err(e) = spawned {
+                log::warn!("{}: pty stdin: {e}", self.id);
+            }
+        }
+        let mut fifo = None;
+        if !stdout.is_empty() {
+            match OpenOptions::new().write(true).open(stdout) {
+                Ok(f) => fifo = Some(f),
+                Err(e) => log::warn!("{}: open {stdout}: {e}", self.id),
+            }
+        }
         let Some(mut stream) = self.connect() else {
             return;
         };
         if !stdin.is_empty() {
-            match (stream.try_clone(), File::open(stdin)) {
-                (Ok(mut to_guest), Ok(mut fifo)) => {
-                    let id = self.id.clone();
-                    let path = stdin.to_owned();
-                    let _ = std::thread::Builder::new()
-                        .name(format!("stdio-pty-in-{id}"))
-                        .spawn(move || {
-                            copy_logged(&mut fifo, &mut to_guest, &id, &path);
-                            let _ = to_guest.shutdown(Shutdown::Write);
-                        });
+            match stream.try_clone() {
+                Ok(to_guest) => {
+                    let _ = to_guest_tx.send(to_guest);
                 }
-                (Err(e), _) | (_, Err(e)) => log::warn!("{}: pty stdin: {e}", self.id),
+                Err(e) => log::warn!("{}: pty stdin: {e}", self.id),
             }
         }
-        if !stdout.is_empty() {
-            match OpenOptions::new().write(true).open(stdout) {
-                Ok(mut fifo) => copy_logged(&mut stream, &mut fifo, &self.id, stdout),
-                Err(e) => log::warn!("{}: open {stdout}: {e}", self.id),
+        if let Some(mut fifo) = fifo {
+            copy_logged(&mut stream, &mut fifo, &self.id, stdout);
+        }
+    }
+}
+
+/// containerd's stdin FIFO, read until its writer closes it.
+///
+/// Opened for reading with `O_NONBLOCK`, so the open never waits: a writer that is opening it,
+/// or opens it later, finds a reader at once (a blocking open waits for the writer, and a
+/// writer that wrote and closed before it would leave its bytes unread). Reads poll first: a
+/// FIFO reports hang-up only after a writer came and went, so "no writer yet" is not EOF.
+struct StdinFifo(File);
+
+impl StdinFifo {
+    fn open(path: &str, id: &str) -> Option<StdinFifo> {
+        use std::os::unix::fs::OpenOptionsExt;
+        match OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+        {
+            Ok(f) => Some(StdinFifo(f)),
+            Err(e) => {
+                log::warn!("{id}: open {path}: {e}");
+                None
+            }
+        }
+    }
+}
+
+impl Read for StdinFifo {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use std::os::fd::AsRawFd;
+        loop {
+            let mut pfd = libc::pollfd {
+                fd: self.0.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: `pfd` is one valid pollfd that lives across the call; the fd is open.
+            let n = unsafe { libc::poll(&mut pfd, 1, -1) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            match self.0.read(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                r => return r,
             }
         }
     }
@@ -327,6 +407,25 @@ mod tests {
         guest.join().unwrap();
         copy.wait_outputs(Duration::from_secs(10));
         assert_eq!(reader.join().unwrap(), "hello from the guest\n");
+    }
+
+    #[test]
+    fn stdin_without_a_writer_yet_is_not_eof() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("stdin");
+        mkfifo(&fifo);
+        // The open returns without a writer.
+        let mut reader = StdinFifo::open(fifo.to_str().unwrap(), "c1").unwrap();
+        let read = std::thread::spawn(move || {
+            let mut got = String::new();
+            reader.read_to_string(&mut got).unwrap();
+            got
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(!read.is_finished(), "EOF before any writer came");
+        // A writer that writes and closes at once: its bytes, then EOF.
+        std::fs::write(&fifo, b"late\n").unwrap();
+        assert_eq!(read.join().unwrap(), "late\n");
     }
 
     #[test]

@@ -277,10 +277,11 @@ impl SandboxVm {
         };
         let pid = child.id();
         log::info!(
-            "sandbox {id}: spawned {} (pid {pid}, {} vCPUs, {} MiB, virtio-fs {virtio_fs})",
+            "sandbox {id}: spawned {} (pid {pid}, {} vCPUs, {} MiB, virtio-fs {virtio_fs}) {:.3} s after the shim started",
             config.vmm.display(),
             size.vcpus,
-            size.memory_mib
+            size.memory_mib,
+            crate::since_start().as_secs_f64()
         );
         let _ = std::fs::write(paths.pid_file(), format!("{pid}\n"));
 
