@@ -617,7 +617,20 @@ impl Service {
                     inner.vm_exited(&sid, code);
                 }
             });
-            let vm = SandboxVm::start(config, &paths, sandbox_id, &hostname, size, on_exit)?;
+            let cgroups_path = spec
+                .linux()
+                .as_ref()
+                .and_then(|l| l.cgroups_path().clone())
+                .map(|p| p.to_string_lossy().into_owned());
+            let vm = SandboxVm::start(
+                config,
+                &paths,
+                sandbox_id,
+                &hostname,
+                size,
+                cgroups_path.as_deref(),
+                on_exit,
+            )?;
             (Arc::new(vm), guest_spec)
         } else {
             let vm = {
