@@ -160,6 +160,9 @@ pub struct ContainerdOptions {
     /// Parent of the temporary directory (default: the system's temporary directory; the
     /// socket path must stay short).
     pub parent_dir: Option<PathBuf>,
+    /// The CRI plugin's `sandbox_image` (the pause image). It must be in the `k8s.io`
+    /// namespace before `RunPodSandbox`, or containerd tries to pull it; default: containerd's.
+    pub sandbox_image: Option<String>,
 }
 
 impl Default for ContainerdOptions {
@@ -177,6 +180,7 @@ impl Default for ContainerdOptions {
             ),
             ready_timeout: Duration::from_secs(30),
             parent_dir: None,
+            sandbox_image: None,
         }
     }
 }
@@ -185,6 +189,9 @@ impl Default for ContainerdOptions {
 #[derive(Debug)]
 pub struct Containerd {
     child: Option<Child>,
+    binary: PathBuf,
+    config: PathBuf,
+    ready_timeout: Duration,
     dir: Option<tempfile::TempDir>,
     address: PathBuf,
     namespace: String,
@@ -193,8 +200,9 @@ pub struct Containerd {
     runtimes: Vec<RuntimeSpec>,
 }
 
-/// The containerd config: private paths, CRI plugin with `restrict_oom_score_adj`, runtimes.
-pub fn config_toml(dir: &Path, runtimes: &[RuntimeSpec]) -> String {
+/// The containerd config: private paths, CRI plugin with `restrict_oom_score_adj`, runtimes,
+/// and the sandbox (pause) image if one is given.
+pub fn config_toml(dir: &Path, runtimes: &[RuntimeSpec], sandbox_image: Option<&str>) -> String {
     let d = dir.display();
     let mut s = String::new();
     // `writeln!` into a String cannot fail.
@@ -223,7 +231,7 @@ disabled_plugins = []
   disable_tcp_service = true
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
-  enable_selinux = false
+  enable_selinux = false{sandbox_image}
 
 [plugins."io.containerd.grpc.v1.cri".cni]
   bin_dir = "{d}/cni/bin"
@@ -231,7 +239,10 @@ disabled_plugins = []
 
 [plugins."io.containerd.grpc.v1.cri".containerd]
   default_runtime_name = "runc"
-  snapshotter = "overlayfs""#
+  snapshotter = "overlayfs""#,
+        sandbox_image = sandbox_image
+            .map(|i| format!("\n  sandbox_image = \"{}\"", toml_escape(i)))
+            .unwrap_or_default()
     );
     let mut all = vec![RuntimeSpec::runc()];
     all.extend(runtimes.iter().filter(|r| r.name != "runc").cloned());
@@ -293,30 +304,13 @@ impl Containerd {
         let config = dir.path().join("config.toml");
         prepare(
             config.clone(),
-            fs::write(&config, config_toml(dir.path(), &opts.runtimes)),
+            fs::write(
+                &config,
+                config_toml(dir.path(), &opts.runtimes, opts.sandbox_image.as_deref()),
+            ),
         )?;
         let log = dir.path().join("containerd.log");
-        let log_file = fs::File::create(&log).map_err(|source| ContainerdError::Prepare {
-            path: log.clone(),
-            source,
-        })?;
-        let log_err = log_file
-            .try_clone()
-            .map_err(|source| ContainerdError::Prepare {
-                path: log.clone(),
-                source,
-            })?;
-        let child = Command::new(&opts.binary)
-            .arg("--config")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(log_file)
-            .stderr(log_err)
-            .spawn()
-            .map_err(|source| ContainerdError::Spawn {
-                binary: opts.binary.clone(),
-                source,
-            })?;
+        let child = spawn_daemon(&opts.binary, &config, &log)?;
         log::info!(
             "containerd started (pid {}) in {}",
             child.id(),
@@ -324,6 +318,9 @@ impl Containerd {
         );
         let mut containerd = Containerd {
             child: Some(child),
+            binary: opts.binary.clone(),
+            config,
+            ready_timeout: opts.ready_timeout,
             address: dir.path().join("containerd.sock"),
             dir: Some(dir),
             namespace: opts.namespace.clone(),
@@ -333,6 +330,29 @@ impl Containerd {
         };
         containerd.wait_ready(opts.ready_timeout)?;
         Ok(containerd)
+    }
+
+    /// Stops the containerd process alone, as an operator's `systemctl restart containerd`
+    /// does: SIGTERM, SIGKILL after 10 s. Shims and their tasks keep running (they are not
+    /// containerd's children once started). Returns how long containerd took to exit.
+    pub fn stop_daemon(&mut self) -> Duration {
+        let started = Instant::now();
+        if let Some(child) = self.child.take() {
+            terminate(child);
+        }
+        started.elapsed()
+    }
+
+    /// Starts containerd again on the same root, state, socket and config (after
+    /// [`Containerd::stop_daemon`]; a running one is stopped first) and waits until it
+    /// answers; it reconnects to the shims that are still running.
+    pub fn start_again(&mut self) -> Result<(), ContainerdError> {
+        self.stop_daemon();
+        let log = self.log.clone();
+        let child = spawn_daemon(&self.binary, &self.config, &log)?;
+        log::info!("containerd restarted (pid {})", child.id());
+        self.child = Some(child);
+        self.wait_ready(self.ready_timeout)
     }
 
     fn wait_ready(&mut self, timeout: Duration) -> Result<(), ContainerdError> {
@@ -415,45 +435,21 @@ impl Containerd {
         }
     }
 
-    /// Stops containerd: tasks removed, SIGTERM, then SIGKILL after 10 s; mounts detached and
-    /// the directory removed. Called by `Drop`.
+    /// Stops containerd: tasks removed, SIGTERM, then SIGKILL after 10 s; shims still there
+    /// (also of a containerd stopped by [`Containerd::stop_daemon`]) killed; mounts detached
+    /// and the directory removed. Called by `Drop`.
     pub fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        if matches!(child.try_wait(), Ok(None)) {
-            self.remove_all_containers();
-            // A shim exits shortly after its last task is deleted; one that stays is killed.
-            let deadline = Instant::now() + Duration::from_secs(5);
-            loop {
-                let shims = shim_pids(&self.address, &self.namespace);
-                if shims.is_empty() {
-                    break;
-                }
-                if Instant::now() > deadline {
-                    for pid in process_tree(&shims) {
-                        log::warn!("killing leftover shim process {pid}");
-                        if let Ok(pid) = i32::try_from(pid) {
-                            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-                        }
-                    }
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            if let Ok(pid) = i32::try_from(child.id()) {
-                let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
-            }
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            if matches!(child.try_wait(), Ok(None)) {
-                log::warn!("containerd did not exit on SIGTERM; killing it");
-                let _ = child.kill();
+        if let Some(child) = self.child.take() {
+            self.stop_running(child);
+        }
+        // Shims of a stopped containerd (or that outlived it) are killed with their children.
+        let shims = shim_pids(&self.address, &self.namespace);
+        for pid in process_tree(&shims) {
+            log::warn!("killing shim process {pid} left by containerd");
+            if let Ok(pid) = i32::try_from(pid) {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
             }
         }
-        let _ = child.wait();
         if let Some(dir) = self.dir.take() {
             detach_mounts_under(dir.path());
             let path = dir.path().to_owned();
@@ -462,6 +458,61 @@ impl Containerd {
             }
         }
     }
+
+    fn stop_running(&mut self, mut child: Child) {
+        if matches!(child.try_wait(), Ok(None)) {
+            self.remove_all_containers();
+            // A shim exits shortly after its last task is deleted; one that stays is killed
+            // (by `stop`, after containerd is gone).
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !shim_pids(&self.address, &self.namespace).is_empty() && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        terminate(child);
+    }
+}
+
+/// Starts `containerd --config CONFIG`, its output appended to `log`.
+fn spawn_daemon(binary: &Path, config: &Path, log: &Path) -> Result<Child, ContainerdError> {
+    let prepare = |source| ContainerdError::Prepare {
+        path: log.to_owned(),
+        source,
+    };
+    let log_file = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(prepare)?;
+    let log_err = log_file.try_clone().map_err(prepare)?;
+    Command::new(binary)
+        .arg("--config")
+        .arg(config)
+        .stdin(Stdio::null())
+        .stdout(log_file)
+        .stderr(log_err)
+        .spawn()
+        .map_err(|source| ContainerdError::Spawn {
+            binary: binary.to_owned(),
+            source,
+        })
+}
+
+/// SIGTERM to `child`, SIGKILL if it has not exited 10 s later; reaped.
+fn terminate(mut child: Child) {
+    if let Ok(pid) = i32::try_from(child.id()) {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if matches!(child.try_wait(), Ok(None)) {
+        log::warn!("containerd did not exit on SIGTERM; killing it");
+        let _ = child.kill();
+    }
+    let _ = child.wait();
 }
 
 impl Drop for Containerd {
@@ -722,6 +773,7 @@ mod tests {
                 RuntimeSpec::nutshell(),
                 RuntimeSpec::runsc(PathBuf::from("/tmp/x/runsc")),
             ],
+            None,
         );
         assert!(cfg.contains("restrict_oom_score_adj = true"));
         assert!(cfg.contains("address = \"/tmp/x/containerd.sock\""));
@@ -733,8 +785,32 @@ mod tests {
         ));
         assert!(cfg.contains("runtimes.runsc.options]\n  BinaryName = \"/tmp/x/runsc\""));
         // runc is registered once even when asked for twice.
-        let cfg = config_toml(Path::new("/d"), &[RuntimeSpec::runc()]);
+        let cfg = config_toml(Path::new("/d"), &[RuntimeSpec::runc()], None);
         assert_eq!(cfg.matches("runtimes.runc]").count(), 1);
+        assert!(!cfg.contains("sandbox_image"));
+    }
+
+    #[test]
+    fn config_sets_the_sandbox_image_in_the_cri_plugin() {
+        let cfg = config_toml(
+            Path::new("/d"),
+            &[RuntimeSpec::nutshell()],
+            Some("docker.io/nutshell/pause:\"1"),
+        );
+        let cri = cfg
+            .split("[plugins.\"io.containerd.grpc.v1.cri\"]\n")
+            .nth(1)
+            .unwrap();
+        let section = cri.split("\n\n").next().unwrap();
+        assert!(
+            section.contains("  sandbox_image = \"docker.io/nutshell/pause:\\\"1\""),
+            "{cfg}"
+        );
+        let parsed: toml::Value = toml::from_str(&cfg).unwrap();
+        assert_eq!(
+            parsed["plugins"]["io.containerd.grpc.v1.cri"]["sandbox_image"].as_str(),
+            Some("docker.io/nutshell/pause:\"1")
+        );
     }
 
     #[test]

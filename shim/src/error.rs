@@ -74,6 +74,9 @@ pub enum ShimError {
     /// The configuration is unusable.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    /// The pod's cgroup on the host could not be made or joined.
+    #[error(transparent)]
+    Cgroup(#[from] crate::cgroup::CgroupError),
     /// Anything else the host got wrong.
     #[error("{0}")]
     Internal(String),
@@ -118,6 +121,10 @@ impl ShimError {
                 _ => Code::UNAVAILABLE,
             },
             ShimError::Vm { .. } => Code::UNAVAILABLE,
+            ShimError::Cgroup(crate::cgroup::CgroupError::InvalidPath { .. }) => {
+                Code::INVALID_ARGUMENT
+            }
+            ShimError::Cgroup(_) => Code::INTERNAL,
             ShimError::Io { .. } | ShimError::Internal(_) => Code::INTERNAL,
         }
     }

@@ -7,6 +7,7 @@
 //! spawning it first if there is none ([`pod::grouping`]). The served process implements the
 //! Task API ([`service::Service`]).
 
+mod cgroup;
 mod config;
 mod error;
 mod pod;
@@ -136,6 +137,12 @@ fn cleanup_sandbox(paths: &vm::SandboxPaths) {
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
     }
+    // The VMM is gone (or going): its cgroup, if this sandbox's shim made it, goes too.
+    let created = cgroup::load_created(
+        &paths.dir.join(cgroup::CREATED_LIST),
+        Path::new(cgroup::DEFAULT_ROOT),
+    );
+    cgroup::remove_created(&created);
     vm::remove_sandbox_dir(Path::new(&paths.dir));
 }
 

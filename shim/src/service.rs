@@ -101,6 +101,9 @@ struct Container {
     execs: HashMap<String, Process>,
     /// The signal a pod sandbox container was killed with (its "exit" is the VM's stop).
     kill_signal: Option<u32>,
+    /// The write end of `<bundle>/log` of a container that joined its pod's shim (see
+    /// [`open_bundle_log`]); closed when the container is deleted.
+    _bundle_log: Option<std::fs::File>,
 }
 
 impl Container {
@@ -422,6 +425,28 @@ fn container_shared_dir(vm: &SandboxVm, id: &str) -> PathBuf {
     vm.shared().join(id)
 }
 
+/// containerd opens `<bundle>/log` of every task for reading (a blocking open in a thread of
+/// its own), expecting the task's shim to write its log there. A container that joins its pod's
+/// shim has no shim of its own, so that open would stay pending for the container's life; on
+/// the development machines a thread blocked there cannot even be killed, and containerd never
+/// finishes exiting (seen on a containerd restart). Opening the write end completes it; the
+/// shim's log goes to the sandbox's log, so nothing is written here.
+fn open_bundle_log(bundle: &str) -> Option<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = Path::new(bundle).join("log");
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&path)
+    {
+        Ok(f) => Some(f),
+        Err(e) => {
+            log::debug!("{}: not held open: {e}", path.display());
+            None
+        }
+    }
+}
+
 /// Unmounts and removes a container's directory in the shared directory.
 fn remove_container_dir(dir: &Path) {
     crate::vm::remove_sandbox_dir(dir);
@@ -566,6 +591,11 @@ impl Service {
                 init,
                 execs: HashMap::new(),
                 kill_signal: None,
+                _bundle_log: if role.starts_vm() {
+                    None
+                } else {
+                    open_bundle_log(&req.bundle)
+                },
             },
         );
         drop(st);
@@ -639,7 +669,20 @@ impl Service {
                     inner.vm_exited(&sid, code);
                 }
             });
-            let vm = SandboxVm::start(config, &paths, sandbox_id, &hostname, size, on_exit)?;
+            let cgroups_path = spec
+                .linux()
+                .as_ref()
+                .and_then(|l| l.cgroups_path().clone())
+                .map(|p| p.to_string_lossy().into_owned());
+            let vm = SandboxVm::start(
+                config,
+                &paths,
+                sandbox_id,
+                &hostname,
+                size,
+                cgroups_path.as_deref(),
+                on_exit,
+            )?;
             (Arc::new(vm), guest_spec)
         } else {
             let vm = {

@@ -9,6 +9,8 @@
 //! child, so the VMM's exit is learned from the crate's exit monitor, not from `Child::wait`.
 
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -19,6 +21,7 @@ use containerd_shim::monitor::{monitor_subscribe, Subject, Topic, MONITOR};
 use nutshell_protocol::client::{AgentClient, ClientError, ConnectOptions};
 use nutshell_protocol::types::{SandboxSpec, ServingStatus};
 
+use crate::cgroup::{self, Layout, PodCgroup};
 use crate::config::{Config, VirtioFs};
 use crate::error::{Result, ShimError};
 use crate::pod::VmSize;
@@ -55,6 +58,7 @@ pub struct SandboxVm {
     agent: AgentClient,
     next_port: AtomicU32,
     exit: Arc<ExitCell>,
+    cgroup: Mutex<Option<PodCgroup>>,
 }
 
 impl std::fmt::Debug for SandboxVm {
@@ -220,18 +224,32 @@ impl SandboxVm {
     /// Starts the VMM on a directory made by [`SandboxVm::create_dir`], waits for the agent
     /// and creates the sandbox in the guest. On any failure the VMM is stopped and the
     /// directory (with any mount under it) removed. `on_exit` is called once, from the watcher
-    /// thread, when the VMM exits.
+    /// thread, when the VMM exits. With `cgroups_path` (the spec's `linux.cgroupsPath`) the
+    /// VMM runs in that cgroup on the host, created if missing and removed by [`Self::stop`].
     pub fn start(
         config: &Config,
         paths: &SandboxPaths,
         id: &str,
         hostname: &str,
         size: VmSize,
+        cgroups_path: Option<&str>,
         on_exit: OnExit,
     ) -> Result<SandboxVm> {
-        match Self::spawn_and_connect(config, id, hostname, size, paths, on_exit) {
+        let mut cgroup = None;
+        let result = match cgroups_path {
+            Some(path) => pod_cgroup(path, paths).map(|cg| cgroup = Some(cg)),
+            None => Ok(()),
+        }
+        .and_then(|()| {
+            Self::spawn_and_connect(config, id, hostname, size, paths, &mut cgroup, on_exit)
+        });
+        match result {
             Ok(vm) => Ok(vm),
             Err(e) => {
+                // Still here: the VM never owned it (the VMM is gone, or never ran).
+                if let Some(mut cg) = cgroup {
+                    cg.remove();
+                }
                 remove_sandbox_dir(&paths.dir);
                 Err(e)
             }
@@ -244,6 +262,7 @@ impl SandboxVm {
         hostname: &str,
         size: VmSize,
         paths: &SandboxPaths,
+        cgroup: &mut Option<PodCgroup>,
         on_exit: OnExit,
     ) -> Result<SandboxVm> {
         let virtio_fs = match config.virtio_fs {
@@ -261,14 +280,32 @@ impl SandboxVm {
         // Subscribe before spawning so that an immediate exit is not missed.
         let sub = monitor_subscribe(Topic::Pid)
             .map_err(|e| ShimError::Internal(format!("subscribe to exits: {e}")))?;
-        let started = Instant::now();
-        let mut child = match Command::new(&config.vmm)
+        // Opened before the fork: the child only writes to them (async-signal-safe).
+        let procs = match cgroup.as_ref().map(PodCgroup::procs_files).transpose() {
+            Ok(p) => p.unwrap_or_default(),
+            Err(e) => {
+                unsubscribe(sub.id);
+                return Err(e.into());
+            }
+        };
+        let fds: Vec<RawFd> = procs.iter().map(AsRawFd::as_raw_fd).collect();
+        let mut command = Command::new(&config.vmm);
+        command
             .args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-        {
+            .stderr(Stdio::piped());
+        if !fds.is_empty() {
+            // SAFETY: the closure runs in the forked child before exec and only calls
+            // write(2) on descriptors that stay open in the parent until `spawn` returns.
+            unsafe {
+                command.pre_exec(move || cgroup::join_self(&fds));
+            }
+        }
+        let started = Instant::now();
+        let spawned = command.spawn();
+        drop(procs);
+        let mut child = match spawned {
             Ok(c) => c,
             Err(e) => {
                 unsubscribe(sub.id);
@@ -342,6 +379,7 @@ impl SandboxVm {
             },
             next_port: AtomicU32::new(FIRST_STDIO_PORT),
             exit,
+            cgroup: Mutex::new(cgroup.take()),
         };
         log::info!(
             "sandbox {id}: agent answered {:.2} s after the VMM spawn",
@@ -424,8 +462,34 @@ impl SandboxVm {
             }
             kill_and_wait(self.pid, &self.exit);
         }
+        if let Some(mut cg) = self.cgroup.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            cg.remove();
+        }
         remove_sandbox_dir(&self.dir);
     }
+}
+
+/// The pod's cgroup for the VMM, made (where missing) in every hierarchy; the directories made
+/// are listed in the sandbox directory for `delete` after a dead shim.
+fn pod_cgroup(cgroups_path: &str, paths: &SandboxPaths) -> Result<PodCgroup> {
+    let rel = cgroup::parse_cgroups_path(cgroups_path)?;
+    let layout = Layout::detect(Path::new(cgroup::DEFAULT_ROOT))?;
+    let mut cg = PodCgroup::create(&layout, &rel)?;
+    if let Err(e) = cgroup::save_created(&paths.dir.join(cgroup::CREATED_LIST), cg.created()) {
+        cg.remove();
+        return Err(ShimError::io("record the created cgroups")(e));
+    }
+    log::info!(
+        "sandbox {}: the VMM runs in cgroup {} ({:?})",
+        paths
+            .dir
+            .file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default(),
+        rel.display(),
+        cg.dirs()
+    );
+    Ok(cg)
 }
 
 /// Ends a subscription to the crate's exit monitor.

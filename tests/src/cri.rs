@@ -211,6 +211,40 @@ impl CriClient {
         Ok(resp.items.into_iter().map(|p| p.id).collect())
     }
 
+    /// `ListPodSandbox`: (id, state) of every pod sandbox.
+    pub fn pod_sandbox_states(&mut self) -> Result<Vec<(String, cri::PodSandboxState)>> {
+        let resp = self
+            .rt
+            .block_on(
+                self.runtime
+                    .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None }),
+            )
+            .context("CRI ListPodSandbox")?
+            .into_inner();
+        Ok(resp
+            .items
+            .into_iter()
+            .map(|p| (p.id.clone(), p.state()))
+            .collect())
+    }
+
+    /// `ListContainers`: (id, pod sandbox id, state) of every container.
+    pub fn container_states(&mut self) -> Result<Vec<(String, String, cri::ContainerState)>> {
+        let resp = self
+            .rt
+            .block_on(
+                self.runtime
+                    .list_containers(cri::ListContainersRequest { filter: None }),
+            )
+            .context("CRI ListContainers")?
+            .into_inner();
+        Ok(resp
+            .containers
+            .into_iter()
+            .map(|c| (c.id.clone(), c.pod_sandbox_id.clone(), c.state()))
+            .collect())
+    }
+
     /// `StopPodSandbox`: stops every container of the pod and the sandbox.
     pub fn stop_pod_sandbox(&mut self, id: &str) -> Result<()> {
         let req = cri::StopPodSandboxRequest {
