@@ -59,6 +59,8 @@ pub fn config_toml(artifacts: &Artifacts, run_dir: &Path, template_dir: &Path) -
     let _ = writeln!(s, "vmm = {}", q(&artifacts.vmm));
     let _ = writeln!(s, "run_dir = {}", q(run_dir));
     let _ = writeln!(s, "boot_timeout_secs = 600");
+    // Guest steps take seconds under an emulated guest kernel, far more with many pods idle.
+    let _ = writeln!(s, "rpc_timeout_secs = 300");
     let _ = writeln!(s, "templates = true");
     let _ = writeln!(s, "template_dir = {}", q(template_dir));
     s
@@ -116,6 +118,7 @@ mod tests {
         assert!(cfg.contains("vmm = \"/t/release/nutshell-vmm\"\n"));
         assert!(cfg.contains("run_dir = \"/run/x\"\n"));
         assert!(cfg.contains("templates = true\n"));
+        assert!(cfg.contains("rpc_timeout_secs = 300\n"));
         assert!(
             cfg.contains("template_dir = \"/c/\\\"q\\\"/templates\"\n"),
             "{cfg}"
