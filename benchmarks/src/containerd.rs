@@ -457,6 +457,7 @@ impl Containerd {
                 log::warn!("cannot remove {}: {e}", path.display());
             }
         }
+        remove_namespace_cgroups(Path::new(CGROUP_ROOT), &self.namespace);
     }
 
     fn stop_running(&mut self, mut child: Child) {
@@ -471,6 +472,31 @@ impl Containerd {
             }
         }
         terminate(child);
+    }
+}
+
+/// Where the cgroup hierarchies are mounted.
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
+/// Removes the cgroup `/<namespace>` that runc (and the Nutshell shim) create as the parent of
+/// `ctr run`'s `/<namespace>/<id>` in every hierarchy under `root` (cgroup v1: one per
+/// controller, and `unified`; v2: `root` itself) and leave behind. Only empty ones go (rmdir
+/// refuses others); a missing one is fine.
+pub fn remove_namespace_cgroups(root: &Path, namespace: &str) {
+    if namespace.is_empty() || namespace.contains('/') || namespace.starts_with('.') {
+        return;
+    }
+    let mut dirs = vec![root.join(namespace)];
+    if let Ok(entries) = fs::read_dir(root) {
+        dirs.extend(entries.flatten().map(|e| e.path().join(namespace)));
+    }
+    for dir in dirs {
+        match fs::remove_dir(&dir) {
+            Ok(()) => log::debug!("removed cgroup {}", dir.display()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => {}
+            Err(e) => log::warn!("cannot remove cgroup {}: {e}", dir.display()),
+        }
     }
 }
 
@@ -745,6 +771,30 @@ mod tests {
         assert!(tree.contains(&child.id()));
         child.kill().unwrap();
         child.wait().unwrap();
+    }
+
+    #[test]
+    fn namespace_cgroups_are_removed_when_empty_only() {
+        let root = tempfile::tempdir().unwrap();
+        for h in ["memory", "pids"] {
+            fs::create_dir_all(root.path().join(h).join("ns1")).unwrap();
+        }
+        fs::create_dir_all(root.path().join("cpu/ns1/still-running")).unwrap();
+        fs::create_dir_all(root.path().join("memory/other")).unwrap();
+        fs::write(root.path().join("cgroup.procs"), b"").unwrap();
+        remove_namespace_cgroups(root.path(), "ns1");
+        assert!(!root.path().join("memory/ns1").exists());
+        assert!(!root.path().join("pids/ns1").exists());
+        assert!(
+            root.path().join("cpu/ns1/still-running").exists(),
+            "not empty: kept"
+        );
+        assert!(
+            root.path().join("memory/other").exists(),
+            "another namespace: kept"
+        );
+        remove_namespace_cgroups(root.path(), "../memory");
+        assert!(root.path().join("memory").exists(), "a bad name is ignored");
     }
 
     #[test]
