@@ -10,4 +10,5 @@ set -euo pipefail
 
 cd "$REPO"
 log "cargo test: the CRI end-to-end test"
-cargo test --locked -p nutshell-tests --test cri -- --include-ignored --nocapture
+cargo test --locked -p nutshell-tests --test cri -- --include-ignored --nocapture \
+    cri_pod_with_two_containers_runs_in_one_microvm
