@@ -67,6 +67,28 @@ fn built_binary(env: &str, name: &str) -> Result<PathBuf> {
     }
 }
 
+/// PIDs of the `nutshell-vmm` processes whose command line names `run_dir` (a sandbox's VMM
+/// has its sockets there), for tests that check nothing is left running.
+pub fn vmms_under(run_dir: &Path) -> Vec<u32> {
+    let needle = run_dir.to_string_lossy().into_owned();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains(&needle))
+                .unwrap_or(false)
+        })
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .map(|c| c.trim() == "nutshell-vmm")
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
 /// A boot of the real guest kernel under `nutshell-vmm`, built up option by option:
 ///
 /// ```text

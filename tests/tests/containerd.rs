@@ -7,7 +7,7 @@
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 use nix::pty::{openpty, Winsize};
 use nutshell_bench::containerd::{shim_pids, Containerd, ContainerdOptions, Ctr};
 use nutshell_bench::image;
-use nutshell_tests::{guest_artifact, shim_binary, target_dir, template_cache, vmm_binary};
+use nutshell_tests::{
+    guest_artifact, shim_binary, target_dir, template_cache, vmm_binary, vmms_under,
+};
 
 const IMAGE: &str = "docker.io/nutshell/e2e-busybox:1";
 
@@ -109,25 +111,6 @@ impl NutshellContainerd {
             .collect();
         assert!(mounts.is_empty(), "mounts left: {mounts:?}");
     }
-}
-
-/// PIDs of `nutshell-vmm` processes whose command line names `run_dir`.
-fn vmms_under(run_dir: &Path) -> Vec<u32> {
-    let needle = run_dir.to_string_lossy().into_owned();
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|c| String::from_utf8_lossy(&c).contains(&needle))
-                .unwrap_or(false)
-        })
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                .map(|c| c.trim() == "nutshell-vmm")
-                .unwrap_or(false)
-        })
-        .collect()
 }
 
 #[test]

@@ -28,7 +28,7 @@ use nutshell_bench::containerd::{shim_pids, Containerd, ContainerdOptions};
 use nutshell_bench::image;
 use nutshell_tests::cri::{container_config, parse_cri_log, pod_config, CriClient};
 use nutshell_tests::{
-    guest_artifact, memory_use, shim_binary, target_dir, template_cache, vmm_binary,
+    guest_artifact, memory_use, shim_binary, target_dir, template_cache, vmm_binary, vmms_under,
 };
 
 const IMAGE: &str = "docker.io/nutshell/e2e-busybox:1";
@@ -39,25 +39,6 @@ const NAMESPACE: &str = "k8s.io";
 const CONTROLLERS: [&str; 4] = ["cpu", "cpuacct", "memory", "pids"];
 
 static SERIAL: Mutex<()> = Mutex::new(());
-
-/// PIDs of `nutshell-vmm` processes whose command line names `run_dir`.
-fn vmms_under(run_dir: &Path) -> Vec<u32> {
-    let needle = run_dir.to_string_lossy().into_owned();
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|c| String::from_utf8_lossy(&c).contains(&needle))
-                .unwrap_or(false)
-        })
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                .map(|c| c.trim() == "nutshell-vmm")
-                .unwrap_or(false)
-        })
-        .collect()
-}
 
 /// Running, not gone and not a zombie.
 fn alive(pid: u32) -> bool {
