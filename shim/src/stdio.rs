@@ -146,7 +146,13 @@ impl Ctx {
         let deadline = Instant::now() + CONNECT_TIMEOUT;
         let mut last: Option<ClientError> = None;
         while !self.cancel.load(Ordering::Relaxed) && Instant::now() < deadline {
-            match connect_hybrid(&self.uds, self.port, Duration::from_secs(1)) {
+            // The handshake gets all the time left: an attempt given up while the guest is
+            // slow to answer may already be the agent's accepted stream (it accepts one per
+            // port), and the retry would find no listener while the process writes into a
+            // stream nobody reads. A guest that does not listen yet answers with a reset, at
+            // once.
+            let left = deadline.saturating_duration_since(Instant::now());
+            match connect_hybrid(&self.uds, self.port, left) {
                 Ok(s) => return Some(s),
                 Err(e) => last = Some(e),
             }
@@ -295,11 +301,33 @@ impl Read for StdinFifo {
 }
 
 fn copy_logged(from: &mut impl Read, to: &mut impl Write, id: &str, path: &str) {
-    match io::copy(from, to) {
+    match copy_unspliced(from, to) {
         Ok(n) => log::debug!("{id}: {path}: {n} bytes"),
         // The reader went away (containerd closed its end): not an error of the task.
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {}
         Err(e) => log::warn!("{id}: {path}: {e}"),
+    }
+}
+
+/// Copies until EOF with plain reads and writes.
+///
+/// Not `io::copy`: between a socket and a FIFO it uses splice(2), and a splice from a socket
+/// into a pipe holds the pipe's lock while it waits for the socket. Whoever else touches that
+/// FIFO meanwhile (containerd reading it, or closing it when it or `ctr run -d` exits) then
+/// sleeps uninterruptibly until the guest writes again: a process that never writes more left
+/// `ctr` and a stopping containerd unkillable.
+fn copy_unspliced(from: &mut impl Read, to: &mut impl Write) -> io::Result<u64> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        to.write_all(&buf[..n])?;
+        total += n as u64;
     }
 }
 
