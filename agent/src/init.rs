@@ -176,10 +176,16 @@ pub fn run() -> Result<std::convert::Infallible, InitError> {
     // The guest's uptime splits the boot time into kernel and agent (the log's own clock
     // starts with the agent).
     let uptime = std::fs::read_to_string("/proc/uptime").unwrap_or_default();
+    // The clocksource says whether clock reads stay in user mode (tsc, kvm-clock) or are
+    // system calls (jiffies), which a slow guest kernel makes costly.
+    let clocksource =
+        std::fs::read_to_string("/sys/devices/system/clocksource/clocksource0/current_clocksource")
+            .unwrap_or_default();
     log::info!(
-        "nutshell-agent {} serving on vsock port {AGENT_VSOCK_PORT} (kernel {release}, uptime {}s)",
+        "nutshell-agent {} serving on vsock port {AGENT_VSOCK_PORT} (kernel {release}, uptime {}s, clocksource {})",
         env!("CARGO_PKG_VERSION"),
-        uptime.split_whitespace().next().unwrap_or("?")
+        uptime.split_whitespace().next().unwrap_or("?"),
+        clocksource.trim()
     );
     // The server runs on its own threads; PID 1 must not return.
     loop {

@@ -282,10 +282,9 @@ fn ctr_task_operations_on_a_nutshell_container() {
     let limit = MEMORY_LIMIT.to_string();
     ctr.output(&[
         "run",
+        // Detached with stdio FIFOs: ctr opens them, Start returns, ctr exits and closes its
+        // ends while the shim copies (ctr's exit once hung here: see shim/src/stdio.rs).
         "-d",
-        // No stdio FIFOs for the detached init: with them, ctr's exit hung on this host
-        // (see docs/shim.md, "Known problems").
-        "--null-io",
         "--runtime",
         "io.containerd.nutshell.v2",
         "--memory-limit",

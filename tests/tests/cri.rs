@@ -369,17 +369,12 @@ fn cri_pod_with_two_containers_runs_in_one_microvm() {
         lines.contains(&("stderr".into(), "hello-stderr".into())),
         "{lines:?}"
     );
-    // KNOWN DEFECT (unfinished): the first stdout line of a CRI container's init process
-    // ("hello-stdout", written at once) has not reached the CRI log in the runs so far, while
-    // its stderr line and later stdout lines did. Checked only with NUTSHELL_E2E_STRICT_LOGS=1
-    // until it is fixed.
-    if !lines.contains(&("stdout".into(), "hello-stdout".into())) {
-        eprintln!("KNOWN DEFECT: the first stdout line is missing from the CRI log: {lines:?}");
-        assert!(
-            std::env::var_os("NUTSHELL_E2E_STRICT_LOGS").is_none(),
-            "{lines:?}"
-        );
-    }
+    // Written at once by the init process, before anything else: the first bytes of a stream
+    // (they were lost before the stdio fixes in shim/src/stdio.rs).
+    assert!(
+        lines.contains(&("stdout".into(), "hello-stdout".into())),
+        "{lines:?}"
+    );
 
     // A container that exits: ContainerStatus has its exit code, its log its last words; the
     // pod and its other container keep running.
@@ -428,17 +423,9 @@ fn cri_pod_with_two_containers_runs_in_one_microvm() {
 #[test]
 #[ignore = "slow lane: needs root, containerd, KVM and the guest kernel (scripts/test.sh runs it)"]
 fn a_pod_survives_a_containerd_restart_and_can_be_stopped() {
-    // Unfinished: on the development machines containerd 1.6 does not finish exiting on
-    // SIGTERM while a nutshell pod runs (a thread stays in uninterruptible sleep in
-    // `pipe_release` of a shim log FIFO, the process a zombie, until the pod's shim exits), so
-    // the restart below hangs in `stop_daemon`. Run it by hand with NUTSHELL_E2E_RESTART=1.
-    if std::env::var_os("NUTSHELL_E2E_RESTART").is_none() {
-        eprintln!(
-            "SKIPPED (unfinished): containerd does not exit while a nutshell shim holds its \
-             log FIFO; set NUTSHELL_E2E_RESTART=1 to run"
-        );
-        return;
-    }
+    // containerd must be able to exit while the pod runs: the shim's stdio copies once held a
+    // FIFO's lock in splice(2) while waiting for the guest, and containerd's close of that FIFO
+    // then slept uninterruptibly (see shim/src/stdio.rs).
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let test_started = Instant::now();
     let mut rig = rig("restart");

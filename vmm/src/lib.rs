@@ -63,6 +63,17 @@ pub const VMM_CMDLINE: &[&str] = &[
 /// Hiding the CPU features themselves is `clearcpuid=`, appended after these.
 pub const COMPAT_CMDLINE: &[&str] = &["nopv"];
 
+/// The `tsc_early_khz=` argument of the compatibility profile: the TSC rate KVM gives the guest.
+///
+/// Under `nopv` the guest has no kvm-clock, and on `kvm_pvm` it cannot calibrate the TSC (no
+/// PIT/HPET/PM timer answers usefully), so it falls back to the `refined-jiffies` clocksource:
+/// coarse, with no vDSO path, every `clock_gettime` an emulated system call. Told the rate, it
+/// uses the TSC (`tsc=reliable` skips the watchdog), and user-mode clock reads stay in user mode.
+fn tsc_khz_arg(vm: &Vm) -> Result<String, VmError> {
+    let khz = vm.tsc_khz()?;
+    Ok(format!("tsc_early_khz={khz}"))
+}
+
 /// Loads the guest and starts its vCPUs.
 pub fn boot_linux(config: LinuxConfig) -> Result<RunningVm, VmError> {
     // Check inputs before anything is created (the console file among them).
@@ -94,40 +105,46 @@ pub fn boot_linux(config: LinuxConfig) -> Result<RunningVm, VmError> {
     let mut machine = config.machine;
     let profile = machine.cpu_profile.resolve();
     machine.cpu_profile = CpuProfileChoice::Fixed(profile);
-    let compat_arg = arch::x86_64::cpuid::compat_clearcpuid_arg();
-    let mut vmm_args = VMM_CMDLINE.to_vec();
-    if profile == arch::x86_64::cpuid::CpuProfile::Compat {
-        vmm_args.extend_from_slice(COMPAT_CMDLINE);
-        vmm_args.push(&compat_arg);
-    }
-    let result = boot::build_cmdline(&config.cmdline, &vmm_args)
-        .map_err(VmError::from)
-        .and_then(|cmdline| {
-            let mut cmdline = cmdline;
-            if machine.vsock.is_some() {
-                cmdline
-                    .add_virtio_mmio_device(
-                        arch::x86_64::layout::VIRTIO_MMIO_SIZE,
-                        vm_memory::GuestAddress(arch::x86_64::layout::VIRTIO_MMIO_BASE),
-                        arch::x86_64::layout::VIRTIO_GSI_BASE,
-                        None,
-                    )
-                    .map_err(boot::BootError::Cmdline)?;
-            }
-            if machine.fs.is_some() {
-                cmdline
-                    .add_virtio_mmio_device(
-                        arch::x86_64::layout::VIRTIO_MMIO_SIZE,
-                        vm_memory::GuestAddress(arch::x86_64::layout::FS_MMIO_BASE),
-                        arch::x86_64::layout::FS_GSI,
-                        None,
-                    )
-                    .map_err(boot::BootError::Cmdline)?;
-            }
-            let mut vm = Vm::new(machine)?;
-            vm.load_linux(&config.kernel, config.initrd.as_deref(), &cmdline)?;
-            vm.start()
-        });
+    let compat = profile == arch::x86_64::cpuid::CpuProfile::Compat;
+    let (has_vsock, has_fs) = (machine.vsock.is_some(), machine.fs.is_some());
+    let result = Vm::new(machine).and_then(|mut vm| {
+        let compat_args = if compat {
+            vec![
+                arch::x86_64::cpuid::compat_clearcpuid_arg(),
+                tsc_khz_arg(&vm)?,
+            ]
+        } else {
+            Vec::new()
+        };
+        let mut vmm_args = VMM_CMDLINE.to_vec();
+        if compat {
+            vmm_args.extend_from_slice(COMPAT_CMDLINE);
+            vmm_args.extend(compat_args.iter().map(String::as_str));
+        }
+        let mut cmdline = boot::build_cmdline(&config.cmdline, &vmm_args)?;
+        if has_vsock {
+            cmdline
+                .add_virtio_mmio_device(
+                    arch::x86_64::layout::VIRTIO_MMIO_SIZE,
+                    vm_memory::GuestAddress(arch::x86_64::layout::VIRTIO_MMIO_BASE),
+                    arch::x86_64::layout::VIRTIO_GSI_BASE,
+                    None,
+                )
+                .map_err(boot::BootError::Cmdline)?;
+        }
+        if has_fs {
+            cmdline
+                .add_virtio_mmio_device(
+                    arch::x86_64::layout::VIRTIO_MMIO_SIZE,
+                    vm_memory::GuestAddress(arch::x86_64::layout::FS_MMIO_BASE),
+                    arch::x86_64::layout::FS_GSI,
+                    None,
+                )
+                .map_err(boot::BootError::Cmdline)?;
+        }
+        vm.load_linux(&config.kernel, config.initrd.as_deref(), &cmdline)?;
+        vm.start()
+    });
     if result.is_err() {
         if let Some(path) = created_console {
             let _ = std::fs::remove_file(path);
