@@ -200,6 +200,8 @@ pub struct Results {
     pub quick: bool,
     /// The workloads that ran.
     pub workloads: Vec<String>,
+    /// Wall time of each workload that ran, seconds, in run order.
+    pub workload_wall_s: Vec<(String, f64)>,
     /// The runtimes, available or not.
     pub runtimes: Vec<RuntimeStatus>,
     /// Every metric.
@@ -276,6 +278,20 @@ impl Results {
         s
     }
 
+    /// The workloads with their wall times where known: `startup (212 s), cpu (80 s)`.
+    fn workload_times(&self) -> String {
+        self.workloads
+            .iter()
+            .map(
+                |w| match self.workload_wall_s.iter().find(|(name, _)| name == w) {
+                    Some((_, s)) => format!("{w} ({s:.0} s)"),
+                    None => w.clone(),
+                },
+            )
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     /// The Markdown report.
     pub fn markdown(&self, plots: &[String]) -> String {
         let mut s = String::from("# Nutshell benchmarks\n\n");
@@ -286,7 +302,7 @@ impl Results {
             if self.quick { "`--quick`" } else { "default" },
             self.wall_s,
             utc(self.started_unix),
-            self.workloads.join(", ")
+            self.workload_times()
         );
         s.push_str("## Runtimes\n\n");
         for rt in &self.runtimes {
@@ -533,6 +549,7 @@ mod tests {
             wall_s: 12.0,
             quick: true,
             workloads: vec!["startup".into()],
+            workload_wall_s: vec![("startup".into(), 11.5)],
             runtimes: vec![
                 RuntimeStatus {
                     name: "runc".into(),
@@ -606,6 +623,7 @@ mod tests {
         assert!(md.contains("Test CPU, 2 cores, 24.0 GiB, Linux 6.1.0, KVM: emulated"));
         assert!(md.contains("not available: containerd-shim-nutshell-v2 is not installed"));
         assert!(md.contains("KVM is emulated"));
+        assert!(md.contains("workloads: startup (12 s)."), "{md}");
     }
 
     #[test]

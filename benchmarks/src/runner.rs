@@ -117,10 +117,26 @@ pub struct Plan {
     pub density: Vec<usize>,
     /// Repetitions of density.
     pub density_reps: usize,
-    /// Time budget of each workload: no new round (one run per runtime) starts after it is
-    /// spent, but every case gets at least one round. This bounds the run when a runtime is slow
-    /// (a VM boot per container on emulated KVM); fewer samples then show as a smaller `n`.
+    /// Base time budget of a workload, scaled per workload by [`Plan::budget`]: no new round
+    /// (one run per runtime) starts after it is spent, but every case gets at least one round.
+    /// This bounds the run when a runtime is slow (a VM per container on emulated KVM); fewer
+    /// samples then show as a smaller `n`.
     pub workload_budget: Duration,
+}
+
+impl Plan {
+    /// The time budget of workload `w`: the base budget scaled by how many containers one
+    /// round of it starts (density starts 31 idle pods in the default plan, syscalls one).
+    pub fn budget(&self, w: Workload) -> Duration {
+        let scale = match w {
+            Workload::Startup => 2.0,
+            Workload::Cpu | Workload::Memory => 1.0,
+            Workload::Syscalls => 0.5,
+            Workload::Fileio => 1.25,
+            Workload::Density => 2.5,
+        };
+        self.workload_budget.mul_f64(scale)
+    }
 }
 
 impl Plan {
@@ -150,7 +166,7 @@ impl Plan {
                 quick,
                 startup_reps: 10,
                 parallel: vec![1, 4, 16],
-                parallel_reps: 3,
+                parallel_reps: 2,
                 reps: 5,
                 sysbench_s: 5,
                 compute_mib: 2048,
@@ -162,7 +178,7 @@ impl Plan {
                 files: 2000,
                 density: vec![1, 10, 20],
                 density_reps: 2,
-                workload_budget: Duration::from_secs(120),
+                workload_budget: Duration::from_secs(90),
             }
         }
     }
@@ -211,6 +227,7 @@ pub struct Runner {
     next_id: u64,
     metrics: Vec<MetricResult>,
     workload_started: Instant,
+    workload_budget: Duration,
 }
 
 /// Runs `config` from start to end: containerd up, images imported, runtimes checked, the
@@ -232,9 +249,18 @@ pub fn run(config: RunConfig) -> Result<Results, RunnerError> {
             .filter(|w| runner.config.only.contains(w))
             .collect()
     };
+    let mut workload_wall_s = Vec::with_capacity(workloads.len());
     for w in &workloads {
-        log::info!("workload {}", w.name());
+        log::info!(
+            "workload {} (budget {:?})",
+            w.name(),
+            runner.config.plan.budget(*w)
+        );
+        let t = Instant::now();
         runner.workload(*w);
+        let took = t.elapsed().as_secs_f64();
+        log::info!("workload {} took {took:.0} s", w.name());
+        workload_wall_s.push((w.name().to_owned(), took));
     }
     let runtimes = runner
         .runtimes
@@ -254,6 +280,7 @@ pub fn run(config: RunConfig) -> Result<Results, RunnerError> {
         wall_s: started.elapsed().as_secs_f64(),
         quick: runner.config.plan.quick,
         workloads: workloads.iter().map(|w| w.name().to_owned()).collect(),
+        workload_wall_s,
         runtimes,
         metrics: std::mem::take(&mut runner.metrics),
     };
@@ -312,6 +339,7 @@ impl Runner {
             next_id: 0,
             metrics: Vec::new(),
             workload_started: Instant::now(),
+            workload_budget: Duration::ZERO,
         })
     }
 
@@ -412,6 +440,7 @@ impl Runner {
 
     fn workload(&mut self, w: Workload) {
         self.workload_started = Instant::now();
+        self.workload_budget = self.config.plan.budget(w);
         match w {
             Workload::Startup => self.startup(),
             Workload::Cpu => self.cpu(),
@@ -427,7 +456,7 @@ impl Runner {
     fn interleaved(&mut self, reps: usize, mut run: impl FnMut(&mut Self, &RuntimeSpec)) {
         let specs = self.available();
         let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
-        let budget = self.config.plan.workload_budget;
+        let budget = self.workload_budget;
         for (rep, name) in interleave(&names, reps) {
             if rep > 0 && name == names[0] && self.workload_started.elapsed() > budget {
                 log::warn!(

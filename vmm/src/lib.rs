@@ -63,17 +63,6 @@ pub const VMM_CMDLINE: &[&str] = &[
 /// Hiding the CPU features themselves is `clearcpuid=`, appended after these.
 pub const COMPAT_CMDLINE: &[&str] = &["nopv"];
 
-/// The `tsc_early_khz=` argument of the compatibility profile: the TSC rate KVM gives the guest.
-///
-/// Under `nopv` the guest has no kvm-clock, and on `kvm_pvm` it cannot calibrate the TSC (no
-/// PIT/HPET/PM timer answers usefully), so it falls back to the `refined-jiffies` clocksource:
-/// coarse, with no vDSO path, every `clock_gettime` an emulated system call. Told the rate, it
-/// uses the TSC (`tsc=reliable` skips the watchdog), and user-mode clock reads stay in user mode.
-fn tsc_khz_arg(vm: &Vm) -> Result<String, VmError> {
-    let khz = vm.tsc_khz()?;
-    Ok(format!("tsc_early_khz={khz}"))
-}
-
 /// Loads the guest and starts its vCPUs.
 pub fn boot_linux(config: LinuxConfig) -> Result<RunningVm, VmError> {
     // Check inputs before anything is created (the console file among them).
@@ -108,11 +97,11 @@ pub fn boot_linux(config: LinuxConfig) -> Result<RunningVm, VmError> {
     let compat = profile == arch::x86_64::cpuid::CpuProfile::Compat;
     let (has_vsock, has_fs) = (machine.vsock.is_some(), machine.fs.is_some());
     let result = Vm::new(machine).and_then(|mut vm| {
+        // Not `tsc_early_khz=` (the guest would use the TSC instead of refined-jiffies): with
+        // it, containers in VMs restored from a template hung in their set-up, and kvm_pvm does
+        // not offset the guest's TSC, so a restored guest sees it jump by the template's age.
         let compat_args = if compat {
-            vec![
-                arch::x86_64::cpuid::compat_clearcpuid_arg(),
-                tsc_khz_arg(&vm)?,
-            ]
+            vec![arch::x86_64::cpuid::compat_clearcpuid_arg()]
         } else {
             Vec::new()
         };

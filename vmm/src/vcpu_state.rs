@@ -257,6 +257,21 @@ impl VcpuState {
                 first: self.msrs.get(set).map_or(0, |m| m.index),
             });
         }
+        if let Some(saved) = self.msrs.iter().find(|m| m.index == 0x10) {
+            let mut probe = Msrs::from_entries(&[kvm_msr_entry {
+                index: 0x10,
+                ..Default::default()
+            }])
+            .map_err(|source| VcpuStateError::MsrList { index, source })?;
+            if fd.get_msrs(&mut probe).map_err(kvm("read the TSC"))? == 1 {
+                // kvm_pvm ignores the write: the guest's TSC is the host's.
+                log::debug!(
+                    "vCPU {index}: TSC saved {}, after restore {}",
+                    saved.data,
+                    probe.as_slice()[0].data
+                );
+            }
+        }
         fd.set_lapic(&self.lapic).map_err(kvm("set the LAPIC"))?;
         fd.set_vcpu_events(&self.events)
             .map_err(kvm("set the vCPU events"))?;

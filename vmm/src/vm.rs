@@ -612,14 +612,6 @@ impl Vm {
         Ok(())
     }
 
-    /// The TSC rate of the guest's vCPUs in kHz (`KVM_GET_TSC_KHZ`).
-    pub fn tsc_khz(&self) -> Result<u32, VmError> {
-        self.boot_vcpu()?
-            .fd()
-            .get_tsc_khz()
-            .map_err(|e| VmError::Config(format!("KVM_GET_TSC_KHZ: {e}")))
-    }
-
     fn boot_vcpu(&self) -> Result<&Vcpu, VmError> {
         self.vcpus
             .first()
