@@ -730,9 +730,8 @@ impl Runner {
                     let id = self.id("idle", &spec.name);
                     ids.push(id.clone());
                     let mut cmd = self.ctr.command();
-                    // No stdio: an idle container prints nothing, and with stdio FIFOs a
-                    // detached `ctr run` under Nutshell never exited (its FIFO readers stayed
-                    // blocked until the container ended; seen in the 2026-11-28 full run).
+                    // No stdio: an idle container prints nothing, and the figure is the
+                    // container's cost, not that of copying its output.
                     cmd.args(["run", "-d", "--null-io"])
                         .args(spec.ctr_run_args())
                         .args([BUSYBOX_IMAGE, &id, "/bin/sleep", "3600"])
