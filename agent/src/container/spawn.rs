@@ -197,9 +197,8 @@ pub fn spawn(
 
 /// The pty master the child sent over `socket` (already queued: it sends before "ready").
 fn receive_terminal(socket: &OwnedFd) -> Result<OwnedFd, ContainerError> {
-    let master = syscall::recv_fd(socket.as_fd()).map_err(|e| {
-        ContainerError::Setup(format!("terminal: no pty from the child: {e}"))
-    })?;
+    let master = syscall::recv_fd(socket.as_fd())
+        .map_err(|e| ContainerError::Setup(format!("terminal: no pty from the child: {e}")))?;
     tty::check_master(master.as_fd())?;
     Ok(master)
 }

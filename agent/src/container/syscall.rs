@@ -281,13 +281,18 @@ pub fn recv_fd(sock: BorrowedFd<'_>) -> io::Result<OwnedFd> {
             ControlMessageOwned::ScmRights(fds) => {
                 // SAFETY: the kernel installed these descriptors in this process for this
                 // message; nothing else knows them, so each gets exactly one owner here.
-                received.extend(fds.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+                received.extend(
+                    fds.into_iter()
+                        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                );
             }
             _ => other = true,
         }
     }
     if msg.bytes == 0 && received.is_empty() {
-        return Err(invalid("the peer closed the socket without sending a descriptor".into()));
+        return Err(invalid(
+            "the peer closed the socket without sending a descriptor".into(),
+        ));
     }
     if other {
         return Err(invalid("unexpected control data".into()));
@@ -344,7 +349,11 @@ mod tests {
         drop(w);
         let got = recv_fd(b.as_fd()).unwrap();
         let flags = nix::fcntl::fcntl(&got, nix::fcntl::FcntlArg::F_GETFD).unwrap();
-        assert_ne!(flags & libc::FD_CLOEXEC, 0, "received without close-on-exec");
+        assert_ne!(
+            flags & libc::FD_CLOEXEC,
+            0,
+            "received without close-on-exec"
+        );
         std::fs::File::from(got).write_all(b"through").unwrap();
         let mut out = String::new();
         std::fs::File::from(r).read_to_string(&mut out).unwrap();

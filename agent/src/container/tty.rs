@@ -42,12 +42,8 @@ pub fn open_in_container(socket: BorrowedFd<'_>, uid: u32) -> StepResult {
         libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
     )
     .map_err(|e| format!("terminal: open the pty slave: {e}"))?;
-    nix::unistd::fchown(
-        slave.as_fd(),
-        Some(nix::unistd::Uid::from_raw(uid)),
-        None,
-    )
-    .map_err(|e| format!("terminal: give the pty to uid {uid}: {e}"))?;
+    nix::unistd::fchown(slave.as_fd(), Some(nix::unistd::Uid::from_raw(uid)), None)
+        .map_err(|e| format!("terminal: give the pty to uid {uid}: {e}"))?;
     for target in 0..3 {
         syscall::dup_onto(slave.as_fd(), target).map_err(|e| format!("dup the terminal: {e}"))?;
     }
