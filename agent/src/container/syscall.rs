@@ -266,6 +266,8 @@ pub fn recv_fd(sock: BorrowedFd<'_>) -> io::Result<OwnedFd> {
     let mut payload = [0u8; 16];
     // Room for the most a message can carry, so that the kernel never truncates the control
     // data (it would install the descriptors that fit and nix would then refuse to list them).
+    // The kernel also truncates when this process runs out of descriptors; the ones it did
+    // install then stay open, which only an agent already at its descriptor limit can meet.
     let mut cmsg = nix::cmsg_space!([RawFd; SCM_MAX_FD]);
     let mut iov = [io::IoSliceMut::new(&mut payload)];
     let msg = recvmsg::<UnixAddr>(
