@@ -79,7 +79,8 @@ const MOUNTS: [Mount; 6] = [
         fstype: c"devtmpfs",
         flags: libc::MS_NOSUID,
     },
-    // Container terminals are ptys opened by the agent (openpty needs devpts).
+    // The guest's own devpts. Containers open their ptys in their own instance (see
+    // container/tty.rs); one whose /dev is a bind of the guest's finds them here.
     Mount {
         source: c"devpts",
         target: "/dev/pts",

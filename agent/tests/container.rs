@@ -573,7 +573,8 @@ fn terminal_output_and_resize() {
     let b = Bundle::new();
     let reg = registry();
     let id = unique_id("tty");
-    let mut spec = sh(&b, "stty size; test -t 0 && echo tty0");
+    // The pty is the container's own: the first of its devpts, found by ttyname.
+    let mut spec = sh(&b, "tty; stty size; test -t 0 && echo tty0");
     spec["process"]["terminal"] = json!(true);
     let (stdin_ours, stdin_theirs) = UnixStream::pair().unwrap();
     let (mut out_r, out_w) = pipe();
@@ -589,7 +590,7 @@ fn terminal_output_and_resize() {
     assert_eq!(reg.wait(&id, None).unwrap().code, 0);
     let mut out = String::new();
     out_r.read_to_string(&mut out).unwrap();
-    assert_eq!(out, "33 101\r\ntty0\r\n");
+    assert_eq!(out, "/dev/pts/0\r\n33 101\r\ntty0\r\n");
     drop(stdin_ours);
     reg.remove(&id, Duration::from_secs(5)).unwrap();
 }
@@ -603,7 +604,7 @@ fn exec_with_a_terminal_of_the_spec_size() {
         "terminal": true,
         "consoleSize": {"height": 7, "width": 55},
         "user": {"uid": 0, "gid": 0},
-        "args": ["sh", "-c", "stty size"],
+        "args": ["sh", "-c", "tty; stty size"],
         "env": ["PATH=/bin"],
         "cwd": "/"
     });
@@ -618,8 +619,79 @@ fn exec_with_a_terminal_of_the_spec_size() {
     assert_eq!(reg.wait(&id, Some("tty")).unwrap().code, 0);
     let mut out = String::new();
     out_r.read_to_string(&mut out).unwrap();
-    assert_eq!(out, "7 55\r\n");
+    assert_eq!(out, "/dev/pts/0\r\n7 55\r\n");
     reg.remove(&id, Duration::from_secs(5)).unwrap();
+}
+
+/// Creates, starts and waits for a container of `spec` with a terminal; its exit code and
+/// what the terminal showed.
+fn run_with_terminal(reg: &Containers, spec: &Value) -> (i32, String) {
+    let id = unique_id("tty");
+    let (mut out_r, out_w) = pipe();
+    let stdio = Stdio {
+        stdout: Some(out_w),
+        ..Stdio::default()
+    };
+    reg.create(&id, &to_spec(spec), stdio, true, &no_hook)
+        .unwrap_or_else(|e| panic!("create: {}", chain(&e)));
+    reg.start(&id).unwrap();
+    let code = reg.wait(&id, None).unwrap().code;
+    let mut out = String::new();
+    out_r.read_to_string(&mut out).unwrap();
+    reg.remove(&id, Duration::from_secs(5)).unwrap();
+    (code, out)
+}
+
+#[test]
+fn terminal_belongs_to_the_user_in_move_root_mode() {
+    // As runc does: the slave is given to the process's user, who can then open its terminal
+    // by name (mode 0620, group tty: not otherwise). In the move-root mode, as from an
+    // initramfs.
+    let b = Bundle::new();
+    let mut spec = sh(&b, "echo mine > $(tty) && tty");
+    spec["process"]["terminal"] = json!(true);
+    spec["process"]["user"] = json!({"uid": 1000, "gid": 1000});
+    let (code, out) = run_with_terminal(&registries().1, &spec);
+    assert_eq!((code, out.as_str()), (0, "mine\r\n/dev/pts/0\r\n"));
+}
+
+#[test]
+fn terminal_without_a_devpts_is_a_clear_create_error() {
+    // Without /dev/pts the container's /dev/ptmx (a link to pts/ptmx) leads nowhere.
+    let b = Bundle::new();
+    let reg = registry();
+    let mut spec = sh(&b, "tty");
+    spec["process"]["terminal"] = json!(true);
+    spec["mounts"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|m| m["destination"] != "/dev/pts");
+    let id = unique_id("nopts");
+    let (_out_r, out_w) = pipe();
+    let stdio = Stdio {
+        stdout: Some(out_w),
+        ..Stdio::default()
+    };
+    let err = reg
+        .create(&id, &to_spec(&spec), stdio, true, &no_hook)
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "terminal: open /dev/ptmx in the container: ENOENT: No such file or directory"
+    );
+    assert!(matches!(reg.state(&id), Err(ContainerError::NotFound(_))));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !processes_in(&b.rootfs()).is_empty() {
+        assert!(Instant::now() < deadline, "{:?}", processes_in(&b.rootfs()));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // A terminal still works next to it.
+    spec["mounts"].as_array_mut().unwrap().push(
+        json!({"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+                     "options": ["newinstance", "ptmxmode=0666", "mode=0620"]}),
+    );
+    let (code, out) = run_with_terminal(reg, &spec);
+    assert_eq!((code, out.as_str()), (0, "/dev/pts/0\r\n"));
 }
 
 #[test]

@@ -367,9 +367,10 @@ fn ctr_task_operations_on_a_nutshell_container() {
     ]);
     let (code, out) = run_in_pty(cmd, 33, 97, Duration::from_secs(300));
     assert_eq!(code, Some(0), "{out}\n{}", log());
-    // `tty` (ttyname) answers "not a tty" today: the pty comes from the guest's devpts, which
-    // the container's /dev/pts does not show. Its stdin is a terminal all the same.
+    // The pty comes from the container's own devpts (opened inside it), so `tty` (ttyname)
+    // finds it under /dev/pts.
     eprintln!("exec -t: {out:?}");
+    assert!(names_a_pts(&out), "{out}");
     assert!(out.contains("33 97"), "{out}");
     assert!(out.contains("stdin-is-a-tty"), "{out}");
 
@@ -444,10 +445,20 @@ fn ctr_task_operations_on_a_nutshell_container() {
     let (code, out) = run_in_pty(cmd, 41, 123, Duration::from_secs(300));
     assert_eq!(code, Some(4), "{out}\n{}", log());
     eprintln!("run -t: {out:?}");
+    assert!(names_a_pts(&out), "{out}");
     assert!(out.contains("41 123"), "{out}");
     assert!(out.contains("stdin-is-a-tty"), "{out}");
 
     env.assert_nothing_left();
+}
+
+/// Whether a line of terminal output `out` is a pty's name, `/dev/pts/N`, as `tty` prints it.
+fn names_a_pts(out: &str) -> bool {
+    out.lines().any(|l| {
+        l.trim_end_matches('\r')
+            .strip_prefix("/dev/pts/")
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    })
 }
 
 fn median(v: &mut [f64]) -> f64 {

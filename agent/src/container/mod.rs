@@ -379,14 +379,12 @@ impl Containers {
         exit: &Arc<ExitCell>,
         place: PlaceHook<'_>,
     ) -> Result<(ProcessEntry, Pending), ContainerError> {
-        let (stdio, pty, slave) = if terminal {
-            let (pty, slave) = Pty::open(stdio.stdin, stdio.stdout)?;
-            if let Some((rows, cols)) = console_size {
-                pty.resize(rows, cols)?;
-            }
-            (Stdio::default(), Some(pty), Some(slave))
+        // With a terminal the child opens the pty in the container; its stdin and stdout are
+        // the agent's copy threads' ends (stderr is unused: the terminal carries both).
+        let (stdio, terminal_stdio) = if terminal {
+            (Stdio::default(), Some((stdio.stdin, stdio.stdout)))
         } else {
-            (stdio, None, None)
+            (stdio, None)
         };
         let stdin = match &stdio.stdin {
             Some(fd) => Some(fd.try_clone().map_err(|e| ContainerError::Io {
@@ -400,7 +398,7 @@ impl Containers {
         let result = spawn::spawn(
             plan,
             stdio,
-            slave,
+            terminal,
             &mut |pid| {
                 self.inner().routes.insert(
                     pid.as_raw(),
@@ -416,9 +414,24 @@ impl Containers {
                 pidfd = syscall::pidfd_open(pid).ok();
             },
             place,
-        );
+        )
+        .and_then(|(pending, master)| {
+            let pty = match (master, terminal_stdio) {
+                (Some(master), Some((stdin, stdout))) => {
+                    match attach_terminal(master, stdin, stdout, console_size) {
+                        Ok(pty) => Some(pty),
+                        Err(e) => {
+                            let _ = nix::sys::signal::kill(pending.pid, Signal::SIGKILL);
+                            return Err(e);
+                        }
+                    }
+                }
+                _ => None,
+            };
+            Ok((pending, pty))
+        });
         match result {
-            Ok(pending) => Ok((
+            Ok((pending, pty)) => Ok((
                 ProcessEntry {
                     pid: pending.pid,
                     pidfd,
@@ -720,6 +733,21 @@ impl Containers {
         log::debug!("container {id} removed");
         Ok(())
     }
+}
+
+/// The agent's side of a terminal whose `master` the child sent: sized before the process
+/// starts, then copied to and from `stdin`/`stdout`.
+fn attach_terminal(
+    master: OwnedFd,
+    stdin: Option<OwnedFd>,
+    stdout: Option<OwnedFd>,
+    console_size: Option<(u16, u16)>,
+) -> Result<Pty, ContainerError> {
+    let pty = Pty::attach(master, stdin, stdout)?;
+    if let Some((rows, cols)) = console_size {
+        pty.resize(rows, cols)?;
+    }
+    Ok(pty)
 }
 
 /// The spec's initial terminal size as (rows, columns), clamped to what a winsize holds.

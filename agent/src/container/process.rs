@@ -186,6 +186,11 @@ impl ProcessPlan {
         ))
     }
 
+    /// The user the process runs as.
+    pub fn uid(&self) -> u32 {
+        self.uid
+    }
+
     /// In the child: working directory, umask, groups and ids, capabilities, no_new_privs.
     /// `seccomp_early` is applied before the credentials change (see [`Self::no_new_privileges`]).
     pub fn apply_credentials(&self, seccomp_early: Option<&seccompiler::BpfProgram>) -> StepResult {

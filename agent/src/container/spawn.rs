@@ -10,7 +10,10 @@
 //!
 //! Two pipes, both close-on-exec: `report` (children → agent: framed messages, then EOF when
 //! `P` execs) and `sync` (agent → `P`: one byte for "go", one for "start"). Errors in the
-//! children before the exec travel as text over `report` and become the create error.
+//! children before the exec travel as text over `report` and become the create error. For a
+//! terminal, a third channel: a Unix socketpair over which `P`, once inside its root, sends the
+//! master of the pty it opened there (see `tty`); it does so before "ready", so the agent
+//! takes it right after "ready" without waiting.
 
 use std::ffi::CString;
 use std::fs::File;
@@ -20,11 +23,13 @@ use std::path::PathBuf;
 
 use nix::fcntl::OFlag;
 use nix::sched::CloneFlags;
+use nix::sys::socket::{AddressFamily, SockFlag, SockType};
 use nix::unistd::Pid;
 
 use super::process::ProcessPlan;
 use super::rootfs::{RootfsPlan, StepResult};
 use super::syscall::{self, Forked};
+use super::tty;
 use super::{ContainerError, Stdio};
 
 /// Frame tags on the report pipe.
@@ -81,20 +86,23 @@ struct ChildFds {
     report: OwnedFd,
     stdio: [Option<OwnedFd>; 3],
     devnull: OwnedFd,
-    pty_slave: Option<OwnedFd>,
+    /// `P`'s end of the terminal socket.
+    terminal: Option<OwnedFd>,
 }
 
 /// Forks and sets up the child up to the point where it waits for "start". `placed` is called
 /// with the child's PID before it does anything in its new namespaces; an error there kills
 /// the child. `on_pid` is called as soon as the PID is known, before the child can exit on its
-/// own, so that the caller can route its exit status.
+/// own, so that the caller can route its exit status. With `terminal`, the child opens a pty
+/// inside the container (and ignores `stdio`); the master comes back with the result, checked
+/// to be a pty master.
 pub fn spawn(
     plan: &SpawnPlan,
     stdio: Stdio,
-    pty_slave: Option<OwnedFd>,
+    terminal: bool,
     on_pid: &mut dyn FnMut(Pid),
     placed: &dyn Fn(Pid) -> Result<(), super::HookError>,
-) -> Result<Pending, ContainerError> {
+) -> Result<(Pending, Option<OwnedFd>), ContainerError> {
     let io_err = |what: &'static str| move |e| ContainerError::Io { what, source: e };
     let (report_r, report_w) =
         nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| io_err("pipe")(e.into()))?;
@@ -103,12 +111,24 @@ pub fn spawn(
     let devnull: OwnedFd = File::open("/dev/null")
         .map_err(io_err("open /dev/null"))?
         .into();
+    let (terminal_ours, terminal_child) = if terminal {
+        let (ours, child) = nix::sys::socket::socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(|e| io_err("socketpair")(e.into()))?;
+        (Some(ours), Some(child))
+    } else {
+        (None, None)
+    };
     let fds = ChildFds {
         sync: sync_r,
         report: report_w,
         stdio: [stdio.stdin, stdio.stdout, stdio.stderr],
         devnull,
-        pty_slave,
+        terminal: terminal_child,
     };
     match syscall::fork().map_err(io_err("fork"))? {
         Forked::Child => intermediate(plan, fds),
@@ -148,7 +168,16 @@ pub fn spawn(
         });
     }
     match read_frame(&mut report) {
-        Ok(Some((TAG_READY, _))) => Ok(Pending { pid, sync, report }),
+        Ok(Some((TAG_READY, _))) => {
+            let master = match terminal_ours.as_ref().map(receive_terminal).transpose() {
+                Ok(master) => master,
+                Err(e) => {
+                    kill(pid);
+                    return Err(e);
+                }
+            };
+            Ok((Pending { pid, sync, report }, master))
+        }
         Ok(Some((TAG_ERROR, msg))) => {
             kill(pid);
             Err(ContainerError::Setup(text(&msg)))
@@ -164,6 +193,14 @@ pub fn spawn(
             Err(e)
         }
     }
+}
+
+/// The pty master the child sent over `socket` (already queued: it sends before "ready").
+fn receive_terminal(socket: &OwnedFd) -> Result<OwnedFd, ContainerError> {
+    let master = syscall::recv_fd(socket.as_fd())
+        .map_err(|e| ContainerError::Setup(format!("terminal: no pty from the child: {e}")))?;
+    tty::check_master(master.as_fd())?;
+    Ok(master)
 }
 
 impl Pending {
@@ -234,7 +271,7 @@ fn intermediate(plan: &SpawnPlan, fds: ChildFds) -> ! {
         fds.devnull.as_raw_fd(),
     ];
     keep.extend(fds.stdio.iter().flatten().map(|fd| fd.as_raw_fd()));
-    keep.extend(fds.pty_slave.iter().map(|fd| fd.as_raw_fd()));
+    keep.extend(fds.terminal.iter().map(|fd| fd.as_raw_fd()));
     keep.extend(plan.join.iter().map(|(f, _)| f.as_raw_fd()));
     // Descriptors of other containers' spawns (inherited through this fork from other threads)
     // would keep their report pipes open.
@@ -300,25 +337,16 @@ fn child(plan: &SpawnPlan, fds: ChildFds) -> StepResult<std::convert::Infallible
         }
     }
     nix::unistd::setsid().map_err(|e| format!("setsid: {e}"))?;
-    match &fds.pty_slave {
-        Some(slave) => {
-            for target in 0..3 {
-                syscall::dup_onto(slave.as_fd(), target)
-                    .map_err(|e| format!("dup the terminal: {e}"))?;
-            }
-            syscall::set_controlling_terminal(0)
-                .map_err(|e| format!("set the controlling terminal: {e}"))?;
-        }
-        None => {
-            for (target, fd) in fds.stdio.iter().enumerate() {
-                let fd = fd.as_ref().unwrap_or(&fds.devnull);
-                syscall::dup_onto(fd.as_fd(), target as RawFd)
-                    .map_err(|e| format!("dup stdio: {e}"))?;
-            }
+    // A terminal is opened later, inside the container's root.
+    if fds.terminal.is_none() {
+        for (target, fd) in fds.stdio.iter().enumerate() {
+            let fd = fd.as_ref().unwrap_or(&fds.devnull);
+            syscall::dup_onto(fd.as_fd(), target as RawFd)
+                .map_err(|e| format!("dup stdio: {e}"))?;
         }
     }
     // The originals of the descriptors now on 0-2 must not reach the container.
-    for fd in fds.stdio.iter().flatten().chain(fds.pty_slave.iter()) {
+    for fd in fds.stdio.iter().flatten() {
         if fd.as_raw_fd() > 2 {
             nix::fcntl::fcntl(
                 fd,
@@ -341,6 +369,11 @@ fn child(plan: &SpawnPlan, fds: ChildFds) -> StepResult<std::convert::Infallible
             syscall::set_domainname(name.as_bytes())
                 .map_err(|e| format!("setdomainname {name}: {e}"))?;
         }
+    }
+    // Init is in its root now; an exec joined the container's mount namespace, whose root
+    // setns made its own. Before the limits (RLIMIT_NOFILE) and the credentials change.
+    if let Some(socket) = &fds.terminal {
+        tty::open_in_container(socket.as_fd(), plan.process.uid())?;
     }
     plan.process.apply_limits()?;
     let executable = plan.process.resolve_executable()?;
