@@ -140,6 +140,9 @@ pub fn find_on_path(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// The namespace containerd's CRI plugin keeps its images, pods and containers in.
+pub const CRI_NAMESPACE: &str = "k8s.io";
+
 /// Makes the default namespaces of one process distinct.
 static NEXT_NAMESPACE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
@@ -413,16 +416,38 @@ impl Containerd {
 
     /// A `ctr` bound to this containerd's socket and namespace.
     pub fn ctr(&self) -> Ctr {
+        self.ctr_in(&self.namespace)
+    }
+
+    /// A `ctr` bound to this containerd's socket and another namespace, e.g.
+    /// [`CRI_NAMESPACE`] to import images for the CRI.
+    pub fn ctr_in(&self, namespace: &str) -> Ctr {
         Ctr {
             binary: self.ctr_binary.clone(),
             address: self.address.clone(),
-            namespace: self.namespace.clone(),
+            namespace: namespace.to_owned(),
         }
     }
 
-    /// Kills and deletes every task and container in the namespace (best effort).
+    /// The namespaces this harness cleans up: its own and the CRI's.
+    fn owned_namespaces(&self) -> Vec<&str> {
+        let mut namespaces = vec![self.namespace.as_str()];
+        if self.namespace != CRI_NAMESPACE {
+            namespaces.push(CRI_NAMESPACE);
+        }
+        namespaces
+    }
+
+    /// Kills and deletes every task and container in the namespace, and in the CRI's, where
+    /// pods started through the CRI run (best effort).
     pub fn remove_all_containers(&self) {
-        let ctr = self.ctr();
+        for namespace in self.owned_namespaces() {
+            self.remove_all_containers_in(namespace);
+        }
+    }
+
+    fn remove_all_containers_in(&self, namespace: &str) {
+        let ctr = self.ctr_in(namespace);
         if let Ok(out) = ctr.output(&["tasks", "ls", "-q"]) {
             for id in out.lines().map(str::trim).filter(|l| !l.is_empty()) {
                 ctr.remove_container(id);
@@ -443,7 +468,11 @@ impl Containerd {
             self.stop_running(child);
         }
         // Shims of a stopped containerd (or that outlived it) are killed with their children.
-        let shims = shim_pids(&self.address, &self.namespace);
+        let shims: Vec<u32> = self
+            .owned_namespaces()
+            .into_iter()
+            .flat_map(|ns| shim_pids(&self.address, ns))
+            .collect();
         for pid in process_tree(&shims) {
             log::warn!("killing shim process {pid} left by containerd");
             if let Ok(pid) = i32::try_from(pid) {
@@ -466,7 +495,11 @@ impl Containerd {
             // A shim exits shortly after its last task is deleted; one that stays is killed
             // (by `stop`, after containerd is gone).
             let deadline = Instant::now() + Duration::from_secs(5);
-            while !shim_pids(&self.address, &self.namespace).is_empty() && Instant::now() < deadline
+            while self
+                .owned_namespaces()
+                .into_iter()
+                .any(|ns| !shim_pids(&self.address, ns).is_empty())
+                && Instant::now() < deadline
             {
                 std::thread::sleep(Duration::from_millis(50));
             }

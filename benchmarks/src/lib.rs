@@ -1,5 +1,7 @@
 //! Nutshell's benchmarks and the containerd harness the end-to-end tests share.
 //!
+//! - [`cri`]: a blocking CRI client (containerd's CRI plugin over its socket, as kubelet
+//!   drives it).
 //! - [`containerd`]: a private containerd (own root, state, socket, config) that is stopped on
 //!   drop, and a `ctr` wrapper bound to it.
 //! - [`image`]: OCI images built locally from the host's Debian binaries, cached by input hash.
@@ -8,6 +10,7 @@
 //! - [`report`], [`stats`], [`parse`]: what the runs produce and how it is summarized.
 
 pub mod containerd;
+pub mod cri;
 pub mod image;
 pub mod nutshell;
 pub mod parse;

@@ -10,8 +10,10 @@ use std::time::{Duration, Instant};
 
 use crate::containerd::RuntimeSpec;
 use crate::containerd::{
-    find_on_path, process_tree, shim_pids, Containerd, ContainerdError, ContainerdOptions, Ctr,
+    find_on_path, process_tree, remove_namespace_cgroups, shim_pids, Containerd, ContainerdError,
+    ContainerdOptions, Ctr, CRI_NAMESPACE,
 };
+use crate::cri::{self, CriClient};
 use crate::image::{self, ImageError, ImageSpec};
 use crate::nutshell;
 use crate::parse;
@@ -22,6 +24,9 @@ use crate::stats::interleave;
 pub const BUSYBOX_IMAGE: &str = "docker.io/nutshell/busybox:latest";
 /// The workload image: busybox, sysbench, fio, the probe.
 pub const TOOLS_IMAGE: &str = "docker.io/nutshell/bench-tools:latest";
+/// The CRI's sandbox (pause) image: busybox sleeping. Under runc it is the pod's sandbox
+/// container; under Nutshell the VM is the sandbox and its command never runs.
+pub const PAUSE_IMAGE: &str = "docker.io/nutshell/bench-pause:latest";
 
 /// Errors that stop a whole run (a runtime failing only marks that runtime).
 #[derive(Debug, thiserror::Error)]
@@ -306,6 +311,8 @@ impl Runner {
         let tools = tools_image(&config.probe)?.tarball(&config.cache_dir)?;
         let opts = ContainerdOptions {
             runtimes: config.runtimes.clone(),
+            // Imported into the CRI's namespace by the CRI start-up row (`CriPods::new`).
+            sandbox_image: Some(PAUSE_IMAGE.to_owned()),
             ..ContainerdOptions::default()
         };
         let containerd = Containerd::start(&opts)?;
@@ -478,10 +485,6 @@ impl Runner {
             "ms",
             false,
         );
-        self.metrics[cri].not_supported = Some(
-            "the runner drives containerd with ctr only; the CRI client lives in nutshell-tests"
-                .to_owned(),
-        );
         let reps = self.config.plan.startup_reps;
         self.interleaved(reps, |r, spec| {
             let v = r.first_outputs(spec, 1).map(|t| t[0]);
@@ -502,6 +505,29 @@ impl Runner {
                 r.record(m, &spec.name, v);
             });
         }
+        self.cri_startup(cri);
+    }
+
+    /// The CRI start-up row: for each runtime in turn, a pod through containerd's CRI as
+    /// kubelet starts one (`RunPodSandbox` with the runtime's name as handler, then
+    /// `CreateContainer`, `StartContainer`), timed until `ContainerStatus` says running; every
+    /// pod is stopped and removed before the next.
+    fn cri_startup(&mut self, m: usize) {
+        let mut pods = match CriPods::new(&self.containerd, &self.config.cache_dir) {
+            Ok(pods) => pods,
+            Err(e) => {
+                for spec in self.available() {
+                    self.record(m, &spec.name, Err(format!("CRI set-up failed: {e}")));
+                }
+                return;
+            }
+        };
+        let reps = self.config.plan.startup_reps;
+        self.interleaved(reps, |r, spec| {
+            let name = r.id("cri", &spec.name);
+            let v = pods.start_to_running(&name, &spec.name);
+            r.record(m, &spec.name, v);
+        });
     }
 
     fn cpu(&mut self) {
@@ -899,6 +925,186 @@ impl Runner {
     }
 }
 
+/// Where the cgroup hierarchies are mounted.
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
+/// Pods through the private containerd's CRI: the images in the CRI's namespace, a client, a
+/// log directory and a cgroup parent of their own. On drop, every pod still there is stopped
+/// and removed, and the (then empty) cgroup parent too.
+struct CriPods {
+    client: CriClient,
+    log_dir: tempfile::TempDir,
+    cgroup_parent: String,
+}
+
+impl CriPods {
+    /// Imports the busybox and pause images into the CRI's namespace, connects and waits until
+    /// the CRI sees both images (it learns about imports from containerd's events).
+    fn new(containerd: &Containerd, cache_dir: &Path) -> Result<Self, String> {
+        let busybox = image::busybox_image(BUSYBOX_IMAGE)
+            .and_then(|i| i.tarball(cache_dir))
+            .map_err(|e| error_chain(&e))?;
+        let pause = image::busybox_image(PAUSE_IMAGE)
+            .map(|i| i.cmd(&["/bin/sleep", "2147483647"]))
+            .and_then(|i| i.tarball(cache_dir))
+            .map_err(|e| error_chain(&e))?;
+        let ctr = containerd.ctr_in(CRI_NAMESPACE);
+        for tarball in [&busybox, &pause] {
+            ctr.import_image(tarball).map_err(|e| error_chain(&e))?;
+        }
+        let log_dir = tempfile::Builder::new()
+            .prefix("nutshell-bench-pods-")
+            .tempdir()
+            .map_err(|e| format!("pod log directory: {e}"))?;
+        let mut client = CriClient::connect(containerd.address()).map_err(|e| error_chain(&e))?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let seen = client
+                .image_present(BUSYBOX_IMAGE)
+                .map_err(|e| error_chain(&e))?
+                && client
+                    .image_present(PAUSE_IMAGE)
+                    .map_err(|e| error_chain(&e))?;
+            if seen {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err("the CRI does not see the imported images after 60 s".to_owned());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(CriPods {
+            client,
+            log_dir,
+            cgroup_parent: format!("nutshell-bench-cri-{}", std::process::id()),
+        })
+    }
+
+    /// One pod under `handler`: milliseconds from `RunPodSandbox` until its container is
+    /// running. The pod is stopped and removed afterwards, also when a step failed; a pod that
+    /// cannot be removed makes the sample an error.
+    fn start_to_running(&mut self, name: &str, handler: &str) -> Result<f64, String> {
+        let pod_cfg = cri_pod_config(name, self.log_dir.path(), &self.cgroup_parent);
+        let app_cfg = cri::container_config(
+            "app",
+            BUSYBOX_IMAGE,
+            &["sh", "-c", "echo ready; exec sleep 3600"],
+            &format!("{name}-app.log"),
+        );
+        let started = Instant::now();
+        let pod = self
+            .client
+            .run_pod_sandbox(&pod_cfg, handler)
+            .map_err(|e| error_chain(&e));
+        let sandbox_ms = ms(started.elapsed());
+        let measured = pod.clone().and_then(|pod| {
+            let id = self
+                .client
+                .create_container(&pod, &app_cfg, &pod_cfg)
+                .map_err(|e| error_chain(&e))?;
+            let created_ms = ms(started.elapsed());
+            self.client
+                .start_container(&id)
+                .map_err(|e| error_chain(&e))?;
+            let started_ms = ms(started.elapsed());
+            self.client
+                .wait_state(
+                    &id,
+                    cri::ContainerState::ContainerRunning,
+                    Duration::from_secs(300),
+                    Duration::from_millis(5),
+                )
+                .map_err(|e| error_chain(&e))?;
+            let running_ms = ms(started.elapsed());
+            log::info!(
+                "CRI pod {name} under {handler}: sandbox ready at {sandbox_ms:.0} ms, container \
+                 created at {created_ms:.0} ms, started at {started_ms:.0} ms, running at \
+                 {running_ms:.0} ms"
+            );
+            Ok(running_ms)
+        });
+        let removed = match &pod {
+            Ok(pod) => self.remove(pod),
+            // RunPodSandbox failed: containerd cleans up after itself, but a sandbox it left
+            // (a timeout on our side) is removed too.
+            Err(_) => self.remove_all(),
+        };
+        match (measured, removed) {
+            (Ok(v), Ok(())) => Ok(v),
+            (Err(e), _) => Err(e),
+            (Ok(v), Err(e)) => Err(format!(
+                "running after {v:.0} ms, but the pod could not be removed: {e}"
+            )),
+        }
+    }
+
+    /// `StopPodSandbox` (stops its containers), then `RemovePodSandbox`.
+    fn remove(&mut self, pod: &str) -> Result<(), String> {
+        let stopped = self.client.stop_pod_sandbox(pod);
+        let removed = self.client.remove_pod_sandbox(pod);
+        stopped.and(removed).map_err(|e| error_chain(&e))
+    }
+
+    /// Stops and removes every pod the CRI knows of (they are all ours: the containerd is).
+    fn remove_all(&mut self) -> Result<(), String> {
+        let pods = self
+            .client
+            .list_pod_sandboxes()
+            .map_err(|e| error_chain(&e))?;
+        let mut result = Ok(());
+        for pod in pods {
+            log::info!("removing CRI pod {pod}");
+            if let Err(e) = self.remove(&pod) {
+                result = Err(e);
+            }
+        }
+        result
+    }
+}
+
+impl Drop for CriPods {
+    fn drop(&mut self) {
+        if let Err(e) = self.remove_all() {
+            log::warn!("CRI pods left behind: {e}");
+        }
+        remove_namespace_cgroups(Path::new(CGROUP_ROOT), &self.cgroup_parent);
+    }
+}
+
+/// A benchmark pod: on the node's network (there is no CNI in the private containerd, and
+/// neither runtime's network set-up is timed) and under `cgroup_parent`, as kubelet puts every
+/// pod under a parent cgroup (containerd then gives the sandbox `linux.cgroupsPath`).
+fn cri_pod_config(name: &str, log_dir: &Path, cgroup_parent: &str) -> cri::PodSandboxConfig {
+    let mut pod = cri::pod_config(name, &format!("uid-{name}"), log_dir);
+    if let Some(linux) = pod.linux.as_mut() {
+        linux.cgroup_parent = format!("/{cgroup_parent}");
+        if let Some(ns) = linux
+            .security_context
+            .as_mut()
+            .and_then(|c| c.namespace_options.as_mut())
+        {
+            ns.network = cri::api::NamespaceMode::Node as i32;
+        }
+    }
+    pod
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// An error and its causes, `: `-separated (the chain printed once).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    s
+}
+
 fn kill_all(children: &mut [Child]) {
     for c in children {
         let _ = c.kill();
@@ -975,5 +1181,51 @@ mod tests {
         assert!(quick.reps < full.reps && quick.sysbench_s < full.sysbench_s);
         assert_eq!(full.parallel, [1, 4, 16]);
         assert_eq!(full.density, [1, 10, 20]);
+    }
+
+    #[test]
+    fn cri_pods_use_the_node_network_and_a_cgroup_parent() {
+        let pod = cri_pod_config("nb-cri-runc-3", Path::new("/tmp/logs"), "parent-7");
+        let meta = pod.metadata.as_ref().unwrap();
+        assert_eq!(
+            (meta.name.as_str(), meta.uid.as_str()),
+            ("nb-cri-runc-3", "uid-nb-cri-runc-3")
+        );
+        assert_eq!(pod.log_directory, "/tmp/logs");
+        let linux = pod.linux.as_ref().unwrap();
+        assert_eq!(linux.cgroup_parent, "/parent-7");
+        let ns = linux
+            .security_context
+            .as_ref()
+            .unwrap()
+            .namespace_options
+            .as_ref()
+            .unwrap();
+        assert_eq!(ns.network(), cri::api::NamespaceMode::Node);
+        // Only the network: the pod keeps its own PID and IPC namespaces.
+        assert_eq!(ns.pid(), cri::api::NamespaceMode::Pod);
+        assert_eq!(ns.ipc(), cri::api::NamespaceMode::Pod);
+    }
+
+    #[test]
+    fn error_chains_print_every_cause_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("outer")]
+        struct Outer(#[source] std::io::Error);
+        let e = Outer(std::io::Error::other("inner"));
+        assert_eq!(error_chain(&e), "outer: inner");
+    }
+
+    #[test]
+    fn cri_set_up_failure_names_the_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("absent.sock");
+        let e = CriClient::connect(&socket).unwrap_err();
+        let text = error_chain(&e);
+        assert!(
+            text.starts_with("cannot connect to the CRI socket"),
+            "{text}"
+        );
+        assert!(text.contains("absent.sock"), "{text}");
     }
 }

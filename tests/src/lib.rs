@@ -5,7 +5,8 @@
 //! builds into `target/nutshell/`. They are `#[ignore]`d so that a plain `cargo test` stays
 //! fast; `scripts/test.sh` runs them with `--include-ignored`.
 
-pub mod cri;
+/// The CRI client (in nutshell-bench, whose runner times the CRI start-up path with it).
+pub use nutshell_bench::cri;
 pub mod guest;
 
 use std::path::{Path, PathBuf};

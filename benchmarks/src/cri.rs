@@ -1,5 +1,5 @@
 //! A CRI client that drives containerd's CRI plugin the way kubelet does, over its Unix
-//! socket (gRPC, `runtime.v1`), with a blocking API for tests.
+//! socket (gRPC, `runtime.v1`), with a blocking API for tests and the benchmark runner.
 //!
 //! kubelet's order for a pod: `RunPodSandbox` (with the RuntimeClass handler) →
 //! `CreateContainer` (with the sandbox config) → `StartContainer`; `ExecSync` for probes and
@@ -9,14 +9,77 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
 use hyper_util::rt::TokioIo;
 use k8s_cri::v1 as cri;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use tonic::transport::{Channel, Endpoint, Uri};
 
-pub use k8s_cri::v1::{ContainerConfig, PodSandboxConfig};
+/// The CRI's `runtime.v1` messages, for callers that fill in more than the helpers here do.
+pub use k8s_cri::v1 as api;
+pub use k8s_cri::v1::{ContainerConfig, ContainerState, PodSandboxConfig, PodSandboxState};
+
+/// Errors of the CRI client.
+#[derive(Debug, thiserror::Error)]
+pub enum CriError {
+    /// The client's own tokio runtime could not be built.
+    #[error("cannot build the CRI client's runtime")]
+    Runtime(#[source] std::io::Error),
+    /// The CRI socket did not accept a connection.
+    #[error("cannot connect to the CRI socket {path}")]
+    Connect {
+        /// The socket.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// A CRI call failed (the runtime's answer, or the transport's).
+    #[error("CRI {call}: {code:?}: {message}")]
+    Call {
+        /// The call, e.g. `RunPodSandbox`.
+        call: &'static str,
+        /// The gRPC status code.
+        code: tonic::Code,
+        /// The status message.
+        message: String,
+    },
+    /// A reply lacked a field the call needs.
+    #[error("CRI {call}: the reply has no {field}")]
+    Incomplete {
+        /// The call.
+        call: &'static str,
+        /// The missing field.
+        field: &'static str,
+    },
+    /// A container did not reach the awaited state in time, or exited first.
+    #[error("container {id} is {state:?} after {waited:?}, not {want:?}")]
+    NotInState {
+        /// The container.
+        id: String,
+        /// Its last state.
+        state: cri::ContainerState,
+        /// The state waited for.
+        want: cri::ContainerState,
+        /// How long we waited.
+        waited: Duration,
+    },
+    /// A CRI log line is not `<time> <stream> <F|P> <text>`.
+    #[error("malformed CRI log line: {0:?}")]
+    MalformedLog(String),
+}
+
+/// The result of the CRI client's calls.
+pub type Result<T, E = CriError> = std::result::Result<T, E>;
+
+/// Maps a failed call's status to [`CriError::Call`].
+fn call_failed(call: &'static str) -> impl FnOnce(tonic::Status) -> CriError {
+    move |status| CriError::Call {
+        call,
+        code: status.code(),
+        message: status.message().to_owned(),
+    }
+}
 
 /// A connected CRI client with its own single-threaded runtime.
 pub struct CriClient {
@@ -48,7 +111,7 @@ impl CriClient {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .context("tokio runtime")?;
+            .map_err(CriError::Runtime)?;
         let path: PathBuf = socket.to_path_buf();
         let channel = rt
             .block_on(async move {
@@ -66,7 +129,10 @@ impl CriClient {
                     }))
                     .await
             })
-            .with_context(|| format!("connecting to the CRI socket {}", socket.display()))?;
+            .map_err(|source| CriError::Connect {
+                path: socket.to_path_buf(),
+                source,
+            })?;
         Ok(CriClient {
             rt,
             runtime: RuntimeServiceClient::new(channel.clone()),
@@ -82,7 +148,7 @@ impl CriClient {
         Ok(self
             .rt
             .block_on(self.runtime.version(req))
-            .context("CRI Version")?
+            .map_err(call_failed("Version"))?
             .into_inner())
     }
 
@@ -98,7 +164,7 @@ impl CriClient {
         let resp = self
             .rt
             .block_on(self.images.image_status(req))
-            .context("CRI ImageStatus")?
+            .map_err(call_failed("ImageStatus"))?
             .into_inner();
         Ok(resp.image.is_some())
     }
@@ -112,7 +178,7 @@ impl CriClient {
         Ok(self
             .rt
             .block_on(self.runtime.run_pod_sandbox(req))
-            .context("CRI RunPodSandbox")?
+            .map_err(call_failed("RunPodSandbox"))?
             .into_inner()
             .pod_sandbox_id)
     }
@@ -132,7 +198,7 @@ impl CriClient {
         Ok(self
             .rt
             .block_on(self.runtime.create_container(req))
-            .context("CRI CreateContainer")?
+            .map_err(call_failed("CreateContainer"))?
             .into_inner()
             .container_id)
     }
@@ -144,7 +210,7 @@ impl CriClient {
         };
         self.rt
             .block_on(self.runtime.start_container(req))
-            .context("CRI StartContainer")?;
+            .map_err(call_failed("StartContainer"))?;
         Ok(())
     }
 
@@ -157,25 +223,52 @@ impl CriClient {
         let status = self
             .rt
             .block_on(self.runtime.container_status(req))
-            .context("CRI ContainerStatus")?
+            .map_err(call_failed("ContainerStatus"))?
             .into_inner()
             .status
-            .context("ContainerStatus without a status")?;
+            .ok_or(CriError::Incomplete {
+                call: "ContainerStatus",
+                field: "status",
+            })?;
         Ok((status.state(), status.exit_code))
     }
 
     /// Polls `ContainerStatus` until the container has exited; returns its exit code.
     pub fn wait_exited(&mut self, id: &str, timeout: Duration) -> Result<i32> {
-        let deadline = std::time::Instant::now() + timeout;
+        self.wait_state(
+            id,
+            cri::ContainerState::ContainerExited,
+            timeout,
+            Duration::from_millis(200),
+        )
+    }
+
+    /// Polls `ContainerStatus` every `interval` until the container is in `want`; returns its
+    /// exit code then. A container that has exited while another state is awaited is an error
+    /// at once (it cannot get there any more).
+    pub fn wait_state(
+        &mut self,
+        id: &str,
+        want: cri::ContainerState,
+        timeout: Duration,
+        interval: Duration,
+    ) -> Result<i32> {
+        let started = std::time::Instant::now();
         loop {
             let (state, code) = self.container_state(id)?;
-            if state == cri::ContainerState::ContainerExited {
+            if state == want {
                 return Ok(code);
             }
-            if std::time::Instant::now() > deadline {
-                bail!("container {id} still {state:?} after {timeout:?}");
+            let gone = state == cri::ContainerState::ContainerExited;
+            if gone || started.elapsed() > timeout {
+                return Err(CriError::NotInState {
+                    id: id.to_owned(),
+                    state,
+                    want,
+                    waited: started.elapsed(),
+                });
             }
-            std::thread::sleep(Duration::from_millis(200));
+            std::thread::sleep(interval);
         }
     }
 
@@ -189,7 +282,7 @@ impl CriClient {
         let resp = self
             .rt
             .block_on(self.runtime.exec_sync(req))
-            .context("CRI ExecSync")?
+            .map_err(call_failed("ExecSync"))?
             .into_inner();
         Ok(ExecResult {
             exit_code: resp.exit_code,
@@ -206,7 +299,7 @@ impl CriClient {
                 self.runtime
                     .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None }),
             )
-            .context("CRI ListPodSandbox")?
+            .map_err(call_failed("ListPodSandbox"))?
             .into_inner();
         Ok(resp.items.into_iter().map(|p| p.id).collect())
     }
@@ -219,7 +312,7 @@ impl CriClient {
                 self.runtime
                     .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None }),
             )
-            .context("CRI ListPodSandbox")?
+            .map_err(call_failed("ListPodSandbox"))?
             .into_inner();
         Ok(resp
             .items
@@ -236,7 +329,7 @@ impl CriClient {
                 self.runtime
                     .list_containers(cri::ListContainersRequest { filter: None }),
             )
-            .context("CRI ListContainers")?
+            .map_err(call_failed("ListContainers"))?
             .into_inner();
         Ok(resp
             .containers
@@ -252,7 +345,7 @@ impl CriClient {
         };
         self.rt
             .block_on(self.runtime.stop_pod_sandbox(req))
-            .context("CRI StopPodSandbox")?;
+            .map_err(call_failed("StopPodSandbox"))?;
         Ok(())
     }
 
@@ -263,7 +356,7 @@ impl CriClient {
         };
         self.rt
             .block_on(self.runtime.remove_pod_sandbox(req))
-            .context("CRI RemovePodSandbox")?;
+            .map_err(call_failed("RemovePodSandbox"))?;
         Ok(())
     }
 }
@@ -325,17 +418,17 @@ pub fn parse_cri_log(text: &str) -> Result<Vec<(String, String)>> {
         let (Some(ts), Some(stream), Some(tag), rest) =
             (parts.next(), parts.next(), parts.next(), parts.next())
         else {
-            bail!("malformed CRI log line: {line:?}");
+            return Err(CriError::MalformedLog(line.to_owned()));
         };
         if !ts.contains('T') || !matches!(stream, "stdout" | "stderr") {
-            bail!("malformed CRI log line: {line:?}");
+            return Err(CriError::MalformedLog(line.to_owned()));
         }
         let acc = partial.entry(stream.to_string()).or_default();
         acc.push_str(rest.unwrap_or(""));
         match tag {
             "F" => out.push((stream.to_string(), std::mem::take(acc))),
             "P" => {}
-            _ => bail!("malformed CRI log tag {tag:?} in {line:?}"),
+            _ => return Err(CriError::MalformedLog(line.to_owned())),
         }
     }
     Ok(out)
