@@ -1073,9 +1073,12 @@ impl Drop for CriPods {
 
 /// A benchmark pod: on the node's network (there is no CNI in the private containerd, and
 /// neither runtime's network set-up is timed) and under `cgroup_parent`, as kubelet puts every
-/// pod under a parent cgroup (containerd then gives the sandbox `linux.cgroupsPath`).
+/// pod under a parent cgroup (containerd then gives the sandbox `linux.cgroupsPath`). No
+/// hostname: a pod on the node's network shares the node's UTS namespace too, and runc refuses
+/// to set a hostname there.
 fn cri_pod_config(name: &str, log_dir: &Path, cgroup_parent: &str) -> cri::PodSandboxConfig {
     let mut pod = cri::pod_config(name, &format!("uid-{name}"), log_dir);
+    pod.hostname.clear();
     if let Some(linux) = pod.linux.as_mut() {
         linux.cgroup_parent = format!("/{cgroup_parent}");
         if let Some(ns) = linux
@@ -1192,6 +1195,10 @@ mod tests {
             ("nb-cri-runc-3", "uid-nb-cri-runc-3")
         );
         assert_eq!(pod.log_directory, "/tmp/logs");
+        assert_eq!(
+            pod.hostname, "",
+            "runc cannot set a hostname in the node's UTS namespace"
+        );
         let linux = pod.linux.as_ref().unwrap();
         assert_eq!(linux.cgroup_parent, "/parent-7");
         let ns = linux
