@@ -15,7 +15,8 @@ use nutshell_bench::runner::{self, Plan, RunConfig, Workload};
 /// containerd, and writes `latest.md` (medians, min–max, ratios to runc), `latest.json` (raw
 /// samples) and SVG plots into the output directory; prints the table.
 ///
-/// Workloads: startup (`ctr run` to first output, serially and N in parallel), cpu (sysbench
+/// Workloads: startup (`ctr run` to first output, serially and N in parallel; a CRI pod from
+/// RunPodSandbox to its container running), cpu (sysbench
 /// cpu), memory (sysbench memory, page-fault allocation), syscalls (getpid, 1-byte reads),
 /// fileio (fio and file creation on the rootfs and on a bind-mounted volume), density (host
 /// PSS of idle containers). A runtime whose shim is not installed, or whose first container

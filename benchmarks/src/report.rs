@@ -503,7 +503,10 @@ run with the runs interleaved. Read it with the arrow of its unit:
 - **startup** (ms ↓): a ratio of 3 means starting a container to its first output takes three
   times as long as with runc. It includes everything `ctr run` waits for: the shim, for Nutshell
   the VM (restore or boot) and the agent. The parallel rows measure until the last of N
-  containers printed.
+  containers printed. The CRI row times a pod as kubelet starts one, from `RunPodSandbox`
+  (the pod's sandbox: runc's pause container, Nutshell's VM) through `CreateContainer` and
+  `StartContainer` until `ContainerStatus` says running; it does not wait for output. Its pods
+  use the node's network, so no CNI set-up is in it for either runtime.
 - **cpu** (events/s ↑): below 1 means slower compute; guest user mode runs at native speed under
   KVM, so anything far from 1 is overhead worth a look.
 - **memory** (MiB/s, faults/s ↑): bandwidth should be near 1; page-fault-heavy allocation

@@ -51,7 +51,8 @@ pub enum RunnerError {
 /// A workload: one family of measurements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
 pub enum Workload {
-    /// `ctr run` to first output, serially and N in parallel.
+    /// `ctr run` to first output, serially and N in parallel; a CRI pod to its container
+    /// running.
     Startup,
     /// `sysbench cpu`.
     Cpu,

@@ -7,6 +7,7 @@
 //! available". Needs root, containerd, runc, sysbench, /dev/kvm and scripts/setup.sh's builds
 //! (slow lane).
 
+use std::path::Path;
 use std::process::Command;
 
 #[test]
@@ -110,4 +111,91 @@ fn quick_run_reports_runc_and_nutshell_figures_and_unavailable_runtimes() {
         (0.5..2.0).contains(&ratio),
         "runc-b / runc = {ratio}: {row}"
     );
+}
+
+/// `nutshell-bench --quick --only startup` with runc and Nutshell: the CRI row (a pod through
+/// containerd's CRI, `RunPodSandbox` → container running) has figures for both runtimes, as
+/// many for one as for the other (interleaved), and its pods and their cgroup parent are gone
+/// afterwards.
+#[test]
+#[ignore = "slow lane: needs root, containerd, runc, /dev/kvm and scripts/setup.sh's builds"]
+fn quick_startup_run_times_the_cri_path_for_runc_and_nutshell() {
+    let out = tempfile::tempdir().unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_nutshell-bench"))
+        .args([
+            "--quick",
+            "--only",
+            "startup",
+            "--runtimes",
+            "runc,nutshell",
+        ])
+        .arg("--out")
+        .arg(out.path())
+        .arg("--cache-dir")
+        .arg(cache.path())
+        .env_remove("NUTSHELL_CONFIG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let run = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
+
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("latest.json")).unwrap()).unwrap();
+    let metric = json["metrics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| {
+            m["workload"] == "startup" && m["name"] == "CRI RunPodSandbox to container running"
+        })
+        .unwrap_or_else(|| panic!("no CRI row in {json}"))
+        .clone();
+    assert!(metric["not_supported"].is_null(), "{metric}");
+    let samples = |rt: &str| -> Vec<f64> {
+        metric["samples"][rt]
+            .as_array()
+            .unwrap_or_else(|| panic!("no {rt} samples: {metric}\n{stderr}"))
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect()
+    };
+    let errors = |rt: &str| metric["errors"][rt].as_array().map_or(0, Vec::len);
+    let (runc, nutshell) = (samples("runc"), samples("nutshell"));
+    assert!(!runc.is_empty() && !nutshell.is_empty(), "{metric}");
+    // Interleaved: as many attempts under one runtime as under the other.
+    assert_eq!(
+        runc.len() + errors("runc"),
+        nutshell.len() + errors("nutshell"),
+        "{metric}"
+    );
+    assert!(
+        runc.len() + errors("runc") <= 3,
+        "at most the quick plan's repetitions: {metric}"
+    );
+    for v in runc.iter().chain(&nutshell) {
+        assert!(*v > 0.0 && *v < 300_000.0, "{metric}");
+    }
+    let md = std::fs::read_to_string(out.path().join("latest.md")).unwrap();
+    let row = md
+        .lines()
+        .find(|l| l.contains("| CRI RunPodSandbox to container running |"))
+        .unwrap();
+    assert!(
+        !row.contains("not supported") && !row.contains("failed"),
+        "{row}"
+    );
+
+    // Every pod was stopped and removed: their cgroup parent is gone (rmdir needs it empty).
+    for hierarchy in ["memory", "pids"] {
+        let parent = Path::new("/sys/fs/cgroup")
+            .join(hierarchy)
+            .join(format!("nutshell-bench-cri-{pid}"));
+        assert!(!parent.exists(), "{} left", parent.display());
+    }
 }
