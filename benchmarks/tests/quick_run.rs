@@ -4,8 +4,8 @@
 //! checked) and a runtime that is not installed: the report and the JSON are produced, runc and
 //! Nutshell both have figures (Nutshell's container ran in a microVM, its VM template built by
 //! the warm-up container in a fresh template directory), a missing runtime says "not
-//! available". Needs root, containerd, runc, sysbench, /dev/kvm and scripts/setup.sh's builds
-//! (slow lane).
+//! available". Then `--only startup` in the same cache (the template restored): the CRI row.
+//! Needs root, containerd, runc, sysbench, /dev/kvm and scripts/setup.sh's builds (slow lane).
 
 use std::path::Path;
 use std::process::Command;
@@ -111,17 +111,18 @@ fn quick_run_reports_runc_and_nutshell_figures_and_unavailable_runtimes() {
         (0.5..2.0).contains(&ratio),
         "runc-b / runc = {ratio}: {row}"
     );
+
+    quick_startup_run_times_the_cri_path_for_runc_and_nutshell(cache.path());
 }
 
 /// `nutshell-bench --quick --only startup` with runc and Nutshell: the CRI row (a pod through
 /// containerd's CRI, `RunPodSandbox` → container running) has figures for both runtimes, as
 /// many for one as for the other (interleaved), and its pods and their cgroup parent are gone
 /// afterwards.
-#[test]
-#[ignore = "slow lane: needs root, containerd, runc, /dev/kvm and scripts/setup.sh's builds"]
-fn quick_startup_run_times_the_cri_path_for_runc_and_nutshell() {
+/// Runs with `cache`, where the first run left the VM template (one template build per test run,
+/// not one per run).
+fn quick_startup_run_times_the_cri_path_for_runc_and_nutshell(cache: &Path) {
     let out = tempfile::tempdir().unwrap();
-    let cache = tempfile::tempdir().unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_nutshell-bench"))
         .args([
             "--quick",
@@ -133,7 +134,7 @@ fn quick_startup_run_times_the_cri_path_for_runc_and_nutshell() {
         .arg("--out")
         .arg(out.path())
         .arg("--cache-dir")
-        .arg(cache.path())
+        .arg(cache)
         .env_remove("NUTSHELL_CONFIG")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
