@@ -293,15 +293,11 @@ impl CriClient {
 
     /// `ListPodSandbox`: the ids of every pod sandbox.
     pub fn list_pod_sandboxes(&mut self) -> Result<Vec<String>> {
-        let resp = self
-            .rt
-            .block_on(
-                self.runtime
-                    .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None }),
-            )
-            .map_err(call_failed("ListPodSandbox"))?
-            .into_inner();
-        Ok(resp.items.into_iter().map(|p| p.id).collect())
+        Ok(self
+            .pod_sandbox_states()?
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect())
     }
 
     /// `ListPodSandbox`: (id, state) of every pod sandbox.

@@ -61,6 +61,10 @@ pub const VMM_CMDLINE: &[&str] = &[
 /// IPIs, PV spinlock kicks, PTP clock pairing) whose hypercalls this host does not serve; an SMP
 /// guest then hangs. `nopv` boots it as a plain x86 guest (TSC clock instead of kvm-clock).
 /// Hiding the CPU features themselves is `clearcpuid=`, appended after these.
+///
+/// Not `tsc_early_khz=` (the guest would use the TSC instead of refined-jiffies): with it,
+/// containers in VMs restored from a template hung in their set-up, and kvm_pvm does not offset
+/// the guest's TSC, so a restored guest sees it jump by the template's age (docs/vmm.md).
 pub const COMPAT_CMDLINE: &[&str] = &["nopv"];
 
 /// Loads the guest and starts its vCPUs.
@@ -94,46 +98,40 @@ pub fn boot_linux(config: LinuxConfig) -> Result<RunningVm, VmError> {
     let mut machine = config.machine;
     let profile = machine.cpu_profile.resolve();
     machine.cpu_profile = CpuProfileChoice::Fixed(profile);
-    let compat = profile == arch::x86_64::cpuid::CpuProfile::Compat;
-    let (has_vsock, has_fs) = (machine.vsock.is_some(), machine.fs.is_some());
-    let result = Vm::new(machine).and_then(|mut vm| {
-        // Not `tsc_early_khz=` (the guest would use the TSC instead of refined-jiffies): with
-        // it, containers in VMs restored from a template hung in their set-up, and kvm_pvm does
-        // not offset the guest's TSC, so a restored guest sees it jump by the template's age.
-        let compat_args = if compat {
-            vec![arch::x86_64::cpuid::compat_clearcpuid_arg()]
-        } else {
-            Vec::new()
-        };
-        let mut vmm_args = VMM_CMDLINE.to_vec();
-        if compat {
-            vmm_args.extend_from_slice(COMPAT_CMDLINE);
-            vmm_args.extend(compat_args.iter().map(String::as_str));
-        }
-        let mut cmdline = boot::build_cmdline(&config.cmdline, &vmm_args)?;
-        if has_vsock {
-            cmdline
-                .add_virtio_mmio_device(
-                    arch::x86_64::layout::VIRTIO_MMIO_SIZE,
-                    vm_memory::GuestAddress(arch::x86_64::layout::VIRTIO_MMIO_BASE),
-                    arch::x86_64::layout::VIRTIO_GSI_BASE,
-                    None,
-                )
-                .map_err(boot::BootError::Cmdline)?;
-        }
-        if has_fs {
-            cmdline
-                .add_virtio_mmio_device(
-                    arch::x86_64::layout::VIRTIO_MMIO_SIZE,
-                    vm_memory::GuestAddress(arch::x86_64::layout::FS_MMIO_BASE),
-                    arch::x86_64::layout::FS_GSI,
-                    None,
-                )
-                .map_err(boot::BootError::Cmdline)?;
-        }
-        vm.load_linux(&config.kernel, config.initrd.as_deref(), &cmdline)?;
-        vm.start()
-    });
+    let compat_arg = arch::x86_64::cpuid::compat_clearcpuid_arg();
+    let mut vmm_args = VMM_CMDLINE.to_vec();
+    if profile == arch::x86_64::cpuid::CpuProfile::Compat {
+        vmm_args.extend_from_slice(COMPAT_CMDLINE);
+        vmm_args.push(&compat_arg);
+    }
+    let result = boot::build_cmdline(&config.cmdline, &vmm_args)
+        .map_err(VmError::from)
+        .and_then(|cmdline| {
+            let mut cmdline = cmdline;
+            if machine.vsock.is_some() {
+                cmdline
+                    .add_virtio_mmio_device(
+                        arch::x86_64::layout::VIRTIO_MMIO_SIZE,
+                        vm_memory::GuestAddress(arch::x86_64::layout::VIRTIO_MMIO_BASE),
+                        arch::x86_64::layout::VIRTIO_GSI_BASE,
+                        None,
+                    )
+                    .map_err(boot::BootError::Cmdline)?;
+            }
+            if machine.fs.is_some() {
+                cmdline
+                    .add_virtio_mmio_device(
+                        arch::x86_64::layout::VIRTIO_MMIO_SIZE,
+                        vm_memory::GuestAddress(arch::x86_64::layout::FS_MMIO_BASE),
+                        arch::x86_64::layout::FS_GSI,
+                        None,
+                    )
+                    .map_err(boot::BootError::Cmdline)?;
+            }
+            let mut vm = Vm::new(machine)?;
+            vm.load_linux(&config.kernel, config.initrd.as_deref(), &cmdline)?;
+            vm.start()
+        });
     if result.is_err() {
         if let Some(path) = created_console {
             let _ = std::fs::remove_file(path);
