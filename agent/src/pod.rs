@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use nix::unistd::Pid;
 use nutshell_protocol::generated::agent as pb;
@@ -209,6 +209,7 @@ impl Pod {
         if self.containers.state(id).is_ok() {
             return Err(ContainerError::AlreadyExists(id.clone()).into());
         }
+        let began = Instant::now();
         let ports = req.stdio.as_ref().map(StdioPorts::from).unwrap_or_default();
         let streams = stdio::accept_streams(
             self.listen.as_ref(),
@@ -216,10 +217,12 @@ impl Pod {
             req.terminal,
             self.accept_timeout,
         )?;
+        let accepted = began.elapsed();
         let cgroup = self.make_cgroup(
             id,
             spec.linux().as_ref().and_then(|l| l.resources().as_ref()),
         )?;
+        let cgrouped = began.elapsed();
         let place = |pid: Pid| -> Result<(), HookError> {
             cgroup.add_process(pid.as_raw() as u32)?;
             Ok(())
@@ -250,7 +253,14 @@ impl Pod {
             }
         }
         lock(&self.cgroups).insert(id.clone(), cgroup);
-        log::info!("container {id} created (init pid {pid})");
+        log::info!(
+            "container {id} created (init pid {pid}) in {:.2} s: stdio {:.2} s, cgroup {:.2} s, \
+             process {:.2} s",
+            began.elapsed().as_secs_f64(),
+            accepted.as_secs_f64(),
+            cgrouped.saturating_sub(accepted).as_secs_f64(),
+            began.elapsed().saturating_sub(cgrouped).as_secs_f64()
+        );
         Ok(pid)
     }
 

@@ -228,7 +228,7 @@ impl RootfsPlan {
 
     /// In the child, in its new mount namespace: propagation, the spec's mounts under the
     /// root, `/dev`, then `pivot_root` into it. The current directory ends up at `/`.
-    pub fn prepare(&self) -> StepResult {
+    pub fn prepare(&self, steps: &mut super::spawn::Steps) -> StepResult {
         mount(
             None::<&str>,
             "/",
@@ -246,13 +246,18 @@ impl RootfsPlan {
             None::<&str>,
         )
         .map_err(|e| format!("bind mount the root {}: {e}", self.root.display()))?;
+        steps.mark("root");
         for m in &self.mounts {
             m.apply(&self.root)?;
         }
+        steps.mark("mounts");
         if self.setup_dev {
             self.make_devices()?;
         }
-        self.pivot()
+        steps.mark("devices");
+        let pivoted = self.pivot();
+        steps.mark("pivot");
+        pivoted
     }
 
     fn make_devices(&self) -> StepResult {

@@ -130,6 +130,7 @@ pub fn spawn(
         devnull,
         terminal: terminal_child,
     };
+    let forked = std::time::Instant::now();
     match syscall::fork().map_err(io_err("fork"))? {
         Forked::Child => intermediate(plan, fds),
         Forked::Parent(_) => {}
@@ -152,6 +153,7 @@ pub fn spawn(
             ))
         }
     };
+    let pid_after = forked.elapsed();
     on_pid(pid);
     let kill = |pid: Pid| {
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
@@ -168,7 +170,13 @@ pub fn spawn(
         });
     }
     match read_frame(&mut report) {
-        Ok(Some((TAG_READY, _))) => {
+        Ok(Some((TAG_READY, steps))) => {
+            log::debug!(
+                "spawn of pid {pid}: fork and clone {:.2} s, set-up {:.2} s ({})",
+                pid_after.as_secs_f64(),
+                forked.elapsed().saturating_sub(pid_after).as_secs_f64(),
+                text(&steps)
+            );
             let master = match terminal_ours.as_ref().map(receive_terminal).transpose() {
                 Ok(master) => master,
                 Err(e) => {
@@ -315,6 +323,36 @@ fn fail(report: &OwnedFd, msg: String) -> ! {
     syscall::exit_now(SETUP_FAILED)
 }
 
+/// The child's set-up steps and their durations, as text for the "ready" frame (the child
+/// cannot log: it has no console once in the container's root).
+#[derive(Debug)]
+pub struct Steps {
+    last: std::time::Instant,
+    text: String,
+}
+
+impl Steps {
+    fn new() -> Self {
+        Steps {
+            last: std::time::Instant::now(),
+            text: String::new(),
+        }
+    }
+
+    /// Ends step `name`.
+    pub fn mark(&mut self, name: &str) {
+        use std::fmt::Write as _;
+        let now = std::time::Instant::now();
+        let sep = if self.text.is_empty() { "" } else { ", " };
+        let _ = write!(
+            self.text,
+            "{sep}{name} {:.2} s",
+            now.duration_since(self.last).as_secs_f64()
+        );
+        self.last = now;
+    }
+}
+
 /// Reads the one-byte command `what` from the agent; EOF (the agent gave up) ends the child.
 fn wait_for(sync: &OwnedFd) {
     let mut byte = [0u8; 1];
@@ -330,6 +368,7 @@ fn wait_for(sync: &OwnedFd) {
 /// The real child, from "go" to execve.
 fn child(plan: &SpawnPlan, fds: ChildFds) -> StepResult<std::convert::Infallible> {
     wait_for(&fds.sync);
+    let mut steps = Steps::new();
     if let Some(init) = &plan.init {
         if init.new_cgroupns {
             nix::sched::unshare(CloneFlags::CLONE_NEWCGROUP)
@@ -355,13 +394,16 @@ fn child(plan: &SpawnPlan, fds: ChildFds) -> StepResult<std::convert::Infallible
             .map_err(|e| format!("mark stdio close-on-exec: {e}"))?;
         }
     }
+    steps.mark("stdio");
     if let Some(init) = &plan.init {
-        init.rootfs.prepare()?;
+        init.rootfs.prepare(&mut steps)?;
         for (key, value) in &init.sysctls {
             let path = PathBuf::from("/proc/sys").join(key.replace('.', "/"));
             std::fs::write(&path, value).map_err(|e| format!("sysctl {key}={value}: {e}"))?;
         }
+        steps.mark("sysctls");
         init.rootfs.finish()?;
+        steps.mark("masked and read-only paths");
         if let Some(name) = &init.hostname {
             nix::unistd::sethostname(name).map_err(|e| format!("sethostname {name}: {e}"))?;
         }
@@ -383,7 +425,8 @@ fn child(plan: &SpawnPlan, fds: ChildFds) -> StepResult<std::convert::Infallible
         (None, _) => (None, None),
     };
     plan.process.apply_credentials(early)?;
-    write_frame(&fds.report, TAG_READY, &[]);
+    steps.mark("process");
+    write_frame(&fds.report, TAG_READY, steps.text.as_bytes());
     wait_for(&fds.sync);
     if let Some(prog) = late {
         super::seccomp::apply(prog).map_err(|e| format!("apply seccomp: {e}"))?;
