@@ -22,6 +22,7 @@
 //! rpc_timeout_secs = 30     # bound on one agent call (CreateContainer, Exec, ...)
 //! templates = true          # start pods from an agent-ready VM template
 //! template_dir = "/var/cache/nutshell/templates"
+//! max_starting_vms = 2      # VMs in their start-up at once, node-wide (default: host CPUs)
 //! ```
 //!
 //! With `templates = true` the VMM restores each pod's VM from a template of its kernel,
@@ -89,6 +90,10 @@ pub struct Config {
     pub templates: bool,
     /// Where templates are kept (one directory per kernel, initramfs and shape).
     pub template_dir: PathBuf,
+    /// Most VMs in their start-up (VM up to the first container created) at once on the
+    /// node; more wait for a slot (see `start_gate`). Default: the host's CPU count; 0: no
+    /// bound.
+    pub max_starting_vms: u32,
 }
 
 impl Default for Config {
@@ -109,8 +114,16 @@ impl Default for Config {
             rpc_timeout_secs: 30,
             templates: true,
             template_dir: PathBuf::from("/var/cache/nutshell/templates"),
+            max_starting_vms: host_cpus(),
         }
     }
+}
+
+/// The CPUs this process may run on (1 when unknown).
+fn host_cpus() -> u32 {
+    std::thread::available_parallelism()
+        .map(|n| u32::try_from(n.get()).unwrap_or(u32::MAX))
+        .unwrap_or(1)
 }
 
 /// A configuration that cannot be used.
@@ -291,6 +304,7 @@ mod tests {
             rpc_timeout_secs = 90
             templates = false
             template_dir = "/var/tmp/templates"
+            max_starting_vms = 0
             "#,
         )
         .unwrap();
@@ -304,6 +318,8 @@ mod tests {
         assert_eq!(c.rpc_timeout_secs, 90);
         assert!(!c.templates);
         assert_eq!(c.template_dir, Path::new("/var/tmp/templates"));
+        assert_eq!(c.max_starting_vms, 0, "0: no bound");
+        assert!(Config::default().max_starting_vms >= 1);
         assert_eq!(c.agent_timeout(), std::time::Duration::from_secs(300));
         assert_eq!(
             Config::default().agent_timeout(),

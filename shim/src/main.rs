@@ -13,6 +13,7 @@ mod error;
 mod pod;
 mod service;
 mod spec;
+mod start_gate;
 mod state;
 mod stdio;
 mod vm;

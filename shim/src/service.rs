@@ -642,6 +642,9 @@ impl Service {
             stderr: req.stderr.clone(),
             terminal: req.terminal,
         };
+        // A VM start holds a start slot until this function returns: the VM's start and its
+        // first container's create.
+        let mut _slot = None;
         let (vm, guest_spec) = if role.starts_vm() {
             let request = match role {
                 Role::PodSandbox { .. } => ResourceRequest::from_annotations(&annotations)?,
@@ -674,6 +677,29 @@ impl Service {
                 .as_ref()
                 .and_then(|l| l.cgroups_path().clone())
                 .map(|p| p.to_string_lossy().into_owned());
+            let slot = match crate::start_gate::acquire(
+                &config.run_dir,
+                config.max_starting_vms,
+                config.agent_timeout(),
+                sandbox_id,
+            ) {
+                Ok(slot) => slot,
+                Err(e) => {
+                    crate::vm::remove_sandbox_dir(&paths.dir);
+                    return Err(e);
+                }
+            };
+            if let Some(slot) = &slot {
+                if slot.waited() > Duration::from_millis(50) {
+                    log::info!(
+                        "sandbox {sandbox_id}: waited {:.2} s for start slot {} of {}",
+                        slot.waited().as_secs_f64(),
+                        slot.index(),
+                        config.max_starting_vms
+                    );
+                }
+            }
+            _slot = slot;
             let vm = SandboxVm::start(
                 config,
                 &paths,

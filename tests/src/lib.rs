@@ -90,6 +90,42 @@ pub fn vmms_under(run_dir: &Path) -> Vec<u32> {
         .collect()
 }
 
+/// The shim's node-wide VM start slots under `run_dir` (`start_gate` in the shim).
+pub const START_SLOTS_DIR: &str = "start-slots";
+
+/// What a shim run left under `run_dir`, for tests that check nothing is: every entry but the
+/// start-slot files, which are the node's lasting state, and any slot that is still held (a
+/// leaked slot would stall later VM starts).
+pub fn left_under_run_dir(run_dir: &Path) -> Vec<String> {
+    use std::os::fd::AsRawFd;
+    let mut left = Vec::new();
+    let Ok(entries) = std::fs::read_dir(run_dir) else {
+        return left;
+    };
+    for entry in entries.filter_map(|e| e.ok()) {
+        let path = entry.path();
+        if entry.file_name() != START_SLOTS_DIR {
+            left.push(path.display().to_string());
+            continue;
+        }
+        for slot in std::fs::read_dir(&path).into_iter().flatten().flatten() {
+            let held = match std::fs::File::open(slot.path()) {
+                Ok(f) => {
+                    // SAFETY: flock(2) on a descriptor this function owns; closing it releases
+                    // the lock.
+                    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+                    r != 0
+                }
+                Err(_) => true,
+            };
+            if held {
+                left.push(format!("{} (held)", slot.path().display()));
+            }
+        }
+    }
+    left
+}
+
 /// A boot of the real guest kernel under `nutshell-vmm`, built up option by option:
 ///
 /// ```text

@@ -16,7 +16,8 @@ use nix::pty::{openpty, Winsize};
 use nutshell_bench::containerd::{shim_pids, Containerd, ContainerdOptions, Ctr};
 use nutshell_bench::image;
 use nutshell_tests::{
-    guest_artifact, shim_binary, target_dir, template_cache, vmm_binary, vmms_under,
+    guest_artifact, left_under_run_dir, shim_binary, target_dir, template_cache, vmm_binary,
+    vmms_under,
 };
 
 const IMAGE: &str = "docker.io/nutshell/e2e-busybox:1";
@@ -94,9 +95,7 @@ impl NutshellContainerd {
             shim_pids(c.address(), c.namespace())
         );
         assert_eq!(vmms_under(&self.run_dir), Vec::<u32>::new());
-        let left: Vec<_> = std::fs::read_dir(&self.run_dir)
-            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
-            .unwrap_or_default();
+        let left = left_under_run_dir(&self.run_dir);
         assert!(
             left.is_empty(),
             "left under {}: {left:?}",

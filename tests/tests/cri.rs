@@ -28,7 +28,8 @@ use nutshell_bench::containerd::{shim_pids, Containerd, ContainerdOptions};
 use nutshell_bench::image;
 use nutshell_tests::cri::{container_config, parse_cri_log, pod_config, CriClient};
 use nutshell_tests::{
-    guest_artifact, memory_use, shim_binary, target_dir, template_cache, vmm_binary, vmms_under,
+    guest_artifact, left_under_run_dir, memory_use, shim_binary, target_dir, template_cache,
+    vmm_binary, vmms_under,
 };
 
 const IMAGE: &str = "docker.io/nutshell/e2e-busybox:1";
@@ -217,9 +218,7 @@ impl Rig {
         }
         assert_eq!(vmms_under(&self.run_dir), Vec::<u32>::new(), "VMM left");
         assert_eq!(self.shims(), Vec::<u32>::new(), "shim left");
-        let left: Vec<_> = std::fs::read_dir(&self.run_dir)
-            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
-            .unwrap_or_default();
+        let left = left_under_run_dir(&self.run_dir);
         assert!(left.is_empty(), "left under run_dir: {left:?}");
         let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
         assert!(
