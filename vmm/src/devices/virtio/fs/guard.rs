@@ -340,7 +340,7 @@ impl FileSystem for GuardedFs {
         if !matches!(result, Ok((Some(_), _, _))) {
             self.put_handle();
         }
-        result
+        result.map(|(handle, opts, passthrough)| (handle, opts | keep_cache(flags), passthrough))
     }
 
     fn create(
@@ -549,5 +549,19 @@ impl FileSystem for GuardedFs {
         getlk(&self, ctx: &Context, inode: u64, handle: u64, owner: u64, lock: FileLock, flags: u32) -> io::Result<FileLock>;
         setlk(&self, ctx: &Context, inode: u64, handle: u64, owner: u64, lock: FileLock, flags: u32) -> io::Result<()>;
         setlkw(&self, ctx: &Context, inode: u64, handle: u64, owner: u64, lock: FileLock, flags: u32) -> io::Result<()>;
+    }
+}
+
+/// `FOPEN_KEEP_CACHE` for an open that only reads. Without it the guest kernel drops the file's
+/// page cache at every open, so every process start read its binary and libraries over
+/// virtio-fs again and re-faulted every page: `fio --version` took 87 s in a guest whose kernel
+/// mode is emulated. The guest still sees the host's changes: with `AUTO_INVAL_DATA` it drops
+/// cached data when a refreshed attribute (1 s timeout) shows a new mtime or size, and an open
+/// for writing still starts from an empty cache.
+pub fn keep_cache(flags: u32) -> OpenOptions {
+    if flags & libc::O_ACCMODE as u32 == libc::O_RDONLY as u32 {
+        OpenOptions::KEEP_CACHE
+    } else {
+        OpenOptions::empty()
     }
 }

@@ -15,7 +15,9 @@
 //!   must not cache writes;
 //! - `no_open: false`: every open is a host `open`, with its permission checks;
 //! - `cache_policy: Auto` (close-to-open), entry/attribute timeouts 1 s: the shim mounts new
-//!   container root filesystems under the directory while the guest runs;
+//!   container root filesystems under the directory while the guest runs; the guard adds
+//!   `KEEP_CACHE` to read-only opens (see [`guard::keep_cache`]), so that starting a program
+//!   does not drop the page cache of its binary and libraries;
 //! - `inode_file_handles: false`: inodes are `O_PATH` descriptors (no `CAP_DAC_READ_SEARCH`
 //!   needed); their number is bounded by the guard;
 //! - no DAX window (no shared-memory region is offered).

@@ -438,6 +438,31 @@ fn open_read_write_release() {
 }
 
 #[test]
+fn read_only_opens_keep_the_guest_page_cache() {
+    let mut h = Harness::new();
+    std::fs::write(h.path("lib.so"), b"code").unwrap();
+    let e = h.entry(ROOT_ID, "lib.so");
+    let keep = fuse_backend_rs::abi::fuse_abi::OpenOptions::KEEP_CACHE.bits();
+    for (flags, kept) in [
+        (libc::O_RDONLY, true),
+        (libc::O_RDONLY | libc::O_CLOEXEC, true),
+        (libc::O_RDWR, false),
+        (libc::O_WRONLY, false),
+    ] {
+        let open = OpenIn {
+            flags: flags as u32,
+            fuse_flags: 0,
+        };
+        let out = h
+            .call(Opcode::Open, e.nodeid, open.as_slice())
+            .obj::<OpenOut>();
+        assert_eq!(out.open_flags & keep != 0, kept, "flags {flags:#o}");
+        h.release(e.nodeid, out.fh, Opcode::Release);
+    }
+    assert_eq!(h.dev.filesystem().handle_count(), 0);
+}
+
+#[test]
 fn create_mkdir_readdir_setattr_rename_unlink_rmdir() {
     let mut h = Harness::new();
     let (file, fh) = h.create(ROOT_ID, "new.txt");
