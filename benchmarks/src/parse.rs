@@ -98,6 +98,37 @@ pub fn probe_value(text: &str, name: &'static str) -> Result<f64, ParseError> {
         .ok_or_else(|| missing(name, text))
 }
 
+/// The marker that starts a section of a multi-part run's output: `@@ NAME` on its own line.
+pub const SECTION_MARKER: &str = "@@ ";
+
+/// The output of several commands in one container, each after a `@@ NAME` line: the text of
+/// section `name` (what came after its marker, up to the next one).
+pub fn section<'a>(text: &'a str, name: &str) -> Result<&'a str, ParseError> {
+    let mut found: Option<usize> = None;
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        let end = offset + line.len();
+        if let Some(marker) = line.trim_end().strip_prefix(SECTION_MARKER) {
+            if let Some(start) = found {
+                return Ok(&text[start..offset]);
+            }
+            if marker == name {
+                found = Some(end);
+            }
+        }
+        offset = end;
+    }
+    found
+        .map(|start| &text[start..])
+        .ok_or_else(|| ParseError::Missing {
+            what: "output section",
+            excerpt: format!(
+                "(\"{SECTION_MARKER}{name}\") {}",
+                text.chars().take(300).collect::<String>()
+            ),
+        })
+}
+
 /// `/proc/<pid>/smaps_rollup`: the proportional set size in KiB.
 pub fn smaps_rollup_pss_kib(text: &str) -> Result<u64, ParseError> {
     text.lines()
@@ -112,6 +143,24 @@ pub fn smaps_rollup_pss_kib(text: &str) -> Result<u64, ParseError> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn sections_split_on_their_markers() {
+        let out = "noise\n@@ fio rootfs\n{\"jobs\": []}\n@@ fio volume\n{\"jobs\": [1]}\n@@ files\ncreate_per_s 7.5\n";
+        assert_eq!(
+            super::section(out, "fio rootfs").unwrap(),
+            "{\"jobs\": []}\n"
+        );
+        assert_eq!(
+            super::section(out, "fio volume").unwrap(),
+            "{\"jobs\": [1]}\n"
+        );
+        assert_eq!(super::section(out, "files").unwrap(), "create_per_s 7.5\n");
+        // A section cut off by a failure is missing, not empty-and-fine.
+        assert!(super::section("@@ fio rootfs\n{}\n", "fio volume").is_err());
+        // Only whole marker lines count.
+        assert!(super::section("x @@ files\n", "files").is_err());
+    }
+
     use super::*;
 
     const SYSBENCH_CPU: &str = "sysbench 1.0.20 (using system LuaJIT 2.1.0-beta3)

@@ -10,6 +10,11 @@ use serde::Serialize;
 
 use crate::stats::{ratio, summarize, Summary};
 
+/// What a `--quick` report says it left out.
+pub const QUICK_NOTE: &str = "A `--quick` run leaves out sysbench and fio (their rows are not in \
+    it): in a Nutshell guest whose kernel mode is emulated, loading them (dynamic linking, \
+    thousands of page faults) takes 40-90 s per container. The default run has them.";
+
 /// The baseline every ratio is taken against.
 pub const BASELINE: &str = "runc";
 
@@ -304,6 +309,10 @@ impl Results {
             utc(self.started_unix),
             self.workload_times()
         );
+        if self.quick {
+            s.push_str(QUICK_NOTE);
+            s.push_str("\n\n");
+        }
         s.push_str("## Runtimes\n\n");
         for rt in &self.runtimes {
             match &rt.reason {

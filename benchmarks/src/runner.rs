@@ -97,12 +97,15 @@ pub struct Plan {
     pub quick: bool,
     /// Serial start-up repetitions.
     pub startup_reps: usize,
-    /// Parallel start-up: the values of N and the repetitions of each.
+    /// Parallel start-up: the values of N.
     pub parallel: Vec<usize>,
-    /// Repetitions of parallel start-up.
+    /// Repetitions of each parallel start-up case.
     pub parallel_reps: usize,
     /// Repetitions of the throughput workloads.
     pub reps: usize,
+    /// Whether sysbench and fio run (the `--quick` run leaves them out: see
+    /// [`crate::report::QUICK_NOTE`]).
+    pub tools: bool,
     /// `sysbench --time` in seconds.
     pub sysbench_s: u32,
     /// MiB hashed by the pure-compute probe (SHA-256, no system calls).
@@ -115,78 +118,88 @@ pub struct Plan {
     pub fault_rounds: u64,
     /// Syscall loop count.
     pub syscalls: u64,
+    /// Time limit of each timed probe loop (page faults, each syscall loop, file creation), s.
+    pub probe_s: u64,
     /// fio file size in MiB.
     pub fio_mib: u64,
+    /// fio `--runtime` of each job, s.
+    pub fio_runtime_s: u64,
     /// Files created by the file-creation probe.
     pub files: u64,
-    /// Idle container counts for density.
+    /// Idle container counts for density, ascending: one set of pods grows through them.
     pub density: Vec<usize>,
     /// Repetitions of density.
     pub density_reps: usize,
-    /// Base time budget of a workload, scaled per workload by [`Plan::budget`]: no new round
-    /// (one run per runtime) starts after it is spent, but every case gets at least one round.
-    /// This bounds the run when a runtime is slow (a VM per container on emulated KVM); fewer
-    /// samples then show as a smaller `n`.
-    pub workload_budget: Duration,
+    /// Base time budget of one case (a metric's runs under every runtime), scaled per workload
+    /// by [`Plan::budget`]: no new round (one run per runtime) starts after it is spent, but
+    /// every case gets one round. This bounds the run when a runtime is slow (a VM per
+    /// container on emulated KVM); fewer samples then show as a smaller `n`.
+    pub case_budget: Duration,
 }
 
 impl Plan {
-    /// The time budget of workload `w`: the base budget scaled by how many containers one
-    /// round of it starts (density starts 31 idle pods in the default plan, syscalls one).
+    /// The time budget of one case of workload `w`: the base budget scaled by what one round
+    /// costs (a start-up case is one container per runtime, a file I/O round a dozen fio jobs).
     pub fn budget(&self, w: Workload) -> Duration {
         let scale = match w {
-            Workload::Startup => 2.0,
+            Workload::Startup => 0.5,
             Workload::Cpu | Workload::Memory => 1.0,
-            Workload::Syscalls => 0.5,
-            Workload::Fileio => 1.25,
-            Workload::Density => 2.5,
+            Workload::Syscalls => 0.75,
+            Workload::Fileio => 1.5,
+            // One round: its pods are the expensive part, and their PSS varies little.
+            Workload::Density => 0.0,
         };
-        self.workload_budget.mul_f64(scale)
+        self.case_budget.mul_f64(scale)
     }
-}
 
-impl Plan {
-    /// The default plan (well under 20 minutes for runc here) or the `--quick` one (under 3).
+    /// The default plan (under 20 minutes here with Nutshell on emulated KVM) or the `--quick`
+    /// one (one round of everything, under 3).
     pub fn new(quick: bool) -> Self {
         if quick {
             Plan {
                 quick,
-                startup_reps: 3,
-                parallel: vec![1, 4],
+                startup_reps: 2,
+                parallel: vec![4],
                 parallel_reps: 1,
-                reps: 2,
+                reps: 1,
+                tools: false,
                 sysbench_s: 2,
-                compute_mib: 512,
+                compute_mib: 256,
                 density_batch: 4,
                 fault_mib: 64,
                 fault_rounds: 2,
                 syscalls: 200_000,
-                fio_mib: 16,
-                files: 500,
-                density: vec![1, 4],
+                probe_s: 2,
+                fio_mib: 4,
+                fio_runtime_s: 1,
+                files: 300,
+                density: vec![1, 3],
                 density_reps: 1,
-                workload_budget: Duration::from_secs(25),
+                case_budget: Duration::ZERO,
             }
         } else {
             Plan {
                 quick,
-                startup_reps: 6,
+                startup_reps: 4,
                 parallel: vec![1, 4, 16],
                 parallel_reps: 2,
                 reps: 5,
+                tools: true,
                 sysbench_s: 5,
-                compute_mib: 2048,
+                compute_mib: 1024,
                 density_batch: 4,
                 fault_mib: 256,
                 fault_rounds: 4,
                 syscalls: 2_000_000,
+                probe_s: 5,
                 // fio lays its file out first: at Nutshell's ~1 MiB/s over virtio-fs here,
                 // 64 MiB cost minutes per location.
-                fio_mib: 16,
+                fio_mib: 8,
+                fio_runtime_s: 4,
                 files: 2000,
                 density: vec![1, 10, 20],
-                density_reps: 2,
-                workload_budget: Duration::from_secs(90),
+                density_reps: 1,
+                case_budget: Duration::from_secs(60),
             }
         }
     }
@@ -234,8 +247,7 @@ pub struct Runner {
     volume: tempfile::TempDir,
     next_id: u64,
     metrics: Vec<MetricResult>,
-    workload_started: Instant,
-    workload_budget: Duration,
+    case_budget: Duration,
 }
 
 /// Runs `config` from start to end: containerd up, images imported, runtimes checked, the
@@ -348,8 +360,7 @@ impl Runner {
             volume,
             next_id: 0,
             metrics: Vec::new(),
-            workload_started: Instant::now(),
-            workload_budget: Duration::ZERO,
+            case_budget: Duration::ZERO,
         })
     }
 
@@ -449,8 +460,7 @@ impl Runner {
     }
 
     fn workload(&mut self, w: Workload) {
-        self.workload_started = Instant::now();
-        self.workload_budget = self.config.plan.budget(w);
+        self.case_budget = self.config.plan.budget(w);
         match w {
             Workload::Startup => self.startup(),
             Workload::Cpu => self.cpu(),
@@ -462,14 +472,15 @@ impl Runner {
     }
 
     /// Runs `run` for every (repetition, runtime) in interleaved order; stops before a new
-    /// round once the workload's budget is spent.
+    /// round once the case's budget is spent.
     fn interleaved(&mut self, reps: usize, mut run: impl FnMut(&mut Self, &RuntimeSpec)) {
         let specs = self.available();
         let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
-        let budget = self.workload_budget;
+        let budget = self.case_budget;
+        let started = Instant::now();
         for (rep, name) in interleave(&names, reps) {
-            if rep > 0 && name == names[0] && self.workload_started.elapsed() > budget {
-                log::warn!(
+            if rep > 0 && name == names[0] && started.elapsed() > budget {
+                log::info!(
                     "time budget of {budget:?} spent: {rep} of {reps} repetitions of this case"
                 );
                 break;
@@ -534,76 +545,68 @@ impl Runner {
     }
 
     fn cpu(&mut self) {
-        let m = self.metric(Workload::Cpu, "sysbench cpu (1 thread)", "events/s", true);
+        let plan = self.config.plan.clone();
+        let sysbench = plan
+            .tools
+            .then(|| self.metric(Workload::Cpu, "sysbench cpu (1 thread)", "events/s", true));
         let compute = self.metric(
             Workload::Cpu,
             "SHA-256, no syscalls (container clock)",
             "MiB/s",
             true,
         );
-        let time = self.config.plan.sysbench_s.to_string();
-        let reps = self.config.plan.reps;
-        self.interleaved(reps, |r, spec| {
-            let args = [
-                "sysbench",
-                "cpu",
-                "--cpu-max-prime=10000",
-                "--threads=1",
-                &format!("--time={time}"),
-                "run",
-            ];
-            let v = r
-                .tools(spec, "cpu", &args, &[], 300)
-                .and_then(|out| parse::sysbench_cpu_events_per_s(&out).map_err(|e| e.to_string()));
-            r.record(m, &spec.name, v);
-            r.compute(spec, compute);
+        // One container per round: a Nutshell container start costs more than either run here.
+        // The SHA-256 probe is timed by the container's own clock: timing it on the host
+        // between marker lines does not work for Nutshell, whose output reached the host in
+        // one piece at the end.
+        let mut script = format!("nutshell-bench-probe compute {}", plan.compute_mib);
+        if plan.tools {
+            script = format!(
+                "sysbench cpu --cpu-max-prime=10000 --threads=1 --time={} run && {script}",
+                plan.sysbench_s
+            );
+        }
+        self.interleaved(plan.reps, |r, spec| {
+            let out = r.tools(spec, "cpu", &["sh", "-c", &script], &[], 300);
+            if let Some(m) = sysbench {
+                r.record_parsed(m, &spec.name, &out, parse::sysbench_cpu_events_per_s);
+            }
+            r.record_parsed(compute, &spec.name, &out, |o| {
+                parse::probe_value(o, "compute_mib_per_s")
+            });
         });
     }
 
-    /// The pure-compute probe: SHA-256 with no system call in its timed loop, timed by the
-    /// container's own clock (two clock reads). Timing it on the host between marker lines does
-    /// not work for Nutshell: the guest's output reached the host in one piece at the end.
-    fn compute(&mut self, spec: &RuntimeSpec, m: usize) {
-        let mib = self.config.plan.compute_mib.to_string();
-        let args = ["nutshell-bench-probe", "compute", &mib];
-        let v = self
-            .tools(spec, "compute", &args, &[], 300)
-            .and_then(|out| {
-                parse::probe_value(&out, "compute_mib_per_s").map_err(|e| e.to_string())
-            });
-        self.record(m, &spec.name, v);
-    }
-
     fn memory(&mut self) {
-        let bw = self.metric(
-            Workload::Memory,
-            "sysbench memory (1 MiB blocks)",
-            "MiB/s",
-            true,
-        );
-        let faults = self.metric(Workload::Memory, "page-fault allocation", "faults/s", true);
         let plan = self.config.plan.clone();
+        let sysbench = plan.tools.then(|| {
+            self.metric(
+                Workload::Memory,
+                "sysbench memory (1 MiB blocks)",
+                "MiB/s",
+                true,
+            )
+        });
+        let faults = self.metric(Workload::Memory, "page-fault allocation", "faults/s", true);
+        let mut script = format!(
+            "nutshell-bench-probe faults {} {} {}",
+            plan.fault_mib, plan.fault_rounds, plan.probe_s
+        );
+        if plan.tools {
+            script = format!(
+                "sysbench memory --memory-block-size=1M --memory-total-size=1000G --threads=1 \
+                 --time={} run && {script}",
+                plan.sysbench_s
+            );
+        }
         self.interleaved(plan.reps, |r, spec| {
-            let args = [
-                "sysbench",
-                "memory",
-                "--memory-block-size=1M",
-                "--memory-total-size=1000G",
-                "--threads=1",
-                &format!("--time={}", plan.sysbench_s),
-                "run",
-            ];
-            let v = r
-                .tools(spec, "mem", &args, &[], 120)
-                .and_then(|out| parse::sysbench_memory_mib_per_s(&out).map_err(|e| e.to_string()));
-            r.record(bw, &spec.name, v);
-            let mib = plan.fault_mib.to_string();
-            let rounds = plan.fault_rounds.to_string();
-            let args = ["nutshell-bench-probe", "faults", &mib, &rounds];
-            let v = r.tools(spec, "faults", &args, &[], 120).and_then(|out| {
-                parse::probe_value(&out, "faults_per_s").map_err(|e| e.to_string())
+            let out = r.tools(spec, "mem", &["sh", "-c", &script], &[], 300);
+            if let Some(m) = sysbench {
+                r.record_parsed(m, &spec.name, &out, parse::sysbench_memory_mib_per_s);
+            }
+            r.record_parsed(faults, &spec.name, &out, |o| {
+                parse::probe_value(o, "faults_per_s")
             });
-            r.record(faults, &spec.name, v);
         });
     }
 
@@ -615,43 +618,44 @@ impl Runner {
             "calls/s",
             true,
         );
-        let count = self.config.plan.syscalls.to_string();
-        let reps = self.config.plan.reps;
-        self.interleaved(reps, |r, spec| {
-            let args = ["nutshell-bench-probe", "syscalls", &count];
-            match r.tools(spec, "sys", &args, &[], 120) {
-                Ok(out) => {
-                    for (m, name) in [(getpid, "getpid_per_s"), (read, "read_per_s")] {
-                        let v = parse::probe_value(&out, name).map_err(|e| e.to_string());
-                        r.record(m, &spec.name, v);
-                    }
-                }
-                Err(e) => {
-                    r.record(getpid, &spec.name, Err(e.clone()));
-                    r.record(read, &spec.name, Err(e));
-                }
-            }
+        let plan = self.config.plan.clone();
+        let (count, secs) = (plan.syscalls.to_string(), plan.probe_s.to_string());
+        self.interleaved(plan.reps, |r, spec| {
+            let args = ["nutshell-bench-probe", "syscalls", &count, &secs];
+            let out = r.tools(spec, "sys", &args, &[], 300);
+            r.record_parsed(getpid, &spec.name, &out, |o| {
+                parse::probe_value(o, "getpid_per_s")
+            });
+            r.record_parsed(read, &spec.name, &out, |o| {
+                parse::probe_value(o, "read_per_s")
+            });
         });
     }
 
+    /// fio (sequential and random reads and writes) and file creation, on the container's
+    /// rootfs and on a bind-mounted host directory, all in one container per round; fio runs
+    /// once for both (its start-up alone costs over a minute in a Nutshell guest here).
     fn fileio(&mut self) {
         let plan = self.config.plan.clone();
         let volume = self.volume.path().to_string_lossy().into_owned();
         let locations = [("rootfs", "/data"), ("volume", "/vol")];
-        let mut ids = Vec::new();
+        let jobs = [
+            ("seqwrite", "sequential write 1 MiB", "MiB/s"),
+            ("seqread", "sequential read 1 MiB", "MiB/s"),
+            ("randwrite", "random write 4 KiB", "IOPS"),
+            ("randread", "random read 4 KiB", "IOPS"),
+        ];
+        let mut metrics = Vec::new();
         for (loc, _) in locations {
-            let jobs = [
-                ("seqwrite", "sequential write 1 MiB", "MiB/s"),
-                ("seqread", "sequential read 1 MiB", "MiB/s"),
-                ("randwrite", "random write 4 KiB", "IOPS"),
-                ("randread", "random read 4 KiB", "IOPS"),
-            ];
             let mut job_metrics = Vec::new();
-            for (job, label, unit) in jobs {
-                job_metrics.push((
-                    job,
-                    self.metric(Workload::Fileio, &format!("{loc}: {label}"), unit, true),
-                ));
+            if plan.tools {
+                for (job, label, unit) in jobs {
+                    job_metrics.push((
+                        format!("{loc}-{job}"),
+                        job,
+                        self.metric(Workload::Fileio, &format!("{loc}: {label}"), unit, true),
+                    ));
+                }
             }
             let create = self.metric(
                 Workload::Fileio,
@@ -659,145 +663,192 @@ impl Runner {
                 "files/s",
                 true,
             );
-            ids.push((job_metrics, create));
+            metrics.push((job_metrics, create));
+        }
+        let mut script = String::from("set -e");
+        if plan.tools {
+            // Every job after the first waits for the one before (stonewall): one at a time.
+            let mut fio = format!(
+                "fio --output-format=json --size={}M --runtime={} --ioengine=psync",
+                plan.fio_mib, plan.fio_runtime_s
+            );
+            for (loc, dir) in locations {
+                let file = format!("--directory={dir} --filename=fio.dat");
+                fio += &format!(
+                    " --name={loc}-seqwrite {file} --stonewall --rw=write --bs=1M --end_fsync=1 \
+                     --name={loc}-seqread {file} --stonewall --rw=read --bs=1M \
+                     --name={loc}-randwrite {file} --stonewall --rw=randwrite --bs=4k \
+                     --end_fsync=1 \
+                     --name={loc}-randread {file} --stonewall --rw=randread --bs=4k --unlink=1"
+                );
+            }
+            script += &format!("; echo '{}fio'; {fio}", parse::SECTION_MARKER);
+        }
+        for (loc, dir) in locations {
+            script += &format!(
+                "; echo '{}files {loc}'; nutshell-bench-probe files {dir} {} {}",
+                parse::SECTION_MARKER,
+                plan.files,
+                plan.probe_s,
+            );
         }
         let mount = format!("type=bind,src={volume},dst=/vol,options=rbind:rw");
         self.interleaved(plan.reps, |r, spec| {
-            for ((_, dir), (job_metrics, create)) in locations.iter().zip(&ids) {
-                let mounts: &[&str] = if *dir == "/vol" { &[&mount] } else { &[] };
-                let size = format!("--size={}M", plan.fio_mib);
-                let directory = format!("--directory={dir}");
-                let args = [
-                    "fio",
-                    "--output-format=json",
-                    &directory,
-                    &size,
-                    "--runtime=5",
-                    "--ioengine=psync",
-                    "--filename=fio.dat",
-                    "--name=seqwrite",
-                    "--rw=write",
-                    "--bs=1M",
-                    "--end_fsync=1",
-                    "--name=seqread",
-                    "--stonewall",
-                    "--rw=read",
-                    "--bs=1M",
-                    "--name=randwrite",
-                    "--stonewall",
-                    "--rw=randwrite",
-                    "--bs=4k",
-                    "--end_fsync=1",
-                    "--name=randread",
-                    "--stonewall",
-                    "--rw=randread",
-                    "--bs=4k",
-                    "--unlink=1",
-                ];
-                match r
-                    .tools(spec, "fio", &args, mounts, 300)
-                    .and_then(|out| parse::fio_jobs(&out).map_err(|e| e.to_string()))
-                {
-                    Ok(jobs) => {
-                        for (job, m) in job_metrics {
-                            let v = jobs
-                                .iter()
-                                .find(|j| j.name == *job)
-                                .map(|j| match *job {
-                                    "seqwrite" => j.write_mib_s,
-                                    "seqread" => j.read_mib_s,
-                                    "randwrite" => j.write_iops,
-                                    _ => j.read_iops,
-                                })
-                                .ok_or_else(|| format!("fio job {job} missing"));
-                            r.record(*m, &spec.name, v);
-                        }
-                    }
-                    Err(e) => {
-                        for (_, m) in job_metrics {
-                            r.record(*m, &spec.name, Err(e.clone()));
-                        }
-                    }
+            let out = r.tools(spec, "fileio", &["sh", "-c", &script], &[&mount], 600);
+            let fio_jobs = out.as_deref().map_err(String::clone).and_then(|o| {
+                parse::section(o, "fio")
+                    .and_then(parse::fio_jobs)
+                    .map_err(|e| e.to_string())
+            });
+            for ((loc, _), (job_metrics, create)) in locations.iter().zip(&metrics) {
+                for (name, job, m) in job_metrics {
+                    let v = fio_jobs.as_ref().map_err(String::clone).and_then(|jobs| {
+                        jobs.iter()
+                            .find(|j| j.name == *name)
+                            .map(|j| match *job {
+                                "seqwrite" => j.write_mib_s,
+                                "seqread" => j.read_mib_s,
+                                "randwrite" => j.write_iops,
+                                _ => j.read_iops,
+                            })
+                            .ok_or_else(|| format!("fio job {name} missing"))
+                    });
+                    r.record(*m, &spec.name, v);
                 }
-                let files = plan.files.to_string();
-                let args = ["nutshell-bench-probe", "files", dir, &files];
-                let v = r.tools(spec, "files", &args, mounts, 120).and_then(|out| {
-                    parse::probe_value(&out, "create_per_s").map_err(|e| e.to_string())
+                let files_section = format!("files {loc}");
+                r.record_parsed(*create, &spec.name, &out, |o| {
+                    parse::section(o, &files_section)
+                        .and_then(|t| parse::probe_value(t, "create_per_s"))
                 });
-                r.record(*create, &spec.name, v);
             }
         });
     }
 
+    /// Host PSS per idle container: one set of idle containers per runtime grows through the
+    /// plan's counts (1, then 10, then 20), measured at each, then removed.
     fn density(&mut self) {
         let plan = self.config.plan.clone();
-        for k in plan.density.clone() {
-            let m = self.metric(
-                Workload::Density,
-                &format!("{k} idle: host PSS per container"),
-                "MiB",
-                false,
-            );
-            self.interleaved(plan.density_reps, |r, spec| {
-                let v = r.idle_pss(spec, k).map(|total| total / k as f64);
-                r.record(m, &spec.name, v);
+        let metrics: Vec<(usize, usize)> = plan
+            .density
+            .iter()
+            .map(|&k| {
+                let m = self.metric(
+                    Workload::Density,
+                    &format!("{k} idle: host PSS per container"),
+                    "MiB",
+                    false,
+                );
+                (k, m)
+            })
+            .collect();
+        self.interleaved(plan.density_reps, |r, spec| {
+            let mut ids = Vec::new();
+            for &(k, m) in &metrics {
+                let v = r
+                    .grow_idle(spec, &mut ids, k)
+                    .and_then(|()| r.idle_pss_mib());
+                let failed = v.is_err();
+                r.record(m, &spec.name, v.map(|total| total / k as f64));
+                if failed {
+                    // The larger counts would measure a set that is not what they say.
+                    for &(k2, m2) in metrics.iter().filter(|(k2, _)| *k2 > k) {
+                        r.record(
+                            m2,
+                            &spec.name,
+                            Err(format!("not measured: {k} idle failed before {k2}")),
+                        );
+                    }
+                    break;
+                }
+            }
+            r.remove_all(&ids);
+        });
+    }
+
+    /// Starts idle containers (`sleep`, no stdio) until `ids` has `k`, a batch at a time.
+    fn grow_idle(
+        &mut self,
+        spec: &RuntimeSpec,
+        ids: &mut Vec<String>,
+        k: usize,
+    ) -> Result<(), String> {
+        let batch = self.config.plan.density_batch.max(1);
+        while ids.len() < k {
+            let mut waits = Vec::new();
+            for _ in 0..batch.min(k - ids.len()) {
+                let id = self.id("idle", &spec.name);
+                ids.push(id.clone());
+                let mut cmd = self.ctr.command();
+                // No stdio: an idle container prints nothing, and the figure is the
+                // container's cost, not that of copying its output.
+                cmd.args(["run", "-d", "--null-io"])
+                    .args(spec.ctr_run_args())
+                    .args([BUSYBOX_IMAGE, &id, "/bin/sleep", "3600"])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped());
+                let child = cmd.spawn().map_err(|e| format!("ctr: {e}"))?;
+                waits.push(std::thread::spawn(move || {
+                    wait_child(child, Duration::from_secs(300))
+                }));
+            }
+            for w in waits {
+                let (status, _, stderr) =
+                    w.join()
+                        .unwrap_or((None, String::new(), "waiter panicked".to_owned()));
+                match status {
+                    Some(true) => {}
+                    Some(false) => {
+                        return Err(format!("ctr run -d failed: {}", last_line(&stderr, "")))
+                    }
+                    None => return Err("ctr run -d timed out after 300 s".to_owned()),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// PSS of every shim's process tree in the namespace (MiB), once the shims settled.
+    fn idle_pss_mib(&self) -> Result<f64, String> {
+        // Let the shims settle (lazy allocations, page cache) before measuring.
+        std::thread::sleep(Duration::from_secs(2));
+        let shims = shim_pids(self.containerd.address(), self.containerd.namespace());
+        if shims.is_empty() {
+            return Err("no shim process found".to_owned());
+        }
+        let kib: u64 = process_tree(&shims)
+            .iter()
+            .filter_map(|pid| fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok())
+            .filter_map(|text| parse::smaps_rollup_pss_kib(&text).ok())
+            .sum();
+        Ok(kib as f64 / 1024.0)
+    }
+
+    /// Removes containers, a batch at a time in parallel (a Nutshell VM's shutdown is guest
+    /// work; one at a time, 20 of them took minutes).
+    fn remove_all(&self, ids: &[String]) {
+        for chunk in ids.chunks(self.config.plan.density_batch.max(1)) {
+            std::thread::scope(|scope| {
+                for id in chunk {
+                    let ctr = self.ctr.clone();
+                    scope.spawn(move || ctr.remove_container(id));
+                }
             });
         }
     }
 
-    /// Starts `k` idle containers, measures the PSS of all their shims' process trees (MiB),
-    /// removes them.
-    fn idle_pss(&mut self, spec: &RuntimeSpec, k: usize) -> Result<f64, String> {
-        let mut ids = Vec::new();
-        let result = (|| {
-            // Started a batch at a time (the figure is PSS once all are idle, not start-up).
-            let batch = self.config.plan.density_batch.max(1);
-            let mut started = 0;
-            while started < k {
-                let mut waits = Vec::new();
-                for _ in 0..batch.min(k - started) {
-                    let id = self.id("idle", &spec.name);
-                    ids.push(id.clone());
-                    let mut cmd = self.ctr.command();
-                    // No stdio: an idle container prints nothing, and the figure is the
-                    // container's cost, not that of copying its output.
-                    cmd.args(["run", "-d", "--null-io"])
-                        .args(spec.ctr_run_args())
-                        .args([BUSYBOX_IMAGE, &id, "/bin/sleep", "3600"])
-                        .stdout(Stdio::null())
-                        .stderr(Stdio::piped());
-                    let child = cmd.spawn().map_err(|e| format!("ctr: {e}"))?;
-                    waits.push(std::thread::spawn(move || {
-                        wait_child(child, Duration::from_secs(300))
-                    }));
-                    started += 1;
-                }
-                for w in waits {
-                    let (status, _, stderr) =
-                        w.join()
-                            .unwrap_or((None, String::new(), "waiter panicked".to_owned()));
-                    if status != Some(true) {
-                        return Err(format!("ctr run -d failed: {}", stderr.trim()));
-                    }
-                }
-            }
-            // Let the shims settle (lazy allocations, page cache) before measuring.
-            std::thread::sleep(Duration::from_secs(2));
-            let shims = shim_pids(self.containerd.address(), self.containerd.namespace());
-            if shims.is_empty() {
-                return Err("no shim process found".to_owned());
-            }
-            let kib: u64 = process_tree(&shims)
-                .iter()
-                .filter_map(|pid| fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok())
-                .filter_map(|text| parse::smaps_rollup_pss_kib(&text).ok())
-                .sum();
-            Ok(kib as f64 / 1024.0)
-        })();
-        for id in &ids {
-            self.ctr.remove_container(id);
-        }
-        result
+    /// Records what `parse` finds in a run's output, or the run's error.
+    fn record_parsed(
+        &mut self,
+        m: usize,
+        runtime: &str,
+        out: &Result<String, String>,
+        parse: impl FnOnce(&str) -> Result<f64, parse::ParseError>,
+    ) {
+        let v = out
+            .as_deref()
+            .map_err(String::clone)
+            .and_then(|o| parse(o).map_err(|e| e.to_string()));
+        self.record(m, runtime, v);
     }
 
     /// Runs `args` in the workload image to completion; its standard output.
@@ -851,9 +902,9 @@ impl Runner {
 
     /// Starts `n` `ctr run --rm … echo ready` at once; each one's time to its first output (ms).
     fn first_outputs(&mut self, spec: &RuntimeSpec, n: usize) -> Result<Vec<f64>, String> {
-        // Bounded so that a runtime that cannot start n at once here costs the run two
-        // minutes, not five (16 Nutshell VMs at once did not all print within 300 s).
-        let timeout = Duration::from_secs(120);
+        // Bounded by n: 16 Nutshell VMs at once take about 150 s here (two at a time through
+        // the shim's start slots, ~19 s a pair).
+        let timeout = Duration::from_secs(60 + 15 * n as u64);
         let ids: Vec<String> = (0..n).map(|_| self.id("start", &spec.name)).collect();
         let (tx, rx) = mpsc::channel();
         let start = Instant::now();
@@ -1189,6 +1240,14 @@ mod tests {
         assert!(quick.reps < full.reps && quick.sysbench_s < full.sysbench_s);
         assert_eq!(full.parallel, [1, 4, 16]);
         assert_eq!(full.density, [1, 10, 20]);
+        // One set of idle pods grows through the counts.
+        for plan in [&quick, &full] {
+            assert!(plan.density.windows(2).all(|w| w[0] < w[1]), "{plan:?}");
+        }
+        // Quick: one round of every case; the full plan's start-up cases a few.
+        assert_eq!(quick.budget(Workload::Startup), Duration::ZERO);
+        assert!(full.budget(Workload::Startup) > Duration::ZERO);
+        assert_eq!(full.budget(Workload::Density), Duration::ZERO);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::Command;
 
 #[test]
-#[ignore = "slow lane: needs root, containerd, runc and sysbench"]
+#[ignore = "slow lane: needs root, containerd, runc and the guest kernel"]
 fn quick_run_reports_runc_and_nutshell_figures_and_unavailable_runtimes() {
     let out = tempfile::tempdir().unwrap();
     let cache = tempfile::tempdir().unwrap();
@@ -35,7 +35,7 @@ fn quick_run_reports_runc_and_nutshell_figures_and_unavailable_runtimes() {
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(run.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
     assert!(
-        stdout.contains("| cpu | sysbench cpu (1 thread) |"),
+        stdout.contains("| cpu | SHA-256, no syscalls (container clock) |"),
         "{stdout}"
     );
 
@@ -72,7 +72,10 @@ fn quick_run_reports_runc_and_nutshell_figures_and_unavailable_runtimes() {
     );
     assert!(md.contains("template build: "), "{md}");
     let metrics = json["metrics"].as_array().unwrap();
-    assert_eq!(metrics.len(), 2, "sysbench, SHA-256 without syscalls");
+    // --quick leaves sysbench out (and says so): SHA-256 without syscalls only.
+    assert_eq!(metrics.len(), 1, "{metrics:?}");
+    assert_eq!(metrics[0]["name"], "SHA-256, no syscalls (container clock)");
+    assert!(md.contains(nutshell_bench::report::QUICK_NOTE), "{md}");
     for metric in metrics {
         assert_eq!(metric["workload"], "cpu");
         for rt in ["runc", "nutshell"] {
@@ -96,7 +99,7 @@ fn quick_run_reports_runc_and_nutshell_figures_and_unavailable_runtimes() {
     // The row has runc-b's ratio and says "not available" in the missing runtime's column.
     let row = md
         .lines()
-        .find(|l| l.starts_with("| cpu | sysbench"))
+        .find(|l| l.starts_with("| cpu | SHA-256"))
         .unwrap();
     assert!(row.contains("not available"), "{row}");
     let ratio: f64 = row

@@ -37,6 +37,11 @@ struct NutshellContainerd {
 
 impl NutshellContainerd {
     fn start() -> Self {
+        Self::start_with("")
+    }
+
+    /// With `extra` appended to the shim's configuration.
+    fn start_with(extra: &str) -> Self {
         let serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         let kernel = guest_artifact("vmlinux").unwrap();
         let initramfs = guest_artifact("initramfs.cpio").unwrap();
@@ -49,7 +54,7 @@ impl NutshellContainerd {
             &config,
             format!(
                 "kernel = {:?}\ninitramfs = {:?}\nvmm = {:?}\nrun_dir = {:?}\n\
-                 boot_timeout_secs = 300\nrpc_timeout_secs = 120\ntemplate_dir = {:?}\n",
+                 boot_timeout_secs = 300\nrpc_timeout_secs = 120\ntemplate_dir = {:?}\n{extra}\n",
                 kernel,
                 initramfs,
                 vmm,
@@ -167,6 +172,54 @@ fn ctr_runs_a_container_in_a_nutshell_microvm() {
     );
 
     // Nothing is left: no shim, no VMM, no sandbox directory, no mount.
+    env.assert_nothing_left();
+}
+
+/// Three pods started at once on a node with one VM start slot: each runs and prints, the later
+/// ones say how long they waited for the slot, and no slot stays held.
+#[test]
+#[ignore = "slow lane: needs root, containerd and the guest kernel (scripts/test.sh runs it)"]
+fn pods_starting_at_once_take_turns_for_a_start_slot() {
+    let env = NutshellContainerd::start_with("max_starting_vms = 1");
+    let ctr = env.containerd.ctr();
+    let children: Vec<Child> = (0..3)
+        .map(|i| {
+            ctr.command()
+                .args([
+                    "run",
+                    "--rm",
+                    "--runtime",
+                    "io.containerd.nutshell.v2",
+                    IMAGE,
+                ])
+                .arg(format!("e2e-slot-{i}"))
+                .args(["echo", &format!("slot-run-{i}")])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for (i, child) in children.into_iter().enumerate() {
+        let out = wait_output(child, Duration::from_secs(300));
+        assert!(
+            out.status.success(),
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            env.containerd.log_tail(8000)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            format!("slot-run-{i}")
+        );
+    }
+    let log = env.containerd.log_tail(1 << 20);
+    let waited = log.matches("for start slot 0 of 1").count();
+    assert!(
+        waited >= 2,
+        "two of the three pods waited for the one slot, {waited} said so:\n{}",
+        env.containerd.log_tail(8000)
+    );
     env.assert_nothing_left();
 }
 

@@ -1,28 +1,37 @@
 //! `nutshell-bench-probe`: the loops the benchmark runs inside a container, each bounded by a
 //! count and a time limit, each printing `name value` lines.
 //!
-//! - `faults MIB ROUNDS`: allocate MIB MiB (32 MiB at a time), touch every page, free it,
+//! - `faults MIB ROUNDS [SECS]`: allocate MIB MiB (32 MiB at a time), touch every page, free it,
 //!   ROUNDS times (one page fault per 4 KiB page): `faults_per_s`.
-//! - `syscalls COUNT`: `getpid` COUNT times, 1-byte reads of `/dev/zero` COUNT times:
+//! - `syscalls COUNT [SECS]`: `getpid` COUNT times, 1-byte reads of `/dev/zero` COUNT times:
 //!   `getpid_per_s`, `read_per_s`.
 //! - `compute MIB`: SHA-256 over a 1 MiB buffer MIB times, no system call between the marker
 //!   lines `compute_start` and `compute_done`; then `compute_mib_per_s` by the container's own
 //!   clock (two clock reads).
-//! - `files DIR COUNT`: create, write 4 KiB, close and later unlink COUNT files in DIR:
+//! - `files DIR COUNT [SECS]`: create, write 4 KiB, close and later unlink COUNT files in DIR:
 //!   `create_per_s`, `unlink_per_s`.
 
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 const PAGE: usize = 4096;
-/// No loop runs longer than this, whatever the count.
-const TIME_LIMIT: Duration = Duration::from_secs(10);
+/// No timed loop runs longer than this (or SECS, the optional last argument), whatever the
+/// count.
+const DEFAULT_LIMIT: Duration = Duration::from_secs(10);
 
 fn arg(args: &[String], i: usize) -> Result<u64, String> {
     args.get(i)
         .ok_or_else(|| format!("argument {i} missing"))?
         .parse::<u64>()
         .map_err(|e| format!("argument {i}: {e}"))
+}
+
+/// The optional time limit in seconds at `args[i]`.
+fn limit(args: &[String], i: usize) -> Result<Duration, String> {
+    match args.get(i) {
+        None => Ok(DEFAULT_LIMIT),
+        Some(_) => Ok(Duration::from_secs(arg(args, i)?.max(1))),
+    }
 }
 
 fn per_s(count: u64, elapsed: Duration) -> f64 {
@@ -33,7 +42,7 @@ fn per_s(count: u64, elapsed: Duration) -> f64 {
 /// guest has 256 MiB by default) as it does on the host.
 const FAULT_CHUNK_MIB: u64 = 32;
 
-fn faults(mib: u64, rounds: u64) -> Result<(), String> {
+fn faults(mib: u64, rounds: u64, limit: Duration) -> Result<(), String> {
     let mib = mib.min(4096);
     let chunk_mib = mib.clamp(1, FAULT_CHUNK_MIB);
     let bytes = usize::try_from(chunk_mib * 1024 * 1024).map_err(|e| e.to_string())?;
@@ -47,7 +56,7 @@ fn faults(mib: u64, rounds: u64) -> Result<(), String> {
             for i in (0..bytes).step_by(PAGE) {
                 buf[i] = 1;
                 touched += 1;
-                if touched % 256 == 0 && start.elapsed() > TIME_LIMIT {
+                if touched % 256 == 0 && start.elapsed() > limit {
                     break 'rounds;
                 }
             }
@@ -58,10 +67,10 @@ fn faults(mib: u64, rounds: u64) -> Result<(), String> {
     Ok(())
 }
 
-fn syscalls(count: u64) -> Result<(), String> {
+fn syscalls(count: u64, limit: Duration) -> Result<(), String> {
     let start = Instant::now();
     let mut n = 0;
-    while n < count && (n % 256 != 0 || start.elapsed() < TIME_LIMIT) {
+    while n < count && (n % 256 != 0 || start.elapsed() < limit) {
         std::hint::black_box(std::process::id());
         n += 1;
     }
@@ -70,7 +79,7 @@ fn syscalls(count: u64) -> Result<(), String> {
     let mut byte = [0u8; 1];
     let start = Instant::now();
     let mut n = 0;
-    while n < count && (n % 256 != 0 || start.elapsed() < TIME_LIMIT) {
+    while n < count && (n % 256 != 0 || start.elapsed() < limit) {
         zero.read_exact(&mut byte).map_err(|e| e.to_string())?;
         n += 1;
     }
@@ -98,13 +107,13 @@ fn compute(mib: u64) -> Result<(), String> {
     out.flush().map_err(|e| e.to_string())
 }
 
-fn files(dir: &str, count: u64) -> Result<(), String> {
+fn files(dir: &str, count: u64, limit: Duration) -> Result<(), String> {
     let base = std::path::Path::new(dir).join(format!("probe-{}", std::process::id()));
     std::fs::create_dir_all(&base).map_err(|e| format!("{}: {e}", base.display()))?;
     let data = [0x5au8; PAGE];
     let start = Instant::now();
     let mut created = 0;
-    while created < count && start.elapsed() < TIME_LIMIT {
+    while created < count && start.elapsed() < limit {
         let mut f =
             std::fs::File::create(base.join(created.to_string())).map_err(|e| e.to_string())?;
         f.write_all(&data).map_err(|e| e.to_string())?;
@@ -122,15 +131,16 @@ fn files(dir: &str, count: u64) -> Result<(), String> {
 fn main() -> std::process::ExitCode {
     let args: Vec<String> = std::env::args().collect();
     let result = match args.get(1).map(String::as_str) {
-        Some("faults") => arg(&args, 2).and_then(|m| faults(m, arg(&args, 3)?)),
-        Some("syscalls") => arg(&args, 2).and_then(syscalls),
+        Some("faults") => arg(&args, 2).and_then(|m| faults(m, arg(&args, 3)?, limit(&args, 4)?)),
+        Some("syscalls") => arg(&args, 2).and_then(|n| syscalls(n, limit(&args, 3)?)),
         Some("compute") => arg(&args, 2).and_then(compute),
         Some("files") => match args.get(2) {
-            Some(dir) => arg(&args, 3).and_then(|n| files(dir, n)),
-            None => Err("files DIR COUNT".to_owned()),
+            Some(dir) => arg(&args, 3).and_then(|n| files(dir, n, limit(&args, 4)?)),
+            None => Err("files DIR COUNT [SECS]".to_owned()),
         },
         _ => Err(
-            "usage: nutshell-bench-probe faults MIB ROUNDS | syscalls COUNT | compute MIB | files DIR COUNT"
+            "usage: nutshell-bench-probe faults MIB ROUNDS [SECS] | syscalls COUNT [SECS] | compute MIB \
+             | files DIR COUNT [SECS]"
                 .to_owned(),
         ),
     };
