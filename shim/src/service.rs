@@ -644,14 +644,19 @@ impl Service {
         };
         // A VM start holds a start slot until this function returns: the VM's start and its
         // first container's create.
-        let mut _slot = None;
-        let (vm, guest_spec) = if role.starts_vm() {
+        let (vm, guest_spec, _slot) = if role.starts_vm() {
             let request = match role {
                 Role::PodSandbox { .. } => ResourceRequest::from_annotations(&annotations)?,
                 _ => ResourceRequest::from_spec(spec),
             };
             let size = request.vm_size(config)?;
             let hostname = spec.hostname().clone().unwrap_or_else(|| id.clone());
+            let slot = crate::start_gate::acquire(
+                &config.run_dir,
+                config.max_starting_vms,
+                config.agent_timeout(),
+                sandbox_id,
+            )?;
             let paths = SandboxVm::create_dir(config, sandbox_id)?;
             // The container's file systems are mounted before the boot: a bad mount fails fast.
             let guest_spec = if role.runs_process() {
@@ -677,29 +682,6 @@ impl Service {
                 .as_ref()
                 .and_then(|l| l.cgroups_path().clone())
                 .map(|p| p.to_string_lossy().into_owned());
-            let slot = match crate::start_gate::acquire(
-                &config.run_dir,
-                config.max_starting_vms,
-                config.agent_timeout(),
-                sandbox_id,
-            ) {
-                Ok(slot) => slot,
-                Err(e) => {
-                    crate::vm::remove_sandbox_dir(&paths.dir);
-                    return Err(e);
-                }
-            };
-            if let Some(slot) = &slot {
-                if slot.waited() > Duration::from_millis(50) {
-                    log::info!(
-                        "sandbox {sandbox_id}: waited {:.2} s for start slot {} of {}",
-                        slot.waited().as_secs_f64(),
-                        slot.index(),
-                        config.max_starting_vms
-                    );
-                }
-            }
-            _slot = slot;
             let vm = SandboxVm::start(
                 config,
                 &paths,
@@ -709,7 +691,7 @@ impl Service {
                 cgroups_path.as_deref(),
                 on_exit,
             )?;
-            (Arc::new(vm), guest_spec)
+            (Arc::new(vm), guest_spec, slot)
         } else {
             let vm = {
                 let st = self.inner.lock();
@@ -727,7 +709,7 @@ impl Service {
                 )));
             }
             match prepare_fs(req, spec, &vm.shared()) {
-                Ok(json) => (vm, Some(json)),
+                Ok(json) => (vm, Some(json), None),
                 Err(e) => {
                     remove_container_dir(&vm.shared().join(id));
                     return Err(e);

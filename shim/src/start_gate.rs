@@ -24,24 +24,13 @@ pub const SLOTS_DIR: &str = "start-slots";
 /// How often a waiting shim looks for a free slot.
 const POLL: Duration = Duration::from_millis(25);
 
+/// A wait longer than this is logged.
+const LOG_WAIT: Duration = Duration::from_millis(50);
+
 /// A held slot; released when dropped.
 #[derive(Debug)]
 pub struct StartSlot {
     file: File,
-    index: usize,
-    waited: Duration,
-}
-
-impl StartSlot {
-    /// Which slot this is.
-    pub fn index(&self) -> usize {
-        self.index
-    }
-
-    /// How long the caller waited for it.
-    pub fn waited(&self) -> Duration {
-        self.waited
-    }
 }
 
 impl Drop for StartSlot {
@@ -65,21 +54,22 @@ pub fn acquire(
     }
     let dir = run_dir.join(SLOTS_DIR);
     std::fs::create_dir_all(&dir).map_err(ShimError::io(format!("create {}", dir.display())))?;
-    let files = (0..slots as usize)
+    let mut files = (0..slots as usize)
         .map(|i| open_slot(&slot_path(&dir, i)))
         .collect::<Result<Vec<File>>>()?;
     let started = Instant::now();
     loop {
-        for (index, file) in files.iter().enumerate() {
-            if try_lock(file, &slot_path(&dir, index))? {
-                let file = file.try_clone().map_err(ShimError::io(format!(
-                    "dup {}",
-                    slot_path(&dir, index).display()
-                )))?;
+        for index in 0..files.len() {
+            if try_lock(&files[index], &slot_path(&dir, index))? {
+                let waited = started.elapsed();
+                if waited > LOG_WAIT {
+                    log::info!(
+                        "sandbox {id}: waited {:.2} s for start slot {index} of {slots}",
+                        waited.as_secs_f64()
+                    );
+                }
                 return Ok(Some(StartSlot {
-                    file,
-                    index,
-                    waited: started.elapsed(),
+                    file: files.swap_remove(index),
                 }));
             }
         }
@@ -143,21 +133,18 @@ mod tests {
     #[test]
     fn slots_are_exclusive_and_released_on_drop() {
         let dir = tempfile::tempdir().unwrap();
-        let a = acquire(dir.path(), 2, Duration::ZERO, "p")
-            .unwrap()
-            .unwrap();
-        let b = acquire(dir.path(), 2, Duration::ZERO, "p")
-            .unwrap()
-            .unwrap();
-        assert_ne!(a.index(), b.index());
+        // Two callers at once, neither waiting: each holds a slot of its own.
+        let a = acquire(dir.path(), 2, Duration::ZERO, "p").unwrap();
+        let b = acquire(dir.path(), 2, Duration::ZERO, "p").unwrap();
+        assert!(a.is_some() && b.is_some());
         // Both taken: a third caller times out with an error that names the setting.
         let e = acquire(dir.path(), 2, Duration::from_millis(60), "p").unwrap_err();
         assert!(e.to_string().contains("max_starting_vms = 2"), "{e}");
         drop(a);
-        let c = acquire(dir.path(), 2, Duration::ZERO, "p")
+        assert!(acquire(dir.path(), 2, Duration::ZERO, "p")
             .unwrap()
-            .unwrap();
-        assert_ne!(c.index(), b.index());
+            .is_some());
+        drop(b);
     }
 
     #[test]
@@ -168,11 +155,14 @@ mod tests {
             .unwrap();
         let path = dir.path().to_path_buf();
         let waiter = std::thread::spawn(move || {
-            acquire(&path, 1, Duration::from_secs(10), "p").map(|s| s.map(|s| s.waited()))
+            let started = Instant::now();
+            let slot = acquire(&path, 1, Duration::from_secs(10), "p").unwrap();
+            (slot.is_some(), started.elapsed())
         });
         std::thread::sleep(Duration::from_millis(200));
         drop(held);
-        let waited = waiter.join().unwrap().unwrap().unwrap();
+        let (got, waited) = waiter.join().unwrap();
+        assert!(got);
         assert!(waited >= Duration::from_millis(150), "{waited:?}");
     }
 }

@@ -127,15 +127,7 @@ fn ctr_runs_a_container_in_a_nutshell_microvm() {
     let host_release = Command::new("uname").arg("-r").output().unwrap().stdout;
     let host_release = String::from_utf8(host_release).unwrap();
     let run = |id: &str, script: &str| {
-        ctr.command()
-            .args([
-                "run",
-                "--rm",
-                "--runtime",
-                "io.containerd.nutshell.v2",
-                IMAGE,
-                id,
-            ])
+        run_rm(&ctr, id)
             .args(["sh", "-c", script])
             .output()
             .unwrap()
@@ -184,15 +176,7 @@ fn pods_starting_at_once_take_turns_for_a_start_slot() {
     let ctr = env.containerd.ctr();
     let children: Vec<Child> = (0..3)
         .map(|i| {
-            ctr.command()
-                .args([
-                    "run",
-                    "--rm",
-                    "--runtime",
-                    "io.containerd.nutshell.v2",
-                    IMAGE,
-                ])
-                .arg(format!("e2e-slot-{i}"))
+            run_rm(&ctr, &format!("e2e-slot-{i}"))
                 .args(["echo", &format!("slot-run-{i}")])
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
@@ -221,6 +205,20 @@ fn pods_starting_at_once_take_turns_for_a_start_slot() {
         env.containerd.log_tail(8000)
     );
     env.assert_nothing_left();
+}
+
+/// `ctr run --rm` of the busybox image as container `id` in a Nutshell microVM; add the command.
+fn run_rm(ctr: &Ctr, id: &str) -> Command {
+    let mut cmd = ctr.command();
+    cmd.args([
+        "run",
+        "--rm",
+        "--runtime",
+        "io.containerd.nutshell.v2",
+        IMAGE,
+        id,
+    ]);
+    cmd
 }
 
 /// Waits for `child` up to `timeout` (killing it then); its output.

@@ -98,32 +98,31 @@ pub fn boot_linux(config: LinuxConfig) -> Result<RunningVm, VmError> {
     let mut machine = config.machine;
     let profile = machine.cpu_profile.resolve();
     machine.cpu_profile = CpuProfileChoice::Fixed(profile);
-    let compat_arg = arch::x86_64::cpuid::compat_clearcpuid_arg();
+    let compat_arg = (profile == arch::x86_64::cpuid::CpuProfile::Compat)
+        .then(arch::x86_64::cpuid::compat_clearcpuid_arg);
     let mut vmm_args = VMM_CMDLINE.to_vec();
-    if profile == arch::x86_64::cpuid::CpuProfile::Compat {
+    if let Some(arg) = &compat_arg {
         vmm_args.extend_from_slice(COMPAT_CMDLINE);
-        vmm_args.push(&compat_arg);
+        vmm_args.push(arg);
     }
     let result = boot::build_cmdline(&config.cmdline, &vmm_args)
         .map_err(VmError::from)
-        .and_then(|cmdline| {
-            let mut cmdline = cmdline;
-            if machine.vsock.is_some() {
+        .and_then(|mut cmdline| {
+            use arch::x86_64::layout;
+            let devices = [
+                (
+                    machine.vsock.is_some(),
+                    layout::VIRTIO_MMIO_BASE,
+                    layout::VIRTIO_GSI_BASE,
+                ),
+                (machine.fs.is_some(), layout::FS_MMIO_BASE, layout::FS_GSI),
+            ];
+            for (_, base, gsi) in devices.into_iter().filter(|(present, ..)| *present) {
                 cmdline
                     .add_virtio_mmio_device(
-                        arch::x86_64::layout::VIRTIO_MMIO_SIZE,
-                        vm_memory::GuestAddress(arch::x86_64::layout::VIRTIO_MMIO_BASE),
-                        arch::x86_64::layout::VIRTIO_GSI_BASE,
-                        None,
-                    )
-                    .map_err(boot::BootError::Cmdline)?;
-            }
-            if machine.fs.is_some() {
-                cmdline
-                    .add_virtio_mmio_device(
-                        arch::x86_64::layout::VIRTIO_MMIO_SIZE,
-                        vm_memory::GuestAddress(arch::x86_64::layout::FS_MMIO_BASE),
-                        arch::x86_64::layout::FS_GSI,
+                        layout::VIRTIO_MMIO_SIZE,
+                        vm_memory::GuestAddress(base),
+                        gsi,
                         None,
                     )
                     .map_err(boot::BootError::Cmdline)?;
