@@ -90,6 +90,32 @@ pub fn vmms_under(run_dir: &Path) -> Vec<u32> {
         .collect()
 }
 
+/// CPU time (user + system, all threads) process `pid` has used, from `/proc/<pid>/stat`.
+pub fn cpu_time(pid: u32) -> Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat
+        .rsplit_once(") ")
+        .map(|(_, rest)| rest)
+        .with_context(|| format!("malformed /proc/{pid}/stat: {stat}"))?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    let ticks = |i: usize| -> Result<u64> {
+        let field = fields
+            .get(i)
+            .with_context(|| format!("short /proc/{pid}/stat: {stat}"))?;
+        Ok(field.parse()?)
+    };
+    // SAFETY: sysconf has no preconditions; it only reads a system value.
+    let per_sec = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })
+        .ok()
+        .filter(|&t| t > 0)
+        .unwrap_or(100);
+    Ok(Duration::from_millis(
+        (ticks(11)? + ticks(12)?) * 1000 / per_sec,
+    ))
+}
+
 /// The shim's node-wide VM start slots under `run_dir` (`start_gate` in the shim).
 pub const START_SLOTS_DIR: &str = "start-slots";
 

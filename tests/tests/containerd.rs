@@ -16,8 +16,8 @@ use nix::pty::{openpty, Winsize};
 use nutshell_bench::containerd::{shim_pids, Containerd, ContainerdOptions, Ctr};
 use nutshell_bench::image;
 use nutshell_tests::{
-    guest_artifact, left_under_run_dir, shim_binary, target_dir, template_cache, vmm_binary,
-    vmms_under,
+    cpu_time, guest_artifact, left_under_run_dir, shim_binary, target_dir, template_cache,
+    vmm_binary, vmms_under,
 };
 
 const IMAGE: &str = "docker.io/nutshell/e2e-busybox:1";
@@ -386,6 +386,30 @@ fn ctr_task_operations_on_a_nutshell_container() {
     let init_pids = task_pids(&ctr, ID);
     assert_eq!(init_pids.len(), 1, "{init_pids:?}");
     assert!(init_pids[0] > 1, "{init_pids:?}");
+
+    // An idle pod is idle: with only `sleep` left, the guest stops its timer tick (a
+    // high-resolution clocksource lets it), so its VMM uses next to no host CPU. A guest that
+    // kept its 20 Hz tick took ~9% of a CPU here (each tick is emulated guest-kernel work).
+    let idle_share = |window: Duration| {
+        let before = cpu_time(task_pid).unwrap();
+        std::thread::sleep(window);
+        cpu_time(task_pid)
+            .unwrap()
+            .saturating_sub(before)
+            .as_secs_f64()
+            / window.as_secs_f64()
+    };
+    let mut shares = Vec::new();
+    // The guest may still be finishing the execs' teardown: allow it a few windows to settle.
+    let settled = eventually(Duration::from_secs(90), || {
+        shares.push(idle_share(Duration::from_secs(5)));
+        shares.last().is_some_and(|&s| s < 0.02)
+    });
+    eprintln!("idle pod: VMM CPU share per 5 s window {shares:.3?}");
+    assert!(
+        settled,
+        "the idle pod's VMM kept using CPU: {shares:.3?} of a CPU per 5 s"
+    );
 
     // Metrics from the container's cgroup in the guest: the memory limit given to ctr run
     // exists only there (the VMM on the host has no such limit).

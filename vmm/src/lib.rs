@@ -54,18 +54,34 @@ pub const VMM_CMDLINE: &[&str] = &[
     "tsc=reliable",
 ];
 
-/// What the compatibility CPU profile (a `kvm_pvm` host) adds to the command line.
+/// What the compatibility CPU profile (a `kvm_pvm` host) adds to a one-vCPU guest's command line.
 ///
 /// `kvm_pvm` does not intercept the guest's CPUID instruction: the guest reads the host's CPUID,
-/// including the KVM leaves of the hypervisor below it, and turns on paravirtual features (PV
-/// IPIs, PV spinlock kicks, PTP clock pairing) whose hypercalls this host does not serve; an SMP
-/// guest then hangs. `nopv` boots it as a plain x86 guest (TSC clock instead of kvm-clock).
-/// Hiding the CPU features themselves is `clearcpuid=`, appended after these.
+/// including the KVM leaves of the hypervisor below it, and turns on the paravirtual features
+/// listed there. kvm-clock is one it serves, and the one clock that survives a template restore:
+/// KVM rewrites the guest's pvclock page for the new VM, while the TSC is not offset here (a
+/// restored guest would see it jump by the template's age, past what the TSC clocksource can
+/// convert). With kvm-clock the guest has a high-resolution clock, so it stops its tick when idle
+/// (NO_HZ) and reads the time in the vDSO, without a syscall.
+pub const COMPAT_UP_CMDLINE: &[&str] = &["clocksource=kvm-clock"];
+
+/// What the compatibility CPU profile adds to a guest of more than one vCPU.
 ///
-/// Not `tsc_early_khz=` (the guest would use the TSC instead of refined-jiffies): with it,
-/// containers in VMs restored from a template hung in their set-up, and kvm_pvm does not offset
-/// the guest's TSC, so a restored guest sees it jump by the template's age (docs/vmm.md).
-pub const COMPAT_CMDLINE: &[&str] = &["nopv"];
+/// An SMP guest also turns on PV IPIs and PV spinlock kicks, whose hypercalls `kvm_pvm` does not
+/// serve, and hangs (seen also with `nopvspin`: the PV IPIs alone are enough). `nopv` boots it as
+/// a plain x86 guest, without kvm-clock: its clocksource is `refined-jiffies` (the TSC cannot be
+/// calibrated here), so it keeps its tick when idle and `clock_gettime` is a syscall.
+/// Hiding the CPU features themselves is `clearcpuid=`, appended after these.
+pub const COMPAT_SMP_CMDLINE: &[&str] = &["nopv"];
+
+/// What the compatibility profile adds for a guest of `vcpus` vCPUs.
+pub fn compat_cmdline(vcpus: u8) -> &'static [&'static str] {
+    if vcpus > 1 {
+        COMPAT_SMP_CMDLINE
+    } else {
+        COMPAT_UP_CMDLINE
+    }
+}
 
 /// Loads the guest and starts its vCPUs.
 pub fn boot_linux(config: LinuxConfig) -> Result<RunningVm, VmError> {
@@ -102,7 +118,7 @@ pub fn boot_linux(config: LinuxConfig) -> Result<RunningVm, VmError> {
         .then(arch::x86_64::cpuid::compat_clearcpuid_arg);
     let mut vmm_args = VMM_CMDLINE.to_vec();
     if let Some(arg) = &compat_arg {
-        vmm_args.extend_from_slice(COMPAT_CMDLINE);
+        vmm_args.extend_from_slice(compat_cmdline(machine.vcpus));
         vmm_args.push(arg);
     }
     let result = boot::build_cmdline(&config.cmdline, &vmm_args)

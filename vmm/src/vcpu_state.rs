@@ -246,6 +246,11 @@ impl VcpuState {
             // dynamic XSAVE features (AMX) that would make KVM read past 4 KiB.
             unsafe { fd.set_xsave(xsave) }.map_err(kvm("set the XSAVE area"))?;
         }
+        // The LAPIC before the MSRs: KVM drops a write of IA32_TSC_DEADLINE while the LAPIC
+        // timer is not in TSC-deadline mode (a fresh vCPU's is not), so a guest that had armed a
+        // deadline (a tickless idle guest always has) would wait for a timer interrupt that
+        // never comes.
+        fd.set_lapic(&self.lapic).map_err(kvm("set the LAPIC"))?;
         let msrs = Msrs::from_entries(&self.msrs)
             .map_err(|source| VcpuStateError::MsrList { index, source })?;
         let set = fd.set_msrs(&msrs).map_err(kvm("set the MSRs"))?;
@@ -272,7 +277,6 @@ impl VcpuState {
                 );
             }
         }
-        fd.set_lapic(&self.lapic).map_err(kvm("set the LAPIC"))?;
         fd.set_vcpu_events(&self.events)
             .map_err(kvm("set the vCPU events"))?;
         fd.set_mp_state(self.mp_state)
