@@ -20,8 +20,8 @@ log "building nutshell-vmm, the shim, nutshell-initramfs and nutshell-agent-ctl"
 cargo build --release --locked -p nutshell-vmm -p containerd-shim-nutshell-v2 -p nutshell-initramfs -p nutshell-protocol
 log "building the test /init (static, musl)"
 cargo build --release --locked -p nutshell-test-init --target x86_64-unknown-linux-musl
-log "building the agent (static, musl)"
-cargo build --release --locked -p nutshell-agent --target x86_64-unknown-linux-musl
+log "building the agent and the benchmark probe (static, musl)"
+cargo build --release --locked -p nutshell-agent -p nutshell-bench-probe --target x86_64-unknown-linux-musl
 
 mkdir -p "$TARGET_DIR/nutshell"
 MUSL_RELEASE="$TARGET_DIR/x86_64-unknown-linux-musl/release"

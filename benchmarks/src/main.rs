@@ -180,11 +180,17 @@ fn run() -> Result<()> {
             runtimes.push(spec);
         }
     }
-    let exe = std::env::current_exe().context("own path")?;
-    let probe = exe.with_file_name("nutshell-bench-probe");
+    // Static (musl): a dynamically linked program costs seconds of page faults to start in a
+    // guest whose kernel is emulated, which every probe container would pay.
+    let probe = args
+        .target_dir
+        .join("x86_64-unknown-linux-musl")
+        .join("release")
+        .join("nutshell-bench-probe");
     if !probe.is_file() {
         bail!(
-            "{} is missing: build the nutshell-bench package",
+            "{} is missing: scripts/setup.sh builds it (cargo build --release -p \
+             nutshell-bench-probe --target x86_64-unknown-linux-musl)",
             probe.display()
         );
     }

@@ -906,15 +906,17 @@ impl Service {
                 }
             }
         }
-        if role.runs_process() && vm.exited().is_none() {
+        if role.starts_vm() {
+            // The container goes with its VM: the guest's power-off (the agent syncs first)
+            // ends whatever it left, so the guest's RemoveContainer (unmounts, cgroup removal:
+            // about a second of guest-kernel work where that is emulated) would be wasted.
+            vm.stop();
+        } else if vm.exited().is_none() {
             if let Err(e) = vm.agent().remove_container(id, 0) {
                 log::warn!("{id}: agent RemoveContainer: {}", crate::error::chain(&e));
             }
         }
         remove_container_dir(&container_shared_dir(&vm, id));
-        if role.starts_vm() {
-            vm.stop();
-        }
         let mut st = self.inner.lock();
         if role.starts_vm() {
             st.sandboxes.remove(role.sandbox_id(id));

@@ -1,6 +1,7 @@
 //! A read-only MC146818 CMOS real-time clock at ports 0x70/0x71, so that a guest without
-//! kvm-clock (the compat profile boots with `nopv`) starts with the host's wall-clock time
-//! instead of 1970. The guest cannot set it: writes to the time registers are ignored.
+//! kvm-clock (the compat profile boots an SMP guest with `nopv`) starts with the host's
+//! wall-clock time instead of 1970. The guest cannot set it: writes to the time registers are
+//! ignored.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 

@@ -1,5 +1,7 @@
 //! `nutshell-bench-probe`: the loops the benchmark runs inside a container, each bounded by a
-//! count and a time limit, each printing `name value` lines.
+//! count and a time limit, each printing `name value` lines. Built static (musl, by
+//! scripts/setup.sh): a dynamically linked program costs seconds of page faults to start in a
+//! guest whose kernel is emulated, paid by every probe container.
 //!
 //! - `faults MIB ROUNDS [SECS]`: allocate MIB MiB (32 MiB at a time), touch every page, free it,
 //!   ROUNDS times (one page fault per 4 KiB page): `faults_per_s`.
