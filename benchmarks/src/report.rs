@@ -533,17 +533,16 @@ run with the runs interleaved. Read it with the arrow of its unit:
 
 const EMULATED_NOTE: &str = "
 **This machine's KVM is emulated (`kvm_pvm`)**: guest user mode runs at native speed, but every
-instruction of the guest kernel is emulated (about 1 µs each). For Nutshell only the
-**SHA-256** row (compute with no system call in its timed loop) measures what it would on
-hardware KVM. The **sysbench** rows are distorted by clock reads: the guest's clocksource is
-`refined-jiffies` (it cannot calibrate the TSC here), which has no vDSO mode, so each of
-sysbench's per-event `clock_gettime` calls is an emulated system call. **startup**,
-**page-fault**, **syscalls** and **fileio** ratios are distorted too (each guest kernel entry
-costs milliseconds; loading a dynamically linked program such as fio costs over a minute of
-page faults) and say nothing about hardware KVM. **density** is meaningful for the host
-processes, but an idle guest here still runs its 20 Hz timer tick (no tickless idle without a
-high-resolution clocksource), about 9% of a host CPU per idle pod, which slows the starts of
-the last pods of the 20-pod case.
+instruction of the guest kernel is emulated (about 1 µs each). For Nutshell the **cpu** and
+**sysbench memory** rows come closest to hardware KVM: they run guest user code (the guest reads
+the time through kvm-clock in the vDSO, without a system call; the SHA-256 loop makes no system
+call at all), yet even they pay the busy guest's timer tick (20 Hz, ~5 ms of emulated kernel
+each, ~10% of the CPU). **startup**, **page-fault**, **syscalls** and **fileio** ratios
+are distorted (each guest kernel entry costs milliseconds; loading a dynamically linked program
+such as fio costs over a minute of page faults) and say nothing about hardware KVM. **density**
+is meaningful for the host processes. An idle one-vCPU guest is tickless and takes no host CPU;
+a guest of more vCPUs keeps its 20 Hz tick here (about 9% of a host CPU each: it boots with
+`nopv`, without kvm-clock).
 ";
 
 #[cfg(test)]

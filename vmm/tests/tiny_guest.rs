@@ -132,29 +132,20 @@ fn untouched_guest_memory_costs_no_host_memory() {
         .iter()
         .next()
         .map(|r| vm.memory().get_host_address(r.start_addr()).unwrap() as usize);
-    let rss_kib = mapping_rss_kib(start.unwrap()).expect("guest mapping in smaps");
+    let rss_kib = resident_kib(start.unwrap(), 1024 << 20);
     // Only the boot data (GDT, MP table) pages have been written.
     assert!(rss_kib <= 64, "guest RAM resident: {rss_kib} KiB");
 }
 
-/// The `Rss:` of the mapping that starts at `addr`, from /proc/self/smaps.
-fn mapping_rss_kib(addr: usize) -> Option<u64> {
-    let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
-    let mut in_mapping = false;
-    for line in smaps.lines() {
-        if let Some((range, _)) = line.split_once(' ') {
-            if let Some((lo, _)) = range.split_once('-') {
-                if let Ok(lo) = usize::from_str_radix(lo, 16) {
-                    in_mapping = lo == addr;
-                    continue;
-                }
-            }
-        }
-        if in_mapping {
-            if let Some(v) = line.strip_prefix("Rss:") {
-                return v.trim().trim_end_matches("kB").trim().parse().ok();
-            }
-        }
-    }
-    None
+/// KiB of `[addr, addr + len)` resident in memory, by mincore(2). Not smaps: the kernel may merge
+/// the guest's anonymous mapping with a neighbouring one (another test's guest memory), and the
+/// merged mapping's Rss counts that one's pages too.
+fn resident_kib(addr: usize, len: usize) -> u64 {
+    let page = 4096;
+    let mut vec = vec![0u8; len.div_ceil(page)];
+    // SAFETY: `addr..addr + len` is the guest memory mapping, alive for the call; `vec` has one
+    // byte per page of it, which is what mincore writes.
+    let rc = unsafe { libc::mincore(addr as *mut libc::c_void, len, vec.as_mut_ptr()) };
+    assert_eq!(rc, 0, "mincore: {}", std::io::Error::last_os_error());
+    vec.iter().filter(|&&b| b & 1 != 0).count() as u64 * (page as u64 / 1024)
 }
