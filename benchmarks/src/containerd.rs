@@ -20,6 +20,8 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
@@ -28,6 +30,9 @@ use nix::unistd::Pid;
 /// Errors of the containerd harness.
 #[derive(Debug, thiserror::Error)]
 pub enum ContainerdError {
+    /// The run was interrupted ([`interrupt`]): `ctr` is not run any more.
+    #[error("interrupted")]
+    Interrupted,
     /// Creating the temporary directories or the config failed.
     #[error("cannot prepare containerd's directory {path}")]
     Prepare {
@@ -490,7 +495,7 @@ impl Containerd {
     }
 
     fn stop_running(&mut self, mut child: Child) {
-        if matches!(child.try_wait(), Ok(None)) {
+        if matches!(child.try_wait(), Ok(None)) && !interrupted() {
             self.remove_all_containers();
             // A shim exits shortly after its last task is deleted; one that stays is killed
             // (by `stop`, after containerd is gone).
@@ -513,8 +518,8 @@ const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
 /// Removes the cgroup `/<namespace>` that runc (and the Nutshell shim) create as the parent of
 /// `ctr run`'s `/<namespace>/<id>` in every hierarchy under `root` (cgroup v1: one per
-/// controller, and `unified`; v2: `root` itself) and leave behind. Only empty ones go (rmdir
-/// refuses others); a missing one is fine.
+/// controller, and `unified`; v2: `root` itself) and leave behind, with the empty `<id>` ones a
+/// killed shim left in it. Only empty ones go (rmdir refuses others); a missing one is fine.
 pub fn remove_namespace_cgroups(root: &Path, namespace: &str) {
     if namespace.is_empty() || namespace.contains('/') || namespace.starts_with('.') {
         return;
@@ -524,6 +529,11 @@ pub fn remove_namespace_cgroups(root: &Path, namespace: &str) {
         dirs.extend(entries.flatten().map(|e| e.path().join(namespace)));
     }
     for dir in dirs {
+        if let Ok(children) = fs::read_dir(&dir) {
+            for child in children.flatten().filter(|c| c.path().is_dir()) {
+                let _ = fs::remove_dir(child.path());
+            }
+        }
         match fs::remove_dir(&dir) {
             Ok(()) => log::debug!("removed cgroup {}", dir.display()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -531,6 +541,62 @@ pub fn remove_namespace_cgroups(root: &Path, namespace: &str) {
             Err(e) => log::warn!("cannot remove cgroup {}: {e}", dir.display()),
         }
     }
+}
+
+/// The containerd daemons this process runs (PID, socket), for [`interrupt`].
+static DAEMONS: Mutex<Vec<(u32, PathBuf)>> = Mutex::new(Vec::new());
+/// Set by [`interrupt`].
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+fn daemons() -> std::sync::MutexGuard<'static, Vec<(u32, PathBuf)>> {
+    DAEMONS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Abandons the run (the benchmark's answer to SIGINT or SIGTERM): every containerd this process
+/// runs gets SIGTERM and every `ctr` talking to one SIGKILL, so that whatever waits on them fails
+/// at once, [`Ctr`] runs nothing more, and the owners' normal teardown (`Drop`) runs: shims and
+/// their VMs killed, mounts detached, directories and cgroups removed. Safe to call from any
+/// thread.
+pub fn interrupt() {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+    let daemons = daemons().clone();
+    for (pid, _) in &daemons {
+        signal(*pid, Signal::SIGTERM);
+    }
+    // A `ctr` that dials a containerd which is gone retries for ever.
+    for pid in all_pids() {
+        let Ok(raw) = fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = raw.split(|b| *b == 0).collect();
+        let is_ctr = args
+            .first()
+            .is_some_and(|a| a.rsplit(|b| *b == b'/').next() == Some(b"ctr"));
+        let ours = daemons.iter().any(|(_, address)| {
+            let address = address.as_os_str().as_encoded_bytes();
+            args.windows(2)
+                .any(|w| w[0] == b"--address" && w[1] == address)
+        });
+        if is_ctr && ours {
+            signal(pid, Signal::SIGKILL);
+        }
+    }
+}
+
+fn signal(pid: u32, signal: Signal) {
+    if let Ok(pid) = i32::try_from(pid) {
+        let _ = kill(Pid::from_raw(pid), signal);
+    }
+}
+
+/// Whether [`interrupt`] was called.
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
+
+/// The gRPC socket of the containerd whose config is `config` (both in its directory).
+fn config_address(config: &Path) -> PathBuf {
+    config.with_file_name("containerd.sock")
 }
 
 /// Starts `containerd --config CONFIG`, its output appended to `log`.
@@ -545,7 +611,7 @@ fn spawn_daemon(binary: &Path, config: &Path, log: &Path) -> Result<Child, Conta
         .open(log)
         .map_err(prepare)?;
     let log_err = log_file.try_clone().map_err(prepare)?;
-    Command::new(binary)
+    let child = Command::new(binary)
         .arg("--config")
         .arg(config)
         .stdin(Stdio::null())
@@ -555,11 +621,14 @@ fn spawn_daemon(binary: &Path, config: &Path, log: &Path) -> Result<Child, Conta
         .map_err(|source| ContainerdError::Spawn {
             binary: binary.to_owned(),
             source,
-        })
+        })?;
+    daemons().push((child.id(), config_address(config)));
+    Ok(child)
 }
 
 /// SIGTERM to `child`, SIGKILL if it has not exited 10 s later; reaped.
 fn terminate(mut child: Child) {
+    daemons().retain(|(pid, _)| *pid != child.id());
     if let Ok(pid) = i32::try_from(child.id()) {
         let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
     }
@@ -582,7 +651,7 @@ impl Drop for Containerd {
 
 /// Detaches every mount at or below `dir` (deepest first), so that removing it cannot reach
 /// into a container's rootfs.
-fn detach_mounts_under(dir: &Path) {
+pub fn detach_mounts_under(dir: &Path) {
     let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
         return;
     };
@@ -722,6 +791,9 @@ impl Ctr {
 
     /// Runs `ctr ARGS` to completion; its standard output on success.
     pub fn output(&self, args: &[&str]) -> Result<String, ContainerdError> {
+        if interrupted() {
+            return Err(ContainerdError::Interrupted);
+        }
         let out = self
             .command()
             .args(args)
@@ -739,6 +811,9 @@ impl Ctr {
 
     /// Kills (SIGKILL) and deletes the task and the container `id`, ignoring what is not there.
     pub fn remove_container(&self, id: &str) {
+        if interrupted() {
+            return;
+        }
         let quiet = |args: &[&str]| {
             let _ = self
                 .command()

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 
-use nutshell_bench::containerd::{find_on_path, RuntimeSpec};
+use nutshell_bench::containerd::{self, find_on_path, RuntimeSpec};
 use nutshell_bench::nutshell;
 use nutshell_bench::runner::{self, Plan, RunConfig, Workload};
 
@@ -158,8 +158,17 @@ fn runtime_spec(arg: &str, scratch: &std::path::Path) -> Result<RuntimeSpec> {
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    match run() {
+    let args = Args::parse();
+    if let Err(e) = handle_interrupts() {
+        eprintln!("nutshell-bench: cannot handle SIGINT/SIGTERM: {e}");
+        return ExitCode::FAILURE;
+    }
+    match run(args) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(_) if containerd::interrupted() => {
+            eprintln!("nutshell-bench: interrupted; everything it started is removed, no report");
+            ExitCode::from(130)
+        }
         Err(e) => {
             eprintln!("nutshell-bench: {e:#}");
             ExitCode::FAILURE
@@ -167,12 +176,58 @@ fn main() -> ExitCode {
     }
 }
 
-fn run() -> Result<()> {
-    let args = Args::parse();
-    let scratch = tempfile::Builder::new()
-        .prefix("nutshell-bench-")
-        .tempdir()
-        .context("temporary directory")?;
+/// SIGINT and SIGTERM abandon the run with a clean teardown ([`containerd::interrupt`]): no
+/// containerd, shim, VM, mount or cgroup of the run is left. A second signal exits at once.
+/// Blocks both signals in this thread (and so in every thread started later; children get an
+/// empty mask from `std::process`) and takes them in a thread of their own.
+fn handle_interrupts() -> nix::Result<()> {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGINT);
+    set.add(Signal::SIGTERM);
+    set.thread_block()?;
+    std::thread::spawn(move || {
+        let mut first = true;
+        while let Ok(signal) = set.wait() {
+            if !first {
+                eprintln!("nutshell-bench: {signal} again: exiting now, leaving what runs");
+                std::process::exit(130);
+            }
+            first = false;
+            log::warn!(
+                "{signal}: stopping the run: containerd, shims, VMs and mounts are being removed \
+                 (a second signal exits at once)"
+            );
+            containerd::interrupt();
+        }
+    });
+    Ok(())
+}
+
+/// The run's scratch directory (the Nutshell config and run_dir): mounts a killed shim left in
+/// it are detached before it is removed, so that removing it cannot reach into a rootfs.
+struct Scratch(tempfile::TempDir);
+
+impl Scratch {
+    fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        containerd::detach_mounts_under(self.0.path());
+    }
+}
+
+fn run(args: Args) -> Result<()> {
+    let scratch = Scratch(
+        tempfile::Builder::new()
+            .prefix("nutshell-bench-")
+            .tempdir()
+            .context("temporary directory")?,
+    );
+    log::info!("scratch directory {}", scratch.path().display());
     let mut runtimes = vec![RuntimeSpec::runc()];
     for r in &args.runtimes {
         let spec = runtime_spec(r, scratch.path())?;

@@ -37,6 +37,9 @@ pub enum RunnerError {
     /// An image could not be built.
     #[error(transparent)]
     Image(#[from] ImageError),
+    /// The run was interrupted (SIGINT or SIGTERM).
+    #[error("interrupted")]
+    Interrupted,
     /// A file of the runner could not be written.
     #[error("cannot prepare {path}")]
     Io {
@@ -262,6 +265,11 @@ pub fn run(config: RunConfig) -> Result<Results, RunnerError> {
     let machine = Machine::detect();
     let mut runner = Runner::new(config)?;
     runner.check_runtimes();
+    let check = || match crate::containerd::interrupted() {
+        true => Err(RunnerError::Interrupted),
+        false => Ok(()),
+    };
+    check()?;
     let workloads: Vec<Workload> = if runner.config.only.is_empty() {
         Workload::ALL.to_vec()
     } else {
@@ -279,6 +287,7 @@ pub fn run(config: RunConfig) -> Result<Results, RunnerError> {
         );
         let t = Instant::now();
         runner.workload(*w);
+        check()?;
         let took = t.elapsed().as_secs_f64();
         log::info!("workload {} took {took:.0} s", w.name());
         workload_wall_s.push((w.name().to_owned(), took));
@@ -480,6 +489,9 @@ impl Runner {
         let budget = self.case_budget;
         let started = Instant::now();
         for (rep, name) in interleave(&names, reps) {
+            if crate::containerd::interrupted() {
+                break;
+            }
             if rep > 0 && name == names[0] && started.elapsed() > budget {
                 log::info!(
                     "time budget of {budget:?} spent: {rep} of {reps} repetitions of this case"

@@ -116,6 +116,139 @@ fn quick_run_reports_runc_and_nutshell_figures_and_unavailable_runtimes() {
     );
 
     quick_startup_run_times_the_cri_path_for_runc_and_nutshell(cache.path());
+    a_run_interrupted_by_sigint_leaves_nothing_running(cache.path());
+}
+
+/// SIGINT while Nutshell pods run (the density workload's idle pods): the benchmark exits with
+/// 130 and no report, and nothing it started is left: no containerd, shim or VM process, no
+/// mount, no directory, no cgroup of its namespace.
+fn a_run_interrupted_by_sigint_leaves_nothing_running(cache: &Path) {
+    use std::io::{BufRead, BufReader};
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+
+    let out = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nutshell-bench"))
+        .args([
+            "--quick",
+            "--only",
+            "density",
+            "--runtimes",
+            "runc,nutshell",
+        ])
+        .arg("--out")
+        .arg(out.path())
+        .arg("--cache-dir")
+        .arg(cache)
+        .env_remove("NUTSHELL_CONFIG")
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = Arc::new(Mutex::new(String::new()));
+    let reader = {
+        let log = Arc::clone(&log);
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut log = log.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        })
+    };
+    let logged = || log.lock().unwrap().clone();
+    let path_after = |marker: &str| -> Option<String> {
+        let text = logged();
+        let rest = &text[text.find(marker)? + marker.len()..];
+        Some(rest.split_whitespace().next()?.to_owned())
+    };
+    let mentions = |pid: u32, needle: &str| {
+        std::fs::read(format!("/proc/{pid}/cmdline"))
+            .is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))
+    };
+    let pids = || -> Vec<u32> {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect()
+    };
+
+    // Wait until a Nutshell VM of the run is up.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let scratch = loop {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended early:\n{}",
+            logged()
+        );
+        assert!(
+            Instant::now() < deadline,
+            "no VM within 300 s:\n{}",
+            logged()
+        );
+        if let Some(scratch) = path_after("scratch directory ") {
+            if logged().contains("workload density")
+                && pids().into_iter().any(|p| mentions(p, &scratch))
+            {
+                break scratch;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let ctrd = path_after(") in ").unwrap_or_else(|| panic!("no containerd dir:\n{}", logged()));
+    let namespace = format!("nutshell-{}-", child.id());
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap()),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("still running 120 s after SIGINT:\n{}", logged());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    reader.join().unwrap();
+    let log = logged();
+    assert_eq!(status.code(), Some(130), "{log}");
+    assert!(log.contains("SIGINT: stopping the run"), "{log}");
+    assert!(
+        !out.path().join("latest.md").exists(),
+        "a report after SIGINT"
+    );
+
+    let left: Vec<u32> = pids()
+        .into_iter()
+        .filter(|&p| mentions(p, &ctrd) || mentions(p, &scratch))
+        .collect();
+    assert!(left.is_empty(), "processes left: {left:?}\n{log}");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let mounted: Vec<&str> = mounts
+        .lines()
+        .filter(|l| l.contains(&ctrd) || l.contains(&scratch))
+        .collect();
+    assert!(mounted.is_empty(), "mounts left: {mounted:?}");
+    for dir in [&ctrd, &scratch] {
+        assert!(!Path::new(dir).exists(), "{dir} left");
+    }
+    let cgroups: Vec<String> = std::fs::read_dir("/sys/fs/cgroup")
+        .unwrap()
+        .flatten()
+        .filter_map(|h| std::fs::read_dir(h.path()).ok())
+        .flatten()
+        .flatten()
+        .map(|e| e.path().display().to_string())
+        .filter(|p| p.contains(&namespace))
+        .collect();
+    assert!(cgroups.is_empty(), "cgroups left: {cgroups:?}");
 }
 
 /// `nutshell-bench --quick --only startup` with runc and Nutshell: the CRI row (a pod through
