@@ -887,7 +887,11 @@ mod tests {
         for h in ["memory", "pids"] {
             fs::create_dir_all(root.path().join(h).join("ns1")).unwrap();
         }
+        // An empty `<id>` cgroup (a killed shim's VMM had it) goes with its namespace.
+        fs::create_dir_all(root.path().join("pids/ns1/killed-shim")).unwrap();
+        // A cgroup with processes cannot be removed; a file in a plain directory stands in.
         fs::create_dir_all(root.path().join("cpu/ns1/still-running")).unwrap();
+        fs::write(root.path().join("cpu/ns1/still-running/procs"), b"1").unwrap();
         fs::create_dir_all(root.path().join("memory/other")).unwrap();
         fs::write(root.path().join("cgroup.procs"), b"").unwrap();
         remove_namespace_cgroups(root.path(), "ns1");
