@@ -128,19 +128,7 @@ fn a_run_interrupted_by_sigint_leaves_nothing_running(cache: &Path) {
     use std::time::{Duration, Instant};
 
     let out = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_nutshell-bench"))
-        .args([
-            "--quick",
-            "--only",
-            "density",
-            "--runtimes",
-            "runc,nutshell",
-        ])
-        .arg("--out")
-        .arg(out.path())
-        .arg("--cache-dir")
-        .arg(cache)
-        .env_remove("NUTSHELL_CONFIG")
+    let mut child = quick_run(&["density"], out.path(), cache)
         .env("RUST_LOG", "info")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
@@ -259,19 +247,7 @@ fn a_run_interrupted_by_sigint_leaves_nothing_running(cache: &Path) {
 /// not one per run).
 fn quick_startup_run_times_the_cri_path_for_runc_and_nutshell(cache: &Path) {
     let out = tempfile::tempdir().unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_nutshell-bench"))
-        .args([
-            "--quick",
-            "--only",
-            "startup",
-            "--runtimes",
-            "runc,nutshell",
-        ])
-        .arg("--out")
-        .arg(out.path())
-        .arg("--cache-dir")
-        .arg(cache)
-        .env_remove("NUTSHELL_CONFIG")
+    let child = quick_run(&["startup"], out.path(), cache)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -335,4 +311,19 @@ fn quick_startup_run_times_the_cri_path_for_runc_and_nutshell(cache: &Path) {
             .join(format!("nutshell-bench-cri-{pid}"));
         assert!(!parent.exists(), "{} left", parent.display());
     }
+}
+
+/// `nutshell-bench --quick --only ONLY --runtimes runc,nutshell` writing to `out`, with `cache`
+/// and the benchmark's own Nutshell config (not one from the environment).
+fn quick_run(only: &[&str], out: &Path, cache: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nutshell-bench"));
+    cmd.arg("--quick")
+        .arg("--only")
+        .arg(only.join(","))
+        .args(["--runtimes", "runc,nutshell", "--out"])
+        .arg(out)
+        .arg("--cache-dir")
+        .arg(cache)
+        .env_remove("NUTSHELL_CONFIG");
+    cmd
 }
