@@ -565,22 +565,36 @@ pub fn interrupt() {
     }
     // A `ctr` that dials a containerd which is gone retries for ever.
     for pid in all_pids() {
-        let Ok(raw) = fs::read(format!("/proc/{pid}/cmdline")) else {
-            continue;
-        };
-        let args: Vec<&[u8]> = raw.split(|b| *b == 0).collect();
-        let is_ctr = args
-            .first()
-            .is_some_and(|a| a.rsplit(|b| *b == b'/').next() == Some(b"ctr"));
-        let ours = daemons.iter().any(|(_, address)| {
-            let address = address.as_os_str().as_encoded_bytes();
-            args.windows(2)
-                .any(|w| w[0] == b"--address" && w[1] == address)
-        });
-        if is_ctr && ours {
+        let Some(args) = cmdline(pid) else { continue };
+        let ours = daemons
+            .iter()
+            .any(|(_, address)| has_flag(&args, "--address", &address.to_string_lossy()));
+        if program_name(&args) == "ctr" && ours {
             signal(pid, Signal::SIGKILL);
         }
     }
+}
+
+/// The arguments of process `pid`, from `/proc/<pid>/cmdline`.
+fn cmdline(pid: u32) -> Option<Vec<String>> {
+    let raw = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    Some(
+        raw.split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect(),
+    )
+}
+
+/// The file name of the program in `args` (its first element).
+fn program_name(args: &[String]) -> &str {
+    args.first()
+        .and_then(|a| a.rsplit('/').next())
+        .unwrap_or("")
+}
+
+/// Whether `args` has `flag` followed by `value`.
+fn has_flag(args: &[String], flag: &str, value: &str) -> bool {
+    args.windows(2).any(|w| w[0] == flag && w[1] == value)
 }
 
 fn signal(pid: u32, signal: Signal) {
@@ -710,23 +724,12 @@ pub fn shim_pids(address: &Path, namespace: &str) -> Vec<u32> {
     let address = address.to_string_lossy();
     all_pids()
         .into_iter()
-        .filter(|pid| {
-            let Ok(raw) = fs::read(format!("/proc/{pid}/cmdline")) else {
-                return false;
-            };
-            let args: Vec<String> = raw
-                .split(|b| *b == 0)
-                .map(|a| String::from_utf8_lossy(a).into_owned())
-                .collect();
-            let has =
-                |flag: &str, value: &str| args.windows(2).any(|w| w[0] == flag && w[1] == value);
-            args.first().is_some_and(|a| {
-                a.rsplit('/')
-                    .next()
-                    .unwrap_or("")
-                    .starts_with("containerd-shim")
-            }) && has("-namespace", namespace)
-                && has("-address", &address)
+        .filter(|&pid| {
+            cmdline(pid).is_some_and(|args| {
+                program_name(&args).starts_with("containerd-shim")
+                    && has_flag(&args, "-namespace", namespace)
+                    && has_flag(&args, "-address", &address)
+            })
         })
         .collect()
 }

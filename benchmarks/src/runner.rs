@@ -265,9 +265,11 @@ pub fn run(config: RunConfig) -> Result<Results, RunnerError> {
     let machine = Machine::detect();
     let mut runner = Runner::new(config)?;
     runner.check_runtimes();
-    let check = || match crate::containerd::interrupted() {
-        true => Err(RunnerError::Interrupted),
-        false => Ok(()),
+    let check = || {
+        if crate::containerd::interrupted() {
+            return Err(RunnerError::Interrupted);
+        }
+        Ok(())
     };
     check()?;
     let workloads: Vec<Workload> = if runner.config.only.is_empty() {

@@ -262,7 +262,9 @@ impl VcpuState {
                 first: self.msrs.get(set).map_or(0, |m| m.index),
             });
         }
-        if let Some(saved) = self.msrs.iter().find(|m| m.index == 0x10) {
+        // A diagnostic read, only when it is logged: restores are on the pod start path.
+        let saved_tsc = self.msrs.iter().find(|m| m.index == 0x10);
+        if let Some(saved) = saved_tsc.filter(|_| log::log_enabled!(log::Level::Debug)) {
             let mut probe = Msrs::from_entries(&[kvm_msr_entry {
                 index: 0x10,
                 ..Default::default()
