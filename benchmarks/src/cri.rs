@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hyper_util::rt::TokioIo;
 use k8s_cri::v1 as cri;
@@ -81,6 +81,17 @@ fn call_failed(call: &'static str) -> impl FnOnce(tonic::Status) -> CriError {
     }
 }
 
+/// How long [`CriClient::connect`] waits for the CRI plugin to finish its start.
+const INIT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Whether `err` is containerd's answer while its CRI plugin is still starting: containerd
+/// serves its sockets before the plugin has recovered its pods (after a restart it first
+/// reconnects to every running shim), and every CRI call fails with this until then.
+fn is_not_initialized(err: &CriError) -> bool {
+    matches!(err, CriError::Call { code: tonic::Code::Unknown, message, .. }
+        if message.contains("not initialized"))
+}
+
 /// A connected CRI client with its own single-threaded runtime.
 pub struct CriClient {
     rt: tokio::runtime::Runtime,
@@ -106,7 +117,8 @@ pub struct ExecResult {
 }
 
 impl CriClient {
-    /// Connects to the CRI socket at `socket` (containerd's `--address`).
+    /// Connects to the CRI socket at `socket` (containerd's `--address`) and waits (up to
+    /// 60 s) until the CRI plugin serves calls, as kubelet does after a containerd restart.
     pub fn connect(socket: &Path) -> Result<Self> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -133,11 +145,29 @@ impl CriClient {
                 path: socket.to_path_buf(),
                 source,
             })?;
-        Ok(CriClient {
+        let mut client = CriClient {
             rt,
             runtime: RuntimeServiceClient::new(channel.clone()),
             images: ImageServiceClient::new(channel),
-        })
+        };
+        client.wait_initialized(INIT_TIMEOUT)?;
+        Ok(client)
+    }
+
+    /// Calls `Version` until the CRI plugin has finished starting (see
+    /// [`is_not_initialized`]) or `timeout` passes; any other failure ends the wait at once.
+    /// Returns how long it waited.
+    pub fn wait_initialized(&mut self, timeout: Duration) -> Result<Duration> {
+        let started = Instant::now();
+        loop {
+            match self.version() {
+                Ok(_) => return Ok(started.elapsed()),
+                Err(e) if is_not_initialized(&e) && started.elapsed() < timeout => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// `Version`: the runtime's name and version.
@@ -446,6 +476,26 @@ mod tests {
                 ("stderr".to_string(), "partial".to_string())
             ]
         );
+    }
+
+    #[test]
+    fn only_the_starting_plugins_answer_is_waited_out() {
+        let call = |code, message: &str| CriError::Call {
+            call: "Version",
+            code,
+            message: message.to_owned(),
+        };
+        // containerd 1.6's answer while its CRI plugin recovers state.
+        assert!(is_not_initialized(&call(
+            tonic::Code::Unknown,
+            "server is not initialized yet"
+        )));
+        assert!(!is_not_initialized(&call(
+            tonic::Code::Unimplemented,
+            "unknown service runtime.v1.RuntimeService"
+        )));
+        assert!(!is_not_initialized(&call(tonic::Code::Unknown, "boom")));
+        assert!(!is_not_initialized(&CriError::MalformedLog("x".into())));
     }
 
     #[test]
