@@ -18,6 +18,7 @@
 use std::fmt::Write as _;
 use std::fs;
 use std::io;
+use std::os::unix::fs::FileTypeExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -478,10 +479,20 @@ impl Containerd {
             .into_iter()
             .flat_map(|ns| shim_pids(&self.address, ns))
             .collect();
+        // A killed shim leaves its socket in /run/containerd/s, and containerd is not there
+        // to run `shim delete` for it.
+        let sockets: Vec<PathBuf> = shims.iter().filter_map(|&pid| shim_socket(pid)).collect();
         for pid in process_tree(&shims) {
             log::warn!("killing shim process {pid} left by containerd");
             if let Ok(pid) = i32::try_from(pid) {
                 let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        }
+        for socket in sockets {
+            if let Err(e) = fs::remove_file(&socket) {
+                if e.kind() != io::ErrorKind::NotFound {
+                    log::warn!("cannot remove shim socket {}: {e}", socket.display());
+                }
             }
         }
         if let Some(dir) = self.dir.take() {
@@ -590,6 +601,16 @@ fn program_name(args: &[String]) -> &str {
     args.first()
         .and_then(|a| a.rsplit('/').next())
         .unwrap_or("")
+}
+
+/// The socket a shim process serves on: containerd starts it with `-socket unix://PATH`.
+/// Only an absolute path to a socket file counts.
+pub fn shim_socket(pid: u32) -> Option<PathBuf> {
+    let args = cmdline(pid)?;
+    let address = args.windows(2).find(|w| w[0] == "-socket")?[1].as_str();
+    let path = Path::new(address.strip_prefix("unix://")?);
+    let is_socket = fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket());
+    (path.is_absolute() && is_socket).then(|| path.to_owned())
 }
 
 /// Whether `args` has `flag` followed by `value`.

@@ -121,7 +121,7 @@ fn quick_run_reports_runc_and_nutshell_figures_and_unavailable_runtimes() {
 
 /// SIGINT while Nutshell pods run (the density workload's idle pods): the benchmark exits with
 /// 130 and no report, and nothing it started is left: no containerd, shim or VM process, no
-/// mount, no directory, no cgroup of its namespace.
+/// shim socket, no mount, no directory, no cgroup of its namespace.
 fn a_run_interrupted_by_sigint_leaves_nothing_running(cache: &Path) {
     use std::io::{BufRead, BufReader};
     use std::sync::{Arc, Mutex};
@@ -187,6 +187,13 @@ fn a_run_interrupted_by_sigint_leaves_nothing_running(cache: &Path) {
     };
     let ctrd = path_after(") in ").unwrap_or_else(|| panic!("no containerd dir:\n{}", logged()));
     let namespace = format!("nutshell-{}-", child.id());
+    // The shims' sockets (in /run/containerd/s, outside the run's directories).
+    let sockets: Vec<_> = pids()
+        .into_iter()
+        .filter(|&p| mentions(p, &ctrd))
+        .filter_map(nutshell_bench::containerd::shim_socket)
+        .collect();
+    assert!(!sockets.is_empty(), "no shim socket found:\n{}", logged());
 
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap()),
@@ -227,6 +234,11 @@ fn a_run_interrupted_by_sigint_leaves_nothing_running(cache: &Path) {
     for dir in [&ctrd, &scratch] {
         assert!(!Path::new(dir).exists(), "{dir} left");
     }
+    let sockets_left: Vec<_> = sockets.iter().filter(|s| s.exists()).collect();
+    assert!(
+        sockets_left.is_empty(),
+        "shim sockets left: {sockets_left:?}"
+    );
     let cgroups: Vec<String> = std::fs::read_dir("/sys/fs/cgroup")
         .unwrap()
         .flatten()

@@ -18,6 +18,8 @@ mod state;
 mod stdio;
 mod vm;
 
+use std::os::unix::fs::FileTypeExt as _;
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
@@ -92,6 +94,7 @@ impl Shim for NutshellShim {
                 }
             }
         }
+        remove_dead_shim_socket(&Path::new(&self.bundle).join("address"));
         let mut resp = DeleteResponse::new();
         resp.exit_status = 128 + 9;
         resp.exited_at = containerd_shim::util::timestamp().ok().into();
@@ -147,7 +150,77 @@ fn cleanup_sandbox(paths: &vm::SandboxPaths) {
     vm::remove_sandbox_dir(Path::new(&paths.dir));
 }
 
+/// Removes the socket named in `address_file` (the bundle's `address`) when no shim serves
+/// on it any more: a killed shim leaves it in /run/containerd/s. A socket that accepts a
+/// connection stays: a pod's shim still serves the pod's other containers.
+fn remove_dead_shim_socket(address_file: &Path) {
+    let Ok(address) = std::fs::read_to_string(address_file) else {
+        return;
+    };
+    let Some(path) = address.trim().strip_prefix("unix://").map(Path::new) else {
+        return;
+    };
+    let is_socket = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket());
+    if !path.is_absolute() || !is_socket {
+        return;
+    }
+    match UnixStream::connect(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            match std::fs::remove_file(path) {
+                Ok(()) => log::info!("removed the dead shim's socket {}", path.display()),
+                Err(e) => log::warn!("cannot remove {}: {e}", path.display()),
+            }
+        }
+        _ => {}
+    }
+}
+
 fn main() {
     STARTED.get_or_init(Instant::now);
     containerd_shim::run::<NutshellShim>(RUNTIME_ID, None);
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::os::unix::net::UnixListener;
+
+    use super::*;
+
+    #[test]
+    fn a_dead_shims_socket_is_removed_and_a_live_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let address_file = dir.path().join("address");
+        let socket = dir.path().join("shim.sock");
+        std::fs::write(&address_file, format!("unix://{}", socket.display())).unwrap();
+
+        let listener = UnixListener::bind(&socket).unwrap();
+        remove_dead_shim_socket(&address_file);
+        assert!(socket.exists(), "a live shim's socket was removed");
+
+        // The shim died: the file stays, connecting is refused.
+        drop(listener);
+        remove_dead_shim_socket(&address_file);
+        assert!(!socket.exists(), "a dead shim's socket stays");
+    }
+
+    #[test]
+    fn only_sockets_named_by_an_absolute_unix_address_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let address_file = dir.path().join("address");
+        let file = dir.path().join("plain");
+        std::fs::write(&file, b"not a socket").unwrap();
+        for address in [
+            format!("unix://{}", file.display()),
+            format!("{}", file.display()),
+            "unix://relative/path".to_owned(),
+        ] {
+            std::fs::write(&address_file, address).unwrap();
+            remove_dead_shim_socket(&address_file);
+        }
+        assert!(file.exists());
+        // No address file: nothing to do.
+        remove_dead_shim_socket(&dir.path().join("missing"));
+    }
 }

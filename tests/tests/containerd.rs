@@ -13,7 +13,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use nix::pty::{openpty, Winsize};
-use nutshell_bench::containerd::{shim_pids, Containerd, ContainerdOptions, Ctr};
+use nutshell_bench::containerd::{shim_pids, shim_socket, Containerd, ContainerdOptions, Ctr};
 use nutshell_bench::image;
 use nutshell_tests::{
     cpu_time, guest_artifact, left_under_run_dir, shim_binary, target_dir, template_cache,
@@ -164,6 +164,74 @@ fn ctr_runs_a_container_in_a_nutshell_microvm() {
     );
 
     // Nothing is left: no shim, no VMM, no sandbox directory, no mount.
+    env.assert_nothing_left();
+}
+
+/// A shim that dies (OOM-killed, crashed) while its container runs: containerd notices, runs
+/// `shim delete`, and that leaves nothing behind: the VMM is gone, the sandbox directory and
+/// mounts are gone, the shim's socket in /run/containerd/s is gone, and the container can be
+/// removed.
+#[test]
+#[ignore = "slow lane: needs root, containerd and the guest kernel (scripts/test.sh runs it)"]
+fn a_killed_shim_leaves_nothing_behind() {
+    let env = NutshellContainerd::start();
+    let containerd = &env.containerd;
+    let ctr = containerd.ctr();
+    const ID: &str = "e2e-shim-killed";
+    ctr.output(&[
+        "run",
+        "-d",
+        "--runtime",
+        "io.containerd.nutshell.v2",
+        IMAGE,
+        ID,
+        "sleep",
+        "3600",
+    ])
+    .unwrap_or_else(|e| panic!("{e}\n{}", containerd.log_tail(4000)));
+    assert!(
+        eventually(Duration::from_secs(60), || task_status(&ctr, ID)
+            .is_some_and(|(_, s)| s == "RUNNING")),
+        "{:?}",
+        task_status(&ctr, ID)
+    );
+    let shims = shim_pids(containerd.address(), containerd.namespace());
+    assert_eq!(shims.len(), 1, "{shims:?}");
+    let socket = shim_socket(shims[0]).expect("the shim's socket");
+    assert!(!vmms_under(&env.run_dir).is_empty(), "no VMM runs");
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(shims[0]).unwrap()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+
+    let gone = eventually(Duration::from_secs(60), || {
+        vmms_under(&env.run_dir).is_empty()
+            && left_under_run_dir(&env.run_dir).is_empty()
+            && !socket.exists()
+    });
+    assert!(
+        gone,
+        "after the shim died: VMMs {:?}, left {:?}, socket {} exists: {}\n{}",
+        vmms_under(&env.run_dir),
+        left_under_run_dir(&env.run_dir),
+        socket.display(),
+        socket.exists(),
+        containerd.log_tail(4000)
+    );
+    // containerd has given the task up: it is not running any more.
+    assert!(
+        task_status(&ctr, ID).is_none_or(|(_, s)| s != "RUNNING"),
+        "{:?}",
+        task_status(&ctr, ID)
+    );
+    ctr.remove_container(ID);
+    assert!(ctr
+        .output(&["containers", "ls", "-q"])
+        .unwrap()
+        .trim()
+        .is_empty());
     env.assert_nothing_left();
 }
 
