@@ -115,12 +115,14 @@ impl Shim for NutshellShim {
         if let Err(e) = &self.config {
             log::error!("configuration: {e}");
         }
-        service::Service::new(
+        let service = service::Service::new(
             self.namespace.clone(),
             self.config.clone(),
             publisher,
             Arc::clone(&self.exit),
-        )
+        );
+        exit_on_signals(service.clone());
+        service
     }
 }
 
@@ -175,6 +177,58 @@ fn remove_dead_shim_socket(address_file: &Path) {
     }
 }
 
+/// This process's children: the VMMs it spawned (by the parent PID in `/proc/<pid>/stat`).
+pub(crate) fn child_pids() -> Vec<libc::pid_t> {
+    let me = std::process::id();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<libc::pid_t>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|stat| parse_ppid(&stat))
+                == Some(me)
+        })
+        .collect()
+}
+
+/// The parent PID field of `/proc/<pid>/stat` (the command name before it may hold spaces
+/// and parentheses).
+fn parse_ppid(stat: &str) -> Option<u32> {
+    let after = &stat[stat.rfind(')')? + 1..];
+    after.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// SIGTERM or SIGINT ends the served shim through [`service::Service::terminate`]. The crate
+/// only logs them; containerd's own shims exit on them.
+fn exit_on_signals(service: service::Service) {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = match signal_hook::iterator::Signals::new([SIGTERM, SIGINT]) {
+        Ok(s) => s,
+        Err(e) => {
+            log::warn!("cannot watch SIGTERM/SIGINT: {e}");
+            return;
+        }
+    };
+    let spawned = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Some(signal) = signals.forever().next() {
+                service.terminate(if signal == SIGTERM {
+                    "SIGTERM"
+                } else {
+                    "SIGINT"
+                });
+            }
+        });
+    if let Err(e) = spawned {
+        log::warn!("cannot watch SIGTERM/SIGINT: {e}");
+    }
+}
+
 fn main() {
     STARTED.get_or_init(Instant::now);
     containerd_shim::run::<NutshellShim>(RUNTIME_ID, None);
@@ -203,6 +257,23 @@ mod tests {
         drop(listener);
         remove_dead_shim_socket(&address_file);
         assert!(!socket.exists(), "a dead shim's socket stays");
+    }
+
+    #[test]
+    fn the_parent_pid_is_read_past_the_command_name() {
+        assert_eq!(parse_ppid("42 (nutshell-vmm) S 7 42 7 0"), Some(7));
+        assert_eq!(parse_ppid("42 (a) b) (c) S 9 42 7 0"), Some(9));
+        assert_eq!(parse_ppid("42 (x"), None);
+        // This test process is a child of the test harness, not of itself.
+        assert!(!child_pids().contains(&(std::process::id() as libc::pid_t)));
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        let pid = child.id() as libc::pid_t;
+        assert!(child_pids().contains(&pid));
+        child.kill().unwrap();
+        child.wait().unwrap();
     }
 
     #[test]

@@ -45,6 +45,9 @@ use crate::stdio::{StdioCopy, StdioPaths};
 use crate::vm::{SandboxVm, VmExitCode};
 
 /// Bound on waiting for a process's output to drain after it exited.
+/// Why a Create fails once SIGTERM or SIGINT came.
+const TERMINATING: &str = "the shim is exiting (SIGTERM or SIGINT)";
+
 const OUTPUT_DRAIN: Duration = Duration::from_secs(5);
 
 /// An event for containerd.
@@ -136,6 +139,8 @@ struct State {
     containers: HashMap<String, Container>,
     /// Ids whose Create is in progress (the VM may be booting).
     creating: HashSet<String>,
+    /// SIGTERM or SIGINT came: no new task, the shim is going away ([`Service::terminate`]).
+    terminating: bool,
 }
 
 /// What the service shares with its threads.
@@ -555,6 +560,9 @@ impl Service {
 
         {
             let mut st = self.inner.lock();
+            if st.terminating {
+                return Err(ShimError::FailedPrecondition(TERMINATING.into()));
+            }
             if st.containers.contains_key(&id) || st.creating.contains(&id) {
                 return Err(ShimError::AlreadyExists { kind: "task", id });
             }
@@ -573,6 +581,15 @@ impl Service {
             st.creating.insert(id.clone());
         }
         let result = self.create_unlocked(req, &config, &spec, &role, &sandbox_id);
+        if self.inner.lock().terminating {
+            // `terminate` has stopped the VMs it knew and waits for this Create to end.
+            if let (Ok((vm, ..)), true) = (&result, role.starts_vm()) {
+                vm.stop();
+            }
+            self.inner.lock().creating.remove(&id);
+            result?;
+            return Err(ShimError::FailedPrecondition(TERMINATING.into()));
+        }
         let mut st = self.inner.lock();
         st.creating.remove(&id);
         let (vm, stdio, copy) = result?;
@@ -1328,6 +1345,49 @@ impl Service {
         };
         self.inner.publish(topic, ev);
         Ok(())
+    }
+
+    /// Ends the shim on SIGTERM or SIGINT (`signal`), as containerd's own shims exit on them:
+    /// new tasks are refused, every VM is stopped (its containers die with it), a VMM still
+    /// starting for a Create in flight is killed (the shim's children are its VMMs), and the
+    /// process exits once those Creates have failed and cleaned up, or after 30 s. containerd
+    /// sees the shim gone, runs `shim delete` for its containers and reports them exited.
+    pub fn terminate(&self, signal: &str) {
+        let vms: Vec<Arc<SandboxVm>> = {
+            let mut st = self.inner.lock();
+            if std::mem::replace(&mut st.terminating, true) {
+                return;
+            }
+            st.sandboxes.values().cloned().collect()
+        };
+        log::warn!(
+            "{signal}: stopping {} VM(s) and exiting; containerd reports their tasks exited",
+            vms.len()
+        );
+        for vm in vms {
+            vm.stop();
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            // Again on every round: a Create past its start slot may spawn a VMM meanwhile.
+            for pid in crate::child_pids() {
+                log::info!("{signal}: killing child process {pid} (a VMM still starting)");
+                // SAFETY: kill(2) has no memory effects. `pid` was a child of this process a
+                // moment ago; the crate's reaper could have reaped it since, but a PID is
+                // reused only after the whole PID space has been cycled through.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            let creating = self.inner.lock().creating.len();
+            if creating == 0 {
+                break;
+            }
+            if Instant::now() > deadline {
+                log::warn!("{signal}: {creating} Create(s) still in flight after 30 s; exiting");
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.inner.exit.signal();
     }
 
     fn do_shutdown(&self) -> Result<()> {

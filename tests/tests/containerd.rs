@@ -13,6 +13,8 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use nix::pty::{openpty, Winsize};
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
 use nutshell_bench::containerd::{shim_pids, shim_socket, Containerd, ContainerdOptions, Ctr};
 use nutshell_bench::image;
 use nutshell_tests::{
@@ -174,64 +176,142 @@ fn ctr_runs_a_container_in_a_nutshell_microvm() {
 #[test]
 #[ignore = "slow lane: needs root, containerd and the guest kernel (scripts/test.sh runs it)"]
 fn a_killed_shim_leaves_nothing_behind() {
+    shim_ends_under_a_running_container(Signal::SIGKILL);
+}
+
+/// SIGTERM to a shim (an operator's `kill`): it stops its VM and exits by itself, as
+/// containerd's own shims exit on SIGTERM, and nothing is left.
+#[test]
+#[ignore = "slow lane: needs root, containerd and the guest kernel (scripts/test.sh runs it)"]
+fn sigterm_ends_the_shim_and_its_vm() {
+    shim_ends_under_a_running_container(Signal::SIGTERM);
+}
+
+fn signal_pid(pid: u32, signal: Signal) {
+    nix::sys::signal::kill(Pid::from_raw(i32::try_from(pid).unwrap()), signal).unwrap();
+}
+
+fn shim_ends_under_a_running_container(signal: Signal) {
     let env = NutshellContainerd::start();
     let containerd = &env.containerd;
     let ctr = containerd.ctr();
-    const ID: &str = "e2e-shim-killed";
+    let id = format!("e2e-shim-{}", signal.as_str().to_lowercase());
     ctr.output(&[
         "run",
         "-d",
         "--runtime",
         "io.containerd.nutshell.v2",
         IMAGE,
-        ID,
+        &id,
         "sleep",
         "3600",
     ])
     .unwrap_or_else(|e| panic!("{e}\n{}", containerd.log_tail(4000)));
     assert!(
-        eventually(Duration::from_secs(60), || task_status(&ctr, ID)
+        eventually(Duration::from_secs(60), || task_status(&ctr, &id)
             .is_some_and(|(_, s)| s == "RUNNING")),
         "{:?}",
-        task_status(&ctr, ID)
+        task_status(&ctr, &id)
     );
     let shims = shim_pids(containerd.address(), containerd.namespace());
     assert_eq!(shims.len(), 1, "{shims:?}");
     let socket = shim_socket(shims[0]).expect("the shim's socket");
     assert!(!vmms_under(&env.run_dir).is_empty(), "no VMM runs");
 
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(i32::try_from(shims[0]).unwrap()),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-
-    let gone = eventually(Duration::from_secs(60), || {
+    signal_pid(shims[0], signal);
+    let nothing_runs = eventually(Duration::from_secs(60), || {
         vmms_under(&env.run_dir).is_empty()
             && left_under_run_dir(&env.run_dir).is_empty()
             && !socket.exists()
+            && shim_pids(containerd.address(), containerd.namespace()).is_empty()
     });
     assert!(
-        gone,
-        "after the shim died: VMMs {:?}, left {:?}, socket {} exists: {}\n{}",
+        nothing_runs,
+        "after {signal}: shims {:?}, VMMs {:?}, left {:?}, socket {} exists: {}\n{}",
+        shim_pids(containerd.address(), containerd.namespace()),
         vmms_under(&env.run_dir),
         left_under_run_dir(&env.run_dir),
         socket.display(),
         socket.exists(),
         containerd.log_tail(4000)
     );
+    if signal == Signal::SIGTERM {
+        let log = containerd.log_tail(200_000);
+        assert!(log.contains("SIGTERM: stopping 1 VM(s)"), "{log}");
+    }
     // containerd has given the task up: it is not running any more.
     assert!(
-        task_status(&ctr, ID).is_none_or(|(_, s)| s != "RUNNING"),
+        task_status(&ctr, &id).is_none_or(|(_, s)| s != "RUNNING"),
         "{:?}",
-        task_status(&ctr, ID)
+        task_status(&ctr, &id)
     );
-    ctr.remove_container(ID);
+    ctr.remove_container(&id);
     assert!(ctr
         .output(&["containers", "ls", "-q"])
         .unwrap()
         .trim()
         .is_empty());
+    env.assert_nothing_left();
+}
+
+/// SIGTERM while a container's VM is still booting (a cold boot, templates off): the VMM is
+/// killed, the Create fails and cleans up, the shim exits, and nothing is left.
+#[test]
+#[ignore = "slow lane: needs root, containerd and the guest kernel (scripts/test.sh runs it)"]
+fn sigterm_during_a_create_leaves_nothing_behind() {
+    let env = NutshellContainerd::start_with("templates = false");
+    let containerd = &env.containerd;
+    let ctr = containerd.ctr();
+    const ID: &str = "e2e-shim-sigterm-create";
+    let run = ctr
+        .command()
+        .args([
+            "run",
+            "-d",
+            "--runtime",
+            "io.containerd.nutshell.v2",
+            IMAGE,
+            ID,
+            "sleep",
+            "3600",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The VMM runs: the guest kernel is booting (minutes here without a template).
+    assert!(
+        eventually(Duration::from_secs(60), || !vmms_under(&env.run_dir)
+            .is_empty()),
+        "no VMM started\n{}",
+        containerd.log_tail(4000)
+    );
+    let shims = shim_pids(containerd.address(), containerd.namespace());
+    assert_eq!(shims.len(), 1, "{shims:?}");
+    let started = Instant::now();
+    signal_pid(shims[0], Signal::SIGTERM);
+
+    let out = wait_output(run, Duration::from_secs(90));
+    assert!(
+        !out.status.success(),
+        "ctr run succeeded although its shim got SIGTERM while the VM booted"
+    );
+    assert!(
+        eventually(Duration::from_secs(60), || shim_pids(
+            containerd.address(),
+            containerd.namespace()
+        )
+        .is_empty()),
+        "the shim still runs {:.0} s after SIGTERM\n{}",
+        started.elapsed().as_secs_f64(),
+        containerd.log_tail(4000)
+    );
+    eprintln!(
+        "SIGTERM during Create: shim gone {:.1} s after the signal; ctr: {}",
+        started.elapsed().as_secs_f64(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    ctr.remove_container(ID);
     env.assert_nothing_left();
 }
 
