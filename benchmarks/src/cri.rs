@@ -157,7 +157,7 @@ impl CriClient {
     /// Calls `Version` until the CRI plugin has finished starting (see
     /// [`is_not_initialized`]) or `timeout` passes; any other failure ends the wait at once.
     /// Returns how long it waited.
-    pub fn wait_initialized(&mut self, timeout: Duration) -> Result<Duration> {
+    fn wait_initialized(&mut self, timeout: Duration) -> Result<Duration> {
         let started = Instant::now();
         loop {
             match self.version() {

@@ -280,18 +280,35 @@ mod tests {
     fn only_sockets_named_by_an_absolute_unix_address_go() {
         let dir = tempfile::tempdir().unwrap();
         let address_file = dir.path().join("address");
+        // A dead shim's socket: only the address's form keeps it.
+        let socket = dir.path().join("shim.sock");
+        drop(UnixListener::bind(&socket).unwrap());
+        let cwd = std::env::current_dir().unwrap();
+        let relative = format!(
+            "{}{}",
+            "../".repeat(cwd.components().count() - 1),
+            socket.strip_prefix("/").unwrap().display()
+        );
+        assert!(Path::new(&relative).exists(), "{relative}");
+        for address in [
+            format!("{}", socket.display()),
+            format!("unix://{relative}"),
+        ] {
+            std::fs::write(&address_file, &address).unwrap();
+            remove_dead_shim_socket(&address_file);
+            assert!(socket.exists(), "removed for {address:?}");
+        }
+        // A plain file is never removed.
         let file = dir.path().join("plain");
         std::fs::write(&file, b"not a socket").unwrap();
-        for address in [
-            format!("unix://{}", file.display()),
-            format!("{}", file.display()),
-            "unix://relative/path".to_owned(),
-        ] {
-            std::fs::write(&address_file, address).unwrap();
-            remove_dead_shim_socket(&address_file);
-        }
+        std::fs::write(&address_file, format!("unix://{}", file.display())).unwrap();
+        remove_dead_shim_socket(&address_file);
         assert!(file.exists());
-        // No address file: nothing to do.
+        // No address file: nothing to do. The well-formed address removes the socket.
         remove_dead_shim_socket(&dir.path().join("missing"));
+        assert!(socket.exists());
+        std::fs::write(&address_file, format!("unix://{}", socket.display())).unwrap();
+        remove_dead_shim_socket(&address_file);
+        assert!(!socket.exists());
     }
 }

@@ -44,10 +44,10 @@ use crate::state::{TaskState, Transition};
 use crate::stdio::{StdioCopy, StdioPaths};
 use crate::vm::{SandboxVm, VmExitCode};
 
-/// Bound on waiting for a process's output to drain after it exited.
 /// Why a Create fails once SIGTERM or SIGINT came.
 const TERMINATING: &str = "the shim is exiting (SIGTERM or SIGINT)";
 
+/// Bound on waiting for a process's output to drain after it exited.
 const OUTPUT_DRAIN: Duration = Duration::from_secs(5);
 
 /// An event for containerd.
@@ -581,16 +581,20 @@ impl Service {
             st.creating.insert(id.clone());
         }
         let result = self.create_unlocked(req, &config, &spec, &role, &sandbox_id);
-        if self.inner.lock().terminating {
-            // `terminate` has stopped the VMs it knew and waits for this Create to end.
-            if let (Ok((vm, ..)), true) = (&result, role.starts_vm()) {
-                vm.stop();
+        let mut st = self.inner.lock();
+        if st.terminating {
+            // `terminate` set the flag and took the VMs to stop under this same lock, so this
+            // VM is not among them; it waits for this Create to leave `creating`.
+            drop(st);
+            if role.starts_vm() {
+                if let Ok((vm, ..)) = &result {
+                    vm.stop();
+                }
             }
             self.inner.lock().creating.remove(&id);
             result?;
             return Err(ShimError::FailedPrecondition(TERMINATING.into()));
         }
-        let mut st = self.inner.lock();
         st.creating.remove(&id);
         let (vm, stdio, copy) = result?;
         let pid = vm.pid;

@@ -89,17 +89,17 @@ impl NutshellContainerd {
         }
     }
 
+    /// The shims of this containerd's namespace.
+    fn shims(&self) -> Vec<u32> {
+        shim_pids(self.containerd.address(), self.containerd.namespace())
+    }
+
     /// No shim of this containerd's namespace, no VMM, nothing under run_dir, no mount there.
     fn assert_nothing_left(&self) {
-        let c = &self.containerd;
         assert!(
-            eventually(Duration::from_secs(30), || shim_pids(
-                c.address(),
-                c.namespace()
-            )
-            .is_empty()),
+            eventually(Duration::from_secs(30), || self.shims().is_empty()),
             "shims left: {:?}",
-            shim_pids(c.address(), c.namespace())
+            self.shims()
         );
         assert_eq!(vmms_under(&self.run_dir), Vec::<u32>::new());
         let left = left_under_run_dir(&self.run_dir);
@@ -213,7 +213,7 @@ fn shim_ends_under_a_running_container(signal: Signal) {
         "{:?}",
         task_status(&ctr, &id)
     );
-    let shims = shim_pids(containerd.address(), containerd.namespace());
+    let shims = env.shims();
     assert_eq!(shims.len(), 1, "{shims:?}");
     let socket = shim_socket(shims[0]).expect("the shim's socket");
     assert!(!vmms_under(&env.run_dir).is_empty(), "no VMM runs");
@@ -223,12 +223,12 @@ fn shim_ends_under_a_running_container(signal: Signal) {
         vmms_under(&env.run_dir).is_empty()
             && left_under_run_dir(&env.run_dir).is_empty()
             && !socket.exists()
-            && shim_pids(containerd.address(), containerd.namespace()).is_empty()
+            && env.shims().is_empty()
     });
     assert!(
         nothing_runs,
         "after {signal}: shims {:?}, VMMs {:?}, left {:?}, socket {} exists: {}\n{}",
-        shim_pids(containerd.address(), containerd.namespace()),
+        env.shims(),
         vmms_under(&env.run_dir),
         left_under_run_dir(&env.run_dir),
         socket.display(),
@@ -286,7 +286,7 @@ fn sigterm_during_a_create_leaves_nothing_behind() {
         "no VMM started\n{}",
         containerd.log_tail(4000)
     );
-    let shims = shim_pids(containerd.address(), containerd.namespace());
+    let shims = env.shims();
     assert_eq!(shims.len(), 1, "{shims:?}");
     let started = Instant::now();
     signal_pid(shims[0], Signal::SIGTERM);
@@ -297,11 +297,7 @@ fn sigterm_during_a_create_leaves_nothing_behind() {
         "ctr run succeeded although its shim got SIGTERM while the VM booted"
     );
     assert!(
-        eventually(Duration::from_secs(60), || shim_pids(
-            containerd.address(),
-            containerd.namespace()
-        )
-        .is_empty()),
+        eventually(Duration::from_secs(60), || env.shims().is_empty()),
         "the shim still runs {:.0} s after SIGTERM\n{}",
         started.elapsed().as_secs_f64(),
         containerd.log_tail(4000)
@@ -814,7 +810,7 @@ fn measure_ctr_run_nutshell_vs_runc() {
     .unwrap();
     std::thread::sleep(Duration::from_secs(10));
     let c = &env.containerd;
-    let shims = shim_pids(c.address(), c.namespace());
+    let shims = env.shims();
     let tree = nutshell_bench::containerd::process_tree(&shims);
     let mut total = 0;
     for pid in &tree {
