@@ -103,8 +103,8 @@ pub fn boot_linux(config: LinuxConfig) -> Result<RunningVm, VmError> {
             .into());
         }
     }
-    if let Some(fs) = &config.machine.fs {
-        fs.validate()?;
+    for device in &config.machine.devices {
+        device.validate()?;
     }
     // A console file this call creates is removed again if the boot fails.
     let created_console = match &config.machine.console {
@@ -124,25 +124,9 @@ pub fn boot_linux(config: LinuxConfig) -> Result<RunningVm, VmError> {
     let result = boot::build_cmdline(&config.cmdline, &vmm_args)
         .map_err(VmError::from)
         .and_then(|mut cmdline| {
-            use arch::x86_64::layout;
-            let devices = [
-                (
-                    machine.vsock.is_some(),
-                    layout::VIRTIO_MMIO_BASE,
-                    layout::VIRTIO_GSI_BASE,
-                ),
-                (machine.fs.is_some(), layout::FS_MMIO_BASE, layout::FS_GSI),
-            ];
-            for (_, base, gsi) in devices.into_iter().filter(|(present, ..)| *present) {
-                cmdline
-                    .add_virtio_mmio_device(
-                        layout::VIRTIO_MMIO_SIZE,
-                        vm_memory::GuestAddress(base),
-                        gsi,
-                        None,
-                    )
-                    .map_err(boot::BootError::Cmdline)?;
-            }
+            devices::virtio::manager::add_to_cmdline(&machine.devices, &mut cmdline).map_err(
+                |e| VmError::Config(format!("virtio-mmio devices on the command line: {e}")),
+            )?;
             let mut vm = Vm::new(machine)?;
             vm.load_linux(&config.kernel, config.initrd.as_deref(), &cmdline)?;
             vm.start()

@@ -10,6 +10,7 @@ use clap::{Parser, ValueEnum};
 use nutshell_vmm::api::{ControlService, ControlSocket, SharedVm};
 use nutshell_vmm::arch::x86_64::cpuid::CpuProfile;
 use nutshell_vmm::devices::virtio::fs::FsConfig;
+use nutshell_vmm::devices::virtio::manager::{Backend, DeviceConfig};
 use nutshell_vmm::devices::virtio::vsock::VsockConfig;
 use nutshell_vmm::template::{self, TemplateConfig};
 use nutshell_vmm::{
@@ -165,8 +166,7 @@ fn restore(
             expect_vcpus: expect.1,
             expect_memory_mib: expect.2,
             expect_template_key: expect.0,
-            vsock_uds: args.vsock_uds.clone(),
-            shared_dir: args.shared_dir.clone(),
+            backends: backends(args),
         },
     )?
     .start()?;
@@ -176,6 +176,30 @@ fn restore(
         started_at.elapsed().as_secs_f64() * 1e3
     );
     Ok(vm)
+}
+
+/// The host side of each device a restore re-attaches, from the command line.
+fn backends(args: &Args) -> Vec<Backend> {
+    let vsock = args.vsock_uds.clone().map(Backend::Vsock);
+    let fs = args.shared_dir.clone().map(Backend::Fs);
+    vsock.into_iter().chain(fs).collect()
+}
+
+/// The devices of a cold-booted VM, from the command line.
+fn devices(args: &Args) -> Vec<DeviceConfig> {
+    let vsock = args.vsock_uds.clone().map(|uds_path| {
+        DeviceConfig::Vsock(VsockConfig {
+            guest_cid: args.vsock_cid,
+            uds_path,
+        })
+    });
+    let fs = args.shared_dir.clone().map(|shared_dir| {
+        DeviceConfig::Fs(FsConfig {
+            shared_dir,
+            tag: args.fs_tag.clone(),
+        })
+    });
+    vsock.into_iter().chain(fs).collect()
 }
 
 fn console(args: &Args) -> Console {
@@ -201,14 +225,7 @@ fn cold_boot(
             console: console(args),
             cpu_profile,
             started_at: Some(started_at),
-            vsock: args.vsock_uds.clone().map(|uds_path| VsockConfig {
-                guest_cid: args.vsock_cid,
-                uds_path,
-            }),
-            fs: args.shared_dir.clone().map(|shared_dir| FsConfig {
-                shared_dir,
-                tag: args.fs_tag.clone(),
-            }),
+            devices: devices(args),
         },
     })?)
 }

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 
 use crate::devices::virtio::fs::FsConfig;
+use crate::devices::virtio::manager::DeviceConfig;
 use crate::devices::virtio::vsock::{VsockConfig, DEFAULT_GUEST_CID};
 use crate::vm::{guest_cpuid_hash, CpuProfileChoice, MachineConfig, VmError};
 use crate::{Console, LinuxConfig};
@@ -252,17 +253,18 @@ pub fn build(config: &TemplateConfig, key: &str, out: &Path) -> Result<(), Templ
         .map_err(io_err(&std::env::temp_dir()))?;
     let uds = sock_dir.path().join("vsock.sock");
     // The template's virtio-fs device exports an empty directory the guest never mounts.
-    let fs = match &config.fs_tag {
-        Some(tag) => {
-            let empty = sock_dir.path().join("shared");
-            std::fs::create_dir(&empty).map_err(io_err(&empty))?;
-            Some(FsConfig {
-                shared_dir: empty,
-                tag: tag.clone(),
-            })
-        }
-        None => None,
-    };
+    let mut devices = vec![DeviceConfig::Vsock(VsockConfig {
+        guest_cid: DEFAULT_GUEST_CID,
+        uds_path: uds.clone(),
+    })];
+    if let Some(tag) = &config.fs_tag {
+        let empty = sock_dir.path().join("shared");
+        std::fs::create_dir(&empty).map_err(io_err(&empty))?;
+        devices.push(DeviceConfig::Fs(FsConfig {
+            shared_dir: empty,
+            tag: tag.clone(),
+        }));
+    }
     let mut vm = crate::boot_linux(LinuxConfig {
         kernel: config.kernel.clone(),
         initrd: Some(config.initrd.clone()),
@@ -273,11 +275,7 @@ pub fn build(config: &TemplateConfig, key: &str, out: &Path) -> Result<(), Templ
             console: Console::File(out.join("boot-console")),
             cpu_profile: config.cpu_profile,
             started_at: Some(Instant::now()),
-            vsock: Some(VsockConfig {
-                guest_cid: DEFAULT_GUEST_CID,
-                uds_path: uds.clone(),
-            }),
-            fs,
+            devices,
         },
     })?;
     vm.set_template_key(key);

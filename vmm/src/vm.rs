@@ -2,22 +2,19 @@
 
 use std::io::Write;
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_irqchip, kvm_pit_config, CpuId, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{kvm_pit_config, CpuId, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::Killable;
 
 use crate::arch::x86_64::cpuid::{self, CpuProfile, CpuidError};
-use crate::arch::x86_64::layout::{
-    FS_GSI, FS_MMIO_BASE, KVM_TSS_ADDR, SERIAL_IRQ, VIRTIO_GSI_BASE, VIRTIO_MMIO_BASE,
-    VIRTIO_MMIO_SIZE,
-};
+use crate::arch::x86_64::layout::{KVM_TSS_ADDR, SERIAL_IRQ};
 use crate::arch::x86_64::mptable::{self, MptableError};
 use crate::arch::x86_64::pvh::{self, PvhError};
 use crate::arch::x86_64::regs::{self, RegsError};
@@ -27,17 +24,15 @@ use crate::devices::exit_port::{ExitPort, EXIT_PORT};
 use crate::devices::legacy::{I8042, I8042_BASE, I8042_LEN};
 use crate::devices::rtc::{Rtc, RTC_BASE, RTC_LEN};
 use crate::devices::serial::{ConsoleSink, SerialDevice, COM1_BASE, COM1_LEN};
-use crate::devices::virtio::fs::{self as virtio_fs, Fs, FsConfig, FsError};
-use crate::devices::virtio::mmio::{reg, MmioTransport};
-use crate::devices::virtio::vsock::{self, Vsock, VsockConfig, VsockError};
-use crate::devices::virtio::{Interrupt, VirtioDevice};
+use crate::devices::virtio::manager::{Backend, DeviceConfig, DeviceError, DeviceManager};
+use crate::devices::virtio::VirtioDevice;
 use crate::devices::{MmioBus, PioBus};
 use crate::exit::{ExitHandle, VmExit};
 use crate::host::{self, HostError, KvmFlavour};
 use crate::memory::{self, GuestMemoryMmap, MemoryError};
-use crate::snapshot::{self, SnapshotError, SnapshotHeader, VmState};
+use crate::snapshot::SnapshotError;
 use crate::vcpu::{self, FirstRun, Vcpu, VcpuControl, VcpuError, VcpuRunState};
-use crate::vcpu_state::{SaveCaps, VcpuState, VcpuStateError};
+use crate::vcpu_state::{SaveCaps, VcpuStateError};
 
 /// Errors of building and starting a VM, one per step.
 #[derive(Debug, thiserror::Error)]
@@ -93,12 +88,9 @@ pub enum VmError {
     /// An eventfd could not be created.
     #[error("cannot create an eventfd")]
     EventFd(#[source] std::io::Error),
-    /// The vsock device.
+    /// The virtio devices.
     #[error(transparent)]
-    Vsock(#[from] VsockError),
-    /// The virtio-fs device.
-    #[error(transparent)]
-    Fs(#[from] FsError),
+    Devices(#[from] DeviceError),
     /// Writing or reading a snapshot.
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
@@ -126,18 +118,9 @@ pub enum VmError {
         /// How long we waited.
         timeout: Duration,
     },
-    /// A device thread could not start.
-    #[error("cannot start the {what} thread")]
-    DeviceThread {
-        /// Which.
-        what: &'static str,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
 }
 
-fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+pub(crate) fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { what, source }
 }
 
@@ -165,7 +148,7 @@ impl std::fmt::Debug for Console {
 }
 
 impl Console {
-    fn open(self) -> Result<ConsoleSink, VmError> {
+    pub(crate) fn open(self) -> Result<ConsoleSink, VmError> {
         Ok(match self {
             Console::Stdout => ConsoleSink::new(Box::new(std::io::stdout())),
             Console::File(path) => ConsoleSink::new(Box::new(
@@ -213,10 +196,8 @@ pub struct MachineConfig {
     pub cpu_profile: CpuProfileChoice,
     /// When the VMM started, to log the host-side start cost.
     pub started_at: Option<Instant>,
-    /// A virtio-vsock device (hybrid vsock over a Unix socket), if any.
-    pub vsock: Option<VsockConfig>,
-    /// A virtio-fs device exporting a host directory, if any.
-    pub fs: Option<FsConfig>,
+    /// The virtio devices, at most one of each kind.
+    pub devices: Vec<DeviceConfig>,
 }
 
 /// Smallest guest the VMM accepts: room for boot data below 1 MiB and a kernel above it.
@@ -239,10 +220,9 @@ pub struct RestoreConfig {
     pub expect_memory_mib: Option<u64>,
     /// Refuse the snapshot unless it was made for this template key.
     pub expect_template_key: Option<String>,
-    /// The new host Unix socket of the vsock device (needed when the snapshot has one).
-    pub vsock_uds: Option<PathBuf>,
-    /// The directory the restored virtio-fs device exports (needed when the snapshot has one).
-    pub shared_dir: Option<PathBuf>,
+    /// The host side of each saved virtio device (a new vsock socket, the directory virtio-fs
+    /// exports): each saved device needs one of its kind, and each one needs a saved device.
+    pub backends: Vec<Backend>,
 }
 
 /// Whether a started VM runs or is paused.
@@ -270,36 +250,32 @@ impl std::fmt::Display for VmRunState {
 #[derive(Debug)]
 pub struct Vm {
     // Field order is drop order: vCPUs, then the VM, then its memory.
-    vcpus: Vec<Vcpu>,
-    fd: VmFd,
-    mem: GuestMemoryMmap,
-    ram_size: u64,
+    pub(crate) vcpus: Vec<Vcpu>,
+    pub(crate) fd: VmFd,
+    pub(crate) mem: GuestMemoryMmap,
+    pub(crate) ram_size: u64,
     exit: Arc<ExitHandle>,
     first_run: Arc<FirstRun>,
     profile: CpuProfile,
-    vsock: Option<Arc<Mutex<Vsock>>>,
-    fs: Option<Arc<Mutex<Fs>>>,
-    /// virtio-mmio transports, in slot order.
-    virtio: Vec<Arc<Mutex<MmioTransport>>>,
+    pub(crate) devices: DeviceManager,
     serial: Arc<Mutex<SerialDevice>>,
-    cpuid_hash: u32,
-    payload: Option<String>,
-    template_key: Option<String>,
-    /// Restored from a snapshot: the guest gets a vsock transport reset once it runs.
-    restored: bool,
+    pub(crate) cpuid_hash: u32,
+    pub(crate) payload: Option<String>,
+    pub(crate) template_key: Option<String>,
+    /// Restored from a snapshot: each device hears so before the guest runs again.
+    pub(crate) restored: bool,
 }
 
 /// The parts of a VM that a fresh boot and a restore build alike.
-struct Parts {
-    vcpus: u8,
-    ram_size: u64,
-    mem: GuestMemoryMmap,
-    console: ConsoleSink,
-    serial_state: Option<vm_superio::SerialState>,
-    profile: CpuProfile,
-    started_at: Option<Instant>,
-    vsock: Option<VsockConfig>,
-    fs: Option<FsConfig>,
+pub(crate) struct Parts {
+    pub(crate) vcpus: u8,
+    pub(crate) ram_size: u64,
+    pub(crate) mem: GuestMemoryMmap,
+    pub(crate) console: ConsoleSink,
+    pub(crate) serial_state: Option<vm_superio::SerialState>,
+    pub(crate) profile: CpuProfile,
+    pub(crate) started_at: Option<Instant>,
+    pub(crate) devices: Vec<DeviceConfig>,
 }
 
 impl Vm {
@@ -346,8 +322,7 @@ impl Vm {
                 serial_state: None,
                 profile,
                 started_at: config.started_at,
-                vsock: config.vsock,
-                fs: config.fs,
+                devices: config.devices,
             },
         )?;
         for vcpu in &vm.vcpus {
@@ -357,7 +332,7 @@ impl Vm {
         Ok(vm)
     }
 
-    fn build(kvm: &Kvm, parts: Parts) -> Result<Vm, VmError> {
+    pub(crate) fn build(kvm: &Kvm, parts: Parts) -> Result<Vm, VmError> {
         let fd = create_vm(kvm)?;
         let mem = parts.mem;
         memory::register(&fd, &mem)?;
@@ -377,25 +352,7 @@ impl Vm {
         let serial = Arc::new(Mutex::new(serial));
         let bus = Arc::new(build_bus(&exit, serial.clone())?);
         let mut mmio = MmioBus::default();
-        let mut virtio = Vec::new();
-        let vsock = parts
-            .vsock
-            .as_ref()
-            .map(|c| add_vsock(&fd, &mem, &mut mmio, c))
-            .transpose()?
-            .map(|(device, transport)| {
-                virtio.push(transport);
-                device
-            });
-        let fs = parts
-            .fs
-            .as_ref()
-            .map(|c| add_fs(&fd, &mem, &mut mmio, c))
-            .transpose()?
-            .map(|(device, transport)| {
-                virtio.push(transport);
-                device
-            });
+        let devices = DeviceManager::attach(&fd, &mem, &mut mmio, parts.devices)?;
         let mmio = Arc::new(mmio);
 
         let caps = Arc::new(SaveCaps::probe(kvm));
@@ -425,125 +382,13 @@ impl Vm {
             exit,
             first_run: FirstRun::new(parts.started_at),
             profile: parts.profile,
-            vsock,
-            fs,
-            virtio,
+            devices,
             serial,
             cpuid_hash: cpuid_hash(&tables),
             payload: None,
             template_key: None,
             restored: false,
         })
-    }
-
-    /// Restores a VM from the snapshot directory `dir`, not yet running. Everything that must
-    /// match (magic, checksums, format and VMM versions, shape, CPUID) is checked before any
-    /// state is set; a refused snapshot leaves nothing behind.
-    pub fn restore(dir: &Path, config: RestoreConfig) -> Result<Vm, VmError> {
-        let bytes = snapshot::read_file(&dir.join(snapshot::STATE_FILE))?;
-        let (header, rest) = snapshot::decode_header(&bytes)?;
-        check_shape(&header, &config)?;
-        if let Some(expected) = &config.expect_template_key {
-            if header.template_key.as_ref() != Some(expected) {
-                return Err(SnapshotError::TemplateKey {
-                    found: header.template_key.clone().unwrap_or_else(|| "none".into()),
-                    expected: expected.clone(),
-                }
-                .into());
-            }
-        }
-        let memory_path = dir.join(snapshot::MEMORY_FILE);
-        let (memory_crc, memory_len) = snapshot::file_crc(&memory_path)?;
-        if memory_len != header.memory_size {
-            return Err(SnapshotError::MemorySize {
-                found: memory_len,
-                expected: header.memory_size,
-            }
-            .into());
-        }
-        if memory_crc != header.memory_crc {
-            return Err(SnapshotError::MemoryChecksum {
-                found: memory_crc,
-                expected: header.memory_crc,
-            }
-            .into());
-        }
-        let state = snapshot::decode_state(&header, rest)?;
-        let memory_mib = header.memory_size >> 20;
-        if header.vcpus == 0
-            || header.vcpus > mptable::MAX_CPUS
-            || !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&memory_mib)
-            || memory_mib << 20 != header.memory_size
-        {
-            return Err(SnapshotError::Inconsistent(format!(
-                "{} vCPUs, {} bytes of memory",
-                header.vcpus, header.memory_size
-            ))
-            .into());
-        }
-
-        let vsock = restore_vsock_config(&state, config.vsock_uds.as_deref())?;
-        let fs = restore_fs_config(&state, config.shared_dir.as_deref())?;
-        let kvm = host::open_kvm()?;
-        let profile = config.cpu_profile.resolve();
-        let mut vm = Vm::build(
-            &kvm,
-            Parts {
-                vcpus: header.vcpus,
-                ram_size: header.memory_size,
-                mem: memory::create_from_file(header.memory_size, &memory_path)?,
-                console: config.console.open()?,
-                serial_state: Some((&state.serial).into()),
-                profile,
-                started_at: config.started_at,
-                vsock,
-                fs,
-            },
-        )?;
-        if vm.cpuid_hash != header.cpuid_hash {
-            return Err(SnapshotError::Cpuid {
-                found: header.cpuid_hash,
-                expected: vm.cpuid_hash,
-            }
-            .into());
-        }
-        if vm.virtio.len() != state.virtio.len() {
-            return Err(SnapshotError::Inconsistent(format!(
-                "{} virtio devices saved, {} built",
-                state.virtio.len(),
-                vm.virtio.len()
-            ))
-            .into());
-        }
-        for (transport, saved) in vm.virtio.iter().zip(&state.virtio) {
-            transport
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .restore(saved)?;
-        }
-        vm.set_vm_state(&state)?;
-        for (vcpu, saved) in vm.vcpus.iter().zip(&state.vcpus) {
-            saved.restore(vcpu.fd())?;
-        }
-        vm.payload = header.payload;
-        vm.template_key = header.template_key;
-        vm.restored = true;
-        Ok(vm)
-    }
-
-    fn set_vm_state(&self, state: &VmState) -> Result<(), VmError> {
-        for chip in &state.irqchips {
-            self.fd
-                .set_irqchip(chip)
-                .map_err(kvm_err("restore the irqchip"))?;
-        }
-        self.fd
-            .set_pit2(&state.pit)
-            .map_err(kvm_err("restore the PIT"))?;
-        self.fd
-            .set_clock(&state.clock)
-            .map_err(kvm_err("restore the clock"))?;
-        Ok(())
     }
 
     /// Names what was loaded into the VM (kernel and initrd, a program), for the snapshot
@@ -628,9 +473,7 @@ impl Vm {
             ram_size,
             exit,
             first_run,
-            vsock,
-            fs,
-            virtio,
+            devices,
             serial,
             cpuid_hash,
             payload,
@@ -644,8 +487,7 @@ impl Vm {
             device_threads: Vec::new(),
             exit,
             state: VmRunState::Running,
-            virtio,
-            vsock: vsock.clone(),
+            devices,
             serial,
             cpuid_hash,
             payload,
@@ -654,34 +496,7 @@ impl Vm {
             fd,
             mem,
         };
-        if let Some(dev) = vsock {
-            if restored {
-                // The host sockets of the snapshotted VM are gone: the guest drops the
-                // connections it believes open (there were none at the snapshot, but this also
-                // makes it read the CID again).
-                dev.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .send_transport_reset();
-            }
-            let thread =
-                vsock::event_loop::spawn(dev, running.exit.as_raw_fd()).map_err(|source| {
-                    VmError::DeviceThread {
-                        what: "vsock",
-                        source,
-                    }
-                })?;
-            running.device_threads.push(thread);
-        }
-        if let Some(dev) = fs {
-            let thread =
-                virtio_fs::event_loop::spawn(dev, running.exit.as_raw_fd()).map_err(|source| {
-                    VmError::DeviceThread {
-                        what: "virtio-fs",
-                        source,
-                    }
-                })?;
-            running.device_threads.push(thread);
-        }
+        running.device_threads = running.devices.start(running.exit.as_raw_fd(), restored)?;
         for vcpu in vcpus {
             match vcpu.start(first_run.clone()) {
                 Ok(handle) => running.threads.push(handle),
@@ -745,78 +560,6 @@ fn cpuid_hash(tables: &[CpuId]) -> u32 {
     hasher.finalize()
 }
 
-fn check_shape(header: &SnapshotHeader, config: &RestoreConfig) -> Result<(), SnapshotError> {
-    if let Some(vcpus) = config.expect_vcpus {
-        if vcpus != header.vcpus {
-            return Err(SnapshotError::Shape {
-                what: "vCPUs",
-                found: header.vcpus.into(),
-                expected: vcpus.into(),
-            });
-        }
-    }
-    if let Some(mib) = config.expect_memory_mib {
-        if mib << 20 != header.memory_size {
-            return Err(SnapshotError::Shape {
-                what: "MiB of memory",
-                found: header.memory_size >> 20,
-                expected: mib,
-            });
-        }
-    }
-    Ok(())
-}
-
-/// The vsock device a restore re-creates: the saved CID on the new host socket `uds`.
-fn restore_vsock_config(
-    state: &VmState,
-    uds: Option<&Path>,
-) -> Result<Option<VsockConfig>, VmError> {
-    use crate::devices::virtio::state::DeviceKind;
-    let cid = state.virtio.iter().find_map(|t| match t.device.kind {
-        DeviceKind::Vsock { guest_cid } => Some(guest_cid),
-        _ => None,
-    });
-    match (cid, uds) {
-        (Some(guest_cid), Some(uds)) => Ok(Some(VsockConfig {
-            guest_cid,
-            uds_path: uds.to_path_buf(),
-        })),
-        (Some(_), None) => Err(VmError::Config(
-            "the snapshot has a vsock device: a new host socket (--vsock-uds) is needed".into(),
-        )),
-        (None, Some(_)) => Err(VmError::Config(
-            "the snapshot has no vsock device; --vsock-uds cannot be used with it".into(),
-        )),
-        (None, None) => Ok(None),
-    }
-}
-
-/// The virtio-fs device a restore re-creates: the saved tag, exporting the new `shared_dir`.
-fn restore_fs_config(
-    state: &VmState,
-    shared_dir: Option<&Path>,
-) -> Result<Option<FsConfig>, VmError> {
-    use crate::devices::virtio::state::DeviceKind;
-    let tag = state.virtio.iter().find_map(|t| match &t.device.kind {
-        DeviceKind::Fs { tag } => Some(tag.clone()),
-        _ => None,
-    });
-    match (tag, shared_dir) {
-        (Some(tag), Some(dir)) => Ok(Some(FsConfig {
-            shared_dir: dir.to_path_buf(),
-            tag,
-        })),
-        (Some(tag), None) => Err(VmError::Config(format!(
-            "the snapshot has a virtio-fs device (tag {tag:?}): a shared directory (--shared-dir) is needed"
-        ))),
-        (None, Some(_)) => Err(VmError::Config(
-            "the snapshot has no virtio-fs device; --shared-dir cannot be used with it".into(),
-        )),
-        (None, None) => Ok(None),
-    }
-}
-
 fn build_bus(exit: &Arc<ExitHandle>, serial: Arc<Mutex<SerialDevice>>) -> Result<PioBus, VmError> {
     let mut bus = PioBus::default();
     bus.insert(COM1_BASE.into(), COM1_LEN.into(), serial)?;
@@ -838,89 +581,27 @@ fn build_bus(exit: &Arc<ExitHandle>, serial: Arc<Mutex<SerialDevice>>) -> Result
     Ok(bus)
 }
 
-/// A virtio-mmio transport on the MMIO bus, shared with the VM for snapshots.
-type SharedTransport = Arc<Mutex<MmioTransport>>;
-
-/// Attaches a virtio device on a virtio-mmio transport at `base` with interrupt `gsi`; its
-/// queue notifications become ioeventfds.
-fn add_virtio<D: VirtioDevice + 'static>(
-    fd: &VmFd,
-    mem: &GuestMemoryMmap,
-    mmio: &mut MmioBus,
-    device: D,
-    base: u64,
-    gsi: u32,
-) -> Result<(Arc<Mutex<D>>, SharedTransport), VmError> {
-    let device = Arc::new(Mutex::new(device));
-    let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
-    fd.register_irqfd(&irqfd, gsi)
-        .map_err(kvm_err("register a virtio irqfd"))?;
-    let notify = kvm_ioctls::IoEventAddress::Mmio(base + reg::QUEUE_NOTIFY);
-    {
-        let d = device.lock().unwrap_or_else(|e| e.into_inner());
-        for (index, evt) in d.queue_events().iter().enumerate() {
-            fd.register_ioevent(evt, &notify, index as u32)
-                .map_err(kvm_err("register a virtio queue ioeventfd"))?;
-        }
-    }
-    let transport = Arc::new(Mutex::new(MmioTransport::new(
-        device.clone(),
-        mem.clone(),
-        Interrupt::new(irqfd),
-    )));
-    mmio.insert(base, VIRTIO_MMIO_SIZE, transport.clone())?;
-    Ok((device, transport))
-}
-
-/// The first virtio-mmio device: vsock at `VIRTIO_MMIO_BASE`, GSI `VIRTIO_GSI_BASE`.
-fn add_vsock(
-    fd: &VmFd,
-    mem: &GuestMemoryMmap,
-    mmio: &mut MmioBus,
-    config: &VsockConfig,
-) -> Result<(Arc<Mutex<Vsock>>, SharedTransport), VmError> {
-    add_virtio(
-        fd,
-        mem,
-        mmio,
-        Vsock::new(config)?,
-        VIRTIO_MMIO_BASE,
-        VIRTIO_GSI_BASE,
-    )
-}
-
-/// virtio-fs: the MMIO slot and GSI after the vsock one (`FS_MMIO_BASE`, `FS_GSI`).
-fn add_fs(
-    fd: &VmFd,
-    mem: &GuestMemoryMmap,
-    mmio: &mut MmioBus,
-    config: &FsConfig,
-) -> Result<(Arc<Mutex<Fs>>, SharedTransport), VmError> {
-    add_virtio(fd, mem, mmio, Fs::new(config)?, FS_MMIO_BASE, FS_GSI)
-}
-
 /// A running VM. Dropping it without [`RunningVm::wait`] stops it.
 #[derive(Debug)]
 pub struct RunningVm {
     threads: Vec<JoinHandle<()>>,
-    controls: Vec<Arc<VcpuControl>>,
+    pub(crate) controls: Vec<Arc<VcpuControl>>,
     /// Device event loops; they end once the stop is requested.
     device_threads: Vec<JoinHandle<()>>,
     exit: Arc<ExitHandle>,
-    state: VmRunState,
-    virtio: Vec<Arc<Mutex<MmioTransport>>>,
-    vsock: Option<Arc<Mutex<Vsock>>>,
-    serial: Arc<Mutex<SerialDevice>>,
-    cpuid_hash: u32,
-    payload: Option<String>,
-    template_key: Option<String>,
-    ram_size: u64,
-    fd: VmFd,
-    mem: GuestMemoryMmap,
+    pub(crate) state: VmRunState,
+    pub(crate) devices: DeviceManager,
+    pub(crate) serial: Arc<Mutex<SerialDevice>>,
+    pub(crate) cpuid_hash: u32,
+    pub(crate) payload: Option<String>,
+    pub(crate) template_key: Option<String>,
+    pub(crate) ram_size: u64,
+    pub(crate) fd: VmFd,
+    pub(crate) mem: GuestMemoryMmap,
 }
 
 /// How long pausing waits for every vCPU to park, and a save for its state.
-const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How often a stopping vCPU thread is kicked until it leaves `KVM_RUN`.
 const KICK_INTERVAL: Duration = Duration::from_millis(2);
@@ -956,13 +637,14 @@ impl RunningVm {
         self.template_key = Some(key.into());
     }
 
+    /// Runs `f` on the VM's virtio device of type `D`, if it has one.
+    pub fn with_device<D: VirtioDevice, R>(&self, f: impl FnOnce(&D) -> R) -> Option<R> {
+        self.devices.with(f)
+    }
+
     /// Open vsock connections (None without a vsock device).
     pub fn vsock_connections(&self) -> Option<usize> {
-        self.vsock.as_ref().map(|v| {
-            v.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .connection_count()
-        })
+        self.with_device(crate::devices::virtio::vsock::Vsock::connection_count)
     }
 
     /// Takes every vCPU out of `KVM_RUN` and parks it; returns once all acknowledged.
@@ -1032,140 +714,6 @@ impl RunningVm {
         for c in &self.controls {
             c.wait_unparked(PAUSE_TIMEOUT);
         }
-    }
-
-    /// Writes the complete state of the paused VM to the directory `dir` (created if needed):
-    /// `memory` first, then `state`, which makes the snapshot valid.
-    pub fn snapshot(&self, dir: &Path) -> Result<(), VmError> {
-        if self.state != VmRunState::Paused {
-            return Err(VmError::IllegalTransition {
-                op: "snapshot",
-                state: self.state,
-            });
-        }
-        // Device threads are held off for the whole snapshot (they could otherwise write
-        // guest memory after their state was saved), and every device is asked first, so
-        // that a refusal (a busy or unsupported device) leaves nothing on disk.
-        let devices: Vec<_> = self
-            .virtio
-            .iter()
-            .map(|t| t.lock().unwrap_or_else(|e| e.into_inner()).device())
-            .collect();
-        let guards: Vec<_> = devices
-            .iter()
-            .map(|d| d.lock().unwrap_or_else(|e| e.into_inner()))
-            .collect();
-        let mut virtio = Vec::with_capacity(guards.len());
-        for (transport, device) in self.virtio.iter().zip(&guards) {
-            let state = device.save_state()?;
-            virtio.push(
-                transport
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .save_with(state),
-            );
-        }
-        let io = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| SnapshotError::Io { path, source }
-        };
-        std::fs::create_dir_all(dir).map_err(io(dir))?;
-        let state_path = dir.join(snapshot::STATE_FILE);
-        // An old state must not describe the new memory.
-        match std::fs::remove_file(&state_path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(io(&state_path)(e).into())
-            }
-            _ => {}
-        }
-
-        let mut vcpus = Vec::with_capacity(self.controls.len());
-        for c in &self.controls {
-            let saved: VcpuState = c.save(PAUSE_TIMEOUT).ok_or(VmError::VcpuTimeout {
-                index: c.index(),
-                what: "save its state",
-                timeout: PAUSE_TIMEOUT,
-            })??;
-            vcpus.push(saved);
-        }
-        let mut irqchips = Vec::with_capacity(3);
-        for chip_id in 0..3 {
-            let mut chip = kvm_irqchip {
-                chip_id,
-                ..Default::default()
-            };
-            self.fd
-                .get_irqchip(&mut chip)
-                .map_err(kvm_err("read the irqchip"))?;
-            irqchips.push(chip);
-        }
-        let pit = self.fd.get_pit2().map_err(kvm_err("read the PIT"))?;
-        let mut clock = self.fd.get_clock().map_err(kvm_err("read the clock"))?;
-        // The restored clock goes on from the saved value: no realtime or TSC adjustment.
-        clock.flags = 0;
-        let serial = (&self
-            .serial
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .state())
-            .into();
-
-        let memory_path = dir.join(snapshot::MEMORY_FILE);
-        self.write_memory(&memory_path)?;
-        let (memory_crc, _) = snapshot::file_crc(&memory_path)?;
-        let header = SnapshotHeader {
-            vmm_version: snapshot::VMM_VERSION.into(),
-            cpuid_hash: self.cpuid_hash,
-            memory_size: self.ram_size,
-            vcpus: self.controls.len() as u8,
-            payload: self.payload.clone(),
-            memory_crc,
-            template_key: self.template_key.clone(),
-        };
-        let state = VmState {
-            irqchips,
-            pit,
-            clock,
-            serial,
-            vcpus,
-            virtio,
-        };
-        let bytes = snapshot::encode(&header, &state)?;
-        snapshot::write_file_atomic(&state_path, &[&bytes])?;
-        drop(guards);
-        Ok(())
-    }
-
-    fn write_memory(&self, path: &Path) -> Result<(), SnapshotError> {
-        use vm_memory::{Address, Bytes, GuestMemory, GuestMemoryRegion};
-        let io = |source| SnapshotError::Io {
-            path: path.to_path_buf(),
-            source,
-        };
-        use std::io::{Seek, SeekFrom, Write};
-        let tmp = path.with_extension("tmp");
-        let mut file = std::fs::File::create(&tmp).map_err(io)?;
-        // Pages of zeros become holes: the file takes disk space only for what the guest wrote.
-        const PAGE: usize = 4096;
-        let mut page = [0u8; PAGE];
-        let mut size = 0u64;
-        for region in self.mem.iter() {
-            for offset in (0..region.len()).step_by(PAGE) {
-                let len = PAGE.min((region.len() - offset) as usize);
-                self.mem
-                    .read_slice(&mut page[..len], region.start_addr().unchecked_add(offset))
-                    .map_err(|e| io(std::io::Error::other(e)))?;
-                if page[..len].iter().all(|b| *b == 0) {
-                    file.seek(SeekFrom::Current(len as i64)).map_err(io)?;
-                } else {
-                    file.write_all(&page[..len]).map_err(io)?;
-                }
-                size += len as u64;
-            }
-        }
-        file.set_len(size).map_err(io)?;
-        file.sync_all().map_err(io)?;
-        std::fs::rename(&tmp, path).map_err(io)
     }
 
     /// Waits until the VM stops for any reason, joins every vCPU thread, returns the reason.

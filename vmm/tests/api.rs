@@ -116,8 +116,7 @@ fn control_socket_pauses_snapshots_and_stops_the_vm() {
             expect_vcpus: Some(1),
             expect_memory_mib: Some(16),
             expect_template_key: None,
-            vsock_uds: None,
-            shared_dir: None,
+            backends: Vec::new(),
         },
     )
     .unwrap();

@@ -331,8 +331,7 @@ fn counting_snapshot(dir: &Path) -> String {
         console: Console::Writer(Box::new(console.clone())),
         cpu_profile: CpuProfileChoice::Auto,
         started_at: None,
-        vsock: None,
-        fs: None,
+        devices: Vec::new(),
     })
     .unwrap();
     vm.load_long_mode_program(&common::counter_program().0, LOAD_ADDR)

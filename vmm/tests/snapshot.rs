@@ -9,6 +9,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{assert_consecutive, counter_program, machine, Asm, Captured, COUNTER, LOAD_ADDR};
+use nutshell_vmm::devices::virtio::manager::{Backend, DeviceConfig};
 use nutshell_vmm::snapshot::{self, SnapshotError};
 use nutshell_vmm::{
     Console, CpuProfileChoice, RestoreConfig, RunningVm, Vm, VmError, VmExit, VmRunState,
@@ -23,8 +24,7 @@ fn restore_config(console: &Captured) -> RestoreConfig {
         expect_vcpus: None,
         expect_memory_mib: None,
         expect_template_key: None,
-        vsock_uds: None,
-        shared_dir: None,
+        backends: Vec::new(),
     }
 }
 
@@ -420,10 +420,12 @@ fn vm_with_vsock_restores_onto_a_new_socket() {
     let console = Captured::default();
     let mut config = machine(1, &console);
     let old_uds = dir.path().join("vsock.sock");
-    config.vsock = Some(nutshell_vmm::devices::virtio::vsock::VsockConfig {
-        guest_cid: 7,
-        uds_path: old_uds.clone(),
-    });
+    config.devices.push(DeviceConfig::Vsock(
+        nutshell_vmm::devices::virtio::vsock::VsockConfig {
+            guest_cid: 7,
+            uds_path: old_uds.clone(),
+        },
+    ));
     let mut vm = Vm::new(config).unwrap();
     vm.load_long_mode_program(&counter_program().0, LOAD_ADDR)
         .unwrap();
@@ -444,8 +446,7 @@ fn vm_with_vsock_restores_onto_a_new_socket() {
     let vm = Vm::restore(
         &snap,
         RestoreConfig {
-            vsock_uds: Some(new_uds.clone()),
-            shared_dir: None,
+            backends: vec![Backend::Vsock(new_uds.clone())],
             ..restore_config(&c)
         },
     )
@@ -468,10 +469,12 @@ fn vm_with_virtio_fs_restores_onto_a_new_directory() {
     let mut config = machine(1, &console);
     let template_dir = dir.path().join("empty");
     std::fs::create_dir(&template_dir).unwrap();
-    config.fs = Some(nutshell_vmm::devices::virtio::fs::FsConfig {
-        shared_dir: template_dir,
-        tag: "pod-fs".into(),
-    });
+    config.devices.push(DeviceConfig::Fs(
+        nutshell_vmm::devices::virtio::fs::FsConfig {
+            shared_dir: template_dir,
+            tag: "pod-fs".into(),
+        },
+    ));
     let mut vm = Vm::new(config).unwrap();
     vm.load_long_mode_program(&counter_program().0, LOAD_ADDR)
         .unwrap();
@@ -491,7 +494,7 @@ fn vm_with_virtio_fs_restores_onto_a_new_directory() {
     let err = Vm::restore(
         &snap,
         RestoreConfig {
-            shared_dir: Some(missing.clone()),
+            backends: vec![Backend::Fs(missing.clone())],
             ..restore_config(&c)
         },
     )
@@ -506,7 +509,7 @@ fn vm_with_virtio_fs_restores_onto_a_new_directory() {
     let vm = Vm::restore(
         &snap,
         RestoreConfig {
-            shared_dir: Some(pod_dir),
+            backends: vec![Backend::Fs(pod_dir)],
             ..restore_config(&c)
         },
     )

@@ -206,7 +206,6 @@ pub fn machine(vcpus: u8, console: &Captured) -> MachineConfig {
         console: Console::Writer(Box::new(console.clone())),
         cpu_profile: CpuProfileChoice::Auto,
         started_at: None,
-        vsock: None,
-        fs: None,
+        devices: Vec::new(),
     }
 }

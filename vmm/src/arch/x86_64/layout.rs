@@ -44,14 +44,20 @@ pub const IOAPIC_PINS: u8 = 24;
 /// IRQ of the first serial port (COM1).
 pub const SERIAL_IRQ: u32 = 4;
 
-/// First virtio-mmio device; the next ones follow every `VIRTIO_MMIO_SIZE` bytes.
+/// First virtio-mmio slot; the next ones follow every `VIRTIO_MMIO_SIZE` bytes.
 pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
 /// Size of one virtio-mmio register window.
 pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
-/// GSI of the first virtio-mmio device; the next ones take the following GSIs.
+/// GSI of the first virtio-mmio slot; the next ones take the following GSIs.
 pub const VIRTIO_GSI_BASE: u32 = 5;
-/// The virtio-fs device: the slot and GSI after the vsock device (fixed, whether or not vsock
-/// is present, so that a device's address never depends on which others exist).
-pub const FS_MMIO_BASE: u64 = VIRTIO_MMIO_BASE + VIRTIO_MMIO_SIZE;
-/// GSI of the virtio-fs device.
-pub const FS_GSI: u32 = VIRTIO_GSI_BASE + 1;
+/// Number of virtio-mmio slots: GSIs 5 to 15 (the IOAPIC has 24 pins; 16 and up stay free).
+pub const VIRTIO_SLOTS: u32 = 11;
+
+/// The register window and the interrupt of virtio-mmio slot `index` (below
+/// [`VIRTIO_SLOTS`]).
+pub const fn virtio_slot(index: u32) -> (u64, u32) {
+    (
+        VIRTIO_MMIO_BASE + index as u64 * VIRTIO_MMIO_SIZE,
+        VIRTIO_GSI_BASE + index,
+    )
+}

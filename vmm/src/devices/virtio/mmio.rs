@@ -594,6 +594,10 @@ mod tests {
         fn queue_events(&self) -> &[EventFd] {
             &self.evts
         }
+        fn process(&mut self) {}
+        fn as_any(&self) -> &dyn std::any::Any {
+            self
+        }
     }
 
     fn setup() -> (MmioTransport, Arc<Mutex<Fake>>) {

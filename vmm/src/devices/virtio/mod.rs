@@ -1,10 +1,14 @@
 //! Virtio devices behind the virtio-mmio transport.
 
+pub mod event_loop;
 pub mod fs;
+pub mod manager;
 pub mod mmio;
 pub mod state;
 pub mod vsock;
 
+use std::any::Any;
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
@@ -38,8 +42,20 @@ pub enum ActivateError {
     Device(String),
 }
 
-/// A device the transport serves: identity, features, config space, queues.
-pub trait VirtioDevice: Send {
+/// A host descriptor a device's thread waits on besides the queue notifications.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostEvent {
+    /// The descriptor; it stays open as long as the device.
+    pub fd: RawFd,
+    /// Edge-triggered: the device reads it until `EAGAIN` whenever it is woken (a device that
+    /// sometimes leaves data unread, such as a NIC without guest buffers, needs this to avoid
+    /// spinning); level-triggered otherwise.
+    pub edge: bool,
+}
+
+/// A device the transport serves: identity, features, config space, queues; and what its
+/// thread (the one [`event_loop`] shape every device shares) waits on and does when woken.
+pub trait VirtioDevice: Send + Any {
     /// Virtio device id (19 for vsock, 26 for virtio-fs).
     fn device_type(&self) -> u32;
     /// Largest size of each queue; the number of queues is its length.
@@ -62,6 +78,22 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self);
     /// One eventfd per queue, signalled when the driver notifies that queue.
     fn queue_events(&self) -> &[EventFd];
+    /// Host descriptors the device's thread also waits on (sockets, a tap).
+    fn host_events(&self) -> Vec<HostEvent> {
+        Vec::new()
+    }
+    /// The driver notified queue `index` (its eventfd is already read). Processing happens in
+    /// [`VirtioDevice::process`]; this only records what the notification means.
+    fn queue_notified(&mut self, index: usize) {
+        let _ = index;
+    }
+    /// Serves whatever is pending: guest buffers and host descriptors. Called by the device's
+    /// thread after every wakeup.
+    fn process(&mut self);
+    /// The VM was restored from a snapshot and is about to run again.
+    fn restored(&mut self) {}
+    /// The device as `Any`, so that the VM can hand out a typed view of it.
+    fn as_any(&self) -> &dyn Any;
     /// Saves the device's state for a snapshot (the VM is paused). Devices without snapshot
     /// support keep this default, which refuses.
     fn save_state(&self) -> Result<DeviceState, DeviceStateError> {

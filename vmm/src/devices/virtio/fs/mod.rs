@@ -22,7 +22,6 @@
 //!   needed); their number is bounded by the guard;
 //! - no DAX window (no shared-memory region is offered).
 
-pub mod event_loop;
 pub mod guard;
 
 use std::io;
@@ -365,6 +364,14 @@ impl VirtioDevice for Fs {
 
     fn queue_events(&self) -> &[EventFd] {
         &self.queue_evts
+    }
+
+    fn process(&mut self) {
+        self.process_queues();
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
     }
 
     /// Only an unmounted device is saved: its queues and tag. The inodes and handles of a

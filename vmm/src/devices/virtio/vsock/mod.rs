@@ -14,7 +14,6 @@
 //! [`MAX_CONNECTIONS`], [`CONN_BUF_SIZE`] per connection, [`MAX_PENDING_HOST`] host clients
 //! that have not yet sent their `CONNECT` line.
 
-pub mod event_loop;
 pub mod packet;
 
 use std::collections::{HashMap, VecDeque};
@@ -29,7 +28,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 use self::packet::{op, ChainError, Header, Segments, HDR_SIZE, MAX_PKT_PAYLOAD, TYPE_STREAM};
 use super::state::{DeviceKind, DeviceState, DeviceStateError};
-use super::{ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_VRING};
+use super::{
+    ActivateError, HostEvent, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_VRING,
+};
 use crate::memory::GuestMemoryMmap;
 
 /// Virtio device id of vsock.
@@ -327,12 +328,6 @@ impl Vsock {
             payload: Vec::with_capacity(MAX_PKT_PAYLOAD),
             reset_pending: false,
         })
-    }
-
-    /// The epoll instance of the host sockets; readable when [`Vsock::process_host_events`]
-    /// has work.
-    pub fn host_epoll_fd(&self) -> i32 {
-        self.epoll.as_raw_fd()
     }
 
     /// Number of open connections.
@@ -1015,6 +1010,38 @@ impl VirtioDevice for Vsock {
 
     fn queue_events(&self) -> &[EventFd] {
         &self.queue_evts
+    }
+
+    /// The epoll instance of the host sockets (level-triggered).
+    fn host_events(&self) -> Vec<HostEvent> {
+        vec![HostEvent {
+            fd: self.epoll.as_raw_fd(),
+            edge: false,
+        }]
+    }
+
+    fn queue_notified(&mut self, index: usize) {
+        if index == EVQ {
+            self.event_queue_notified();
+        }
+    }
+
+    /// Whatever woke the thread, the order is: guest packets, host sockets, then fill RX.
+    fn process(&mut self) {
+        self.process_tx();
+        self.process_host_events();
+        self.process_rx();
+    }
+
+    /// The host sockets of the snapshotted VM are gone: the guest drops the connections it
+    /// believes open (there were none at the snapshot, but this also makes it read the CID
+    /// again).
+    fn restored(&mut self) {
+        self.send_transport_reset();
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
     }
 
     /// Connections are not saved: a snapshot with one open is refused. Host clients that have

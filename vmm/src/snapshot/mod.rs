@@ -5,6 +5,8 @@
 //! state (bincode) | CRC-32 of everything before it (u32 LE)`. The header carries what must
 //! match before anything is restored; the memory file's CRC-32 is in the header too.
 
+mod vm;
+
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
