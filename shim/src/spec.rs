@@ -94,9 +94,15 @@ pub fn rewrite_for_guest(mut spec: Spec, id: &str, shared: &[SharedMount]) -> Sp
 
     if let Some(linux) = spec.linux_mut() {
         if let Some(namespaces) = linux.namespaces_mut() {
+            // A network namespace with a path is the pod's network (CNI ran in it on the
+            // host): in the guest that is the VM's own network, where the agent configures the
+            // pod's interface, so the container joins it (the entry goes). One without a path
+            // stays a new, empty namespace, as runc gives it.
+            namespaces.retain(|ns| {
+                ns.typ() != oci_spec::runtime::LinuxNamespaceType::Network || ns.path().is_none()
+            });
             for ns in namespaces.iter_mut() {
-                // /proc/<host pid>/ns/... : the guest has its own processes. The network
-                // namespace without a path is the VM's own network.
+                // /proc/<host pid>/ns/... : the guest has its own processes.
                 ns.set_path(None);
             }
         }
@@ -199,11 +205,29 @@ mod tests {
     }
 
     #[test]
-    fn namespaces_lose_their_host_paths() {
+    fn namespaces_lose_their_host_paths_and_the_pod_network_is_the_vms() {
         let spec = rewrite_for_guest(host_spec(), "web", &[]);
         let namespaces = spec.linux().as_ref().unwrap().namespaces().clone().unwrap();
-        assert_eq!(namespaces.len(), 5, "every namespace is kept");
+        assert_eq!(
+            namespaces.len(),
+            4,
+            "every namespace but the pod's network is kept"
+        );
         assert!(namespaces.iter().all(|n| n.path().is_none()));
+        assert!(!namespaces
+            .iter()
+            .any(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::Network));
+    }
+
+    #[test]
+    fn a_network_namespace_without_a_path_stays_a_new_one() {
+        let text = HOST_SPEC.replace(
+            r#"{"type": "network", "path": "/var/run/netns/cni-1234"}"#,
+            r#"{"type": "network"}"#,
+        );
+        let spec = rewrite_for_guest(serde_json::from_str(&text).unwrap(), "web", &[]);
+        let namespaces = spec.linux().as_ref().unwrap().namespaces().clone().unwrap();
+        assert_eq!(namespaces.len(), 5);
         assert!(namespaces
             .iter()
             .any(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::Network));
