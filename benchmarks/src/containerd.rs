@@ -172,6 +172,88 @@ pub struct ContainerdOptions {
     /// The CRI plugin's `sandbox_image` (the pause image). It must be in the `k8s.io`
     /// namespace before `RunPodSandbox`, or containerd tries to pull it; default: containerd's.
     pub sandbox_image: Option<String>,
+    /// A CNI network for the CRI's pods; without one, pods must use the node's network.
+    pub cni: Option<CniNetwork>,
+}
+
+/// A CNI bridge network of a private containerd's own: Debian's plugins, a bridge and an IPv4
+/// subnet that no one else uses, the IPAM state in containerd's directory. The bridge (which
+/// the bridge plugin creates on the host with the subnet's gateway address) is removed when
+/// the containerd stops.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CniNetwork {
+    /// Where the plugins are (`bridge`, `host-local`, `loopback`, `portmap`).
+    pub plugin_dir: PathBuf,
+    /// The bridge's name (at most 15 bytes).
+    pub bridge: String,
+    /// The pods' IPv4 subnet, a /24: `10.231.N.0/24`.
+    pub subnet_octet: u8,
+}
+
+impl CniNetwork {
+    /// A network named after this process (`nsbr-<pid>`, `10.231.<pid % 250>.0/24`), on the
+    /// plugins of Debian's `containernetworking-plugins`.
+    pub fn for_this_process() -> Self {
+        let pid = std::process::id();
+        CniNetwork {
+            plugin_dir: PathBuf::from("/usr/lib/cni"),
+            bridge: format!("nsbr-{}", pid % 1_000_000),
+            subnet_octet: (pid % 250) as u8,
+        }
+    }
+
+    /// The pods' subnet.
+    pub fn subnet(&self) -> String {
+        format!("10.231.{}.0/24", self.subnet_octet)
+    }
+
+    /// The bridge's (gateway's) address.
+    pub fn gateway(&self) -> std::net::Ipv4Addr {
+        std::net::Ipv4Addr::new(10, 231, self.subnet_octet, 1)
+    }
+
+    /// The network's conflist (CNI 0.4.0: bridge with host-local IPAM, then portmap).
+    pub fn conflist(&self, ipam_dir: &Path) -> String {
+        serde_json::json!({
+            "cniVersion": "0.4.0",
+            "name": "nutshell-test",
+            "plugins": [
+                {
+                    "type": "bridge",
+                    "bridge": self.bridge,
+                    "isGateway": true,
+                    "ipMasq": false,
+                    "hairpinMode": true,
+                    "ipam": {
+                        "type": "host-local",
+                        "ranges": [[{"subnet": self.subnet(), "gateway": self.gateway().to_string()}]],
+                        "routes": [{"dst": "0.0.0.0/0"}],
+                        "dataDir": ipam_dir,
+                    }
+                },
+                {"type": "portmap", "capabilities": {"portMappings": true}}
+            ]
+        })
+        .to_string()
+    }
+
+    /// Removes the bridge (nothing to do if it is gone).
+    fn remove(&self) {
+        let out = Command::new("ip")
+            .args(["link", "del", "dev", &self.bridge])
+            .stderr(Stdio::piped())
+            .output();
+        if let Ok(out) = out {
+            let err = String::from_utf8_lossy(&out.stderr);
+            if !out.status.success() && !err.contains("Cannot find device") {
+                log::warn!(
+                    "cannot remove the CNI bridge {}: {}",
+                    self.bridge,
+                    err.trim()
+                );
+            }
+        }
+    }
 }
 
 impl Default for ContainerdOptions {
@@ -190,6 +272,7 @@ impl Default for ContainerdOptions {
             ready_timeout: Duration::from_secs(30),
             parent_dir: None,
             sandbox_image: None,
+            cni: None,
         }
     }
 }
@@ -207,12 +290,22 @@ pub struct Containerd {
     ctr_binary: PathBuf,
     log: PathBuf,
     runtimes: Vec<RuntimeSpec>,
+    cni: Option<CniNetwork>,
 }
 
 /// The containerd config: private paths, CRI plugin with `restrict_oom_score_adj`, runtimes,
 /// and the sandbox (pause) image if one is given.
-pub fn config_toml(dir: &Path, runtimes: &[RuntimeSpec], sandbox_image: Option<&str>) -> String {
+pub fn config_toml(
+    dir: &Path,
+    runtimes: &[RuntimeSpec],
+    sandbox_image: Option<&str>,
+    cni: Option<&CniNetwork>,
+) -> String {
     let d = dir.display();
+    let cni_bin = cni.map_or_else(
+        || format!("{d}/cni/bin"),
+        |c| c.plugin_dir.display().to_string(),
+    );
     let mut s = String::new();
     // `writeln!` into a String cannot fail.
     let _ = writeln!(
@@ -243,7 +336,7 @@ disabled_plugins = []
   enable_selinux = false{sandbox_image}
 
 [plugins."io.containerd.grpc.v1.cri".cni]
-  bin_dir = "{d}/cni/bin"
+  bin_dir = "{cni_bin}"
   conf_dir = "{d}/cni/conf"
 
 [plugins."io.containerd.grpc.v1.cri".containerd]
@@ -251,7 +344,8 @@ disabled_plugins = []
   snapshotter = "overlayfs""#,
         sandbox_image = sandbox_image
             .map(|i| format!("\n  sandbox_image = \"{}\"", toml_escape(i)))
-            .unwrap_or_default()
+            .unwrap_or_default(),
+        cni_bin = toml_escape(&cni_bin),
     );
     let mut all = vec![RuntimeSpec::runc()];
     all.extend(runtimes.iter().filter(|r| r.name != "runc").cloned());
@@ -315,9 +409,19 @@ impl Containerd {
             config.clone(),
             fs::write(
                 &config,
-                config_toml(dir.path(), &opts.runtimes, opts.sandbox_image.as_deref()),
+                config_toml(
+                    dir.path(),
+                    &opts.runtimes,
+                    opts.sandbox_image.as_deref(),
+                    opts.cni.as_ref(),
+                ),
             ),
         )?;
+        if let Some(cni) = &opts.cni {
+            let conf = dir.path().join("cni/conf/10-nutshell-test.conflist");
+            let ipam = dir.path().join("cni/ipam");
+            prepare(conf.clone(), fs::write(&conf, cni.conflist(&ipam)))?;
+        }
         let log = dir.path().join("containerd.log");
         let child = spawn_daemon(&opts.binary, &config, &log)?;
         log::info!(
@@ -336,6 +440,7 @@ impl Containerd {
             ctr_binary: opts.ctr_binary.clone(),
             log,
             runtimes: opts.runtimes.clone(),
+            cni: opts.cni.clone(),
         };
         containerd.wait_ready(opts.ready_timeout)?;
         Ok(containerd)
@@ -494,6 +599,9 @@ impl Containerd {
                     log::warn!("cannot remove shim socket {}: {e}", socket.display());
                 }
             }
+        }
+        if let Some(cni) = self.cni.take() {
+            cni.remove();
         }
         if let Some(dir) = self.dir.take() {
             detach_mounts_under(dir.path());
@@ -960,6 +1068,7 @@ mod tests {
                 RuntimeSpec::runsc(PathBuf::from("/tmp/x/runsc")),
             ],
             None,
+            None,
         );
         assert!(cfg.contains("restrict_oom_score_adj = true"));
         assert!(cfg.contains("address = \"/tmp/x/containerd.sock\""));
@@ -971,7 +1080,7 @@ mod tests {
         ));
         assert!(cfg.contains("runtimes.runsc.options]\n  BinaryName = \"/tmp/x/runsc\""));
         // runc is registered once even when asked for twice.
-        let cfg = config_toml(Path::new("/d"), &[RuntimeSpec::runc()], None);
+        let cfg = config_toml(Path::new("/d"), &[RuntimeSpec::runc()], None, None);
         assert_eq!(cfg.matches("runtimes.runc]").count(), 1);
         assert!(!cfg.contains("sandbox_image"));
     }
@@ -982,6 +1091,7 @@ mod tests {
             Path::new("/d"),
             &[RuntimeSpec::nutshell()],
             Some("docker.io/nutshell/pause:\"1"),
+            None,
         );
         let cri = cfg
             .split("[plugins.\"io.containerd.grpc.v1.cri\"]\n")
@@ -997,6 +1107,34 @@ mod tests {
             parsed["plugins"]["io.containerd.grpc.v1.cri"]["sandbox_image"].as_str(),
             Some("docker.io/nutshell/pause:\"1")
         );
+    }
+
+    #[test]
+    fn a_cni_network_has_its_own_plugins_bridge_subnet_and_ipam_state() {
+        let cni = CniNetwork {
+            plugin_dir: PathBuf::from("/usr/lib/cni"),
+            bridge: "nsbr-42".into(),
+            subnet_octet: 42,
+        };
+        let cfg = config_toml(
+            Path::new("/d"),
+            &[RuntimeSpec::nutshell()],
+            None,
+            Some(&cni),
+        );
+        let parsed: toml::Value = toml::from_str(&cfg).unwrap();
+        let section = &parsed["plugins"]["io.containerd.grpc.v1.cri"]["cni"];
+        assert_eq!(section["bin_dir"].as_str(), Some("/usr/lib/cni"));
+        assert_eq!(section["conf_dir"].as_str(), Some("/d/cni/conf"));
+        let list: serde_json::Value =
+            serde_json::from_str(&cni.conflist(Path::new("/d/cni/ipam"))).unwrap();
+        let bridge = &list["plugins"][0];
+        assert_eq!(bridge["bridge"], "nsbr-42");
+        assert_eq!(bridge["ipam"]["ranges"][0][0]["subnet"], "10.231.42.0/24");
+        assert_eq!(bridge["ipam"]["ranges"][0][0]["gateway"], "10.231.42.1");
+        assert_eq!(bridge["ipam"]["dataDir"], "/d/cni/ipam");
+        assert_eq!(list["plugins"][1]["type"], "portmap");
+        assert!(CniNetwork::for_this_process().bridge.len() <= 15);
     }
 
     #[test]

@@ -7,6 +7,7 @@
 
 /// The CRI client (in nutshell-bench, whose runner times the CRI start-up path with it).
 pub use nutshell_bench::cri;
+pub mod cri_rig;
 pub mod guest;
 
 use std::path::{Path, PathBuf};

@@ -1,14 +1,11 @@
 //! Slow lane: Nutshell under containerd's CRI, driven as kubelet drives it (a Rust CRI client,
 //! `runtime_handler = "nutshell"`), against a private containerd (own root, state and socket).
 //!
-//! No registry: the sandbox (pause) image and the app image are built locally from busybox
-//! and imported into containerd's `k8s.io` namespace; the pause image's command is never run
-//! (the nutshell shim's sandbox "process" is the VM), but containerd wants it to exist.
+//! The rig (`nutshell_tests::cri_rig`) builds the images locally and imports them.
 //!
-//! No CNI: the pods use the node's network (`NamespaceMode::NODE` for the network namespace
-//! in the pod's security context), for which containerd skips CNI altogether. The private
-//! containerd's CNI directories stay empty; a pod network (tap + tc mirred to the CNI veth) is
-//! not built yet, so a loopback-only CNI setup would test nothing of Nutshell's.
+//! No CNI here: the pods use the node's network (`NamespaceMode::NODE` for the network
+//! namespace in the pod's security context), for which containerd skips CNI altogether. Pod
+//! networks are tested in `network.rs`.
 //!
 //! The pods get a `cgroup_parent`, so containerd puts `linux.cgroupsPath` =
 //! `<parent>/<sandbox id>` into the sandbox's spec, and the shim runs the VMM in that cgroup
@@ -19,220 +16,13 @@
 //! at once (two VMs and two containerds would only slow each other down).
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
-use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use k8s_cri::v1 as cri;
-use nutshell_bench::containerd::{shim_pids, Containerd, ContainerdOptions};
-use nutshell_bench::image;
-use nutshell_tests::cri::{container_config, parse_cri_log, pod_config, CriClient};
-use nutshell_tests::{
-    guest_artifact, left_under_run_dir, memory_use, shim_binary, target_dir, template_cache,
-    vmm_binary, vmms_under,
-};
-
-const IMAGE: &str = "docker.io/nutshell/e2e-busybox:1";
-const PAUSE: &str = "docker.io/nutshell/e2e-pause:1";
-const HANDLER: &str = "nutshell";
-const NAMESPACE: &str = "k8s.io";
-/// The cgroup hierarchies the VMM must be in (v1, this machine).
-const CONTROLLERS: [&str; 4] = ["cpu", "cpuacct", "memory", "pids"];
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-/// Running, not gone and not a zombie.
-fn alive(pid: u32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    let state = stat[stat.rfind(')').unwrap() + 1..]
-        .split_whitespace()
-        .next();
-    !matches!(state, Some("Z" | "X"))
-}
-
-/// `controller` → cgroup path of `pid` (v1 lines `N:controllers:path`).
-fn cgroup_of(pid: u32, controller: &str) -> Option<String> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-    text.lines().find_map(|l| {
-        let mut parts = l.splitn(3, ':');
-        let (_, ctrls, path) = (parts.next()?, parts.next()?, parts.next()?);
-        ctrls
-            .split(',')
-            .any(|c| c == controller)
-            .then(|| path.to_owned())
-    })
-}
-
-/// Removes what a failed test may leave of the pods' cgroup parent (empty cgroups only).
-struct CgroupGuard(String);
-
-impl Drop for CgroupGuard {
-    fn drop(&mut self) {
-        for c in CONTROLLERS {
-            let parent = Path::new("/sys/fs/cgroup").join(c).join(&self.0);
-            if let Ok(entries) = std::fs::read_dir(&parent) {
-                for e in entries.flatten() {
-                    if e.path().is_dir() {
-                        let _ = std::fs::remove_dir(e.path());
-                    }
-                }
-            }
-            let _ = std::fs::remove_dir(&parent);
-        }
-    }
-}
-
-/// A private containerd with the nutshell runtime handler, the images imported, and a CRI
-/// client; everything is stopped and removed on drop (containerd first).
-struct Rig {
-    containerd: Containerd,
-    cri: CriClient,
-    run_dir: PathBuf,
-    log_dir: PathBuf,
-    cgroup_parent: String,
-    _cgroups: CgroupGuard,
-    _dir: tempfile::TempDir,
-}
-
-fn rig(tag: &str) -> Rig {
-    let kernel = guest_artifact("vmlinux").unwrap();
-    let initramfs = guest_artifact("initramfs.cpio").unwrap();
-    let vmm = vmm_binary().unwrap();
-    let shim = shim_binary().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let run_dir = dir.path().join("run");
-    let log_dir = dir.path().join("pods");
-    std::fs::create_dir_all(&log_dir).unwrap();
-    let config = dir.path().join("config.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "kernel = {:?}\ninitramfs = {:?}\nvmm = {:?}\nrun_dir = {:?}\n\
-             boot_timeout_secs = 300\ntemplate_dir = {:?}\n",
-            kernel,
-            initramfs,
-            vmm,
-            run_dir,
-            template_cache()
-        ),
-    )
-    .unwrap();
-    // containerd finds `containerd-shim-nutshell-v2` on its PATH and the shim reads its config
-    // from NUTSHELL_CONFIG; both are inherited from this process, which starts containerd.
-    let shim_dir = shim.parent().unwrap().display().to_string();
-    let path = std::env::var("PATH").unwrap_or_default();
-    if !path.split(':').any(|p| p == shim_dir) {
-        std::env::set_var("PATH", format!("{shim_dir}:{path}"));
-    }
-    std::env::set_var("NUTSHELL_CONFIG", &config);
-
-    let cache = target_dir().join("nutshell").join("bench-images");
-    let app = image::busybox_image(IMAGE)
-        .unwrap()
-        .tarball(&cache)
-        .unwrap();
-    let pause = image::busybox_image(PAUSE)
-        .unwrap()
-        .cmd(&["/bin/sleep", "2147483647"])
-        .tarball(&cache)
-        .unwrap();
-    let cgroup_parent = format!("nutshell-e2e-{tag}-{}", std::process::id());
-    let guard = CgroupGuard(cgroup_parent.clone());
-    let containerd = Containerd::start(&ContainerdOptions {
-        namespace: NAMESPACE.into(),
-        sandbox_image: Some(PAUSE.into()),
-        ..ContainerdOptions::default()
-    })
-    .unwrap();
-    let ctr = containerd.ctr();
-    ctr.import_image(&app).unwrap();
-    ctr.import_image(&pause).unwrap();
-    let mut cri = CriClient::connect(containerd.address()).unwrap();
-    let version = cri.version().unwrap();
-    assert_eq!(version.runtime_name, "containerd");
-    // The CRI plugin learns about imported images from containerd's events.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !(cri.image_present(IMAGE).unwrap() && cri.image_present(PAUSE).unwrap()) {
-        assert!(Instant::now() < deadline, "the CRI does not see the images");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    Rig {
-        containerd,
-        cri,
-        run_dir,
-        log_dir,
-        cgroup_parent,
-        _cgroups: guard,
-        _dir: dir,
-    }
-}
-
-impl Drop for Rig {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!(
-                "containerd log (tail):\n{}",
-                self.containerd.log_tail(30_000)
-            );
-        }
-    }
-}
-
-impl Rig {
-    /// A pod on the node's network with the rig's cgroup parent.
-    fn pod(&self, name: &str) -> cri::PodSandboxConfig {
-        let mut pod = pod_config(name, &format!("uid-{name}"), &self.log_dir);
-        let linux = pod.linux.as_mut().unwrap();
-        linux.cgroup_parent = format!("/{}", self.cgroup_parent);
-        let ns = linux
-            .security_context
-            .as_mut()
-            .unwrap()
-            .namespace_options
-            .as_mut()
-            .unwrap();
-        ns.network = cri::NamespaceMode::Node as i32;
-        pod
-    }
-
-    fn shims(&self) -> Vec<u32> {
-        shim_pids(self.containerd.address(), NAMESPACE)
-    }
-
-    /// The one VMM of the pod (the only one under the rig's run directory).
-    fn only_vmm(&self) -> u32 {
-        let vmms = vmms_under(&self.run_dir);
-        assert_eq!(vmms.len(), 1, "VMMs under {}", self.run_dir.display());
-        vmms[0]
-    }
-
-    /// After RemovePodSandbox: no VMM, no shim, nothing under run_dir, no mount, no cgroup.
-    fn assert_nothing_left(&self) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !(vmms_under(&self.run_dir).is_empty() && self.shims().is_empty())
-            && Instant::now() < deadline
-        {
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        assert_eq!(vmms_under(&self.run_dir), Vec::<u32>::new(), "VMM left");
-        assert_eq!(self.shims(), Vec::<u32>::new(), "shim left");
-        let left = left_under_run_dir(&self.run_dir);
-        assert!(left.is_empty(), "left under run_dir: {left:?}");
-        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-        assert!(
-            !mounts.contains(&*self.run_dir.to_string_lossy()),
-            "mounts left under run_dir"
-        );
-        for c in CONTROLLERS {
-            let dir = Path::new("/sys/fs/cgroup")
-                .join(c)
-                .join(&self.cgroup_parent);
-            assert!(!dir.exists(), "cgroup {} left", dir.display());
-        }
-    }
-}
+use nutshell_tests::cri::{container_config, parse_cri_log, CriClient};
+use nutshell_tests::cri_rig::{alive, cgroup_of, rig, CONTROLLERS, HANDLER, IMAGE, SERIAL};
+use nutshell_tests::memory_use;
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
