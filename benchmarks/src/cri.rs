@@ -105,6 +105,15 @@ impl std::fmt::Debug for CriClient {
     }
 }
 
+/// A pod's network, from `PodSandboxStatus`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodNetwork {
+    /// The pod's IP (empty on the node's network).
+    pub ip: String,
+    /// The network namespace containerd made for it (none on the node's network).
+    pub netns: Option<PathBuf>,
+}
+
 /// The result of `ExecSync`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExecResult {
@@ -345,6 +354,40 @@ impl CriClient {
             .into_iter()
             .map(|p| (p.id.clone(), p.state()))
             .collect())
+    }
+
+    /// `PodSandboxStatus` (verbose): the pod's network as containerd set it up.
+    pub fn pod_network(&mut self, id: &str) -> Result<PodNetwork> {
+        let resp = self
+            .rt
+            .block_on(
+                self.runtime
+                    .pod_sandbox_status(cri::PodSandboxStatusRequest {
+                        pod_sandbox_id: id.into(),
+                        verbose: true,
+                    }),
+            )
+            .map_err(call_failed("PodSandboxStatus"))?
+            .into_inner();
+        let ip = resp
+            .status
+            .and_then(|s| s.network)
+            .map(|n| n.ip)
+            .unwrap_or_default();
+        // containerd's verbose info: {"info": "{... \"runtimeSpec\": {\"linux\": {\"namespaces\": ...}}}"}
+        let netns = resp
+            .info
+            .get("info")
+            .and_then(|text| serde_json::from_str::<serde_json::Value>(text).ok())
+            .and_then(|info| {
+                info["runtimeSpec"]["linux"]["namespaces"]
+                    .as_array()?
+                    .iter()
+                    .find(|ns| ns["type"] == "network")?["path"]
+                    .as_str()
+                    .map(PathBuf::from)
+            });
+        Ok(PodNetwork { ip, netns })
     }
 
     /// `ListContainers`: (id, pod sandbox id, state) of every container.
