@@ -602,6 +602,28 @@ impl AgentClient {
         self.refresh_guest(nanos, &entropy)
     }
 
+    /// `Agent.UpdateInterface`: gives the guest's NIC the pod's identity (MAC, MTU,
+    /// addresses) and brings it up; returns the interface as the guest now has it.
+    pub fn update_interface(
+        &self,
+        interface: &pb::Interface,
+    ) -> Result<pb::Interface, ClientError> {
+        let mut req = pb::UpdateInterfaceRequest::new();
+        req.interface = protobuf::MessageField::some(interface.clone());
+        Ok(self.agent.update_interface(self.ctx(), &req)?)
+    }
+
+    /// `Agent.UpdateRoutes`: adds the pod's routes in the guest; returns the routes the guest
+    /// now has on that interface.
+    pub fn update_routes(&self, routes: &[pb::Route]) -> Result<Vec<pb::Route>, ClientError> {
+        let mut req = pb::UpdateRoutesRequest::new();
+        req.routes = protobuf::MessageField::some(pb::Routes {
+            routes: routes.to_vec(),
+            ..Default::default()
+        });
+        Ok(self.agent.update_routes(self.ctx(), &req)?.routes)
+    }
+
     /// The raw generated client of the `Agent` service, for methods without a typed wrapper yet.
     pub fn raw_agent(&self) -> &agent_ttrpc::AgentClient {
         &self.agent
