@@ -3,8 +3,6 @@
 //! It must never hang silently and never panic: a failure is logged on the console, then the
 //! guest powers off; a panic is logged by the hook, which powers off too.
 
-use std::error::Error;
-
 use nutshell_agent::{init, logger, switch_root, sys};
 
 fn main() {
@@ -35,14 +33,4 @@ fn main() {
     init::power_off_or_die();
 }
 
-/// `error: cause: cause…`, printed once.
-fn chain(e: &dyn Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    s
-}
+use nutshell_protocol::error_chain as chain;

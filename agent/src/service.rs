@@ -210,13 +210,7 @@ macro_rules! not_served {
 
 /// The ttrpc status of a failed container RPC: its code, and the error with its causes.
 fn status(method: &str, e: &PodError) -> ttrpc::Error {
-    let mut message = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
+    let message = nutshell_protocol::error_chain(e);
     log::warn!("{method}: {message}");
     ttrpc::Error::RpcStatus(ttrpc::get_status(e.code(), message))
 }

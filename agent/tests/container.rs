@@ -207,16 +207,7 @@ fn run_in(reg: &Containers, spec: &Value) -> Output {
     }
 }
 
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    s
-}
+use nutshell_protocol::error_chain as chain;
 
 fn sh(bundle: &Bundle, script: &str) -> Value {
     bundle.spec(&["sh", "-c", script])

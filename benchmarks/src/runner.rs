@@ -1167,17 +1167,7 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-/// An error and its causes, `: `-separated (the chain printed once).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    s
-}
+use nutshell_protocol::error_chain;
 
 fn kill_all(children: &mut [Child]) {
     for c in children {

@@ -38,3 +38,42 @@ pub const SHARED_FS_TAG: &str = "nutshell";
 /// Where the agent mounts the shared directory in the guest; a container's rootfs is
 /// `<GUEST_SHARED_DIR>/<container-id>/rootfs`.
 pub const GUEST_SHARED_DIR: &str = "/run/shared";
+
+/// An error and its causes in one line, `error: cause: cause`, each printed once: a cause
+/// whose text the message already holds is not repeated. Binaries print errors with it, and
+/// RPC services put it in their statuses.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let part = c.to_string();
+        if !s.contains(&part) {
+            s.push_str(": ");
+            s.push_str(&part);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod error_chain_tests {
+    #[derive(Debug, thiserror::Error)]
+    #[error("outer")]
+    struct Outer(#[source] Middle);
+    #[derive(Debug, thiserror::Error)]
+    #[error("middle: inner")]
+    struct Middle(#[source] Inner);
+    #[derive(Debug, thiserror::Error)]
+    #[error("inner")]
+    struct Inner;
+
+    #[test]
+    fn every_cause_is_printed_once() {
+        assert_eq!(
+            super::error_chain(&Outer(Middle(Inner))),
+            "outer: middle: inner"
+        );
+        assert_eq!(super::error_chain(&Inner), "inner");
+    }
+}

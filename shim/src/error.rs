@@ -130,20 +130,7 @@ impl ShimError {
     }
 }
 
-/// The chain of causes in one line: "a: b: c".
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let part = c.to_string();
-        if !s.contains(&part) {
-            s.push_str(": ");
-            s.push_str(&part);
-        }
-        cur = c.source();
-    }
-    s
-}
+pub use nutshell_protocol::error_chain as chain;
 
 impl From<ShimError> for ttrpc::Error {
     fn from(e: ShimError) -> Self {

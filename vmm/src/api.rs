@@ -64,14 +64,7 @@ pub fn to_status(e: &ApiError) -> ttrpc::Error {
         ApiError::Vm(VmError::DeviceState(_)) => ttrpc::Code::FAILED_PRECONDITION,
         _ => ttrpc::Code::INTERNAL,
     };
-    let mut message = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        message.push_str(": ");
-        message.push_str(&s.to_string());
-        source = s.source();
-    }
-    ttrpc::Error::RpcStatus(ttrpc::get_status(code, message))
+    ttrpc::Error::RpcStatus(ttrpc::get_status(code, nutshell_protocol::error_chain(e)))
 }
 
 /// The VM the control socket acts on; `None` once the VMM is tearing it down.
