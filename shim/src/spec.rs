@@ -10,8 +10,7 @@ use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::{Mount, Spec};
 
-/// Guest path where the agent mounts the shared directory.
-pub const GUEST_SHARED_DIR: &str = "/run/shared";
+pub use nutshell_protocol::GUEST_SHARED_DIR;
 
 /// A host path bound into the shared directory so that the guest sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]

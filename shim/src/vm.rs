@@ -25,10 +25,7 @@ use crate::cgroup::{self, Layout, PodCgroup};
 use crate::config::{Config, VirtioFs};
 use crate::error::{Result, ShimError};
 use crate::pod::VmSize;
-use crate::spec::GUEST_SHARED_DIR;
-
-/// virtio-fs tag of the shared directory.
-pub const FS_TAG: &str = "nutshell";
+pub use nutshell_protocol::{GUEST_SHARED_DIR, SHARED_FS_TAG as FS_TAG};
 
 /// First guest vsock port handed out for stdio streams.
 pub const FIRST_STDIO_PORT: u32 = 0x4000_0000;

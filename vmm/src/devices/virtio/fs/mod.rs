@@ -42,8 +42,8 @@ use crate::memory::GuestMemoryMmap;
 
 /// Virtio device id of virtio-fs.
 pub const FS_DEVICE_ID: u32 = 26;
-/// The tag unless configured otherwise.
-pub const DEFAULT_TAG: &str = "nutshell";
+/// The tag unless configured otherwise: the one the agent mounts.
+pub const DEFAULT_TAG: &str = nutshell_protocol::SHARED_FS_TAG;
 /// Longest tag the config space holds.
 pub const TAG_MAX: usize = 36;
 
