@@ -11,6 +11,8 @@ use nutshell_vmm::api::{ControlService, ControlSocket, SharedVm};
 use nutshell_vmm::arch::x86_64::cpuid::CpuProfile;
 use nutshell_vmm::devices::virtio::fs::FsConfig;
 use nutshell_vmm::devices::virtio::manager::{Backend, DeviceConfig};
+use nutshell_vmm::devices::virtio::net::tap::Tap;
+use nutshell_vmm::devices::virtio::net::{NetConfig, DEFAULT_MAC};
 use nutshell_vmm::devices::virtio::vsock::VsockConfig;
 use nutshell_vmm::template::{self, TemplateConfig};
 use nutshell_vmm::{
@@ -113,9 +115,53 @@ struct Args {
     #[arg(long, value_name = "TAG", default_value = nutshell_vmm::devices::virtio::fs::DEFAULT_TAG, requires = "shared_dir")]
     fs_tag: String,
 
+    /// Add a virtio-net device on this inherited descriptor of a tap (created with
+    /// IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, in the network namespace the VMM runs in; the VMM
+    /// opens nothing by name). With --template-cache the template has a NIC without a tap, and
+    /// the restored VM's NIC runs on this one.
+    #[arg(long, value_name = "FD")]
+    net_fd: Option<i32>,
+
+    /// The MAC address in the NIC's config space (with --net-fd, for a cold boot; a restored
+    /// NIC keeps its template's, and the agent sets the pod's).
+    #[arg(long, value_name = "MAC", value_parser = parse_mac, requires = "net_fd")]
+    net_mac: Option<[u8; 6]>,
+
     /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
     #[arg(long, value_name = "LEVEL", default_value = "info")]
     log_level: log::LevelFilter,
+}
+
+/// `aa:bb:cc:dd:ee:ff`, a unicast address.
+fn parse_mac(text: &str) -> Result<[u8; 6], String> {
+    let parts: Vec<&str> = text.split(':').collect();
+    let mut mac = [0u8; 6];
+    if parts.len() != 6 {
+        return Err(format!("{text:?} is not a MAC address (aa:bb:cc:dd:ee:ff)"));
+    }
+    for (b, p) in mac.iter_mut().zip(&parts) {
+        *b = u8::from_str_radix(p, 16)
+            .ok()
+            .filter(|_| p.len() == 2)
+            .ok_or_else(|| format!("{text:?} is not a MAC address (aa:bb:cc:dd:ee:ff)"))?;
+    }
+    if mac[0] & 1 != 0 {
+        return Err(format!("{text:?} is a multicast address"));
+    }
+    Ok(mac)
+}
+
+/// Takes over the tap descriptor of `--net-fd`.
+fn take_tap(fd: Option<i32>) -> anyhow::Result<Option<Tap>> {
+    let Some(fd) = fd else { return Ok(None) };
+    if fd <= 2 {
+        anyhow::bail!("--net-fd {fd} is a standard stream, not a tap");
+    }
+    // SAFETY: the descriptor was inherited for this purpose and is taken over once, here;
+    // nothing else in the VMM uses it. A number that is not open fails the TUNGETIFF check.
+    let tap = unsafe { Tap::from_inherited(fd) }.with_context(|| format!("--net-fd {fd}"))?;
+    log::info!("virtio-net on tap {} (descriptor {fd})", tap.name());
+    Ok(Some(tap))
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -153,6 +199,7 @@ fn main() -> ExitCode {
 fn restore(
     dir: &Path,
     args: &Args,
+    tap: Option<Tap>,
     cpu_profile: CpuProfileChoice,
     started_at: Instant,
     expect: (Option<String>, Option<u8>, Option<u64>),
@@ -166,7 +213,7 @@ fn restore(
             expect_vcpus: expect.1,
             expect_memory_mib: expect.2,
             expect_template_key: expect.0,
-            backends: backends(args),
+            backends: backends(args, tap),
         },
     )?
     .start()?;
@@ -179,14 +226,15 @@ fn restore(
 }
 
 /// The host side of each device a restore re-attaches, from the command line.
-fn backends(args: &Args) -> Vec<Backend> {
+fn backends(args: &Args, tap: Option<Tap>) -> Vec<Backend> {
     let vsock = args.vsock_uds.clone().map(Backend::Vsock);
     let fs = args.shared_dir.clone().map(Backend::Fs);
-    vsock.into_iter().chain(fs).collect()
+    let net = tap.map(Backend::Net);
+    vsock.into_iter().chain(fs).chain(net).collect()
 }
 
 /// The devices of a cold-booted VM, from the command line.
-fn devices(args: &Args) -> Vec<DeviceConfig> {
+fn devices(args: &Args, tap: Option<Tap>) -> Vec<DeviceConfig> {
     let vsock = args.vsock_uds.clone().map(|uds_path| {
         DeviceConfig::Vsock(VsockConfig {
             guest_cid: args.vsock_cid,
@@ -199,7 +247,13 @@ fn devices(args: &Args) -> Vec<DeviceConfig> {
             tag: args.fs_tag.clone(),
         })
     });
-    vsock.into_iter().chain(fs).collect()
+    let net = tap.map(|tap| {
+        DeviceConfig::Net(NetConfig {
+            mac: args.net_mac.unwrap_or(DEFAULT_MAC),
+            tap: Some(tap),
+        })
+    });
+    vsock.into_iter().chain(fs).chain(net).collect()
 }
 
 fn console(args: &Args) -> Console {
@@ -208,6 +262,7 @@ fn console(args: &Args) -> Console {
 
 fn cold_boot(
     args: &Args,
+    tap: Option<Tap>,
     cpu_profile: CpuProfileChoice,
     started_at: Instant,
 ) -> anyhow::Result<RunningVm> {
@@ -225,7 +280,7 @@ fn cold_boot(
             console: console(args),
             cpu_profile,
             started_at: Some(started_at),
-            devices: devices(args),
+            devices: devices(args, tap),
         },
     })?)
 }
@@ -241,10 +296,12 @@ fn run(args: Args, started_at: Instant) -> anyhow::Result<Option<VmExit>> {
     if args.template_key.is_some() && args.restore.is_none() {
         anyhow::bail!("--template-key is used with --restore only");
     }
+    let tap = take_tap(args.net_fd)?;
     let vm = if let Some(dir) = &args.restore {
         restore(
             dir,
             &args,
+            tap,
             cpu_profile,
             started_at,
             (args.template_key.clone(), None, None),
@@ -275,12 +332,16 @@ fn run(args: Args, started_at: Instant) -> anyhow::Result<Option<VmExit>> {
         if args.vsock_uds.is_none() {
             anyhow::bail!("--template-cache needs --vsock-uds (the agent is reached over vsock)");
         }
+        // The restore gets a second descriptor of the tap: a failed one leaves the tap to the
+        // cold boot.
         let restored = template::ensure(&config)
             .map_err(anyhow::Error::from)
             .and_then(|t| {
+                let tap = tap.as_ref().map(Tap::try_clone).transpose()?;
                 restore(
                     &t.dir,
                     &args,
+                    tap,
                     cpu_profile,
                     started_at,
                     (Some(t.key), Some(args.vcpus), Some(args.memory_mib)),
@@ -290,11 +351,11 @@ fn run(args: Args, started_at: Instant) -> anyhow::Result<Option<VmExit>> {
             Ok(vm) => vm,
             Err(e) => {
                 log::warn!("template restore impossible ({e:#}); booting cold");
-                cold_boot(&args, cpu_profile, started_at)?
+                cold_boot(&args, tap, cpu_profile, started_at)?
             }
         }
     } else {
-        cold_boot(&args, cpu_profile, started_at)?
+        cold_boot(&args, tap, cpu_profile, started_at)?
     };
     let exit = vm.exit_handle();
     let shared: SharedVm = Arc::new(Mutex::new(Some(vm)));

@@ -22,6 +22,7 @@ use sha2::{Digest, Sha256};
 
 use crate::devices::virtio::fs::FsConfig;
 use crate::devices::virtio::manager::DeviceConfig;
+use crate::devices::virtio::net::{NetConfig, DEFAULT_MAC};
 use crate::devices::virtio::vsock::{VsockConfig, DEFAULT_GUEST_CID};
 use crate::vm::{guest_cpuid_hash, CpuProfileChoice, MachineConfig, VmError};
 use crate::{Console, LinuxConfig};
@@ -150,6 +151,9 @@ pub fn template_key(config: &TemplateConfig) -> Result<String, TemplateError> {
         }
         None => h.update([0]),
     }
+    // Every template has a NIC (without a tap): pods with a network and pods without one
+    // share templates, and a restore attaches the pod's tap.
+    h.update(b"nic\0");
     h.update(profile.to_string().as_bytes());
     h.update([0]);
     h.update(cpuid.to_le_bytes());
@@ -253,10 +257,16 @@ pub fn build(config: &TemplateConfig, key: &str, out: &Path) -> Result<(), Templ
         .map_err(io_err(&std::env::temp_dir()))?;
     let uds = sock_dir.path().join("vsock.sock");
     // The template's virtio-fs device exports an empty directory the guest never mounts.
-    let mut devices = vec![DeviceConfig::Vsock(VsockConfig {
-        guest_cid: DEFAULT_GUEST_CID,
-        uds_path: uds.clone(),
-    })];
+    let mut devices = vec![
+        DeviceConfig::Vsock(VsockConfig {
+            guest_cid: DEFAULT_GUEST_CID,
+            uds_path: uds.clone(),
+        }),
+        DeviceConfig::Net(NetConfig {
+            mac: DEFAULT_MAC,
+            tap: None,
+        }),
+    ];
     if let Some(tag) = &config.fs_tag {
         let empty = sock_dir.path().join("shared");
         std::fs::create_dir(&empty).map_err(io_err(&empty))?;

@@ -19,7 +19,7 @@ use crate::vcpu_state::VcpuState;
 /// First bytes of every `state` file.
 pub const MAGIC: [u8; 8] = *b"NUTSNAP\0";
 /// Version of the layout of `state`; bumped on any change of the serialised types.
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
 /// The VMM that wrote the snapshot; another one refuses it.
 pub const VMM_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// File of the state, in the snapshot directory.

@@ -19,6 +19,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::fs::{Fs, FsConfig, FsError};
 use super::mmio::{reg, MmioTransport};
+use super::net::tap::Tap;
+use super::net::{Net, NetConfig, NetError};
 use super::state::{DeviceKind, DeviceStateError, MmioSnapshot};
 use super::vsock::{Vsock, VsockConfig, VsockError};
 use super::{event_loop, Interrupt, VirtioDevice};
@@ -39,6 +41,9 @@ pub enum DeviceError {
     /// The virtio-fs device.
     #[error(transparent)]
     Fs(#[from] FsError),
+    /// The virtio-net device.
+    #[error(transparent)]
+    Net(#[from] NetError),
     /// A KVM ioctl for a device failed.
     #[error("KVM refused to {what}")]
     Kvm {
@@ -75,6 +80,8 @@ pub enum DeviceConfig {
     Vsock(VsockConfig),
     /// virtio-fs exporting one host directory.
     Fs(FsConfig),
+    /// virtio-net on a tap (or on nothing yet).
+    Net(NetConfig),
 }
 
 /// What a restored device runs on: the host side, which a snapshot cannot carry. The guest-
@@ -85,6 +92,9 @@ pub enum Backend {
     Vsock(PathBuf),
     /// The directory the virtio-fs device exports.
     Fs(PathBuf),
+    /// The tap the virtio-net device runs on. A saved NIC given none runs on nothing (frames
+    /// dropped), as in its template.
+    Net(Tap),
 }
 
 impl DeviceConfig {
@@ -93,6 +103,7 @@ impl DeviceConfig {
         match self {
             DeviceConfig::Vsock(_) => "vsock",
             DeviceConfig::Fs(_) => "virtio-fs",
+            DeviceConfig::Net(_) => "virtio-net",
         }
     }
 
@@ -102,6 +113,7 @@ impl DeviceConfig {
         match self {
             DeviceConfig::Vsock(_) => 0,
             DeviceConfig::Fs(_) => 1,
+            DeviceConfig::Net(_) => 2,
         }
     }
 
@@ -113,16 +125,29 @@ impl DeviceConfig {
     /// Checks what can be checked before anything is created.
     pub fn validate(&self) -> Result<(), DeviceError> {
         match self {
-            DeviceConfig::Vsock(_) => Ok(()),
+            DeviceConfig::Vsock(_) | DeviceConfig::Net(_) => Ok(()),
             DeviceConfig::Fs(c) => c.validate().map(drop).map_err(Into::into),
         }
     }
 
-    fn create(&self) -> Result<Arc<Mutex<dyn VirtioDevice>>, DeviceError> {
+    fn create(self) -> Result<Arc<Mutex<dyn VirtioDevice>>, DeviceError> {
         Ok(match self {
-            DeviceConfig::Vsock(c) => Arc::new(Mutex::new(Vsock::new(c)?)),
-            DeviceConfig::Fs(c) => Arc::new(Mutex::new(Fs::new(c)?)),
+            DeviceConfig::Vsock(c) => Arc::new(Mutex::new(Vsock::new(&c)?)),
+            DeviceConfig::Fs(c) => Arc::new(Mutex::new(Fs::new(&c)?)),
+            DeviceConfig::Net(c) => Arc::new(Mutex::new(Net::new(c)?)),
         })
+    }
+
+    /// The device a restore creates for a saved `kind` that no backend was given for, if the
+    /// kind can run without one.
+    fn restored_alone(kind: &DeviceKind) -> Option<DeviceConfig> {
+        match kind {
+            DeviceKind::Net { mac } => Some(DeviceConfig::Net(NetConfig {
+                mac: *mac,
+                tap: None,
+            })),
+            DeviceKind::Vsock { .. } | DeviceKind::Fs { .. } => None,
+        }
     }
 
     /// The device a restore creates for the saved `kind` on `backend`, or the backend back if
@@ -139,6 +164,10 @@ impl DeviceConfig {
                 shared_dir,
                 tag: tag.clone(),
             })),
+            (DeviceKind::Net { mac }, Backend::Net(tap)) => Ok(DeviceConfig::Net(NetConfig {
+                mac: *mac,
+                tap: Some(tap),
+            })),
             (_, backend) => Err(backend),
         }
     }
@@ -154,6 +183,7 @@ impl Backend {
             DeviceKind::Fs { tag } => format!(
                 "the snapshot has a virtio-fs device (tag {tag:?}): a shared directory (--shared-dir) is needed"
             ),
+            DeviceKind::Net { .. } => "the snapshot's virtio-net device needs no tap".into(),
         }
     }
 
@@ -165,6 +195,9 @@ impl Backend {
             }
             Backend::Fs(_) => {
                 "the snapshot has no virtio-fs device; --shared-dir cannot be used with it".into()
+            }
+            Backend::Net(_) => {
+                "the snapshot has no virtio-net device; --net-fd cannot be used with it".into()
             }
         }
     }
@@ -192,7 +225,10 @@ pub fn restored_configs(
                 Err(backend) => *slot = Some(backend),
             }
         }
-        return Err(DeviceError::Config(Backend::missing(kind)));
+        match DeviceConfig::restored_alone(kind) {
+            Some(config) => configs.push(config),
+            None => return Err(DeviceError::Config(Backend::missing(kind))),
+        }
     }
     if let Some(unused) = backends.into_iter().flatten().next() {
         return Err(DeviceError::Config(unused.unused()));
@@ -271,8 +307,9 @@ impl DeviceManager {
             )));
         }
         let mut devices = Vec::with_capacity(configs.len());
-        for config in &configs {
+        for config in configs {
             let (base, gsi) = config.slot();
+            let name = config.name();
             let device = config.create()?;
             let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
             fd.register_irqfd(&irqfd, gsi)
@@ -295,7 +332,7 @@ impl DeviceManager {
             )));
             mmio.insert(base, VIRTIO_MMIO_SIZE, transport.clone())?;
             devices.push(Attached {
-                name: config.name(),
+                name,
                 device,
                 transport,
             });
@@ -442,6 +479,36 @@ mod tests {
             &configs[1],
             DeviceConfig::Fs(FsConfig { tag, shared_dir }) if tag == "pod" && shared_dir.to_str() == Some("/shared")
         ));
+    }
+
+    #[test]
+    fn a_saved_nic_runs_on_the_given_tap_or_on_nothing() {
+        let mac = [2, 0, 0, 0, 0, 9];
+        let devices = [
+            saved(DeviceKind::Vsock { guest_cid: 3 }),
+            saved(DeviceKind::Net { mac }),
+        ];
+        let configs = restored_configs(&devices, vec![Backend::Vsock("/v".into())]).unwrap();
+        assert!(matches!(
+            &configs[1],
+            DeviceConfig::Net(NetConfig { mac: m, tap: None }) if *m == mac
+        ));
+        assert_eq!(configs[1].slot(), (0xd000_2000, 7));
+        // A tap for a snapshot without a NIC is refused.
+        let tap = std::thread::spawn(|| {
+            // SAFETY: unshare(2) of this thread's network namespace; no memory is passed.
+            let r = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+            assert_eq!(r, 0);
+            Tap::create("nstest1").unwrap()
+        })
+        .join()
+        .unwrap();
+        let err = restored_configs(
+            &devices[..1],
+            vec![Backend::Vsock("/v".into()), Backend::Net(tap)],
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("--net-fd cannot be used"), "{err}");
     }
 
     #[test]

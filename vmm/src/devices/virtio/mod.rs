@@ -4,6 +4,7 @@ pub mod event_loop;
 pub mod fs;
 pub mod manager;
 pub mod mmio;
+pub mod net;
 pub mod state;
 pub mod vsock;
 

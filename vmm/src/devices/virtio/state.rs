@@ -120,6 +120,12 @@ pub enum DeviceKind {
         /// The tag the guest mounts.
         tag: String,
     },
+    /// virtio-net: its MAC (the config space's). The tap is the host's: a restore attaches
+    /// the new VM's, or none.
+    Net {
+        /// The MAC address in the config space.
+        mac: [u8; 6],
+    },
 }
 
 /// The virtio-mmio transport's registers and its device.
