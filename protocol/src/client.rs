@@ -613,8 +613,8 @@ impl AgentClient {
         Ok(self.agent.update_interface(self.ctx(), &req)?)
     }
 
-    /// `Agent.UpdateRoutes`: adds the pod's routes in the guest; returns the routes the guest
-    /// now has on that interface.
+    /// `Agent.UpdateRoutes`: adds the pod's routes in the guest, in their order; returns them
+    /// as added.
     pub fn update_routes(&self, routes: &[pb::Route]) -> Result<Vec<pb::Route>, ClientError> {
         let mut req = pb::UpdateRoutesRequest::new();
         req.routes = protobuf::MessageField::some(pb::Routes {

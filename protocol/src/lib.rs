@@ -7,6 +7,8 @@
 //! conversions here.
 
 pub mod client;
+#[cfg(feature = "netlink")]
+pub mod netlink;
 pub mod types;
 
 /// Generated code: rust-protobuf messages and ttrpc clients/servers. Not committed.

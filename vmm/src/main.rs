@@ -134,17 +134,8 @@ struct Args {
 
 /// `aa:bb:cc:dd:ee:ff`, a unicast address.
 fn parse_mac(text: &str) -> Result<[u8; 6], String> {
-    let parts: Vec<&str> = text.split(':').collect();
-    let mut mac = [0u8; 6];
-    if parts.len() != 6 {
-        return Err(format!("{text:?} is not a MAC address (aa:bb:cc:dd:ee:ff)"));
-    }
-    for (b, p) in mac.iter_mut().zip(&parts) {
-        *b = u8::from_str_radix(p, 16)
-            .ok()
-            .filter(|_| p.len() == 2)
-            .ok_or_else(|| format!("{text:?} is not a MAC address (aa:bb:cc:dd:ee:ff)"))?;
-    }
+    let mac = nutshell_protocol::netlink::parse_mac(text)
+        .ok_or_else(|| format!("{text:?} is not a MAC address (aa:bb:cc:dd:ee:ff)"))?;
     if mac[0] & 1 != 0 {
         return Err(format!("{text:?} is a multicast address"));
     }

@@ -123,28 +123,8 @@ impl Tap {
     /// Creates a (non-persistent) tap named `name` in the calling thread's network namespace,
     /// with `IFF_VNET_HDR | IFF_NO_PI`: what the shim does for a pod, for tests.
     pub fn create(name: &str) -> Result<Tap, TapError> {
-        // SAFETY: a plain open(2) of a NUL-terminated path.
-        let raw = unsafe {
-            libc::open(
-                c"/dev/net/tun".as_ptr(),
-                libc::O_RDWR | libc::O_CLOEXEC | libc::O_NONBLOCK,
-            )
-        };
-        if raw < 0 {
-            return Err(ioctl_err("open /dev/net/tun")(io::Error::last_os_error()));
-        }
-        // SAFETY: `raw` was just opened and is owned by nothing else.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let mut req = IfReq::zeroed();
-        let n = name.len().min(libc::IFNAMSIZ - 1);
-        req.name[..n].copy_from_slice(&name.as_bytes()[..n]);
-        req.flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
-        // SAFETY: TUNSETIFF reads (and updates) one `struct ifreq`, valid for the call.
-        if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &mut req as *mut IfReq) } < 0 {
-            return Err(ioctl_err("create the tap (TUNSETIFF)")(
-                io::Error::last_os_error(),
-            ));
-        }
+        let fd = nutshell_protocol::netlink::create_tap(name)
+            .map_err(ioctl_err("create the tap (TUNSETIFF)"))?;
         Tap::from_fd(fd)
     }
 
