@@ -9,6 +9,7 @@
 pub mod container;
 pub mod init;
 pub mod logger;
+pub mod network;
 pub mod pod;
 pub mod refresh;
 pub mod sandbox;

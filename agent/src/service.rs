@@ -11,10 +11,11 @@ use std::time::Duration;
 
 use nutshell_protocol::generated::agent as pb;
 use nutshell_protocol::generated::agent_ttrpc;
-use nutshell_protocol::types::{not_implemented, AgentVersion, ServingStatus};
+use nutshell_protocol::types::{AgentVersion, ServingStatus};
 use nutshell_protocol::AGENT_API_VERSION;
 use ttrpc::TtrpcContext;
 
+use crate::network::{self, NetworkError};
 use crate::pod::{stats_to_pb, unix_nanos, Pod, PodError};
 use crate::refresh::{Refresh, RefreshAction, RefreshError};
 
@@ -196,20 +197,15 @@ impl agent_ttrpc::Health for AgentService {
     }
 }
 
-/// Methods defined in the API but not served yet: each answers UNIMPLEMENTED, naming itself.
-macro_rules! not_served {
-    ($($method:ident($req:ident) -> $resp:ident = $name:literal;)*) => {
-        $(
-            fn $method(&self, _ctx: &TtrpcContext, _: pb::$req) -> ttrpc::Result<pb::$resp> {
-                log::debug!("{} called: not implemented yet", $name);
-                Err(not_implemented($name))
-            }
-        )*
-    };
-}
-
 /// The ttrpc status of a failed container RPC: its code, and the error with its causes.
 fn status(method: &str, e: &PodError) -> ttrpc::Error {
+    let message = nutshell_protocol::error_chain(e);
+    log::warn!("{method}: {message}");
+    ttrpc::Error::RpcStatus(ttrpc::get_status(e.code(), message))
+}
+
+/// The ttrpc status of a failed network RPC.
+fn network_status(method: &str, e: &NetworkError) -> ttrpc::Error {
     let message = nutshell_protocol::error_chain(e);
     log::warn!("{method}: {message}");
     ttrpc::Error::RpcStatus(ttrpc::get_status(e.code(), message))
@@ -397,9 +393,22 @@ impl agent_ttrpc::Agent for AgentService {
         })
     }
 
-    not_served! {
-        update_interface(UpdateInterfaceRequest) -> Interface = "UpdateInterface";
-        update_routes(UpdateRoutesRequest) -> Routes = "UpdateRoutes";
+    fn update_interface(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::UpdateInterfaceRequest,
+    ) -> ttrpc::Result<pb::Interface> {
+        let iface = req.interface.into_option().unwrap_or_default();
+        network::update_interface(&iface).map_err(|e| network_status("UpdateInterface", &e))
+    }
+
+    fn update_routes(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::UpdateRoutesRequest,
+    ) -> ttrpc::Result<pb::Routes> {
+        let routes = req.routes.into_option().unwrap_or_default();
+        network::update_routes(&routes).map_err(|e| network_status("UpdateRoutes", &e))
     }
 
     fn shutdown(&self, _ctx: &TtrpcContext, _: pb::ShutdownRequest) -> ttrpc::Result<pb::Empty> {

@@ -80,32 +80,127 @@ fn version_reports_agent_and_kernel() {
     assert_eq!(v.kernel_release, "6.1.0-test");
 }
 
-fn assert_unimplemented<T: std::fmt::Debug>(result: ttrpc::Result<T>, method: &str) {
-    match ClientError::from(result.unwrap_err()) {
-        ClientError::Status { code, message } => {
-            assert_eq!(code, ttrpc::Code::UNIMPLEMENTED, "{method}");
-            assert_eq!(message, format!("not implemented yet: {method}"));
-        }
-        e => panic!("{method}: unexpected {e:?}"),
+fn iface(name: &str, mac: &str, mtu: u32, addrs: &[(&str, u32)]) -> pb::Interface {
+    pb::Interface {
+        name: name.to_owned(),
+        mac: mac.to_owned(),
+        mtu,
+        addresses: addrs
+            .iter()
+            .map(|(a, p)| pb::IpAddress {
+                address: (*a).to_owned(),
+                prefix_len: *p,
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+fn route(destination: &str, gateway: &str, device: &str, scope: u32) -> pb::Route {
+    pb::Route {
+        destination: destination.to_owned(),
+        gateway: gateway.to_owned(),
+        device: device.to_owned(),
+        scope,
+        ..Default::default()
+    }
+}
+
+fn status_code<T: std::fmt::Debug>(r: Result<T, ClientError>) -> ttrpc::Code {
+    match r {
+        Err(ClientError::Status { code, .. }) => code,
+        other => panic!("unexpected {other:?}"),
     }
 }
 
 #[test]
-fn network_methods_answer_unimplemented() {
+fn network_requests_that_do_not_parse_are_refused() {
     let agent = TestAgent::start();
     let client = agent.client();
-    let raw = client.raw_agent();
-    let ctx = || client.context();
-    assert_unimplemented(
-        raw.update_routes(ctx(), &pb::UpdateRoutesRequest::new()),
-        "UpdateRoutes",
+    assert_eq!(
+        status_code(client.update_interface(&iface("", "", 0, &[]))),
+        ttrpc::Code::INVALID_ARGUMENT
     );
-    assert_unimplemented(
-        raw.update_interface(ctx(), &pb::UpdateInterfaceRequest::new()),
-        "UpdateInterface",
+    assert_eq!(
+        status_code(client.update_interface(&iface("eth0", "ff:ff:ff:ff:ff:ff", 0, &[]))),
+        ttrpc::Code::INVALID_ARGUMENT
+    );
+    assert_eq!(
+        status_code(client.update_routes(&[route("10.0.0.0/8", "", "", 0)])),
+        ttrpc::Code::INVALID_ARGUMENT,
+        "a route with neither gateway nor device"
+    );
+    assert_eq!(
+        status_code(client.update_interface(&iface("nsnothere0", "", 0, &[]))),
+        ttrpc::Code::NOT_FOUND
     );
     // The connection stays usable after errors.
     assert_eq!(client.check().unwrap(), ServingStatus::Serving);
+}
+
+/// In a network namespace of its own (the thread's, inherited by the server's threads), with
+/// a tap called `eth0` standing in for the guest's virtio-net NIC: the agent gives it the
+/// pod's MAC, MTU, addresses and routes, as the kernel then reports them.
+#[test]
+fn the_interface_and_routes_are_set_as_asked() {
+    use nutshell_protocol::netlink::{self, Netlink};
+    std::thread::spawn(|| {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+            .expect("unshare the network namespace (root)");
+        let _tap = netlink::create_tap("eth0").unwrap();
+        let agent = TestAgent::start();
+        let client = agent.client();
+        let got = client
+            .update_interface(&iface(
+                "eth0",
+                "02:42:0a:f1:00:07",
+                1400,
+                &[("10.241.0.7", 24), ("fd00:241::7", 64)],
+            ))
+            .unwrap();
+        assert_eq!(got.mac, "02:42:0a:f1:00:07");
+        assert_eq!(got.mtu, 1400);
+        let addrs: Vec<_> = got
+            .addresses
+            .iter()
+            .map(|a| format!("{}/{}", a.address, a.prefix_len))
+            .collect();
+        assert_eq!(addrs, ["10.241.0.7/24", "fd00:241::7/64"]);
+        // Twice is harmless (a retried Create).
+        client
+            .update_interface(&iface("eth0", "", 0, &[("10.241.0.7", 24)]))
+            .unwrap();
+
+        client
+            .update_routes(&[
+                route("10.242.0.0/16", "", "eth0", 253),
+                route("", "10.241.0.1", "eth0", 0),
+            ])
+            .unwrap();
+        let mut nl = Netlink::open().unwrap();
+        let eth0 = nl.link_by_name("eth0").unwrap().unwrap();
+        assert!(eth0.up, "the agent brings the interface up");
+        let routes = nl.routes(eth0.index).unwrap();
+        let default = routes
+            .iter()
+            .find(|r| r.destination.is_none() && r.gateway.is_some())
+            .unwrap_or_else(|| panic!("no default route in {routes:?}"));
+        assert_eq!(default.gateway.unwrap().to_string(), "10.241.0.1");
+        assert!(
+            routes.iter().any(|r| r
+                .destination
+                .is_some_and(|d| d.ip.to_string() == "10.242.0.0" && d.prefix_len == 16)
+                && r.scope == 253),
+            "{routes:?}"
+        );
+        assert!(
+            routes.iter().any(|r| r.kernel),
+            "the subnet route came with the address: {routes:?}"
+        );
+    })
+    .join()
+    .unwrap_or_else(|e| std::panic::resume_unwind(e));
 }
 
 fn assert_code<T: std::fmt::Debug>(result: ttrpc::Result<T>, want: ttrpc::Code, what: &str) {
