@@ -77,6 +77,9 @@ pub enum ShimError {
     /// The pod's cgroup on the host could not be made or joined.
     #[error(transparent)]
     Cgroup(#[from] crate::cgroup::CgroupError),
+    /// The pod's network could not be moved into its VM.
+    #[error(transparent)]
+    Network(#[from] crate::net::NetError),
     /// Anything else the host got wrong.
     #[error("{0}")]
     Internal(String),
@@ -125,6 +128,8 @@ impl ShimError {
                 Code::INVALID_ARGUMENT
             }
             ShimError::Cgroup(_) => Code::INTERNAL,
+            ShimError::Network(crate::net::NetError::Unsupported(_)) => Code::FAILED_PRECONDITION,
+            ShimError::Network(_) => Code::INTERNAL,
             ShimError::Io { .. } | ShimError::Internal(_) => Code::INTERNAL,
         }
     }

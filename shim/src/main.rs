@@ -10,6 +10,7 @@
 mod cgroup;
 mod config;
 mod error;
+mod net;
 mod pod;
 mod service;
 mod spec;

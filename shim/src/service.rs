@@ -38,6 +38,7 @@ use oci_spec::runtime::Spec;
 
 use crate::config::Config;
 use crate::error::{Result, ShimError};
+use crate::net::PodNetwork;
 use crate::pod::{validate_id, ResourceRequest, Role};
 use crate::spec::{rewrite_for_guest, shared_mounts};
 use crate::state::{TaskState, Transition};
@@ -703,6 +704,15 @@ impl Service {
                 .as_ref()
                 .and_then(|l| l.cgroups_path().clone())
                 .map(|p| p.to_string_lossy().into_owned());
+            // The pod's CNI network, if the CRI made one: its interface goes into the VM.
+            let net = match crate::net::netns_path(spec).map(|p| PodNetwork::attach(&p)) {
+                None => None,
+                Some(Ok(net)) => net,
+                Some(Err(e)) => {
+                    crate::vm::remove_sandbox_dir(&paths.dir);
+                    return Err(e.into());
+                }
+            };
             let vm = SandboxVm::start(
                 config,
                 &paths,
@@ -710,6 +720,7 @@ impl Service {
                 &hostname,
                 size,
                 cgroups_path.as_deref(),
+                net,
                 on_exit,
             )?;
             (Arc::new(vm), guest_spec, slot)

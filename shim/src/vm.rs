@@ -24,8 +24,12 @@ use nutshell_protocol::types::{SandboxSpec, ServingStatus};
 use crate::cgroup::{self, Layout, PodCgroup};
 use crate::config::{Config, VirtioFs};
 use crate::error::{Result, ShimError};
+use crate::net::PodNetwork;
 use crate::pod::VmSize;
 pub use nutshell_protocol::{GUEST_SHARED_DIR, SHARED_FS_TAG as FS_TAG};
+
+/// The descriptor number the VMM finds the pod's tap at (`--net-fd`).
+pub const NET_FD: RawFd = 3;
 
 /// First guest vsock port handed out for stdio streams.
 pub const FIRST_STDIO_PORT: u32 = 0x4000_0000;
@@ -56,6 +60,7 @@ pub struct SandboxVm {
     next_port: AtomicU32,
     exit: Arc<ExitCell>,
     cgroup: Mutex<Option<PodCgroup>>,
+    net: Option<PodNetwork>,
 }
 
 impl std::fmt::Debug for SandboxVm {
@@ -152,12 +157,14 @@ fn vmm_supports_shared_dir(vmm: &Path) -> bool {
     })
 }
 
-/// The VMM's command line for a sandbox.
+/// The VMM's command line for a sandbox; `net_mac`: the VM has a NIC with this MAC on the tap
+/// at [`NET_FD`].
 pub fn vmm_args(
     config: &Config,
     paths: &SandboxPaths,
     size: VmSize,
     virtio_fs: bool,
+    net_mac: Option<&str>,
 ) -> Vec<String> {
     let p = |p: &Path| p.to_string_lossy().into_owned();
     let mut args = vec![
@@ -184,6 +191,14 @@ pub fn vmm_args(
             p(&paths.shared()),
             "--fs-tag".to_owned(),
             FS_TAG.to_owned(),
+        ]);
+    }
+    if let Some(mac) = net_mac {
+        args.extend([
+            "--net-fd".to_owned(),
+            NET_FD.to_string(),
+            "--net-mac".to_owned(),
+            mac.to_owned(),
         ]);
     }
     if config.templates {
@@ -223,6 +238,10 @@ impl SandboxVm {
     /// directory (with any mount under it) removed. `on_exit` is called once, from the watcher
     /// thread, when the VMM exits. With `cgroups_path` (the spec's `linux.cgroupsPath`) the
     /// VMM runs in that cgroup on the host, created if missing and removed by [`Self::stop`].
+    /// With `net` (the pod's network, attached) the VM's NIC is on its tap and the guest is
+    /// given its addresses and routes; its redirect goes with [`Self::stop`] (or at once,
+    /// on failure).
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         config: &Config,
         paths: &SandboxPaths,
@@ -230,15 +249,26 @@ impl SandboxVm {
         hostname: &str,
         size: VmSize,
         cgroups_path: Option<&str>,
+        net: Option<PodNetwork>,
         on_exit: OnExit,
     ) -> Result<SandboxVm> {
         let mut cgroup = None;
+        let mut net = net;
         let result = match cgroups_path {
             Some(path) => pod_cgroup(path, paths).map(|cg| cgroup = Some(cg)),
             None => Ok(()),
         }
         .and_then(|()| {
-            Self::spawn_and_connect(config, id, hostname, size, paths, &mut cgroup, on_exit)
+            Self::spawn_and_connect(
+                config,
+                id,
+                hostname,
+                size,
+                paths,
+                &mut cgroup,
+                &mut net,
+                on_exit,
+            )
         });
         match result {
             Ok(vm) => Ok(vm),
@@ -247,12 +277,16 @@ impl SandboxVm {
                 if let Some(mut cg) = cgroup {
                     cg.remove();
                 }
+                if let Some(net) = net {
+                    net.detach();
+                }
                 remove_sandbox_dir(&paths.dir);
                 Err(e)
             }
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn spawn_and_connect(
         config: &Config,
         id: &str,
@@ -260,6 +294,7 @@ impl SandboxVm {
         size: VmSize,
         paths: &SandboxPaths,
         cgroup: &mut Option<PodCgroup>,
+        net: &mut Option<PodNetwork>,
         on_exit: OnExit,
     ) -> Result<SandboxVm> {
         let virtio_fs = match config.virtio_fs {
@@ -273,7 +308,16 @@ impl SandboxVm {
                 config.vmm.display()
             );
         }
-        let args = vmm_args(config, paths, size, virtio_fs);
+        let args = vmm_args(
+            config,
+            paths,
+            size,
+            virtio_fs,
+            net.as_ref().map(PodNetwork::mac),
+        );
+        // The VMM's copy of the tap; the shim's closes once the VMM has its own.
+        let tap = net.as_mut().and_then(PodNetwork::take_tap);
+        let tap_fd = tap.as_ref().map(AsRawFd::as_raw_fd);
         // Subscribe before spawning so that an immediate exit is not missed.
         let sub = monitor_subscribe(Topic::Pid)
             .map_err(|e| ShimError::Internal(format!("subscribe to exits: {e}")))?;
@@ -292,16 +336,24 @@ impl SandboxVm {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        if !fds.is_empty() {
-            // SAFETY: the closure runs in the forked child before exec and only calls
-            // write(2) on descriptors that stay open in the parent until `spawn` returns.
+        if !fds.is_empty() || tap_fd.is_some() {
+            // SAFETY: the closure runs in the forked child before exec and only calls write(2),
+            // dup2(2) and fcntl(2) (async-signal-safe) on descriptors that stay open in the
+            // parent until `spawn` returns.
             unsafe {
-                command.pre_exec(move || cgroup::join_self(&fds));
+                command.pre_exec(move || {
+                    cgroup::join_self(&fds)?;
+                    match tap_fd {
+                        Some(fd) => pass_fd(fd, NET_FD),
+                        None => Ok(()),
+                    }
+                });
             }
         }
         let started = Instant::now();
         let spawned = command.spawn();
         drop(procs);
+        drop(tap);
         let mut child = match spawned {
             Ok(c) => c,
             Err(e) => {
@@ -377,6 +429,7 @@ impl SandboxVm {
             next_port: AtomicU32::new(FIRST_STDIO_PORT),
             exit,
             cgroup: Mutex::new(cgroup.take()),
+            net: net.take(),
         };
         log::info!(
             "sandbox {id}: agent answered {:.2} s after the VMM spawn",
@@ -389,6 +442,10 @@ impl SandboxVm {
             vm.stop();
             return Err(ShimError::agent("RefreshGuest")(e));
         }
+        if let Err(e) = vm.configure_network() {
+            vm.stop();
+            return Err(e);
+        }
         let spec = SandboxSpec {
             sandbox_id: id.to_owned(),
             hostname: hostname.to_owned(),
@@ -400,6 +457,31 @@ impl SandboxVm {
             return Err(ShimError::agent("CreateSandbox")(e));
         }
         Ok(vm)
+    }
+
+    /// Gives the guest's NIC the pod's MAC, MTU, addresses and routes.
+    fn configure_network(&self) -> Result<()> {
+        let Some(net) = &self.net else {
+            return Ok(());
+        };
+        let got = self
+            .agent
+            .update_interface(&net.interface)
+            .map_err(ShimError::agent("UpdateInterface"))?;
+        self.agent
+            .update_routes(&net.routes)
+            .map_err(ShimError::agent("UpdateRoutes"))?;
+        // What the guest says is only logged (cut and masked: it is the guest's text).
+        log::info!(
+            "sandbox {}: guest {} has MAC {}, MTU {}, {} addresses, {} routes",
+            self.id,
+            clean_line(&got.name),
+            clean_line(&got.mac),
+            got.mtu,
+            got.addresses.len(),
+            net.routes.len()
+        );
+        Ok(())
     }
 
     /// The agent client for ordinary calls (bounded by the RPC timeout).
@@ -462,6 +544,9 @@ impl SandboxVm {
         if let Some(mut cg) = self.cgroup.lock().unwrap_or_else(|e| e.into_inner()).take() {
             cg.remove();
         }
+        if let Some(net) = &self.net {
+            net.detach();
+        }
         remove_sandbox_dir(&self.dir);
     }
 }
@@ -490,6 +575,23 @@ fn pod_cgroup(cgroups_path: &str, paths: &SandboxPaths) -> Result<PodCgroup> {
 }
 
 /// Ends a subscription to the crate's exit monitor.
+/// In a forked child: `fd` becomes descriptor `target`, inherited by the exec.
+fn pass_fd(fd: RawFd, target: RawFd) -> std::io::Result<()> {
+    // SAFETY: dup2(2)/fcntl(2) on descriptors of this process; no memory is passed.
+    let r = unsafe {
+        if fd == target {
+            // dup2 to itself keeps FD_CLOEXEC: clear it.
+            libc::fcntl(fd, libc::F_SETFD, 0)
+        } else {
+            libc::dup2(fd, target)
+        }
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 fn unsubscribe(id: i64) {
     if let Ok(mut m) = MONITOR.lock() {
         let _ = m.unsubscribe(id);
@@ -647,7 +749,7 @@ mod tests {
             vcpus: 2,
             memory_mib: 512,
         };
-        let args = vmm_args(&config, &paths, size, true).join(" ");
+        let args = vmm_args(&config, &paths, size, true, None).join(" ");
         for want in [
             "--kernel /usr/local/share/nutshell/vmlinux",
             "--initrd /usr/local/share/nutshell/initramfs.cpio",
@@ -661,14 +763,23 @@ mod tests {
         ] {
             assert!(args.contains(want), "{want} missing in {args}");
         }
-        let args = vmm_args(&config, &paths, size, false).join(" ");
+        let args = vmm_args(&config, &paths, size, false, None).join(" ");
         assert!(!args.contains("--shared-dir") && !args.contains("--fs-tag"));
         let cold = Config {
             templates: false,
             ..config
         };
-        let args = vmm_args(&cold, &paths, size, true).join(" ");
+        let args = vmm_args(&cold, &paths, size, true, None).join(" ");
         assert!(!args.contains("--template-cache"), "{args}");
+        assert!(
+            !args.contains("--net-fd"),
+            "no NIC without a pod network: {args}"
+        );
+        let args = vmm_args(&cold, &paths, size, true, Some("02:42:0a:00:00:05")).join(" ");
+        assert!(
+            args.contains("--net-fd 3 --net-mac 02:42:0a:00:00:05"),
+            "{args}"
+        );
     }
 
     #[test]

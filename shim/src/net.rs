@@ -1,0 +1,442 @@
+//! The pod's network, moved into its VM.
+//!
+//! containerd's CRI runs CNI in a network namespace made for the pod and names it in the
+//! sandbox's spec (`linux.namespaces`, type `network`, with a path). CNI left an interface
+//! there (`eth0`, one end of a veth pair) with the pod's MAC, addresses and routes. The shim,
+//! in that namespace, creates a tap beside it and joins the two with tc: everything arriving
+//! on the veth is redirected out of the tap (to the VM) and everything the VM sends on the tap
+//! out of the veth (to the pod's network). The VMM gets the tap's descriptor for its
+//! virtio-net device; the agent gives the guest's NIC the veth's MAC, MTU, addresses and
+//! routes. Seen from the host, the pod is where CNI put it, with the MAC and IP CNI gave it.
+//!
+//! The tap goes when its last descriptor closes (the VMM's); the namespace goes when the CRI
+//! removes the pod. Detaching removes the veth's ingress qdisc (with its redirect) at once.
+
+use std::fs::File;
+use std::net::IpAddr;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use nutshell_protocol::generated::agent as pb;
+use nutshell_protocol::netlink::{self, Link, LinkChange, Netlink, NetlinkError, Route};
+
+/// The tap's name in the pod's network namespace.
+pub const TAP_NAME: &str = "nstap0";
+
+/// The interface CRI asks CNI for, and the guest's NIC.
+pub const POD_IFACE: &str = "eth0";
+
+/// What can go wrong moving the pod's network.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// The namespace could not be opened or entered.
+    #[error("network namespace {path}: {source}")]
+    Netns {
+        /// Its path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A netlink request failed.
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+    /// The tap could not be made.
+    #[error("create tap {TAP_NAME}: {0}")]
+    Tap(#[source] std::io::Error),
+    /// A network this runtime does not take (yet).
+    #[error("not supported: {0}")]
+    Unsupported(String),
+}
+
+/// The pod's network, attached: the tap wired to the CNI interface, and what the guest needs.
+#[derive(Debug)]
+pub struct PodNetwork {
+    netns: File,
+    netns_path: PathBuf,
+    veth: Link,
+    tap: Option<OwnedFd>,
+    /// The guest NIC's MAC, MTU and addresses (the CNI interface's).
+    pub interface: pb::Interface,
+    /// The routes through it (not those the kernel makes for an address's subnet).
+    pub routes: Vec<pb::Route>,
+}
+
+/// The network namespace with a path in a spec's namespaces: the pod's CNI network.
+pub fn netns_path(spec: &oci_spec::runtime::Spec) -> Option<PathBuf> {
+    spec.linux()
+        .as_ref()?
+        .namespaces()
+        .as_ref()?
+        .iter()
+        .find(|ns| ns.typ() == oci_spec::runtime::LinuxNamespaceType::Network)?
+        .path()
+        .clone()
+}
+
+/// Runs `f` on a thread of its own inside network namespace `ns` (setns changes only the
+/// calling thread, and that thread ends with `f`).
+fn in_netns<T: Send>(
+    ns: &File,
+    path: &Path,
+    f: impl FnOnce() -> Result<T, NetError> + Send,
+) -> Result<T, NetError> {
+    let fd = ns.as_raw_fd();
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            // SAFETY: setns(2) on a descriptor that `ns` keeps open for the call; it changes
+            // only this thread's namespace, and this thread ends when `f` returns.
+            if unsafe { libc::setns(fd, libc::CLONE_NEWNET) } != 0 {
+                return Err(NetError::Netns {
+                    path: path.to_owned(),
+                    source: std::io::Error::last_os_error(),
+                });
+            }
+            f()
+        })
+        .join()
+        .unwrap_or_else(|_| Err(NetError::Unsupported("the network thread panicked".into())))
+    })
+}
+
+/// The CNI interface: `eth0`, or the only interface but the loopback. `None`: there is none
+/// (a namespace CNI configured nothing in).
+fn pod_link(links: Vec<Link>) -> Result<Option<Link>, NetError> {
+    let mut candidates: Vec<Link> = links
+        .into_iter()
+        .filter(|l| !l.loopback && l.name != TAP_NAME)
+        .collect();
+    if let Some(i) = candidates.iter().position(|l| l.name == POD_IFACE) {
+        return Ok(Some(candidates.swap_remove(i)));
+    }
+    match candidates.len() {
+        0 => Ok(None),
+        1 => Ok(candidates.pop()),
+        _ => Err(NetError::Unsupported(format!(
+            "a pod network with {} interfaces and none called {POD_IFACE} ({})",
+            candidates.len(),
+            candidates
+                .iter()
+                .map(|l| l.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+    }
+}
+
+/// The routes the guest needs, those without a gateway first (they reach the gateways).
+fn guest_routes(routes: &[Route]) -> Vec<pb::Route> {
+    let mut out: Vec<&Route> = routes
+        .iter()
+        .filter(|r| !r.kernel)
+        .filter(|r| match r.destination.map(|d| d.ip) {
+            // fe80::/64 and multicast come with any IPv6 interface.
+            Some(IpAddr::V6(v6)) => !(v6.segments()[0] & 0xffc0 == 0xfe80 || v6.is_multicast()),
+            _ => true,
+        })
+        .collect();
+    out.sort_by_key(|r| r.gateway.is_some());
+    out.into_iter()
+        .map(|r| pb::Route {
+            destination: r
+                .destination
+                .map(|d| format!("{}/{}", d.ip, d.prefix_len))
+                .unwrap_or_default(),
+            gateway: r.gateway.map(|g| g.to_string()).unwrap_or_default(),
+            device: POD_IFACE.to_owned(),
+            source: r.source.map(|s| s.to_string()).unwrap_or_default(),
+            scope: u32::from(r.scope),
+            ..Default::default()
+        })
+        .collect()
+}
+
+impl PodNetwork {
+    /// Reads the CNI interface in the namespace at `path` and wires a tap to it. `None`: the
+    /// namespace has no interface but the loopback, so the guest has none either.
+    pub fn attach(path: &Path) -> Result<Option<PodNetwork>, NetError> {
+        let netns = File::open(path).map_err(|source| NetError::Netns {
+            path: path.to_owned(),
+            source,
+        })?;
+        let found = in_netns(&netns, path, || {
+            let mut nl = Netlink::open()?;
+            let Some(veth) = pod_link(nl.links()?)? else {
+                return Ok(None);
+            };
+            let mac = veth.mac.ok_or_else(|| {
+                NetError::Unsupported(format!("interface {} has no MAC address", veth.name))
+            })?;
+            let addresses = nl.addresses(veth.index)?;
+            let routes = nl.routes(veth.index)?;
+            let tap = netlink::create_tap(TAP_NAME).map_err(NetError::Tap)?;
+            let wired = wire(&mut nl, &veth);
+            if let Err(e) = wired {
+                // The tap goes with its descriptor; the veth's qdisc must go by hand.
+                let _ = nl.del_ingress_qdisc(veth.index);
+                return Err(e);
+            }
+            let interface = pb::Interface {
+                name: POD_IFACE.to_owned(),
+                mac: netlink::format_mac(&mac),
+                mtu: veth.mtu,
+                addresses: addresses
+                    .iter()
+                    .map(|a| pb::IpAddress {
+                        address: a.ip.to_string(),
+                        prefix_len: u32::from(a.prefix_len),
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            };
+            Ok(Some((veth, tap, interface, guest_routes(&routes))))
+        })?;
+        Ok(found.map(|(veth, tap, interface, routes)| PodNetwork {
+            netns,
+            netns_path: path.to_owned(),
+            veth,
+            tap: Some(tap),
+            interface,
+            routes,
+        }))
+    }
+
+    /// The tap's descriptor, for the VMM (once).
+    pub fn take_tap(&mut self) -> Option<OwnedFd> {
+        self.tap.take()
+    }
+
+    /// The CNI interface's MAC, as the VMM takes it.
+    pub fn mac(&self) -> &str {
+        &self.interface.mac
+    }
+
+    /// Removes the redirect from the CNI interface. The tap goes with the VMM's descriptor.
+    pub fn detach(&self) {
+        let index = self.veth.index;
+        let r = in_netns(&self.netns, &self.netns_path, || {
+            Netlink::open()?.del_ingress_qdisc(index)?;
+            Ok(())
+        });
+        if let Err(e) = r {
+            log::warn!(
+                "{}: remove the redirect of {}: {}",
+                self.netns_path.display(),
+                self.veth.name,
+                crate::error::chain(&e)
+            );
+        }
+    }
+}
+
+/// The tap up with the veth's MTU, and a redirect each way.
+fn wire(nl: &mut Netlink, veth: &Link) -> Result<(), NetError> {
+    let tap = nl
+        .link_by_name(TAP_NAME)?
+        .ok_or_else(|| NetError::Unsupported(format!("the new tap {TAP_NAME} is not listed")))?;
+    nl.set_link(
+        tap.index,
+        LinkChange {
+            mtu: Some(veth.mtu),
+            up: Some(true),
+            ..Default::default()
+        },
+    )?;
+    // A qdisc left by an earlier attempt at this pod goes first.
+    nl.del_ingress_qdisc(veth.index)?;
+    nl.add_ingress_qdisc(veth.index)?;
+    nl.redirect_ingress(veth.index, tap.index)?;
+    nl.add_ingress_qdisc(tap.index)?;
+    nl.redirect_ingress(tap.index, veth.index)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nutshell_protocol::netlink::Address;
+
+    fn link(index: u32, name: &str, loopback: bool) -> Link {
+        Link {
+            index,
+            name: name.to_owned(),
+            mac: Some([2, 0, 0, 0, 0, index as u8]),
+            mtu: 1500,
+            up: true,
+            loopback,
+        }
+    }
+
+    #[test]
+    fn the_pod_interface_is_eth0_or_the_only_one() {
+        let lo = link(1, "lo", true);
+        let got = pod_link(vec![
+            lo.clone(),
+            link(2, "net1", false),
+            link(3, "eth0", false),
+        ]);
+        assert_eq!(
+            got.unwrap_or_else(|e| panic!("{e}")).map(|l| l.index),
+            Some(3)
+        );
+        let got = pod_link(vec![lo.clone(), link(2, "cni0", false)]);
+        assert_eq!(
+            got.unwrap_or_else(|e| panic!("{e}")).map(|l| l.index),
+            Some(2)
+        );
+        let got = pod_link(vec![lo.clone()]);
+        assert!(got.unwrap_or_else(|e| panic!("{e}")).is_none());
+        let got = pod_link(vec![lo, link(2, "a", false), link(3, "b", false)]);
+        assert!(matches!(got, Err(NetError::Unsupported(m)) if m.contains("a, b")));
+    }
+
+    #[test]
+    fn guest_routes_skip_kernel_and_link_local_ones_and_put_gateways_last() {
+        let v4 = |s: &str, p| {
+            Some(Address {
+                ip: s.parse().unwrap_or_else(|e| panic!("{e}")),
+                prefix_len: p,
+            })
+        };
+        let r = |destination, gateway: Option<&str>, kernel| Route {
+            destination,
+            gateway: gateway.map(|g| g.parse().unwrap_or_else(|e| panic!("{e}"))),
+            oif: Some(2),
+            source: None,
+            scope: if gateway.is_some() { 0 } else { 253 },
+            kernel,
+        };
+        let routes = [
+            r(None, Some("10.1.0.1"), false),
+            r(v4("10.1.0.0", 24), None, true),
+            r(v4("fe80::", 64), None, false),
+            r(v4("10.9.0.0", 16), None, false),
+        ];
+        let got = guest_routes(&routes);
+        let shown: Vec<_> = got
+            .iter()
+            .map(|r| (r.destination.as_str(), r.gateway.as_str(), r.scope))
+            .collect();
+        assert_eq!(shown, [("10.9.0.0/16", "", 253), ("", "10.1.0.1", 0)]);
+        assert!(got.iter().all(|r| r.device == POD_IFACE));
+    }
+    /// Whether `want` comes out of tap `fd` (after its 10-byte virtio-net header) within
+    /// 2 s; other frames (the kernel's own IPv6 chatter) are skipped.
+    fn receives(fd: &OwnedFd, want: &[u8]) -> bool {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        let mut buf = vec![0u8; 2048];
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            let mut pfd = libc::pollfd {
+                fd: fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: poll(2) on one pollfd that lives for the call.
+            if unsafe { libc::poll(&mut pfd, 1, left.as_millis() as i32) } != 1 {
+                return false;
+            }
+            // SAFETY: read(2) into `buf`, valid for its length.
+            let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            if n > 10 && &buf[10..n as usize] == want {
+                return true;
+            }
+        }
+    }
+
+    /// Writes `frame` behind an empty 10-byte virtio-net header into tap `fd`: the kernel
+    /// receives it on that interface.
+    fn write_frame(fd: &OwnedFd, frame: &[u8]) {
+        let mut buf = vec![0u8; 10];
+        buf.extend_from_slice(frame);
+        // SAFETY: write(2) from `buf`, valid for its length.
+        let n = unsafe { libc::write(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len()) };
+        assert_eq!(n, buf.len() as isize, "{}", std::io::Error::last_os_error());
+    }
+
+    /// A broadcast frame of an ether type of nobody's, marked with `tag`.
+    fn frame(tag: u8) -> Vec<u8> {
+        let mut f = vec![0xff; 6];
+        f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x99, 0x88, 0xb5]);
+        f.extend(std::iter::repeat_n(tag, 46));
+        f
+    }
+
+    /// For real, in a network namespace of the test's own: a tap called `eth0` stands in for
+    /// CNI's veth (it has the pod's address and a default route). Attach reads them, and
+    /// frames cross between the two interfaces both ways until detach.
+    #[test]
+    fn attach_wires_a_tap_to_the_pod_interface_until_detach() {
+        std::thread::spawn(|| {
+            // SAFETY: unshare(2) of this thread's network namespace; no memory is passed.
+            let r = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+            assert_eq!(r, 0, "unshare (root): {}", std::io::Error::last_os_error());
+            let veth = netlink::create_tap(POD_IFACE).unwrap_or_else(|e| panic!("{e}"));
+            let mut nl = Netlink::open().unwrap_or_else(|e| panic!("{e}"));
+            let eth0 = nl
+                .link_by_name(POD_IFACE)
+                .unwrap_or_else(|e| panic!("{e}"))
+                .unwrap_or_else(|| panic!("no eth0"));
+            nl.set_link(
+                eth0.index,
+                LinkChange {
+                    mac: Some([0x02, 0x42, 10, 7, 0, 5]),
+                    mtu: Some(1450),
+                    up: Some(true),
+                },
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+            let addr = Address {
+                ip: "10.7.0.5".parse().unwrap_or_else(|e| panic!("{e}")),
+                prefix_len: 24,
+            };
+            nl.add_address(eth0.index, addr)
+                .unwrap_or_else(|e| panic!("{e}"));
+            nl.add_route(&Route {
+                destination: None,
+                gateway: Some("10.7.0.1".parse().unwrap_or_else(|e| panic!("{e}"))),
+                oif: Some(eth0.index),
+                source: None,
+                scope: 0,
+                kernel: false,
+            })
+            .unwrap_or_else(|e| panic!("{e}"));
+
+            let path = Path::new("/proc/thread-self/ns/net");
+            let mut net = PodNetwork::attach(path)
+                .unwrap_or_else(|e| panic!("{e}"))
+                .unwrap_or_else(|| panic!("no pod network found"));
+            assert_eq!(net.mac(), "02:42:0a:07:00:05");
+            assert_eq!(net.interface.mtu, 1450);
+            assert_eq!(net.interface.addresses.len(), 1);
+            assert_eq!(net.interface.addresses[0].address, "10.7.0.5");
+            assert_eq!(net.interface.addresses[0].prefix_len, 24);
+            let gw: Vec<_> = net.routes.iter().map(|r| r.gateway.as_str()).collect();
+            assert_eq!(gw, ["10.7.0.1"], "{:?}", net.routes);
+            let tap = net.take_tap().unwrap_or_else(|| panic!("no tap"));
+            assert!(net.take_tap().is_none(), "the tap is handed out once");
+            let t = nl
+                .link_by_name(TAP_NAME)
+                .unwrap_or_else(|e| panic!("{e}"))
+                .unwrap_or_else(|| panic!("no {TAP_NAME}"));
+            assert!(t.up);
+            assert_eq!(t.mtu, 1450);
+
+            // The pod's network to the VM, and back.
+            write_frame(&veth, &frame(1));
+            assert!(receives(&tap, &frame(1)), "veth ingress -> tap");
+            write_frame(&tap, &frame(2));
+            assert!(receives(&veth, &frame(2)), "tap ingress -> veth");
+
+            net.detach();
+            write_frame(&veth, &frame(3));
+            assert!(!receives(&tap, &frame(3)), "no redirect after detach");
+        })
+        .join()
+        .unwrap_or_else(|e| std::panic::resume_unwind(e));
+    }
+}
