@@ -15,6 +15,9 @@ APT_PACKAGES=(
     # containers: the agent's host-run tests use busybox-static as a rootfs; containerd and
     # runc are the real components the end-to-end tests and benchmarks drive
     busybox-static containerd runc iproute2
+    # pod networks: the CNI bridge, host-local and portmap plugins the CRI tests give pods
+    # (portmap needs iptables), nsenter (util-linux) to look into a pod's network namespace
+    containernetworking-plugins iptables util-linux
     # the CRI client of the end-to-end tests (k8s-cri generates its gRPC code with protoc)
     protobuf-compiler
     # benchmark workloads (nutshell-bench builds its images from these Debian binaries)

@@ -188,6 +188,19 @@ impl Drop for Rig {
                 self.containerd.log_tail(30_000)
             );
         }
+        // Pods a failed test left: their network namespaces (and the veths in them) outlive
+        // containerd unless the CRI removes them, so the CRI removes them first.
+        if self.cni.is_some() {
+            for pod in self.cri.list_pod_sandboxes().unwrap_or_default() {
+                if let Err(e) = self
+                    .cri
+                    .stop_pod_sandbox(&pod)
+                    .and_then(|()| self.cri.remove_pod_sandbox(&pod))
+                {
+                    eprintln!("remove pod {pod} left by the test: {e}");
+                }
+            }
+        }
     }
 }
 
@@ -244,7 +257,18 @@ impl Rig {
             let dir = Path::new("/sys/fs/cgroup")
                 .join(c)
                 .join(&self.cgroup_parent);
-            assert!(!dir.exists(), "cgroup {} left", dir.display());
+            assert!(
+                !dir.exists(),
+                "cgroup {} left, with {:?}",
+                dir.display(),
+                std::fs::read_dir(&dir)
+                    .map(|d| d
+                        .flatten()
+                        .filter(|e| e.path().is_dir())
+                        .map(|e| e.file_name())
+                        .collect::<Vec<_>>())
+                    .unwrap_or_default()
+            );
         }
     }
 }
