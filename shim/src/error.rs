@@ -128,7 +128,9 @@ impl ShimError {
                 Code::INVALID_ARGUMENT
             }
             ShimError::Cgroup(_) => Code::INTERNAL,
-            ShimError::Network(crate::net::NetError::Unsupported(_)) => Code::FAILED_PRECONDITION,
+            ShimError::Network(
+                crate::net::NetError::Unsupported(_) | crate::net::NetError::Netns { .. },
+            ) => Code::FAILED_PRECONDITION,
             ShimError::Network(_) => Code::INTERNAL,
             ShimError::Io { .. } | ShimError::Internal(_) => Code::INTERNAL,
         }

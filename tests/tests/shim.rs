@@ -82,14 +82,29 @@ impl Harness {
 
     /// A bundle with a spec carrying `annotations`; its `log` file collects the shim's log.
     fn bundle(&self, id: &str, annotations: &[(&str, &str)]) -> PathBuf {
+        self.bundle_in_netns(id, annotations, None)
+    }
+
+    /// As `bundle`, with the spec's network namespace at `netns` (as the CRI gives after CNI
+    /// ran) or a new, unnamed one.
+    fn bundle_in_netns(
+        &self,
+        id: &str,
+        annotations: &[(&str, &str)],
+        netns: Option<&Path>,
+    ) -> PathBuf {
         let bundle = self.dir.path().join("bundles").join(id);
         std::fs::create_dir_all(bundle.join("rootfs")).unwrap();
         let annotations: HashMap<_, _> = annotations.iter().cloned().collect();
         let spec = format!(
             r#"{{"ociVersion":"1.0.2","process":{{"user":{{"uid":0,"gid":0}},"args":["/bin/true"],"cwd":"/"}},
                "root":{{"path":"rootfs"}},"hostname":"{id}","annotations":{},
-               "linux":{{"namespaces":[{{"type":"pid"}},{{"type":"mount"}},{{"type":"uts"}},{{"type":"network","path":"/var/run/netns/x"}}]}}}}"#,
-            annotations_json(&annotations)
+               "linux":{{"namespaces":[{{"type":"pid"}},{{"type":"mount"}},{{"type":"uts"}},{}]}}}}"#,
+            annotations_json(&annotations),
+            match netns {
+                Some(path) => format!(r#"{{"type":"network","path":{path:?}}}"#),
+                None => r#"{"type":"network"}"#.to_owned(),
+            }
         );
         std::fs::write(bundle.join("config.json"), spec).unwrap();
         std::fs::write(bundle.join("log"), b"").unwrap();
@@ -261,6 +276,49 @@ fn pod_containers_get_the_shim_of_their_sandbox() {
         );
         assert!(!socket_path(&address).exists(), "{address} left behind");
     }
+}
+
+#[test]
+#[ignore = "slow lane: starts the shim binary (scripts/test.sh runs it)"]
+fn a_pod_whose_network_namespace_is_missing_is_refused_and_leaves_nothing() {
+    let h = Harness::new();
+    let missing = h.dir.path().join("netns").join("gone");
+    let id = "pod-nonet";
+    let bundle = h.bundle_in_netns(
+        id,
+        &[
+            ("io.kubernetes.cri.container-type", "sandbox"),
+            ("io.kubernetes.cri.sandbox-id", id),
+        ],
+        Some(&missing),
+    );
+    let address = h.start(id, &bundle);
+    let client = TaskClient::new(ttrpc::Client::connect(&address).unwrap());
+    let shim_pid = client
+        .connect(ctx(), &ConnectRequest::new())
+        .unwrap()
+        .shim_pid;
+    let _guard = ShimGuard(Some(shim_pid), address.clone());
+
+    let mut req = CreateTaskRequest::new();
+    req.id = id.into();
+    req.bundle = bundle.to_string_lossy().into_owned();
+    let e = client.create(ctx(), &req).unwrap_err();
+    assert_eq!(code(&e), Some(Code::FAILED_PRECONDITION), "{e:?}");
+    let message = format!("{e:?}");
+    assert!(
+        message.contains(&*missing.to_string_lossy()),
+        "the error names the namespace: {message}"
+    );
+    // Refused before any VM: no VMM, no sandbox directory, no mount.
+    assert!(vmm_processes(&h.run_dir()).is_empty());
+    assert!(!h.run_dir().join(id).exists(), "sandbox directory left");
+    assert_eq!(mounts_under(h.dir.path()), Vec::<String>::new());
+    let _ = client.shutdown(ctx(), &ShutdownRequest::new());
+    assert!(
+        wait_gone(shim_pid, Duration::from_secs(10)),
+        "shim still runs"
+    );
 }
 
 #[test]
