@@ -224,6 +224,16 @@ impl Drop for ShimGuard {
     }
 }
 
+/// A client of the shim at `address`, its PID, and a guard that ends it if the test fails.
+fn connect(address: &str) -> (TaskClient, u32, ShimGuard) {
+    let client = TaskClient::new(ttrpc::Client::connect(address).unwrap());
+    let pid = client
+        .connect(ctx(), &ConnectRequest::new())
+        .unwrap()
+        .shim_pid;
+    (client, pid, ShimGuard(Some(pid), address.to_owned()))
+}
+
 #[test]
 #[ignore = "slow lane: starts the shim binary (scripts/test.sh runs it)"]
 fn pod_containers_get_the_shim_of_their_sandbox() {
@@ -245,21 +255,11 @@ fn pod_containers_get_the_shim_of_their_sandbox() {
     let solo = h.bundle("solo", &[]);
 
     let a1 = h.start("pod1", &pod);
-    let client = TaskClient::new(ttrpc::Client::connect(&a1).unwrap());
-    let shim_pid = client
-        .connect(ctx(), &ConnectRequest::new())
-        .unwrap()
-        .shim_pid;
-    let _guard = ShimGuard(Some(shim_pid), a1.clone());
+    let (client, shim_pid, _guard) = connect(&a1);
     // The app container's `start` finds the pod's shim running and answers its address.
     assert_eq!(h.start("web", &app), a1);
     let a3 = h.start("solo", &solo);
-    let solo_client = TaskClient::new(ttrpc::Client::connect(&a3).unwrap());
-    let solo_pid = solo_client
-        .connect(ctx(), &ConnectRequest::new())
-        .unwrap()
-        .shim_pid;
-    let _solo_guard = ShimGuard(Some(solo_pid), a3.clone());
+    let (solo_client, solo_pid, _solo_guard) = connect(&a3);
     assert_ne!(a3, a1, "a container without a pod gets a shim of its own");
     assert_ne!(solo_pid, shim_pid);
 
@@ -293,12 +293,7 @@ fn a_pod_whose_network_namespace_is_missing_is_refused_and_leaves_nothing() {
         Some(&missing),
     );
     let address = h.start(id, &bundle);
-    let client = TaskClient::new(ttrpc::Client::connect(&address).unwrap());
-    let shim_pid = client
-        .connect(ctx(), &ConnectRequest::new())
-        .unwrap()
-        .shim_pid;
-    let _guard = ShimGuard(Some(shim_pid), address.clone());
+    let (client, shim_pid, _guard) = connect(&address);
 
     let mut req = CreateTaskRequest::new();
     req.id = id.into();
@@ -338,9 +333,7 @@ fn create_boots_a_vm_reaches_the_agent_and_delete_leaves_nothing() {
     std::fs::write(rootfs_src.join("marker"), b"rootfs").unwrap();
 
     let address = h.start(id, &bundle);
-    let client = TaskClient::new(ttrpc::Client::connect(&address).unwrap());
-    let connect = client.connect(ctx(), &ConnectRequest::new()).unwrap();
-    let _guard = ShimGuard(Some(connect.shim_pid), address.clone());
+    let (client, shim_pid, _guard) = connect(&address);
 
     let sandbox_dir = h.run_dir().join(id);
     let watch = {
@@ -441,7 +434,7 @@ fn create_boots_a_vm_reaches_the_agent_and_delete_leaves_nothing() {
     );
 
     let _ = client.shutdown(ctx(), &ShutdownRequest::new());
-    assert!(wait_gone(connect.shim_pid, Duration::from_secs(10)));
+    assert!(wait_gone(shim_pid, Duration::from_secs(10)));
     let mut log = String::new();
     std::fs::File::open(bundle.join("log"))
         .unwrap()
