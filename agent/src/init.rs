@@ -5,7 +5,7 @@ use std::io;
 use std::sync::Arc;
 
 use log::LevelFilter;
-use nutshell_protocol::AGENT_VSOCK_PORT;
+use nutshell_protocol::{AGENT_VSOCK_PORT, PORT_FORWARD_VSOCK_PORT};
 
 use crate::container::Containers;
 use crate::service::{AgentService, ServiceError};
@@ -174,6 +174,11 @@ pub fn run() -> Result<std::convert::Infallible, InitError> {
     )));
     let addr = format!("vsock://-1:{AGENT_VSOCK_PORT}");
     let _server = service.serve(&addr).map_err(InitError::Serve)?;
+    // Port-forward is one feature of the pod, not the agent's reason to be: without it the
+    // API still serves.
+    if let Err(e) = crate::forward::serve_vsock() {
+        log::error!("cannot serve port-forward on vsock port {PORT_FORWARD_VSOCK_PORT}: {e}");
+    }
     // The guest's uptime splits the boot time into kernel and agent (the log's own clock
     // starts with the agent).
     let uptime = std::fs::read_to_string("/proc/uptime").unwrap_or_default();

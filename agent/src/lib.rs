@@ -7,6 +7,7 @@
 //! (its own system calls in `container::syscall`).
 
 pub mod container;
+pub mod forward;
 pub mod init;
 pub mod logger;
 pub mod network;

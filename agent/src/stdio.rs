@@ -12,7 +12,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
-use nutshell_protocol::AGENT_VSOCK_PORT;
+use nutshell_protocol::{AGENT_VSOCK_PORT, PORT_FORWARD_VSOCK_PORT};
 
 use crate::sys;
 
@@ -108,7 +108,7 @@ impl StdioPorts {
             ));
         }
         for (i, (name, port)) in wanted.iter().enumerate() {
-            if *port == AGENT_VSOCK_PORT || *port == u32::MAX {
+            if *port == AGENT_VSOCK_PORT || *port == PORT_FORWARD_VSOCK_PORT || *port == u32::MAX {
                 return Err(StdioError::InvalidPorts(format!(
                     "{name} uses reserved port {port}"
                 )));
@@ -235,6 +235,7 @@ mod tests {
         let e = ports(0, AGENT_VSOCK_PORT, 0).wanted(false).unwrap_err();
         assert!(e.to_string().contains("reserved port 1024"), "{e}");
         assert!(ports(0, u32::MAX, 0).wanted(false).is_err());
+        assert!(ports(PORT_FORWARD_VSOCK_PORT, 0, 0).wanted(false).is_err());
     }
 
     /// Unix sockets named by port in a directory stand in for vsock ports on the host.

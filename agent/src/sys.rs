@@ -179,6 +179,11 @@ pub fn vsock_local_cid() -> io::Result<Option<u32>> {
 
 /// A non-blocking vsock stream socket listening on `port` of any local CID (backlog 1).
 pub fn vsock_listen(port: u32) -> io::Result<OwnedFd> {
+    vsock_listen_backlog(port, 1)
+}
+
+/// A non-blocking vsock stream socket listening on `port` of any local CID.
+pub fn vsock_listen_backlog(port: u32, backlog: libc::c_int) -> io::Result<OwnedFd> {
     // SAFETY: socket(2) takes plain integers; a non-negative result is a new descriptor.
     let raw = unsafe {
         libc::socket(
@@ -209,7 +214,7 @@ pub fn vsock_listen(port: u32) -> io::Result<OwnedFd> {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: listen(2) on a descriptor we own.
-    if unsafe { libc::listen(fd.as_raw_fd(), 1) } != 0 {
+    if unsafe { libc::listen(fd.as_raw_fd(), backlog) } != 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(fd)

@@ -418,6 +418,21 @@ impl CriClient {
         Ok(())
     }
 
+    /// `PortForward`: the URL on containerd's streaming server where the pod's `ports` are
+    /// forwarded (kubelet hands it to the API server; a client speaks the kubelet streaming
+    /// protocol to it, once).
+    pub fn port_forward(&mut self, id: &str, ports: &[i32]) -> Result<String> {
+        let req = cri::PortForwardRequest {
+            pod_sandbox_id: id.into(),
+            port: ports.to_vec(),
+        };
+        let resp = self
+            .rt
+            .block_on(self.runtime.port_forward(req))
+            .map_err(call_failed("PortForward"))?;
+        Ok(resp.into_inner().url)
+    }
+
     /// `RemovePodSandbox`.
     pub fn remove_pod_sandbox(&mut self, id: &str) -> Result<()> {
         let req = cri::RemovePodSandboxRequest {

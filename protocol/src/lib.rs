@@ -9,6 +9,7 @@
 pub mod client;
 #[cfg(feature = "netlink")]
 pub mod netlink;
+pub mod portforward;
 pub mod types;
 
 /// Generated code: rust-protobuf messages and ttrpc clients/servers. Not committed.
@@ -30,6 +31,10 @@ pub use ttrpc;
 
 /// The vsock port the agent serves its ttrpc API on.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
+
+/// The vsock port the agent takes forwarded TCP connections on (`kubectl port-forward`); the
+/// stream's contract is in [`portforward`].
+pub const PORT_FORWARD_VSOCK_PORT: u32 = 1025;
 
 /// Version of the agent API; the agent reports it in `Version`. Bump on an incompatible change.
 pub const AGENT_API_VERSION: u32 = 1;

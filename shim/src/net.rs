@@ -11,14 +11,20 @@
 //!
 //! The tap goes when its last descriptor closes (the VMM's); the namespace goes when the CRI
 //! removes the pod. Detaching removes the veth's ingress qdisc (with its redirect) at once.
+//!
+//! In the same namespace the pod's port-forward ([`crate::portforward`]) takes connections
+//! to 127.0.0.1 into the VM; it starts with the attach and stops with the detach.
 
 use std::fs::File;
 use std::net::IpAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use nutshell_protocol::generated::agent as pb;
 use nutshell_protocol::netlink::{self, Link, LinkChange, Netlink, NetlinkError, Route};
+
+use crate::portforward::PortForward;
 
 /// The tap's name in the pod's network namespace.
 pub const TAP_NAME: &str = "nstap0";
@@ -56,6 +62,7 @@ pub struct PodNetwork {
     netns_path: PathBuf,
     veth: Link,
     tap: Option<OwnedFd>,
+    forward: Mutex<Option<PortForward>>,
     /// The guest NIC's MAC, MTU and addresses (the CNI interface's).
     pub interface: pb::Interface,
     /// The routes through it (not those the kernel makes for an address's subnet).
@@ -152,9 +159,11 @@ fn guest_routes(routes: &[Route]) -> Vec<pb::Route> {
 }
 
 impl PodNetwork {
-    /// Reads the CNI interface in the namespace at `path` and wires a tap to it. `None`: the
+    /// Reads the CNI interface in the namespace at `path` and wires a tap to it, and starts
+    /// the pod's port-forward there into the VM behind hybrid vsock socket `vsock` (a
+    /// port-forward that cannot start is logged: the pod runs without it). `None`: the
     /// namespace has no interface but the loopback, so the guest has none either.
-    pub fn attach(path: &Path) -> Result<Option<PodNetwork>, NetError> {
+    pub fn attach(path: &Path, vsock: &Path) -> Result<Option<PodNetwork>, NetError> {
         let netns = File::open(path).map_err(|source| NetError::Netns {
             path: path.to_owned(),
             source,
@@ -190,16 +199,28 @@ impl PodNetwork {
                     .collect(),
                 ..Default::default()
             };
-            Ok(Some((veth, tap, interface, guest_routes(&routes))))
+            let forward = PortForward::start(vsock.to_owned())
+                .map_err(|e| {
+                    log::warn!(
+                        "{}: no port-forward: {}",
+                        path.display(),
+                        crate::error::chain(&e)
+                    );
+                })
+                .ok();
+            Ok(Some((veth, tap, interface, guest_routes(&routes), forward)))
         })?;
-        Ok(found.map(|(veth, tap, interface, routes)| PodNetwork {
-            netns,
-            netns_path: path.to_owned(),
-            veth,
-            tap: Some(tap),
-            interface,
-            routes,
-        }))
+        Ok(
+            found.map(|(veth, tap, interface, routes, forward)| PodNetwork {
+                netns,
+                netns_path: path.to_owned(),
+                veth,
+                tap: Some(tap),
+                forward: Mutex::new(forward),
+                interface,
+                routes,
+            }),
+        )
     }
 
     /// The tap's descriptor, for the VMM (once).
@@ -212,10 +233,29 @@ impl PodNetwork {
         &self.interface.mac
     }
 
-    /// Removes the redirect from the CNI interface. The tap goes with the VMM's descriptor.
+    /// The port-forward's listener port, while connections to 127.0.0.1 in the namespace
+    /// are forwarded into the VM.
+    pub fn forward_port(&self) -> Option<u16> {
+        self.forward
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(PortForward::port)
+    }
+
+    /// Stops the port-forward and removes the redirect from the CNI interface. The tap goes
+    /// with the VMM's descriptor. Once is enough; again does no harm.
     pub fn detach(&self) {
         let index = self.veth.index;
+        let forward = self
+            .forward
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         let r = in_netns(&self.netns, &self.netns_path, || {
+            if let Some(f) = forward {
+                f.stop();
+            }
             Netlink::open()?.del_ingress_qdisc(index)?;
             Ok(())
         });
@@ -406,8 +446,23 @@ mod tests {
             })
             .unwrap_or_else(|e| panic!("{e}"));
 
+            // CNI's loopback plugin brings `lo` up (127.0.0.1 exists only then): the
+            // port-forward listens there.
+            let lo = nl
+                .link_by_name("lo")
+                .unwrap_or_else(|e| panic!("{e}"))
+                .unwrap_or_else(|| panic!("no lo"));
+            nl.set_link(
+                lo.index,
+                LinkChange {
+                    up: Some(true),
+                    ..Default::default()
+                },
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+
             let path = Path::new("/proc/thread-self/ns/net");
-            let mut net = PodNetwork::attach(path)
+            let mut net = PodNetwork::attach(path, Path::new("/nonexistent/vsock.sock"))
                 .unwrap_or_else(|e| panic!("{e}"))
                 .unwrap_or_else(|| panic!("no pod network found"));
             assert_eq!(net.mac(), "02:42:0a:07:00:05");
@@ -425,6 +480,10 @@ mod tests {
                 .unwrap_or_else(|| panic!("no {TAP_NAME}"));
             assert!(t.up);
             assert_eq!(t.mtu, 1450);
+            assert!(
+                net.forward_port().is_some(),
+                "the port-forward started with the attach"
+            );
 
             // The pod's network to the VM, and back.
             write_frame(&veth, &frame(1));
@@ -435,6 +494,11 @@ mod tests {
             net.detach();
             write_frame(&veth, &frame(3));
             assert!(!receives(&tap, &frame(3)), "no redirect after detach");
+            assert!(
+                net.forward_port().is_none(),
+                "the port-forward stopped with the detach"
+            );
+            net.detach();
         })
         .join()
         .unwrap_or_else(|e| std::panic::resume_unwind(e));

@@ -705,7 +705,8 @@ impl Service {
                 .and_then(|l| l.cgroups_path().clone())
                 .map(|p| p.to_string_lossy().into_owned());
             // The pod's CNI network, if the CRI made one: its interface goes into the VM.
-            let net = match crate::net::netns_path(spec).map(|p| PodNetwork::attach(&p)) {
+            let vsock = paths.vsock();
+            let net = match crate::net::netns_path(spec).map(|p| PodNetwork::attach(&p, &vsock)) {
                 None => None,
                 Some(Ok(net)) => net,
                 Some(Err(e)) => {

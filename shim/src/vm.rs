@@ -473,13 +473,15 @@ impl SandboxVm {
             .map_err(ShimError::agent("UpdateRoutes"))?;
         // What the guest says is only logged (cut and masked: it is the guest's text).
         log::info!(
-            "sandbox {}: guest {} has MAC {}, MTU {}, {} addresses, {} routes",
+            "sandbox {}: guest {} has MAC {}, MTU {}, {} addresses, {} routes; port-forward {}",
             self.id,
             clean_line(&got.name),
             clean_line(&got.mac),
             got.mtu,
             got.addresses.len(),
-            net.routes.len()
+            net.routes.len(),
+            net.forward_port()
+                .map_or_else(|| "off".to_owned(), |p| format!("via 127.0.0.1:{p}"))
         );
         Ok(())
     }

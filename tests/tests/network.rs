@@ -3,11 +3,16 @@
 //! the shim moves it into the pod's microVM (a tap beside the CNI veth, tc redirects between
 //! them, the guest given the veth's MAC, addresses and routes).
 //!
+//! `kubectl port-forward` goes through containerd's streaming server (the WebSocket protocol
+//! of kubelet's streaming server), containerd's dial of `localhost` in the pod's namespace,
+//! the shim's redirect there and the agent, to a listener on the guest's loopback.
+//!
 //! Every address traffic goes to belongs to the rig: the pods' addresses (in network
 //! namespaces containerd made for this test) and the bridge's gateway address (on the bridge
 //! the CNI plugin made for it). The bridge goes with the rig's containerd.
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
+use std::io::ErrorKind;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::process::Command;
@@ -185,6 +190,180 @@ fn pods_serve_on_their_ip_and_reach_each_other_and_their_gateway() {
         rig.cri.stop_pod_sandbox(pod).unwrap();
         rig.cri.remove_pod_sandbox(pod).unwrap();
     }
+    assert!(
+        !netns.exists(),
+        "containerd removed the pod's network namespace"
+    );
+    rig.assert_nothing_left();
+}
+
+/// The WebSocket subprotocol of kubelet's streaming server for port-forward: binary messages,
+/// the first byte the channel (data `2i`, error `2i + 1` for the i-th port).
+const PORT_FORWARD_PROTOCOL: &str = "v4.channel.k8s.io";
+
+/// What one port-forward exchange through containerd's streaming server brought back.
+#[derive(Debug, Default)]
+struct Forwarded {
+    /// The bytes of the data channel (after the port number).
+    data: Vec<u8>,
+    /// The text of the error channel (after the port number).
+    error: String,
+}
+
+/// One port-forward of `port` of `pod` through the CRI: `PortForward` gives a URL on
+/// containerd's streaming server; there, over WebSocket, each channel first carries the port
+/// (2 bytes, little-endian); then `request` is sent on the data channel, and everything that
+/// comes back is read until the server closes.
+fn port_forward_once(rig: &mut Rig, pod: &str, port: u16, request: &[u8]) -> Forwarded {
+    use tungstenite::client::IntoClientRequest;
+    use tungstenite::{stream::MaybeTlsStream, Message};
+
+    let url = rig.cri.port_forward(pod, &[i32::from(port)]).unwrap();
+    let ws_url = format!(
+        "{}?ports={port}",
+        url.strip_prefix("http://")
+            .map(|rest| format!("ws://{rest}"))
+            .unwrap_or_else(|| panic!("not a plain-HTTP streaming URL: {url}"))
+    );
+    let mut req = ws_url.as_str().into_client_request().unwrap();
+    req.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        PORT_FORWARD_PROTOCOL.parse().unwrap(),
+    );
+    let (mut ws, resp) = tungstenite::connect(req).unwrap();
+    assert_eq!(
+        resp.headers()
+            .get("Sec-WebSocket-Protocol")
+            .map(|v| v.to_str().unwrap().to_owned()),
+        Some(PORT_FORWARD_PROTOCOL.to_owned())
+    );
+    if let MaybeTlsStream::Plain(s) = ws.get_mut() {
+        s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    }
+    let mut out = Forwarded::default();
+    let mut port_seen = [false; 2];
+    let mut sent = false;
+    loop {
+        let msg = match ws.read() {
+            Ok(m) => m,
+            Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => break,
+            Err(tungstenite::Error::Protocol(_)) => break, // closed without a close frame
+            Err(tungstenite::Error::Io(e)) if e.kind() != ErrorKind::WouldBlock => {
+                if e.kind() == ErrorKind::ConnectionReset || e.kind() == ErrorKind::UnexpectedEof {
+                    break;
+                }
+                panic!("port-forward read: {e}");
+            }
+            Err(e) => panic!("port-forward read: {e}"),
+        };
+        let bytes = match msg {
+            Message::Binary(b) => b,
+            Message::Close(_) => break,
+            _ => continue,
+        };
+        let Some((&channel, payload)) = bytes.split_first() else {
+            continue;
+        };
+        let ch = usize::from(channel);
+        assert!(ch < 2, "channel {channel} for one port");
+        let payload = if port_seen[ch] {
+            payload
+        } else {
+            // The first message of each channel is the port.
+            assert_eq!(
+                payload[..2],
+                port.to_le_bytes(),
+                "channel {channel} names the port"
+            );
+            port_seen[ch] = true;
+            &payload[2..]
+        };
+        if ch == 0 {
+            out.data.extend_from_slice(payload);
+        } else {
+            out.error.push_str(&String::from_utf8_lossy(payload));
+        }
+        if port_seen == [true, true] && !sent {
+            let mut frame = vec![0u8];
+            frame.extend_from_slice(request);
+            ws.send(Message::Binary(frame.into())).unwrap();
+            sent = true;
+        }
+    }
+    assert!(
+        sent,
+        "the streaming server never named the port on both channels: {out:?}"
+    );
+    out
+}
+
+#[test]
+#[ignore = "slow lane: needs root, containerd, CNI plugins, iptables, KVM and the guest kernel (scripts/test.sh runs it)"]
+fn port_forward_reaches_a_loopback_only_listener_in_the_guest() {
+    const PORT: u16 = 8081;
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut rig = rig_with_cni("pf");
+    let script = format!(
+        "mkdir -p /www && echo hello-through-port-forward > /www/index.html && \
+         exec httpd -f -p 127.0.0.1:{PORT} -h /www"
+    );
+    let (pod, _ctr, ip) = pod_running(&mut rig, "pf-a", HANDLER, &script);
+
+    // Through containerd's streaming server, retried while httpd is not up yet (a refused
+    // guest port comes back on the error channel).
+    let t = Instant::now();
+    let deadline = t + Duration::from_secs(240);
+    let mut attempts = 0;
+    let page = loop {
+        attempts += 1;
+        let got = port_forward_once(&mut rig, &pod, PORT, b"GET / HTTP/1.0\r\n\r\n");
+        let text = String::from_utf8_lossy(&got.data).into_owned();
+        if text.contains("hello-through-port-forward") {
+            assert!(got.error.is_empty(), "error channel: {}", got.error);
+            break text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no page through port-forward: {got:?}"
+        );
+        eprintln!(
+            "port-forward attempt {attempts} at {:?}: no page yet ({got:?})",
+            t.elapsed()
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    eprintln!(
+        "page through port-forward after {:?} ({attempts} attempts)",
+        t.elapsed()
+    );
+    assert!(page.starts_with("HTTP/1."), "{page}");
+
+    // Twice more: each PortForward call is a connection of its own.
+    let t = Instant::now();
+    let again = port_forward_once(&mut rig, &pod, PORT, b"GET / HTTP/1.0\r\n\r\n");
+    assert!(String::from_utf8_lossy(&again.data).contains("hello-through-port-forward"));
+    eprintln!("second port-forward GET took {:?}", t.elapsed());
+
+    // httpd listens on the guest's loopback only: the pod's IP refuses the port.
+    let direct = TcpStream::connect_timeout(&SocketAddr::from((ip, PORT)), Duration::from_secs(10));
+    assert!(
+        matches!(&direct, Err(e) if e.kind() == ErrorKind::ConnectionRefused),
+        "{ip}:{PORT} from the host: {direct:?}"
+    );
+
+    // A port nothing listens on in the guest: containerd reports the failure on the error
+    // channel and no data comes.
+    let refused = port_forward_once(&mut rig, &pod, PORT + 1, b"GET / HTTP/1.0\r\n\r\n");
+    assert!(refused.data.is_empty(), "{refused:?}");
+    assert!(
+        refused.error.contains(&format!("port {}", PORT + 1)),
+        "error channel: {:?}",
+        refused.error
+    );
+
+    let netns = rig.cri.pod_network(&pod).unwrap().netns.unwrap();
+    rig.cri.stop_pod_sandbox(&pod).unwrap();
+    rig.cri.remove_pod_sandbox(&pod).unwrap();
     assert!(
         !netns.exists(),
         "containerd removed the pod's network namespace"
