@@ -165,6 +165,9 @@ impl RuntimeSpec {
 /// "container not running", the words the runc shim takes for a process that has already
 /// exited; otherwise containerd retried deleting the pod's sandbox for ever.
 ///
+/// The bundle of a command without `--bundle` (`start`, which sets up the sandbox's network,
+/// `kill`, `delete`) is the directory of the shim's `--log BUNDLE/log.json`.
+///
 /// With `debug_dir`, runsc writes its debug logs there (`--debug --debug-log=DIR/`, one file per
 /// command).
 pub fn runsc_wrapper(runsc: &Path, debug_dir: Option<&Path>) -> String {
@@ -175,12 +178,13 @@ pub fn runsc_wrapper(runsc: &Path, debug_dir: Option<&Path>) -> String {
     format!(
         r#"#!/bin/sh
 # runsc for containerd's runc shim, written by nutshell-bench: see runsc_wrapper().
-bundle= start= create= kill= pidfile= root= id= prev=
+bundle= start= create= kill= pidfile= root= log= id= prev=
 for arg in "$@"; do
     case "$prev" in
         --bundle|-bundle|-b) bundle=$arg ;;
         --pid-file|-pid-file) pidfile=$arg ;;
         --root|-root) root=$arg ;;
+        --log|-log) log=$arg ;;
     esac
     case "$arg" in
         --bundle=*) bundle=${{arg#--bundle=}} ;;
@@ -193,6 +197,11 @@ for arg in "$@"; do
     prev=$arg
     id=$arg
 done
+# Commands without --bundle (start, which sets the sandbox's network up) run with the shim's
+# --log, BUNDLE/log.json.
+if [ -z "$bundle" ] && [ -n "$log" ]; then
+    bundle=${{log%/*}}
+fi
 net=none
 if [ -n "$bundle" ] && grep -Eq '"type":"network","path":"(/var)?/run/netns/' "$bundle/config.json" 2>/dev/null; then
     net=sandbox
@@ -1280,6 +1289,10 @@ mod tests {
         assert!(run(cni, &["--bundle=BUNDLE", "x"]).starts_with("--network=sandbox"));
         // Commands without a bundle (state, kill, delete) have none.
         assert_eq!(run(cni, &["state", "id"]), "--network=none state id");
+        // The shim's `--log BUNDLE/log.json` names the bundle of the others.
+        assert!(
+            run(cni, &["--log", "BUNDLE/log.json", "state", "id"]).starts_with("--network=sandbox")
+        );
         // `start` runs with /dev/null for stdio: the stand-in's echo goes there.
         assert_eq!(run(cni, &["--root", "/r", "start", "id"]), "");
         assert!(runsc_wrapper(&fake, None).contains("\"$@\" </dev/null >/dev/null 2>&1\n"));
