@@ -547,8 +547,8 @@ run with the runs interleaved. Read it with the arrow of its unit:
   number of idle containers. Above 1 means more memory per container than runc.
 - **network** (Gbit/s ↑, µs ↓): TCP between the host and a pod on a CNI bridge of the run's own
   (Debian's `bridge` and `host-local` plugins; the pod's veth for runc, the same veth wired to
-  the VM's virtio-net by tc redirects for Nutshell, gVisor's netstack in the pod's namespace
-  for runsc). Throughput is Debian's `iperf3` (one stream, the host the client) as the
+  the VM's virtio-net by tc redirects for Nutshell; runsc is not measured: through the runc shim
+  its sandbox does not get the pod's network namespace). Throughput is Debian's `iperf3` (one stream, the host the client) as the
   receiving side counted it, host → pod and pod → host (`--reverse`); the round trips are one
   connection with `TCP_NODELAY`, a 1-byte request and its echo at a time (the probe's echo
   server in the pod), p50 and p99 of one pod's round trips. A ratio below 1 for throughput, or
@@ -567,8 +567,7 @@ such as fio costs over a minute of page faults) and say nothing about hardware K
 is meaningful for the host processes. **network** is bounded by the guest kernel for Nutshell:
 its TCP/IP stack, the virtio-net driver and every interrupt run in emulated ring 0, so its
 throughput and round trips measure the emulator, not the VMM's virtio-net path (on hardware KVM
-the guest's stack runs natively); runc's and runsc's figures are the host kernel's and the
-Sentry's and are real. An idle one-vCPU guest is tickless and takes no host CPU;
+the guest's stack runs natively); runc's figures are the host kernel's veth and bridge. An idle one-vCPU guest is tickless and takes no host CPU;
 a guest of more vCPUs keeps its 20 Hz tick here (about 9% of a host CPU each: it boots with
 `nopv`, without kvm-clock).
 ";
