@@ -20,8 +20,10 @@ APT_PACKAGES=(
     containernetworking-plugins iptables util-linux
     # the CRI client of the end-to-end tests (k8s-cri generates its gRPC code with protoc)
     protobuf-compiler
-    # benchmark workloads (nutshell-bench builds its images from these Debian binaries)
-    sysbench fio
+    # benchmark workloads (nutshell-bench builds its images from these Debian binaries):
+    # iperf3 for the network workload's throughput; runsc (gVisor) for the benchmark's third
+    # column, run by containerd's runc shim (Debian's runsc has no shim of its own)
+    sysbench fio iperf3 runsc
 )
 
 ensure_root() {

@@ -107,7 +107,7 @@ impl RuntimeSpec {
     }
 
     /// gVisor: Debian's runsc has no containerd shim, so it runs as the runc shim's binary.
-    /// `binary` is a wrapper that adds `--network=none` (see [`Containerd::start`]).
+    /// `binary` is a wrapper that picks runsc's network (see [`runsc_wrapper`]).
     pub fn runsc(binary: PathBuf) -> Self {
         RuntimeSpec {
             name: "runsc".to_owned(),
@@ -136,6 +136,107 @@ impl RuntimeSpec {
         }
         args
     }
+}
+
+/// The script the runc shim runs as its OCI runtime for gVisor: `runsc` with its network
+/// chosen per container. When the container's spec (`BUNDLE/config.json`) names a network
+/// namespace under `/var/run/netns` or `/run/netns` (a CRI pod on a CNI network: the CRI made
+/// that namespace and put the pod's veth in it) runsc runs with `--network=sandbox`, its own
+/// netstack taking over the namespace's interfaces; otherwise with `--network=none` (`ctr`'s
+/// containers, pods on the node's network): runsc must never take over the host's interfaces.
+///
+/// `runsc start` gets `/dev/null` as its standard input, output and error. runsc hands a
+/// sub-container (a CRI pod's containers after its sandbox) the stdio of `runsc start`, not of
+/// `runsc create` as runc does, and the runc shim runs `start` with a pipe that it reads to its
+/// end: the container held that pipe open, and `StartContainer` waited until the container
+/// exited (seen: "CRI StartContainer: Cancelled: Timeout expired" after 300 s). So under runsc a
+/// pod's containers get no stdio through the runc shim (gVisor's own shim,
+/// `containerd-shim-runsc-v1`, which Debian does not package, passes it); runsc's errors still
+/// reach the shim through its `--log` file. The sandbox and `ctr`'s containers (created as
+/// sandboxes) keep the stdio they got at `create`.
+///
+/// A sub-container's `--pid-file` gets the PID of a waiter of the wrapper's instead of the one
+/// runsc writes there (the sandbox's, which outlives the container: the shim never saw the
+/// container exit, and `StopPodSandbox` waited for it until it timed out). The waiter, which
+/// the shim reaps as its subreaper, polls `runsc state` until the container has started, then
+/// `runsc wait`s for it and exits with its status (128 + the signal for a killed one).
+///
+/// A `kill` that fails because the sandbox is gone ("sandbox is not running") also says
+/// "container not running", the words the runc shim takes for a process that has already
+/// exited; otherwise containerd retried deleting the pod's sandbox for ever.
+///
+/// The bundle of a command without `--bundle` (`start`, which sets up the sandbox's network,
+/// `kill`, `delete`) is the directory of the shim's `--log BUNDLE/log.json`.
+///
+/// With `debug_dir`, runsc writes its debug logs there (`--debug --debug-log=DIR/`, one file per
+/// command).
+pub fn runsc_wrapper(runsc: &Path, debug_dir: Option<&Path>) -> String {
+    let quote = |p: &Path| format!("'{}'", p.to_string_lossy().replace('\'', r"'\''"));
+    let debug = debug_dir
+        .map(|d| format!(" --debug --debug-log={}/", quote(d)))
+        .unwrap_or_default();
+    format!(
+        r#"#!/bin/sh
+# runsc for containerd's runc shim, written by nutshell-bench: see runsc_wrapper().
+bundle= start= create= kill= pidfile= root= log= id= prev=
+for arg in "$@"; do
+    case "$prev" in
+        --bundle|-bundle|-b) bundle=$arg ;;
+        --pid-file|-pid-file) pidfile=$arg ;;
+        --root|-root) root=$arg ;;
+        --log|-log) log=$arg ;;
+    esac
+    case "$arg" in
+        --bundle=*) bundle=${{arg#--bundle=}} ;;
+        --pid-file=*) pidfile=${{arg#--pid-file=}} ;;
+        --root=*) root=${{arg#--root=}} ;;
+        start) start=1 ;;
+        create) create=1 ;;
+        kill) kill=1 ;;
+    esac
+    prev=$arg
+    id=$arg
+done
+# Commands without --bundle (start, which sets the sandbox's network up) run with the shim's
+# --log, BUNDLE/log.json.
+if [ -z "$bundle" ] && [ -n "$log" ]; then
+    bundle=${{log%/*}}
+fi
+net=none
+if [ -n "$bundle" ] && grep -Eq '"type":"network","path":"(/var)?/run/netns/' "$bundle/config.json" 2>/dev/null; then
+    net=sandbox
+fi
+if [ -n "$start" ]; then
+    exec {runsc}{debug} --network=$net "$@" </dev/null >/dev/null 2>&1
+fi
+if [ -n "$kill" ]; then
+    out=$({runsc}{debug} --network=$net "$@" 2>&1) && exit 0
+    status=$?
+    printf '%s\n' "$out" >&2
+    case "$out" in *"is not running"*) echo "container not running" >&2 ;; esac
+    exit $status
+fi
+if [ -n "$create" ] && [ -n "$pidfile" ] && [ -n "$root" ] &&
+    grep -q '"io.kubernetes.cri.container-type":"container"' "$bundle/config.json" 2>/dev/null; then
+    {runsc}{debug} --network=$net "$@" || exit $?
+    (
+        exec </dev/null >/dev/null 2>&1
+        while :; do
+            state=$({runsc} --root "$root" state "$id") || exit 255
+            case "$state" in *'"status": "created"'*) sleep 0.1 ;; *) break ;; esac
+        done
+        ws=$({runsc} --root "$root" wait "$id" | sed -n 's/.*"exitStatus": *\([0-9]*\).*/\1/p')
+        [ -n "$ws" ] || exit 255
+        [ $((ws & 127)) -eq 0 ] || exit $((128 + (ws & 127)))
+        exit $((ws >> 8))
+    ) &
+    printf '%s' "$!" >"$pidfile"
+    exit 0
+fi
+exec {runsc}{debug} --network=$net "$@"
+"#,
+        runsc = quote(runsc),
+    )
 }
 
 /// Where `name` is on `PATH`, if it is there.
@@ -512,6 +613,11 @@ impl Containerd {
     /// containerd's PID.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
+    }
+
+    /// The CNI network of the CRI's pods, if it has one.
+    pub fn cni(&self) -> Option<&CniNetwork> {
+        self.cni.as_ref()
     }
 
     /// The runtimes registered beyond runc.
@@ -1135,6 +1241,66 @@ mod tests {
         assert_eq!(bridge["ipam"]["dataDir"], "/d/cni/ipam");
         assert_eq!(list["plugins"][1]["type"], "portmap");
         assert!(CniNetwork::for_this_process().bridge.len() <= 15);
+    }
+
+    /// The wrapper for real, with a stand-in for runsc that prints its arguments.
+    #[test]
+    fn the_runsc_wrapper_gives_only_cni_pods_a_network() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let fake = dir.path().join("fake runsc");
+        fs::write(&fake, "#!/bin/sh\necho \"$@\"\n").unwrap();
+        fs::set_permissions(&fake, fs::Permissions::from_mode(0o755)).unwrap();
+        let wrapper = dir.path().join("wrapper");
+        fs::write(&wrapper, runsc_wrapper(&fake, None)).unwrap();
+        fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755)).unwrap();
+        let run = |spec: &str, args: &[&str]| {
+            let bundle = dir.path().join("bundle");
+            fs::create_dir_all(&bundle).unwrap();
+            fs::write(bundle.join("config.json"), spec).unwrap();
+            let out = Command::new(&wrapper)
+                .args(
+                    args.iter()
+                        .map(|a| a.replace("BUNDLE", &bundle.to_string_lossy())),
+                )
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{out:?}");
+            String::from_utf8(out.stdout).unwrap().trim().to_owned()
+        };
+        let cni = r#"{"linux":{"namespaces":[{"type":"pid"},{"type":"network","path":"/var/run/netns/cni-1234"}]}}"#;
+        let ctr = r#"{"linux":{"namespaces":[{"type":"pid"},{"type":"network"}]}}"#;
+        let host = r#"{"linux":{"namespaces":[{"type":"pid"}]}}"#;
+        let other = r#"{"linux":{"namespaces":[{"type":"network","path":"/proc/1/ns/net"}]}}"#;
+        let create = ["--root", "/r", "create", "--bundle", "BUNDLE", "id"];
+        assert_eq!(
+            run(cni, &create),
+            format!(
+                "--network=sandbox --root /r create --bundle {}/bundle id",
+                dir.path().display()
+            )
+        );
+        for spec in [ctr, host, other] {
+            assert!(
+                run(spec, &create).starts_with("--network=none --root"),
+                "{spec}"
+            );
+        }
+        assert!(run(cni, &["--bundle=BUNDLE", "x"]).starts_with("--network=sandbox"));
+        // Commands without a bundle (state, kill, delete) have none.
+        assert_eq!(run(cni, &["state", "id"]), "--network=none state id");
+        // The shim's `--log BUNDLE/log.json` names the bundle of the others.
+        assert!(
+            run(cni, &["--log", "BUNDLE/log.json", "state", "id"]).starts_with("--network=sandbox")
+        );
+        // `start` runs with /dev/null for stdio: the stand-in's echo goes there.
+        assert_eq!(run(cni, &["--root", "/r", "start", "id"]), "");
+        assert!(runsc_wrapper(&fake, None).contains("\"$@\" </dev/null >/dev/null 2>&1\n"));
+        let debug = runsc_wrapper(Path::new("/usr/bin/runsc"), Some(Path::new("/tmp/d")));
+        assert!(
+            debug.contains("exec '/usr/bin/runsc' --debug --debug-log='/tmp/d'/ --network=$net"),
+            "{debug}"
+        );
     }
 
     #[test]

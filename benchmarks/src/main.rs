@@ -19,9 +19,10 @@ use nutshell_bench::runner::{self, Plan, RunConfig, Workload};
 /// RunPodSandbox to its container running), cpu (sysbench
 /// cpu), memory (sysbench memory, page-fault allocation), syscalls (getpid, 1-byte reads),
 /// fileio (fio and file creation on the rootfs and on a bind-mounted volume), density (host
-/// PSS of idle containers). A runtime whose shim is not installed, or whose first container
-/// fails, is reported as not available. Needs root, containerd, runc, sysbench and fio
-/// (scripts/setup.sh installs them). The default run takes under 20 minutes on a 2-core machine,
+/// PSS of idle containers), network (iperf3 both ways and TCP round trips between the host and
+/// a pod on a CNI bridge of the run's own). A runtime whose shim is not installed, or whose
+/// first container fails, is reported as not available. Needs root, containerd, runc,
+/// sysbench, fio, iperf3 and the CNI plugins (scripts/setup.sh installs them; runsc too). The default run takes under 20 minutes on a 2-core machine,
 /// `--quick` under 3.
 #[derive(Debug, Parser)]
 #[command(name = "nutshell-bench", version)]
@@ -118,19 +119,21 @@ fn prepare_nutshell(args: &Args, scratch: &Path) -> Result<(Option<String>, Opti
     Ok((None, Some(template_dir)))
 }
 
+/// A directory for runsc's debug logs (`--debug --debug-log=DIR/`), when set.
+const RUNSC_DEBUG_ENV: &str = "NUTSHELL_BENCH_RUNSC_DEBUG";
+
 fn runtime_spec(arg: &str, scratch: &std::path::Path) -> Result<RuntimeSpec> {
     Ok(match arg {
         "runc" => RuntimeSpec::runc(),
         "nutshell" => RuntimeSpec::nutshell(),
         "runsc" => {
-            // Debian's runsc has no shim: the runc shim runs it, with networking off for ctr.
+            // Debian's runsc has no shim: the runc shim runs it through a wrapper that gives
+            // it the pod's network on a CNI network and none otherwise.
             match find_on_path("runsc") {
                 Some(runsc) => {
-                    let wrapper = scratch.join("runsc-ctr");
-                    let script = format!(
-                        "#!/bin/sh\nexec '{}' --network=none \"$@\"\n",
-                        runsc.display()
-                    );
+                    let wrapper = scratch.join("runsc");
+                    let debug = std::env::var_os(RUNSC_DEBUG_ENV).map(PathBuf::from);
+                    let script = containerd::runsc_wrapper(&runsc, debug.as_deref());
                     std::fs::write(&wrapper, script).context("runsc wrapper")?;
                     use std::os::unix::fs::PermissionsExt;
                     std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))

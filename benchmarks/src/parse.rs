@@ -1,4 +1,5 @@
-//! Parsers of what the workloads print: sysbench, fio's JSON, the probe, `smaps_rollup`.
+//! Parsers of what the workloads print: sysbench, fio's and iperf3's JSON, the probe,
+//! `smaps_rollup`.
 
 /// Errors of parsing a workload's output.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -14,6 +15,12 @@ pub enum ParseError {
     /// fio's JSON did not parse.
     #[error("fio output is not JSON: {0}")]
     FioJson(String),
+    /// iperf3's JSON did not parse.
+    #[error("iperf3 output is not JSON: {0}")]
+    Iperf3Json(String),
+    /// iperf3 reported that the test failed (its JSON's `error`).
+    #[error("iperf3: {0}")]
+    Iperf3Failed(String),
 }
 
 fn missing(what: &'static str, text: &str) -> ParseError {
@@ -85,6 +92,44 @@ pub fn fio_jobs(text: &str) -> Result<Vec<FioJob>, ParseError> {
             write_iops: num(&j["write"]["iops"]),
         })
         .collect())
+}
+
+/// One iperf3 TCP test, as `iperf3 --client … --json` reports it at its end.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Iperf3Tcp {
+    /// What the receiving side counted, bits per second: the figure the benchmark reports
+    /// (bytes the sender still had in flight at the end are not in it).
+    pub received_bits_per_s: f64,
+    /// What the sending side wrote, bits per second.
+    pub sent_bits_per_s: f64,
+    /// Whether the server sent (`--reverse`): then the client was the receiver.
+    pub reverse: bool,
+    /// Seconds the receiver measured over.
+    pub seconds: f64,
+}
+
+/// `iperf3 --client … --json`: the test's totals (`end.sum_received`, `end.sum_sent`). A
+/// failed test (iperf3 puts its reason in `error`, e.g. a refused connection) is an error.
+pub fn iperf3_tcp(text: &str) -> Result<Iperf3Tcp, ParseError> {
+    let start = text.find('{').ok_or_else(|| missing("iperf3 JSON", text))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text[start..]).map_err(|e| ParseError::Iperf3Json(e.to_string()))?;
+    if let Some(e) = value["error"].as_str() {
+        return Err(ParseError::Iperf3Failed(e.to_owned()));
+    }
+    let end = &value["end"];
+    let received = end["sum_received"]["bits_per_second"]
+        .as_f64()
+        .ok_or_else(|| missing("iperf3 end.sum_received.bits_per_second", text))?;
+    let sent = end["sum_sent"]["bits_per_second"]
+        .as_f64()
+        .ok_or_else(|| missing("iperf3 end.sum_sent.bits_per_second", text))?;
+    Ok(Iperf3Tcp {
+        received_bits_per_s: received,
+        sent_bits_per_s: sent,
+        reverse: value["start"]["test_start"]["reverse"].as_i64() == Some(1),
+        seconds: end["sum_received"]["seconds"].as_f64().unwrap_or(0.0),
+    })
 }
 
 /// The probe prints `name value` lines; the value of `name`.
@@ -212,6 +257,50 @@ General statistics:
         assert_eq!(jobs[1].read_mib_s, 2.0);
         assert!(fio_jobs("no json").is_err());
         assert!(matches!(fio_jobs("{ broken"), Err(ParseError::FioJson(_))));
+    }
+
+    /// Real output of Debian's iperf3 3.12 (`iperf3 -c 127.0.0.1 -t 1 --json`, then with
+    /// `-R`, and against a closed port), captured on the development machine over loopback.
+    const IPERF3_FORWARD: &str = include_str!("testdata/iperf3-host-to-server.json");
+    const IPERF3_REVERSE: &str = include_str!("testdata/iperf3-reverse.json");
+    const IPERF3_REFUSED: &str = include_str!("testdata/iperf3-refused.json");
+
+    #[test]
+    fn iperf3_json_totals_and_direction() {
+        let fwd = iperf3_tcp(IPERF3_FORWARD).unwrap();
+        assert!(!fwd.reverse);
+        assert_eq!(fwd.received_bits_per_s, 12_357_029_778.528_477);
+        assert_eq!(fwd.sent_bits_per_s, 12_500_605_978.198_566);
+        assert!((0.9..1.2).contains(&fwd.seconds), "{fwd:?}");
+        let rev = iperf3_tcp(IPERF3_REVERSE).unwrap();
+        assert!(rev.reverse);
+        assert_eq!(rev.received_bits_per_s, 6_607_242_884.781_38);
+        // A warning line before the JSON is skipped, as with fio.
+        let noisy = format!("iperf3: warning\n{IPERF3_REVERSE}");
+        assert_eq!(iperf3_tcp(&noisy).unwrap(), rev);
+    }
+
+    #[test]
+    fn iperf3_failures_are_errors() {
+        assert_eq!(
+            iperf3_tcp(IPERF3_REFUSED),
+            Err(ParseError::Iperf3Failed(
+                "unable to connect to server: Connection refused".into()
+            ))
+        );
+        assert!(matches!(
+            iperf3_tcp("{ \"start\": "),
+            Err(ParseError::Iperf3Json(_))
+        ));
+        assert!(matches!(
+            iperf3_tcp("no json"),
+            Err(ParseError::Missing { .. })
+        ));
+        // Totals cut off (an interrupted client): missing, not zero.
+        assert!(matches!(
+            iperf3_tcp(r#"{"start": {}, "end": {}}"#),
+            Err(ParseError::Missing { .. })
+        ));
     }
 
     #[test]

@@ -219,8 +219,26 @@ fn fmt_value(v: f64) -> String {
         format!("{v:.0}")
     } else if a >= 100.0 {
         format!("{v:.1}")
-    } else {
+    } else if a >= 0.1 || a == 0.0 || !a.is_finite() {
         format!("{v:.2}")
+    } else {
+        significant(v)
+    }
+}
+
+/// `v` (below 0.1) with two significant digits: 0.0123 → `0.012`, not `0.01`.
+fn significant(v: f64) -> String {
+    let decimals = (1 - v.abs().log10().floor() as i32).clamp(2, 12) as usize;
+    format!("{v:.decimals$}")
+}
+
+/// A ratio as the table shows it: two decimals, or two significant digits below 0.1 (a
+/// Nutshell figure a thousand times below runc's is `0.0011×`, not `0.00×`).
+fn fmt_ratio(r: f64) -> String {
+    if r.abs() >= 0.1 || r == 0.0 || !r.is_finite() {
+        format!("{r:.2}×")
+    } else {
+        format!("{}×", significant(r))
     }
 }
 
@@ -272,9 +290,7 @@ impl Results {
                 };
                 let _ = write!(s, " {cell} |");
                 if rt.name != BASELINE {
-                    let r = m
-                        .ratio(&rt.name)
-                        .map_or_else(|| "—".to_owned(), |r| format!("{r:.2}×"));
+                    let r = m.ratio(&rt.name).map_or_else(|| "—".to_owned(), fmt_ratio);
                     let _ = write!(s, " {r} |");
                 }
             }
@@ -529,6 +545,14 @@ run with the runs interleaved. Read it with the arrow of its unit:
 - **density** (MiB ↓): host PSS of everything a container costs (the shim's process tree: shim,
   container processes, for Nutshell the VMM with guest memory actually touched), divided by the
   number of idle containers. Above 1 means more memory per container than runc.
+- **network** (Gbit/s ↑, µs ↓): TCP between the host and a pod on a CNI bridge of the run's own
+  (Debian's `bridge` and `host-local` plugins; the pod's veth for runc, the same veth wired to
+  the VM's virtio-net by tc redirects for Nutshell; runsc is not measured: through the runc shim
+  its sandbox does not get the pod's network namespace). Throughput is Debian's `iperf3` (one stream, the host the client) as the
+  receiving side counted it, host → pod and pod → host (`--reverse`); the round trips are one
+  connection with `TCP_NODELAY`, a 1-byte request and its echo at a time (the probe's echo
+  server in the pod), p50 and p99 of one pod's round trips. A ratio below 1 for throughput, or
+  above 1 for a round trip, is the cost of the runtime's network path.
 ";
 
 const EMULATED_NOTE: &str = "
@@ -540,7 +564,10 @@ call at all), yet even they pay the busy guest's timer tick (20 Hz, ~5 ms of emu
 each, ~10% of the CPU). **startup**, **page-fault**, **syscalls** and **fileio** ratios
 are distorted (each guest kernel entry costs milliseconds; loading a dynamically linked program
 such as fio costs over a minute of page faults) and say nothing about hardware KVM. **density**
-is meaningful for the host processes. An idle one-vCPU guest is tickless and takes no host CPU;
+is meaningful for the host processes. **network** is bounded by the guest kernel for Nutshell:
+its TCP/IP stack, the virtio-net driver and every interrupt run in emulated ring 0, so its
+throughput and round trips measure the emulator, not the VMM's virtio-net path (on hardware KVM
+the guest's stack runs natively); runc's figures are the host kernel's veth and bridge. An idle one-vCPU guest is tickless and takes no host CPU;
 a guest of more vCPUs keeps its 20 Hz tick here (about 9% of a host CPU each: it boots with
 `nopv`, without kvm-clock).
 ";
@@ -653,6 +680,20 @@ mod tests {
         assert_eq!(json["metrics"][0]["samples"]["runc"][2], 90.0);
         let svg = fs::read_to_string(dir.path().join("latest-startup.svg")).unwrap();
         assert!(svg.starts_with("<svg") && svg.contains("runsc"));
+    }
+
+    #[test]
+    fn small_values_and_ratios_keep_two_significant_digits() {
+        assert_eq!(fmt_value(12_345.6), "12346");
+        assert_eq!(fmt_value(123.45), "123.5");
+        assert_eq!(fmt_value(0.63), "0.63");
+        assert_eq!(fmt_value(0.0123), "0.012");
+        assert_eq!(fmt_value(0.000456), "0.00046");
+        assert_eq!(fmt_value(0.0), "0.00");
+        assert_eq!(fmt_ratio(2.0), "2.00×");
+        assert_eq!(fmt_ratio(0.5), "0.50×");
+        assert_eq!(fmt_ratio(0.00112), "0.0011×");
+        assert_eq!(fmt_ratio(0.00003), "0.000030×");
     }
 
     #[test]

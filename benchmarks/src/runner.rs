@@ -1,5 +1,7 @@
 //! The benchmark runner: images, runtime availability, the workloads in interleaved order.
 
+mod network;
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Read;
@@ -10,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use crate::containerd::RuntimeSpec;
 use crate::containerd::{
-    find_on_path, process_tree, remove_namespace_cgroups, shim_pids, Containerd, ContainerdError,
-    ContainerdOptions, Ctr, CRI_NAMESPACE,
+    find_on_path, process_tree, remove_namespace_cgroups, shim_pids, CniNetwork, Containerd,
+    ContainerdError, ContainerdOptions, Ctr, CRI_NAMESPACE,
 };
 use crate::cri::{self, CriClient};
 use crate::image::{self, ImageError, ImageSpec};
@@ -67,17 +69,21 @@ pub enum Workload {
     Fileio,
     /// Host PSS of idle containers.
     Density,
+    /// TCP between the host and a pod on a CNI network: iperf3 both ways, request/response
+    /// round trips.
+    Network,
 }
 
 impl Workload {
     /// All workloads in report order.
-    pub const ALL: [Workload; 6] = [
+    pub const ALL: [Workload; 7] = [
         Workload::Startup,
         Workload::Cpu,
         Workload::Memory,
         Workload::Syscalls,
         Workload::Fileio,
         Workload::Density,
+        Workload::Network,
     ];
 
     /// The workload's name in flags and reports.
@@ -89,6 +95,7 @@ impl Workload {
             Workload::Syscalls => "syscalls",
             Workload::Fileio => "fileio",
             Workload::Density => "density",
+            Workload::Network => "network",
         }
     }
 }
@@ -133,6 +140,12 @@ pub struct Plan {
     pub density: Vec<usize>,
     /// Repetitions of density.
     pub density_reps: usize,
+    /// `iperf3 --time` of each direction, s.
+    pub iperf3_s: u32,
+    /// Timed TCP round trips per pod (at most; see `round_trip_s`).
+    pub round_trips: u64,
+    /// Time limit of the round trips, s.
+    pub round_trip_s: u64,
     /// Base time budget of one case (a metric's runs under every runtime), scaled per workload
     /// by [`Plan::budget`]: no new round (one run per runtime) starts after it is spent, but
     /// every case gets one round. This bounds the run when a runtime is slow (a VM per
@@ -151,6 +164,8 @@ impl Plan {
             Workload::Fileio => 1.5,
             // One round: its pods are the expensive part, and their PSS varies little.
             Workload::Density => 0.0,
+            // A pod per runtime and round, iperf3 loaded in it (slow in a guest here).
+            Workload::Network => 1.0,
         };
         self.case_budget.mul_f64(scale)
     }
@@ -179,6 +194,9 @@ impl Plan {
                 files: 300,
                 density: vec![1, 2],
                 density_reps: 1,
+                iperf3_s: 2,
+                round_trips: 500,
+                round_trip_s: 3,
                 case_budget: Duration::ZERO,
             }
         } else {
@@ -203,6 +221,9 @@ impl Plan {
                 files: 2000,
                 density: vec![1, 10, 20],
                 density_reps: 1,
+                iperf3_s: 5,
+                round_trips: 5000,
+                round_trip_s: 5,
                 case_budget: Duration::from_secs(60),
             }
         }
@@ -272,14 +293,10 @@ pub fn run(config: RunConfig) -> Result<Results, RunnerError> {
         Ok(())
     };
     check()?;
-    let workloads: Vec<Workload> = if runner.config.only.is_empty() {
-        Workload::ALL.to_vec()
-    } else {
-        Workload::ALL
-            .into_iter()
-            .filter(|w| runner.config.only.contains(w))
-            .collect()
-    };
+    let workloads: Vec<Workload> = Workload::ALL
+        .into_iter()
+        .filter(|w| runner.config.runs(*w))
+        .collect();
     let mut workload_wall_s = Vec::with_capacity(workloads.len());
     for w in &workloads {
         log::info!(
@@ -332,6 +349,13 @@ pub fn tools_image(probe: &Path) -> Result<ImageSpec, ImageError> {
         .dir("/vol", 0o755)
 }
 
+impl RunConfig {
+    /// Whether workload `w` is to run.
+    pub fn runs(&self, w: Workload) -> bool {
+        self.only.is_empty() || self.only.contains(&w)
+    }
+}
+
 impl Runner {
     fn new(config: RunConfig) -> Result<Self, RunnerError> {
         let busybox = image::busybox_image(BUSYBOX_IMAGE)?.tarball(&config.cache_dir)?;
@@ -340,6 +364,11 @@ impl Runner {
             runtimes: config.runtimes.clone(),
             // Imported into the CRI's namespace by the CRI start-up row (`CriPods::new`).
             sandbox_image: Some(PAUSE_IMAGE.to_owned()),
+            // The network workload's pods get a bridge and subnet of the run's own (removed
+            // with the containerd); the other CRI pods use the node's network.
+            cni: config
+                .runs(Workload::Network)
+                .then(CniNetwork::for_this_process),
             ..ContainerdOptions::default()
         };
         let containerd = Containerd::start(&opts)?;
@@ -480,6 +509,7 @@ impl Runner {
             Workload::Syscalls => self.syscalls(),
             Workload::Fileio => self.fileio(),
             Workload::Density => self.density(),
+            Workload::Network => self.network(),
         }
     }
 
@@ -1051,6 +1081,94 @@ impl CriPods {
         })
     }
 
+    /// Imports the image archive `tarball` (named `name`) into the CRI's namespace and waits
+    /// until the CRI sees it.
+    fn add_image(
+        &mut self,
+        containerd: &Containerd,
+        tarball: &Path,
+        name: &str,
+    ) -> Result<(), String> {
+        containerd
+            .ctr_in(CRI_NAMESPACE)
+            .import_image(tarball)
+            .map_err(|e| error_chain(&e))?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !self
+            .client
+            .image_present(name)
+            .map_err(|e| error_chain(&e))?
+        {
+            if Instant::now() > deadline {
+                return Err(format!("the CRI does not see {name} after 60 s"));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
+    }
+
+    /// A pod under `handler` on the CNI network (a network namespace of its own), its one
+    /// container running `command` in `image`; returns once the container is running. A pod
+    /// that failed on the way is removed.
+    fn start_on_pod_network(
+        &mut self,
+        name: &str,
+        handler: &str,
+        image: &str,
+        command: &[String],
+    ) -> Result<network::NetPod, String> {
+        let pod_cfg = cri_pod_config_on_pod_network(name, self.log_dir.path(), &self.cgroup_parent);
+        let command: Vec<&str> = command.iter().map(String::as_str).collect();
+        let app_cfg = cri::container_config("server", image, &command, &format!("{name}.log"));
+        let started = Instant::now();
+        let id = match self.client.run_pod_sandbox(&pod_cfg, handler) {
+            Ok(id) => id,
+            Err(e) => {
+                // A sandbox containerd left (a timeout on our side) is removed too.
+                let _ = self.remove_all();
+                return Err(error_chain(&e));
+            }
+        };
+        let up = (|| {
+            let net = self.client.pod_network(&id).map_err(|e| error_chain(&e))?;
+            let ip: std::net::Ipv4Addr = net
+                .ip
+                .parse()
+                .map_err(|e| format!("the pod's IP {:?}: {e}", net.ip))?;
+            let ctr = self
+                .client
+                .create_container(&id, &app_cfg, &pod_cfg)
+                .map_err(|e| error_chain(&e))?;
+            self.client
+                .start_container(&ctr)
+                .map_err(|e| error_chain(&e))?;
+            self.client
+                .wait_state(
+                    &ctr,
+                    cri::ContainerState::ContainerRunning,
+                    Duration::from_secs(300),
+                    Duration::from_millis(20),
+                )
+                .map_err(|e| error_chain(&e))?;
+            Ok::<_, String>(ip)
+        })();
+        match up {
+            Ok(ip) => {
+                log::info!(
+                    "network pod {name} under {handler}: {ip}, running after {:.1} s",
+                    started.elapsed().as_secs_f64()
+                );
+                Ok(network::NetPod { id, ip })
+            }
+            Err(e) => {
+                if let Err(r) = self.remove(&id) {
+                    log::warn!("network pod {name} could not be removed: {r}");
+                }
+                Err(e)
+            }
+        }
+    }
+
     /// One pod under `handler`: milliseconds from `RunPodSandbox` until its container is
     /// running. The pod is stopped and removed afterwards, also when a step failed; a pod that
     /// cannot be removed makes the sample an error.
@@ -1159,6 +1277,21 @@ fn cri_pod_config(name: &str, log_dir: &Path, cgroup_parent: &str) -> cri::PodSa
         {
             ns.network = cri::api::NamespaceMode::Node as i32;
         }
+    }
+    pod
+}
+
+/// A network workload pod: on the CNI network (a network namespace of its own, which the
+/// CRI gives the CNI plugins) and under `cgroup_parent`; its own UTS namespace too, so it keeps
+/// its hostname.
+fn cri_pod_config_on_pod_network(
+    name: &str,
+    log_dir: &Path,
+    cgroup_parent: &str,
+) -> cri::PodSandboxConfig {
+    let mut pod = cri::pod_config(name, &format!("uid-{name}"), log_dir);
+    if let Some(linux) = pod.linux.as_mut() {
+        linux.cgroup_parent = format!("/{cgroup_parent}");
     }
     pod
 }
@@ -1281,6 +1414,40 @@ mod tests {
         // Only the network: the pod keeps its own PID and IPC namespaces.
         assert_eq!(ns.pid(), cri::api::NamespaceMode::Pod);
         assert_eq!(ns.ipc(), cri::api::NamespaceMode::Pod);
+    }
+
+    #[test]
+    fn network_pods_get_a_network_namespace_of_their_own() {
+        let pod = cri_pod_config_on_pod_network("nb-net-runc-4", Path::new("/l"), "parent-8");
+        assert_eq!(pod.hostname, "nb-net-runc-4");
+        let linux = pod.linux.as_ref().unwrap();
+        assert_eq!(linux.cgroup_parent, "/parent-8");
+        let ns = linux
+            .security_context
+            .as_ref()
+            .unwrap()
+            .namespace_options
+            .as_ref()
+            .unwrap();
+        assert_eq!(ns.network(), cri::api::NamespaceMode::Pod);
+    }
+
+    #[test]
+    fn only_the_network_workload_needs_a_cni_network() {
+        let config = |only: Vec<Workload>| RunConfig {
+            plan: Plan::new(true),
+            only,
+            runtimes: vec![RuntimeSpec::runc()],
+            cache_dir: PathBuf::from("/c"),
+            probe: PathBuf::from("/p"),
+            unavailable: BTreeMap::new(),
+            template_dir: None,
+        };
+        assert!(config(vec![]).runs(Workload::Network));
+        assert!(config(vec![Workload::Network]).runs(Workload::Network));
+        assert!(!config(vec![Workload::Cpu]).runs(Workload::Network));
+        assert_eq!(Workload::ALL.last(), Some(&Workload::Network));
+        assert_eq!(Workload::Network.name(), "network");
     }
 
     #[test]

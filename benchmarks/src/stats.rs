@@ -34,6 +34,18 @@ pub fn summarize(samples: &[f64]) -> Option<Summary> {
     })
 }
 
+/// The `p`-th percentile (0–100) of `samples` by the nearest-rank method: the smallest sample
+/// that at least `p` % of the samples do not exceed. `None` without samples (NaNs ignored).
+pub fn percentile(samples: &[f64], p: f64) -> Option<f64> {
+    let mut v: Vec<f64> = samples.iter().copied().filter(|x| !x.is_nan()).collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let rank = (p.clamp(0.0, 100.0) / 100.0 * v.len() as f64).ceil() as usize;
+    Some(v[rank.clamp(1, v.len()) - 1])
+}
+
 /// `value / baseline`, or `None` when the baseline is zero or not finite.
 pub fn ratio(value: f64, baseline: f64) -> Option<f64> {
     (baseline != 0.0 && baseline.is_finite() && value.is_finite()).then(|| value / baseline)
@@ -60,6 +72,20 @@ mod tests {
         let s = summarize(&[f64::NAN, 5.0]).unwrap();
         assert_eq!((s.median, s.n), (5.0, 1));
         assert!(summarize(&[]).is_none());
+    }
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let v: Vec<f64> = (1..=100).rev().map(f64::from).collect();
+        assert_eq!(percentile(&v, 50.0), Some(50.0));
+        assert_eq!(percentile(&v, 99.0), Some(99.0));
+        assert_eq!(percentile(&v, 100.0), Some(100.0));
+        assert_eq!(percentile(&v, 0.0), Some(1.0));
+        // Few samples: p99 is the largest, p50 the lower middle one.
+        assert_eq!(percentile(&[3.0, 1.0, 2.0, 4.0], 99.0), Some(4.0));
+        assert_eq!(percentile(&[3.0, 1.0, 2.0, 4.0], 50.0), Some(2.0));
+        assert_eq!(percentile(&[f64::NAN, 7.0], 50.0), Some(7.0));
+        assert_eq!(percentile(&[], 50.0), None);
     }
 
     #[test]

@@ -12,6 +12,10 @@
 //!   clock (two clock reads).
 //! - `files DIR COUNT [SECS]`: create, write 4 KiB, close and later unlink COUNT files in DIR:
 //!   `create_per_s`, `unlink_per_s`.
+//! - `echo-server PORT`: a TCP echo server on every address of the container (the network
+//!   workload's request/response peer): every connection is echoed, byte for byte, on a
+//!   thread of its own with `TCP_NODELAY`, until the container is stopped. Prints
+//!   `echo_listening PORT` once it accepts.
 
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
@@ -130,6 +134,40 @@ fn files(dir: &str, count: u64, limit: Duration) -> Result<(), String> {
     std::fs::remove_dir(&base).map_err(|e| e.to_string())
 }
 
+/// Writes back what `conn` sends until it closes. `TCP_NODELAY`: each answer leaves at once,
+/// as a request/response server's does, not after Nagle's wait for the previous one's ACK.
+fn echo(mut conn: std::net::TcpStream) {
+    let _ = conn.set_nodelay(true);
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        match conn.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if conn.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn echo_server(port: u64) -> Result<(), String> {
+    let port = u16::try_from(port).map_err(|e| format!("port {port}: {e}"))?;
+    let listener = std::net::TcpListener::bind(("0.0.0.0", port))
+        .map_err(|e| format!("listen on port {port}: {e}"))?;
+    println!("echo_listening {port}");
+    std::io::stdout().flush().map_err(|e| e.to_string())?;
+    for conn in listener.incoming() {
+        match conn {
+            Ok(conn) => {
+                std::thread::spawn(move || echo(conn));
+            }
+            Err(e) => eprintln!("nutshell-bench-probe: accept: {e}"),
+        }
+    }
+    Ok(())
+}
+
 fn main() -> std::process::ExitCode {
     let args: Vec<String> = std::env::args().collect();
     let result = match args.get(1).map(String::as_str) {
@@ -140,9 +178,10 @@ fn main() -> std::process::ExitCode {
             Some(dir) => arg(&args, 3).and_then(|n| files(dir, n, limit(&args, 4)?)),
             None => Err("files DIR COUNT [SECS]".to_owned()),
         },
+        Some("echo-server") => arg(&args, 2).and_then(echo_server),
         _ => Err(
             "usage: nutshell-bench-probe faults MIB ROUNDS [SECS] | syscalls COUNT [SECS] | compute MIB \
-             | files DIR COUNT [SECS]"
+             | files DIR COUNT [SECS] | echo-server PORT"
                 .to_owned(),
         ),
     };
