@@ -17,7 +17,7 @@
 
 use std::fs::File;
 use std::net::IpAddr;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -226,6 +226,12 @@ impl PodNetwork {
     /// The tap's descriptor, for the VMM (once).
     pub fn take_tap(&mut self) -> Option<OwnedFd> {
         self.tap.take()
+    }
+
+    /// The pod's network namespace (open while this lives): the VMM runs in it, so that a
+    /// VMM taken over by its guest sees the pod's network and not the node's.
+    pub fn netns_fd(&self) -> RawFd {
+        self.netns.as_raw_fd()
     }
 
     /// The CNI interface's MAC, as the VMM takes it.

@@ -318,6 +318,7 @@ impl SandboxVm {
         // The VMM's copy of the tap; the shim's closes once the VMM has its own.
         let tap = net.as_mut().and_then(PodNetwork::take_tap);
         let tap_fd = tap.as_ref().map(AsRawFd::as_raw_fd);
+        let netns_fd = net.as_ref().map(PodNetwork::netns_fd);
         // Subscribe before spawning so that an immediate exit is not missed.
         let sub = monitor_subscribe(Topic::Pid)
             .map_err(|e| ShimError::Internal(format!("subscribe to exits: {e}")))?;
@@ -338,11 +339,17 @@ impl SandboxVm {
             .stderr(Stdio::piped());
         if !fds.is_empty() || tap_fd.is_some() {
             // SAFETY: the closure runs in the forked child before exec and only calls write(2),
-            // dup2(2) and fcntl(2) (async-signal-safe) on descriptors that stay open in the
-            // parent until `spawn` returns.
+            // setns(2), dup2(2) and fcntl(2) (async-signal-safe) on descriptors that stay open
+            // in the parent until `spawn` returns (`net` holds the namespace's).
             unsafe {
                 command.pre_exec(move || {
                     cgroup::join_self(&fds)?;
+                    // Before the tap's dup2, which may land on the namespace's descriptor.
+                    if let Some(ns) = netns_fd {
+                        if libc::setns(ns, libc::CLONE_NEWNET) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
                     match tap_fd {
                         Some(fd) => pass_fd(fd, NET_FD),
                         None => Ok(()),
