@@ -15,6 +15,7 @@
 use std::io::ErrorKind;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::MetadataExt;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -166,6 +167,18 @@ fn pods_serve_on_their_ip_and_reach_each_other_and_their_gateway() {
         )
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&guest.stdout).trim(), veth_mac);
+
+    // The pod's VMM runs inside the pod's network namespace (a compromised VMM has the pod's
+    // network, not the node's).
+    let vmm = nutshell_tests::vmms_under(&rig.run_dir.join(&pod_a));
+    assert_eq!(vmm.len(), 1, "one VMM of {pod_a}: {vmm:?}");
+    let ns_of = |p: &std::path::Path| std::fs::metadata(p).map(|m| (m.dev(), m.ino())).unwrap();
+    assert_eq!(
+        ns_of(std::path::Path::new(&format!("/proc/{}/ns/net", vmm[0]))),
+        ns_of(&netns),
+        "the VMM of {pod_a} is in the pod's network namespace {}",
+        netns.display()
+    );
 
     // Pod to pod: Nutshell to Nutshell, Nutshell to runc, runc to Nutshell.
     let url = |ip: Ipv4Addr| format!("http://{ip}:{HTTP_PORT}/");
