@@ -24,7 +24,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use containerd_shim::monitor::{monitor_subscribe, Subject, Topic, MONITOR};
+use containerd_shim::monitor::{monitor_subscribe, Subject, Topic};
+
+use crate::vm::unsubscribe;
 use nutshell_protocol::client::connect_hybrid;
 use nutshell_protocol::portforward::{encode_request, splice, Slots, Status, MAX_CONNECTIONS};
 use nutshell_protocol::PORT_FORWARD_VSOCK_PORT;
@@ -208,11 +210,6 @@ fn run_iptables(bin: &Path, args: &[String]) -> Result<(), ForwardError> {
         message,
     };
     let sub = monitor_subscribe(Topic::Pid).map_err(|e| failed(format!("subscribe: {e}")))?;
-    let unsubscribe = |id| {
-        if let Ok(mut m) = MONITOR.lock() {
-            let _ = m.unsubscribe(id);
-        }
-    };
     let spawned = Command::new(bin)
         .args(args)
         .stdin(Stdio::null())

@@ -601,7 +601,8 @@ fn pass_fd(fd: RawFd, target: RawFd) -> std::io::Result<()> {
     Ok(())
 }
 
-fn unsubscribe(id: i64) {
+/// Ends a subscription to the crate's exit monitor.
+pub(crate) fn unsubscribe(id: i64) {
     if let Ok(mut m) = MONITOR.lock() {
         let _ = m.unsubscribe(id);
     }
