@@ -23,6 +23,11 @@
 //! templates = true          # start pods from an agent-ready VM template
 //! template_dir = "/var/cache/nutshell/templates"
 //! max_starting_vms = 2      # VMs in their start-up at once, node-wide (default: host CPUs)
+//!
+//! [policy]                  # what a container may ask of the host (see `policy`)
+//! allowed_host_paths = ["/"]
+//! refuse_privileged = false
+//! refuse_node_namespaces = false
 //! ```
 //!
 //! With `templates = true` the VMM restores each pod's VM from a template of its kernel,
@@ -31,6 +36,8 @@
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+
+use crate::policy::Policy;
 
 /// Where the configuration is read from by default.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/nutshell/config.toml";
@@ -94,6 +101,9 @@ pub struct Config {
     /// node; more wait for a slot (see `start_gate`). Default: the host's CPU count; 0: no
     /// bound.
     pub max_starting_vms: u32,
+    /// `[policy]`: which host paths, devices, privileges and namespace modes a container may
+    /// ask for.
+    pub policy: Policy,
 }
 
 impl Default for Config {
@@ -115,6 +125,7 @@ impl Default for Config {
             templates: true,
             template_dir: PathBuf::from("/var/cache/nutshell/templates"),
             max_starting_vms: host_cpus(),
+            policy: Policy::default(),
         }
     }
 }
@@ -257,6 +268,9 @@ impl Config {
         if self.rpc_timeout_secs == 0 {
             return Err(bad("rpc_timeout_secs", "must be more than 0".to_owned()));
         }
+        self.policy
+            .validate()
+            .map_err(|(key, reason)| bad(key, reason))?;
         Ok(())
     }
 
@@ -365,6 +379,32 @@ mod tests {
                 Err(ConfigError::Value { key: k, .. }) => assert_eq!(k, key, "{text}"),
                 other => panic!("{text}: {other:?}"),
             }
+        }
+    }
+
+    #[test]
+    fn the_policy_section_parses_and_is_checked() {
+        assert_eq!(
+            parse("").unwrap().policy,
+            crate::policy::Policy::default(),
+            "no [policy]: today's behaviour"
+        );
+        let c = parse(
+            r#"
+            [policy]
+            allowed_host_paths = ["/var/lib/kubelet/pods/{pod_uid}", "/run/x"]
+            refuse_privileged = true
+            refuse_node_namespaces = true
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.policy.allowed_host_paths.len(), 2);
+        assert!(c.policy.refuse_privileged && c.policy.refuse_node_namespaces);
+        let e = parse("[policy]\nallowed_host_path = []\n").unwrap_err();
+        assert!(e.to_string().contains("allowed_host_path"), "{e}");
+        match parse("[policy]\nallowed_host_paths = [\"var/lib\"]\n") {
+            Err(ConfigError::Value { key, .. }) => assert_eq!(key, "policy.allowed_host_paths"),
+            other => panic!("{other:?}"),
         }
     }
 

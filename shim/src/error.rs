@@ -80,6 +80,9 @@ pub enum ShimError {
     /// The pod's network could not be moved into its VM.
     #[error(transparent)]
     Network(#[from] crate::net::NetError),
+    /// The node policy refuses the container (or cannot check a host path of it).
+    #[error("refused by the node policy: {0}")]
+    Policy(#[from] crate::policy::PolicyError),
     /// Anything else the host got wrong.
     #[error("{0}")]
     Internal(String),
@@ -132,6 +135,8 @@ impl ShimError {
                 crate::net::NetError::Unsupported(_) | crate::net::NetError::Netns { .. },
             ) => Code::FAILED_PRECONDITION,
             ShimError::Network(_) => Code::INTERNAL,
+            ShimError::Policy(crate::policy::PolicyError::Source { .. }) => Code::INVALID_ARGUMENT,
+            ShimError::Policy(_) => Code::PERMISSION_DENIED,
             ShimError::Io { .. } | ShimError::Internal(_) => Code::INTERNAL,
         }
     }
@@ -201,6 +206,12 @@ mod tests {
                 Code::UNAVAILABLE,
             ),
             (ShimError::Internal("x".into()), Code::INTERNAL),
+            (
+                ShimError::Policy(crate::policy::PolicyError::Device {
+                    path: "/dev/fuse".into(),
+                }),
+                Code::PERMISSION_DENIED,
+            ),
         ];
         for (e, code) in cases {
             let text = e.to_string();

@@ -12,6 +12,7 @@ mod config;
 mod error;
 mod net;
 mod pod;
+mod policy;
 mod portforward;
 mod service;
 mod spec;

@@ -40,6 +40,7 @@ use crate::config::Config;
 use crate::error::{Result, ShimError};
 use crate::net::PodNetwork;
 use crate::pod::{validate_id, ResourceRequest, Role};
+use crate::policy::{Policy, PodContext};
 use crate::spec::{rewrite_for_guest, shared_mounts};
 use crate::state::{TaskState, Transition};
 use crate::stdio::{StdioCopy, StdioPaths};
@@ -494,12 +495,25 @@ fn mount_rootfs(req: &CreateTaskRequest, spec: &Spec, target: &Path) -> Result<(
 
 /// Mounts container `req.id`'s root filesystem and shared bind mounts under `shared_root`
 /// (the host side of the sandbox's shared directory); returns the spec for the guest as JSON.
-fn prepare_fs(req: &CreateTaskRequest, spec: &Spec, shared_root: &Path) -> Result<Vec<u8>> {
+/// Bind sources are opened and checked against the node policy before anything is mounted,
+/// and bound from those descriptors.
+fn prepare_fs(
+    req: &CreateTaskRequest,
+    spec: &Spec,
+    shared_root: &Path,
+    policy: &Policy,
+    pod: PodContext<'_>,
+) -> Result<Vec<u8>> {
     let id = &req.id;
-    mount_rootfs(req, spec, &shared_root.join(id).join("rootfs"))?;
     let shared = shared_mounts(spec, id);
-    for m in &shared {
-        bind(&m.host_source, &shared_root.join(&m.shared_rel), m.readonly)?;
+    let sources = policy.open_shared_sources(&shared, pod)?;
+    mount_rootfs(req, spec, &shared_root.join(id).join("rootfs"))?;
+    for (m, source) in shared.iter().zip(&sources) {
+        bind(&source.mount_source(), &shared_root.join(&m.shared_rel), m.readonly)
+            .map_err(|e| {
+                let e = crate::error::chain(&e);
+                ShimError::Internal(format!("{}: {e}", source.resolved.display()))
+            })?;
     }
     let guest_spec = rewrite_for_guest(spec.clone(), id, &shared);
     serde_json::to_vec(&guest_spec)
@@ -558,6 +572,7 @@ impl Service {
         let role = Role::from_annotations(&id, &annotations)?;
         let sandbox_id = role.sandbox_id(&id).to_owned();
         let config = self.inner.config(req.options.as_ref())?;
+        crate::policy::check_create(&config.policy, &spec, &id, &role, &sandbox_id)?;
 
         {
             let mut st = self.inner.lock();
@@ -658,6 +673,7 @@ impl Service {
     ) -> Result<(Arc<SandboxVm>, StdioPaths, Option<StdioCopy>)> {
         let id = &req.id;
         let annotations = spec.annotations().clone().unwrap_or_default();
+        let pod = PodContext::of(spec, sandbox_id);
         let stdio = StdioPaths {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),
@@ -682,7 +698,7 @@ impl Service {
             let paths = SandboxVm::create_dir(config, sandbox_id)?;
             // The container's file systems are mounted before the boot: a bad mount fails fast.
             let guest_spec = if role.runs_process() {
-                match prepare_fs(req, spec, &paths.shared()) {
+                match prepare_fs(req, spec, &paths.shared(), &config.policy, pod) {
                     Ok(json) => Some(json),
                     Err(e) => {
                         crate::vm::remove_sandbox_dir(&paths.dir);
@@ -741,7 +757,7 @@ impl Service {
                     "sandbox {sandbox_id}: the VM is not running"
                 )));
             }
-            match prepare_fs(req, spec, &vm.shared()) {
+            match prepare_fs(req, spec, &vm.shared(), &config.policy, pod) {
                 Ok(json) => (vm, Some(json), None),
                 Err(e) => {
                     remove_container_dir(&vm.shared().join(id));

@@ -17,6 +17,8 @@ pub use nutshell_protocol::GUEST_SHARED_DIR;
 pub struct SharedMount {
     /// The host source (a file or directory).
     pub host_source: PathBuf,
+    /// Where the container sees it.
+    pub destination: PathBuf,
     /// Relative to the shared directory: `<container-id>/mounts/<n>`.
     pub shared_rel: PathBuf,
     /// Read-only bind.
@@ -53,6 +55,7 @@ pub fn shared_mounts(spec: &Spec, id: &str) -> Vec<SharedMount> {
         .enumerate()
         .map(|(n, (host_source, m))| SharedMount {
             host_source,
+            destination: m.destination().clone(),
             shared_rel: Path::new(id).join("mounts").join(n.to_string()),
             readonly: m
                 .options()
@@ -174,11 +177,13 @@ mod tests {
             vec![
                 SharedMount {
                     host_source: "/var/lib/containerd/sandboxes/pod1/hosts".into(),
+                    destination: "/etc/hosts".into(),
                     shared_rel: "web/mounts/0".into(),
                     readonly: false,
                 },
                 SharedMount {
                     host_source: "/run/containerd/sandboxes/pod1/shm".into(),
+                    destination: "/dev/shm".into(),
                     shared_rel: "web/mounts/1".into(),
                     readonly: true,
                 },
