@@ -5,7 +5,8 @@
 #
 # From DIR (default: the repository's target/): release/containerd-shim-nutshell-v2 and
 # release/nutshell-vmm go to /usr/local/bin; nutshell/vmlinux and nutshell/initramfs.cpio to
-# /usr/local/share/nutshell. /etc/nutshell/config.toml is written only if absent. The
+# /usr/local/share/nutshell. /etc/nutshell/config.toml and config-untrusted.toml (the strict
+# node policy of the "nutshell-untrusted" handler) are written only if absent. The
 # containerd snippet is merged into /etc/containerd/config.toml between markers (replaced if
 # present), and containerd is restarted when the file changed (unless --no-restart).
 set -euo pipefail
@@ -39,12 +40,14 @@ install -m 0755 "$artifacts/release/containerd-shim-nutshell-v2" "$BIN_DIR/"
 install -m 0755 "$artifacts/release/nutshell-vmm" "$BIN_DIR/"
 install -m 0644 "$artifacts/nutshell/vmlinux" "$SHARE_DIR/vmlinux"
 install -m 0644 "$artifacts/nutshell/initramfs.cpio" "$SHARE_DIR/initramfs.cpio"
-if [ ! -e "$CONFIG_DIR/config.toml" ]; then
-    install -m 0644 "$here/config.toml" "$CONFIG_DIR/config.toml"
-    echo "install: wrote $CONFIG_DIR/config.toml"
-else
-    echo "install: kept $CONFIG_DIR/config.toml"
-fi
+for config in config.toml config-untrusted.toml; do
+    if [ ! -e "$CONFIG_DIR/$config" ]; then
+        install -m 0644 "$here/$config" "$CONFIG_DIR/$config"
+        echo "install: wrote $CONFIG_DIR/$config"
+    else
+        echo "install: kept $CONFIG_DIR/$config"
+    fi
+done
 
 # containerd: the snippet between markers, replacing an earlier one. containerd 1.6 merges
 # repeated tables of a version-2 config poorly, so a node whose config already sets
@@ -75,4 +78,4 @@ if [ "$before" != "$(sha256sum "$CONTAINERD_CONFIG")" ]; then
         echo "install: restarted containerd"
     fi
 fi
-echo "install: done (runtime io.containerd.nutshell.v2, CRI handler nutshell)"
+echo "install: done (runtime io.containerd.nutshell.v2, CRI handlers nutshell and nutshell-untrusted)"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Removes what deploy/install.sh installed. Idempotent. Keeps /etc/nutshell/config.toml unless
-# --purge. Refuses while Nutshell sandboxes run (their state is under /run/nutshell).
+# Removes what deploy/install.sh installed. Idempotent. Keeps /etc/nutshell/ (config.toml,
+# config-untrusted.toml) unless --purge. Refuses while Nutshell sandboxes run (their state is
+# under /run/nutshell).
 set -euo pipefail
 
 purge=0
