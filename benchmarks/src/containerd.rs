@@ -85,6 +85,9 @@ pub struct RuntimeSpec {
     pub runtime_type: String,
     /// An OCI runtime binary the runc shim should use instead of `runc` (for runsc).
     pub binary_name: Option<PathBuf>,
+    /// The runtime option `ConfigPath` (a shim's configuration file, e.g. Nutshell's strict
+    /// node policy for a second handler).
+    pub config_path: Option<PathBuf>,
 }
 
 impl RuntimeSpec {
@@ -94,6 +97,7 @@ impl RuntimeSpec {
             name: "runc".to_owned(),
             runtime_type: "io.containerd.runc.v2".to_owned(),
             binary_name: None,
+            config_path: None,
         }
     }
 
@@ -103,6 +107,7 @@ impl RuntimeSpec {
             name: "nutshell".to_owned(),
             runtime_type: "io.containerd.nutshell.v2".to_owned(),
             binary_name: None,
+            config_path: None,
         }
     }
 
@@ -113,6 +118,7 @@ impl RuntimeSpec {
             name: "runsc".to_owned(),
             runtime_type: "io.containerd.runc.v2".to_owned(),
             binary_name: Some(binary),
+            config_path: None,
         }
     }
 
@@ -459,13 +465,25 @@ disabled_plugins = []
             name = toml_key(&rt.name),
             ty = toml_escape(&rt.runtime_type)
         );
+        if rt.binary_name.is_some() || rt.config_path.is_some() {
+            let _ = writeln!(
+                s,
+                r#"[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{name}.options]"#,
+                name = toml_key(&rt.name),
+            );
+        }
         if let Some(binary) = &rt.binary_name {
             let _ = writeln!(
                 s,
-                r#"[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{name}.options]
-  BinaryName = "{bin}""#,
-                name = toml_key(&rt.name),
+                r#"  BinaryName = "{bin}""#,
                 bin = toml_escape(&binary.to_string_lossy())
+            );
+        }
+        if let Some(config) = &rt.config_path {
+            let _ = writeln!(
+                s,
+                r#"  ConfigPath = "{path}""#,
+                path = toml_escape(&config.to_string_lossy())
             );
         }
     }
@@ -1161,6 +1179,7 @@ mod tests {
             name: "x".into(),
             runtime_type: "/usr/bin/x".into(),
             binary_name: None,
+            config_path: None,
         };
         assert_eq!(odd.shim_binary_name(), None);
     }
@@ -1185,6 +1204,15 @@ mod tests {
             "containerd.runtimes.nutshell]\n  runtime_type = \"io.containerd.nutshell.v2\""
         ));
         assert!(cfg.contains("runtimes.runsc.options]\n  BinaryName = \"/tmp/x/runsc\""));
+        let untrusted = RuntimeSpec {
+            name: "nutshell-untrusted".into(),
+            config_path: Some(PathBuf::from("/etc/nutshell/config-untrusted.toml")),
+            ..RuntimeSpec::nutshell()
+        };
+        let cfg = config_toml(Path::new("/tmp/x"), &[untrusted], None, None);
+        assert!(cfg.contains(
+            "runtimes.nutshell-untrusted.options]\n  ConfigPath = \"/etc/nutshell/config-untrusted.toml\""
+        ));
         // runc is registered once even when asked for twice.
         let cfg = config_toml(Path::new("/d"), &[RuntimeSpec::runc()], None, None);
         assert_eq!(cfg.matches("runtimes.runc]").count(), 1);

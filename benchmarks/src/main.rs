@@ -150,6 +150,7 @@ fn runtime_spec(arg: &str, scratch: &std::path::Path) -> Result<RuntimeSpec> {
                     name: name.to_owned(),
                     runtime_type: ty.to_owned(),
                     binary_name: None,
+                    config_path: None,
                 }
             }
             _ => bail!(

@@ -13,7 +13,9 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use k8s_cri::v1 as cri;
-use nutshell_bench::containerd::{shim_pids, CniNetwork, Containerd, ContainerdOptions};
+use nutshell_bench::containerd::{
+    shim_pids, CniNetwork, Containerd, ContainerdOptions, RuntimeSpec,
+};
 use nutshell_bench::image;
 
 use crate::cri::{pod_config, CriClient};
@@ -25,6 +27,8 @@ use crate::{
 pub const IMAGE: &str = "docker.io/nutshell/e2e-busybox:1";
 pub const PAUSE: &str = "docker.io/nutshell/e2e-pause:1";
 pub const HANDLER: &str = "nutshell";
+/// The handler with the strict node policy (`deploy/config-untrusted.toml`).
+pub const UNTRUSTED_HANDLER: &str = "nutshell-untrusted";
 pub const NAMESPACE: &str = "k8s.io";
 /// The cgroup hierarchies the VMM must be in (v1, this machine).
 pub const CONTROLLERS: [&str; 4] = ["cpu", "cpuacct", "memory", "pids"];
@@ -91,6 +95,9 @@ pub struct Rig {
     pub cgroup_parent: String,
     /// The CNI network of the pods, if they get one (else they use the node's network).
     pub cni: Option<CniNetwork>,
+    /// What stands for kubelet's `/var/lib/kubelet` in the strict configuration of
+    /// [`UNTRUSTED_HANDLER`] (a directory of the rig's own).
+    pub kubelet_dir: PathBuf,
     _cgroups: CgroupGuard,
     _dir: tempfile::TempDir,
 }
@@ -105,6 +112,22 @@ pub fn rig_with_cni(tag: &str) -> Rig {
     rig_with(tag, Some(CniNetwork::for_this_process()))
 }
 
+/// The strict configuration of [`UNTRUSTED_HANDLER`]: the shim's `base` configuration plus
+/// `deploy/config-untrusted.toml` with containerd's default root and state directories
+/// replaced by the private containerd's and kubelet's by `kubelet_dir`.
+fn untrusted_config(base: &str, containerd: &Path, kubelet_dir: &Path) -> String {
+    let deploy = crate::repo_root().join("deploy").join("config-untrusted.toml");
+    let policy = std::fs::read_to_string(&deploy).unwrap();
+    for default in ["/var/lib/containerd/", "/run/containerd/", "/var/lib/kubelet/"] {
+        assert!(policy.contains(default), "{} lost {default}", deploy.display());
+    }
+    let policy = policy
+        .replace("/var/lib/containerd/", &format!("{}/root/", containerd.display()))
+        .replace("/run/containerd/", &format!("{}/state/", containerd.display()))
+        .replace("/var/lib/kubelet/", &format!("{}/", kubelet_dir.display()));
+    format!("{base}\n{policy}")
+}
+
 fn rig_with(tag: &str, cni: Option<CniNetwork>) -> Rig {
     let kernel = guest_artifact("vmlinux").unwrap();
     let initramfs = guest_artifact("initramfs.cpio").unwrap();
@@ -115,19 +138,19 @@ fn rig_with(tag: &str, cni: Option<CniNetwork>) -> Rig {
     let log_dir = dir.path().join("pods");
     std::fs::create_dir_all(&log_dir).unwrap();
     let config = dir.path().join("config.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "kernel = {:?}\ninitramfs = {:?}\nvmm = {:?}\nrun_dir = {:?}\n\
-             boot_timeout_secs = 300\ntemplate_dir = {:?}\n",
-            kernel,
-            initramfs,
-            vmm,
-            run_dir,
-            template_cache()
-        ),
-    )
-    .unwrap();
+    let base_config = format!(
+        "kernel = {:?}\ninitramfs = {:?}\nvmm = {:?}\nrun_dir = {:?}\n\
+         boot_timeout_secs = 300\ntemplate_dir = {:?}\n",
+        kernel,
+        initramfs,
+        vmm,
+        run_dir,
+        template_cache()
+    );
+    std::fs::write(&config, &base_config).unwrap();
+    // The second handler's ConfigPath; written once containerd's directory is known.
+    let untrusted = dir.path().join("config-untrusted.toml");
+    let kubelet_dir = dir.path().join("kubelet");
     // containerd finds `containerd-shim-nutshell-v2` on its PATH and the shim reads its config
     // from NUTSHELL_CONFIG; both are inherited from this process, which starts containerd.
     let shim_dir = shim.parent().unwrap().display().to_string();
@@ -153,8 +176,21 @@ fn rig_with(tag: &str, cni: Option<CniNetwork>) -> Rig {
         namespace: NAMESPACE.into(),
         sandbox_image: Some(PAUSE.into()),
         cni: cni.clone(),
+        runtimes: vec![
+            RuntimeSpec::nutshell(),
+            RuntimeSpec {
+                name: UNTRUSTED_HANDLER.into(),
+                config_path: Some(untrusted.clone()),
+                ..RuntimeSpec::nutshell()
+            },
+        ],
         ..ContainerdOptions::default()
     })
+    .unwrap();
+    std::fs::write(
+        &untrusted,
+        untrusted_config(&base_config, containerd.dir(), &kubelet_dir),
+    )
     .unwrap();
     let ctr = containerd.ctr();
     ctr.import_image(&app).unwrap();
@@ -175,6 +211,7 @@ fn rig_with(tag: &str, cni: Option<CniNetwork>) -> Rig {
         log_dir,
         cgroup_parent,
         cni,
+        kubelet_dir,
         _cgroups: guard,
         _dir: dir,
     }

@@ -169,6 +169,87 @@ fn ctr_runs_a_container_in_a_nutshell_microvm() {
     env.assert_nothing_left();
 }
 
+/// The strict node policy (`deploy/config-untrusted.toml`), reached through containerd's
+/// runtime option `ConfigPath` (`ctr run --runtime-config-path`) while the shim's
+/// NUTSHELL_CONFIG is the permissive default: a bind mount of the host's root, a privileged
+/// container and an explicit device are refused at Create with the path or field and the
+/// policy key, before any VM starts, and leave nothing behind; a plain container runs.
+#[test]
+#[ignore = "slow lane: needs root, containerd and the guest kernel (scripts/test.sh runs it)"]
+fn the_strict_policy_refuses_host_paths_and_devices() {
+    let env = NutshellContainerd::start();
+    let ctr = env.containerd.ctr();
+    let base = std::fs::read_to_string(env._dir.path().join("config.toml")).unwrap();
+    let policy =
+        std::fs::read_to_string(nutshell_tests::repo_root().join("deploy/config-untrusted.toml"))
+            .unwrap();
+    let strict = env._dir.path().join("config-untrusted.toml");
+    std::fs::write(&strict, format!("{base}\n{policy}")).unwrap();
+    let run = |id: &str, config: Option<&std::path::Path>, extra: &[&str], script: &str| {
+        let mut cmd = ctr.command();
+        cmd.args(["run", "--rm", "--runtime", "io.containerd.nutshell.v2"]);
+        if let Some(config) = config {
+            cmd.arg("--runtime-config-path").arg(config);
+        }
+        let out = cmd
+            .args(extra)
+            .args([IMAGE, id, "sh", "-c", script])
+            .output()
+            .unwrap();
+        ctr.remove_container(id);
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let refused = [
+        (
+            "e2e-policy-root",
+            Some(strict.as_path()),
+            &["--mount", "type=bind,src=/,dst=/host,options=rbind:ro"][..],
+            &["host path / (resolved: /) onto /host", "policy.allowed_host_paths"][..],
+        ),
+        (
+            "e2e-policy-privileged",
+            Some(strict.as_path()),
+            &["--privileged"][..],
+            &["privileged container", "policy.refuse_privileged"][..],
+        ),
+        (
+            "e2e-policy-device",
+            Some(strict.as_path()),
+            &["--device", "/dev/kvm"][..],
+            &["linux.devices: /dev/kvm requested"][..],
+        ),
+        // Under every policy, the default one too.
+        (
+            "e2e-policy-device-default",
+            None,
+            &["--device", "/dev/kvm"][..],
+            &["linux.devices: /dev/kvm requested"][..],
+        ),
+    ];
+    for (id, config, extra, words) in refused {
+        let t = Instant::now();
+        let (ok, out) = run(id, config, extra, "echo ran");
+        assert!(!ok, "{id} ran: {out}");
+        for w in words {
+            assert!(out.contains(w), "{id}: {w:?} not in {out}");
+        }
+        assert!(!out.contains("ran\n"), "{out}");
+        eprintln!("{id}: refused in {:.2} s: {}", t.elapsed().as_secs_f64(), out.trim());
+        env.assert_nothing_left();
+    }
+    // The strict policy accepts what `ctr run` makes of a plain container.
+    let (ok, out) = run("e2e-policy-plain", Some(strict.as_path()), &[], "echo plain-ran");
+    assert!(ok && out.contains("plain-ran"), "{out}");
+    env.assert_nothing_left();
+}
+
 /// A shim that dies (OOM-killed, crashed) while its container runs: containerd notices, runs
 /// `shim delete`, and that leaves nothing behind: the VMM is gone, the sandbox directory and
 /// mounts are gone, the shim's socket in /run/containerd/s is gone, and the container can be

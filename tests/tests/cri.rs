@@ -3,7 +3,8 @@
 //!
 //! The rig (`nutshell_tests::cri_rig`) builds the images locally and imports them.
 //!
-//! No CNI here: the pods use the node's network (`NamespaceMode::NODE` for the network
+//! No CNI here (but for the strict policy's test, which refuses the node's network): the pods
+//! use the node's network (`NamespaceMode::NODE` for the network
 //! namespace in the pod's security context), for which containerd skips CNI altogether. Pod
 //! networks are tested in `network.rs`.
 //!
@@ -21,7 +22,9 @@ use std::time::{Duration, Instant};
 
 use k8s_cri::v1 as cri;
 use nutshell_tests::cri::{container_config, parse_cri_log, CriClient};
-use nutshell_tests::cri_rig::{alive, cgroup_of, rig, CONTROLLERS, HANDLER, IMAGE, SERIAL};
+use nutshell_tests::cri_rig::{
+    alive, cgroup_of, rig, rig_with_cni, CONTROLLERS, HANDLER, IMAGE, SERIAL, UNTRUSTED_HANDLER,
+};
 use nutshell_tests::memory_use;
 
 fn text(b: &[u8]) -> String {
@@ -275,6 +278,151 @@ fn a_pod_survives_a_containerd_restart_and_can_be_stopped() {
         "restart figures: containerd stopped in {:.2} s, back and answering in {:.2} s; test {:.1} s",
         stopping.as_secs_f64(),
         restart.as_secs_f64(),
+        test_started.elapsed().as_secs_f64()
+    );
+}
+
+/// A bind mount of `host` at `container` in a CRI container config.
+fn with_mount(mut cfg: cri::ContainerConfig, host: &Path, container: &str) -> cri::ContainerConfig {
+    cfg.mounts.push(cri::Mount {
+        container_path: container.into(),
+        host_path: host.display().to_string(),
+        ..Default::default()
+    });
+    cfg
+}
+
+#[test]
+#[ignore = "slow lane: needs root, containerd, KVM and the guest kernel (scripts/test.sh runs it)"]
+fn the_untrusted_handler_refuses_host_root_and_runs_a_normal_pod() {
+    // The handler's containerd runtime options name the strict configuration (ConfigPath), as
+    // deploy/containerd-nutshell.toml does; the shim's NUTSHELL_CONFIG is the permissive one.
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let test_started = Instant::now();
+    let mut rig = rig_with_cni("policy");
+
+    // hostNetwork: refused at RunPodSandbox, before a VM starts.
+    let mut host_net = rig.pod("policy-hostnet");
+    host_net
+        .linux
+        .as_mut()
+        .unwrap()
+        .security_context
+        .as_mut()
+        .unwrap()
+        .namespace_options
+        .as_mut()
+        .unwrap()
+        .network = cri::NamespaceMode::Node as i32;
+    let e = rig
+        .cri
+        .run_pod_sandbox(&host_net, UNTRUSTED_HANDLER)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("hostNetwork") && e.contains("policy.refuse_node_namespaces"),
+        "{e}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !rig.shims().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(rig.shims(), Vec::<u32>::new(), "the refused pod's shim stays");
+    assert!(nutshell_tests::vmms_under(&rig.run_dir).is_empty());
+
+    // A pod on its CNI network with the strict policy.
+    let pod_cfg = rig.pod("policy");
+    let uid = pod_cfg.metadata.as_ref().unwrap().uid.clone();
+    let pod = rig.cri.run_pod_sandbox(&pod_cfg, UNTRUSTED_HANDLER).unwrap();
+    let shared = rig.run_dir.join(&pod).join("shared");
+    let shared_entries = || -> Vec<String> {
+        std::fs::read_dir(&shared)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    let mounts_under_shared = || -> Vec<String> {
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains(&*shared.to_string_lossy()))
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(shared_entries(), Vec::<String>::new());
+
+    // The host's root, another pod's kubelet directory, and a way out by "..": each refused at
+    // StartContainer (the CRI creates the task there) with the path and the policy key,
+    // leaving nothing in the pod.
+    let other_pod = rig.kubelet_dir.join("pods").join("uid-someone-else");
+    std::fs::create_dir_all(&other_pod).unwrap();
+    let own = rig
+        .kubelet_dir
+        .join("pods")
+        .join(&uid)
+        .join("volumes/kubernetes.io~empty-dir/data");
+    std::fs::create_dir_all(&own).unwrap();
+    let dot_dot = own.join("../../../../../../../../etc");
+    for (host, shown) in [
+        (Path::new("/"), "host path / ".to_owned()),
+        (other_pod.as_path(), other_pod.display().to_string()),
+        (dot_dot.as_path(), "resolved: /etc)".to_owned()),
+    ] {
+        let cfg = with_mount(
+            container_config("evil", IMAGE, &["true"], "evil.log"),
+            host,
+            "/host",
+        );
+        let evil = rig.cri.create_container(&pod, &cfg, &pod_cfg).unwrap();
+        let e = rig.cri.start_container(&evil).unwrap_err().to_string();
+        assert!(
+            e.contains(&shown) && e.contains("policy.allowed_host_paths"),
+            "{}: {e}",
+            host.display()
+        );
+        assert_eq!(shared_entries(), Vec::<String>::new(), "{}", host.display());
+        assert_eq!(mounts_under_shared(), Vec::<String>::new());
+    }
+
+    // A kubelet-style volume of the pod's own: shared both ways. containerd's own files of
+    // the pod (hosts, resolv.conf, hostname, /dev/shm) are allowed too, or nothing would run.
+    std::fs::write(own.join("from-host"), "hello-volume\n").unwrap();
+    let cfg = with_mount(
+        container_config(
+            "app",
+            IMAGE,
+            &[
+                "sh",
+                "-c",
+                "cat /data/from-host && echo written > /data/from-guest && cat /etc/hostname",
+            ],
+            "app.log",
+        ),
+        &own,
+        "/data",
+    );
+    let t = Instant::now();
+    let app = rig.cri.create_container(&pod, &cfg, &pod_cfg).unwrap();
+    rig.cri.start_container(&app).unwrap();
+    assert_eq!(rig.cri.wait_exited(&app, Duration::from_secs(180)).unwrap(), 0);
+    let app_time = t.elapsed();
+    let log = parse_cri_log(&std::fs::read_to_string(rig.log_dir.join("app.log")).unwrap())
+        .unwrap();
+    assert!(
+        log.contains(&("stdout".into(), "hello-volume".into())),
+        "{log:?}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(own.join("from-guest")).unwrap(),
+        "written\n"
+    );
+
+    rig.cri.stop_pod_sandbox(&pod).unwrap();
+    rig.cri.remove_pod_sandbox(&pod).unwrap();
+    rig.assert_nothing_left();
+    eprintln!(
+        "policy figures: app with its volume created, run and exited in {:.1} s; test {:.1} s",
+        app_time.as_secs_f64(),
         test_started.elapsed().as_secs_f64()
     );
 }
