@@ -323,6 +323,7 @@ fn the_untrusted_handler_refuses_host_root_and_runs_a_normal_pod() {
         e.contains("hostNetwork") && e.contains("policy.refuse_node_namespaces"),
         "{e}"
     );
+    eprintln!("hostNetwork pod: {e}");
     let deadline = Instant::now() + Duration::from_secs(60);
     while !rig.shims().is_empty() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(200));
@@ -363,13 +364,17 @@ fn the_untrusted_handler_refuses_host_root_and_runs_a_normal_pod() {
         .join("volumes/kubernetes.io~empty-dir/data");
     std::fs::create_dir_all(&own).unwrap();
     let dot_dot = own.join("../../../../../../../../etc");
-    for (host, shown) in [
+    for (n, (host, shown)) in [
         (Path::new("/"), "host path / ".to_owned()),
         (other_pod.as_path(), other_pod.display().to_string()),
         (dot_dot.as_path(), "resolved: /etc)".to_owned()),
-    ] {
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let name = format!("evil-{n}");
         let cfg = with_mount(
-            container_config("evil", IMAGE, &["true"], "evil.log"),
+            container_config(&name, IMAGE, &["true"], &format!("{name}.log")),
             host,
             "/host",
         );
@@ -380,6 +385,7 @@ fn the_untrusted_handler_refuses_host_root_and_runs_a_normal_pod() {
             "{}: {e}",
             host.display()
         );
+        eprintln!("{name}: {e}");
         assert_eq!(shared_entries(), Vec::<String>::new(), "{}", host.display());
         assert_eq!(mounts_under_shared(), Vec::<String>::new());
     }
