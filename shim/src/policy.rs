@@ -202,10 +202,7 @@ impl Policy {
     /// devices. Logs when a privileged container's host device list is dropped.
     pub fn check_spec(&self, spec: &Spec, id: &str) -> Result<(), PolicyError> {
         if self.refuse_node_namespaces {
-            let namespaces = spec
-                .linux()
-                .as_ref()
-                .and_then(|l| l.namespaces().as_ref());
+            let namespaces = spec.linux().as_ref().and_then(|l| l.namespaces().as_ref());
             for (typ, kind, mode) in NODE_NAMESPACES {
                 let own = namespaces.is_some_and(|list| list.iter().any(|n| n.typ() == typ));
                 if !own {
@@ -337,7 +334,10 @@ impl Policy {
                 }
             }
             if path.components().any(|c| c == Component::ParentDir) {
-                return Err(("policy.allowed_host_paths", format!("{p:?} contains \"..\"")));
+                return Err((
+                    "policy.allowed_host_paths",
+                    format!("{p:?} contains \"..\""),
+                ));
             }
         }
         Ok(())
@@ -440,11 +440,8 @@ mod tests {
         std::fs::write(root.join("pods/uid-1/vol/file"), b"x").unwrap();
         std::fs::write(root.join("etc/secret"), b"x").unwrap();
         std::os::unix::fs::symlink(root.join("etc"), root.join("pods/uid-1/vol/escape")).unwrap();
-        std::os::unix::fs::symlink(
-            root.join("pods/uid-1/vol"),
-            root.join("etc/link-into-pods"),
-        )
-        .unwrap();
+        std::os::unix::fs::symlink(root.join("pods/uid-1/vol"), root.join("etc/link-into-pods"))
+            .unwrap();
         dir
     }
 
@@ -670,9 +667,7 @@ mod tests {
         let mut linux = with_device.linux().clone().unwrap();
         linux.set_devices(s.linux().as_ref().unwrap().devices().clone());
         with_device.set_linux(Some(linux));
-        let e = Policy::default()
-            .check_spec(&with_device, "c")
-            .unwrap_err();
+        let e = Policy::default().check_spec(&with_device, "c").unwrap_err();
         assert!(matches!(e, PolicyError::Device { .. }), "{e}");
     }
 

@@ -40,7 +40,7 @@ use crate::config::Config;
 use crate::error::{Result, ShimError};
 use crate::net::PodNetwork;
 use crate::pod::{validate_id, ResourceRequest, Role};
-use crate::policy::{Policy, PodContext};
+use crate::policy::{PodContext, Policy};
 use crate::spec::{rewrite_for_guest, shared_mounts};
 use crate::state::{TaskState, Transition};
 use crate::stdio::{StdioCopy, StdioPaths};
@@ -509,11 +509,15 @@ fn prepare_fs(
     let sources = policy.open_shared_sources(&shared, pod)?;
     mount_rootfs(req, spec, &shared_root.join(id).join("rootfs"))?;
     for (m, source) in shared.iter().zip(&sources) {
-        bind(&source.mount_source(), &shared_root.join(&m.shared_rel), m.readonly)
-            .map_err(|e| {
-                let e = crate::error::chain(&e);
-                ShimError::Internal(format!("{}: {e}", source.resolved.display()))
-            })?;
+        bind(
+            &source.mount_source(),
+            &shared_root.join(&m.shared_rel),
+            m.readonly,
+        )
+        .map_err(|e| {
+            let e = crate::error::chain(&e);
+            ShimError::Internal(format!("{}: {e}", source.resolved.display()))
+        })?;
     }
     let guest_spec = rewrite_for_guest(spec.clone(), id, &shared);
     serde_json::to_vec(&guest_spec)

@@ -116,14 +116,30 @@ pub fn rig_with_cni(tag: &str) -> Rig {
 /// `deploy/config-untrusted.toml` with containerd's default root and state directories
 /// replaced by the private containerd's and kubelet's by `kubelet_dir`.
 fn untrusted_config(base: &str, containerd: &Path, kubelet_dir: &Path) -> String {
-    let deploy = crate::repo_root().join("deploy").join("config-untrusted.toml");
+    let deploy = crate::repo_root()
+        .join("deploy")
+        .join("config-untrusted.toml");
     let policy = std::fs::read_to_string(&deploy).unwrap();
-    for default in ["/var/lib/containerd/", "/run/containerd/", "/var/lib/kubelet/"] {
-        assert!(policy.contains(default), "{} lost {default}", deploy.display());
+    for default in [
+        "/var/lib/containerd/",
+        "/run/containerd/",
+        "/var/lib/kubelet/",
+    ] {
+        assert!(
+            policy.contains(default),
+            "{} lost {default}",
+            deploy.display()
+        );
     }
     let policy = policy
-        .replace("/var/lib/containerd/", &format!("{}/root/", containerd.display()))
-        .replace("/run/containerd/", &format!("{}/state/", containerd.display()))
+        .replace(
+            "/var/lib/containerd/",
+            &format!("{}/root/", containerd.display()),
+        )
+        .replace(
+            "/run/containerd/",
+            &format!("{}/state/", containerd.display()),
+        )
         .replace("/var/lib/kubelet/", &format!("{}/", kubelet_dir.display()));
     format!("{base}\n{policy}")
 }

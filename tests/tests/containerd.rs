@@ -211,7 +211,10 @@ fn the_strict_policy_refuses_host_paths_and_devices() {
             "e2e-policy-root",
             Some(strict.as_path()),
             &["--mount", "type=bind,src=/,dst=/host,options=rbind:ro"][..],
-            &["host path / (resolved: /) onto /host", "policy.allowed_host_paths"][..],
+            &[
+                "host path / (resolved: /) onto /host",
+                "policy.allowed_host_paths",
+            ][..],
         ),
         (
             "e2e-policy-privileged",
@@ -241,11 +244,20 @@ fn the_strict_policy_refuses_host_paths_and_devices() {
             assert!(out.contains(w), "{id}: {w:?} not in {out}");
         }
         assert!(!out.contains("ran\n"), "{out}");
-        eprintln!("{id}: refused in {:.2} s: {}", t.elapsed().as_secs_f64(), out.trim());
+        eprintln!(
+            "{id}: refused in {:.2} s: {}",
+            t.elapsed().as_secs_f64(),
+            out.trim()
+        );
         env.assert_nothing_left();
     }
     // The strict policy accepts what `ctr run` makes of a plain container.
-    let (ok, out) = run("e2e-policy-plain", Some(strict.as_path()), &[], "echo plain-ran");
+    let (ok, out) = run(
+        "e2e-policy-plain",
+        Some(strict.as_path()),
+        &[],
+        "echo plain-ran",
+    );
     assert!(ok && out.contains("plain-ran"), "{out}");
     env.assert_nothing_left();
 }

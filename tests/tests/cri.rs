@@ -328,13 +328,20 @@ fn the_untrusted_handler_refuses_host_root_and_runs_a_normal_pod() {
     while !rig.shims().is_empty() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(200));
     }
-    assert_eq!(rig.shims(), Vec::<u32>::new(), "the refused pod's shim stays");
+    assert_eq!(
+        rig.shims(),
+        Vec::<u32>::new(),
+        "the refused pod's shim stays"
+    );
     assert!(nutshell_tests::vmms_under(&rig.run_dir).is_empty());
 
     // A pod on its CNI network with the strict policy.
     let pod_cfg = rig.pod("policy");
     let uid = pod_cfg.metadata.as_ref().unwrap().uid.clone();
-    let pod = rig.cri.run_pod_sandbox(&pod_cfg, UNTRUSTED_HANDLER).unwrap();
+    let pod = rig
+        .cri
+        .run_pod_sandbox(&pod_cfg, UNTRUSTED_HANDLER)
+        .unwrap();
     let shared = rig.run_dir.join(&pod).join("shared");
     let shared_entries = || -> Vec<String> {
         std::fs::read_dir(&shared)
@@ -410,10 +417,13 @@ fn the_untrusted_handler_refuses_host_root_and_runs_a_normal_pod() {
     let t = Instant::now();
     let app = rig.cri.create_container(&pod, &cfg, &pod_cfg).unwrap();
     rig.cri.start_container(&app).unwrap();
-    assert_eq!(rig.cri.wait_exited(&app, Duration::from_secs(180)).unwrap(), 0);
+    assert_eq!(
+        rig.cri.wait_exited(&app, Duration::from_secs(180)).unwrap(),
+        0
+    );
     let app_time = t.elapsed();
-    let log = parse_cri_log(&std::fs::read_to_string(rig.log_dir.join("app.log")).unwrap())
-        .unwrap();
+    let log =
+        parse_cri_log(&std::fs::read_to_string(rig.log_dir.join("app.log")).unwrap()).unwrap();
     assert!(
         log.contains(&("stdout".into(), "hello-volume".into())),
         "{log:?}"
