@@ -81,7 +81,7 @@ pub enum ShimError {
     #[error(transparent)]
     Network(#[from] crate::net::NetError),
     /// The node policy refuses the container (or cannot check a host path of it).
-    #[error("refused by the node policy: {0}")]
+    #[error(transparent)]
     Policy(#[from] crate::policy::PolicyError),
     /// Anything else the host got wrong.
     #[error("{0}")]

@@ -119,8 +119,8 @@ pub fn check_create(
 pub enum PolicyError {
     /// A bind mount's source is outside every allowed prefix.
     #[error(
-        "bind mount of host path {} (resolved: {}) onto {}: not under any of \
-         policy.allowed_host_paths {allowed:?}",
+        "refused by the node policy: bind mount of host path {} (resolved: {}) onto {}: not \
+         under any of policy.allowed_host_paths {allowed:?}",
         source_path.display(), resolved.display(), destination.display()
     )]
     HostPath {
@@ -144,7 +144,7 @@ pub enum PolicyError {
     },
     /// An explicit device request.
     #[error(
-        "linux.devices: {} requested; Nutshell passes no host device into the VM, so explicit \
+        "refused by the node policy: linux.devices: {} requested; Nutshell passes no host device into the VM, so explicit \
          device requests are refused (privileged containers get the guest's devices)",
         path.display()
     )]
@@ -153,14 +153,17 @@ pub enum PolicyError {
         path: PathBuf,
     },
     /// A privileged container under `refuse_privileged`.
-    #[error("privileged container ({why}): refused by policy.refuse_privileged")]
+    #[error(
+        "refused by the node policy: privileged container ({why}): refused by \
+         policy.refuse_privileged"
+    )]
     Privileged {
         /// What makes it privileged.
         why: &'static str,
     },
     /// A node namespace mode under `refuse_node_namespaces`.
     #[error(
-        "linux.namespaces: no {kind} namespace of its own ({mode}; in Nutshell the VM's root \
+        "refused by the node policy: linux.namespaces: no {kind} namespace of its own ({mode}; in Nutshell the VM's root \
          {kind} namespace): refused by policy.refuse_node_namespaces"
     )]
     NodeNamespace {
