@@ -154,7 +154,7 @@ pub enum PolicyError {
     },
     /// A privileged container under `refuse_privileged`.
     #[error(
-        "refused by the node policy: privileged container ({why}): refused by \
+        "refused by the node policy: privileged container ({why}) under \
          policy.refuse_privileged"
     )]
     Privileged {
@@ -164,7 +164,7 @@ pub enum PolicyError {
     /// A node namespace mode under `refuse_node_namespaces`.
     #[error(
         "refused by the node policy: linux.namespaces: no {kind} namespace of its own ({mode}; in Nutshell the VM's root \
-         {kind} namespace): refused by policy.refuse_node_namespaces"
+         {kind} namespace) under policy.refuse_node_namespaces"
     )]
     NodeNamespace {
         /// pid, ipc, network, uts.
