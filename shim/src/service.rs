@@ -499,11 +499,46 @@ fn prepare_fs(req: &CreateTaskRequest, spec: &Spec, shared_root: &Path) -> Resul
     mount_rootfs(req, spec, &shared_root.join(id).join("rootfs"))?;
     let shared = shared_mounts(spec, id);
     for m in &shared {
-        bind(&m.host_source, &shared_root.join(&m.shared_rel), m.readonly)?;
+        let target = shared_root.join(&m.shared_rel);
+        bind(&m.host_source, &target, m.readonly)?;
+        set_propagation(&target, m.receives_host_mounts)?;
     }
     let guest_spec = rewrite_for_guest(spec.clone(), id, &shared);
     serde_json::to_vec(&guest_spec)
         .map_err(|e| ShimError::Internal(format!("serialize the spec: {e}")))
+}
+
+/// Makes the bind at `target` a slave of its source (`receives_host_mounts`: the volume's
+/// `rslave`/`rshared`, so host mounts made later under the source appear in the container, as
+/// under runc) or private (`rprivate`, the default), recursively. Either way nothing mounted
+/// or unmounted under `target` (the shim's teardown) propagates back to the host's source.
+fn set_propagation(target: &Path, receives_host_mounts: bool) -> Result<()> {
+    let flags = libc::MS_REC
+        | if receives_host_mounts {
+            libc::MS_SLAVE
+        } else {
+            libc::MS_PRIVATE
+        };
+    let c_target = std::ffi::CString::new(target.as_os_str().as_encoded_bytes())
+        .map_err(|_| ShimError::InvalidArgument(format!("{}: NUL byte", target.display())))?;
+    // SAFETY: a NUL-terminated path alive for the call; source, type and data may be null
+    // for a propagation change.
+    let rc = unsafe {
+        libc::mount(
+            std::ptr::null(),
+            c_target.as_ptr(),
+            std::ptr::null(),
+            flags,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(ShimError::io(format!(
+            "set the propagation of {}",
+            target.display()
+        ))(std::io::Error::last_os_error()));
+    }
+    Ok(())
 }
 
 /// Binds `source` (file or directory) at `target`, creating the target.
@@ -714,11 +749,16 @@ impl Service {
                     return Err(e.into());
                 }
             };
+            let sandbox = crate::spec::sandbox_spec(
+                spec,
+                sandbox_id,
+                &hostname,
+                matches!(role, Role::PodSandbox { .. }),
+            );
             let vm = SandboxVm::start(
                 config,
                 &paths,
-                sandbox_id,
-                &hostname,
+                &sandbox,
                 size,
                 cgroups_path.as_deref(),
                 net,
