@@ -143,12 +143,97 @@ pub fn apply_in_root(sysctls: &[Sysctl]) -> Result<(), PodNsError> {
     write_sysctls(sysctls).map_err(|(i, e)| sysctl_error(&sysctls[i], e))
 }
 
-/// The pod init process, holding the pod's namespaces.
+/// The kinds of namespace a pod may have of its own, each published at
+/// `/run/pod-ns/<kind>`.
+pub const KINDS: [&str; 3] = ["pid", "ipc", "uts"];
+
+/// The pod's namespaces: the pod init holding those the pod has of its own, and their files
+/// under `/run/pod-ns`.
 #[derive(Debug)]
-pub struct PodInit {
+pub struct PodNs {
+    init: Option<PodInit>,
+    published: Vec<PathBuf>,
+}
+
+impl PodNs {
+    /// Makes the pod's own namespaces of the kinds in `own` (a pod init cloned into them, which
+    /// writes `sysctls` there; with none, the sysctls are written in the VM's root namespaces)
+    /// and publishes every kind at `/run/pod-ns/<kind>`: the pod's own, and for the others
+    /// (NODE) the VM's root one. containerd writes the path of the pause container's
+    /// namespace into an app container's spec whatever the pod's mode (with `hostNetwork`,
+    /// the UTS one of a pause that has none: the node's), so the path always stands for the
+    /// pod's namespace, which for NODE is the VM's. Any failure leaves nothing.
+    pub fn set_up(own: &[&'static str], sysctls: &[Sysctl]) -> Result<PodNs, PodNsError> {
+        let mut ns = PodNs {
+            init: None,
+            published: Vec::new(),
+        };
+        if own.is_empty() {
+            apply_in_root(sysctls)?;
+        } else {
+            ns.init = Some(PodInit::start(own, sysctls)?);
+        }
+        let init_pid = ns.init.as_ref().map(|i| i.pid);
+        for kind in KINDS {
+            let holder = if own.contains(&kind) { init_pid } else { None };
+            if let Err(e) = ns.publish(kind, holder) {
+                ns.tear_down();
+                return Err(e);
+            }
+        }
+        Ok(ns)
+    }
+
+    /// The pod init's PID, if the pod has namespaces of its own.
+    pub fn init_pid(&self) -> Option<Pid> {
+        self.init.as_ref().map(|i| i.pid)
+    }
+
+    /// Binds the namespace of `kind` of `holder` (none: the agent's, the VM's root one) at
+    /// `/run/pod-ns/<kind>`.
+    fn publish(&mut self, kind: &str, holder: Option<Pid>) -> Result<(), PodNsError> {
+        std::fs::create_dir_all(GUEST_POD_NS_DIR).map_err(|source| PodNsError::Os {
+            what: format!("create {GUEST_POD_NS_DIR}"),
+            source,
+        })?;
+        let target = PathBuf::from(pod_namespace_path(kind));
+        File::create(&target).map_err(|source| PodNsError::Os {
+            what: format!("create {}", target.display()),
+            source,
+        })?;
+        self.published.push(target.clone());
+        let source = match holder {
+            Some(pid) => format!("/proc/{pid}/ns/{kind}"),
+            None => format!("/proc/self/ns/{kind}"),
+        };
+        mount(
+            Some(source.as_str()),
+            &target,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(os(format!("bind {source} at {}", target.display())))
+    }
+
+    /// Unpublishes the namespaces and kills the pod init (with it, every process left in the
+    /// pod's PID namespace); PID 1's reaper reaps it.
+    pub fn tear_down(mut self) {
+        for target in self.published.drain(..) {
+            let _ = umount2(&target, MntFlags::MNT_DETACH);
+            let _ = std::fs::remove_file(&target);
+        }
+        if let Some(init) = self.init.take() {
+            init.stop();
+        }
+    }
+}
+
+/// The pod init process, holding the pod's own namespaces.
+#[derive(Debug)]
+struct PodInit {
     pid: Pid,
     pidfd: Option<OwnedFd>,
-    published: Vec<PathBuf>,
 }
 
 /// The clone flag of a namespace kind.
@@ -162,9 +247,8 @@ fn kind_flag(kind: &str) -> CloneFlags {
 
 impl PodInit {
     /// Clones the pod init into new namespaces of `kinds` (`pid`, `ipc`, `uts`), where it
-    /// writes `sysctls`, and publishes each namespace at `/run/pod-ns/<kind>`. Any failure
-    /// kills it again and leaves nothing.
-    pub fn start(kinds: &[&'static str], sysctls: &[Sysctl]) -> Result<PodInit, PodNsError> {
+    /// writes `sysctls` before it reports. A failure kills it again.
+    fn start(kinds: &[&'static str], sysctls: &[Sysctl]) -> Result<PodInit, PodNsError> {
         let flags = kinds
             .iter()
             .fold(CloneFlags::empty(), |f, k| f | kind_flag(k));
@@ -177,17 +261,16 @@ impl PodInit {
             Forked::Child => pod_init(report_w, name, sysctls),
             Forked::Parent(pid) => {
                 drop(report_w);
-                let mut init = PodInit {
+                let init = PodInit {
                     pid,
                     pidfd: syscall::pidfd_open(pid).ok(),
-                    published: Vec::new(),
                 };
                 // EOF: the sysctls are written; 8 bytes: which one failed and why.
                 let mut report = File::from(report_r);
                 let mut buf = Vec::new();
                 let read = report.read_to_end(&mut buf);
                 let result = match (read, buf.len()) {
-                    (Ok(_), 0) => init.publish(kinds),
+                    (Ok(_), 0) => Ok(()),
                     (Ok(_), 8) => {
                         let i = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
                         let errno = i32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]);
@@ -220,51 +303,12 @@ impl PodInit {
         }
     }
 
-    /// Its PID (in the agent's PID namespace).
-    pub fn pid(&self) -> Pid {
-        self.pid
-    }
-
-    fn publish(&mut self, kinds: &[&'static str]) -> Result<(), PodNsError> {
-        std::fs::create_dir_all(GUEST_POD_NS_DIR).map_err(|source| PodNsError::Os {
-            what: format!("create {GUEST_POD_NS_DIR}"),
-            source,
-        })?;
-        for kind in kinds {
-            let target = PathBuf::from(pod_namespace_path(kind));
-            File::create(&target).map_err(|source| PodNsError::Os {
-                what: format!("create {}", target.display()),
-                source,
-            })?;
-            self.published.push(target.clone());
-            let source = format!("/proc/{}/ns/{kind}", self.pid);
-            mount(
-                Some(source.as_str()),
-                &target,
-                None::<&str>,
-                MsFlags::MS_BIND,
-                None::<&str>,
-            )
-            .map_err(os(format!("bind {source} at {}", target.display())))?;
-        }
-        Ok(())
-    }
-
-    /// Unpublishes the namespaces and kills the pod init (with it, every process left in the
-    /// pod's PID namespace); PID 1's reaper reaps it.
-    pub fn stop(mut self) {
-        for target in self.published.drain(..) {
-            let _ = umount2(&target, MntFlags::MNT_DETACH);
-            let _ = std::fs::remove_file(&target);
-        }
+    fn stop(self) {
         let sent = match &self.pidfd {
             Some(fd) => syscall::pidfd_send_signal(fd.as_fd(), libc::SIGKILL).is_ok(),
-            None => false,
+            None => nix::sys::signal::kill(self.pid, Signal::SIGKILL).is_ok(),
         };
-        if !sent && self.pidfd.is_none() {
-            let _ = nix::sys::signal::kill(self.pid, Signal::SIGKILL);
-        }
-        log::info!("pod init (pid {}) stopped", self.pid);
+        log::info!("pod init (pid {}) stopped (SIGKILL sent: {sent})", self.pid);
     }
 }
 

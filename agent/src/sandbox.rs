@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use nutshell_protocol::generated::agent as pb;
 pub use nutshell_protocol::SHARED_FS_TAG;
 
-use crate::pod_ns::{PodInit, PodNsError, Sysctl, MAX_SYSCTLS};
+use crate::pod_ns::{PodNs, PodNsError, Sysctl, MAX_SYSCTLS};
 
 /// Longest hostname (`HOST_NAME_MAX`).
 pub const MAX_HOSTNAME_LEN: usize = 64;
@@ -162,13 +162,13 @@ pub trait SandboxOs: Send + Sync {
     fn mount_shared(&self, tag: &str, dir: &Path) -> io::Result<()>;
     /// Unmounts `dir` (lazily: processes may still hold files).
     fn unmount(&self, dir: &Path) -> io::Result<()>;
-    /// Makes the pod's namespaces of `kinds` with `sysctls` written inside them (see
-    /// [`crate::pod_ns`]); with no kinds, writes the sysctls in the VM's root namespaces.
+    /// Makes the pod's own namespaces of `kinds` with `sysctls` written inside them and
+    /// publishes the pod's namespaces (see [`crate::pod_ns`]); `None`: nothing to undo.
     fn pod_namespaces(
         &self,
         kinds: &[&'static str],
         sysctls: &[Sysctl],
-    ) -> Result<Option<PodInit>, PodNsError>;
+    ) -> Result<Option<PodNs>, PodNsError>;
 }
 
 /// The real OS of the guest.
@@ -197,21 +197,17 @@ impl SandboxOs for GuestOs {
         &self,
         kinds: &[&'static str],
         sysctls: &[Sysctl],
-    ) -> Result<Option<PodInit>, PodNsError> {
-        if kinds.is_empty() {
-            crate::pod_ns::apply_in_root(sysctls)?;
-            return Ok(None);
-        }
-        PodInit::start(kinds, sysctls).map(Some)
+    ) -> Result<Option<PodNs>, PodNsError> {
+        PodNs::set_up(kinds, sysctls).map(Some)
     }
 }
 
-/// A sandbox that is set up: its configuration and the pod init holding its namespaces.
+/// A sandbox that is set up: its configuration and the pod's namespaces.
 #[derive(Debug)]
 pub struct Sandbox {
     /// What CreateSandbox asked for.
     pub cfg: SandboxConfig,
-    pod_init: Option<PodInit>,
+    pod_ns: Option<PodNs>,
 }
 
 /// Sets the sandbox up: hostname, loopback, shared directory, then the pod's namespaces and
@@ -232,8 +228,8 @@ pub fn set_up(cfg: SandboxConfig, os: &dyn SandboxOs) -> Result<Sandbox, Sandbox
             dir.display()
         )))?;
     }
-    let pod_init = match os.pod_namespaces(&cfg.own_namespaces, &cfg.sysctls) {
-        Ok(init) => init,
+    let pod_ns = match os.pod_namespaces(&cfg.own_namespaces, &cfg.sysctls) {
+        Ok(ns) => ns,
         Err(e) => {
             if let Some(dir) = &cfg.shared_dir {
                 let _ = os.unmount(dir);
@@ -249,14 +245,14 @@ pub fn set_up(cfg: SandboxConfig, os: &dyn SandboxOs) -> Result<Sandbox, Sandbox
         cfg.own_namespaces,
         cfg.sysctls.len()
     );
-    Ok(Sandbox { cfg, pod_init })
+    Ok(Sandbox { cfg, pod_ns })
 }
 
 /// Takes the sandbox down: stops the pod init, unmounts the shared directory.
 pub fn tear_down(sandbox: Sandbox, os: &dyn SandboxOs) -> Result<(), SandboxError> {
-    let Sandbox { cfg, pod_init } = sandbox;
-    if let Some(init) = pod_init {
-        init.stop();
+    let Sandbox { cfg, pod_ns } = sandbox;
+    if let Some(ns) = pod_ns {
+        ns.tear_down();
     }
     if let Some(dir) = &cfg.shared_dir {
         os.unmount(dir).map_err(|source| SandboxError::Os {
@@ -353,7 +349,7 @@ mod tests {
             &self,
             kinds: &[&'static str],
             sysctls: &[Sysctl],
-        ) -> Result<Option<PodInit>, PodNsError> {
+        ) -> Result<Option<PodNs>, PodNsError> {
             let keys: Vec<&str> = sysctls.iter().map(|s| s.key.as_str()).collect();
             self.calls.lock().unwrap().push(format!(
                 "pod namespaces {} sysctls {}",
