@@ -20,7 +20,8 @@ use nutshell_tests::cri_rig::{rig, Rig, HANDLER, SERIAL};
 use nutshell_tests::target_dir;
 
 /// The test image: busybox plus `/bin/probe` (setuid root), a static C program: `ids` prints
-/// `uid=U euid=E`, `shm KEY` creates a System V shared-memory segment, `rmshm KEY` removes it.
+/// `uid=U euid=E`, `shm KEY` creates a System V shared-memory segment, `shmget KEY` finds one
+/// (exit status 2 if there is none), `rmshm KEY` removes it. (Debian's busybox has no `ipcs`.)
 const PROBE_IMAGE: &str = "docker.io/nutshell/e2e-conformance:1";
 
 const PROBE_C: &str = r#"
@@ -34,6 +35,12 @@ int main(int argc, char **argv) {
     if (argc == 3 && strcmp(argv[1], "shm") == 0) {
         int id = shmget((key_t)strtol(argv[2], 0, 0), 4096, IPC_CREAT | 0666);
         if (id < 0) { perror("shmget"); return 1; }
+        printf("shmid=%d\n", id);
+        return 0;
+    }
+    if (argc == 3 && strcmp(argv[1], "shmget") == 0) {
+        int id = shmget((key_t)strtol(argv[2], 0, 0), 0, 0);
+        if (id < 0) { perror("shmget"); return 2; }
         printf("shmid=%d\n", id);
         return 0;
     }
@@ -373,9 +380,13 @@ fn host_pid_and_ipc_are_the_vms() {
     // hostIPC: a segment made in one container is seen in the other; the node's is not.
     let key = "0x4e555402";
     exec(&mut rig, &first, &["probe", "shm", key]);
-    let listed = exec(&mut rig, &second, &["ipcs", "-m"]);
-    assert!(listed.contains(key), "{listed}");
-    assert!(!listed.contains(node_key), "the node's segment reached the pod: {listed}");
+    let found = exec(&mut rig, &second, &["probe", "shmget", key]);
+    assert!(found.starts_with("shmid="), "{found}");
+    let r = rig
+        .cri
+        .exec_sync(&second, &["probe", "shmget", node_key], Duration::from_secs(180))
+        .unwrap();
+    assert_eq!(r.exit_code, 2, "the node's segment reached the pod: {}", text(&r.stdout));
 
     remove_pod(&mut rig, &pod);
     rig.assert_nothing_left();
@@ -422,11 +433,9 @@ fn container_pid_mode_setuid_and_stop_right_after_start() {
         .unwrap();
     ns.pid = cri::NamespaceMode::Target as i32;
     ns.target_id = main.clone();
-    let err = rig
-        .cri
-        .create_container(&pod, &debug, &pod_cfg)
-        .unwrap_err()
-        .to_string();
+    // containerd's CreateContainer only records it; the shim meets it at StartContainer.
+    let debug = rig.cri.create_container(&pod, &debug, &pod_cfg).unwrap();
+    let err = rig.cri.start_container(&debug).unwrap_err().to_string();
     assert!(err.contains("TARGET"), "{err}");
 
     // setuid root, run as uid 1000: euid 0 unless no_new_privs.
