@@ -493,7 +493,7 @@ impl Containers {
         place: PlaceHook<'_>,
     ) -> Result<Pid, ContainerError> {
         validate_id(exec_id)?;
-        let (init_pid, seccomp) = {
+        let (init_pid, init_pidfd, seccomp) = {
             let inner = self.inner();
             let c = get(&inner, id)?;
             if c.state != State::Running {
@@ -505,23 +505,29 @@ impl Containers {
                     exec_id: exec_id.to_string(),
                 });
             }
-            (c.init.pid, c.seccomp.clone())
+            let pidfd = c.init.pidfd.as_ref().and_then(|f| f.try_clone().ok());
+            (c.init.pid, pidfd, c.seccomp.clone())
         };
-        // Open the namespaces first: from here on they stay valid even if init exits.
-        let join = ["cgroup", "ipc", "uts", "net", "pid", "mnt"]
-            .iter()
-            .map(|name| {
-                let path = format!("/proc/{init_pid}/ns/{name}");
-                File::open(&path)
-                    .map(|f| (f, ns_flag(name)))
-                    .map_err(|e| ContainerError::Io {
-                        what: "open the container's namespaces",
-                        source: e,
-                    })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        // Through init's pidfd when there is one (see SpawnPlan::enter); else the namespace
+        // files, opened first: from here on they stay valid even if init exits.
+        let join = match init_pidfd {
+            Some(_) => Vec::new(),
+            None => ["cgroup", "ipc", "uts", "net", "pid", "mnt"]
+                .iter()
+                .map(|name| {
+                    let path = format!("/proc/{init_pid}/ns/{name}");
+                    File::open(&path)
+                        .map(|f| (f, ns_flag(name)))
+                        .map_err(|e| ContainerError::Io {
+                            what: "open the container's namespaces",
+                            source: e,
+                        })
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        };
         let plan = SpawnPlan {
             join,
+            enter: init_pidfd,
             init: None,
             seccomp,
             process: ProcessPlan::from_spec(process)?,
@@ -976,6 +982,7 @@ fn init_plan(spec: &Spec, root_mode: RootMode) -> Result<SpawnPlan, ContainerErr
     }
     let plan = SpawnPlan {
         join,
+        enter: None,
         init: Some(InitPart {
             clone_flags,
             new_cgroupns,
