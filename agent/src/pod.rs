@@ -19,8 +19,8 @@ use oci_spec::runtime::{
 };
 
 use crate::container::cgroup::{Cgroup, CgroupError, CgroupStats, OomWatcher};
-use crate::pod_ns::PodNsError;
 use crate::container::{ContainerError, Containers, HookError, Stdio, DEFAULT_REMOVE_TIMEOUT};
+use crate::pod_ns::PodNsError;
 use crate::sandbox::{self, Sandbox, SandboxConfig, SandboxError, SandboxOs};
 use crate::stdio::{self, Listen, StdioError, StdioPorts};
 

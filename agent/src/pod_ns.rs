@@ -56,7 +56,9 @@ impl Sysctl {
         if key.is_empty()
             || key.len() > MAX_SYSCTL_LEN
             || !key.chars().all(ok_char)
-            || key.split(sep).any(|p| p.is_empty() || p == "." || p == "..")
+            || key
+                .split(sep)
+                .any(|p| p.is_empty() || p == "." || p == "..")
         {
             return Err(format!("bad sysctl name {key:?}"));
         }
@@ -370,7 +372,14 @@ mod tests {
             s.path(),
             Path::new("/proc/sys/net/ipv4/conf/eth0.100/rp_filter")
         );
-        for bad in ["", "kernel..x", ".kernel", "kernel/../x", "a b", "fs.mqueue.*"] {
+        for bad in [
+            "",
+            "kernel..x",
+            ".kernel",
+            "kernel/../x",
+            "a b",
+            "fs.mqueue.*",
+        ] {
             assert!(Sysctl::new(bad, "1").is_err(), "{bad}");
         }
         assert!(Sysctl::new("kernel.x", "a\0b").is_err());

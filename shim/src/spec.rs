@@ -356,10 +356,7 @@ mod tests {
 
     #[test]
     fn the_nodes_dev_shm_never_reaches_the_guest() {
-        let text = HOST_SPEC.replace(
-            "/run/containerd/sandboxes/pod1/shm",
-            "/dev/shm",
-        );
+        let text = HOST_SPEC.replace("/run/containerd/sandboxes/pod1/shm", "/dev/shm");
         let spec: Spec = serde_json::from_str(&text).unwrap();
         let shared = shared_mounts(&spec, "web");
         assert_eq!(shared.len(), 1, "{shared:?}");

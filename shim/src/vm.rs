@@ -259,15 +259,7 @@ impl SandboxVm {
             None => Ok(()),
         }
         .and_then(|()| {
-            Self::spawn_and_connect(
-                config,
-                sandbox,
-                size,
-                paths,
-                &mut cgroup,
-                &mut net,
-                on_exit,
-            )
+            Self::spawn_and_connect(config, sandbox, size, paths, &mut cgroup, &mut net, on_exit)
         });
         match result {
             Ok(vm) => Ok(vm),

@@ -138,14 +138,22 @@ fn container_in(
     c
 }
 
-fn run(rig: &mut Rig, pod: &str, pod_cfg: &cri::PodSandboxConfig, c: &cri::ContainerConfig) -> String {
+fn run(
+    rig: &mut Rig,
+    pod: &str,
+    pod_cfg: &cri::PodSandboxConfig,
+    c: &cri::ContainerConfig,
+) -> String {
     let id = rig.cri.create_container(pod, c, pod_cfg).unwrap();
     rig.cri.start_container(&id).unwrap();
     id
 }
 
 fn exec(rig: &mut Rig, id: &str, cmd: &[&str]) -> String {
-    let r = rig.cri.exec_sync(id, cmd, Duration::from_secs(180)).unwrap();
+    let r = rig
+        .cri
+        .exec_sync(id, cmd, Duration::from_secs(180))
+        .unwrap();
     assert_eq!(r.exit_code, 0, "{cmd:?}: {}", text(&r.stderr));
     text(&r.stdout)
 }
@@ -155,7 +163,11 @@ fn cmdlines(rig: &mut Rig, id: &str) -> String {
     exec(
         rig,
         id,
-        &["sh", "-c", "for f in /proc/[0-9]*/cmdline; do tr '\\0' ' ' < $f; echo; done"],
+        &[
+            "sh",
+            "-c",
+            "for f in /proc/[0-9]*/cmdline; do tr '\\0' ' ' < $f; echo; done",
+        ],
     )
 }
 
@@ -267,7 +279,11 @@ fn pod_sysctls_shared_pids_and_host_mounts_under_rslave_volumes() {
     let values = exec(
         &mut rig,
         &second,
-        &["cat", "/proc/sys/kernel/shm_rmid_forced", "/proc/sys/fs/mqueue/msg_max"],
+        &[
+            "cat",
+            "/proc/sys/kernel/shm_rmid_forced",
+            "/proc/sys/fs/mqueue/msg_max",
+        ],
     );
     assert_eq!(values, "1\n100\n", "sysctls in the second container");
 
@@ -291,7 +307,11 @@ fn pod_sysctls_shared_pids_and_host_mounts_under_rslave_volumes() {
     loop {
         let r = rig
             .cri
-            .exec_sync(&first, &["cat", "/vol/later/hello"], Duration::from_secs(120))
+            .exec_sync(
+                &first,
+                &["cat", "/vol/later/hello"],
+                Duration::from_secs(120),
+            )
             .unwrap();
         if r.exit_code == 0 {
             assert_eq!(text(&r.stdout), "from-the-host\n");
@@ -344,9 +364,7 @@ struct HostSegment {
 
 impl Drop for HostSegment {
     fn drop(&mut self) {
-        let _ = Command::new(&self.probe)
-            .args(["rmshm", self.key])
-            .status();
+        let _ = Command::new(&self.probe).args(["rmshm", self.key]).status();
     }
 }
 
@@ -360,7 +378,10 @@ fn host_pid_and_ipc_are_the_vms() {
     let (mut rig, probe) = conformance_rig("hostns");
     // A segment on the node that no pod may see.
     let node_key = "0x4e555401";
-    let out = Command::new(&probe).args(["shm", node_key]).output().unwrap();
+    let out = Command::new(&probe)
+        .args(["shm", node_key])
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
     let _segment = HostSegment {
         probe: probe.clone(),
@@ -399,13 +420,25 @@ fn host_pid_and_ipc_are_the_vms() {
     assert!(found.starts_with("shmid="), "{found}");
     let r = rig
         .cri
-        .exec_sync(&second, &["probe", "shmget", node_key], Duration::from_secs(180))
+        .exec_sync(
+            &second,
+            &["probe", "shmget", node_key],
+            Duration::from_secs(180),
+        )
         .unwrap();
-    assert_eq!(r.exit_code, 2, "the node's segment reached the pod: {}", text(&r.stdout));
+    assert_eq!(
+        r.exit_code,
+        2,
+        "the node's segment reached the pod: {}",
+        text(&r.stdout)
+    );
 
     remove_pod(&mut rig, &pod);
     rig.assert_nothing_left();
-    eprintln!("host namespaces test {:.1} s", started.elapsed().as_secs_f64());
+    eprintln!(
+        "host namespaces test {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
 }
 
 /// CONTAINER PID mode (the default in Kubernetes): the container's init is PID 1 as an exec
@@ -431,7 +464,11 @@ fn container_pid_mode_setuid_and_stop_right_after_start() {
         &pod_cfg,
         &container_in(&pod_cfg, "main", PROBE_IMAGE, &["sleep", "2147483647"]),
     );
-    let pid1 = exec(&mut rig, &main, &["sh", "-c", "tr '\\0' ' ' < /proc/1/cmdline"]);
+    let pid1 = exec(
+        &mut rig,
+        &main,
+        &["sh", "-c", "tr '\\0' ' ' < /proc/1/cmdline"],
+    );
     assert_eq!(pid1.trim(), "sleep 2147483647");
 
     // TARGET (kubectl debug --target=main): refused with a clear error, nothing left.
@@ -457,13 +494,7 @@ fn container_pid_mode_setuid_and_stop_right_after_start() {
     for (no_new_privs, want) in [(false, "uid=1000 euid=0"), (true, "uid=1000 euid=1000")] {
         let name = format!("suid-{no_new_privs}");
         let mut c = container_in(&pod_cfg, &name, PROBE_IMAGE, &["/bin/probe", "ids"]);
-        let sc = c
-            .linux
-            .as_mut()
-            .unwrap()
-            .security_context
-            .as_mut()
-            .unwrap();
+        let sc = c.linux.as_mut().unwrap().security_context.as_mut().unwrap();
         sc.run_as_user = Some(cri::Int64Value { value: 1000 });
         sc.no_new_privs = no_new_privs;
         let id = run(&mut rig, &pod, &pod_cfg, &c);
@@ -485,12 +516,20 @@ fn container_pid_mode_setuid_and_stop_right_after_start() {
     );
     let id = run(&mut rig, &pod, &pod_cfg, &stop);
     let t = Instant::now();
-    rig.cri.stop_container(&id, Duration::from_secs(60)).unwrap();
+    rig.cri
+        .stop_container(&id, Duration::from_secs(60))
+        .unwrap();
     let stopped = t.elapsed();
     let (state, code) = rig.cri.container_state(&id).unwrap();
     assert_eq!(state, cri::ContainerState::ContainerExited);
-    assert_eq!(code, 42, "the trap ran (not SIGKILL after the grace period)");
-    assert!(stopped < Duration::from_secs(30), "StopContainer took {stopped:?}");
+    assert_eq!(
+        code, 42,
+        "the trap ran (not SIGKILL after the grace period)"
+    );
+    assert!(
+        stopped < Duration::from_secs(30),
+        "StopContainer took {stopped:?}"
+    );
 
     remove_pod(&mut rig, &pod);
     rig.assert_nothing_left();

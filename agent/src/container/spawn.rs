@@ -149,8 +149,7 @@ pub fn spawn(
             drop(fds);
             match read_frame(&mut report)? {
                 Some((TAG_PID, payload)) if payload.len() == 4 => {
-                    let pid =
-                        i32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]);
+                    let pid = i32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]);
                     Pid::from_raw(pid)
                 }
                 Some((TAG_ERROR, msg)) => return Err(ContainerError::Setup(text(&msg))),
@@ -298,9 +297,11 @@ fn fork_inside(
     fds: ChildFds,
     pidfd: std::os::fd::BorrowedFd<'_>,
 ) -> Result<Pid, ContainerError> {
-    let io = |what: &'static str| move |e: nix::Error| ContainerError::Io {
-        what,
-        source: e.into(),
+    let io = |what: &'static str| {
+        move |e: nix::Error| ContainerError::Io {
+            what,
+            source: e.into(),
+        }
     };
     std::thread::scope(|scope| {
         scope
@@ -324,11 +325,7 @@ fn fork_inside(
                 }
             })
             .join()
-            .unwrap_or_else(|_| {
-                Err(ContainerError::Setup(
-                    "the exec thread panicked".into(),
-                ))
-            })
+            .unwrap_or_else(|_| Err(ContainerError::Setup("the exec thread panicked".into())))
     })
 }
 
