@@ -149,6 +149,22 @@ fn run(
     id
 }
 
+/// Creates and starts the container `name` of `pod` running `command` in the probe image.
+fn start(
+    rig: &mut Rig,
+    pod: &str,
+    pod_cfg: &cri::PodSandboxConfig,
+    name: &str,
+    command: &[&str],
+) -> String {
+    run(
+        rig,
+        pod,
+        pod_cfg,
+        &container_in(pod_cfg, name, PROBE_IMAGE, command),
+    )
+}
+
 fn exec(rig: &mut Rig, id: &str, cmd: &[&str]) -> String {
     let r = rig
         .cri
@@ -255,12 +271,7 @@ fn pod_sysctls_shared_pids_and_host_mounts_under_rslave_volumes() {
     let t = Instant::now();
     let first = run(&mut rig, &pod, &pod_cfg, &first);
     let create_start = t.elapsed();
-    let second = run(
-        &mut rig,
-        &pod,
-        &pod_cfg,
-        &container_in(&pod_cfg, "second", PROBE_IMAGE, &["sleep", "1000000"]),
-    );
+    let second = start(&mut rig, &pod, &pod_cfg, "second", &["sleep", "1000000"]);
 
     let t = Instant::now();
     let values = exec(
@@ -395,18 +406,8 @@ fn host_pid_and_ipc_are_the_vms() {
         cri::NamespaceMode::Node,
     );
     let pod = rig.cri.run_pod_sandbox(&pod_cfg, HANDLER).unwrap();
-    let first = run(
-        &mut rig,
-        &pod,
-        &pod_cfg,
-        &container_in(&pod_cfg, "first", PROBE_IMAGE, &["sleep", "2147483647"]),
-    );
-    let second = run(
-        &mut rig,
-        &pod,
-        &pod_cfg,
-        &container_in(&pod_cfg, "second", PROBE_IMAGE, &["sleep", "1000000"]),
-    );
+    let first = start(&mut rig, &pod, &pod_cfg, "first", &["sleep", "2147483647"]);
+    let second = start(&mut rig, &pod, &pod_cfg, "second", &["sleep", "1000000"]);
     // hostPID: the second container sees the first's process, and the agent as PID 1.
     let seen = cmdlines(&mut rig, &second);
     assert!(seen.contains("sleep 2147483647"), "{seen}");
@@ -458,12 +459,7 @@ fn container_pid_mode_setuid_and_stop_right_after_start() {
     );
     let pod = rig.cri.run_pod_sandbox(&pod_cfg, HANDLER).unwrap();
 
-    let main = run(
-        &mut rig,
-        &pod,
-        &pod_cfg,
-        &container_in(&pod_cfg, "main", PROBE_IMAGE, &["sleep", "2147483647"]),
-    );
+    let main = start(&mut rig, &pod, &pod_cfg, "main", &["sleep", "2147483647"]);
     let pid1 = exec(
         &mut rig,
         &main,
