@@ -12,6 +12,7 @@ pub mod init;
 pub mod logger;
 pub mod network;
 pub mod pod;
+pub mod pod_ns;
 pub mod refresh;
 pub mod sandbox;
 pub mod service;

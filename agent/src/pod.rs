@@ -20,7 +20,8 @@ use oci_spec::runtime::{
 
 use crate::container::cgroup::{Cgroup, CgroupError, CgroupStats, OomWatcher};
 use crate::container::{ContainerError, Containers, HookError, Stdio, DEFAULT_REMOVE_TIMEOUT};
-use crate::sandbox::{self, SandboxConfig, SandboxError, SandboxOs};
+use crate::pod_ns::PodNsError;
+use crate::sandbox::{self, Sandbox, SandboxConfig, SandboxError, SandboxOs};
 use crate::stdio::{self, Listen, StdioError, StdioPorts};
 
 /// Largest OCI spec or process JSON accepted.
@@ -65,6 +66,10 @@ impl PodError {
             PodError::Sandbox(SandboxError::Exists(_)) => Code::ALREADY_EXISTS,
             PodError::Sandbox(SandboxError::NotFound(_)) => Code::NOT_FOUND,
             PodError::Sandbox(SandboxError::Os { .. }) => Code::INTERNAL,
+            PodError::Sandbox(SandboxError::PodNs(PodNsError::Sysctl { .. })) => {
+                Code::INVALID_ARGUMENT
+            }
+            PodError::Sandbox(SandboxError::PodNs(_)) => Code::INTERNAL,
             PodError::Container(e) => match e {
                 ContainerError::NotFound(_) | ContainerError::ProcessNotFound { .. } => {
                     Code::NOT_FOUND
@@ -112,7 +117,10 @@ pub struct Pod {
     sandbox_os: Box<dyn SandboxOs>,
     cgroup_root: PathBuf,
     accept_timeout: Duration,
-    sandbox: Mutex<Option<SandboxConfig>>,
+    sandbox: Mutex<Option<Sandbox>>,
+    /// Whether each container has a PID namespace of its own (CONTAINER mode), to recognise
+    /// the CRI's TARGET mode (see [`Pod::check_pid_mode`]).
+    own_pidns: Mutex<HashMap<String, bool>>,
     cgroups: Mutex<HashMap<String, Cgroup>>,
     oom: Option<OomWatcher>,
     oom_events: Mutex<mpsc::Receiver<String>>,
@@ -154,6 +162,7 @@ impl Pod {
             cgroup_root,
             accept_timeout: stdio::ACCEPT_TIMEOUT,
             sandbox: Mutex::new(None),
+            own_pidns: Mutex::new(HashMap::new()),
             cgroups: Mutex::new(HashMap::new()),
             oom,
             oom_events: Mutex::new(rx),
@@ -170,23 +179,24 @@ impl Pod {
         let cfg = SandboxConfig::try_from(req)?;
         let mut current = lock(&self.sandbox);
         if let Some(existing) = current.as_ref() {
-            return Err(SandboxError::Exists(existing.id.clone()).into());
+            return Err(SandboxError::Exists(existing.cfg.id.clone()).into());
         }
-        sandbox::set_up(&cfg, self.sandbox_os.as_ref())?;
-        *current = Some(cfg);
+        *current = Some(sandbox::set_up(cfg, self.sandbox_os.as_ref())?);
         Ok(())
     }
 
-    /// DestroySandbox: unmounts the shared directory.
+    /// DestroySandbox: stops the pod init, unmounts the shared directory.
     pub fn destroy_sandbox(&self, id: &str) -> Result<(), PodError> {
         let mut current = lock(&self.sandbox);
-        match current.as_ref() {
-            Some(cfg) if cfg.id == id => {
-                sandbox::tear_down(cfg, self.sandbox_os.as_ref())?;
-                *current = None;
+        match current.take() {
+            Some(sb) if sb.cfg.id == id => {
+                sandbox::tear_down(sb, self.sandbox_os.as_ref())?;
                 Ok(())
             }
-            _ => Err(SandboxError::NotFound(id.to_string()).into()),
+            other => {
+                *current = other;
+                Err(SandboxError::NotFound(id.to_string()).into())
+            }
         }
     }
 
@@ -209,6 +219,7 @@ impl Pod {
         if self.containers.state(id).is_ok() {
             return Err(ContainerError::AlreadyExists(id.clone()).into());
         }
+        let own_pidns = self.check_pid_mode(&spec)?;
         let began = Instant::now();
         let ports = req.stdio.as_ref().map(StdioPorts::from).unwrap_or_default();
         let streams = stdio::accept_streams(
@@ -252,6 +263,12 @@ impl Pod {
                 log::warn!("container {id}: no OOM events: {e}");
             }
         }
+        if let Err(e) = self.containers.set_cgroup(id, cgroup.clone()) {
+            log::warn!("container {id}: {e}");
+        }
+        if let Some(own) = own_pidns {
+            lock(&self.own_pidns).insert(id.clone(), own);
+        }
         lock(&self.cgroups).insert(id.clone(), cgroup);
         log::info!(
             "container {id} created (init pid {pid}) in {:.2} s: stdio {:.2} s, cgroup {:.2} s, \
@@ -262,6 +279,42 @@ impl Pod {
             began.elapsed().saturating_sub(cgrouped).as_secs_f64()
         );
         Ok(pid)
+    }
+
+    /// Whether the container asks for a PID namespace of its own (`Some(true)`, the CRI's
+    /// CONTAINER mode), the pod's (`Some(false)`, POD) or none (`None`: the VM's, NODE).
+    ///
+    /// The CRI's TARGET mode (`kubectl debug --target`) reaches the agent as the pod's PID
+    /// namespace, exactly like POD: containerd names the target's task PID, and every container
+    /// of a Nutshell pod has the VMM's. kubelet asks for TARGET only in pods whose containers
+    /// have PID namespaces of their own, so a container that joins the pod's PID namespace in
+    /// such a pod is refused as not supported rather than run in a namespace without its target.
+    fn check_pid_mode(&self, spec: &Spec) -> Result<Option<bool>, PodError> {
+        let pid_ns = spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.namespaces().as_ref())
+            .and_then(|nss| {
+                nss.iter()
+                    .find(|ns| ns.typ() == oci_spec::runtime::LinuxNamespaceType::Pid)
+            });
+        let Some(ns) = pid_ns else {
+            return Ok(None);
+        };
+        let joins_pod = ns
+            .path()
+            .as_ref()
+            .is_some_and(|p| *p == Path::new(&nutshell_protocol::pod_namespace_path("pid")));
+        if joins_pod && lock(&self.own_pidns).values().any(|own| *own) {
+            return Err(ContainerError::NotSupported(
+                "the PID namespace mode TARGET (a container sharing the PID namespace of \
+                 another container of a pod whose containers have their own; kubectl debug \
+                 --target)"
+                    .into(),
+            )
+            .into());
+        }
+        Ok(Some(ns.path().is_none()))
     }
 
     fn make_cgroup(
@@ -436,6 +489,7 @@ impl Pod {
         if let Some(w) = &self.oom {
             w.unwatch(id);
         }
+        lock(&self.own_pidns).remove(id);
         if let Some(cg) = lock(&self.cgroups).remove(id) {
             if let Err(e) = cg.kill_all().and_then(|()| cg.remove_within(timeout)) {
                 log::warn!("container {id}: cannot remove its cgroup: {e}");

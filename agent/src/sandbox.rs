@@ -1,16 +1,19 @@
 //! The sandbox: what `CreateSandbox` sets up once per pod in the guest, and
 //! `DestroySandbox` takes down.
 //!
-//! A sandbox is the guest itself: its hostname, its loopback interface, and the shared
+//! A sandbox is the guest itself: its hostname, its loopback interface, the shared
 //! directory (virtio-fs, tag [`SHARED_FS_TAG`]) that holds the containers' root file systems
-//! and volumes, mounted at the path the host asks for. The OS calls sit behind
-//! [`SandboxOs`] so that validation and ordering are tested on the host.
+//! and volumes, mounted at the path the host asks for, the pod's own namespaces and its
+//! sysctls ([`crate::pod_ns`]). The OS calls sit behind [`SandboxOs`] so that validation and
+//! ordering are tested on the host.
 
 use std::io;
 use std::path::{Path, PathBuf};
 
 use nutshell_protocol::generated::agent as pb;
 pub use nutshell_protocol::SHARED_FS_TAG;
+
+use crate::pod_ns::{PodNs, PodNsError, Sysctl, MAX_SYSCTLS};
 
 /// Longest hostname (`HOST_NAME_MAX`).
 pub const MAX_HOSTNAME_LEN: usize = 64;
@@ -32,6 +35,9 @@ pub enum SandboxError {
     /// No sandbox with this id.
     #[error("no sandbox {0}")]
     NotFound(String),
+    /// The pod's namespaces or sysctls could not be set up.
+    #[error("pod namespaces and sysctls")]
+    PodNs(#[source] PodNsError),
     /// An OS call failed.
     #[error("{what}")]
     Os {
@@ -52,6 +58,25 @@ pub struct SandboxConfig {
     pub hostname: String,
     /// Where the shared directory is mounted; `None` = no shared directory.
     pub shared_dir: Option<PathBuf>,
+    /// The pod's sysctls, sorted by name.
+    pub sysctls: Vec<Sysctl>,
+    /// The namespaces the pod has of its own (`pid`, `ipc`, `uts`; the others are the VM's).
+    pub own_namespaces: Vec<&'static str>,
+}
+
+/// The namespace kinds whose mode is POD in `ns` (absent: all of them).
+fn own_namespaces(ns: Option<&pb::PodNamespaces>) -> Vec<&'static str> {
+    let Some(ns) = ns else {
+        return vec!["pid", "ipc", "uts"];
+    };
+    let pod = |m: protobuf::EnumOrUnknown<pb::PodNamespaceMode>| {
+        m.enum_value() != Ok(pb::PodNamespaceMode::NODE)
+    };
+    [("pid", ns.pid), ("ipc", ns.ipc), ("uts", ns.uts)]
+        .into_iter()
+        .filter(|(_, m)| pod(*m))
+        .map(|(k, _)| k)
+        .collect()
 }
 
 impl TryFrom<&pb::CreateSandboxRequest> for SandboxConfig {
@@ -104,10 +129,25 @@ impl TryFrom<&pb::CreateSandboxRequest> for SandboxConfig {
             }
             Some(p.to_path_buf())
         };
+        if req.sysctls.len() > MAX_SYSCTLS {
+            return Err(invalid("sysctls", "more than 256"));
+        }
+        let mut sysctls = req
+            .sysctls
+            .iter()
+            .map(|(k, v)| Sysctl::new(k, v))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|why| SandboxError::Invalid {
+                field: "sysctls",
+                why,
+            })?;
+        sysctls.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(SandboxConfig {
             id: req.sandbox_id.clone(),
             hostname: req.hostname.clone(),
             shared_dir,
+            sysctls,
+            own_namespaces: own_namespaces(req.namespaces.as_ref()),
         })
     }
 }
@@ -122,6 +162,13 @@ pub trait SandboxOs: Send + Sync {
     fn mount_shared(&self, tag: &str, dir: &Path) -> io::Result<()>;
     /// Unmounts `dir` (lazily: processes may still hold files).
     fn unmount(&self, dir: &Path) -> io::Result<()>;
+    /// Makes the pod's own namespaces of `kinds` with `sysctls` written inside them and
+    /// publishes the pod's namespaces (see [`crate::pod_ns`]); `None`: nothing to undo.
+    fn pod_namespaces(
+        &self,
+        kinds: &[&'static str],
+        sysctls: &[Sysctl],
+    ) -> Result<Option<PodNs>, PodNsError>;
 }
 
 /// The real OS of the guest.
@@ -145,10 +192,27 @@ impl SandboxOs for GuestOs {
     fn unmount(&self, dir: &Path) -> io::Result<()> {
         crate::sys::unmount_lazy(dir)
     }
+
+    fn pod_namespaces(
+        &self,
+        kinds: &[&'static str],
+        sysctls: &[Sysctl],
+    ) -> Result<Option<PodNs>, PodNsError> {
+        PodNs::set_up(kinds, sysctls).map(Some)
+    }
 }
 
-/// Sets the sandbox up: hostname, loopback, shared directory.
-pub fn set_up(cfg: &SandboxConfig, os: &dyn SandboxOs) -> Result<(), SandboxError> {
+/// A sandbox that is set up: its configuration and the pod's namespaces.
+#[derive(Debug)]
+pub struct Sandbox {
+    /// What CreateSandbox asked for.
+    pub cfg: SandboxConfig,
+    pod_ns: Option<PodNs>,
+}
+
+/// Sets the sandbox up: hostname, loopback, shared directory, then the pod's namespaces and
+/// sysctls (after the hostname: a new UTS namespace starts with it).
+pub fn set_up(cfg: SandboxConfig, os: &dyn SandboxOs) -> Result<Sandbox, SandboxError> {
     let os_err = |what: String| move |source| SandboxError::Os { what, source };
     if !cfg.hostname.is_empty() {
         os.set_hostname(&cfg.hostname).map_err(os_err(format!(
@@ -164,17 +228,32 @@ pub fn set_up(cfg: &SandboxConfig, os: &dyn SandboxOs) -> Result<(), SandboxErro
             dir.display()
         )))?;
     }
+    let pod_ns = match os.pod_namespaces(&cfg.own_namespaces, &cfg.sysctls) {
+        Ok(ns) => ns,
+        Err(e) => {
+            if let Some(dir) = &cfg.shared_dir {
+                let _ = os.unmount(dir);
+            }
+            return Err(SandboxError::PodNs(e));
+        }
+    };
     log::info!(
-        "sandbox {} set up (hostname {:?}, shared directory {:?})",
+        "sandbox {} set up (hostname {:?}, shared directory {:?}, own namespaces {:?}, {} sysctls)",
         cfg.id,
         cfg.hostname,
-        cfg.shared_dir
+        cfg.shared_dir,
+        cfg.own_namespaces,
+        cfg.sysctls.len()
     );
-    Ok(())
+    Ok(Sandbox { cfg, pod_ns })
 }
 
-/// Takes the sandbox down: unmounts the shared directory.
-pub fn tear_down(cfg: &SandboxConfig, os: &dyn SandboxOs) -> Result<(), SandboxError> {
+/// Takes the sandbox down: stops the pod init, unmounts the shared directory.
+pub fn tear_down(sandbox: Sandbox, os: &dyn SandboxOs) -> Result<(), SandboxError> {
+    let Sandbox { cfg, pod_ns } = sandbox;
+    if let Some(ns) = pod_ns {
+        ns.tear_down();
+    }
     if let Some(dir) = &cfg.shared_dir {
         os.unmount(dir).map_err(|source| SandboxError::Os {
             what: format!("cannot unmount {}", dir.display()),
@@ -219,6 +298,13 @@ mod tests {
             (req("p", "h", "/run/../proc"), "shared_dir"),
             (req("p", "h", "run/shared"), "shared_dir"),
             (req("p", "h", "/run/./x"), "shared_dir"),
+            (
+                pb::CreateSandboxRequest {
+                    sysctls: [("kernel/../x".to_string(), "1".to_string())].into(),
+                    ..req("p", "h", "")
+                },
+                "sysctls",
+            ),
         ] {
             match SandboxConfig::try_from(&r) {
                 Err(SandboxError::Invalid { field: f, .. }) => assert_eq!(f, field, "{r:?}"),
@@ -259,20 +345,43 @@ mod tests {
                 .push(format!("umount {}", dir.display()));
             Ok(())
         }
+        fn pod_namespaces(
+            &self,
+            kinds: &[&'static str],
+            sysctls: &[Sysctl],
+        ) -> Result<Option<PodNs>, PodNsError> {
+            let keys: Vec<&str> = sysctls.iter().map(|s| s.key.as_str()).collect();
+            self.calls.lock().unwrap().push(format!(
+                "pod namespaces {} sysctls {}",
+                kinds.join(","),
+                keys.join(",")
+            ));
+            Ok(None)
+        }
     }
 
     #[test]
     fn set_up_and_tear_down_call_the_os_in_order() {
         let os = Recorder::default();
-        let cfg = SandboxConfig::try_from(&req("p", "web", "/run/shared")).unwrap();
-        set_up(&cfg, &os).unwrap();
-        tear_down(&cfg, &os).unwrap();
+        let mut r = req("p", "web", "/run/shared");
+        r.sysctls
+            .insert("kernel.shm_rmid_forced".into(), "1".into());
+        r.sysctls.insert("fs.mqueue.msg_max".into(), "100".into());
+        r.namespaces = Some(pb::PodNamespaces {
+            pid: pb::PodNamespaceMode::NODE.into(),
+            ..Default::default()
+        })
+        .into();
+        let cfg = SandboxConfig::try_from(&r).unwrap();
+        let sb = set_up(cfg, &os).unwrap();
+        tear_down(sb, &os).unwrap();
         assert_eq!(
             *os.calls.lock().unwrap(),
             [
                 "hostname web",
                 "lo up",
                 "mount nutshell /run/shared",
+                "pod namespaces ipc,uts sysctls fs.mqueue.msg_max,kernel.shm_rmid_forced",
                 "umount /run/shared"
             ]
         );
@@ -285,7 +394,7 @@ mod tests {
             ..Default::default()
         };
         let cfg = SandboxConfig::try_from(&req("p", "", "/run/shared")).unwrap();
-        let e = set_up(&cfg, &os).unwrap_err();
+        let e = set_up(cfg, &os).unwrap_err();
         assert_eq!(
             e.to_string(),
             "cannot mount the shared directory (virtio-fs tag nutshell) on /run/shared"

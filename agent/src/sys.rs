@@ -368,7 +368,12 @@ fn path_cstring(p: &std::path::Path) -> io::Result<std::ffi::CString> {
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path has a NUL byte"))
 }
 
-/// Mounts the virtio-fs file system `tag` on `dir` (nosuid, nodev).
+/// Mounts the virtio-fs file system `tag` on `dir` (nodev).
+///
+/// Not `nosuid`: the containers' root file systems live on it, and their setuid binaries
+/// (`sudo`, `ping`, `su`) must work as under runc (a container's bind of its root keeps the
+/// flags of this mount). A process with `no_new_privs` still gains nothing from them. `nodev`
+/// stays: a device node on the host's file system means nothing to the guest.
 pub fn mount_virtiofs(tag: &str, dir: &std::path::Path) -> io::Result<()> {
     let source = std::ffi::CString::new(tag)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "tag has a NUL byte"))?;
@@ -379,7 +384,7 @@ pub fn mount_virtiofs(tag: &str, dir: &std::path::Path) -> io::Result<()> {
             source.as_ptr(),
             target.as_ptr(),
             c"virtiofs".as_ptr(),
-            libc::MS_NOSUID | libc::MS_NODEV,
+            libc::MS_NODEV,
             std::ptr::null(),
         )
     };

@@ -253,6 +253,30 @@ impl CriClient {
         Ok(())
     }
 
+    /// `StopContainer` with a grace period of `timeout` (then SIGKILL); returns once the
+    /// container has stopped.
+    pub fn stop_container(&mut self, id: &str, timeout: Duration) -> Result<()> {
+        let req = cri::StopContainerRequest {
+            container_id: id.into(),
+            timeout: i64::try_from(timeout.as_secs()).unwrap_or(i64::MAX),
+        };
+        self.rt
+            .block_on(self.runtime.stop_container(req))
+            .map_err(call_failed("StopContainer"))?;
+        Ok(())
+    }
+
+    /// `RemoveContainer`.
+    pub fn remove_container(&mut self, id: &str) -> Result<()> {
+        let req = cri::RemoveContainerRequest {
+            container_id: id.into(),
+        };
+        self.rt
+            .block_on(self.runtime.remove_container(req))
+            .map_err(call_failed("RemoveContainer"))?;
+        Ok(())
+    }
+
     /// `ContainerStatus`: (state, exit code).
     pub fn container_state(&mut self, id: &str) -> Result<(cri::ContainerState, i32)> {
         let req = cri::ContainerStatusRequest {

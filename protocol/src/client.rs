@@ -358,6 +358,12 @@ impl AgentClient {
             dns_search: req.dns_search.clone(),
             shared_dir: req.shared_dir.clone(),
             annotations: req.annotations.clone(),
+            sysctls: req
+                .sysctls
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            namespaces: Some(pb::PodNamespaces::from(req.namespaces)).into(),
             ..Default::default()
         };
         self.agent.create_sandbox(self.ctx(), &r)?;

@@ -46,6 +46,16 @@ pub const SHARED_FS_TAG: &str = "nutshell";
 /// `<GUEST_SHARED_DIR>/<container-id>/rootfs`.
 pub const GUEST_SHARED_DIR: &str = "/run/shared";
 
+/// Where the agent publishes the pod's own namespaces in the guest (`pid`, `ipc`, `uts`): the
+/// shim rewrites a container spec's path to the pod's namespace (the pause container's
+/// `/proc/<pid>/ns/<kind>` on the host) to [`pod_namespace_path`].
+pub const GUEST_POD_NS_DIR: &str = "/run/pod-ns";
+
+/// The guest path of the pod's namespace of `kind` (`pid`, `ipc`, `uts`).
+pub fn pod_namespace_path(kind: &str) -> String {
+    format!("{GUEST_POD_NS_DIR}/{kind}")
+}
+
 /// An error and its causes in one line, `error: cause: cause`, each printed once: a cause
 /// whose text the message already holds is not repeated. Binaries print errors with it, and
 /// RPC services put it in their statuses.

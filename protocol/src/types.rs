@@ -181,6 +181,60 @@ pub struct SandboxSpec {
     pub shared_dir: String,
     /// Annotations of the sandbox.
     pub annotations: std::collections::HashMap<String, String>,
+    /// The pod's sysctls, by name (`kernel.shm_rmid_forced`).
+    pub sysctls: std::collections::BTreeMap<String, String>,
+    /// Which namespaces the pod has of its own.
+    pub namespaces: PodNamespaces,
+}
+
+/// Whether a pod has a namespace of its own of a kind, or uses the VM's root one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PodNamespaceMode {
+    /// The pod's own, published at [`crate::pod_namespace_path`] for its containers to join.
+    #[default]
+    Pod,
+    /// The VM's root namespace (the CRI's NODE mode; never the node's).
+    Node,
+}
+
+impl From<PodNamespaceMode> for pb::PodNamespaceMode {
+    fn from(m: PodNamespaceMode) -> Self {
+        match m {
+            PodNamespaceMode::Pod => pb::PodNamespaceMode::POD,
+            PodNamespaceMode::Node => pb::PodNamespaceMode::NODE,
+        }
+    }
+}
+
+/// The pod's namespace modes for PID, IPC and UTS.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PodNamespaces {
+    /// PID (NODE: `hostPID`).
+    pub pid: PodNamespaceMode,
+    /// IPC (NODE: `hostIPC`).
+    pub ipc: PodNamespaceMode,
+    /// UTS (NODE: `hostNetwork`).
+    pub uts: PodNamespaceMode,
+}
+
+impl PodNamespaces {
+    /// Every namespace the VM's root one (a container without a pod: nothing to share).
+    pub const NODE: PodNamespaces = PodNamespaces {
+        pid: PodNamespaceMode::Node,
+        ipc: PodNamespaceMode::Node,
+        uts: PodNamespaceMode::Node,
+    };
+}
+
+impl From<PodNamespaces> for pb::PodNamespaces {
+    fn from(n: PodNamespaces) -> Self {
+        pb::PodNamespaces {
+            pid: pb::PodNamespaceMode::from(n.pid).into(),
+            ipc: pb::PodNamespaceMode::from(n.ipc).into(),
+            uts: pb::PodNamespaceMode::from(n.uts).into(),
+            ..Default::default()
+        }
+    }
 }
 
 /// Guest vsock ports of a process's stdio streams; 0 = not connected.

@@ -509,19 +509,41 @@ fn prepare_fs(
     let sources = policy.open_shared_sources(&shared, pod)?;
     mount_rootfs(req, spec, &shared_root.join(id).join("rootfs"))?;
     for (m, source) in shared.iter().zip(&sources) {
-        bind(
-            &source.mount_source(),
-            &shared_root.join(&m.shared_rel),
-            m.readonly,
-        )
-        .map_err(|e| {
+        let target = shared_root.join(&m.shared_rel);
+        bind(&source.mount_source(), &target, m.readonly).map_err(|e| {
             let e = crate::error::chain(&e);
             ShimError::Internal(format!("{}: {e}", source.resolved.display()))
         })?;
+        set_propagation(&target, m.receives_host_mounts)?;
     }
     let guest_spec = rewrite_for_guest(spec.clone(), id, &shared);
     serde_json::to_vec(&guest_spec)
         .map_err(|e| ShimError::Internal(format!("serialize the spec: {e}")))
+}
+
+/// Makes the bind at `target` a slave of its source (`receives_host_mounts`: the volume's
+/// `rslave`/`rshared`, so host mounts made later under the source appear in the container, as
+/// under runc) or private (`rprivate`, the default), recursively. Either way nothing mounted
+/// or unmounted under `target` (the shim's teardown) propagates back to the host's source.
+fn set_propagation(target: &Path, receives_host_mounts: bool) -> Result<()> {
+    use nix::mount::{mount, MsFlags};
+    let kind = if receives_host_mounts {
+        MsFlags::MS_SLAVE
+    } else {
+        MsFlags::MS_PRIVATE
+    };
+    mount(
+        None::<&str>,
+        target,
+        None::<&str>,
+        MsFlags::MS_REC | kind,
+        None::<&str>,
+    )
+    .map_err(|e| {
+        ShimError::io(format!("set the propagation of {}", target.display()))(std::io::Error::from(
+            e,
+        ))
+    })
 }
 
 /// Binds `source` (file or directory) at `target`, creating the target.
@@ -734,11 +756,16 @@ impl Service {
                     return Err(e.into());
                 }
             };
+            let sandbox = crate::spec::sandbox_spec(
+                spec,
+                sandbox_id,
+                &hostname,
+                matches!(role, Role::PodSandbox { .. }),
+            );
             let vm = SandboxVm::start(
                 config,
                 &paths,
-                sandbox_id,
-                &hostname,
+                &sandbox,
                 size,
                 cgroups_path.as_deref(),
                 net,

@@ -8,8 +8,10 @@
 
 use std::path::{Path, PathBuf};
 
-use oci_spec::runtime::{Mount, Spec};
+use oci_spec::runtime::{LinuxNamespaceType, Mount, Spec};
 
+use nutshell_protocol::pod_namespace_path;
+use nutshell_protocol::types::{PodNamespaceMode, PodNamespaces, SandboxSpec};
 pub use nutshell_protocol::GUEST_SHARED_DIR;
 
 /// A host path bound into the shared directory so that the guest sees it.
@@ -23,6 +25,10 @@ pub struct SharedMount {
     pub shared_rel: PathBuf,
     /// Read-only bind.
     pub readonly: bool,
+    /// `rslave`/`rshared` (`slave`/`shared`): host mounts made later under the source must
+    /// appear in the container (the CRI's HostToContainer and Bidirectional propagation; the
+    /// direction back cannot cross the VM).
+    pub receives_host_mounts: bool,
 }
 
 impl SharedMount {
@@ -38,6 +44,65 @@ fn is_bind(m: &Mount) -> bool {
     m.typ().as_deref() == Some("bind") || opts.iter().any(|o| o == "bind" || o == "rbind")
 }
 
+/// The node's `/dev/shm`, which containerd binds into a `hostIPC` container: under Nutshell
+/// NODE means the VM's, never the node's, so it is not shared with the guest.
+const NODE_DEV_SHM: &str = "/dev/shm";
+
+/// Whether `m` binds the node's `/dev/shm`.
+fn binds_node_shm(m: &Mount) -> bool {
+    is_bind(m) && m.source().as_deref() == Some(Path::new(NODE_DEV_SHM))
+}
+
+/// The guest's kind name of a namespace the pod may have of its own.
+fn pod_kind(t: LinuxNamespaceType) -> Option<&'static str> {
+    match t {
+        LinuxNamespaceType::Pid => Some("pid"),
+        LinuxNamespaceType::Ipc => Some("ipc"),
+        LinuxNamespaceType::Uts => Some("uts"),
+        _ => None,
+    }
+}
+
+/// What `CreateSandbox` asks of the guest for the sandbox `id`, from the spec of the container
+/// that starts the VM: with `pod` (the CRI's pause container), the pod's namespace modes (a
+/// namespace the pause spec leaves out is the CRI's NODE mode: the VM's root one) and its
+/// sysctls; without (a container of its own, `ctr run`) nothing to share: every mode NODE, and
+/// the container applies its sysctls itself.
+pub fn sandbox_spec(spec: &Spec, id: &str, hostname: &str, pod: bool) -> SandboxSpec {
+    let mut out = SandboxSpec {
+        sandbox_id: id.to_owned(),
+        hostname: hostname.to_owned(),
+        shared_dir: GUEST_SHARED_DIR.to_owned(),
+        namespaces: PodNamespaces::NODE,
+        ..Default::default()
+    };
+    if !pod {
+        return out;
+    }
+    let linux = spec.linux().as_ref();
+    let listed = |t: LinuxNamespaceType| {
+        let present = linux
+            .and_then(|l| l.namespaces().as_ref())
+            .is_some_and(|nss| nss.iter().any(|ns| ns.typ() == t));
+        if present {
+            PodNamespaceMode::Pod
+        } else {
+            PodNamespaceMode::Node
+        }
+    };
+    out.namespaces = PodNamespaces {
+        pid: listed(LinuxNamespaceType::Pid),
+        ipc: listed(LinuxNamespaceType::Ipc),
+        uts: listed(LinuxNamespaceType::Uts),
+    };
+    out.sysctls = linux
+        .and_then(|l| l.sysctl().clone())
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    out
+}
+
 /// The guest path of container `id`'s root filesystem.
 pub fn guest_rootfs(id: &str) -> PathBuf {
     Path::new(GUEST_SHARED_DIR).join(id).join("rootfs")
@@ -50,7 +115,7 @@ pub fn shared_mounts(spec: &Spec, id: &str) -> Vec<SharedMount> {
     };
     mounts
         .iter()
-        .filter(|m| is_bind(m))
+        .filter(|m| is_bind(m) && !binds_node_shm(m))
         .filter_map(|m| Some((m.source().clone()?, m)))
         .enumerate()
         .map(|(n, (host_source, m))| SharedMount {
@@ -63,13 +128,20 @@ pub fn shared_mounts(spec: &Spec, id: &str) -> Vec<SharedMount> {
                 .unwrap_or_default()
                 .iter()
                 .any(|o| o == "ro"),
+            receives_host_mounts: m
+                .options()
+                .as_deref()
+                .unwrap_or_default()
+                .iter()
+                .any(|o| matches!(o.as_str(), "rslave" | "slave" | "rshared" | "shared")),
         })
         .collect()
 }
 
 /// Rewrites `spec` for the guest: container `id`'s root in the shared directory, bind sources
-/// replaced by their shared copies (`shared` from [`shared_mounts`]), namespace paths dropped,
-/// host-only fields removed.
+/// replaced by their shared copies (`shared` from [`shared_mounts`]), paths to the pod's PID,
+/// IPC and UTS namespaces replaced by the guest's (the agent publishes them at
+/// [`pod_namespace_path`]), other namespace paths dropped, host-only fields removed.
 pub fn rewrite_for_guest(mut spec: Spec, id: &str, shared: &[SharedMount]) -> Spec {
     let mut root = spec.root().clone().unwrap_or_default();
     root.set_path(guest_rootfs(id));
@@ -78,7 +150,16 @@ pub fn rewrite_for_guest(mut spec: Spec, id: &str, shared: &[SharedMount]) -> Sp
     if let Some(mounts) = spec.mounts_mut() {
         let mut next = shared.iter();
         for m in mounts.iter_mut() {
-            if is_bind(m) && m.source().is_some() {
+            if binds_node_shm(m) {
+                // hostIPC: a /dev/shm of the guest's instead of the node's.
+                m.set_typ(Some("tmpfs".to_owned()));
+                m.set_source(Some(PathBuf::from("shm")));
+                m.set_options(Some(
+                    ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]
+                        .map(str::to_owned)
+                        .to_vec(),
+                ));
+            } else if is_bind(m) && m.source().is_some() {
                 if let Some(s) = next.next() {
                     m.set_source(Some(s.guest_path()));
                 }
@@ -104,8 +185,14 @@ pub fn rewrite_for_guest(mut spec: Spec, id: &str, shared: &[SharedMount]) -> Sp
                 ns.typ() != oci_spec::runtime::LinuxNamespaceType::Network || ns.path().is_none()
             });
             for ns in namespaces.iter_mut() {
-                // /proc/<host pid>/ns/... : the guest has its own processes.
-                ns.set_path(None);
+                // /proc/<host pid>/ns/... names the pause container's namespace (the CRI's POD
+                // mode): in the guest that is the pod's own, which the agent publishes. Any
+                // other host path means nothing in the guest.
+                let guest = match (ns.path(), pod_kind(ns.typ())) {
+                    (Some(_), Some(kind)) => Some(PathBuf::from(pod_namespace_path(kind))),
+                    _ => None,
+                };
+                ns.set_path(guest);
             }
         }
         linux.set_cgroups_path(None);
@@ -180,12 +267,14 @@ mod tests {
                     destination: "/etc/hosts".into(),
                     shared_rel: "web/mounts/0".into(),
                     readonly: false,
+                    receives_host_mounts: false,
                 },
                 SharedMount {
                     host_source: "/run/containerd/sandboxes/pod1/shm".into(),
                     destination: "/dev/shm".into(),
                     shared_rel: "web/mounts/1".into(),
                     readonly: true,
+                    receives_host_mounts: false,
                 },
             ]
         );
@@ -209,18 +298,83 @@ mod tests {
     }
 
     #[test]
-    fn namespaces_lose_their_host_paths_and_the_pod_network_is_the_vms() {
+    fn pod_namespaces_become_the_guests_and_the_pod_network_is_the_vms() {
         let spec = rewrite_for_guest(host_spec(), "web", &[]);
         let namespaces = spec.linux().as_ref().unwrap().namespaces().clone().unwrap();
+        let paths: Vec<_> = namespaces
+            .iter()
+            .map(|n| (n.typ(), n.path().clone()))
+            .collect();
         assert_eq!(
-            namespaces.len(),
-            4,
+            paths,
+            [
+                (LinuxNamespaceType::Pid, None),
+                (LinuxNamespaceType::Ipc, Some("/run/pod-ns/ipc".into())),
+                (LinuxNamespaceType::Uts, Some("/run/pod-ns/uts".into())),
+                (LinuxNamespaceType::Mount, None),
+            ],
             "every namespace but the pod's network is kept"
         );
-        assert!(namespaces.iter().all(|n| n.path().is_none()));
-        assert!(!namespaces
+    }
+
+    #[test]
+    fn a_shared_pid_namespace_is_the_pods() {
+        let text = HOST_SPEC.replace(
+            r#"{"type": "pid"}"#,
+            r#"{"type": "pid", "path": "/proc/4242/ns/pid"}"#,
+        );
+        let spec = rewrite_for_guest(serde_json::from_str(&text).unwrap(), "web", &[]);
+        let namespaces = spec.linux().as_ref().unwrap().namespaces().clone().unwrap();
+        assert_eq!(
+            namespaces[0].path().as_deref(),
+            Some(Path::new("/run/pod-ns/pid"))
+        );
+    }
+
+    #[test]
+    fn the_pause_spec_gives_the_pods_modes_and_sysctls() {
+        // hostIPC and hostNetwork: containerd leaves out the IPC, UTS and network entries.
+        let pause: Spec = serde_json::from_str(
+            r#"{"ociVersion": "1.0.2", "root": {"path": "rootfs"},
+                "linux": {"namespaces": [{"type": "pid"}, {"type": "mount"}],
+                          "sysctl": {"kernel.shm_rmid_forced": "1", "fs.mqueue.msg_max": "100"}}}"#,
+        )
+        .unwrap();
+        let sb = sandbox_spec(&pause, "pod1", "web", true);
+        assert_eq!(sb.sandbox_id, "pod1");
+        assert_eq!(sb.shared_dir, GUEST_SHARED_DIR);
+        assert_eq!(
+            sb.namespaces,
+            PodNamespaces {
+                pid: PodNamespaceMode::Pod,
+                ipc: PodNamespaceMode::Node,
+                uts: PodNamespaceMode::Node,
+            }
+        );
+        assert_eq!(sb.sysctls.len(), 2);
+        assert_eq!(sb.sysctls["fs.mqueue.msg_max"], "100");
+        // A container without a pod shares nothing.
+        let alone = sandbox_spec(&pause, "c1", "c1", false);
+        assert_eq!(alone.namespaces, PodNamespaces::NODE);
+        assert!(alone.sysctls.is_empty());
+    }
+
+    #[test]
+    fn the_nodes_dev_shm_never_reaches_the_guest() {
+        let text = HOST_SPEC.replace("/run/containerd/sandboxes/pod1/shm", "/dev/shm");
+        let spec: Spec = serde_json::from_str(&text).unwrap();
+        let shared = shared_mounts(&spec, "web");
+        assert_eq!(shared.len(), 1, "{shared:?}");
+        let spec = rewrite_for_guest(spec, "web", &shared);
+        let shm = spec
+            .mounts()
+            .as_ref()
+            .unwrap()
             .iter()
-            .any(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::Network));
+            .find(|m| m.destination() == Path::new("/dev/shm"))
+            .unwrap();
+        assert_eq!(shm.typ().as_deref(), Some("tmpfs"));
+        assert_eq!(shm.source().as_deref(), Some(Path::new("shm")));
     }
 
     #[test]

@@ -26,7 +26,7 @@ use crate::config::{Config, VirtioFs};
 use crate::error::{Result, ShimError};
 use crate::net::PodNetwork;
 use crate::pod::VmSize;
-pub use nutshell_protocol::{GUEST_SHARED_DIR, SHARED_FS_TAG as FS_TAG};
+pub use nutshell_protocol::SHARED_FS_TAG as FS_TAG;
 
 /// The descriptor number the VMM finds the pod's tap at (`--net-fd`).
 pub const NET_FD: RawFd = 3;
@@ -234,7 +234,8 @@ impl SandboxVm {
     }
 
     /// Starts the VMM on a directory made by [`SandboxVm::create_dir`], waits for the agent
-    /// and creates the sandbox in the guest. On any failure the VMM is stopped and the
+    /// and creates the sandbox `sandbox` in the guest (id, hostname, the pod's namespace modes
+    /// and sysctls: [`crate::spec::sandbox_spec`]). On any failure the VMM is stopped and the
     /// directory (with any mount under it) removed. `on_exit` is called once, from the watcher
     /// thread, when the VMM exits. With `cgroups_path` (the spec's `linux.cgroupsPath`) the
     /// VMM runs in that cgroup on the host, created if missing and removed by [`Self::stop`].
@@ -245,8 +246,7 @@ impl SandboxVm {
     pub fn start(
         config: &Config,
         paths: &SandboxPaths,
-        id: &str,
-        hostname: &str,
+        sandbox: &SandboxSpec,
         size: VmSize,
         cgroups_path: Option<&str>,
         net: Option<PodNetwork>,
@@ -259,16 +259,7 @@ impl SandboxVm {
             None => Ok(()),
         }
         .and_then(|()| {
-            Self::spawn_and_connect(
-                config,
-                id,
-                hostname,
-                size,
-                paths,
-                &mut cgroup,
-                &mut net,
-                on_exit,
-            )
+            Self::spawn_and_connect(config, sandbox, size, paths, &mut cgroup, &mut net, on_exit)
         });
         match result {
             Ok(vm) => Ok(vm),
@@ -289,14 +280,14 @@ impl SandboxVm {
     #[allow(clippy::too_many_arguments)]
     fn spawn_and_connect(
         config: &Config,
-        id: &str,
-        hostname: &str,
+        sandbox: &SandboxSpec,
         size: VmSize,
         paths: &SandboxPaths,
         cgroup: &mut Option<PodCgroup>,
         net: &mut Option<PodNetwork>,
         on_exit: OnExit,
     ) -> Result<SandboxVm> {
+        let id = sandbox.sandbox_id.as_str();
         let virtio_fs = match config.virtio_fs {
             VirtioFs::On => true,
             VirtioFs::Off => false,
@@ -453,13 +444,7 @@ impl SandboxVm {
             vm.stop();
             return Err(e);
         }
-        let spec = SandboxSpec {
-            sandbox_id: id.to_owned(),
-            hostname: hostname.to_owned(),
-            shared_dir: GUEST_SHARED_DIR.to_owned(),
-            ..Default::default()
-        };
-        if let Err(e) = vm.agent.create_sandbox(&spec) {
+        if let Err(e) = vm.agent.create_sandbox(sandbox) {
             vm.stop();
             return Err(ShimError::agent("CreateSandbox")(e));
         }

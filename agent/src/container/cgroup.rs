@@ -899,6 +899,26 @@ impl Cgroup {
         parse_procs(&read(&file)?).map_err(|source| CgroupError::Parse { path: file, source })
     }
 
+    /// The PIDs in this cgroup and every cgroup beneath it (a container may make its own).
+    pub fn procs_recursive(&self) -> Result<Vec<u32>, CgroupError> {
+        let mut pids = self.procs()?;
+        let mut dirs = vec![self.path.clone()];
+        while let Some(dir) = dirs.pop() {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    let sub = Cgroup { path: e.path() };
+                    // A child cgroup removed meanwhile is simply gone.
+                    pids.extend(sub.procs().unwrap_or_default());
+                    dirs.push(sub.path);
+                }
+            }
+        }
+        Ok(pids)
+    }
+
     /// `cgroup.events` as key → value (`populated`, `frozen`).
     pub fn events(&self) -> Result<HashMap<String, u64>, CgroupError> {
         self.read_flat("cgroup.events")

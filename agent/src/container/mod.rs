@@ -8,11 +8,12 @@
 //! [`Containers::on_exit`], which records `code` or `128 + signal` for all waiters.
 
 pub mod cgroup;
+mod pid1_signal;
 mod process;
 pub mod rootfs;
 pub mod seccomp;
 mod spawn;
-mod syscall;
+pub(crate) mod syscall;
 mod tty;
 
 use std::collections::HashMap;
@@ -237,8 +238,13 @@ struct Container {
     /// Init waiting for start.
     pending: Option<Pending>,
     execs: HashMap<String, ProcessEntry>,
-    /// `/proc/<init>/ns/pid` as read at create: identifies the container's processes.
+    /// `/proc/<init>/ns/pid` as read at create: identifies the container's processes when it
+    /// has a PID namespace of its own and no cgroup.
     pidns: Option<PathBuf>,
+    /// Whether init is PID 1 of a PID namespace of its own (CONTAINER mode).
+    own_pidns: bool,
+    /// The container's cgroup: its processes, whatever PID namespace they share.
+    cgroup: Option<cgroup::Cgroup>,
     /// The container's seccomp filter, for exec'd processes too.
     seccomp: Option<seccompiler::BpfProgram>,
 }
@@ -340,6 +346,10 @@ impl Containers {
             &exit,
             place,
         )?;
+        let own_pidns = plan
+            .init
+            .as_ref()
+            .is_some_and(|i| i.clone_flags.contains(CloneFlags::CLONE_NEWPID));
         let pidns = std::fs::read_link(format!("/proc/{}/ns/pid", entry.pid)).ok();
         let mut inner = self.inner();
         if inner.containers.contains_key(id) {
@@ -359,7 +369,9 @@ impl Containers {
                 init: entry,
                 pending: Some(pending),
                 execs: HashMap::new(),
-                pidns,
+                pidns: own_pidns.then_some(pidns).flatten(),
+                own_pidns,
+                cgroup: None,
                 seccomp: plan.seccomp.clone(),
             },
         );
@@ -481,7 +493,7 @@ impl Containers {
         place: PlaceHook<'_>,
     ) -> Result<Pid, ContainerError> {
         validate_id(exec_id)?;
-        let (init_pid, seccomp) = {
+        let (init_pid, init_pidfd, seccomp) = {
             let inner = self.inner();
             let c = get(&inner, id)?;
             if c.state != State::Running {
@@ -493,23 +505,29 @@ impl Containers {
                     exec_id: exec_id.to_string(),
                 });
             }
-            (c.init.pid, c.seccomp.clone())
+            let pidfd = c.init.pidfd.as_ref().and_then(|f| f.try_clone().ok());
+            (c.init.pid, pidfd, c.seccomp.clone())
         };
-        // Open the namespaces first: from here on they stay valid even if init exits.
-        let join = ["cgroup", "ipc", "uts", "net", "pid", "mnt"]
-            .iter()
-            .map(|name| {
-                let path = format!("/proc/{init_pid}/ns/{name}");
-                File::open(&path)
-                    .map(|f| (f, ns_flag(name)))
-                    .map_err(|e| ContainerError::Io {
-                        what: "open the container's namespaces",
-                        source: e,
-                    })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        // Through init's pidfd when there is one (see SpawnPlan::enter); else the namespace
+        // files, opened first: from here on they stay valid even if init exits.
+        let join = match init_pidfd {
+            Some(_) => Vec::new(),
+            None => ["cgroup", "ipc", "uts", "net", "pid", "mnt"]
+                .iter()
+                .map(|name| {
+                    let path = format!("/proc/{init_pid}/ns/{name}");
+                    File::open(&path)
+                        .map(|f| (f, ns_flag(name)))
+                        .map_err(|e| ContainerError::Io {
+                            what: "open the container's namespaces",
+                            source: e,
+                        })
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        };
         let plan = SpawnPlan {
             join,
+            enter: init_pidfd,
             init: None,
             seccomp,
             process: ProcessPlan::from_spec(process)?,
@@ -584,6 +602,17 @@ impl Containers {
                 exec_id.unwrap_or("init").to_string(),
             ));
         }
+        // PID 1 of its own namespace without a handler yet would lose it (see pid1_signal).
+        if exec_id.is_none() && c.own_pidns && pid1_signal::must_wait(process.pid, signal) {
+            if let Some(fd) = process.pidfd.as_ref().and_then(|f| f.try_clone().ok()) {
+                log::debug!(
+                    "container {id}: init (pid {}) has no handler for {signal} yet: deferred",
+                    process.pid
+                );
+                pid1_signal::deliver_when_handled(fd, process.pid, signal);
+                return Ok(());
+            }
+        }
         let sent = match &process.pidfd {
             Some(pidfd) => syscall::pidfd_send_signal(pidfd.as_fd(), signal as libc::c_int),
             None => nix::sys::signal::kill(process.pid, signal).map_err(Into::into),
@@ -636,6 +665,13 @@ impl Containers {
             return Ok(Vec::new());
         }
         Ok(container_pids(c))
+    }
+
+    /// Gives the container its cgroup, whose members are its processes from now on (for
+    /// `pids`, `signal` to all and `remove`), whatever PID namespace they share.
+    pub fn set_cgroup(&self, id: &str, cgroup: cgroup::Cgroup) -> Result<(), ContainerError> {
+        get_mut(&mut self.inner(), id)?.cgroup = Some(cgroup);
+        Ok(())
     }
 
     /// Records that the container was frozen (`true`) or thawed (`false`) by the caller.
@@ -811,10 +847,27 @@ fn invalid_state(id: &str, state: State, op: &'static str) -> ContainerError {
     }
 }
 
-/// Every process in the container's PID namespace (a walk of /proc).
+/// Every process of the container: its cgroup's members; without a cgroup, those in its own
+/// PID namespace (a walk of /proc), or init and its exec'd processes in a shared one.
 fn container_pids(c: &Container) -> Vec<Pid> {
+    if let Some(procs) = c.cgroup.as_ref().and_then(|cg| cg.procs_recursive().ok()) {
+        let mut pids: Vec<Pid> = procs
+            .into_iter()
+            .filter_map(|p| i32::try_from(p).ok())
+            .map(Pid::from_raw)
+            .collect();
+        pids.sort();
+        return pids;
+    }
     let Some(pidns) = &c.pidns else {
-        return vec![c.init.pid];
+        let mut pids = vec![c.init.pid];
+        pids.extend(
+            c.execs
+                .values()
+                .filter(|e| e.exit.get().is_none())
+                .map(|e| e.pid),
+        );
+        return pids;
     };
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return vec![c.init.pid];
@@ -862,6 +915,7 @@ fn init_plan(spec: &Spec, root_mode: RootMode) -> Result<SpawnPlan, ContainerErr
     let mut new_cgroupns = false;
     let mut join = Vec::new();
     let mut has_mount = false;
+    let mut has_uts = false;
     for ns in linux
         .and_then(|l| l.namespaces().as_deref())
         .unwrap_or_default()
@@ -898,15 +952,17 @@ fn init_plan(spec: &Spec, root_mode: RootMode) -> Result<SpawnPlan, ContainerErr
             None => clone_flags |= flag,
         }
         has_mount |= flag == CloneFlags::CLONE_NEWNS;
+        has_uts |= flag == CloneFlags::CLONE_NEWUTS;
     }
     // The root file system setup needs a mount namespace of its own.
     if !has_mount {
         clone_flags |= CloneFlags::CLONE_NEWNS;
     }
-    let new_uts = clone_flags.contains(CloneFlags::CLONE_NEWUTS);
-    if !new_uts && (spec.hostname().is_some() || spec.domainname().is_some()) {
+    // As runc: a UTS namespace entry, new or joined (the pod's), allows a hostname; without one
+    // the container would rename the VM.
+    if !has_uts && (spec.hostname().is_some() || spec.domainname().is_some()) {
         return Err(ContainerError::InvalidSpec(
-            "a hostname needs a UTS namespace of its own".into(),
+            "a hostname needs a UTS namespace (of its own or the pod's)".into(),
         ));
     }
     let mut sysctls: Vec<(String, String)> = linux
@@ -926,6 +982,7 @@ fn init_plan(spec: &Spec, root_mode: RootMode) -> Result<SpawnPlan, ContainerErr
     }
     let plan = SpawnPlan {
         join,
+        enter: None,
         init: Some(InitPart {
             clone_flags,
             new_cgroupns,

@@ -61,8 +61,12 @@ pub struct InitPart {
 /// What the child of one spawn does.
 #[derive(Debug)]
 pub struct SpawnPlan {
-    /// Namespaces to join before the clone (init: paths from the spec; exec: the container's).
+    /// Namespaces to join before the clone (init: paths from the spec).
     pub join: Vec<(File, CloneFlags)>,
+    /// Exec: a pidfd of the container's init, whose namespaces the process enters. The spawn
+    /// then takes one fork from a thread that entered them first (one `setns` through the
+    /// pidfd), instead of a fork, a `setns` per namespace and a clone.
+    pub enter: Option<OwnedFd>,
     /// Init only.
     pub init: Option<InitPart>,
     /// The process part.
@@ -131,26 +135,31 @@ pub fn spawn(
         terminal: terminal_child,
     };
     let forked = std::time::Instant::now();
-    match syscall::fork().map_err(io_err("fork"))? {
-        Forked::Child => intermediate(plan, fds),
-        Forked::Parent(_) => {}
-    }
-    // The agent's copies of the child's ends: closed, so EOF on `report` means the child execed
-    // or died.
-    drop(fds);
     let mut report = File::from(report_r);
     let mut sync = File::from(sync_w);
-    let pid = match read_frame(&mut report)? {
-        Some((TAG_PID, payload)) if payload.len() == 4 => {
-            let pid = i32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]);
-            Pid::from_raw(pid)
-        }
-        Some((TAG_ERROR, msg)) => return Err(ContainerError::Setup(text(&msg))),
-        Some(_) => return Err(ContainerError::Setup("bad message from the child".into())),
+    let pid = match &plan.enter {
+        // The agent's copies of the child's ends go in there: EOF on `report` means the child
+        // execed or died.
+        Some(pidfd) => fork_inside(plan, fds, pidfd.as_fd())?,
         None => {
-            return Err(ContainerError::Setup(
-                "the child exited during setup".into(),
-            ))
+            match syscall::fork().map_err(io_err("fork"))? {
+                Forked::Child => intermediate(plan, fds),
+                Forked::Parent(_) => {}
+            }
+            drop(fds);
+            match read_frame(&mut report)? {
+                Some((TAG_PID, payload)) if payload.len() == 4 => {
+                    let pid = i32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]);
+                    Pid::from_raw(pid)
+                }
+                Some((TAG_ERROR, msg)) => return Err(ContainerError::Setup(text(&msg))),
+                Some(_) => return Err(ContainerError::Setup("bad message from the child".into())),
+                None => {
+                    return Err(ContainerError::Setup(
+                        "the child exited during setup".into(),
+                    ))
+                }
+            }
         }
     };
     let pid_after = forked.elapsed();
@@ -271,8 +280,58 @@ fn write_frame(fd: &OwnedFd, tag: u8, payload: &[u8]) {
     let _ = nix::unistd::write(fd, &frame);
 }
 
-/// The intermediate process: joins namespaces, clones the real child, reports its PID, exits.
-fn intermediate(plan: &SpawnPlan, fds: ChildFds) -> ! {
+/// Every namespace an exec'd process shares with the container's init.
+const EXEC_NAMESPACES: CloneFlags = CloneFlags::CLONE_NEWNS
+    .union(CloneFlags::CLONE_NEWPID)
+    .union(CloneFlags::CLONE_NEWIPC)
+    .union(CloneFlags::CLONE_NEWUTS)
+    .union(CloneFlags::CLONE_NEWNET)
+    .union(CloneFlags::CLONE_NEWCGROUP);
+
+/// Exec: forks the process from a thread of its own that first entered the namespaces of the
+/// init behind `pidfd` (its own file system context, so that it may enter a mount namespace;
+/// one `setns` for all of them). The thread ends with the fork; the child is the agent's own
+/// and already in the container's PID namespace. Returns its PID.
+fn fork_inside(
+    plan: &SpawnPlan,
+    fds: ChildFds,
+    pidfd: std::os::fd::BorrowedFd<'_>,
+) -> Result<Pid, ContainerError> {
+    let io = |what: &'static str| {
+        move |e: nix::Error| ContainerError::Io {
+            what,
+            source: e.into(),
+        }
+    };
+    std::thread::scope(|scope| {
+        scope
+            .spawn(move || -> Result<Pid, ContainerError> {
+                nix::sched::unshare(CloneFlags::CLONE_FS)
+                    .map_err(io("unshare the file system context"))?;
+                nix::sched::setns(pidfd, EXEC_NAMESPACES)
+                    .map_err(io("enter the container's namespaces"))?;
+                match syscall::fork().map_err(|e| ContainerError::Io {
+                    what: "fork",
+                    source: e,
+                })? {
+                    Forked::Child => {
+                        close_inherited(plan, &fds);
+                        run_child(plan, fds)
+                    }
+                    Forked::Parent(pid) => {
+                        drop(fds);
+                        Ok(pid)
+                    }
+                }
+            })
+            .join()
+            .unwrap_or_else(|_| Err(ContainerError::Setup("the exec thread panicked".into())))
+    })
+}
+
+/// In a forked child: closes every descriptor it inherited but its own (those of other
+/// containers' spawns, inherited from other threads, would keep their report pipes open).
+fn close_inherited(plan: &SpawnPlan, fds: &ChildFds) {
     let mut keep: Vec<RawFd> = vec![
         fds.sync.as_raw_fd(),
         fds.report.as_raw_fd(),
@@ -281,11 +340,28 @@ fn intermediate(plan: &SpawnPlan, fds: ChildFds) -> ! {
     keep.extend(fds.stdio.iter().flatten().map(|fd| fd.as_raw_fd()));
     keep.extend(fds.terminal.iter().map(|fd| fd.as_raw_fd()));
     keep.extend(plan.join.iter().map(|(f, _)| f.as_raw_fd()));
-    // Descriptors of other containers' spawns (inherited through this fork from other threads)
-    // would keep their report pipes open.
     if let Err(e) = syscall::close_fds_except(&keep) {
         fail(&fds.report, format!("close inherited descriptors: {e}"));
     }
+}
+
+/// The real child: its set-up, then the exec; a failure goes to the agent as text.
+fn run_child(plan: &SpawnPlan, fds: ChildFds) -> ! {
+    let report = fds.report.try_clone();
+    match child(plan, fds) {
+        Ok(never) => match never {},
+        Err(msg) => {
+            if let Ok(report) = report {
+                fail(&report, msg)
+            }
+            syscall::exit_now(SETUP_FAILED)
+        }
+    }
+}
+
+/// The intermediate process: joins namespaces, clones the real child, reports its PID, exits.
+fn intermediate(plan: &SpawnPlan, fds: ChildFds) -> ! {
+    close_inherited(plan, &fds);
     for (ns, flag) in &plan.join {
         if let Err(e) = nix::sched::setns(ns.as_fd(), *flag) {
             fail(&fds.report, format!("join namespace {flag:?}: {e}"));
@@ -303,18 +379,7 @@ fn intermediate(plan: &SpawnPlan, fds: ChildFds) -> ! {
             write_frame(&fds.report, TAG_PID, &pid.as_raw().to_le_bytes());
             syscall::exit_now(0)
         }
-        Ok(Forked::Child) => {
-            let report = fds.report.try_clone();
-            match child(plan, fds) {
-                Ok(never) => match never {},
-                Err(msg) => {
-                    if let Ok(report) = report {
-                        fail(&report, msg)
-                    }
-                    syscall::exit_now(SETUP_FAILED)
-                }
-            }
-        }
+        Ok(Forked::Child) => run_child(plan, fds),
     }
 }
 

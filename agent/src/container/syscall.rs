@@ -37,14 +37,16 @@ pub fn fork() -> io::Result<Forked> {
 /// clone(2) with fork semantics (no new stack, the child continues here) and `flags` (namespace
 /// flags, `CLONE_PARENT`); the child's exit is signalled with SIGCHLD.
 ///
-/// Call it only from a single-threaded process (the intermediate child of [`fork`]): a raw
-/// clone runs no fork handlers, so another thread's locks would stay held in the child.
+/// Call it from a single-threaded process (the intermediate child of [`fork`]), or make the
+/// child do nothing but system calls until it execs or exits (the pod init): a raw clone runs
+/// no fork handlers, so another thread's locks (the allocator's) may stay held in the child.
 pub fn clone_fork(flags: libc::c_int) -> io::Result<Forked> {
     let flags = (flags | libc::SIGCHLD) as libc::c_ulong;
     // SAFETY: with a null stack pointer clone(2) behaves as fork(2): the child gets a copy of
     // the address space and continues on its own copy of this stack. The other pointer
     // arguments are null and unused without CLONE_*TID/CLONE_SETTLS. The caller is single
-    // threaded, so no lock is held by a thread that the child lacks.
+    // threaded, or its child takes no lock (see above), so no lock held by a thread that the
+    // child lacks is ever waited for.
     let rc = unsafe { libc::syscall(libc::SYS_clone, flags, 0usize, 0usize, 0usize, 0usize) };
     match rc {
         -1 => Err(io::Error::last_os_error()),
@@ -92,6 +94,18 @@ pub fn close_fds_except(keep: &[RawFd]) -> io::Result<()> {
             }
         }
         low = fd.saturating_add(1);
+    }
+    Ok(())
+}
+
+/// Closes every descriptor from `first` up, with close_range(2); allocates nothing (safe in the
+/// child of a raw clone from a multi-threaded process).
+pub fn close_from(first: RawFd) -> io::Result<()> {
+    // SAFETY: close_range(2) takes plain integers; the caller no longer uses any descriptor
+    // from `first` up.
+    let rc = unsafe { libc::syscall(libc::SYS_close_range, first as u32, u32::MAX, 0u32) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
     }
     Ok(())
 }
