@@ -20,7 +20,7 @@ use std::time::Instant;
 use caps::{CapSet, Capability, CapsHashSet};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::{unshare, CloneFlags};
-use nix::sys::resource::{setrlimit, Resource};
+use nix::sys::resource::{getrlimit, setrlimit, Resource};
 use nix::sys::signal::{self, SigHandler, SigSet, Signal};
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::{fork, ForkResult};
@@ -436,8 +436,11 @@ fn make_root(spec: &JailSpec) -> Result<(), JailError> {
 fn limit() -> Result<(), JailError> {
     setrlimit(Resource::RLIMIT_CORE, 0, 0).map_err(sys("RLIMIT_CORE"))?;
     nix::sys::prctl::set_dumpable(false).map_err(sys("PR_SET_DUMPABLE"))?;
-    setrlimit(Resource::RLIMIT_NOFILE, MAX_OPEN_FILES, MAX_OPEN_FILES)
-        .map_err(sys("RLIMIT_NOFILE"))?;
+    // Lowered to the bound, never raised above the hard limit it had (raising needs
+    // CAP_SYS_RESOURCE, which root may lack).
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(sys("RLIMIT_NOFILE"))?;
+    let nofile = MAX_OPEN_FILES.min(hard);
+    setrlimit(Resource::RLIMIT_NOFILE, nofile, nofile).map_err(sys("RLIMIT_NOFILE"))?;
     nix::sys::prctl::set_no_new_privs().map_err(sys("PR_SET_NO_NEW_PRIVS"))
 }
 

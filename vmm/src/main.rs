@@ -325,6 +325,7 @@ fn jail_spec(args: &Args) -> JailSpec {
 /// Enters the jail (see [`jail::enter`]); in the jailed VMM, turns the seccomp filters on.
 fn jail(args: &mut Args) -> anyhow::Result<Role> {
     // Decided before the jail hides /sys.
+    nutshell_vmm::host::detect_flavour();
     if matches!(args.cpu_profile, ProfileArg::Auto) {
         args.cpu_profile = match CpuProfileChoice::Auto.resolve() {
             CpuProfile::Host => ProfileArg::Host,
@@ -426,6 +427,8 @@ fn run(args: Args, started_at: Instant) -> anyhow::Result<Option<VmExit>> {
             std::thread::Builder::new()
                 .name("api".into())
                 .spawn(move || {
+                    // The control socket never acts for guest users.
+                    jail::drop_thread_capabilities();
                     seccomp::install_or_exit(ThreadKind::Api);
                     ControlSocket::serve(&path, service)
                 })

@@ -348,6 +348,20 @@ fn ioctl_of_types(types: &[u64]) -> Result<Vec<SeccompRule>, seccompiler::Backen
         .collect()
 }
 
+fn ioctl_requests(requests: &[u64]) -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
+    requests
+        .iter()
+        .map(|r| {
+            SeccompRule::new(vec![SeccompCondition::new(
+                1,
+                SeccompCmpArgLen::Dword,
+                SeccompCmpOp::Eq,
+                *r,
+            )?])
+        })
+        .collect()
+}
+
 /// The allow-list of `kind`: system call number → rules (empty: always allowed).
 pub fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::BackendError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
@@ -370,7 +384,8 @@ pub fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccom
         ThreadKind::Vcpu => Some(ioctl_of_types(&[KVM_IOCTL, TUN_IOCTL])?),
         ThreadKind::Vsock => {
             allow(SOCKETS);
-            None
+            // Non-blocking mode of accepted and connected sockets, bytes waiting.
+            Some(ioctl_requests(&[libc::FIONBIO, libc::FIONREAD])?)
         }
         ThreadKind::Fs => {
             allow(FS_SERVER);
