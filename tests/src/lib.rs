@@ -82,7 +82,10 @@ pub fn parent_of(pid: u32) -> Option<u32> {
 
 /// One field of `/proc/<pid>/status` (e.g. `CapEff`, `NoNewPrivs`, `Seccomp`), trimmed.
 pub fn proc_status_field(pid: u32, field: &str) -> Option<String> {
-    status_field(&std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?, field)
+    status_field(
+        &std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?,
+        field,
+    )
 }
 
 /// One field of a `/proc/.../status` text.

@@ -296,7 +296,11 @@ fn mount_point(source: &Path, target: &Path) -> Result<(), JailError> {
     let is_dir = std::fs::metadata(source)
         .map_err(io(format!("{}", source.display())))?
         .is_dir();
-    let dir = if is_dir { Some(target) } else { target.parent() };
+    let dir = if is_dir {
+        Some(target)
+    } else {
+        target.parent()
+    };
     if let Some(dir) = dir {
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -373,7 +377,10 @@ fn make_root(spec: &JailSpec) -> Result<(), JailError> {
     )
     .map_err(sys("the jail's root tmpfs"))?;
     // /tmp first: a read-write directory below it is bound over it.
-    let tmp_is_bound = spec.read_write.iter().any(|p| Path::new("/tmp").starts_with(p));
+    let tmp_is_bound = spec
+        .read_write
+        .iter()
+        .any(|p| Path::new("/tmp").starts_with(p));
     if !tmp_is_bound {
         let tmp = root.join("tmp");
         std::fs::create_dir(&tmp).map_err(io("mkdir /tmp"))?;
@@ -477,8 +484,8 @@ pub fn drop_thread_capabilities() {
     if !is_jailed() {
         return;
     }
-    let dropped = caps::clear(None, CapSet::Effective)
-        .and_then(|()| caps::clear(None, CapSet::Permitted));
+    let dropped =
+        caps::clear(None, CapSet::Effective).and_then(|()| caps::clear(None, CapSet::Permitted));
     if let Err(e) = dropped {
         log::error!("jail: cannot drop this thread's capabilities: {e}");
         std::process::exit(1);
@@ -523,7 +530,9 @@ mod tests {
     #[test]
     fn kept_capabilities_are_the_fs_servers() {
         let names: Vec<String> = KEPT_CAPS.iter().map(|c| c.to_string()).collect();
-        assert!(!names.iter().any(|n| n == "CAP_MKNOD" || n == "CAP_SYS_ADMIN"));
+        assert!(!names
+            .iter()
+            .any(|n| n == "CAP_MKNOD" || n == "CAP_SYS_ADMIN"));
         assert_eq!(names.len(), 6);
     }
 }

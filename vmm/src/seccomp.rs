@@ -330,6 +330,17 @@ const FS_SERVER: &[i64] = &[
     libc::SYS_epoll_ctl,
 ];
 
+/// What a virtio-fs reset does on the vCPU that wrote the status register: the passthrough
+/// forgets its inodes and opens the shared directory's root again.
+const FS_RESET: &[i64] = &[
+    libc::SYS_openat,
+    libc::SYS_statx,
+    libc::SYS_newfstatat,
+    libc::SYS_fstat,
+    libc::SYS_fcntl,
+    libc::SYS_umask,
+];
+
 /// ioctl types a thread may use (the high byte of the request number's low 16 bits).
 const KVM_IOCTL: u64 = 0xAE;
 const TUN_IOCTL: u64 = 0x54;
@@ -363,7 +374,9 @@ fn ioctl_requests(requests: &[u64]) -> Result<Vec<SeccompRule>, seccompiler::Bac
 }
 
 /// The allow-list of `kind`: system call number → rules (empty: always allowed).
-pub fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::BackendError> {
+pub fn rules(
+    kind: ThreadKind,
+) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::BackendError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     let mut allow = |list: &[i64]| {
         for nr in list {
@@ -380,8 +393,12 @@ pub fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccom
             Some(ioctl_of_types(&[KVM_IOCTL, TUN_IOCTL])?)
         }
         // KVM_RUN and the vCPU's state; a tap's offloads when the guest starts its NIC (the
-        // activation runs on the vCPU that wrote the status register).
-        ThreadKind::Vcpu => Some(ioctl_of_types(&[KVM_IOCTL, TUN_IOCTL])?),
+        // activation runs on the vCPU that wrote the status register); a virtio-fs reset by
+        // the guest's driver (same path) reopens the shared directory's root.
+        ThreadKind::Vcpu => {
+            allow(FS_RESET);
+            Some(ioctl_of_types(&[KVM_IOCTL, TUN_IOCTL])?)
+        }
         ThreadKind::Vsock => {
             allow(SOCKETS);
             // Non-blocking mode of accepted and connected sockets, bytes waiting.
@@ -392,7 +409,11 @@ pub fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccom
             None
         }
         ThreadKind::Net => {
-            allow(&[libc::SYS_epoll_wait, libc::SYS_epoll_pwait, libc::SYS_epoll_ctl]);
+            allow(&[
+                libc::SYS_epoll_wait,
+                libc::SYS_epoll_pwait,
+                libc::SYS_epoll_ctl,
+            ]);
             Some(ioctl_of_types(&[TUN_IOCTL])?)
         }
         ThreadKind::Api => {
@@ -479,7 +500,11 @@ mod tests {
                 assert!(
                     matches!(
                         status,
-                        nix::sys::wait::WaitStatus::Signaled(_, nix::sys::signal::Signal::SIGSYS, _)
+                        nix::sys::wait::WaitStatus::Signaled(
+                            _,
+                            nix::sys::signal::Signal::SIGSYS,
+                            _
+                        )
                     ),
                     "{status:?}"
                 );

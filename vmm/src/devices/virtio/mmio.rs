@@ -859,7 +859,12 @@ mod tests {
                 ],
                 prop_oneof![Just(4usize), Just(1), Just(2), Just(8), 0usize..16],
                 prop_oneof![
-                    Just(status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK),
+                    Just(
+                        status::ACKNOWLEDGE
+                            | status::DRIVER
+                            | status::FEATURES_OK
+                            | status::DRIVER_OK
+                    ),
                     0u32..32,
                     any::<u32>(),
                 ],

@@ -1049,7 +1049,11 @@ fn special_files_are_never_opened_and_a_fifo_cannot_block_the_server() {
                     flags: flags as u32,
                     fuse_flags: 0,
                 };
-                errors.push((name, "open", h.call(Opcode::Open, e.nodeid, open.as_slice()).error));
+                errors.push((
+                    name,
+                    "open",
+                    h.call(Opcode::Open, e.nodeid, open.as_slice()).error,
+                ));
             }
             let opendir = h.call(Opcode::Opendir, e.nodeid, OpenIn::default().as_slice());
             errors.push((name, "opendir", opendir.error));

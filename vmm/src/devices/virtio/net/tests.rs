@@ -462,7 +462,12 @@ mod generated {
                 Just(u64::MAX - 8),
                 any::<u64>(),
             ],
-            prop_oneof![0u32..128, Just(VNET_HDR_LEN as u32), 0u32..70_000, any::<u32>()],
+            prop_oneof![
+                0u32..128,
+                Just(VNET_HDR_LEN as u32),
+                0u32..70_000,
+                any::<u32>()
+            ],
             prop_oneof![Just(0u16), Just(F_WRITE)],
         )
     }

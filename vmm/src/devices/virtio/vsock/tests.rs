@@ -489,7 +489,10 @@ fn guest_connections_are_capped() {
     assert_eq!(got[0].0.op, op::RST);
     assert_eq!(h.dev.connection_count(), CAP);
     listener.set_nonblocking(true).unwrap();
-    assert!(listener.accept().is_err(), "no host connection for a refused one");
+    assert!(
+        listener.accept().is_err(),
+        "no host connection for a refused one"
+    );
     // A host client is refused too while the guest holds them all.
     let mut client = UnixStream::connect(h.uds()).unwrap();
     client
@@ -684,7 +687,12 @@ mod generated {
             any::<bool>(),
         )
             .prop_map(
-                |((src_cid, dst_cid, src_port, dst_port), (type_, op, flags, buf_alloc, fwd_cnt), payload, lie)| {
+                |(
+                    (src_cid, dst_cid, src_port, dst_port),
+                    (type_, op, flags, buf_alloc, fwd_cnt),
+                    payload,
+                    lie,
+                )| {
                     let hdr = Header {
                         src_cid,
                         dst_cid,
