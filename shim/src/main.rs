@@ -142,8 +142,8 @@ fn cleanup_sandbox(paths: &vm::SandboxPaths) {
         let ours = comm.trim() == "nutshell-vmm"
             && String::from_utf8_lossy(&cmdline).contains(&*paths.dir.to_string_lossy());
         if ours {
-            // SAFETY: kill(2) has no memory effects; the PID was checked to be this sandbox's VMM.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+            // The PID was checked to be this sandbox's VMM; its jailed child goes too.
+            vm::kill_vmm(pid);
         }
     }
     // The VMM is gone (or going): its cgroup, if this sandbox's shim made it, goes too.

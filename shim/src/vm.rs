@@ -168,6 +168,8 @@ pub fn vmm_args(
 ) -> Vec<String> {
     let p = |p: &Path| p.to_string_lossy().into_owned();
     let mut args = vec![
+        // The VMM jails itself (namespaces, a root of its own files, capabilities, seccomp).
+        "--jail".to_owned(),
         "--kernel".to_owned(),
         p(&config.kernel),
         "--initrd".to_owned(),
@@ -391,7 +393,13 @@ impl SandboxVm {
                         }
                     };
                     unsubscribe(sub.id);
-                    log::info!("sandbox {id}: VMM (pid {pid}) exited with status {code}");
+                    if code == 128 + libc::SIGSYS {
+                        log::error!(
+                            "sandbox {id}: VMM (pid {pid}) killed by SIGSYS: a seccomp filter refused a system call (the host's audit log or dmesg names it)"
+                        );
+                    } else {
+                        log::info!("sandbox {id}: VMM (pid {pid}) exited with status {code}");
+                    }
                     exit.set(code);
                     on_exit(code);
                 })
@@ -593,25 +601,93 @@ pub(crate) fn unsubscribe(id: i64) {
     }
 }
 
+/// The children of process `pid` (a jailed VMM's supervisor has one: the VMM).
+pub fn children_of(pid: libc::pid_t) -> Vec<libc::pid_t> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .filter(|p| *p > 1)
+        .collect()
+}
+
+/// SIGKILLs a VMM: the jailed VMM (the supervisor's child; it would also die with its
+/// supervisor) first, then the process the shim spawned.
+pub fn kill_vmm(pid: libc::pid_t) {
+    for child in children_of(pid) {
+        let comm = std::fs::read_to_string(format!("/proc/{child}/comm")).unwrap_or_default();
+        if comm.trim() == "nutshell-vmm" {
+            // SAFETY: kill(2) has no memory effects; `child` is the VMM's own child.
+            unsafe { libc::kill(child, libc::SIGKILL) };
+        }
+    }
+    // SAFETY: kill(2) has no memory effects; the caller checked that `pid` is the VMM.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+}
+
 /// SIGKILLs the VMM unless it exited, and waits for the reaper to report it.
 fn kill_and_wait(pid: u32, exit: &ExitCell) {
     if exit.get().is_some() {
         return;
     }
     if let Ok(pid) = libc::pid_t::try_from(pid) {
-        // SAFETY: kill(2) has no memory effects; `pid` is our child, not yet reported reaped.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
+        // `pid` is our child, not yet reported reaped.
+        kill_vmm(pid);
     }
     if exit.wait(Duration::from_secs(10)).is_none() {
         log::error!("VMM pid {pid} not reaped 10 s after SIGKILL");
     }
 }
 
-/// Unmounts everything under `dir` (deepest first, lazily) and removes it.
+/// How many rounds of unmounting [`remove_sandbox_dir`] tries: mounts can be stacked (the
+/// jailed VMM binds the shared directory over itself, the shim mounts root filesystems
+/// beneath), and one round may leave a mount that was under another.
+const UNMOUNT_ROUNDS: usize = 8;
+
+/// Mount points at or under `dir`, from this process's mountinfo.
+fn mounts_under(dir: &Path) -> usize {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    info.lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(unescape_mountinfo)
+        .filter(|m| Path::new(m).starts_with(dir))
+        .count()
+}
+
+/// A mountinfo path with its octal escapes (`\040` for a space) decoded.
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match (b[i], octal) {
+            (b'\\', Some(d)) => {
+                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
+                i += 4;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Unmounts everything under `dir` (deepest first, lazily, again until nothing is mounted
+/// there) and removes it.
 pub fn remove_sandbox_dir(dir: &Path) {
     let Some(d) = dir.to_str() else { return };
-    if let Err(e) = containerd_shim::mount::umount_recursive(Some(d), libc::MNT_DETACH) {
-        log::warn!("unmount under {d}: {e}");
+    for _ in 0..UNMOUNT_ROUNDS {
+        if mounts_under(dir) == 0 {
+            break;
+        }
+        if let Err(e) = containerd_shim::mount::umount_recursive(Some(d), libc::MNT_DETACH) {
+            log::warn!("unmount under {d}: {e}");
+        }
     }
     if let Err(e) = std::fs::remove_dir_all(dir) {
         if e.kind() != std::io::ErrorKind::NotFound {
@@ -755,6 +831,7 @@ mod tests {
             "--fs-tag nutshell",
             "--console /run/nutshell/pod1/console.log",
             "--template-cache=/var/cache/nutshell/templates",
+            "--jail",
         ] {
             assert!(args.contains(want), "{want} missing in {args}");
         }
@@ -775,6 +852,13 @@ mod tests {
             args.contains("--net-fd 3 --net-mac 02:42:0a:00:00:05"),
             "{args}"
         );
+    }
+
+    #[test]
+    fn mountinfo_escapes_are_decoded() {
+        assert_eq!(unescape_mountinfo("/run/a\\040b"), "/run/a b");
+        assert_eq!(unescape_mountinfo("/x\\134y"), "/x\\y");
+        assert_eq!(unescape_mountinfo("/plain\\9"), "/plain\\9");
     }
 
     #[test]

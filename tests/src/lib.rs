@@ -69,8 +69,37 @@ fn built_binary(env: &str, name: &str) -> Result<PathBuf> {
     }
 }
 
+fn is_vmm(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|c| c.trim() == "nutshell-vmm")
+        .unwrap_or(false)
+}
+
+/// The parent PID of `pid`, from `/proc/<pid>/status`.
+pub fn parent_of(pid: u32) -> Option<u32> {
+    proc_status_field(pid, "PPid")?.parse().ok()
+}
+
+/// One field of `/proc/<pid>/status` (e.g. `CapEff`, `NoNewPrivs`, `Seccomp`), trimmed.
+pub fn proc_status_field(pid: u32, field: &str) -> Option<String> {
+    status_field(
+        &std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?,
+        field,
+    )
+}
+
+/// One field of a `/proc/.../status` text.
+pub fn status_field(status: &str, field: &str) -> Option<String> {
+    status.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        (k == field).then(|| v.trim().to_owned())
+    })
+}
+
 /// PIDs of the `nutshell-vmm` processes whose command line names `run_dir` (a sandbox's VMM
-/// has its sockets there), for tests that check nothing is left running.
+/// has its sockets there), for tests that check nothing is left running. A jailed VMM counts
+/// once: the process the shim spawned (its supervisor), not the jailed child
+/// ([`jailed_vmm`] finds that).
 pub fn vmms_under(run_dir: &Path) -> Vec<u32> {
     let needle = run_dir.to_string_lossy().into_owned();
     let Ok(entries) = std::fs::read_dir("/proc") else {
@@ -83,12 +112,18 @@ pub fn vmms_under(run_dir: &Path) -> Vec<u32> {
                 .map(|c| String::from_utf8_lossy(&c).contains(&needle))
                 .unwrap_or(false)
         })
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                .map(|c| c.trim() == "nutshell-vmm")
-                .unwrap_or(false)
-        })
+        .filter(|pid| is_vmm(*pid))
+        .filter(|pid| !parent_of(*pid).is_some_and(is_vmm))
         .collect()
+}
+
+/// The jailed VMM of the supervisor `pid` (a `nutshell-vmm --jail`): its `nutshell-vmm` child.
+pub fn jailed_vmm(pid: u32) -> Option<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .ok()?
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .find(|p| is_vmm(*p))
 }
 
 /// CPU time (user + system, all threads) process `pid` has used, from `/proc/<pid>/stat`.

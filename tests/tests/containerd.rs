@@ -18,8 +18,8 @@ use nix::unistd::Pid;
 use nutshell_bench::containerd::{shim_pids, shim_socket, Containerd, ContainerdOptions, Ctr};
 use nutshell_bench::image;
 use nutshell_tests::{
-    cpu_time, guest_artifact, left_under_run_dir, shim_binary, target_dir, template_cache,
-    vmm_binary, vmms_under,
+    cpu_time, guest_artifact, jailed_vmm, left_under_run_dir, proc_status_field, shim_binary,
+    status_field, target_dir, template_cache, vmm_binary, vmms_under,
 };
 
 const IMAGE: &str = "docker.io/nutshell/e2e-busybox:1";
@@ -44,6 +44,12 @@ impl NutshellContainerd {
 
     /// With `extra` appended to the shim's configuration.
     fn start_with(extra: &str) -> Self {
+        Self::start_with_env(extra, &[])
+    }
+
+    /// With `extra` appended to the shim's configuration and `vars` in the environment of
+    /// containerd (so of its shims and their VMMs).
+    fn start_with_env(extra: &str, vars: &[(&str, &str)]) -> Self {
         let serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         let kernel = guest_artifact("vmlinux").unwrap();
         let initramfs = guest_artifact("initramfs.cpio").unwrap();
@@ -79,7 +85,15 @@ impl NutshellContainerd {
             .unwrap()
             .tarball(&target_dir().join("nutshell").join("bench-images"))
             .unwrap();
-        let containerd = Containerd::start(&ContainerdOptions::default()).unwrap();
+        for (k, v) in vars {
+            std::env::set_var(k, v);
+        }
+        let containerd = Containerd::start(&ContainerdOptions::default());
+        // containerd has its copy; the next test (which waits for the lock) starts without.
+        for (k, _) in vars {
+            std::env::remove_var(k);
+        }
+        let containerd = containerd.unwrap();
         containerd.ctr().import_image(&tarball).unwrap();
         NutshellContainerd {
             containerd,
@@ -923,5 +937,151 @@ fn measure_ctr_run_nutshell_vs_runc() {
     );
     assert!(total > 0, "no shim found: {shims:?}");
     c.ctr().remove_container("m-idle");
+    env.assert_nothing_left();
+}
+
+/// The capabilities a jailed VMM keeps (chown, dac_override, fowner, fsetid, setgid, setuid):
+/// the mask /proc shows.
+const JAIL_CAPS: &str = "00000000000000db";
+
+/// A container's VMM runs jailed: the process the shim spawned is a supervisor whose child is
+/// PID 1 of its own PID namespace, in a mount namespace of its own where the host's files are
+/// not visible, with `no_new_privs`, the bounding set cut to the fs server's six capabilities,
+/// a seccomp filter on every thread, and no capability at all in the threads that never act
+/// for guest users; the container still runs, and nothing is left afterwards.
+#[test]
+#[ignore = "slow lane: needs root, containerd and the guest kernel (scripts/test.sh runs it)"]
+fn the_vmm_runs_jailed_with_seccomp_on_every_thread() {
+    let env = NutshellContainerd::start();
+    let containerd = &env.containerd;
+    let ctr = containerd.ctr();
+    const ID: &str = "e2e-jail";
+    ctr.output(&[
+        "run",
+        "-d",
+        "--runtime",
+        "io.containerd.nutshell.v2",
+        IMAGE,
+        ID,
+        "sleep",
+        "3600",
+    ])
+    .unwrap_or_else(|e| panic!("{e}\n{}", containerd.log_tail(4000)));
+    assert!(
+        eventually(Duration::from_secs(120), || task_status(&ctr, ID)
+            .is_some_and(|(_, s)| s == "RUNNING")),
+        "{:?}\n{}",
+        task_status(&ctr, ID),
+        containerd.log_tail(4000)
+    );
+    let vmms = vmms_under(&env.run_dir);
+    assert_eq!(vmms.len(), 1, "{vmms:?}");
+    let supervisor = vmms[0];
+    let vmm = jailed_vmm(supervisor).expect("the supervisor has a jailed child");
+
+    // Namespaces: PID 1 of a new PID namespace; mount, IPC and UTS namespaces of its own; the
+    // network namespace is the one it was spawned in.
+    let ns = |pid: u32, kind: &str| std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).unwrap();
+    for kind in ["pid", "mnt", "ipc", "uts"] {
+        assert_ne!(ns(vmm, kind), ns(supervisor, kind), "{kind} namespace");
+    }
+    assert_eq!(ns(vmm, "net"), ns(supervisor, "net"));
+    let nspid = proc_status_field(vmm, "NSpid").unwrap();
+    assert_eq!(nspid.split_whitespace().last(), Some("1"), "NSpid {nspid}");
+    // Its root: none of the host's files (no /etc, no /usr), its own devices and /proc.
+    let root = PathBuf::from(format!("/proc/{vmm}/root"));
+    assert!(!root.join("etc/shadow").exists());
+    assert!(!root.join("etc").exists());
+    assert!(!root.join("usr").exists());
+    assert!(root.join("dev/kvm").exists());
+    assert!(!root.join("dev/mem").exists());
+    let top: Vec<String> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        top.iter()
+            .all(|n| ["dev", "proc", "tmp", "run"].contains(&n.as_str())
+                || env.run_dir.starts_with(format!("/{n}"))
+                || template_cache().starts_with(format!("/{n}"))
+                || guest_artifact("vmlinux")
+                    .unwrap()
+                    .starts_with(format!("/{n}"))),
+        "the jail's root holds {top:?}"
+    );
+
+    // Every thread: no_new_privs, a seccomp filter, the bounding set; CapEff only where the
+    // fs server acts for guest users (the main thread, the fs thread, the control socket).
+    let tasks: Vec<String> = std::fs::read_dir(format!("/proc/{vmm}/task"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(tasks.len() >= 3, "threads {tasks:?}");
+    let mut names = Vec::new();
+    for tid in &tasks {
+        let status = std::fs::read_to_string(format!("/proc/{vmm}/task/{tid}/status")).unwrap();
+        let field = |f: &str| status_field(&status, f).unwrap_or_default();
+        let name = field("Name");
+        assert_eq!(field("Seccomp"), "2", "thread {tid} ({name})");
+        assert_eq!(field("NoNewPrivs"), "1", "thread {tid} ({name})");
+        assert_eq!(field("CapBnd"), JAIL_CAPS, "thread {tid} ({name})");
+        assert_eq!(field("CapInh"), "0000000000000000", "thread {tid} ({name})");
+        assert_eq!(field("CapAmb"), "0000000000000000", "thread {tid} ({name})");
+        let eff = field("CapEff");
+        if name.starts_with("vcpu") || name == "vsock" || name == "virtio-net" {
+            assert_eq!(eff, "0000000000000000", "thread {tid} ({name})");
+        } else {
+            assert!(
+                eff == JAIL_CAPS || eff == "0000000000000000",
+                "thread {tid} ({name}): CapEff {eff}"
+            );
+        }
+        names.push(name);
+    }
+    assert!(names.iter().any(|n| n.starts_with("vcpu")), "{names:?}");
+    assert!(names.iter().any(|n| n == "virtio-fs"), "{names:?}");
+    // The main thread keeps the fs server's capabilities and nothing more.
+    assert_eq!(proc_status_field(vmm, "CapEff").unwrap(), JAIL_CAPS);
+    assert_eq!(proc_status_field(vmm, "CapPrm").unwrap(), JAIL_CAPS);
+    let log = containerd.log_tail(400_000);
+    assert!(log.contains("jail ready in"), "{log}");
+
+    // The container works through it: exec reaches the guest, the rootfs is there.
+    let out = ctr
+        .output(&["task", "exec", "--exec-id", "e1", ID, "ls", "/bin"])
+        .unwrap_or_else(|e| panic!("{e}\n{}", containerd.log_tail(4000)));
+    assert!(out.lines().any(|l| l.trim() == "sh"), "{out}");
+    ctr.output(&["task", "kill", "-s", "SIGKILL", ID]).unwrap();
+    assert!(
+        eventually(Duration::from_secs(60), || task_status(&ctr, ID)
+            .is_none_or(|(_, s)| s == "STOPPED")),
+        "{:?}",
+        task_status(&ctr, ID)
+    );
+    ctr.output(&["task", "delete", ID]).unwrap();
+    ctr.remove_container(ID);
+    env.assert_nothing_left();
+}
+
+/// A thread of the VMM that makes a system call outside its filter kills the VMM (SIGSYS,
+/// through the test hook `NUTSHELL_VMM_TEST_SIGSYS`): the shim says so, the container's
+/// start fails, and nothing is left.
+#[test]
+#[ignore = "slow lane: needs root, containerd and the guest kernel (scripts/test.sh runs it)"]
+fn a_forbidden_system_call_kills_the_vmm_and_the_shim_says_so() {
+    let env = NutshellContainerd::start_with_env("", &[("NUTSHELL_VMM_TEST_SIGSYS", "vcpu")]);
+    let containerd = &env.containerd;
+    let ctr = containerd.ctr();
+    let out = run_rm(&ctr, "e2e-sigsys").args(["true"]).output().unwrap();
+    assert!(
+        !out.status.success(),
+        "the container ran although its VMM was killed"
+    );
+    let log = containerd.log_tail(400_000);
+    assert!(
+        log.contains("killed by SIGSYS: a seccomp filter refused a system call"),
+        "{log}"
+    );
+    let _ = ctr.output(&["container", "rm", "e2e-sigsys"]);
     env.assert_nothing_left();
 }

@@ -48,9 +48,11 @@ impl fmt::Display for KvmFlavour {
     }
 }
 
-/// Detects the flavour from the loaded kernel modules.
+/// Detects the flavour from the loaded kernel modules (once per process: the jail hides
+/// `/sys`, so a jailed VMM asks before it enters).
 pub fn detect_flavour() -> KvmFlavour {
-    flavour_from_sysfs(Path::new("/sys/module"))
+    static FLAVOUR: std::sync::OnceLock<KvmFlavour> = std::sync::OnceLock::new();
+    *FLAVOUR.get_or_init(|| flavour_from_sysfs(Path::new("/sys/module")))
 }
 
 fn flavour_from_sysfs(modules: &Path) -> KvmFlavour {

@@ -14,6 +14,8 @@ use nutshell_vmm::devices::virtio::manager::{Backend, DeviceConfig};
 use nutshell_vmm::devices::virtio::net::tap::Tap;
 use nutshell_vmm::devices::virtio::net::{NetConfig, DEFAULT_MAC};
 use nutshell_vmm::devices::virtio::vsock::VsockConfig;
+use nutshell_vmm::jail::{self, JailSpec, Role};
+use nutshell_vmm::seccomp::{self, ThreadKind};
 use nutshell_vmm::template::{self, TemplateConfig};
 use nutshell_vmm::{
     boot_linux, Console, CpuProfileChoice, LinuxConfig, MachineConfig, RestoreConfig, RunningVm,
@@ -127,6 +129,13 @@ struct Args {
     #[arg(long, value_name = "MAC", value_parser = parse_mac, requires = "net_fd")]
     net_mac: Option<[u8; 6]>,
 
+    /// Run jailed: this process stays a small supervisor and forks the VMM into new PID,
+    /// mount, IPC and UTS namespaces with a root that holds only the files this VM needs, no
+    /// capabilities but the virtio-fs server's, no_new_privs, and per-thread seccomp filters
+    /// (see docs/security.md). The exit status is the VMM's.
+    #[arg(long)]
+    jail: bool,
+
     /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
     #[arg(long, value_name = "LEVEL", default_value = "info")]
     log_level: log::LevelFilter,
@@ -164,12 +173,22 @@ enum ProfileArg {
 
 fn main() -> ExitCode {
     let started_at = Instant::now();
-    let args = Args::parse();
+    let mut args = Args::parse();
     env_logger::Builder::new()
         .filter_level(args.log_level)
         .parse_default_env()
         .format_target(false)
         .init();
+    if args.jail {
+        match jail(&mut args) {
+            Ok(Role::Jailed) => {}
+            Ok(Role::Supervisor(status)) => jail::mirror(status),
+            Err(e) => {
+                eprintln!("nutshell-vmm: error: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     match run(args, started_at) {
         Ok(None) => ExitCode::SUCCESS,
         Ok(Some(exit)) => {
@@ -276,6 +295,55 @@ fn cold_boot(
     })?)
 }
 
+/// What the jailed VMM sees: the files its command line names.
+fn jail_spec(args: &Args) -> JailSpec {
+    let parent = |p: &PathBuf| {
+        std::path::absolute(p)
+            .ok()
+            .and_then(|p| p.parent().map(Path::to_path_buf))
+    };
+    let absolute = |p: &PathBuf| std::path::absolute(p).unwrap_or_else(|_| p.clone());
+    let read_only = [&args.kernel, &args.initrd, &args.restore]
+        .into_iter()
+        .flatten()
+        .map(absolute)
+        .collect();
+    let read_write = [&args.vsock_uds, &args.console, &args.api_sock]
+        .into_iter()
+        .flatten()
+        .filter_map(parent)
+        .chain(args.template_cache.iter().map(absolute))
+        .chain(args.shared_dir.iter().map(absolute))
+        .collect();
+    JailSpec {
+        read_only,
+        read_write,
+        shared_dir: args.shared_dir.as_ref().map(absolute),
+    }
+}
+
+/// Enters the jail (see [`jail::enter`]); in the jailed VMM, turns the seccomp filters on.
+fn jail(args: &mut Args) -> anyhow::Result<Role> {
+    // Decided before the jail hides /sys.
+    nutshell_vmm::host::detect_flavour();
+    if matches!(args.cpu_profile, ProfileArg::Auto) {
+        args.cpu_profile = match CpuProfileChoice::Auto.resolve() {
+            CpuProfile::Host => ProfileArg::Host,
+            CpuProfile::Compat => ProfileArg::Compat,
+        };
+    }
+    if let Some(dir) = &args.template_cache {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("template cache {}", dir.display()))?;
+    }
+    let role = jail::enter(&jail_spec(args))?;
+    if matches!(role, Role::Jailed) {
+        let mode = seccomp::configure(seccomp::Mode::Kill)?;
+        log::info!("seccomp filters: {mode:?}");
+    }
+    Ok(role)
+}
+
 /// Runs the VM to its end; `None` when there was no VM to run (--template-only).
 fn run(args: Args, started_at: Instant) -> anyhow::Result<Option<VmExit>> {
     let signals = StopSignals::block().context("cannot set up signal handling")?;
@@ -350,16 +418,27 @@ fn run(args: Args, started_at: Instant) -> anyhow::Result<Option<VmExit>> {
     };
     let exit = vm.exit_handle();
     let shared: SharedVm = Arc::new(Mutex::new(Some(vm)));
+    // The control socket's threads inherit the filter of the thread that starts them.
     let api = args
         .api_sock
-        .as_deref()
+        .clone()
         .map(|path| {
-            ControlSocket::serve(
-                path,
-                ControlService::new(shared.clone(), exit.clone(), started_at),
-            )
+            let service = ControlService::new(shared.clone(), exit.clone(), started_at);
+            std::thread::Builder::new()
+                .name("api".into())
+                .spawn(move || {
+                    // The control socket never acts for guest users.
+                    jail::drop_thread_capabilities();
+                    seccomp::install_or_exit(ThreadKind::Api);
+                    ControlSocket::serve(&path, service)
+                })
+                .context("spawn the control socket's thread")?
+                .join()
+                .map_err(|_| anyhow::anyhow!("the control socket's thread panicked"))?
+                .map_err(anyhow::Error::from)
         })
         .transpose()?;
+    seccomp::install(ThreadKind::Main)?;
     if let Some(signal) = signals.wait_or(&*exit) {
         exit.request(VmExit::Stopped(format!("received {signal}")));
     }

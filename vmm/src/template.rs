@@ -120,8 +120,10 @@ fn hash_file(hasher: &mut Sha256, path: &Path) -> Result<(), TemplateError> {
 /// same version may lay out devices differently, so its templates are its own.
 fn vmm_build_id() -> String {
     use std::os::unix::fs::MetadataExt;
-    std::env::current_exe()
-        .and_then(std::fs::metadata)
+    // Through /proc's link, which works also where the executable's path is not visible
+    // (in the jail).
+    std::fs::metadata("/proc/self/exe")
+        .or_else(|_| std::env::current_exe().and_then(std::fs::metadata))
         .map(|m| format!("{}:{}.{}:{}", m.len(), m.mtime(), m.mtime_nsec(), m.ino()))
         .unwrap_or_default()
 }

@@ -275,6 +275,8 @@ impl Vcpu {
     }
 
     fn run(mut self, first_run: &FirstRun) {
+        crate::jail::drop_thread_capabilities();
+        crate::seccomp::install_or_exit(crate::seccomp::ThreadKind::Vcpu);
         while !self.exit.is_requested() {
             if self.control.lock().pause {
                 self.park();

@@ -101,27 +101,22 @@ fn triple_fault_exits_with_status_1() {
     assert!(stderr(&out).contains("triple fault"), "{}", stderr(&out));
 }
 
-#[test]
-fn sigterm_stops_the_vm_cleanly() {
+/// Runs a guest that prints "up" and hangs with `extra` arguments, sends SIGTERM once it is
+/// up, and asserts a clean stop (status 0, the signal logged).
+fn sigterm_stops_cleanly(extra: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let mut p = Asm::default();
     p.print("up\n").hang();
     let kernel = write(dir.path(), "kernel", &pvh_elf(&p.0, LOAD_ADDR, 0, true));
     let console = dir.path().join("console");
     let child = Command::new(VMM)
-        .args([
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--vcpus",
-            "2",
-            "--memory-mib",
-            "16",
-        ])
+        .args(extra)
+        .args(["--kernel", kernel.to_str().unwrap(), "--memory-mib", "16"])
         .args(["--console", console.to_str().unwrap()])
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    for _ in 0..1000 {
+    for _ in 0..3000 {
         if std::fs::read_to_string(&console).is_ok_and(|t| t.contains("up")) {
             break;
         }
@@ -136,6 +131,11 @@ fn sigterm_stops_the_vm_cleanly() {
         "{}",
         stderr(&out)
     );
+}
+
+#[test]
+fn sigterm_stops_the_vm_cleanly() {
+    sigterm_stops_cleanly(&["--vcpus", "2"]);
 }
 
 #[test]
@@ -431,4 +431,80 @@ fn restore_refuses_another_template_key_and_a_vsock_socket_it_cannot_use() {
         &["--template-key", "abc", "--kernel", "/x"],
         "--template-key is used with --restore only",
     );
+}
+
+/// `--jail`: the guest runs in the jailed VMM, whose exit status comes back through the
+/// supervisor (here: a guest panic, status 2); the jail's set-up is logged; the shared
+/// directory's bind over itself is gone afterwards.
+#[test]
+fn jailed_vmm_runs_the_guest_and_its_status_comes_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = Asm::default();
+    p.print("jailed\n").outb(0x501, 1).hang();
+    let kernel = write(dir.path(), "kernel", &pvh_elf(&p.0, LOAD_ADDR, 0, true));
+    let console = dir.path().join("console");
+    let shared = dir.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    let uds = dir.path().join("vsock.sock");
+    let out = vmm(&[
+        "--jail",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--memory-mib",
+        "16",
+        "--console",
+        console.to_str().unwrap(),
+        "--shared-dir",
+        shared.to_str().unwrap(),
+        "--vsock-uds",
+        uds.to_str().unwrap(),
+    ]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("jail ready in"), "{err}");
+    assert!(err.contains("seccomp filters: Kill"), "{err}");
+    assert!(err.contains("guest kernel panicked"), "{err}");
+    assert!(std::fs::read_to_string(&console)
+        .unwrap()
+        .contains("jailed"));
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.contains(dir.path().to_str().unwrap()),
+        "a mount is left: {mounts}"
+    );
+    assert!(!uds.exists(), "socket left");
+}
+
+/// SIGTERM to the supervisor reaches the jailed VMM, which stops the VM cleanly (status 0).
+#[test]
+fn jailed_vmm_stops_on_sigterm_to_its_supervisor() {
+    sigterm_stops_cleanly(&["--jail"]);
+}
+
+/// A thread that makes a forbidden system call (the test hook) kills the jailed VMM with
+/// SIGSYS, and the supervisor dies by the same signal.
+#[test]
+fn forbidden_system_call_kills_the_jailed_vmm_by_sigsys() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = Asm::default();
+    p.print("up\n").hang();
+    let kernel = write(dir.path(), "kernel", &pvh_elf(&p.0, LOAD_ADDR, 0, true));
+    for kind in ["vcpu", "main"] {
+        let out = Command::new(VMM)
+            .args(["--jail", "--kernel", kernel.to_str().unwrap()])
+            .args(["--memory-mib", "16"])
+            .env("NUTSHELL_VMM_TEST_SIGSYS", kind)
+            .env_remove("NUTSHELL_VMM_SECCOMP")
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.signal(),
+            Some(libc::SIGSYS),
+            "{kind}: {:?} {}",
+            out.status,
+            stderr(&out)
+        );
+        assert!(!out.status.core_dumped(), "{kind}: no core dump");
+    }
 }

@@ -460,4 +460,50 @@ mod tests {
         assert!(matches!(err, SnapshotError::VmmVersion { .. }), "{err}");
         assert!(err.to_string().contains("0.0.0-other"), "{err}");
     }
+
+    mod generated {
+        //! Generated snapshot files: a good one with bytes changed (and its checksum made to
+        //! match again, so that decoding goes past it) or cut short: decoding fails or succeeds,
+        //! never panics.
+
+        use proptest::prelude::*;
+
+        use super::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+            #[test]
+            fn changed_or_cut_state_files_decode_or_fail(
+                changes in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..16),
+                cut in proptest::option::of(any::<prop::sample::Index>()),
+                fix_crc in any::<bool>(),
+            ) {
+                let (header, state) = sample();
+                let mut bytes = encode(&header, &state).unwrap();
+                let body = bytes.len() - CRC_LEN;
+                for (at, value) in changes {
+                    // Leave the magic alone: past it is what a hostile file can change.
+                    let at = MAGIC.len() + at.index(body - MAGIC.len());
+                    bytes[at] = value;
+                }
+                if let Some(cut) = cut {
+                    bytes.truncate(cut.index(bytes.len()));
+                }
+                if fix_crc && bytes.len() >= PREFIX_LEN + CRC_LEN {
+                    let body = bytes.len() - CRC_LEN;
+                    let crc = crc32fast::hash(&bytes[..body]);
+                    bytes[body..].copy_from_slice(&crc.to_le_bytes());
+                }
+                if let Ok((header, rest)) = decode_header(&bytes) {
+                    let _ = decode_state(&header, rest);
+                }
+            }
+
+            #[test]
+            fn random_bytes_are_refused(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+                prop_assert!(decode_header(&bytes).is_err() || bytes.starts_with(&MAGIC));
+            }
+        }
+    }
 }

@@ -76,6 +76,21 @@ pub fn spawn(
 }
 
 fn run(name: &str, device: &Mutex<dyn VirtioDevice>, epoll: &Epoll) {
+    use crate::seccomp::{install_or_exit, ThreadKind};
+    let kind = ThreadKind::of_device(name);
+    if kind != Some(ThreadKind::Fs) {
+        // Only the fs server acts for guest users.
+        crate::jail::drop_thread_capabilities();
+    }
+    match kind {
+        Some(kind) => install_or_exit(kind),
+        // A device without a filter of its own never runs unfiltered when filters are on.
+        None if crate::seccomp::mode() != crate::seccomp::Mode::Off => {
+            log::error!("{name}: no seccomp filter for this device");
+            std::process::exit(1);
+        }
+        None => {}
+    }
     let mut events = [EpollEvent::default(); 16];
     loop {
         let n = match epoll.wait(-1, &mut events) {

@@ -835,4 +835,65 @@ mod tests {
             assert!(!t2.is_activated());
         }
     }
+
+    mod generated {
+        //! Generated register accesses: any offset, width and value, in any order; the
+        //! transport never panics, and activates its device at most once per reset.
+
+        use proptest::prelude::*;
+
+        use super::*;
+
+        fn access() -> impl Strategy<Value = (bool, u64, usize, u32)> {
+            (
+                any::<bool>(),
+                prop_oneof![
+                    (0u64..0x40).prop_map(|r| r * 4),
+                    Just(reg::STATUS),
+                    Just(reg::QUEUE_SEL),
+                    Just(reg::QUEUE_NUM),
+                    Just(reg::QUEUE_READY),
+                    Just(reg::QUEUE_NOTIFY),
+                    0x100u64..0x200,
+                    any::<u64>(),
+                ],
+                prop_oneof![Just(4usize), Just(1), Just(2), Just(8), 0usize..16],
+                prop_oneof![
+                    Just(
+                        status::ACKNOWLEDGE
+                            | status::DRIVER
+                            | status::FEATURES_OK
+                            | status::DRIVER_OK
+                    ),
+                    0u32..32,
+                    any::<u32>(),
+                ],
+            )
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+            #[test]
+            fn any_register_access_sequence_is_safe(
+                accesses in proptest::collection::vec(access(), 1..64)
+            ) {
+                let (mut t, fake) = setup();
+                for (write, offset, width, value) in accesses {
+                    let mut data = vec![0u8; width];
+                    let bytes = value.to_le_bytes();
+                    for (i, b) in data.iter_mut().enumerate() {
+                        *b = bytes[i % 4];
+                    }
+                    if write {
+                        t.write(offset, &data);
+                    } else {
+                        t.read(offset, &mut data);
+                    }
+                    let f = fake.lock().unwrap();
+                    prop_assert!(f.activations <= f.resets + 1);
+                }
+            }
+        }
+    }
 }

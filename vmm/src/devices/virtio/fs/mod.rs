@@ -58,7 +58,7 @@ const BATCH: usize = 64;
 /// Entry and attribute timeouts the guest may cache for.
 const CACHE_TIMEOUT: Duration = Duration::from_secs(1);
 /// File descriptors the VMM wants: the inodes and handles the guard allows, plus its own.
-const WANTED_NOFILE: u64 = (guard::MAX_INODES + guard::MAX_HANDLES + 1024) as u64;
+pub const WANTED_NOFILE: u64 = (guard::MAX_INODES + guard::MAX_HANDLES + 1024) as u64;
 
 /// Errors of setting up the device.
 #[derive(Debug, thiserror::Error)]

@@ -274,6 +274,8 @@ struct Active {
 #[derive(Debug)]
 pub struct Vsock {
     guest_cid: u64,
+    /// [`MAX_CONNECTIONS`] (tests use fewer).
+    max_connections: usize,
     uds_path: PathBuf,
     queue_evts: Vec<EventFd>,
     epoll: Epoll,
@@ -313,6 +315,7 @@ impl Vsock {
             .map_err(VsockError::Events)?;
         Ok(Vsock {
             guest_cid: config.guest_cid,
+            max_connections: MAX_CONNECTIONS,
             uds_path: config.uds_path.clone(),
             queue_evts,
             epoll,
@@ -328,6 +331,12 @@ impl Vsock {
             payload: Vec::with_capacity(MAX_PKT_PAYLOAD),
             reset_pending: false,
         })
+    }
+
+    /// Lowers the connection cap (tests, which cannot offer a guest's worth of buffers).
+    #[cfg(test)]
+    pub(crate) fn set_max_connections(&mut self, max: usize) {
+        self.max_connections = max.min(MAX_CONNECTIONS);
     }
 
     /// Number of open connections.
@@ -553,7 +562,7 @@ impl Vsock {
     }
 
     fn guest_connect(&mut self, hdr: &Header, key: ConnKey) {
-        if self.conns.len() >= MAX_CONNECTIONS {
+        if self.conns.len() >= self.max_connections {
             crate::ratelimited!(log::Level::Warn, "vsock: too many connections; refused");
             self.reply_rst(hdr);
             return;
@@ -689,7 +698,7 @@ impl Vsock {
             );
             return;
         };
-        if self.active.is_none() || self.reset_pending || self.conns.len() >= MAX_CONNECTIONS {
+        if self.active.is_none() || self.reset_pending || self.conns.len() >= self.max_connections {
             if self.reset_pending {
                 // The client retries, as while the guest boots.
                 log::debug!(
@@ -703,7 +712,8 @@ impl Vsock {
             } else {
                 crate::ratelimited!(
                     log::Level::Warn,
-                    "vsock: host connection to port {port} refused: {MAX_CONNECTIONS} connections open"
+                    "vsock: host connection to port {port} refused: {} connections open",
+                    self.max_connections
                 );
             }
             return;

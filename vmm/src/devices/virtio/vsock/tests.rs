@@ -17,6 +17,9 @@ const GUEST_CID: u64 = 3;
 const F_NEXT: u16 = 1;
 const F_WRITE: u16 = 2;
 const RX_BUF: u32 = 4096;
+/// Where packets the guest sends are written, and how much room they have.
+const TX_DATA: u64 = 0x10_0000;
+const TX_DATA_SIZE: u64 = 0x60_0000;
 
 struct Harness {
     mem: &'static GuestMemoryMmap,
@@ -63,7 +66,7 @@ impl Harness {
             rx_desc: 0,
             tx_desc: 0,
             rx_seen: 0,
-            tx_data: 0x10_0000,
+            tx_data: TX_DATA,
         }
     }
 
@@ -108,6 +111,11 @@ impl Harness {
     fn send(&mut self, hdr: Header, payload: &[u8]) {
         let mut hdr = hdr;
         hdr.len = payload.len() as u32;
+        self.send_raw(hdr, payload);
+    }
+
+    /// Sends a packet whose header is taken as it is (its length may lie).
+    fn send_raw(&mut self, hdr: Header, payload: &[u8]) {
         let at = self.tx_data;
         self.mem
             .write_slice(&hdr.to_bytes(), GuestAddress(at))
@@ -115,7 +123,8 @@ impl Harness {
         self.mem
             .write_slice(payload, GuestAddress(at + HDR_SIZE as u64))
             .unwrap();
-        self.tx_data += 0x2_0000;
+        // Packets are consumed by `process_tx` below: the area is reused after a while.
+        self.tx_data = TX_DATA + (self.tx_data - TX_DATA + 0x2_0000) % TX_DATA_SIZE;
         if payload.is_empty() {
             self.push_tx_descs(&[(at, HDR_SIZE as u32, 0)]);
         } else {
@@ -453,6 +462,60 @@ fn stale_socket_is_replaced_live_one_refused() {
 }
 
 #[test]
+fn guest_connections_are_capped() {
+    // The mock queue serves fewer buffers than 128 connections need: a cap of 8 here, the same
+    // code as MAX_CONNECTIONS in a VM.
+    const CAP: usize = 8;
+    let mut h = Harness::new();
+    h.dev.set_max_connections(CAP);
+    // The mock's avail ring overlaps its used ring past half the queue: stay below.
+    h.give_rx(24);
+    let mut path = h.uds().into_os_string();
+    path.push("_1025");
+    let listener = UnixListener::bind(&path).unwrap();
+    let mut streams = Vec::new();
+    for port in 0..CAP as u32 {
+        h.send(h.guest_hdr(7000 + port, 1025, op::REQUEST), &[]);
+        let got = h.receive();
+        assert_eq!(got.len(), 1, "connection {port}: {got:?}");
+        assert_eq!(got[0].0.op, op::RESPONSE, "connection {port}");
+        streams.push(listener.accept().unwrap().0);
+    }
+    assert_eq!(h.dev.connection_count(), CAP);
+    // One more is reset, and the host side never sees it.
+    h.send(h.guest_hdr(9999, 1025, op::REQUEST), &[]);
+    let got = h.receive();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].0.op, op::RST);
+    assert_eq!(h.dev.connection_count(), CAP);
+    listener.set_nonblocking(true).unwrap();
+    assert!(
+        listener.accept().is_err(),
+        "no host connection for a refused one"
+    );
+    // A host client is refused too while the guest holds them all.
+    let mut client = UnixStream::connect(h.uds()).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    client.write_all(b"CONNECT 1024\n").unwrap();
+    let got = h.receive();
+    assert!(
+        got.iter().all(|(hdr, _)| hdr.op != op::REQUEST),
+        "no request to the guest: {got:?}"
+    );
+    let mut buf = [0u8; 16];
+    assert_eq!(client.read(&mut buf).unwrap_or(0), 0, "closed without OK");
+    // Closing one makes room again.
+    h.send(h.guest_hdr(7000, 1025, op::RST), &[]);
+    assert_eq!(h.dev.connection_count(), CAP - 1);
+    h.send(h.guest_hdr(9999, 1025, op::REQUEST), &[]);
+    let got = h.receive();
+    assert_eq!(got.last().map(|p| p.0.op), Some(op::RESPONSE), "{got:?}");
+    drop(streams);
+}
+
+#[test]
 fn guest_connect_to_a_full_backlog_is_refused_not_blocking() {
     let mut h = Harness::new();
     h.give_rx(64);
@@ -594,4 +657,102 @@ fn transport_reset_event_is_written_to_the_event_queue() {
     let got = h.receive();
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].0.op, op::REQUEST);
+}
+
+mod generated {
+    //! Generated guest packets: any header (operation, type, ports, lengths, credit) with any
+    //! payload; the device never panics, never holds more than its connection cap, and every
+    //! packet it sends the guest is well-formed.
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn header() -> impl Strategy<Value = (Header, Vec<u8>, bool)> {
+        (
+            (
+                prop_oneof![Just(GUEST_CID), Just(HOST_CID), any::<u64>()],
+                prop_oneof![Just(HOST_CID), any::<u64>()],
+                prop_oneof![5000u32..5004, any::<u32>()],
+                prop_oneof![Just(1025u32), Just(1024u32), any::<u32>()],
+            ),
+            (
+                prop_oneof![Just(TYPE_STREAM), any::<u16>()],
+                prop_oneof![0u16..=7, any::<u16>()],
+                any::<u32>(),
+                any::<u32>(),
+                any::<u32>(),
+            ),
+            proptest::collection::vec(any::<u8>(), 0..200),
+            any::<bool>(),
+        )
+            .prop_map(
+                |(
+                    (src_cid, dst_cid, src_port, dst_port),
+                    (type_, op, flags, buf_alloc, fwd_cnt),
+                    payload,
+                    lie,
+                )| {
+                    let hdr = Header {
+                        src_cid,
+                        dst_cid,
+                        src_port,
+                        dst_port,
+                        len: if lie { buf_alloc } else { payload.len() as u32 },
+                        type_,
+                        op,
+                        flags,
+                        buf_alloc,
+                        fwd_cnt,
+                    };
+                    (hdr, payload, lie)
+                },
+            )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+        #[test]
+        fn any_guest_packet_sequence_is_handled(
+            packets in proptest::collection::vec(header(), 1..12)
+        ) {
+            let mut h = Harness::new();
+            h.dev.set_max_connections(4);
+            // Below half the queue (the mock's rings overlap past it).
+            h.give_rx(28);
+            let mut path = h.uds().into_os_string();
+            path.push("_1025");
+            let listener = UnixListener::bind(&path).unwrap();
+            listener.set_nonblocking(true).unwrap();
+            let mut accepted = Vec::new();
+            for (hdr, payload, _) in packets {
+                h.send_raw(hdr, &payload);
+                while let Ok((s, _)) = listener.accept() {
+                    accepted.push(s);
+                }
+                for (got, data) in h.receive() {
+                    prop_assert_eq!(got.len as usize, data.len());
+                    prop_assert_eq!(got.src_cid, HOST_CID);
+                }
+                prop_assert!(h.dev.connection_count() <= 4);
+            }
+        }
+
+        #[test]
+        fn header_bytes_round_trip(bytes in proptest::array::uniform32(any::<u8>()), tail in proptest::array::uniform12(any::<u8>())) {
+            let mut raw = [0u8; HDR_SIZE];
+            raw[..32].copy_from_slice(&bytes);
+            raw[32..].copy_from_slice(&tail);
+            prop_assert_eq!(Header::from_bytes(&raw).to_bytes(), raw);
+        }
+
+        #[test]
+        fn any_connect_line_parses_or_is_refused(line in proptest::collection::vec(any::<u8>(), 0..64)) {
+            if let Some(port) = parse_connect(&line) {
+                let text = String::from_utf8_lossy(&line);
+                prop_assert!(text.contains(&port.to_string()));
+            }
+        }
+    }
 }
