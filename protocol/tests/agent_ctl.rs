@@ -23,10 +23,35 @@ fn missing_vm_socket_is_a_clear_error_within_the_timeout() {
 }
 
 #[test]
+fn timeout_is_accepted_after_the_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let uds = dir.path().join("no-vm.sock");
+    let started = Instant::now();
+    let out = Command::new(CTL)
+        .args(["--uds", uds.to_str().unwrap(), "health", "--timeout", "1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "--timeout ignored"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot reach the agent through"), "{err}");
+}
+
+#[test]
 fn help_lists_the_calls() {
     let out = Command::new(CTL).arg("--help").output().unwrap();
     let help = String::from_utf8_lossy(&out.stdout);
-    for word in ["health", "version", "shutdown", "--uds", "--timeout"] {
+    for word in [
+        "health",
+        "version",
+        "refresh",
+        "shutdown",
+        "--uds",
+        "--timeout",
+    ] {
         assert!(help.contains(word), "--help lacks {word}");
     }
 }
