@@ -163,6 +163,32 @@ impl Lane {
     }
 }
 
+/// The closing lines of a run: the informative cases' results, then the binding cases counted
+/// as `hwlane: N passed, N failed` (the plain form CI reads).
+pub fn summary(lane: &Lane) -> String {
+    let informative: Vec<String> = lane
+        .cases
+        .iter()
+        .filter(|c| !c.binding)
+        .map(|c| format!("{} {}", c.name, outcome_text(c)))
+        .collect();
+    let binding = lane.cases.iter().filter(|c| c.binding);
+    let passed = binding
+        .clone()
+        .filter(|c| c.outcome == Outcome::Pass)
+        .count();
+    // No plan: the test program never ran, which counts as one failure.
+    let failed = binding.count() - passed + usize::from(!lane.planned);
+    format!(
+        "hwlane: informative (not counted): {}\nhwlane: {passed} passed, {failed} failed\n",
+        if informative.is_empty() {
+            "none".to_owned()
+        } else {
+            informative.join("; ")
+        }
+    )
+}
+
 /// The figures the report shows side by side, with what each one measures.
 pub const FIGURES: &[(&str, &str)] = &[
     (
@@ -423,5 +449,20 @@ HWLANE l1 done
             "{report}"
         );
         assert!(report.contains("WRMSR"), "{report}");
+    }
+
+    #[test]
+    fn summary_counts_binding_cases_only() {
+        let lane = Lane::parse(CONSOLE, "l1");
+        let summary = summary(&lane);
+        assert!(
+            summary.ends_with("hwlane: 2 passed, 0 failed\n"),
+            "{summary}"
+        );
+        assert!(
+            summary.contains("boot-2vcpu **did not finish**"),
+            "{summary}"
+        );
+        assert!(super::summary(&Lane::default()).ends_with("hwlane: 0 passed, 1 failed\n"));
     }
 }

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use nutshell_hwlane::{render, Lane, ReportInput};
+use nutshell_hwlane::{render, summary, Lane, ReportInput};
 
 /// Turns the L1 console (and the `kvm_pvm` run's output) into report.md; exit status 1 when
 /// the lane failed.
@@ -38,6 +38,7 @@ fn read_lossy(path: &PathBuf) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 
+#[allow(clippy::print_stdout)] // the closing count is the tool's output
 fn run(args: &Args) -> anyhow::Result<bool> {
     let l1 = Lane::parse(&read_lossy(&args.l1_console)?, "l1");
     let pvm = args
@@ -55,6 +56,7 @@ fn run(args: &Args) -> anyhow::Result<bool> {
     std::fs::write(&args.out, &report)
         .with_context(|| format!("cannot write {}", args.out.display()))?;
     eprint!("{report}");
+    print!("{}", summary(&l1));
     Ok(l1.passed())
 }
 
