@@ -171,7 +171,7 @@ const LEAF1_EDX_HTT: u8 = 28;
 /// (later kernels do): a VMM sets CPUID.1:ECX bit 24 itself (QEMU, Firecracker and Cloud
 /// Hypervisor do too), so that the guest arms its timer with one MSR write instead of
 /// programming the APIC timer's count. This is part of the CPUID of both profiles, so of the
-/// CPUID hash that snapshots and template keys carry.
+/// CPUID hash that snapshots and template keys carry (unchanged where KVM lists the bit).
 pub fn supported(kvm: &Kvm) -> Result<CpuId, CpuidError> {
     let mut cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
