@@ -113,8 +113,9 @@ build_image() {
 
 [ -f "$IMAGE/l1.cpio" ] || build_image
 touch "$IMAGE"
-# Images of other inputs unused for a week go.
-find "$CACHE" -mindepth 1 -maxdepth 1 -type d -name '[0-9a-f]*' -mtime +7 -exec rm -rf {} +
+# Images of other inputs unused for a week go, and builds that died an hour ago.
+find "$CACHE" -mindepth 1 -maxdepth 1 -type d -regextype posix-extended \
+    \( -regex '.*/[0-9a-f]{16}' -mtime +7 -o -name '.build.*' -mmin +60 \) -exec rm -rf {} +
 
 started=$(date +%s.%N)
 lane_log "booting L1 under QEMU TCG with emulated SVM (image $key, limit ${TIME_LIMIT} s)"
