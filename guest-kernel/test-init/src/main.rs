@@ -122,6 +122,7 @@ fn act(action: Action) -> ! {
     match action {
         Action::PowerOff => power_off(),
         Action::Reboot => {
+            sys::drain_console();
             sys::sync();
             print_error(&sys::reboot(RebootCmd::Restart));
             power_off()
@@ -234,6 +235,7 @@ fn virtiofs_check() -> io::Result<()> {
 /// Syncs and powers off; if even that fails, exits, which panics the kernel: the most visible
 /// failure left.
 fn power_off() -> ! {
+    sys::drain_console();
     sys::sync();
     print_error(&sys::reboot(RebootCmd::PowerOff));
     process::exit(1)
