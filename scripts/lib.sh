@@ -24,7 +24,15 @@ APT_PACKAGES=(
     # iperf3 for the network workload's throughput; runsc (gVisor) for the benchmark's third
     # column, run by containerd's runc shim (Debian's runsc has no shim of its own)
     sysbench fio iperf3 runsc
+    # the hardware-KVM lane (tests/hardware-lane/run.sh): QEMU's TCG emulates AMD SVM for the
+    # L1 system in which the VMM meets a hardware-like /dev/kvm
+    qemu-system-x86
 )
+
+# The L1 system's kernel in the hardware-KVM lane: the linux-image 6.1 amd64 package this
+# metapackage depends on. The lane fetches it with `apt-get download` into its cache and
+# unpacks it with `dpkg-deb -x`; it is never installed (it is not this machine's kernel).
+HWLANE_KERNEL_META=linux-image-amd64
 
 ensure_root() {
     [ "$(id -u)" = 0 ] || die "run as root: the VMM needs /dev/kvm, and setup installs packages"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up everything on a fresh machine, then runs every check and test: formatting, clippy,
-# unit and fast VM tests, and the slow lane that boots the real guest kernel.
+# unit and fast VM tests, the slow lane that boots the real guest kernel, and the hardware-KVM
+# lane (the `host` CPU profile in an L1 system under QEMU TCG with emulated SVM).
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 . "$(dirname "$0")/lib.sh"
@@ -14,3 +15,5 @@ log "cargo clippy"
 cargo clippy --locked --workspace --all-targets -- -D warnings
 log "cargo test (fast tests and the slow lane)"
 cargo test --locked --workspace -- --include-ignored
+log "the hardware-KVM lane (tests/hardware-lane/run.sh)"
+tests/hardware-lane/run.sh

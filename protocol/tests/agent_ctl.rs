@@ -10,23 +10,37 @@ const CTL: &str = env!("CARGO_BIN_EXE_nutshell-agent-ctl");
 fn missing_vm_socket_is_a_clear_error_within_the_timeout() {
     let dir = tempfile::tempdir().unwrap();
     let uds = dir.path().join("no-vm.sock");
-    let started = Instant::now();
-    let out = Command::new(CTL)
-        .args(["--uds", uds.to_str().unwrap(), "--timeout", "1", "health"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    assert!(started.elapsed() < Duration::from_secs(10));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("cannot reach the agent through"), "{err}");
-    assert!(err.contains("no-vm.sock"), "{err}");
+    let uds = uds.to_str().unwrap();
+    // `--timeout` before the call and after it (as the README writes it).
+    for args in [
+        ["--uds", uds, "--timeout", "1", "health"],
+        ["--uds", uds, "health", "--timeout", "1"],
+    ] {
+        let started = Instant::now();
+        let out = Command::new(CTL).args(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{args:?}: --timeout ignored"
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("cannot reach the agent through"), "{err}");
+        assert!(err.contains("no-vm.sock"), "{err}");
+    }
 }
 
 #[test]
 fn help_lists_the_calls() {
     let out = Command::new(CTL).arg("--help").output().unwrap();
     let help = String::from_utf8_lossy(&out.stdout);
-    for word in ["health", "version", "shutdown", "--uds", "--timeout"] {
+    for word in [
+        "health",
+        "version",
+        "refresh",
+        "shutdown",
+        "--uds",
+        "--timeout",
+    ] {
         assert!(help.contains(word), "--help lacks {word}");
     }
 }

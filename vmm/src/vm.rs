@@ -306,10 +306,6 @@ impl Vm {
             )));
         }
         let profile = config.cpu_profile.resolve();
-        log::info!(
-            "host KVM: {}; guest CPU profile: {profile}",
-            host::detect_flavour()
-        );
 
         let ram_size = config.memory_mib << 20;
         let vm = Vm::build(
@@ -373,6 +369,7 @@ impl Vm {
             vcpus.push(vcpu);
             tables.push(table);
         }
+        log_cpu(parts.profile, parts.serial_state.is_some(), &tables);
 
         Ok(Vm {
             vcpus,
@@ -526,6 +523,25 @@ fn create_vm(kvm: &Kvm) -> Result<VmFd, VmError> {
     fd.create_pit2(pit)
         .map_err(kvm_err("create the in-kernel PIT"))?;
     Ok(fd)
+}
+
+/// Logs the CPU a VM's guest gets, for a cold boot and a restore alike: the host's KVM, the
+/// profile and the XSAVE state its CPUID offers (a table a guest kernel would refuse is a
+/// warning).
+fn log_cpu(profile: CpuProfile, restored: bool, tables: &[CpuId]) {
+    let how = if restored { "restored VM" } else { "new VM" };
+    let xsave = match tables.first().map(cpuid::xsave_layout) {
+        Some(Ok(Some(x))) => format!("XSAVE XCR0 mask {:#x}, {} bytes", x.xcr0_mask, x.max_size),
+        Some(Ok(None)) | None => "no XSAVE".to_owned(),
+        Some(Err(e)) => {
+            log::warn!("guest CPUID leaf 0xd is inconsistent: {e}");
+            "XSAVE inconsistent".to_owned()
+        }
+    };
+    log::info!(
+        "host KVM: {}; guest CPU profile: {profile} ({how}; {xsave})",
+        host::detect_flavour()
+    );
 }
 
 /// The CPUID hash a VM with `vcpus` vCPUs and `profile` would have on this host (what a

@@ -3,7 +3,7 @@
 //! It mounts `/proc` and `/sys`, prints one line for the test to check,
 //!
 //! ```text
-//! NUTSHELL_TEST_INIT uptime=<secs> epoch=<wall clock, s since 1970> cpus=<online CPUs> mem_kib=<MemTotal> cmdline=<cmdline>
+//! NUTSHELL_TEST_INIT uptime=<secs> epoch=<wall clock, s since 1970> cpus=<online CPUs> mem_kib=<MemTotal> clocksource=<current> clocksources=<available, comma-separated> features=<those of FEATURES the CPU has> cmdline=<cmdline>
 //! ```
 //!
 //! then does what `nutshell_test.action=` on the kernel command line says: `poweroff` (the
@@ -33,6 +33,20 @@ use sys::RebootCmd;
 /// The prefix of every line this init prints.
 const PREFIX: &str = "NUTSHELL_TEST_INIT";
 const ONLINE_CPUS: &str = "/sys/devices/system/cpu/online";
+const CLOCKSOURCE: &str = "/sys/devices/system/clocksource/clocksource0/current_clocksource";
+const CLOCKSOURCES: &str = "/sys/devices/system/clocksource/clocksource0/available_clocksource";
+/// CPU features the report line names when `/proc/cpuinfo` lists them: what tells the host and
+/// compat CPU profiles apart, and the TSC-deadline timer the VMM offers.
+const FEATURES: &[&str] = &[
+    "tsc_deadline_timer",
+    "x2apic",
+    "hypervisor",
+    "xsave",
+    "avx",
+    "avx2",
+    "smap",
+    "smep",
+];
 
 /// Why init could not report.
 #[derive(Debug, thiserror::Error)]
@@ -87,8 +101,19 @@ fn report() -> Result<Action, InitError> {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
+    // Which clock the guest kernel keeps time with (kvm-clock, tsc, refined-jiffies, ...), and
+    // which it has (with an invariant TSC Linux prefers tsc to a registered kvm-clock).
+    let sysfs_words = |path| {
+        fs::read_to_string(path).map_or_else(
+            |_| "unknown".to_owned(),
+            |s| s.split_whitespace().collect::<Vec<_>>().join(","),
+        )
+    };
+    let clocksource = sysfs_words(CLOCKSOURCE);
+    let clocksources = sysfs_words(CLOCKSOURCES);
+    let features = parse::cpu_features(&read("/proc/cpuinfo")?, FEATURES).join(",");
     print_line(format_args!(
-        "{PREFIX} uptime={uptime} epoch={epoch} cpus={cpus} mem_kib={mem_kib} cmdline={cmdline}"
+        "{PREFIX} uptime={uptime} epoch={epoch} cpus={cpus} mem_kib={mem_kib} clocksource={clocksource} clocksources={clocksources} features={features} cmdline={cmdline}"
     ));
     Ok(parse::parse_action(cmdline)?)
 }
@@ -97,6 +122,7 @@ fn act(action: Action) -> ! {
     match action {
         Action::PowerOff => power_off(),
         Action::Reboot => {
+            sys::drain_console();
             sys::sync();
             print_error(&sys::reboot(RebootCmd::Restart));
             power_off()
@@ -209,6 +235,7 @@ fn virtiofs_check() -> io::Result<()> {
 /// Syncs and powers off; if even that fails, exits, which panics the kernel: the most visible
 /// failure left.
 fn power_off() -> ! {
+    sys::drain_console();
     sys::sync();
     print_error(&sys::reboot(RebootCmd::PowerOff));
     process::exit(1)

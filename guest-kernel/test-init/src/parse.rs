@@ -111,6 +111,24 @@ pub fn parse_uptime(uptime: &str) -> Result<&str, ParseError> {
     }
 }
 
+/// Those of `wanted` that the first CPU's `flags` line in `/proc/cpuinfo` lists, in `wanted`'s
+/// order.
+pub fn cpu_features<'a>(cpuinfo: &str, wanted: &[&'a str]) -> Vec<&'a str> {
+    let flags: Vec<&str> = cpuinfo
+        .lines()
+        .find_map(|l| {
+            let (key, value) = l.split_once(':')?;
+            (key.trim() == "flags").then_some(value)
+        })
+        .map(|v| v.split_whitespace().collect())
+        .unwrap_or_default();
+    wanted
+        .iter()
+        .copied()
+        .filter(|w| flags.contains(w))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -189,5 +207,17 @@ mod tests {
         assert!(parse_uptime("").is_err());
         assert!(parse_uptime("soon 1.0").is_err());
         assert!(parse_uptime("-1.0 1.0").is_err());
+    }
+
+    #[test]
+    fn cpu_features_from_the_first_flags_line() {
+        let cpuinfo = "processor\t: 0\nflags\t\t: fpu tsc_deadline_timer avx hypervisor\n\
+                       processor\t: 1\nflags\t\t: fpu smap\n";
+        let wanted = ["tsc_deadline_timer", "smap", "hypervisor", "avx2"];
+        assert_eq!(
+            cpu_features(cpuinfo, &wanted),
+            ["tsc_deadline_timer", "hypervisor"]
+        );
+        assert!(cpu_features("no flags here", &wanted).is_empty());
     }
 }

@@ -1,6 +1,6 @@
 //! `nutshell-agent-ctl`: calls a guest agent through the VMM's hybrid vsock socket.
 //!
-//! A tool for operators and for the demo: `health`, `version` and `shutdown` against the agent
+//! A tool for operators and for the demo: `health`, `version`, `refresh` and `shutdown` against the agent
 //! of a VM started with `nutshell-vmm --vsock-uds PATH`. It waits for the guest to boot (up to
 //! `--timeout` seconds) before its first call.
 
@@ -20,8 +20,9 @@ struct Args {
     #[arg(long, value_name = "PATH")]
     uds: PathBuf,
 
-    /// Seconds to wait for the guest to boot and the agent to answer.
-    #[arg(long, value_name = "SECS", default_value_t = 120)]
+    /// Seconds to wait for the guest to boot and the agent to answer (before or after the
+    /// call).
+    #[arg(long, value_name = "SECS", default_value_t = 120, global = true)]
     timeout: u64,
 
     /// What to ask, in order (e.g. `health version shutdown`).
@@ -35,6 +36,9 @@ enum Call {
     Health,
     /// The agent's version, API version and guest kernel release.
     Version,
+    /// Health, then give the guest the host's wall clock and 64 random bytes
+    /// (Agent.RefreshGuest), as the shim does after restoring a VM from a template.
+    Refresh,
     /// Health and version, then ask the guest to power off.
     Shutdown,
 }
@@ -69,6 +73,10 @@ fn run(args: Args) -> anyhow::Result<()> {
             "agent version: {} (API {}), guest kernel {}",
             v.agent_version, v.api_version, v.kernel_release
         );
+    }
+    if matches!(args.call, Call::Refresh) {
+        client.refresh_guest_now().context("RefreshGuest")?;
+        println!("guest clock and entropy refreshed");
     }
     if matches!(args.call, Call::Shutdown) {
         client.shutdown().context("Shutdown")?;

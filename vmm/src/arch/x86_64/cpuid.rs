@@ -4,7 +4,7 @@
 use std::fmt;
 
 use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::Kvm;
+use kvm_ioctls::{Cap, Kvm};
 
 /// Errors of building the guest CPUID.
 #[derive(Debug, thiserror::Error)]
@@ -159,12 +159,105 @@ pub fn compat_clearcpuid_arg() -> String {
 const COMPAT_REMOVED_LEAVES: &[u32] = &[0xd];
 
 const LEAF1_ECX_HYPERVISOR: u8 = 31;
+const LEAF1_ECX_TSC_DEADLINE: u8 = 24;
+const LEAF1_ECX_XSAVE: u8 = 26;
+const LEAF1_ECX_AVX: u8 = 28;
 const LEAF1_EDX_HTT: u8 = 28;
 
 /// Reads KVM's supported CPUID once; per-vCPU tables are derived from it.
+///
+/// KVM emulates the local APIC's TSC-deadline mode on every host that has
+/// `KVM_CAP_TSC_DEADLINE_TIMER`, but Linux 6.1's `KVM_GET_SUPPORTED_CPUID` does not list it
+/// (later kernels do): a VMM sets CPUID.1:ECX bit 24 itself (QEMU, Firecracker and Cloud
+/// Hypervisor do too), so that the guest arms its timer with one MSR write instead of
+/// programming the APIC timer's count. This is part of the CPUID of both profiles, so of the
+/// CPUID hash that snapshots and template keys carry (unchanged where KVM lists the bit).
 pub fn supported(kvm: &Kvm) -> Result<CpuId, CpuidError> {
-    kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(CpuidError::GetSupported)
+    let mut cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(CpuidError::GetSupported)?;
+    if kvm.check_extension(Cap::TscDeadlineTimer) {
+        set_tsc_deadline(&mut cpuid);
+    }
+    Ok(cpuid)
+}
+
+/// Sets the TSC-deadline bit of leaf 1.
+fn set_tsc_deadline(cpuid: &mut CpuId) {
+    for entry in cpuid.as_mut_slice().iter_mut().filter(|e| e.function == 1) {
+        entry.ecx |= 1 << LEAF1_ECX_TSC_DEADLINE;
+    }
+}
+
+/// The XSAVE state the guest CPUID describes (leaf 0xD).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct XsaveLayout {
+    /// The XCR0 bits the guest may enable (leaf 0xD subleaf 0, EDX:EAX).
+    pub xcr0_mask: u64,
+    /// The XSAVE area size with every one of them enabled (subleaf 0, ECX).
+    pub max_size: u32,
+}
+
+/// Checks that a guest CPUID's XSAVE enumeration is one a guest kernel accepts: leaf 1 offers
+/// XSAVE exactly when leaf 0xD is there; every user state component in the XCR0 mask (AVX
+/// and up, bits 2..=31 except the supervisor ones) has its subleaf with a size and an offset,
+/// and the maximum size covers all of them; AVX is offered only with its YMM state. Linux
+/// checks the same (and disables XSAVE with "XSAVE consistency problem" when it differs), so
+/// a mismatch here would cost the guest its AVX silently. `Ok(None)`: no XSAVE at all.
+pub fn xsave_layout(cpuid: &CpuId) -> Result<Option<XsaveLayout>, String> {
+    let entry = |leaf: u32, subleaf: u32| {
+        cpuid
+            .as_slice()
+            .iter()
+            .find(|e| e.function == leaf && e.index == subleaf)
+    };
+    let xsave_bit = entry(1, 0).is_some_and(|e| e.ecx & (1 << LEAF1_ECX_XSAVE) != 0);
+    let avx_bit = entry(1, 0).is_some_and(|e| e.ecx & (1 << LEAF1_ECX_AVX) != 0);
+    let Some(d0) = entry(0xd, 0) else {
+        if xsave_bit || avx_bit {
+            return Err("leaf 1 offers XSAVE/AVX but leaf 0xd is missing".into());
+        }
+        return Ok(None);
+    };
+    if !xsave_bit {
+        return Err("leaf 0xd is present but leaf 1 does not offer XSAVE".into());
+    }
+    let xcr0_mask = u64::from(d0.eax) | (u64::from(d0.edx) << 32);
+    if xcr0_mask & 0b11 != 0b11 {
+        return Err(format!(
+            "XCR0 mask {xcr0_mask:#x} lacks x87/SSE, which XSAVE always has"
+        ));
+    }
+    if avx_bit && xcr0_mask & (1 << 2) == 0 {
+        return Err(format!(
+            "leaf 1 offers AVX but the XCR0 mask {xcr0_mask:#x} has no YMM state"
+        ));
+    }
+    // The legacy area and the XSAVE header.
+    let mut needed = 576u32;
+    for bit in 2..32u32 {
+        if xcr0_mask & (1 << bit) == 0 {
+            continue;
+        }
+        let component = entry(0xd, bit)
+            .filter(|e| e.eax != 0)
+            .ok_or_else(|| format!("XCR0 bit {bit} has no size in leaf 0xd subleaf {bit}"))?;
+        let end = component
+            .ebx
+            .checked_add(component.eax)
+            .ok_or_else(|| format!("leaf 0xd subleaf {bit}: offset + size overflows"))?;
+        needed = needed.max(end);
+    }
+    if d0.ecx < needed {
+        return Err(format!(
+            "leaf 0xd says {} bytes for all of XCR0 mask {xcr0_mask:#x}, its components need {needed}",
+            d0.ecx
+        ));
+    }
+    Ok(Some(XsaveLayout {
+        xcr0_mask,
+        max_size: d0.ecx,
+    }))
 }
 
 fn reg_mut(entry: &mut kvm_cpuid_entry2, reg: Reg) -> &mut u32 {
@@ -320,6 +413,94 @@ mod tests {
                 "{name} is not hidden in the CPUID table"
             );
         }
+    }
+
+    fn entry(function: u32, index: u32, regs: [u32; 4]) -> kvm_cpuid_entry2 {
+        kvm_cpuid_entry2 {
+            function,
+            index,
+            eax: regs[0],
+            ebx: regs[1],
+            ecx: regs[2],
+            edx: regs[3],
+            ..Default::default()
+        }
+    }
+
+    /// Leaf 1 with XSAVE and AVX, leaf 0xd for x87, SSE and AVX (an AVX-only CPU).
+    fn avx_table(d0_ecx: u32, avx_size: u32) -> Vec<kvm_cpuid_entry2> {
+        vec![
+            entry(1, 0, [0, 0, (1 << 26) | (1 << 28), 0]),
+            entry(0xd, 0, [0b111, 832, d0_ecx, 0]),
+            entry(0xd, 2, [avx_size, 576, 0, 0]),
+        ]
+    }
+
+    #[test]
+    fn tsc_deadline_is_added_to_leaf_1_only() {
+        let mut cpuid = fake_supported();
+        for e in cpuid.as_mut_slice().iter_mut() {
+            e.ecx = 0;
+        }
+        set_tsc_deadline(&mut cpuid);
+        let tsc_deadline = feat(1, 0, Reg::Ecx, 24, "tsc_deadline_timer");
+        assert!(has_feature(&cpuid, &tsc_deadline));
+        // Both profiles keep it: the compat profile hides nothing of the APIC timer.
+        for profile in [CpuProfile::Host, CpuProfile::Compat] {
+            let table = for_vcpu(&cpuid, profile, 0, 2).unwrap();
+            assert!(has_feature(&table, &tsc_deadline), "{profile}");
+        }
+        let others = cpuid.as_slice().iter().filter(|e| e.function != 1);
+        assert!(others.clone().count() > 0);
+        assert!(others.into_iter().all(|e| e.ecx == 0));
+    }
+
+    #[test]
+    fn xsave_layout_of_a_consistent_table() {
+        let cpuid = CpuId::from_entries(&avx_table(832, 256)).unwrap();
+        assert_eq!(
+            xsave_layout(&cpuid),
+            Ok(Some(XsaveLayout {
+                xcr0_mask: 0b111,
+                max_size: 832
+            }))
+        );
+    }
+
+    #[test]
+    fn xsave_layout_refuses_what_a_guest_kernel_would() {
+        let cases: [(&str, Vec<kvm_cpuid_entry2>); 5] = [
+            ("max size below the AVX state's end", avx_table(576, 256)),
+            ("AVX state without a size", avx_table(832, 0)),
+            ("leaf 0xd without leaf 1's XSAVE", {
+                let mut t = avx_table(832, 256);
+                t[0].ecx = 0;
+                t
+            }),
+            (
+                "XSAVE without leaf 0xd",
+                vec![entry(1, 0, [0, 0, 1 << 26, 0])],
+            ),
+            ("AVX without YMM state", {
+                let mut t = avx_table(832, 256);
+                t[1].eax = 0b11;
+                t
+            }),
+        ];
+        for (what, table) in cases {
+            let cpuid = CpuId::from_entries(&table).unwrap();
+            assert!(xsave_layout(&cpuid).is_err(), "{what} accepted");
+        }
+    }
+
+    #[test]
+    fn xsave_layout_of_the_profiles() {
+        // The compat profile removes leaf 0xd and hides XSAVE: consistently nothing.
+        let compat = for_vcpu(&fake_supported(), CpuProfile::Compat, 0, 1).unwrap();
+        assert_eq!(xsave_layout(&compat), Ok(None));
+        let host = CpuId::from_entries(&avx_table(832, 256)).unwrap();
+        let host = for_vcpu(&host, CpuProfile::Host, 0, 1).unwrap();
+        assert!(matches!(xsave_layout(&host), Ok(Some(_))));
     }
 
     #[test]

@@ -1,0 +1,176 @@
+# The hardware-KVM lane's cases, in POSIX sh: sourced by l1-init.sh inside the L1 system
+# (busybox) and by run.sh on this host (for the kvm_pvm figures beside L1's).
+# Each prints HWLANE lines (format: src/lib.rs) that nutshell-hwlane turns into the report.
+#
+# Set before sourcing: LANE (l1|pvm), VMM, CTL, KERNEL, TEST_INITRD, AGENT_INITRD, WORK (an
+# empty scratch directory), EXPECT_PROFILE (host|compat), VM_LIMIT (seconds one VM may take);
+# optionally SKIP (case names not to run).
+# shellcheck shell=sh
+
+say() { echo "HWLANE $LANE $*"; }
+
+# Seconds since boot, with hundredths (busybox and the host alike have /proc/uptime).
+now() { cut -d' ' -f1 /proc/uptime; }
+since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }'; }
+
+# Waits up to $3 seconds for file $1 to contain the fixed string $2.
+wait_for() {
+    _i=0
+    while [ "$_i" -lt $(($3 * 5)) ]; do
+        grep -aqF "$2" "$1" 2>/dev/null && return 0
+        sleep 0.2
+        _i=$((_i + 1))
+    done
+    return 1
+}
+
+# Adds a problem to the current case's list.
+problem() { PROBLEMS="${PROBLEMS:+$PROBLEMS; }$*"; }
+
+# The checks every VM of this lane gets: the profile the VMM logged, and its XSAVE check.
+check_vmm_log() { # LOG HOW(new|restored)
+    grep -q "guest CPU profile: $EXPECT_PROFILE ($2 VM" "$1" ||
+        problem "VMM did not log profile $EXPECT_PROFILE for a $2 VM: $(grep -m1 'CPU profile' "$1")"
+    grep -q 'leaf 0xd is inconsistent' "$1" && problem "$(grep -m1 'inconsistent' "$1")"
+    return 0
+}
+
+# Cold boot of the test init (default action: power off) with N vCPUs.
+case_boot() { # N
+    n=$1 d=$WORK/boot-$1vcpu
+    rm -rf "$d" && mkdir -p "$d"
+    t0=$(now)
+    timeout -s KILL "$VM_LIMIT" "$VMM" --kernel "$KERNEL" --initrd "$TEST_INITRD" --vcpus "$n" \
+        --memory-mib 128 --cpu-profile auto --console "$d/console" 2>"$d/vmm.log"
+    rc=$?
+    secs=$(since "$t0")
+    [ "$rc" = 0 ] || problem "VMM exit status $rc (0 = guest powered off)"
+    check_vmm_log "$d/vmm.log" new
+    line=$(grep -a -m1 'NUTSHELL_TEST_INIT uptime=' "$d/console")
+    if [ -z "$line" ]; then
+        problem "no test init report on the console: $(tail -c 300 "$d/console" | tr '\n' '|')"
+        return
+    fi
+    say note "boot-${n}vcpu: $(grep -m1 -o 'guest CPU profile: .*' "$d/vmm.log"); guest: ${line%% cmdline=*}"
+    grep -a -m1 -o 'XSAVE consistency problem.*' "$d/console" | while IFS= read -r w; do
+        say note "boot-${n}vcpu guest: $w"
+    done
+    say figure "boot-${n}vcpu.exit" "$secs"
+    say figure "boot-${n}vcpu.init-uptime" "$(echo "$line" | sed -n 's/.* uptime=\([0-9.]*\) .*/\1/p')"
+    case "$line" in *" cpus=$n "*) ;; *) problem "not $n CPUs online: $line" ;; esac
+    if [ "$EXPECT_PROFILE" = host ]; then
+        cmdline=" ${line#* cmdline=} "
+        case "$cmdline" in *" nopv "*) problem "nopv on the host profile's cmdline" ;; esac
+        case "$cmdline" in *clearcpuid=*) problem "clearcpuid= on the host profile's cmdline" ;; esac
+        case "$line" in *clocksources=*kvm-clock*) ;; *) problem "no kvm-clock: $line" ;; esac
+        # The VMM offers the TSC-deadline timer that KVM emulates (docs/vmm.md, CPU profiles).
+        case "$line" in *features=*tsc_deadline_timer*) ;; *) problem "no tsc_deadline_timer: $line" ;; esac
+        case "$line" in
+            *" clocksource=kvm-clock "* | *" clocksource=tsc "*) ;;
+            *) problem "clocksource is not kvm-clock or tsc: $line" ;;
+        esac
+    fi
+}
+
+# The agent cold-booted with N vCPUs: Health and Version, then Shutdown (the VMM exits 0).
+case_agent() { # N
+    n=$1 d=$WORK/agent-$1vcpu
+    rm -rf "$d" && mkdir -p "$d"
+    timeout -s KILL "$VM_LIMIT" "$VMM" --kernel "$KERNEL" --initrd "$AGENT_INITRD" --vcpus "$n" \
+        --memory-mib 128 --cpu-profile auto --console "$d/console" --vsock-uds "$d/vsock" \
+        2>"$d/vmm.log" &
+    pid=$!
+    if "$CTL" --uds "$d/vsock" version --timeout "$VM_LIMIT" >"$d/ctl.out" 2>&1; then
+        health=$(sed -n 's/^agent health: .* (\([0-9.]*\) s after.*/\1/p' "$d/ctl.out")
+        say figure "agent-${n}vcpu.health" "$health"
+        grep -q '^agent version: .* guest kernel 6\.1' "$d/ctl.out" ||
+            problem "Version: $(tr '\n' '|' <"$d/ctl.out")"
+        "$CTL" --uds "$d/vsock" shutdown --timeout 30 >>"$d/ctl.out" 2>&1 ||
+            problem "Shutdown: $(tail -1 "$d/ctl.out")"
+    else
+        problem "agent did not answer: $(tail -1 "$d/ctl.out")"
+        kill -TERM "$pid" 2>/dev/null
+    fi
+    wait "$pid"
+    rc=$?
+    [ "$rc" = 0 ] || problem "VMM exit status $rc after Shutdown (0 = guest powered off)"
+    grep -q 'guest powered off' "$d/vmm.log" || problem "VMM did not log the power-off"
+    check_vmm_log "$d/vmm.log" new
+    if [ "$EXPECT_PROFILE" = host ]; then
+        grep -aqE 'clocksource (kvm-clock|tsc)\)' "$d/console" ||
+            problem "agent's clocksource: $(grep -a -m1 'serving on vsock' "$d/console")"
+    fi
+}
+
+# Template build, restore to Health, RefreshGuest (clock and entropy), then SIGTERM (exit 0).
+case_template() {
+    d=$WORK/template
+    rm -rf "$d" && mkdir -p "$d"
+    t0=$(now)
+    timeout -s KILL "$VM_LIMIT" "$VMM" --kernel "$KERNEL" --initrd "$AGENT_INITRD" --vcpus 1 \
+        --memory-mib 128 --cpu-profile auto --template-cache "$d/cache" --template-only \
+        >"$d/template-dir" 2>"$d/build.log" ||
+        { problem "template build failed: $(tail -1 "$d/build.log")"; return; }
+    say figure template.build "$(since "$t0")"
+    check_vmm_log "$d/build.log" new
+    timeout -s KILL "$VM_LIMIT" "$VMM" --kernel "$KERNEL" --initrd "$AGENT_INITRD" --vcpus 1 \
+        --memory-mib 128 --cpu-profile auto --template-cache "$d/cache" \
+        --console "$d/console" --vsock-uds "$d/vsock" 2>"$d/vmm.log" &
+    pid=$!
+    if "$CTL" --uds "$d/vsock" refresh --timeout "$VM_LIMIT" >"$d/ctl.out" 2>&1; then
+        health=$(sed -n 's/^agent health: .* (\([0-9.]*\) s after.*/\1/p' "$d/ctl.out")
+        say figure template.restore-health "$health"
+        grep -q 'guest clock and entropy refreshed' "$d/ctl.out" || problem "RefreshGuest"
+    else
+        problem "restored agent did not answer: $(tail -1 "$d/ctl.out")"
+    fi
+    grep -q 'booting cold' "$d/vmm.log" && problem "$(grep -m1 'booting cold' "$d/vmm.log")"
+    grep -q 'restored .* in ' "$d/vmm.log" || problem "the VMM did not restore the template"
+    check_vmm_log "$d/vmm.log" restored
+    kill -TERM "$pid"
+    wait "$pid"
+    rc=$?
+    [ "$rc" = 0 ] || problem "VMM exit status $rc after SIGTERM (0 expected)"
+    grep -q 'received SIGTERM' "$d/vmm.log" || problem "VMM did not log the SIGTERM"
+}
+
+# Runs case $1 (a function and its arguments in $3...) as case name $2, up to $ATTEMPTS times
+# until it passes.
+run_case() { # ATTEMPTS NAME FUNCTION ARGS...
+    attempts=$1 name=$2
+    shift 2
+    a=1
+    while [ "$a" -le "$attempts" ]; do
+        say start "$name" "attempt=$a"
+        PROBLEMS=""
+        "$@"
+        if [ -z "$PROBLEMS" ]; then
+            say case "$name" pass "attempt=$a"
+            return 0
+        fi
+        say case "$name" fail "attempt=$a" -- "$PROBLEMS"
+        a=$((a + 1))
+    done
+    return 1
+}
+
+# Whether case $1 runs: not named in $SKIP (space-separated).
+wanted() {
+    case " ${SKIP:-} " in *" $1 "*) return 1 ;; esac
+    return 0
+}
+
+# The whole lane: binding cases (1 vCPU) first, then the informative ones (2 vCPUs, retried
+# once), so that an L1 system that hangs in a 2-vCPU case has reported the binding ones.
+run_lane() {
+    binding="" informative=""
+    for c in boot-1vcpu agent-1vcpu template; do wanted $c && binding="$binding,$c"; done
+    for c in boot-2vcpu agent-2vcpu; do wanted $c && informative="$informative,$c"; done
+    say plan "binding=${binding#,}" "informative=${informative#,}"
+    wanted boot-1vcpu && run_case 1 boot-1vcpu case_boot 1
+    wanted agent-1vcpu && run_case 1 agent-1vcpu case_agent 1
+    wanted template && run_case 1 template case_template
+    wanted boot-2vcpu && run_case 2 boot-2vcpu case_boot 2
+    wanted agent-2vcpu && run_case 2 agent-2vcpu case_agent 2
+    say done
+}
