@@ -557,6 +557,10 @@ impl Service {
         let annotations = spec.annotations().clone().unwrap_or_default();
         let role = Role::from_annotations(&id, &annotations)?;
         let sandbox_id = role.sandbox_id(&id).to_owned();
+        if role.starts_vm() {
+            // Before anything is made: nothing to undo.
+            crate::net::refuse_node_network(&spec)?;
+        }
         let config = self.inner.config(req.options.as_ref())?;
 
         {
