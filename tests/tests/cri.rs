@@ -3,9 +3,8 @@
 //!
 //! The rig (`nutshell_tests::cri_rig`) builds the images locally and imports them.
 //!
-//! No CNI here: the pods use the node's network (`NamespaceMode::NODE` for the network
-//! namespace in the pod's security context), for which containerd skips CNI altogether. Pod
-//! networks are tested in `network.rs`.
+//! The pods are on the rig's CNI bridge network, as kubelet's pods are (a Nutshell pod on the
+//! node's network is refused); what the network does is tested in `network.rs`.
 //!
 //! The pods get a `cgroup_parent`, so containerd puts `linux.cgroupsPath` =
 //! `<parent>/<sandbox id>` into the sandbox's spec, and the shim runs the VMM in that cgroup
