@@ -124,17 +124,7 @@ fn serve_gateway(listener: TcpListener) {
 /// `ip` there: `/sys/class/net` would show the host's devices (sysfs belongs to the network
 /// namespace it was mounted in).
 fn mac_in_netns(netns: &std::path::Path, dev: &str) -> String {
-    let out = Command::new("nsenter")
-        .arg(format!("--net={}", netns.display()))
-        .args(["ip", "-br", "link", "show", "dev", dev])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = in_netns(netns, &["ip", "-br", "link", "show", "dev", dev]);
     // `eth0@if12  UP  12:9a:fd:4e:09:b0 <BROADCAST,...>`
     text.split_whitespace()
         .nth(2)
