@@ -144,12 +144,13 @@ impl RuntimeSpec {
     }
 }
 
-/// The script the runc shim runs as its OCI runtime for gVisor: `runsc` with its network
-/// chosen per container. When the container's spec (`BUNDLE/config.json`) names a network
-/// namespace under `/var/run/netns` or `/run/netns` (a CRI pod on a CNI network: the CRI made
-/// that namespace and put the pod's veth in it) runsc runs with `--network=sandbox`, its own
-/// netstack taking over the namespace's interfaces; otherwise with `--network=none` (`ctr`'s
-/// containers, pods on the node's network): runsc must never take over the host's interfaces.
+/// The script the runc shim runs as its OCI runtime for gVisor: `runsc --network=none`. Its
+/// netstack never takes over an interface: not the host's (`ctr`'s containers), and not a CNI
+/// pod's either, which through the runc shim does not work: with `--network=sandbox` and the
+/// pod's network namespace path in the spec, `runsc start` refused ("cannot run with network
+/// enabled in root network namespace") and the failed sandbox left its namespace and veth
+/// behind. So a CRI pod under runsc starts (with the CNI set-up the other runtimes get) but has
+/// loopback only; gVisor's own shim, which Debian does not package, would be needed for more.
 ///
 /// `runsc start` gets `/dev/null` as its standard input, output and error. runsc hands a
 /// sub-container (a CRI pod's containers after its sandbox) the stdio of `runsc start`, not of
@@ -171,9 +172,6 @@ impl RuntimeSpec {
 /// "container not running", the words the runc shim takes for a process that has already
 /// exited; otherwise containerd retried deleting the pod's sandbox for ever.
 ///
-/// The bundle of a command without `--bundle` (`start`, which sets up the sandbox's network,
-/// `kill`, `delete`) is the directory of the shim's `--log BUNDLE/log.json`.
-///
 /// With `debug_dir`, runsc writes its debug logs there (`--debug --debug-log=DIR/`, one file per
 /// command).
 pub fn runsc_wrapper(runsc: &Path, debug_dir: Option<&Path>) -> String {
@@ -184,13 +182,12 @@ pub fn runsc_wrapper(runsc: &Path, debug_dir: Option<&Path>) -> String {
     format!(
         r#"#!/bin/sh
 # runsc for containerd's runc shim, written by nutshell-bench: see runsc_wrapper().
-bundle= start= create= kill= pidfile= root= log= id= prev=
+bundle= start= create= kill= pidfile= root= id= prev=
 for arg in "$@"; do
     case "$prev" in
         --bundle|-bundle|-b) bundle=$arg ;;
         --pid-file|-pid-file) pidfile=$arg ;;
         --root|-root) root=$arg ;;
-        --log|-log) log=$arg ;;
     esac
     case "$arg" in
         --bundle=*) bundle=${{arg#--bundle=}} ;;
@@ -203,15 +200,7 @@ for arg in "$@"; do
     prev=$arg
     id=$arg
 done
-# Commands without --bundle (start, which sets the sandbox's network up) run with the shim's
-# --log, BUNDLE/log.json.
-if [ -z "$bundle" ] && [ -n "$log" ]; then
-    bundle=${{log%/*}}
-fi
 net=none
-if [ -n "$bundle" ] && grep -Eq '"type":"network","path":"(/var)?/run/netns/' "$bundle/config.json" 2>/dev/null; then
-    net=sandbox
-fi
 if [ -n "$start" ]; then
     exec {runsc}{debug} --network=$net "$@" </dev/null >/dev/null 2>&1
 fi
@@ -1273,7 +1262,7 @@ mod tests {
 
     /// The wrapper for real, with a stand-in for runsc that prints its arguments.
     #[test]
-    fn the_runsc_wrapper_gives_only_cni_pods_a_network() {
+    fn the_runsc_wrapper_gives_runsc_no_network_even_in_a_cni_pod() {
         use std::os::unix::fs::PermissionsExt as _;
         let dir = tempfile::tempdir().unwrap();
         let fake = dir.path().join("fake runsc");
@@ -1299,27 +1288,23 @@ mod tests {
         let cni = r#"{"linux":{"namespaces":[{"type":"pid"},{"type":"network","path":"/var/run/netns/cni-1234"}]}}"#;
         let ctr = r#"{"linux":{"namespaces":[{"type":"pid"},{"type":"network"}]}}"#;
         let host = r#"{"linux":{"namespaces":[{"type":"pid"}]}}"#;
-        let other = r#"{"linux":{"namespaces":[{"type":"network","path":"/proc/1/ns/net"}]}}"#;
         let create = ["--root", "/r", "create", "--bundle", "BUNDLE", "id"];
         assert_eq!(
             run(cni, &create),
             format!(
-                "--network=sandbox --root /r create --bundle {}/bundle id",
+                "--network=none --root /r create --bundle {}/bundle id",
                 dir.path().display()
             )
         );
-        for spec in [ctr, host, other] {
+        for spec in [ctr, host] {
             assert!(
                 run(spec, &create).starts_with("--network=none --root"),
                 "{spec}"
             );
         }
-        assert!(run(cni, &["--bundle=BUNDLE", "x"]).starts_with("--network=sandbox"));
-        // Commands without a bundle (state, kill, delete) have none.
         assert_eq!(run(cni, &["state", "id"]), "--network=none state id");
-        // The shim's `--log BUNDLE/log.json` names the bundle of the others.
         assert!(
-            run(cni, &["--log", "BUNDLE/log.json", "state", "id"]).starts_with("--network=sandbox")
+            run(cni, &["--log", "BUNDLE/log.json", "state", "id"]).starts_with("--network=none")
         );
         // `start` runs with /dev/null for stdio: the stand-in's echo goes there.
         assert_eq!(run(cni, &["--root", "/r", "start", "id"]), "");

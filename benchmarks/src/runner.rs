@@ -354,6 +354,13 @@ impl RunConfig {
     pub fn runs(&self, w: Workload) -> bool {
         self.only.is_empty() || self.only.contains(&w)
     }
+
+    /// Whether the run's pods need a CNI network: the CRI start-up row's and the network
+    /// workload's (a Nutshell pod on the node's network is refused, so every runtime's CRI
+    /// pod gets the same CNI network).
+    pub fn needs_cni(&self) -> bool {
+        self.runs(Workload::Startup) || self.runs(Workload::Network)
+    }
 }
 
 impl Runner {
@@ -364,11 +371,9 @@ impl Runner {
             runtimes: config.runtimes.clone(),
             // Imported into the CRI's namespace by the CRI start-up row (`CriPods::new`).
             sandbox_image: Some(PAUSE_IMAGE.to_owned()),
-            // The network workload's pods get a bridge and subnet of the run's own (removed
-            // with the containerd); the other CRI pods use the node's network.
-            cni: config
-                .runs(Workload::Network)
-                .then(CniNetwork::for_this_process),
+            // The CRI pods get a bridge and subnet of the run's own (removed with the
+            // containerd).
+            cni: config.needs_cni().then(CniNetwork::for_this_process),
             ..ContainerdOptions::default()
         };
         let containerd = Containerd::start(&opts)?;
@@ -572,7 +577,12 @@ impl Runner {
     /// `CreateContainer`, `StartContainer`), timed until `ContainerStatus` says running; every
     /// pod is stopped and removed before the next.
     fn cri_startup(&mut self, m: usize) {
-        let mut pods = match CriPods::new(&self.containerd, &self.config.cache_dir) {
+        let pods = if self.containerd.cni().is_none() {
+            Err("the run's containerd has no CNI network".to_owned())
+        } else {
+            CriPods::new(&self.containerd, &self.config.cache_dir)
+        };
+        let mut pods = match pods {
             Ok(pods) => pods,
             Err(e) => {
                 for spec in self.available() {
@@ -1117,7 +1127,7 @@ impl CriPods {
         image: &str,
         command: &[String],
     ) -> Result<network::NetPod, String> {
-        let pod_cfg = cri_pod_config_on_pod_network(name, self.log_dir.path(), &self.cgroup_parent);
+        let pod_cfg = cri_pod_config(name, self.log_dir.path(), &self.cgroup_parent);
         let command: Vec<&str> = command.iter().map(String::as_str).collect();
         let app_cfg = cri::container_config("server", image, &command, &format!("{name}.log"));
         let started = Instant::now();
@@ -1260,35 +1270,12 @@ impl Drop for CriPods {
     }
 }
 
-/// A benchmark pod: on the node's network (there is no CNI in the private containerd, and
-/// neither runtime's network set-up is timed) and under `cgroup_parent`, as kubelet puts every
-/// pod under a parent cgroup (containerd then gives the sandbox `linux.cgroupsPath`). No
-/// hostname: a pod on the node's network shares the node's UTS namespace too, and runc refuses
-/// to set a hostname there.
+/// A benchmark pod: on the run's CNI network (a network namespace of its own, which the CRI
+/// gives the CNI plugins: every runtime's pod starts with the same network set-up, as under
+/// kubelet) and under `cgroup_parent`, as kubelet puts every pod under a parent cgroup
+/// (containerd then gives the sandbox `linux.cgroupsPath`); its own UTS namespace too, so it
+/// keeps its hostname.
 fn cri_pod_config(name: &str, log_dir: &Path, cgroup_parent: &str) -> cri::PodSandboxConfig {
-    let mut pod = cri::pod_config(name, &format!("uid-{name}"), log_dir);
-    pod.hostname.clear();
-    if let Some(linux) = pod.linux.as_mut() {
-        linux.cgroup_parent = format!("/{cgroup_parent}");
-        if let Some(ns) = linux
-            .security_context
-            .as_mut()
-            .and_then(|c| c.namespace_options.as_mut())
-        {
-            ns.network = cri::api::NamespaceMode::Node as i32;
-        }
-    }
-    pod
-}
-
-/// A network workload pod: on the CNI network (a network namespace of its own, which the
-/// CRI gives the CNI plugins) and under `cgroup_parent`; its own UTS namespace too, so it keeps
-/// its hostname.
-fn cri_pod_config_on_pod_network(
-    name: &str,
-    log_dir: &Path,
-    cgroup_parent: &str,
-) -> cri::PodSandboxConfig {
     let mut pod = cri::pod_config(name, &format!("uid-{name}"), log_dir);
     if let Some(linux) = pod.linux.as_mut() {
         linux.cgroup_parent = format!("/{cgroup_parent}");
@@ -1389,37 +1376,14 @@ mod tests {
     }
 
     #[test]
-    fn cri_pods_use_the_node_network_and_a_cgroup_parent() {
-        let pod = cri_pod_config("nb-cri-runc-3", Path::new("/tmp/logs"), "parent-7");
-        let meta = pod.metadata.as_ref().unwrap();
-        assert_eq!(
-            (meta.name.as_str(), meta.uid.as_str()),
-            ("nb-cri-runc-3", "uid-nb-cri-runc-3")
-        );
-        assert_eq!(pod.log_directory, "/tmp/logs");
-        assert_eq!(
-            pod.hostname, "",
-            "runc cannot set a hostname in the node's UTS namespace"
-        );
-        let linux = pod.linux.as_ref().unwrap();
-        assert_eq!(linux.cgroup_parent, "/parent-7");
-        let ns = linux
-            .security_context
-            .as_ref()
-            .unwrap()
-            .namespace_options
-            .as_ref()
-            .unwrap();
-        assert_eq!(ns.network(), cri::api::NamespaceMode::Node);
-        // Only the network: the pod keeps its own PID and IPC namespaces.
-        assert_eq!(ns.pid(), cri::api::NamespaceMode::Pod);
-        assert_eq!(ns.ipc(), cri::api::NamespaceMode::Pod);
-    }
-
-    #[test]
-    fn network_pods_get_a_network_namespace_of_their_own() {
-        let pod = cri_pod_config_on_pod_network("nb-net-runc-4", Path::new("/l"), "parent-8");
+    fn cri_pods_get_a_network_namespace_of_their_own() {
+        let pod = cri_pod_config("nb-net-runc-4", Path::new("/l"), "parent-8");
         assert_eq!(pod.hostname, "nb-net-runc-4");
+        assert_eq!(pod.log_directory, "/l");
+        assert_eq!(
+            pod.metadata.as_ref().map(|m| m.uid.as_str()),
+            Some("uid-nb-net-runc-4")
+        );
         let linux = pod.linux.as_ref().unwrap();
         assert_eq!(linux.cgroup_parent, "/parent-8");
         let ns = linux
@@ -1430,10 +1394,11 @@ mod tests {
             .as_ref()
             .unwrap();
         assert_eq!(ns.network(), cri::api::NamespaceMode::Pod);
+        assert_eq!(ns.pid(), cri::api::NamespaceMode::Pod);
     }
 
     #[test]
-    fn only_the_network_workload_needs_a_cni_network() {
+    fn the_cri_start_up_row_and_the_network_workload_need_a_cni_network() {
         let config = |only: Vec<Workload>| RunConfig {
             plan: Plan::new(true),
             only,
@@ -1446,6 +1411,10 @@ mod tests {
         assert!(config(vec![]).runs(Workload::Network));
         assert!(config(vec![Workload::Network]).runs(Workload::Network));
         assert!(!config(vec![Workload::Cpu]).runs(Workload::Network));
+        assert!(config(vec![]).needs_cni());
+        assert!(config(vec![Workload::Startup]).needs_cni());
+        assert!(config(vec![Workload::Network]).needs_cni());
+        assert!(!config(vec![Workload::Cpu, Workload::Memory]).needs_cni());
         assert_eq!(Workload::ALL.last(), Some(&Workload::Network));
         assert_eq!(Workload::Network.name(), "network");
     }

@@ -132,7 +132,9 @@ impl ShimError {
             }
             ShimError::Cgroup(_) => Code::INTERNAL,
             ShimError::Network(
-                crate::net::NetError::Unsupported(_) | crate::net::NetError::Netns { .. },
+                crate::net::NetError::Unsupported(_)
+                | crate::net::NetError::Netns { .. }
+                | crate::net::NetError::NodeNetwork,
             ) => Code::FAILED_PRECONDITION,
             ShimError::Network(_) => Code::INTERNAL,
             ShimError::Policy(crate::policy::PolicyError::Source { .. }) => Code::INVALID_ARGUMENT,

@@ -84,14 +84,21 @@ impl Shim for NutshellShim {
     fn delete_shim(&mut self) -> containerd_shim::Result<DeleteResponse> {
         // The shim serving this container died: clean up what it left.
         if let Ok(config) = &self.config {
-            let spec = containerd_shim::util::read_spec_from_file(&self.bundle).ok();
+            let spec =
+                oci_spec::runtime::Spec::load(Path::new(&self.bundle).join("config.json")).ok();
             let annotations = spec
+                .as_ref()
                 .and_then(|s| s.annotations().clone())
                 .unwrap_or_default();
             if let Ok(role) = pod::Role::from_annotations(&self.id, &annotations) {
                 let paths = vm::SandboxPaths::new(&config.run_dir, role.sandbox_id(&self.id));
                 if role.starts_vm() {
                     cleanup_sandbox(&paths);
+                    if let Some(netns) = spec.as_ref().and_then(net::netns_path) {
+                        if let Err(e) = net::clean_up_after_dead_shim(&netns) {
+                            log::warn!("{}", error::chain(&e));
+                        }
+                    }
                 } else {
                     vm::remove_sandbox_dir(&paths.shared().join(&self.id));
                 }

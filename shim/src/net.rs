@@ -50,6 +50,16 @@ pub enum NetError {
     /// The tap could not be made.
     #[error("create tap {TAP_NAME}: {0}")]
     Tap(#[source] std::io::Error),
+    /// The spec asks for the node's network (no network namespace).
+    #[error(
+        "the node's network (hostNetwork) is not supported: a pod's microVM has a network \
+         stack of its own and cannot share the node's; give the pod a network namespace \
+         (hostNetwork: false, or ctr run without --net-host)"
+    )]
+    NodeNetwork,
+    /// The port-forward's rules could not be listed or removed.
+    #[error(transparent)]
+    PortForward(#[from] crate::portforward::ForwardError),
     /// A network this runtime does not take (yet).
     #[error("not supported: {0}")]
     Unsupported(String),
@@ -69,16 +79,55 @@ pub struct PodNetwork {
     pub routes: Vec<pb::Route>,
 }
 
+/// Which network a sandbox's spec asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetworkMode {
+    /// A network namespace with a path (what the CRI gives after CNI ran): its interface goes
+    /// into the VM.
+    Pod(PathBuf),
+    /// A network namespace of its own without a path (runc makes an empty one, `ctr run`):
+    /// the VM gets loopback only, as runc's container would.
+    Empty,
+    /// No network namespace at all: the node's network (`hostNetwork: true`,
+    /// `ctr run --net-host`).
+    Node,
+}
+
+/// The network that `spec` asks for.
+pub fn network_mode(spec: &oci_spec::runtime::Spec) -> NetworkMode {
+    let netns = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .and_then(|ns| {
+            ns.iter()
+                .find(|ns| ns.typ() == oci_spec::runtime::LinuxNamespaceType::Network)
+        });
+    match netns {
+        None => NetworkMode::Node,
+        Some(ns) => ns
+            .path()
+            .clone()
+            .map_or(NetworkMode::Empty, NetworkMode::Pod),
+    }
+}
+
 /// The network namespace with a path in a spec's namespaces: the pod's CNI network.
 pub fn netns_path(spec: &oci_spec::runtime::Spec) -> Option<PathBuf> {
-    spec.linux()
-        .as_ref()?
-        .namespaces()
-        .as_ref()?
-        .iter()
-        .find(|ns| ns.typ() == oci_spec::runtime::LinuxNamespaceType::Network)?
-        .path()
-        .clone()
+    match network_mode(spec) {
+        NetworkMode::Pod(path) => Some(path),
+        NetworkMode::Empty | NetworkMode::Node => None,
+    }
+}
+
+/// Refuses a sandbox on the node's network: a VM has a kernel and a network stack of its
+/// own and cannot share the node's, and giving it none instead would be a pod that silently
+/// has no network.
+pub fn refuse_node_network(spec: &oci_spec::runtime::Spec) -> Result<(), NetError> {
+    match network_mode(spec) {
+        NetworkMode::Node => Err(NetError::NodeNetwork),
+        NetworkMode::Pod(_) | NetworkMode::Empty => Ok(()),
+    }
 }
 
 /// Runs `f` on a thread of its own inside network namespace `ns` (setns changes only the
@@ -164,6 +213,7 @@ impl PodNetwork {
     /// port-forward that cannot start is logged: the pod runs without it). `None`: the
     /// namespace has no interface but the loopback, so the guest has none either.
     pub fn attach(path: &Path, vsock: &Path) -> Result<Option<PodNetwork>, NetError> {
+        let started = std::time::Instant::now();
         let netns = File::open(path).map_err(|source| NetError::Netns {
             path: path.to_owned(),
             source,
@@ -210,6 +260,11 @@ impl PodNetwork {
                 .ok();
             Ok(Some((veth, tap, interface, guest_routes(&routes), forward)))
         })?;
+        log::info!(
+            "{}: network attached in {:.1} ms (tap, redirects, port-forward)",
+            path.display(),
+            started.elapsed().as_secs_f64() * 1000.0
+        );
         Ok(
             found.map(|(veth, tap, interface, routes, forward)| PodNetwork {
                 netns,
@@ -276,6 +331,32 @@ impl PodNetwork {
     }
 }
 
+/// Removes what the pod network of a shim that died (SIGKILL) left in the namespace at
+/// `path`: the redirect on the CNI interface and the port-forward's rule. The tap went with
+/// the last descriptor (the VMM's); the namespace and the veth stay, the CRI's to remove. For
+/// `shim delete`; a namespace that is gone already leaves nothing to do.
+pub fn clean_up_after_dead_shim(path: &Path) -> Result<(), NetError> {
+    let netns = match File::open(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        r => r.map_err(|source| NetError::Netns {
+            path: path.to_owned(),
+            source,
+        })?,
+    };
+    in_netns(&netns, path, || {
+        let mut nl = Netlink::open()?;
+        if let Some(veth) = pod_link(nl.links()?)? {
+            nl.del_ingress_qdisc(veth.index)?;
+        }
+        let rules = crate::portforward::remove_left_rules()?;
+        log::info!(
+            "{}: redirect and {rules} port-forward rules of a dead shim removed",
+            path.display()
+        );
+        Ok(())
+    })
+}
+
 /// The tap up with the veth's MTU, and a redirect each way.
 fn wire(nl: &mut Netlink, veth: &Link) -> Result<(), NetError> {
     let tap = nl
@@ -302,6 +383,41 @@ fn wire(nl: &mut Netlink, veth: &Link) -> Result<(), NetError> {
 mod tests {
     use super::*;
     use nutshell_protocol::netlink::Address;
+
+    fn spec_with_namespaces(namespaces: &str) -> oci_spec::runtime::Spec {
+        serde_json::from_str(&format!(
+            r#"{{"ociVersion":"1.0.2","linux":{{"namespaces":[{namespaces}]}}}}"#
+        ))
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn the_node_network_is_refused_and_an_empty_namespace_is_loopback_only() {
+        // The CRI after CNI: the pod's namespace, by path.
+        let cni = spec_with_namespaces(
+            r#"{"type":"pid"},{"type":"network","path":"/var/run/netns/cni-1"}"#,
+        );
+        let path = PathBuf::from("/var/run/netns/cni-1");
+        assert_eq!(network_mode(&cni), NetworkMode::Pod(path.clone()));
+        assert_eq!(netns_path(&cni), Some(path));
+        assert!(refuse_node_network(&cni).is_ok());
+        // `ctr run`: runc's empty namespace, loopback only.
+        let empty = spec_with_namespaces(r#"{"type":"pid"},{"type":"network"}"#);
+        assert_eq!(network_mode(&empty), NetworkMode::Empty);
+        assert_eq!(netns_path(&empty), None);
+        assert!(refuse_node_network(&empty).is_ok());
+        // hostNetwork / `ctr run --net-host`: no network namespace at all, nor a linux section.
+        let node = spec_with_namespaces(r#"{"type":"pid"},{"type":"mount"}"#);
+        let bare: oci_spec::runtime::Spec =
+            serde_json::from_str(r#"{"ociVersion":"1.0.2"}"#).unwrap_or_else(|e| panic!("{e}"));
+        for spec in [node, bare] {
+            assert_eq!(network_mode(&spec), NetworkMode::Node);
+            let err = refuse_node_network(&spec).map(|()| "accepted").unwrap_err();
+            let text = err.to_string();
+            assert!(text.contains("hostNetwork"), "{text}");
+            assert!(text.contains("cannot share the node's"), "{text}");
+        }
+    }
 
     fn link(index: u32, name: &str, loopback: bool) -> Link {
         Link {

@@ -202,6 +202,51 @@ fn rule_args(op: &str, port: u16) -> Vec<String> {
     .collect()
 }
 
+/// The listener port of a port-forward rule as `iptables -S` prints it
+/// (`-A OUTPUT -d 127.0.0.1/32 -p tcp -j REDIRECT --to-ports N`); `None` for any other rule.
+fn left_rule_port(line: &str) -> Option<u16> {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let has = |pair: [&str; 2]| words.windows(2).any(|w| w == pair);
+    let ours = words.starts_with(&["-A", "OUTPUT"])
+        && has(["-d", "127.0.0.1/32"])
+        && has(["-p", "tcp"])
+        && has(["-j", "REDIRECT"]);
+    match words.as_slice() {
+        [.., "--to-ports", port] if ours => port.parse().ok(),
+        _ => None,
+    }
+}
+
+/// Removes the port-forward rules in the calling thread's network namespace (a pod's, where
+/// only its shim adds them): what a shim killed before its [`PortForward::stop`] left. For
+/// `shim delete`, a process without the server's child reaper. Returns how many went.
+pub fn remove_left_rules() -> Result<usize, ForwardError> {
+    let iptables = iptables_binary();
+    let list = ["-w", "5", "-t", "nat", "-S", "OUTPUT"];
+    let failed = |message: String| ForwardError::Iptables {
+        args: list.join(" "),
+        message,
+    };
+    let out = Command::new(&iptables)
+        .args(list)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| failed(format!("run {}: {e}", iptables.display())))?;
+    if !out.status.success() {
+        return Err(failed(
+            String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        ));
+    }
+    let ports: Vec<u16> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(left_rule_port)
+        .collect();
+    for &port in &ports {
+        run_iptables(&iptables, &rule_args("-D", port))?;
+    }
+    Ok(ports.len())
+}
+
 /// Runs `iptables args` and waits for it. The crate's SIGCHLD handler may reap it first; its
 /// exit status then comes from the crate's exit monitor.
 fn run_iptables(bin: &Path, args: &[String]) -> Result<(), ForwardError> {
@@ -460,6 +505,22 @@ mod tests {
             .status()
             .unwrap_or_else(|e| panic!("ip: {e}"));
         assert!(st.success(), "ip {args:?}");
+    }
+
+    #[test]
+    fn only_port_forward_rules_are_taken_for_left_ones() {
+        let ours = "-A OUTPUT -d 127.0.0.1/32 -p tcp -j REDIRECT --to-ports 41234";
+        assert_eq!(left_rule_port(ours), Some(41234));
+        for other in [
+            "-P OUTPUT ACCEPT",
+            "-A OUTPUT -d 127.0.0.1/32 -p udp -j REDIRECT --to-ports 53",
+            "-A OUTPUT -d 10.0.0.1/32 -p tcp -j REDIRECT --to-ports 80",
+            "-A OUTPUT -m addrtype --dst-type LOCAL -j CNI-HOSTPORT-DNAT",
+            "-A PREROUTING -d 127.0.0.1/32 -p tcp -j REDIRECT --to-ports 8",
+            "-A OUTPUT -d 127.0.0.1/32 -p tcp -j REDIRECT --to-ports x",
+        ] {
+            assert_eq!(left_rule_port(other), None, "{other}");
+        }
     }
 
     /// Whether the redirect rule for `port` is in this namespace's nat OUTPUT chain.

@@ -597,8 +597,13 @@ impl Service {
         let annotations = spec.annotations().clone().unwrap_or_default();
         let role = Role::from_annotations(&id, &annotations)?;
         let sandbox_id = role.sandbox_id(&id).to_owned();
+        // Both checks run before anything is made: nothing to undo. The policy's first, so
+        // that a strict node names its own key for a hostNetwork pod.
         let config = self.inner.config(req.options.as_ref())?;
         crate::policy::check_create(&config.policy, &spec, &id, &role, &sandbox_id)?;
+        if role.starts_vm() {
+            crate::net::refuse_node_network(&spec)?;
+        }
 
         {
             let mut st = self.inner.lock();

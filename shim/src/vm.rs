@@ -464,6 +464,7 @@ impl SandboxVm {
         let Some(net) = &self.net else {
             return Ok(());
         };
+        let started = Instant::now();
         let got = self
             .agent
             .update_interface(&net.interface)
@@ -473,8 +474,10 @@ impl SandboxVm {
             .map_err(ShimError::agent("UpdateRoutes"))?;
         // What the guest says is only logged (cut and masked: it is the guest's text).
         log::info!(
-            "sandbox {}: guest {} has MAC {}, MTU {}, {} addresses, {} routes; port-forward {}",
+            "sandbox {}: guest network configured in {:.1} ms: {} has MAC {}, MTU {}, \
+             {} addresses, {} routes; port-forward {}",
             self.id,
+            started.elapsed().as_secs_f64() * 1000.0,
             clean_line(&got.name),
             clean_line(&got.mac),
             got.mtu,

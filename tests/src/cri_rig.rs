@@ -1,6 +1,7 @@
 //! The CRI end-to-end rig: a private containerd with the nutshell runtime handler, locally
-//! built busybox and pause images imported, a CRI client, a cgroup parent, and optionally a
-//! CNI bridge network of its own. Shared by the CRI and the network end-to-end tests.
+//! built busybox and pause images imported, a CRI client, a cgroup parent, and a CNI bridge
+//! network of its own (a Nutshell pod on the node's network is refused). Shared by the CRI
+//! and the network end-to-end tests.
 //!
 //! No registry: the sandbox (pause) image and the app image are built locally from busybox
 //! and imported into containerd's `k8s.io` namespace; the pause image's command is never run
@@ -93,23 +94,13 @@ pub struct Rig {
     pub log_dir: PathBuf,
     /// The pods' cgroup parent.
     pub cgroup_parent: String,
-    /// The CNI network of the pods, if they get one (else they use the node's network).
-    pub cni: Option<CniNetwork>,
+    /// The CNI network of the pods.
+    pub cni: CniNetwork,
     /// What stands for kubelet's `/var/lib/kubelet` in the strict configuration of
     /// [`UNTRUSTED_HANDLER`] (a directory of the rig's own).
     pub kubelet_dir: PathBuf,
     _cgroups: CgroupGuard,
     _dir: tempfile::TempDir,
-}
-
-/// A rig whose pods use the node's network.
-pub fn rig(tag: &str) -> Rig {
-    rig_with(tag, None)
-}
-
-/// A rig whose pods get their network from `cni` (a bridge of the rig's own).
-pub fn rig_with_cni(tag: &str) -> Rig {
-    rig_with(tag, Some(CniNetwork::for_this_process()))
 }
 
 /// The strict configuration of [`UNTRUSTED_HANDLER`]: the shim's `base` configuration plus
@@ -144,7 +135,9 @@ fn untrusted_config(base: &str, containerd: &Path, kubelet_dir: &Path) -> String
     format!("{base}\n{policy}")
 }
 
-fn rig_with(tag: &str, cni: Option<CniNetwork>) -> Rig {
+/// A rig whose pods get their network from CNI (a bridge and subnet of the rig's own).
+pub fn rig(tag: &str) -> Rig {
+    let cni = CniNetwork::for_this_process();
     let kernel = guest_artifact("vmlinux").unwrap();
     let initramfs = guest_artifact("initramfs.cpio").unwrap();
     let vmm = vmm_binary().unwrap();
@@ -191,7 +184,7 @@ fn rig_with(tag: &str, cni: Option<CniNetwork>) -> Rig {
     let containerd = Containerd::start(&ContainerdOptions {
         namespace: NAMESPACE.into(),
         sandbox_image: Some(PAUSE.into()),
-        cni: cni.clone(),
+        cni: Some(cni.clone()),
         runtimes: vec![
             RuntimeSpec::nutshell(),
             RuntimeSpec {
@@ -243,37 +236,23 @@ impl Drop for Rig {
         }
         // Pods a failed test left: their network namespaces (and the veths in them) outlive
         // containerd unless the CRI removes them, so the CRI removes them first.
-        if self.cni.is_some() {
-            for pod in self.cri.list_pod_sandboxes().unwrap_or_default() {
-                if let Err(e) = self
-                    .cri
-                    .stop_pod_sandbox(&pod)
-                    .and_then(|()| self.cri.remove_pod_sandbox(&pod))
-                {
-                    eprintln!("remove pod {pod} left by the test: {e}");
-                }
+        for pod in self.cri.list_pod_sandboxes().unwrap_or_default() {
+            if let Err(e) = self
+                .cri
+                .stop_pod_sandbox(&pod)
+                .and_then(|()| self.cri.remove_pod_sandbox(&pod))
+            {
+                eprintln!("remove pod {pod} left by the test: {e}");
             }
         }
     }
 }
 
 impl Rig {
-    /// A pod with the rig's cgroup parent, on the rig's CNI network if it has one, else on
-    /// the node's network.
+    /// A pod with the rig's cgroup parent, on the rig's CNI network.
     pub fn pod(&self, name: &str) -> cri::PodSandboxConfig {
         let mut pod = pod_config(name, &format!("uid-{name}"), &self.log_dir);
-        let linux = pod.linux.as_mut().unwrap();
-        linux.cgroup_parent = format!("/{}", self.cgroup_parent);
-        let ns = linux
-            .security_context
-            .as_mut()
-            .unwrap()
-            .namespace_options
-            .as_mut()
-            .unwrap();
-        if self.cni.is_none() {
-            ns.network = cri::NamespaceMode::Node as i32;
-        }
+        pod.linux.as_mut().unwrap().cgroup_parent = format!("/{}", self.cgroup_parent);
         pod
     }
 

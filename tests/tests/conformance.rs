@@ -5,8 +5,8 @@
 //! and StopContainer right after StartContainer. See docs/conformance.md.
 //!
 //! One pod serves several checks: every container costs seconds of emulated guest kernel time
-//! on the development machines. The pods use the node's network (no CNI), so their UTS
-//! namespace is the VM's (hostNetwork's NODE mode).
+//! on the development machines. The pods are on the rig's CNI network, so their UTS namespace
+//! is the pod's (POD mode: the pod's hostname in every container).
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 use std::path::{Path, PathBuf};
@@ -96,7 +96,7 @@ fn conformance_rig(tag: &str) -> (Rig, PathBuf) {
     (rig, probe)
 }
 
-/// A pod with these PID and IPC modes (the network is the node's, see the module doc).
+/// A pod with these PID and IPC modes (on the rig's CNI network, see the module doc).
 fn pod_with(
     rig: &Rig,
     name: &str,
@@ -251,6 +251,7 @@ fn pod_sysctls_shared_pids_and_host_mounts_under_rslave_volumes() {
     ]
     .map(|(k, v)| (k.to_owned(), v.to_owned()))
     .into();
+    pod_cfg.hostname = "nutshell-uts-pod".into();
     let pod = rig.cri.run_pod_sandbox(&pod_cfg, HANDLER).unwrap();
 
     // A volume of a shared host mount, propagated host → container.
@@ -297,6 +298,14 @@ fn pod_sysctls_shared_pids_and_host_mounts_under_rslave_volumes() {
         ],
     );
     assert_eq!(values, "1\n100\n", "sysctls in the second container");
+    // UTS in POD mode: both containers are in the pod's namespace, named as the pod.
+    for c in [&first, &second] {
+        assert_eq!(
+            exec(&mut rig, c, &["hostname"]),
+            "nutshell-uts-pod\n",
+            "hostname"
+        );
+    }
 
     // POD PID mode: one namespace, the pod init its PID 1, both containers' processes in it.
     let seen = cmdlines(&mut rig, &second);

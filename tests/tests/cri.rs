@@ -3,10 +3,8 @@
 //!
 //! The rig (`nutshell_tests::cri_rig`) builds the images locally and imports them.
 //!
-//! No CNI here (but for the strict policy's test, which refuses the node's network): the pods
-//! use the node's network (`NamespaceMode::NODE` for the network
-//! namespace in the pod's security context), for which containerd skips CNI altogether. Pod
-//! networks are tested in `network.rs`.
+//! The pods are on the rig's CNI bridge network, as kubelet's pods are (a Nutshell pod on the
+//! node's network is refused); what the network does is tested in `network.rs`.
 //!
 //! The pods get a `cgroup_parent`, so containerd puts `linux.cgroupsPath` =
 //! `<parent>/<sandbox id>` into the sandbox's spec, and the shim runs the VMM in that cgroup
@@ -23,7 +21,7 @@ use std::time::{Duration, Instant};
 use k8s_cri::v1 as cri;
 use nutshell_tests::cri::{container_config, parse_cri_log, CriClient};
 use nutshell_tests::cri_rig::{
-    alive, cgroup_of, rig, rig_with_cni, CONTROLLERS, HANDLER, IMAGE, SERIAL, UNTRUSTED_HANDLER,
+    alive, cgroup_of, rig, CONTROLLERS, HANDLER, IMAGE, SERIAL, UNTRUSTED_HANDLER,
 };
 use nutshell_tests::memory_use;
 
@@ -299,7 +297,7 @@ fn the_untrusted_handler_refuses_host_root_and_runs_a_normal_pod() {
     // deploy/containerd-nutshell.toml does; the shim's NUTSHELL_CONFIG is the permissive one.
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let test_started = Instant::now();
-    let mut rig = rig_with_cni("policy");
+    let mut rig = rig("policy");
 
     // hostNetwork: refused at RunPodSandbox, before a VM starts.
     let mut host_net = rig.pod("policy-hostnet");

@@ -19,8 +19,8 @@ use std::os::unix::fs::MetadataExt;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use nutshell_tests::cri::container_config;
-use nutshell_tests::cri_rig::{rig_with_cni, Rig, HANDLER, IMAGE, SERIAL};
+use nutshell_tests::cri::{api as cri, container_config};
+use nutshell_tests::cri_rig::{rig, Rig, HANDLER, IMAGE, SERIAL};
 
 /// How long a guest exec may take on an emulated-KVM host.
 const EXEC_TIMEOUT: Duration = Duration::from_secs(180);
@@ -33,7 +33,19 @@ fn pod_running(
     handler: &str,
     script: &str,
 ) -> (String, String, Ipv4Addr) {
-    let mut pod_cfg = rig.pod(name);
+    let pod_cfg = rig.pod(name);
+    pod_running_with(rig, pod_cfg, handler, script)
+}
+
+/// [`pod_running`] with a pod config of the caller's.
+fn pod_running_with(
+    rig: &mut Rig,
+    mut pod_cfg: cri::PodSandboxConfig,
+    handler: &str,
+    script: &str,
+) -> (String, String, Ipv4Addr) {
+    let name = pod_cfg.metadata.as_ref().unwrap().name.clone();
+    let name = name.as_str();
     if handler != HANDLER {
         // Not under the rig's cgroup parent, which the shim made and removes with its last
         // pod (a pod of runc's there would keep it busy). Kubelet gives every pod a parent
@@ -112,17 +124,7 @@ fn serve_gateway(listener: TcpListener) {
 /// `ip` there: `/sys/class/net` would show the host's devices (sysfs belongs to the network
 /// namespace it was mounted in).
 fn mac_in_netns(netns: &std::path::Path, dev: &str) -> String {
-    let out = Command::new("nsenter")
-        .arg(format!("--net={}", netns.display()))
-        .args(["ip", "-br", "link", "show", "dev", dev])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = in_netns(netns, &["ip", "-br", "link", "show", "dev", dev]);
     // `eth0@if12  UP  12:9a:fd:4e:09:b0 <BROADCAST,...>`
     text.split_whitespace()
         .nth(2)
@@ -134,12 +136,12 @@ fn mac_in_netns(netns: &std::path::Path, dev: &str) -> String {
 #[ignore = "slow lane: needs root, containerd, CNI plugins, KVM and the guest kernel (scripts/test.sh runs it)"]
 fn pods_serve_on_their_ip_and_reach_each_other_and_their_gateway() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let mut rig = rig_with_cni("net");
-    let cni = rig.cni.clone().unwrap();
+    let mut rig = rig("net");
+    let cni = rig.cni.clone();
 
     // Two Nutshell pods, both restored from the one template: distinct, working networks.
     let (pod_a, ctr_a, ip_a) = pod_running(&mut rig, "net-a", HANDLER, &httpd("hello-from-a"));
-    let (pod_b, ctr_b, ip_b) = pod_running(&mut rig, "net-b", HANDLER, "exec sleep 3600");
+    let (pod_b, ctr_b, ip_b) = pod_running(&mut rig, "net-b", HANDLER, &httpd("hello-from-b"));
     let (pod_c, ctr_c, ip_c) = pod_running(&mut rig, "net-c", "runc", &httpd("hello-from-c"));
     assert_ne!(ip_a, ip_b);
     for ip in [ip_a, ip_b, ip_c] {
@@ -150,23 +152,37 @@ fn pods_serve_on_their_ip_and_reach_each_other_and_their_gateway() {
         );
     }
 
-    // The host reaches a Nutshell pod's IP.
+    // Both VMs came from the one template (the VMM says so on its stderr, which the shim
+    // logs), and each answers on its own pod IP.
+    let log = rig.containerd.log_tail(2_000_000);
+    for pod in [&pod_a, &pod_b] {
+        let tag = format!("vmm[{pod}]:");
+        assert!(
+            log.lines()
+                .any(|l| l.contains(&tag) && l.contains(" restored ")),
+            "{pod} was not restored from the template"
+        );
+    }
     let deadline = Instant::now() + Duration::from_secs(240);
     let page = http_get(SocketAddr::from((ip_a, HTTP_PORT)), deadline);
     assert!(page.contains("hello-from-a"), "{page}");
+    let page = http_get(SocketAddr::from((ip_b, HTTP_PORT)), deadline);
+    assert!(page.contains("hello-from-b"), "{page}");
 
-    // The guest's NIC has the CNI veth's MAC.
+    // Each guest's NIC has its own CNI veth's MAC: two distinct MACs.
+    let mut macs = Vec::new();
+    for (pod, ctr) in [(&pod_a, &ctr_a), (&pod_b, &ctr_b)] {
+        let netns = rig.cri.pod_network(pod).unwrap().netns.unwrap();
+        let veth_mac = mac_in_netns(&netns, "eth0");
+        let guest = rig
+            .cri
+            .exec_sync(ctr, &["cat", "/sys/class/net/eth0/address"], EXEC_TIMEOUT)
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&guest.stdout).trim(), veth_mac);
+        macs.push(veth_mac);
+    }
+    assert_ne!(macs[0], macs[1], "the two restored VMs share a MAC");
     let netns = rig.cri.pod_network(&pod_a).unwrap().netns.unwrap();
-    let veth_mac = mac_in_netns(&netns, "eth0");
-    let guest = rig
-        .cri
-        .exec_sync(
-            &ctr_a,
-            &["cat", "/sys/class/net/eth0/address"],
-            EXEC_TIMEOUT,
-        )
-        .unwrap();
-    assert_eq!(String::from_utf8_lossy(&guest.stdout).trim(), veth_mac);
 
     // The pod's VMM runs inside the pod's network namespace (a compromised VMM has the pod's
     // network, not the node's).
@@ -315,7 +331,7 @@ fn port_forward_once(rig: &mut Rig, pod: &str, port: u16, request: &[u8]) -> For
 fn port_forward_reaches_a_loopback_only_listener_in_the_guest() {
     const PORT: u16 = 8081;
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let mut rig = rig_with_cni("pf");
+    let mut rig = rig("pf");
     let script = format!(
         "mkdir -p /www && echo hello-through-port-forward > /www/index.html && \
          exec httpd -f -p 127.0.0.1:{PORT} -h /www"
@@ -375,6 +391,218 @@ fn port_forward_reaches_a_loopback_only_listener_in_the_guest() {
     );
 
     let netns = rig.cri.pod_network(&pod).unwrap().netns.unwrap();
+    rig.cri.stop_pod_sandbox(&pod).unwrap();
+    rig.cri.remove_pod_sandbox(&pod).unwrap();
+    assert!(
+        !netns.exists(),
+        "containerd removed the pod's network namespace"
+    );
+    rig.assert_nothing_left();
+}
+
+/// `cmd args` run inside the network namespace at `netns`; its standard output.
+fn in_netns(netns: &std::path::Path, cmd: &[&str]) -> String {
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", netns.display()))
+        .args(cmd)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?} in {}: {}",
+        netns.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// What of a Nutshell pod's network is in its namespace: (tap, ingress qdisc on the veth,
+/// port-forward rule).
+fn pod_network_parts(netns: &std::path::Path) -> (bool, bool, bool) {
+    let links = in_netns(netns, &["ip", "-br", "link", "show"]);
+    let qdiscs = in_netns(netns, &["tc", "qdisc", "show", "dev", "eth0"]);
+    let nat = in_netns(netns, &["iptables", "-w", "5", "-t", "nat", "-S", "OUTPUT"]);
+    (
+        links.lines().any(|l| l.starts_with("nstap0")),
+        qdiscs.contains("ingress"),
+        nat.lines()
+            .any(|l| l.contains("127.0.0.1/32") && l.contains("REDIRECT")),
+    )
+}
+
+/// The host's nat rules that name TCP port `port` as their destination port.
+fn host_nat_rules_for(port: u16) -> Vec<String> {
+    let out = Command::new("iptables")
+        .args(["-w", "5", "-t", "nat", "-S"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(&format!("--dport {port}")))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+#[ignore = "slow lane: needs root, containerd and CNI plugins (scripts/test.sh runs it)"]
+fn a_pod_on_the_nodes_network_is_refused_with_the_reason_and_leaves_nothing() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut rig = rig("hostnet");
+
+    // hostNetwork: true through the CRI.
+    let mut pod_cfg = rig.pod("hostnet-a");
+    pod_cfg.hostname.clear(); // the node's UTS namespace too
+    let linux = pod_cfg.linux.as_mut().unwrap();
+    let ns = linux
+        .security_context
+        .as_mut()
+        .unwrap()
+        .namespace_options
+        .as_mut()
+        .unwrap();
+    ns.network = cri::NamespaceMode::Node as i32;
+    let t = Instant::now();
+    let err = rig.cri.run_pod_sandbox(&pod_cfg, HANDLER).unwrap_err();
+    let text = err.to_string();
+    eprintln!("hostNetwork pod refused in {:?}: {text}", t.elapsed());
+    assert!(text.contains("hostNetwork"), "{text}");
+    assert!(
+        text.contains("cannot share the node's"),
+        "the reason is named: {text}"
+    );
+    assert!(
+        rig.cri.list_pod_sandboxes().unwrap().is_empty(),
+        "no pod is left"
+    );
+    rig.assert_nothing_left();
+
+    // `ctr run --net-host`: the same refusal, and `ctr` gets it.
+    let out = rig
+        .containerd
+        .ctr()
+        .command()
+        .args([
+            "run",
+            "--rm",
+            "--net-host",
+            "--runtime",
+            "io.containerd.nutshell.v2",
+            IMAGE,
+            "hostnet-ctr",
+            "true",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "ctr run --net-host ran");
+    assert!(stderr.contains("hostNetwork"), "{stderr}");
+    let left = rig
+        .containerd
+        .ctr()
+        .output(&["containers", "ls", "-q"])
+        .unwrap();
+    assert!(!left.contains("hostnet-ctr"), "container left: {left}");
+    rig.assert_nothing_left();
+}
+
+#[test]
+#[ignore = "slow lane: needs root, containerd, CNI plugins, iptables, KVM and the guest kernel (scripts/test.sh runs it)"]
+fn a_host_port_reaches_the_pod_in_its_vm_and_its_rules_go_with_the_pod() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut rig = rig("hostport");
+    let cni = rig.cni.clone();
+    // A port of this test's own (pid-derived, like the rig's bridge and subnet).
+    let host_port = 31_000 + (std::process::id() % 2_000) as u16;
+    assert!(
+        host_nat_rules_for(host_port).is_empty(),
+        "port {host_port} is mapped already"
+    );
+    let mut pod_cfg = rig.pod("hp-a");
+    pod_cfg.port_mappings.push(cri::PortMapping {
+        protocol: cri::Protocol::Tcp as i32,
+        container_port: i32::from(HTTP_PORT),
+        host_port: i32::from(host_port),
+        host_ip: String::new(),
+    });
+    let (pod, _ctr, ip) = pod_running_with(&mut rig, pod_cfg, HANDLER, &httpd("hello-host-port"));
+
+    // CNI's portmap plugin put the DNAT to the pod's IP on the host.
+    let rules = host_nat_rules_for(host_port);
+    assert!(
+        rules
+            .iter()
+            .any(|r| r.contains("DNAT") && r.contains(&format!("{ip}:{HTTP_PORT}"))),
+        "no DNAT of port {host_port} to {ip}:{HTTP_PORT}: {rules:?}"
+    );
+
+    // The host's port on the bridge's address reaches httpd in the VM.
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let page = http_get(SocketAddr::from((cni.gateway(), host_port)), deadline);
+    assert!(page.contains("hello-host-port"), "{page}");
+
+    rig.cri.stop_pod_sandbox(&pod).unwrap();
+    rig.cri.remove_pod_sandbox(&pod).unwrap();
+    let rules = host_nat_rules_for(host_port);
+    assert!(
+        rules.is_empty(),
+        "nat rules left for {host_port}: {rules:?}"
+    );
+    rig.assert_nothing_left();
+}
+
+#[test]
+#[ignore = "slow lane: needs root, containerd, CNI plugins, iptables, KVM and the guest kernel (scripts/test.sh runs it)"]
+fn a_pod_whose_shim_and_vmm_were_killed_leaves_nothing_once_removed() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut rig = rig("kill");
+    let (pod, _ctr, _ip) = pod_running(&mut rig, "kill-a", HANDLER, "exec sleep 3600");
+    let netns = rig.cri.pod_network(&pod).unwrap().netns.unwrap();
+    let sandbox_dir = rig.run_dir.join(&pod);
+    assert!(sandbox_dir.is_dir(), "{}", sandbox_dir.display());
+    assert_eq!(
+        pod_network_parts(&netns),
+        (true, true, true),
+        "tap, redirect, port-forward rule while the pod runs"
+    );
+
+    // SIGKILL, no clean-up of their own: the pod's shim and its VMM (this test's containerd
+    // started both).
+    let shims = rig.shims();
+    assert_eq!(shims.len(), 1, "one shim: {shims:?}");
+    let vmm = rig.only_vmm();
+    for pid in [shims[0], vmm] {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+    }
+
+    // containerd sees its shim die and runs `shim delete`: the sandbox directory goes, and
+    // in the pod's namespace (which stays until the CRI removes the pod) the tap, the
+    // redirect and the port-forward rule.
+    let t = Instant::now();
+    let deadline = t + Duration::from_secs(120);
+    loop {
+        let parts = pod_network_parts(&netns);
+        if parts == (false, false, false) && !sandbox_dir.exists() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "after SIGKILL: (tap, redirect, rule) = {parts:?}, sandbox dir there: {}",
+            sandbox_dir.exists()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // The redirect filters were on the ingress qdisc, and went with it.
+    eprintln!("cleaned up after the kill in {:?}", t.elapsed());
+
     rig.cri.stop_pod_sandbox(&pod).unwrap();
     rig.cri.remove_pod_sandbox(&pod).unwrap();
     assert!(
