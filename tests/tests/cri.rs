@@ -347,11 +347,18 @@ fn the_untrusted_handler_refuses_host_root_and_runs_a_normal_pod() {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect()
     };
+    // Mount points beneath the shared directory. The directory itself is a mount point while
+    // the VM runs: the jailed VMM binds it over itself (shared propagation, docs/security.md).
+    let beneath = format!("{}/", shared.display());
     let mounts_under_shared = || -> Vec<String> {
         std::fs::read_to_string("/proc/self/mountinfo")
             .unwrap()
             .lines()
-            .filter(|l| l.contains(&*shared.to_string_lossy()))
+            .filter(|l| {
+                l.split(' ')
+                    .nth(4)
+                    .is_some_and(|point| point.starts_with(&beneath))
+            })
             .map(str::to_owned)
             .collect()
     };
