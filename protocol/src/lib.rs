@@ -10,6 +10,7 @@ pub mod client;
 #[cfg(feature = "netlink")]
 pub mod netlink;
 pub mod portforward;
+pub mod ratelimit;
 pub mod types;
 
 /// Generated code: rust-protobuf messages and ttrpc clients/servers. Not committed.

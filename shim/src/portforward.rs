@@ -29,6 +29,7 @@ use containerd_shim::monitor::{monitor_subscribe, Subject, Topic};
 use crate::vm::unsubscribe;
 use nutshell_protocol::client::connect_hybrid;
 use nutshell_protocol::portforward::{encode_request, splice, Slots, Status, MAX_CONNECTIONS};
+use nutshell_protocol::ratelimit::Window;
 use nutshell_protocol::PORT_FORWARD_VSOCK_PORT;
 
 /// Bound on the vsock handshake and on the agent's status byte (its connect in the guest).
@@ -307,26 +308,26 @@ fn run_iptables(bin: &Path, args: &[String]) -> Result<(), ForwardError> {
 
 /// At most [`LOGS_PER_MINUTE`] warnings a minute; the rest are counted and reported once.
 #[derive(Debug)]
-struct LogLimit(Mutex<(Instant, u32, u64)>);
+struct LogLimit(Mutex<Window>);
 
 impl LogLimit {
     fn new() -> Self {
-        LogLimit(Mutex::new((Instant::now(), 0, 0)))
+        LogLimit(Mutex::new(Window::new(
+            LOGS_PER_MINUTE,
+            Duration::from_secs(60),
+        )))
     }
 
     fn warn(&self, msg: impl FnOnce() -> String) {
-        let mut s = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if s.0.elapsed() >= Duration::from_secs(60) {
-            if s.2 > 0 {
-                log::warn!("port-forward: {} failures not logged (rate limit)", s.2);
-            }
-            *s = (Instant::now(), 0, 0);
+        let verdict = self.0.lock().unwrap_or_else(|e| e.into_inner()).check();
+        if verdict.dropped_before > 0 {
+            log::warn!(
+                "port-forward: {} failures not logged (rate limit)",
+                verdict.dropped_before
+            );
         }
-        if s.1 < LOGS_PER_MINUTE {
-            s.1 += 1;
+        if verdict.admit {
             log::warn!("port-forward: {}", msg());
-        } else {
-            s.2 += 1;
         }
     }
 }

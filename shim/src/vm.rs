@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use containerd_shim::monitor::{monitor_subscribe, Subject, Topic, MONITOR};
 use nutshell_protocol::client::{AgentClient, ClientError, ConnectOptions};
+use nutshell_protocol::ratelimit::Window;
 use nutshell_protocol::types::{SandboxSpec, ServingStatus};
 
 use crate::cgroup::{self, Layout, PodCgroup};
@@ -754,9 +755,7 @@ fn spawn_console_tail(id: String, path: PathBuf, exit: Arc<ExitCell>) {
         .spawn(move || {
             let mut pos = 0u64;
             let mut partial = Vec::new();
-            let mut window = Instant::now();
-            let mut in_window = 0u32;
-            let mut dropped = 0u64;
+            let mut limit = Window::new(CONSOLE_LINES_PER_SEC, Duration::from_secs(1));
             loop {
                 let done = exit.get().is_some();
                 let mut buf = Vec::new();
@@ -771,31 +770,11 @@ fn spawn_console_tail(id: String, path: PathBuf, exit: Arc<ExitCell>) {
                 partial.extend_from_slice(&buf);
                 while let Some(nl) = partial.iter().position(|b| *b == b'\n') {
                     let line: Vec<u8> = partial.drain(..=nl).collect();
-                    if window.elapsed() >= Duration::from_secs(1) {
-                        if dropped > 0 {
-                            log::warn!(
-                                "guest[{id}]: {dropped} console lines not logged (rate limit)"
-                            );
-                        }
-                        window = Instant::now();
-                        in_window = 0;
-                        dropped = 0;
-                    }
-                    if in_window < CONSOLE_LINES_PER_SEC {
-                        in_window += 1;
-                        log::info!(
-                            "guest[{id}]: {}",
-                            clean_line(&String::from_utf8_lossy(&line))
-                        );
-                    } else {
-                        dropped += 1;
-                    }
+                    log_console_line(&id, &mut limit, &line);
                 }
+                // A line longer than the cap is logged cut, and counts against the limit.
                 if partial.len() > MAX_LOG_LINE {
-                    log::info!(
-                        "guest[{id}]: {}",
-                        clean_line(&String::from_utf8_lossy(&partial))
-                    );
+                    log_console_line(&id, &mut limit, &partial);
                     partial.clear();
                 }
                 if done && buf.is_empty() {
@@ -806,6 +785,23 @@ fn spawn_console_tail(id: String, path: PathBuf, exit: Arc<ExitCell>) {
                 }
             }
         });
+}
+
+/// Logs one guest console line if `limit` admits it, and the count of lines it dropped.
+fn log_console_line(id: &str, limit: &mut Window, line: &[u8]) {
+    let verdict = limit.check();
+    if verdict.dropped_before > 0 {
+        log::warn!(
+            "guest[{id}]: {} console lines not logged (rate limit)",
+            verdict.dropped_before
+        );
+    }
+    if verdict.admit {
+        log::info!(
+            "guest[{id}]: {}",
+            clean_line(&String::from_utf8_lossy(line))
+        );
+    }
 }
 
 #[cfg(test)]
