@@ -492,6 +492,17 @@ pub fn pod_config(name: &str, uid: &str, log_dir: &Path) -> PodSandboxConfig {
     }
 }
 
+/// The namespace modes of `pod` (made if absent), for a caller to change: kubelet's
+/// `hostNetwork`/`hostPID`/`hostIPC` and `shareProcessNamespace` live there.
+pub fn namespace_modes(pod: &mut PodSandboxConfig) -> &mut cri::NamespaceOption {
+    pod.linux
+        .get_or_insert_with(Default::default)
+        .security_context
+        .get_or_insert_with(Default::default)
+        .namespace_options
+        .get_or_insert_with(Default::default)
+}
+
 /// A container config: `image` running `command`, logging to `log_path` (relative to the
 /// pod's log directory).
 pub fn container_config(

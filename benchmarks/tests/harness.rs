@@ -124,16 +124,8 @@ fn a_cri_pod_left_running_is_removed_with_the_harness() {
     // A runc pod on the node's network (no CNI here; no hostname in the node's UTS namespace).
     let mut pod = cri::pod_config("left", "uid-left", logs.path());
     pod.hostname.clear();
-    let linux = pod.linux.as_mut().unwrap();
-    linux.cgroup_parent = format!("/{parent}");
-    let ns = linux
-        .security_context
-        .as_mut()
-        .unwrap()
-        .namespace_options
-        .as_mut()
-        .unwrap();
-    ns.network = cri::api::NamespaceMode::Node as i32;
+    pod.linux.as_mut().unwrap().cgroup_parent = format!("/{parent}");
+    cri::namespace_modes(&mut pod).network = cri::api::NamespaceMode::Node as i32;
     let sandbox = client.run_pod_sandbox(&pod, "runc").unwrap();
     let app_cfg = cri::container_config("app", IMAGE, &["sleep", "3600"], "app.log");
     let app = client.create_container(&sandbox, &app_cfg, &pod).unwrap();

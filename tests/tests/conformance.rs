@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use k8s_cri::v1 as cri;
 use nutshell_bench::image;
-use nutshell_tests::cri::{container_config, parse_cri_log, CriClient};
+use nutshell_tests::cri::{container_config, namespace_modes, parse_cri_log, CriClient};
 use nutshell_tests::cri_rig::{rig, Rig, HANDLER, SERIAL};
 use nutshell_tests::target_dir;
 
@@ -104,14 +104,7 @@ fn pod_with(
     ipc: cri::NamespaceMode,
 ) -> cri::PodSandboxConfig {
     let mut pod = rig.pod(name);
-    let linux = pod.linux.as_mut().unwrap();
-    let ns = linux
-        .security_context
-        .as_mut()
-        .unwrap()
-        .namespace_options
-        .as_mut()
-        .unwrap();
+    let ns = namespace_modes(&mut pod);
     ns.pid = pid as i32;
     ns.ipc = ipc as i32;
     pod

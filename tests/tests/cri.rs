@@ -19,7 +19,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use k8s_cri::v1 as cri;
-use nutshell_tests::cri::{container_config, parse_cri_log, CriClient};
+use nutshell_tests::cri::{container_config, namespace_modes, parse_cri_log, CriClient};
 use nutshell_tests::cri_rig::{
     alive, cgroup_of, rig, CONTROLLERS, HANDLER, IMAGE, SERIAL, UNTRUSTED_HANDLER,
 };
@@ -301,17 +301,7 @@ fn the_untrusted_handler_refuses_host_root_and_runs_a_normal_pod() {
 
     // hostNetwork: refused at RunPodSandbox, before a VM starts.
     let mut host_net = rig.pod("policy-hostnet");
-    host_net
-        .linux
-        .as_mut()
-        .unwrap()
-        .security_context
-        .as_mut()
-        .unwrap()
-        .namespace_options
-        .as_mut()
-        .unwrap()
-        .network = cri::NamespaceMode::Node as i32;
+    namespace_modes(&mut host_net).network = cri::NamespaceMode::Node as i32;
     let e = rig
         .cri
         .run_pod_sandbox(&host_net, UNTRUSTED_HANDLER)

@@ -19,7 +19,7 @@ use std::os::unix::fs::MetadataExt;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use nutshell_tests::cri::{api as cri, container_config};
+use nutshell_tests::cri::{api as cri, container_config, namespace_modes};
 use nutshell_tests::cri_rig::{rig, Rig, HANDLER, IMAGE, SERIAL};
 
 /// How long a guest exec may take on an emulated-KVM host.
@@ -457,15 +457,7 @@ fn a_pod_on_the_nodes_network_is_refused_with_the_reason_and_leaves_nothing() {
     // hostNetwork: true through the CRI.
     let mut pod_cfg = rig.pod("hostnet-a");
     pod_cfg.hostname.clear(); // the node's UTS namespace too
-    let linux = pod_cfg.linux.as_mut().unwrap();
-    let ns = linux
-        .security_context
-        .as_mut()
-        .unwrap()
-        .namespace_options
-        .as_mut()
-        .unwrap();
-    ns.network = cri::NamespaceMode::Node as i32;
+    namespace_modes(&mut pod_cfg).network = cri::NamespaceMode::Node as i32;
     let t = Instant::now();
     let err = rig.cri.run_pod_sandbox(&pod_cfg, HANDLER).unwrap_err();
     let text = err.to_string();
