@@ -908,45 +908,16 @@ impl Drop for Containerd {
 /// Detaches every mount at or below `dir` (deepest first), so that removing it cannot reach
 /// into a container's rootfs.
 pub fn detach_mounts_under(dir: &Path) {
-    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
+    let Ok(mut mounts) = nutshell_protocol::mountinfo::mount_points() else {
         return;
     };
-    let mut mounts: Vec<PathBuf> = info
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(unescape_mountinfo)
-        .map(PathBuf::from)
-        .filter(|p| p.starts_with(dir))
-        .collect();
+    mounts.retain(|p| p.starts_with(dir));
     mounts.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
     for m in mounts {
         if let Err(e) = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH) {
             log::warn!("cannot detach {}: {e}", m.display());
         }
     }
-}
-
-/// Mountinfo escapes space, tab, newline and backslash as octal `\NNN`.
-fn unescape_mountinfo(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\' && i + 4 <= bytes.len() {
-            let oct = &bytes[i + 1..i + 4];
-            let parsed = std::str::from_utf8(oct)
-                .ok()
-                .and_then(|o| u8::from_str_radix(o, 8).ok());
-            if let Some(v) = parsed {
-                out.push(v);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn tail(s: &str, max: usize) -> &str {
@@ -1320,13 +1291,6 @@ mod tests {
     fn toml_keys_and_strings_are_escaped() {
         assert_eq!(toml_key("a.b"), "\"a.b\"");
         assert_eq!(toml_escape("a\"b\\"), "a\\\"b\\\\");
-    }
-
-    #[test]
-    fn mountinfo_octal_escapes() {
-        assert_eq!(unescape_mountinfo("/a\\040b"), "/a b");
-        assert_eq!(unescape_mountinfo("/plain"), "/plain");
-        assert_eq!(unescape_mountinfo("/end\\"), "/end\\");
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! conversions here.
 
 pub mod client;
+pub mod mountinfo;
 #[cfg(feature = "netlink")]
 pub mod netlink;
 pub mod portforward;

@@ -618,15 +618,16 @@ pub fn children_of(pid: libc::pid_t) -> Vec<libc::pid_t> {
 /// SIGKILLs a VMM: the jailed VMM (the supervisor's child; it would also die with its
 /// supervisor) first, then the process the shim spawned.
 pub fn kill_vmm(pid: libc::pid_t) {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
     for child in children_of(pid) {
         let comm = std::fs::read_to_string(format!("/proc/{child}/comm")).unwrap_or_default();
         if comm.trim() == "nutshell-vmm" {
-            // SAFETY: kill(2) has no memory effects; `child` is the VMM's own child.
-            unsafe { libc::kill(child, libc::SIGKILL) };
+            let _ = kill(Pid::from_raw(child), Signal::SIGKILL);
         }
     }
-    // SAFETY: kill(2) has no memory effects; the caller checked that `pid` is the VMM.
-    unsafe { libc::kill(pid, libc::SIGKILL) };
+    // The caller checked that `pid` is the VMM.
+    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
 }
 
 /// SIGKILLs the VMM unless it exited, and waits for the reaper to report it.
@@ -650,35 +651,11 @@ const UNMOUNT_ROUNDS: usize = 8;
 
 /// Mount points at or under `dir`, from this process's mountinfo.
 fn mounts_under(dir: &Path) -> usize {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    info.lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(unescape_mountinfo)
-        .filter(|m| Path::new(m).starts_with(dir))
+    nutshell_protocol::mountinfo::mount_points()
+        .unwrap_or_default()
+        .iter()
+        .filter(|m| m.starts_with(dir))
         .count()
-}
-
-/// A mountinfo path with its octal escapes (`\040` for a space) decoded.
-fn unescape_mountinfo(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let octal = b
-            .get(i + 1..i + 4)
-            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
-        match (b[i], octal) {
-            (b'\\', Some(d)) => {
-                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
-                i += 4;
-            }
-            (c, _) => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Unmounts everything under `dir` (deepest first, lazily, again until nothing is mounted
@@ -851,13 +828,6 @@ mod tests {
             args.contains("--net-fd 3 --net-mac 02:42:0a:00:00:05"),
             "{args}"
         );
-    }
-
-    #[test]
-    fn mountinfo_escapes_are_decoded() {
-        assert_eq!(unescape_mountinfo("/run/a\\040b"), "/run/a b");
-        assert_eq!(unescape_mountinfo("/x\\134y"), "/x\\y");
-        assert_eq!(unescape_mountinfo("/plain\\9"), "/plain\\9");
     }
 
     #[test]

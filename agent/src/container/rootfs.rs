@@ -370,16 +370,11 @@ impl RootfsPlan {
     /// /sys, /dev …, which the container must not reach), then move the root onto `/` and
     /// chroot into it. The current directory is the root.
     fn move_root(&self) -> StepResult {
-        let info = fs::read_to_string("/proc/self/mountinfo")
+        let mut outside = nutshell_protocol::mountinfo::mount_points()
             .map_err(|e| format!("read mountinfo: {e}"))?;
-        let mut outside: Vec<PathBuf> = info
-            .lines()
-            .filter_map(|line| line.split(' ').nth(4))
-            .map(unescape_mountinfo)
-            .filter(|p| {
-                p != Path::new("/") && !p.starts_with(&self.root) && !self.root.starts_with(p)
-            })
-            .collect();
+        outside.retain(|p| {
+            p != Path::new("/") && !p.starts_with(&self.root) && !self.root.starts_with(p)
+        });
         // Deepest first.
         outside.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
         outside.dedup();
@@ -660,32 +655,6 @@ fn make_readonly(path: &Path) -> StepResult {
     .map_err(|e| format!("remount {} read-only: {e}", path.display()))
 }
 
-/// A mount point from /proc/self/mountinfo, whose space, tab, newline and backslash are
-/// octal escapes.
-fn unescape_mountinfo(field: &str) -> PathBuf {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\'
-            && i + 3 < bytes.len()
-            && bytes[i + 1..i + 4]
-                .iter()
-                .all(|b| (b'0'..=b'7').contains(b))
-        {
-            let digit = |b: u8| u32::from(b - b'0');
-            let v = digit(bytes[i + 1]) * 64 + digit(bytes[i + 2]) * 8 + digit(bytes[i + 3]);
-            out.push(v as u8);
-            i += 4;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    use std::os::unix::ffi::OsStringExt;
-    PathBuf::from(std::ffi::OsString::from_vec(out))
-}
-
 /// `path` as an absolute path without `.`, `..` (lexically, never above `/`) or doubled slashes;
 /// `None` if it is relative.
 pub fn clean_absolute(path: &Path) -> Option<PathBuf> {
@@ -809,15 +778,6 @@ mod tests {
         symlink("b", root.join("a")).unwrap();
         symlink("a", root.join("b")).unwrap();
         assert!(secure_join(root, Path::new("/a/x")).starts_with(root));
-    }
-
-    #[test]
-    fn mountinfo_escapes() {
-        assert_eq!(
-            unescape_mountinfo("/a\\040b\\134c"),
-            PathBuf::from("/a b\\c")
-        );
-        assert_eq!(unescape_mountinfo("/x\\04"), PathBuf::from("/x\\04"));
     }
 
     #[test]
