@@ -700,12 +700,14 @@ impl Containerd {
         // A killed shim leaves its socket in /run/containerd/s, and containerd is not there
         // to run `shim delete` for it.
         let sockets: Vec<PathBuf> = shims.iter().filter_map(|&pid| shim_socket(pid)).collect();
-        for pid in process_tree(&shims) {
+        let tree = process_tree(&shims);
+        for &pid in &tree {
             log::warn!("killing shim process {pid} left by containerd");
-            if let Ok(pid) = i32::try_from(pid) {
-                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-            }
+            signal(pid, Signal::SIGKILL);
         }
+        // A process killed inside a system call (a shim mounting a rootfs) finishes it before
+        // it dies: detaching before it is gone could miss its last mount.
+        wait_gone(&tree, Duration::from_secs(10));
         for socket in sockets {
             if let Err(e) = fs::remove_file(&socket) {
                 if e.kind() != io::ErrorKind::NotFound {
@@ -905,19 +907,59 @@ impl Drop for Containerd {
     }
 }
 
-/// Detaches every mount at or below `dir` (deepest first), so that removing it cannot reach
-/// into a container's rootfs.
-pub fn detach_mounts_under(dir: &Path) {
-    let Ok(mut mounts) = nutshell_protocol::mountinfo::mount_points() else {
-        return;
+/// Waits until every process in `pids` has exited (gone or a zombie), at most `timeout`.
+fn wait_gone(pids: &[u32], timeout: Duration) {
+    let alive = |pid: &u32| {
+        fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|stat| process_state(&stat))
+            .is_some_and(|state| state != 'Z' && state != 'X')
     };
-    mounts.retain(|p| p.starts_with(dir));
-    mounts.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-    for m in mounts {
-        if let Err(e) = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH) {
-            log::warn!("cannot detach {}: {e}", m.display());
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left: Vec<u32> = pids.iter().copied().filter(alive).collect();
+        if left.is_empty() {
+            return;
+        }
+        if Instant::now() > deadline {
+            log::warn!("processes {left:?} still alive {timeout:?} after SIGKILL");
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `/proc/<pid>/stat`: the process state letter (`R`, `S`, `D`, `Z`…).
+fn process_state(stat: &str) -> Option<char> {
+    stat[stat.rfind(')')? + 1..]
+        .split_whitespace()
+        .next()?
+        .chars()
+        .next()
+}
+
+/// Detaches every mount at or below `dir` (deepest first), so that removing it cannot reach
+/// into a container's rootfs. Reads the mount table again after each pass (a mount can be
+/// stacked on another, or appear under one being detached) until nothing is left under `dir`,
+/// at most five passes.
+pub fn detach_mounts_under(dir: &Path) {
+    for _ in 0..5 {
+        let Ok(mut mounts) = nutshell_protocol::mountinfo::mount_points() else {
+            return;
+        };
+        mounts.retain(|p| p.starts_with(dir));
+        if mounts.is_empty() {
+            return;
+        }
+        mounts.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+        for m in mounts {
+            match nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH) {
+                Ok(()) => log::debug!("detached {}", m.display()),
+                Err(e) => log::warn!("cannot detach {}: {e}", m.display()),
+            }
         }
     }
+    log::warn!("mounts are still left under {}", dir.display());
 }
 
 fn tail(s: &str, max: usize) -> &str {
@@ -1075,6 +1117,13 @@ fn check(args: &[&str], out: &Output) -> Result<(), ContainerdError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn state_from_stat_with_odd_names() {
+        assert_eq!(process_state("42 (a) b) Z 1 2"), Some('Z'));
+        assert_eq!(process_state("7 (sh) S 1 7"), Some('S'));
+        assert_eq!(process_state("7 (sh)"), None);
+    }
 
     #[test]
     fn ppid_from_stat_with_odd_names() {
