@@ -9,6 +9,7 @@
 pub use nutshell_bench::cri;
 pub mod cri_rig;
 pub mod guest;
+pub mod soak;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
