@@ -760,7 +760,7 @@ impl Launch<'_> {
                     }
                 });
             if let Err(e) = watcher {
-                kill_vmm(i32::try_from(pid).unwrap_or(i32::MAX));
+                kill_vmm(pid);
                 return Err(LaunchError::Other(ShimError::io("spawn the VMM watcher")(
                     e,
                 )));
