@@ -68,10 +68,12 @@ fn main() -> ExitCode {
         .format_target(false)
         .init();
     let args = Args::parse();
+    // A jailed VMM sees the files at their absolute paths only.
+    let absolute = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
     let config = TemplateConfig {
-        vmm: args.vmm,
-        kernel: args.kernel,
-        initrd: args.initrd,
+        vmm: absolute(args.vmm),
+        kernel: absolute(args.kernel),
+        initrd: absolute(args.initrd),
         cmdline: args.cmdline,
         vcpus: args.vcpus,
         memory_mib: args.memory_mib,
@@ -81,7 +83,7 @@ fn main() -> ExitCode {
             ProfileArg::Host => CpuProfile::Host,
             ProfileArg::Compat => CpuProfile::Compat,
         },
-        cache_dir: args.cache,
+        cache_dir: absolute(args.cache),
         ready_timeout: Duration::from_secs(args.ready_timeout),
         jail: args.jail,
     };
