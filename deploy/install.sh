@@ -38,6 +38,10 @@ need "$artifacts/nutshell/initramfs.cpio"
 install -d -m 0755 "$BIN_DIR" "$SHARE_DIR" "$CONFIG_DIR"
 install -m 0755 "$artifacts/release/containerd-shim-nutshell-v2" "$BIN_DIR/"
 install -m 0755 "$artifacts/release/nutshell-vmm" "$BIN_DIR/"
+# Optional: builds templates ahead of the first pod (the shim does it through the library).
+if [ -f "$artifacts/release/nutshell-template" ]; then
+    install -m 0755 "$artifacts/release/nutshell-template" "$BIN_DIR/"
+fi
 install -m 0644 "$artifacts/nutshell/vmlinux" "$SHARE_DIR/vmlinux"
 install -m 0644 "$artifacts/nutshell/initramfs.cpio" "$SHARE_DIR/initramfs.cpio"
 for config in config.toml config-untrusted.toml; do

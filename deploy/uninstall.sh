@@ -17,7 +17,7 @@ if [ -d /run/nutshell ] && [ -n "$(ls -A /run/nutshell 2>/dev/null)" ]; then
     echo "uninstall: sandboxes still run (/run/nutshell is not empty); stop their pods first" >&2
     exit 1
 fi
-rm -f "$BIN_DIR/containerd-shim-nutshell-v2" "$BIN_DIR/nutshell-vmm"
+rm -f "$BIN_DIR/containerd-shim-nutshell-v2" "$BIN_DIR/nutshell-vmm" "$BIN_DIR/nutshell-template"
 rm -rf "$SHARE_DIR"
 [ "$purge" = 1 ] && rm -rf "$CONFIG_DIR" /var/cache/nutshell/templates
 if [ -f "$CONTAINERD_CONFIG" ] && grep -q "^$BEGIN\$" "$CONTAINERD_CONFIG"; then

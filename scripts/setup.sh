@@ -2,7 +2,7 @@
 # Installs and builds everything Nutshell needs on a fresh Debian 12 machine; idempotent.
 #   - Debian packages for the guest kernel build
 #   - the guest kernel (cached outside the repo, see guest-kernel/README.md)
-#   - nutshell-vmm, containerd-shim-nutshell-v2 and nutshell-initramfs (release)
+#   - nutshell-vmm, containerd-shim-nutshell-v2, nutshell-template and nutshell-initramfs (release)
 #   - the slow-lane test initramfs: target/nutshell/test-initramfs.cpio
 #   - the guest initramfs with nutshell-agent as /init: target/nutshell/initramfs.cpio
 set -euo pipefail
@@ -17,7 +17,7 @@ ensure_kvm
 "$REPO/guest-kernel/build.sh"
 
 log "building nutshell-vmm, the shim, nutshell-initramfs and nutshell-agent-ctl"
-cargo build --release --locked -p nutshell-vmm -p containerd-shim-nutshell-v2 -p nutshell-initramfs -p nutshell-protocol
+cargo build --release --locked -p nutshell-vmm -p containerd-shim-nutshell-v2 -p nutshell-initramfs -p nutshell-protocol -p nutshell-template
 log "building the test /init (static, musl)"
 cargo build --release --locked -p nutshell-test-init --target x86_64-unknown-linux-musl
 log "building the agent and the benchmark probe (static, musl)"

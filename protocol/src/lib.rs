@@ -13,6 +13,7 @@ pub mod netlink;
 pub mod portforward;
 pub mod ratelimit;
 pub mod types;
+pub mod vmm_client;
 
 /// Generated code: rust-protobuf messages and ttrpc clients/servers. Not committed.
 #[allow(

@@ -21,6 +21,7 @@ use containerd_shim::monitor::{monitor_subscribe, Subject, Topic, MONITOR};
 use nutshell_protocol::client::{AgentClient, ClientError, ConnectOptions};
 use nutshell_protocol::ratelimit::Window;
 use nutshell_protocol::types::{SandboxSpec, ServingStatus};
+use nutshell_protocol::vmm_client::{VmmClient, VmmClientError, VmmStats};
 
 use crate::cgroup::{self, Layout, PodCgroup};
 use crate::config::{Config, VirtioFs};
@@ -37,6 +38,16 @@ pub const FIRST_STDIO_PORT: u32 = 0x4000_0000;
 
 /// Longest line of VMM stderr or guest console logged; the rest is cut.
 const MAX_LOG_LINE: usize = 512;
+
+/// How long a call waits for the VMM's control socket to accept.
+// Pod-level Pause/Resume/Stats: the Task API wiring comes with the sandbox/task split.
+#[cfg_attr(not(test), allow(dead_code))]
+const CONTROL_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Bound on one control call (Pause waits for every vCPU to leave the guest).
+// Pod-level Pause/Resume/Stats: the Task API wiring comes with the sandbox/task split.
+#[cfg_attr(not(test), allow(dead_code))]
+const CONTROL_RPC_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Guest console lines logged per second at most (the guest writes what it wants).
 const CONSOLE_LINES_PER_SEC: u32 = 50;
@@ -128,6 +139,10 @@ impl SandboxPaths {
     pub fn shared(&self) -> PathBuf {
         self.dir.join("shared")
     }
+    /// The VMM's control socket (`--api-sock`: Pause, Resume, Stats, Snapshot, Shutdown).
+    pub fn api(&self) -> PathBuf {
+        self.dir.join("vmm.sock")
+    }
     /// The VMM's PID file (for `delete` after a shim crash).
     pub fn pid_file(&self) -> PathBuf {
         self.dir.join("vmm.pid")
@@ -158,54 +173,58 @@ fn vmm_supports_shared_dir(vmm: &Path) -> bool {
     })
 }
 
-/// The VMM's command line for a sandbox; `net_mac`: the VM has a NIC with this MAC on the tap
-/// at [`NET_FD`].
+/// The VMM's command line for a sandbox: a cold boot of the configured kernel, or with
+/// `template` a restore of it; `net_mac`: the VM has a NIC with this MAC on the tap at
+/// [`NET_FD`] (a restored NIC keeps the template's MAC, and the agent sets the pod's).
 pub fn vmm_args(
     config: &Config,
     paths: &SandboxPaths,
     size: VmSize,
     virtio_fs: bool,
     net_mac: Option<&str>,
+    template: Option<&nutshell_template::Template>,
 ) -> Vec<String> {
     let p = |p: &Path| p.to_string_lossy().into_owned();
     let mut args = vec![
         // The VMM jails itself (namespaces, a root of its own files, capabilities, seccomp).
         "--jail".to_owned(),
-        "--kernel".to_owned(),
-        p(&config.kernel),
-        "--initrd".to_owned(),
-        p(&config.initramfs),
-        "--memory-mib".to_owned(),
-        size.memory_mib.to_string(),
-        "--vcpus".to_owned(),
-        size.vcpus.to_string(),
+    ];
+    match template {
+        Some(t) => args.extend(t.restore_args()),
+        None => args.extend([
+            "--kernel".to_owned(),
+            p(&config.kernel),
+            "--initrd".to_owned(),
+            p(&config.initramfs),
+            "--memory-mib".to_owned(),
+            size.memory_mib.to_string(),
+            "--vcpus".to_owned(),
+            size.vcpus.to_string(),
+            "--cmdline".to_owned(),
+            config.kernel_cmdline.clone(),
+        ]),
+    }
+    args.extend([
         "--vsock-uds".to_owned(),
         p(&paths.vsock()),
+        "--api-sock".to_owned(),
+        p(&paths.api()),
         "--console".to_owned(),
         p(&paths.console()),
-        "--cmdline".to_owned(),
-        config.kernel_cmdline.clone(),
         "--log-level".to_owned(),
         config.log_filter().to_string().to_lowercase(),
-    ];
+    ]);
     if virtio_fs {
-        args.extend([
-            "--shared-dir".to_owned(),
-            p(&paths.shared()),
-            "--fs-tag".to_owned(),
-            FS_TAG.to_owned(),
-        ]);
+        args.extend(["--shared-dir".to_owned(), p(&paths.shared())]);
+        if template.is_none() {
+            args.extend(["--fs-tag".to_owned(), FS_TAG.to_owned()]);
+        }
     }
     if let Some(mac) = net_mac {
-        args.extend([
-            "--net-fd".to_owned(),
-            NET_FD.to_string(),
-            "--net-mac".to_owned(),
-            mac.to_owned(),
-        ]);
-    }
-    if config.templates {
-        args.push(format!("--template-cache={}", p(&config.template_dir)));
+        args.extend(["--net-fd".to_owned(), NET_FD.to_string()]);
+        if template.is_none() {
+            args.extend(["--net-mac".to_owned(), mac.to_owned()]);
+        }
     }
     args
 }
@@ -302,145 +321,77 @@ impl SandboxVm {
                 config.vmm.display()
             );
         }
-        let args = vmm_args(
+        let template = config
+            .templates
+            .then(|| pod_template(config, id, size, virtio_fs))
+            .flatten();
+        // The VMM's copy of the tap is made at each spawn; the shim's closes once the VM is up.
+        let tap = net.as_mut().and_then(PodNetwork::take_tap);
+        let launch = Launch {
             config,
             paths,
-            size,
-            virtio_fs,
-            net.as_ref().map(PodNetwork::mac),
-        );
-        // The VMM's copy of the tap; the shim's closes once the VMM has its own.
-        let tap = net.as_mut().and_then(PodNetwork::take_tap);
-        let tap_fd = tap.as_ref().map(AsRawFd::as_raw_fd);
-        let netns_fd = net.as_ref().map(PodNetwork::netns_fd);
-        // Subscribe before spawning so that an immediate exit is not missed.
-        let sub = monitor_subscribe(Topic::Pid)
-            .map_err(|e| ShimError::Internal(format!("subscribe to exits: {e}")))?;
-        // Opened before the fork: the child only writes to them (async-signal-safe).
-        let procs = match cgroup.as_ref().map(PodCgroup::procs_files).transpose() {
-            Ok(p) => p.unwrap_or_default(),
-            Err(e) => {
-                unsubscribe(sub.id);
-                return Err(e.into());
-            }
+            id,
+            cgroup: cgroup.as_ref(),
+            netns_fd: net.as_ref().map(PodNetwork::netns_fd),
+            tap_fd: tap.as_ref().map(AsRawFd::as_raw_fd),
         };
-        let fds: Vec<RawFd> = procs.iter().map(AsRawFd::as_raw_fd).collect();
-        let mut command = Command::new(&config.vmm);
-        command
-            .args(&args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        if !fds.is_empty() || tap_fd.is_some() {
-            // SAFETY: the closure runs in the forked child before exec and only calls write(2),
-            // setns(2), dup2(2) and fcntl(2) (async-signal-safe) on descriptors that stay open
-            // in the parent until `spawn` returns (`net` holds the namespace's).
-            unsafe {
-                command.pre_exec(move || {
-                    cgroup::join_self(&fds)?;
-                    // Before the tap's dup2, which may land on the namespace's descriptor.
-                    if let Some(ns) = netns_fd {
-                        if libc::setns(ns, libc::CLONE_NEWNET) != 0 {
-                            return Err(std::io::Error::last_os_error());
-                        }
-                    }
-                    match tap_fd {
-                        Some(fd) => pass_fd(fd, NET_FD),
-                        None => Ok(()),
-                    }
-                });
-            }
-        }
+        let mac = net.as_ref().map(PodNetwork::mac);
+        let on_exit: ExitSlot = Arc::new(Mutex::new(Some(on_exit)));
         let started = Instant::now();
-        let spawned = command.spawn();
-        drop(procs);
-        drop(tap);
-        let mut child = match spawned {
-            Ok(c) => c,
-            Err(e) => {
-                unsubscribe(sub.id);
-                return Err(ShimError::io(format!("spawn {}", config.vmm.display()))(e));
+        let (pid, exit, agent) = match &template {
+            Some(t) => {
+                // Armed once the restored VM answers: a failed restore's exit is not the pod's.
+                let unarmed: ExitSlot = Arc::new(Mutex::new(None));
+                let args = vmm_args(config, paths, size, virtio_fs, mac, Some(t));
+                match launch.run(&args, &unarmed) {
+                    Ok(up) => {
+                        let slot = on_exit.lock().unwrap_or_else(|e| e.into_inner()).take();
+                        if let Some(cb) = slot {
+                            arm(&unarmed, &up.1, cb);
+                        }
+                        up
+                    }
+                    Err(LaunchError::ExitedEarly(e)) => {
+                        log::warn!(
+                            "sandbox {id}: restore from template {} impossible ({}); booting cold",
+                            t.key,
+                            crate::error::chain(&e)
+                        );
+                        let args = vmm_args(config, paths, size, virtio_fs, mac, None);
+                        launch
+                            .run(&args, &on_exit)
+                            .map_err(LaunchError::into_inner)?
+                    }
+                    Err(e) => return Err(e.into_inner()),
+                }
+            }
+            None => {
+                let args = vmm_args(config, paths, size, virtio_fs, mac, None);
+                launch
+                    .run(&args, &on_exit)
+                    .map_err(LaunchError::into_inner)?
             }
         };
-        let pid = child.id();
-        log::info!(
-            "sandbox {id}: spawned {} (pid {pid}, {} vCPUs, {} MiB, virtio-fs {virtio_fs}) {:.3} s after the shim started",
-            config.vmm.display(),
-            size.vcpus,
-            size.memory_mib,
-            crate::since_start().as_secs_f64()
-        );
-        let _ = std::fs::write(paths.pid_file(), format!("{pid}\n"));
-
-        let exit = Arc::new(ExitCell::default());
-        {
-            let exit = Arc::clone(&exit);
-            let id = id.to_owned();
-            let pid = i32::try_from(pid).unwrap_or(i32::MAX);
-            std::thread::Builder::new()
-                .name(format!("vmm-watch-{id}"))
-                .spawn(move || {
-                    let code = loop {
-                        match sub.rx.recv() {
-                            Ok(ev) => {
-                                if let Subject::Pid(p) = ev.subject {
-                                    if p == pid {
-                                        break ev.exit_code;
-                                    }
-                                }
-                            }
-                            // The monitor went away: the shim is exiting.
-                            Err(_) => break 255,
-                        }
-                    };
-                    unsubscribe(sub.id);
-                    if code == 128 + libc::SIGSYS {
-                        log::error!(
-                            "sandbox {id}: VMM (pid {pid}) killed by SIGSYS: a seccomp filter refused a system call (the host's audit log or dmesg names it)"
-                        );
-                    } else {
-                        log::info!("sandbox {id}: VMM (pid {pid}) exited with status {code}");
-                    }
-                    exit.set(code);
-                    on_exit(code);
-                })
-                .map_err(ShimError::io("spawn the VMM watcher"))?;
-        }
-        if let Some(stderr) = child.stderr.take() {
-            let id = id.to_owned();
-            let _ = std::thread::Builder::new()
-                .name(format!("vmm-log-{id}"))
-                .spawn(move || {
-                    for line in BufReader::new(stderr).lines() {
-                        let Ok(line) = line else { break };
-                        log::info!("vmm[{id}]: {}", clean_line(&line));
-                    }
-                });
-        }
-        spawn_console_tail(id.to_owned(), paths.console(), Arc::clone(&exit));
-        // The child is reaped by the crate's SIGCHLD handler; dropping `Child` does not wait.
-        drop(child);
-
+        drop(tap);
         let vm = SandboxVm {
             id: id.to_owned(),
             dir: paths.dir.clone(),
             pid,
             size,
-            agent: match connect_agent(config, paths, &exit) {
-                Ok(a) => a,
-                Err(e) => {
-                    kill_and_wait(pid, &exit);
-                    return Err(e);
-                }
-            },
+            agent,
             next_port: AtomicU32::new(FIRST_STDIO_PORT),
             exit,
             cgroup: Mutex::new(cgroup.take()),
             net: net.take(),
         };
         log::info!(
-            "sandbox {id}: agent answered {:.2} s after the VMM spawn",
-            started.elapsed().as_secs_f64()
+            "sandbox {id}: agent answered {:.2} s after the VMM spawn ({})",
+            started.elapsed().as_secs_f64(),
+            if template.is_some() {
+                "template"
+            } else {
+                "cold boot"
+            }
         );
         // A VM restored from a template starts with the template's clock and RNG state, shared
         // by every VM from it: give it the host's clock and fresh entropy first (harmless
@@ -518,6 +469,61 @@ impl SandboxVm {
         self.dir.join("vsock.sock")
     }
 
+    /// A client of the VMM's control socket (one connection per call: calls are rare).
+    #[cfg_attr(not(test), allow(dead_code))]
+    fn control(&self) -> Result<VmmClient> {
+        let path = SandboxPaths {
+            dir: self.dir.clone(),
+        }
+        .api();
+        VmmClient::connect(&path, CONTROL_CONNECT_TIMEOUT, CONTROL_RPC_TIMEOUT)
+            .map_err(|e| self.control_error("connect", e))
+    }
+
+    #[cfg_attr(not(test), allow(dead_code))]
+    fn control_error(&self, what: &str, e: VmmClientError) -> ShimError {
+        if e.is_precondition() {
+            return ShimError::FailedPrecondition(format!(
+                "sandbox {}: VMM {what}: {}",
+                self.id,
+                crate::error::chain(&e)
+            ));
+        }
+        ShimError::Vm {
+            id: self.id.clone(),
+            message: format!("VMM control socket {what}: {}", crate::error::chain(&e)),
+        }
+    }
+
+    /// Pauses the whole VM (every vCPU; the pod's processes stop with it). FAILED_PRECONDITION
+    /// if it is paused already or stopping.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub fn pause(&self) -> Result<()> {
+        self.control()?
+            .pause()
+            .map_err(|e| self.control_error("Pause", e))?;
+        log::info!("sandbox {}: VM paused", self.id);
+        Ok(())
+    }
+
+    /// Resumes a paused VM. FAILED_PRECONDITION if it is running.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub fn resume(&self) -> Result<()> {
+        self.control()?
+            .resume()
+            .map_err(|e| self.control_error("Resume", e))?;
+        log::info!("sandbox {}: VM resumed", self.id);
+        Ok(())
+    }
+
+    /// The VM's size, the VMM's resident guest memory and its uptime.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub fn stats(&self) -> Result<VmmStats> {
+        self.control()?
+            .stats()
+            .map_err(|e| self.control_error("Stats", e))
+    }
+
     /// The shared directory on the host.
     pub fn shared(&self) -> PathBuf {
         self.dir.join("shared")
@@ -554,6 +560,238 @@ impl SandboxVm {
             net.detach();
         }
         remove_sandbox_dir(&self.dir);
+    }
+}
+
+/// What the watcher of one VMM process calls when it exits: empty while the process is not
+/// (yet) the sandbox's VM, e.g. a restore that may still fall back to a cold boot.
+type ExitSlot = Arc<Mutex<Option<OnExit>>>;
+
+/// Hands `on_exit` to a VMM's watcher through `slot`; calls it at once if the VMM exited
+/// already (the watcher found the slot empty then).
+fn arm(slot: &ExitSlot, exit: &ExitCell, on_exit: OnExit) {
+    let mut guard = slot.lock().unwrap_or_else(|e| e.into_inner());
+    match exit.get() {
+        Some(code) => {
+            drop(guard);
+            on_exit(code);
+        }
+        None => *guard = Some(on_exit),
+    }
+}
+
+/// The template a pod's VM is restored from, found or built now; `None` (logged) when it
+/// cannot be had: the VM then boots cold.
+fn pod_template(
+    config: &Config,
+    id: &str,
+    size: VmSize,
+    virtio_fs: bool,
+) -> Option<nutshell_template::Template> {
+    let template = nutshell_template::TemplateConfig {
+        vmm: config.vmm.clone(),
+        kernel: config.kernel.clone(),
+        initrd: config.initramfs.clone(),
+        cmdline: config.kernel_cmdline.clone(),
+        vcpus: u8::try_from(size.vcpus).unwrap_or(u8::MAX),
+        memory_mib: size.memory_mib,
+        fs_tag: virtio_fs.then(|| FS_TAG.to_owned()),
+        cpu_profile: nutshell_template::CpuProfile::Auto,
+        cache_dir: config.template_dir.clone(),
+        ready_timeout: Duration::from_secs(config.boot_timeout_secs),
+        jail: true,
+    };
+    let started = Instant::now();
+    match nutshell_template::ensure(&template) {
+        Ok(t) => {
+            log::info!(
+                "sandbox {id}: template {} {} in {:.3} s",
+                t.key,
+                if t.built { "built" } else { "found" },
+                started.elapsed().as_secs_f64()
+            );
+            Some(t)
+        }
+        Err(e) => {
+            log::warn!(
+                "sandbox {id}: no template ({}); booting cold",
+                nutshell_protocol::error_chain(&e)
+            );
+            None
+        }
+    }
+}
+
+/// Why a VMM launch failed.
+enum LaunchError {
+    /// The VMM exited before its agent answered (a restore that may fall back to a cold boot).
+    ExitedEarly(ShimError),
+    /// Anything else.
+    Other(ShimError),
+}
+
+impl LaunchError {
+    fn into_inner(self) -> ShimError {
+        match self {
+            LaunchError::ExitedEarly(e) | LaunchError::Other(e) => e,
+        }
+    }
+}
+
+/// What every VMM launch of one sandbox shares: where it runs and what it inherits.
+struct Launch<'a> {
+    config: &'a Config,
+    paths: &'a SandboxPaths,
+    id: &'a str,
+    cgroup: Option<&'a PodCgroup>,
+    netns_fd: Option<RawFd>,
+    tap_fd: Option<RawFd>,
+}
+
+impl Launch<'_> {
+    /// Spawns the VMM with `args` (in the pod's cgroup and network namespace, the tap at
+    /// [`NET_FD`]), starts its watcher (which calls what `on_exit` holds when it exits) and its
+    /// log followers, and connects to its agent. On failure the VMM is gone.
+    fn run(
+        &self,
+        args: &[String],
+        on_exit: &ExitSlot,
+    ) -> std::result::Result<(u32, Arc<ExitCell>, AgentClient), LaunchError> {
+        let (config, paths, id) = (self.config, self.paths, self.id);
+        // Subscribe before spawning so that an immediate exit is not missed.
+        let sub = monitor_subscribe(Topic::Pid).map_err(|e| {
+            LaunchError::Other(ShimError::Internal(format!("subscribe to exits: {e}")))
+        })?;
+        // Opened before the fork: the child only writes to them (async-signal-safe).
+        let procs = match self.cgroup.map(PodCgroup::procs_files).transpose() {
+            Ok(p) => p.unwrap_or_default(),
+            Err(e) => {
+                unsubscribe(sub.id);
+                return Err(LaunchError::Other(e.into()));
+            }
+        };
+        let fds: Vec<RawFd> = procs.iter().map(AsRawFd::as_raw_fd).collect();
+        let (netns_fd, tap_fd) = (self.netns_fd, self.tap_fd);
+        let mut command = Command::new(&config.vmm);
+        command
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if !fds.is_empty() || tap_fd.is_some() {
+            // SAFETY: the closure runs in the forked child before exec and only calls write(2),
+            // setns(2), dup2(2) and fcntl(2) (async-signal-safe) on descriptors that stay open
+            // in the parent until `spawn` returns (the caller holds the tap and the network
+            // namespace's descriptor).
+            unsafe {
+                command.pre_exec(move || {
+                    cgroup::join_self(&fds)?;
+                    // Before the tap's dup2, which may land on the namespace's descriptor.
+                    if let Some(ns) = netns_fd {
+                        if libc::setns(ns, libc::CLONE_NEWNET) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    match tap_fd {
+                        Some(fd) => pass_fd(fd, NET_FD),
+                        None => Ok(()),
+                    }
+                });
+            }
+        }
+        let spawned = command.spawn();
+        drop(procs);
+        let mut child = match spawned {
+            Ok(c) => c,
+            Err(e) => {
+                unsubscribe(sub.id);
+                return Err(LaunchError::Other(ShimError::io(format!(
+                    "spawn {}",
+                    config.vmm.display()
+                ))(e)));
+            }
+        };
+        let pid = child.id();
+        log::info!(
+            "sandbox {id}: spawned {} (pid {pid}) {:.3} s after the shim started: {}",
+            config.vmm.display(),
+            crate::since_start().as_secs_f64(),
+            args.join(" ")
+        );
+        let _ = std::fs::write(paths.pid_file(), format!("{pid}\n"));
+
+        let exit = Arc::new(ExitCell::default());
+        {
+            let exit = Arc::clone(&exit);
+            let on_exit = Arc::clone(on_exit);
+            let id = id.to_owned();
+            let pid = i32::try_from(pid).unwrap_or(i32::MAX);
+            let watcher = std::thread::Builder::new()
+                .name(format!("vmm-watch-{id}"))
+                .spawn(move || {
+                    let code = loop {
+                        match sub.rx.recv() {
+                            Ok(ev) => {
+                                if let Subject::Pid(p) = ev.subject {
+                                    if p == pid {
+                                        break ev.exit_code;
+                                    }
+                                }
+                            }
+                            // The monitor went away: the shim is exiting.
+                            Err(_) => break 255,
+                        }
+                    };
+                    unsubscribe(sub.id);
+                    if code == 128 + libc::SIGSYS {
+                        log::error!(
+                            "sandbox {id}: VMM (pid {pid}) killed by SIGSYS: a seccomp filter refused a system call (the host's audit log or dmesg names it)"
+                        );
+                    } else {
+                        log::info!("sandbox {id}: VMM (pid {pid}) exited with status {code}");
+                    }
+                    let callback = {
+                        let mut slot = on_exit.lock().unwrap_or_else(|e| e.into_inner());
+                        exit.set(code);
+                        slot.take()
+                    };
+                    if let Some(callback) = callback {
+                        callback(code);
+                    }
+                });
+            if let Err(e) = watcher {
+                kill_vmm(pid);
+                return Err(LaunchError::Other(ShimError::io("spawn the VMM watcher")(
+                    e,
+                )));
+            }
+        }
+        if let Some(stderr) = child.stderr.take() {
+            let id = id.to_owned();
+            let _ = std::thread::Builder::new()
+                .name(format!("vmm-log-{id}"))
+                .spawn(move || {
+                    for line in BufReader::new(stderr).lines() {
+                        let Ok(line) = line else { break };
+                        log::info!("vmm[{id}]: {}", clean_line(&line));
+                    }
+                });
+        }
+        spawn_console_tail(id.to_owned(), paths.console(), Arc::clone(&exit));
+        // The child is reaped by the crate's SIGCHLD handler; dropping `Child` does not wait.
+        drop(child);
+        match connect_agent(config, paths, &exit) {
+            Ok(agent) => Ok((pid, exit, agent)),
+            Err(e) => {
+                let early = exit.get().is_some();
+                kill_and_wait(pid, &exit);
+                Err(if early {
+                    LaunchError::ExitedEarly(e)
+                } else {
+                    LaunchError::Other(e)
+                })
+            }
+        }
     }
 }
 
@@ -783,7 +1021,12 @@ fn log_console_line(id: &str, limit: &mut Window, line: &[u8]) {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
+    use nutshell_protocol::generated::vmm as vpb;
+    use nutshell_protocol::generated::vmm_ttrpc;
+    use nutshell_protocol::ttrpc::{self, TtrpcContext};
 
     #[test]
     fn vmm_command_line_follows_the_contract() {
@@ -796,7 +1039,49 @@ mod tests {
             vcpus: 2,
             memory_mib: 512,
         };
-        let args = vmm_args(&config, &paths, size, true, None).join(" ");
+        let template = nutshell_template::Template {
+            dir: "/var/cache/nutshell/templates/k1".into(),
+            key: "k1".into(),
+            built: false,
+        };
+        let args = vmm_args(&config, &paths, size, true, None, Some(&template)).join(" ");
+        for want in [
+            "--restore /var/cache/nutshell/templates/k1 --template-key k1",
+            "--vsock-uds /run/nutshell/pod1/vsock.sock",
+            "--api-sock /run/nutshell/pod1/vmm.sock",
+            "--shared-dir /run/nutshell/pod1/shared",
+            "--console /run/nutshell/pod1/console.log",
+            "--jail",
+        ] {
+            assert!(args.contains(want), "{want} missing in {args}");
+        }
+        for unwanted in [
+            "--kernel",
+            "--initrd",
+            "--memory-mib",
+            "--vcpus",
+            "--cmdline",
+            "--fs-tag",
+        ] {
+            assert!(
+                !args.contains(unwanted),
+                "{unwanted} with --restore: {args}"
+            );
+        }
+        let args = vmm_args(
+            &config,
+            &paths,
+            size,
+            true,
+            Some("02:42:0a:00:00:05"),
+            Some(&template),
+        )
+        .join(" ");
+        assert!(
+            args.contains("--net-fd 3") && !args.contains("--net-mac"),
+            "{args}"
+        );
+        let args = vmm_args(&config, &paths, size, true, None, None).join(" ");
         for want in [
             "--kernel /usr/local/share/nutshell/vmlinux",
             "--initrd /usr/local/share/nutshell/initramfs.cpio",
@@ -806,28 +1091,144 @@ mod tests {
             "--shared-dir /run/nutshell/pod1/shared",
             "--fs-tag nutshell",
             "--console /run/nutshell/pod1/console.log",
-            "--template-cache=/var/cache/nutshell/templates",
+            "--api-sock /run/nutshell/pod1/vmm.sock",
             "--jail",
         ] {
             assert!(args.contains(want), "{want} missing in {args}");
         }
-        let args = vmm_args(&config, &paths, size, false, None).join(" ");
+        assert!(!args.contains("--restore"), "{args}");
+        let args = vmm_args(&config, &paths, size, false, None, None).join(" ");
         assert!(!args.contains("--shared-dir") && !args.contains("--fs-tag"));
-        let cold = Config {
-            templates: false,
-            ..config
-        };
-        let args = vmm_args(&cold, &paths, size, true, None).join(" ");
-        assert!(!args.contains("--template-cache"), "{args}");
+        let cold = config;
+        let args = vmm_args(&cold, &paths, size, true, None, None).join(" ");
         assert!(
             !args.contains("--net-fd"),
             "no NIC without a pod network: {args}"
         );
-        let args = vmm_args(&cold, &paths, size, true, Some("02:42:0a:00:00:05")).join(" ");
+        let args = vmm_args(&cold, &paths, size, true, Some("02:42:0a:00:00:05"), None).join(" ");
         assert!(
             args.contains("--net-fd 3 --net-mac 02:42:0a:00:00:05"),
             "{args}"
         );
+    }
+
+    /// A stand-in VMM control service: Pause/Resume follow a paused flag like the VMM's
+    /// (an illegal transition is FAILED_PRECONDITION), Stats reports fixed numbers.
+    struct FakeVmm {
+        paused: Mutex<bool>,
+    }
+
+    impl vmm_ttrpc::Vmm for FakeVmm {
+        fn pause(&self, _: &TtrpcContext, _: vpb::PauseRequest) -> ttrpc::Result<vpb::Empty> {
+            self.flip(true)
+        }
+        fn resume(&self, _: &TtrpcContext, _: vpb::ResumeRequest) -> ttrpc::Result<vpb::Empty> {
+            self.flip(false)
+        }
+        fn stats(
+            &self,
+            _: &TtrpcContext,
+            _: vpb::StatsRequest,
+        ) -> ttrpc::Result<vpb::StatsResponse> {
+            let mut r = vpb::StatsResponse::new();
+            r.vcpus = 2;
+            r.memory_bytes = 256 << 20;
+            r.rss_bytes = 40 << 20;
+            r.uptime_millis = 1500;
+            Ok(r)
+        }
+    }
+
+    impl FakeVmm {
+        fn flip(&self, to: bool) -> ttrpc::Result<vpb::Empty> {
+            let mut paused = self.paused.lock().unwrap();
+            if *paused == to {
+                return Err(ttrpc::Error::RpcStatus(ttrpc::get_status(
+                    ttrpc::Code::FAILED_PRECONDITION,
+                    "illegal transition",
+                )));
+            }
+            *paused = to;
+            Ok(vpb::Empty::new())
+        }
+    }
+
+    fn vm_in(dir: &Path) -> SandboxVm {
+        let (agent_end, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        SandboxVm {
+            id: "pod1".into(),
+            dir: dir.to_path_buf(),
+            pid: 0,
+            size: VmSize {
+                vcpus: 2,
+                memory_mib: 256,
+            },
+            agent: AgentClient::from_stream(agent_end, Duration::from_secs(1)).unwrap(),
+            next_port: AtomicU32::new(FIRST_STDIO_PORT),
+            exit: Arc::new(ExitCell::default()),
+            cgroup: Mutex::new(None),
+            net: None,
+        }
+    }
+
+    #[test]
+    fn pod_pause_resume_and_stats_go_through_the_control_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let vm = vm_in(dir.path());
+        // No VMM listening: a clear error, not a hang.
+        assert!(matches!(vm.stats(), Err(ShimError::Vm { .. })));
+        let service = Arc::new(FakeVmm {
+            paused: Mutex::new(false),
+        });
+        let addr = format!(
+            "unix://{}",
+            SandboxPaths::new(dir.path(), "").api().display()
+        );
+        let mut server = ttrpc::Server::new()
+            .bind(&addr)
+            .unwrap()
+            .register_service(vmm_ttrpc::create_vmm(service.clone()));
+        server.start().unwrap();
+        vm.pause().unwrap();
+        assert!(*service.paused.lock().unwrap());
+        assert!(
+            matches!(vm.pause(), Err(ShimError::FailedPrecondition(_))),
+            "pausing a paused VM"
+        );
+        vm.resume().unwrap();
+        assert!(!*service.paused.lock().unwrap());
+        assert!(matches!(vm.resume(), Err(ShimError::FailedPrecondition(_))));
+        assert_eq!(
+            vm.stats().unwrap(),
+            VmmStats {
+                vcpus: 2,
+                memory_bytes: 256 << 20,
+                rss_bytes: 40 << 20,
+                uptime: Duration::from_millis(1500),
+            }
+        );
+        server.shutdown();
+    }
+
+    #[test]
+    fn an_armed_callback_runs_once_even_after_an_early_exit() {
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let record = |calls: &Arc<Mutex<Vec<VmExitCode>>>| -> OnExit {
+            let calls = Arc::clone(calls);
+            Box::new(move |code| calls.lock().unwrap().push(code))
+        };
+        // Armed before the exit: the watcher's path takes it.
+        let slot: ExitSlot = Arc::new(Mutex::new(None));
+        let exit = ExitCell::default();
+        arm(&slot, &exit, record(&calls));
+        assert!(slot.lock().unwrap().is_some());
+        // Armed after the exit (the watcher found the slot empty): called at once.
+        let slot: ExitSlot = Arc::new(Mutex::new(None));
+        let exit = ExitCell::default();
+        exit.set(9);
+        arm(&slot, &exit, record(&calls));
+        assert!(slot.lock().unwrap().is_none());
+        assert_eq!(*calls.lock().unwrap(), vec![9]);
     }
 
     #[test]

@@ -21,6 +21,7 @@ if [ ! -c /dev/kvm ]; then
 else
     VMM=/opt/nutshell/bin/nutshell-vmm
     CTL=/opt/nutshell/bin/nutshell-agent-ctl
+    TPL=/opt/nutshell/bin/nutshell-template
     KERNEL=/opt/nutshell/vmlinux
     TEST_INITRD=/opt/nutshell/test-initramfs.cpio
     AGENT_INITRD=/opt/nutshell/initramfs.cpio

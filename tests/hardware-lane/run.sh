@@ -27,11 +27,12 @@ VM_LIMIT=${HWLANE_VM_LIMIT:-90}
 PVM_LIMIT=${HWLANE_PVM_LIMIT:-300}
 VMM=$TARGET_DIR/release/nutshell-vmm
 CTL=$TARGET_DIR/release/nutshell-agent-ctl
+TPL=$TARGET_DIR/release/nutshell-template
 GUEST=(vmlinux test-initramfs.cpio initramfs.cpio)
 
 lane_log() { printf '[hwlane] %s\n' "$*" >&2; }
 
-for f in "$VMM" "$CTL" "${GUEST[@]/#/$TARGET_DIR/nutshell/}"; do
+for f in "$VMM" "$CTL" "$TPL" "${GUEST[@]/#/$TARGET_DIR/nutshell/}"; do
     [ -f "$f" ] || die "$f is missing: run scripts/setup.sh first"
 done
 command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 is missing: run scripts/setup.sh"
@@ -57,7 +58,7 @@ fi
 
 key=$( {
     echo "layout 1 $(basename "$deb")"
-    sha256sum "$VMM" "$CTL" "${GUEST[@]/#/$TARGET_DIR/nutshell/}" /bin/busybox \
+    sha256sum "$VMM" "$CTL" "$TPL" "${GUEST[@]/#/$TARGET_DIR/nutshell/}" /bin/busybox \
         "$LANE_DIR/l1-init.sh" "$LANE_DIR/cases.sh" | cut -d' ' -f1
 } | sha256sum | cut -c1-16)
 IMAGE=$CACHE/$key
@@ -100,6 +101,7 @@ build_image() {
         die "kvm-amd's dependencies changed (l1-init.sh loads irqbypass, kvm, ccp, kvm-amd)"
     copy_with_libs "$root" "$VMM" /opt/nutshell/bin
     copy_with_libs "$root" "$CTL" /opt/nutshell/bin
+    copy_with_libs "$root" "$TPL" /opt/nutshell/bin
     for f in "${GUEST[@]}"; do
         install -m 0644 "$TARGET_DIR/nutshell/$f" "$root/opt/nutshell/$f"
     done
@@ -141,7 +143,7 @@ if [ "${HWLANE_PVM:-1}" != 0 ]; then
     work=$(mktemp -d)
     started=$(date +%s.%N)
     set +e
-    LANE=pvm VMM=$VMM CTL=$CTL WORK=$work VM_LIMIT=240 SKIP=agent-2vcpu \
+    LANE=pvm VMM=$VMM CTL=$CTL TPL=$TPL WORK=$work VM_LIMIT=240 SKIP=agent-2vcpu \
         KERNEL=$TARGET_DIR/nutshell/vmlinux \
         TEST_INITRD=$TARGET_DIR/nutshell/test-initramfs.cpio \
         AGENT_INITRD=$TARGET_DIR/nutshell/initramfs.cpio \

@@ -205,8 +205,9 @@ pub struct GuestBoot {
     template: bool,
 }
 
-/// The agent-ready templates the slow lane shares: `target/nutshell/templates` (the VMM keys
-/// them by kernel, initramfs, shape and its own build, so a rebuild never restores a stale one).
+/// The agent-ready templates the slow lane shares: `target/nutshell/templates` (nutshell-template
+/// keys them by kernel, initramfs, shape and the VMM's build, so a rebuild never restores a
+/// stale one).
 pub fn template_cache() -> PathBuf {
     target_dir().join("nutshell").join("templates")
 }
@@ -266,7 +267,48 @@ impl GuestBoot {
     /// The `nutshell-vmm` arguments (the console is added by [`VmmProcess::spawn`]).
     pub fn args(&self) -> Result<Vec<String>> {
         let path = |p: PathBuf| p.to_string_lossy().into_owned();
-        let mut args = vec![
+        let mut args = if self.template {
+            self.template()?.restore_args().into()
+        } else {
+            self.boot_args()?
+        };
+        if let Some(uds) = &self.vsock_uds {
+            args.push("--vsock-uds".to_owned());
+            args.push(path(uds.clone()));
+        }
+        if let Some(dir) = &self.shared_dir {
+            args.push("--shared-dir".to_owned());
+            args.push(path(dir.clone()));
+        }
+        Ok(args)
+    }
+
+    /// The agent-ready template of this boot in [`template_cache`], found or built (once).
+    fn template(&self) -> Result<nutshell_template::Template> {
+        let config = nutshell_template::TemplateConfig {
+            vmm: vmm_binary()?,
+            kernel: guest_artifact("vmlinux")?,
+            initrd: guest_artifact(self.initramfs)?,
+            cmdline: self.cmdline.clone(),
+            vcpus: self.vcpus,
+            memory_mib: self.memory_mib,
+            fs_tag: self
+                .shared_dir
+                .as_ref()
+                .map(|_| nutshell_protocol::SHARED_FS_TAG.to_owned()),
+            cpu_profile: nutshell_template::CpuProfile::Auto,
+            cache_dir: template_cache(),
+            ready_timeout: Duration::from_secs(600),
+            jail: false,
+        };
+        nutshell_template::ensure(&config)
+            .map_err(|e| anyhow::anyhow!(nutshell_protocol::error_chain(&e)))
+    }
+
+    /// The arguments of a cold boot: kernel, initramfs, shape, command line.
+    fn boot_args(&self) -> Result<Vec<String>> {
+        let path = |p: PathBuf| p.to_string_lossy().into_owned();
+        Ok(vec![
             "--kernel".to_owned(),
             path(guest_artifact("vmlinux")?),
             "--initrd".to_owned(),
@@ -277,19 +319,7 @@ impl GuestBoot {
             self.memory_mib.to_string(),
             "--cmdline".to_owned(),
             self.cmdline.clone(),
-        ];
-        if let Some(uds) = &self.vsock_uds {
-            args.push("--vsock-uds".to_owned());
-            args.push(path(uds.clone()));
-        }
-        if let Some(dir) = &self.shared_dir {
-            args.push("--shared-dir".to_owned());
-            args.push(path(dir.clone()));
-        }
-        if self.template {
-            args.push(format!("--template-cache={}", template_cache().display()));
-        }
-        Ok(args)
+        ])
     }
 
     /// Starts the VMM.

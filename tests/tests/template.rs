@@ -5,7 +5,6 @@
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use nutshell_protocol::client::{AgentClient, ConnectOptions};
@@ -15,6 +14,7 @@ use nutshell_protocol::ttrpc;
 use nutshell_protocol::types::ServingStatus;
 use nutshell_protocol::types::{SandboxSpec, StdioPorts};
 use nutshell_protocol::GUEST_SHARED_DIR;
+use nutshell_template::{CpuProfile, Template, TemplateConfig};
 use nutshell_tests::guest::{connect_streams, container_spec};
 use nutshell_tests::{
     busybox_rootfs, guest_artifact, memory_use, vmm_binary, MemoryUse, VmmProcess,
@@ -22,45 +22,36 @@ use nutshell_tests::{
 
 const CMDLINE: &str = "quiet";
 
-/// The VMM arguments of the template's VMs: kernel, agent initramfs, shape, and a virtio-fs
-/// device exporting `shared` (the template's device is never mounted; each restored VM
-/// exports its own directory).
-fn boot_args(shared: &Path) -> Vec<String> {
-    let p = |name: &str| guest_artifact(name).unwrap().to_string_lossy().into_owned();
-    vec![
-        "--kernel".into(),
-        p("vmlinux"),
-        "--initrd".into(),
-        p("initramfs.cpio"),
-        "--cmdline".into(),
-        CMDLINE.into(),
-        "--memory-mib".into(),
-        "128".into(),
-        "--shared-dir".into(),
-        shared.to_string_lossy().into_owned(),
-    ]
+/// The template of the test's VMs: kernel, agent initramfs, shape, and a virtio-fs device
+/// (the template's device is never mounted; each restored VM exports its own directory).
+fn template_config(cache: &Path) -> TemplateConfig {
+    TemplateConfig {
+        vmm: vmm_binary().unwrap(),
+        kernel: guest_artifact("vmlinux").unwrap(),
+        initrd: guest_artifact("initramfs.cpio").unwrap(),
+        cmdline: CMDLINE.into(),
+        vcpus: 1,
+        memory_mib: 128,
+        fs_tag: Some(nutshell_protocol::SHARED_FS_TAG.into()),
+        cpu_profile: CpuProfile::Auto,
+        cache_dir: cache.to_path_buf(),
+        ready_timeout: Duration::from_secs(600),
+        jail: false,
+    }
 }
 
-/// Builds (or finds) the template in `cache`; returns its directory and how long it took.
-fn make_template(cache: &Path) -> (PathBuf, Duration) {
+/// Builds (or finds) the template in `cache` (nutshell-template's library: the VMM only boots,
+/// snapshots over its control socket and restores); returns it and how long it took.
+fn make_template(cache: &Path) -> (Template, Duration) {
     let t = Instant::now();
-    let out = Command::new(vmm_binary().unwrap())
-        .args(boot_args(cache))
-        .arg(format!("--template-cache={}", cache.display()))
-        .arg("--template-only")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let dir = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+    let template = nutshell_template::ensure(&template_config(cache))
+        .unwrap_or_else(|e| panic!("{}", nutshell_protocol::error_chain(&e)));
+    let dir = &template.dir;
     assert!(dir.join("state").is_file() && dir.join("memory").is_file());
-    (dir, t.elapsed())
+    (template, t.elapsed())
 }
 
-/// A VM restored from the template in `cache`, with its own vsock and control sockets and
+/// A VM restored from `template`, with its own vsock and control sockets and
 /// shared directory.
 struct Restored {
     vm: VmmProcess,
@@ -69,14 +60,15 @@ struct Restored {
     shared: PathBuf,
 }
 
-fn restore(cache: &Path, sockets: &Path, i: usize) -> Restored {
+fn restore(template: &Template, sockets: &Path, i: usize) -> Restored {
     let uds = sockets.join(format!("vsock{i}.sock"));
     let api = sockets.join(format!("api{i}.sock"));
     let shared = sockets.join(format!("shared{i}"));
     std::fs::create_dir_all(&shared).unwrap();
-    let mut args = boot_args(&shared);
-    args.push(format!("--template-cache={}", cache.display()));
+    let mut args: Vec<String> = template.restore_args().into();
     args.extend([
+        "--shared-dir".into(),
+        shared.to_string_lossy().into_owned(),
         "--vsock-uds".into(),
         uds.to_string_lossy().into_owned(),
         "--api-sock".into(),
@@ -209,12 +201,14 @@ fn template_restores_three_vms_concurrently() {
     let sockets = tempfile::tempdir().unwrap();
     let (template, built_in) = make_template(cache.path());
     // Found again without a boot.
+    assert!(template.built);
     let (again, found_in) = make_template(cache.path());
-    assert_eq!(again, template);
+    assert_eq!(again.dir, template.dir);
+    assert!(!again.built);
     assert!(found_in < built_in / 2, "{found_in:?} vs {built_in:?}");
 
     let vms: Vec<Restored> = (0..3)
-        .map(|i| restore(cache.path(), sockets.path(), i))
+        .map(|i| restore(&template, sockets.path(), i))
         .collect();
     let clients: Vec<AgentClient> = std::thread::scope(|s| {
         let handles: Vec<_> = vms.iter().map(|r| s.spawn(|| connect(r))).collect();
@@ -350,7 +344,20 @@ fn measure_cold_boot_vs_restore() {
     let mut cold = Vec::new();
     for i in 0..runs {
         let uds = sockets.path().join(format!("cold{i}.sock"));
-        let mut args = boot_args(sockets.path());
+        let c = template_config(sockets.path());
+        let p = |p: &Path| p.to_string_lossy().into_owned();
+        let mut args = vec![
+            "--kernel".into(),
+            p(&c.kernel),
+            "--initrd".into(),
+            p(&c.initrd),
+            "--cmdline".into(),
+            c.cmdline.clone(),
+            "--memory-mib".into(),
+            c.memory_mib.to_string(),
+            "--shared-dir".into(),
+            p(sockets.path()),
+        ];
         args.extend(["--vsock-uds".into(), uds.to_string_lossy().into_owned()]);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let t = Instant::now();
@@ -371,15 +378,15 @@ fn measure_cold_boot_vs_restore() {
 
     let cache = tempfile::tempdir().unwrap();
     let (template, built_in) = make_template(cache.path());
-    let (state_len, state_alloc) = disk_use(&template.join("state"));
-    let (mem_len, mem_alloc) = disk_use(&template.join("memory"));
+    let (state_len, state_alloc) = disk_use(&template.dir.join("state"));
+    let (mem_len, mem_alloc) = disk_use(&template.dir.join("memory"));
 
     // Restore to agent-ready, one at a time.
     let mut warm = Vec::new();
     let mut host_ms = Vec::new();
     for i in 0..runs.max(5) {
         let t = Instant::now();
-        let r = restore(cache.path(), sockets.path(), 100 + i);
+        let r = restore(&template, sockets.path(), 100 + i);
         let client = connect(&r);
         client.check().unwrap();
         warm.push(t.elapsed());
@@ -401,7 +408,7 @@ fn measure_cold_boot_vs_restore() {
     let mut pss_lines = Vec::new();
     for n in [1usize, 5, 10] {
         let vms: Vec<Restored> = (0..n)
-            .map(|i| restore(cache.path(), sockets.path(), 200 + 20 * n + i))
+            .map(|i| restore(&template, sockets.path(), 200 + 20 * n + i))
             .collect();
         let clients: Vec<AgentClient> = vms.iter().map(connect).collect();
         for c in &clients {

@@ -121,6 +121,22 @@ fn validate_snapshot_dir(dir: &str) -> Result<PathBuf, ApiError> {
     }
 }
 
+/// Longest template key accepted (a hex SHA-256 is 64 bytes).
+pub const MAX_TEMPLATE_KEY_LEN: usize = 128;
+
+/// A template key to mark a snapshot with: `None` when empty; printable ASCII without spaces.
+fn validate_template_key(key: &str) -> Result<Option<&str>, ApiError> {
+    if key.is_empty() {
+        return Ok(None);
+    }
+    if key.len() > MAX_TEMPLATE_KEY_LEN || !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ApiError::Invalid(format!(
+            "a template key is at most {MAX_TEMPLATE_KEY_LEN} printable ASCII characters without spaces"
+        )));
+    }
+    Ok(Some(key))
+}
+
 impl ControlService {
     /// A service acting on `vm`.
     pub fn new(vm: SharedVm, exit: Arc<ExitHandle>, started: Instant) -> Arc<Self> {
@@ -146,9 +162,13 @@ impl ControlService {
         self.with_vm(|vm| Ok(vm.resume()?))
     }
 
-    fn do_snapshot(&self, dir: &str) -> Result<(), ApiError> {
+    fn do_snapshot(&self, dir: &str, template_key: &str) -> Result<(), ApiError> {
         let dir = validate_snapshot_dir(dir)?;
+        let template_key = validate_template_key(template_key)?;
         self.with_vm(|vm| {
+            if let Some(key) = template_key {
+                vm.set_template_key(key);
+            }
             let was_running = vm.state() == crate::VmRunState::Running;
             if was_running {
                 vm.pause()?;
@@ -221,7 +241,11 @@ impl vmm_ttrpc::Vmm for ControlService {
     }
 
     fn snapshot(&self, _: &TtrpcContext, req: pb::SnapshotRequest) -> ttrpc::Result<pb::Empty> {
-        reply("Snapshot", self.do_snapshot(&req.directory)).map(|()| pb::Empty::new())
+        reply(
+            "Snapshot",
+            self.do_snapshot(&req.directory, &req.template_key),
+        )
+        .map(|()| pb::Empty::new())
     }
 }
 
@@ -322,6 +346,23 @@ mod tests {
         }
         validate_snapshot_dir(&tmp.path().to_string_lossy()).unwrap();
         validate_snapshot_dir(&tmp.path().join("new").to_string_lossy()).unwrap();
+    }
+
+    #[test]
+    fn template_keys_are_validated() {
+        assert_eq!(validate_template_key("").unwrap(), None);
+        assert_eq!(validate_template_key("ab12").unwrap(), Some("ab12"));
+        for bad in [
+            "a b",
+            "a\nb",
+            "\u{e9}",
+            &"a".repeat(MAX_TEMPLATE_KEY_LEN + 1),
+        ] {
+            assert!(
+                matches!(validate_template_key(bad), Err(ApiError::Invalid(_))),
+                "{bad:?} accepted"
+            );
+        }
     }
 
     #[test]

@@ -15,7 +15,6 @@ pub mod memory;
 pub mod ratelimit;
 pub mod seccomp;
 pub mod snapshot;
-pub mod template;
 pub mod vcpu;
 pub mod vcpu_state;
 pub mod vm;

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
@@ -16,7 +16,6 @@ use nutshell_vmm::devices::virtio::net::{NetConfig, DEFAULT_MAC};
 use nutshell_vmm::devices::virtio::vsock::VsockConfig;
 use nutshell_vmm::jail::{self, JailSpec, Role};
 use nutshell_vmm::seccomp::{self, ThreadKind};
-use nutshell_vmm::template::{self, TemplateConfig};
 use nutshell_vmm::{
     boot_linux, Console, CpuProfileChoice, LinuxConfig, MachineConfig, RestoreConfig, RunningVm,
     Vm, VmExit,
@@ -31,7 +30,11 @@ use nutshell_vmm::{
 #[command(name = "nutshell-vmm", version, about, long_about)]
 struct Args {
     /// Uncompressed vmlinux with a PVH entry (e.g. target/nutshell/vmlinux).
-    #[arg(long, value_name = "PATH", required_unless_present = "restore")]
+    #[arg(
+        long,
+        value_name = "PATH",
+        required_unless_present_any = ["restore", "print_machine_id"]
+    )]
     kernel: Option<PathBuf>,
 
     /// Initrd: an uncompressed newc cpio archive (see nutshell-initramfs).
@@ -50,7 +53,7 @@ struct Args {
     #[arg(
         long,
         value_name = "DIR",
-        conflicts_with_all = ["kernel", "initrd", "cmdline", "memory_mib", "vcpus", "template_cache"]
+        conflicts_with_all = ["kernel", "initrd", "cmdline", "memory_mib", "vcpus", "nic_without_tap"]
     )]
     restore: Option<PathBuf>,
 
@@ -58,25 +61,16 @@ struct Args {
     #[arg(long, value_name = "KEY")]
     template_key: Option<String>,
 
-    /// Start from the agent-ready template of this kernel, initrd, command line and shape in
-    /// this cache directory: restore it if it is there, otherwise boot it once, snapshot it
-    /// when the agent answers, and restore that. A restore that is impossible falls back to a
-    /// cold boot (logged).
-    #[arg(
-        long,
-        value_name = "DIR",
-        num_args = 0..=1,
-        default_missing_value = nutshell_vmm::template::DEFAULT_CACHE_DIR,
-        requires_all = ["kernel", "initrd"]
-    )]
-    template_cache: Option<PathBuf>,
-
-    /// With --template-cache: only make sure the template exists, print its directory, exit.
-    #[arg(long, requires = "template_cache")]
-    template_only: bool,
+    /// Print what restoring a snapshot on this host depends on beyond the snapshot's files
+    /// (VMM version, snapshot format, the resolved CPU profile and the guest CPUID hash for
+    /// --vcpus), one line, and exit. A snapshot cache (nutshell-template, the shim) keys its
+    /// snapshots by it; --restore refuses a snapshot taken with another CPUID anyway.
+    #[arg(long, conflicts_with_all = ["restore", "kernel", "jail"])]
+    print_machine_id: bool,
 
     /// Serve the VMM control API (ttrpc: Pause, Resume, Snapshot, Stats, Shutdown) on this Unix
-    /// socket; it is removed at exit.
+    /// socket; it is removed at exit. Snapshot writes into a directory the VMM can see (when
+    /// jailed: one under a directory of --console, --vsock-uds or --api-sock).
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
 
@@ -108,8 +102,8 @@ struct Args {
     vsock_cid: u64,
 
     /// Add a virtio-fs device exporting this host directory (the sandbox's shared directory);
-    /// the guest mounts it with `mount -t virtiofs TAG /mnt`. With --template-cache the
-    /// template has the device (unmounted) and the restored VM exports this directory.
+    /// the guest mounts it with `mount -t virtiofs TAG /mnt`. With --restore, the snapshot's
+    /// virtio-fs device exports this directory.
     #[arg(long, value_name = "PATH")]
     shared_dir: Option<PathBuf>,
 
@@ -119,10 +113,14 @@ struct Args {
 
     /// Add a virtio-net device on this inherited descriptor of a tap (created with
     /// IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, in the network namespace the VMM runs in; the VMM
-    /// opens nothing by name). With --template-cache the template has a NIC without a tap, and
-    /// the restored VM's NIC runs on this one.
+    /// opens nothing by name). With --restore, the snapshot's NIC runs on this one.
     #[arg(long, value_name = "FD")]
     net_fd: Option<i32>,
+
+    /// Add a virtio-net device without a tap (the guest's packets go nowhere), for a snapshot
+    /// whose restores attach their own tap with --net-fd (a template).
+    #[arg(long, conflicts_with = "net_fd")]
+    nic_without_tap: bool,
 
     /// The MAC address in the NIC's config space (with --net-fd, for a cold boot; a restored
     /// NIC keeps its template's, and the agent sets the pod's).
@@ -257,10 +255,15 @@ fn devices(args: &Args, tap: Option<Tap>) -> Vec<DeviceConfig> {
             tag: args.fs_tag.clone(),
         })
     });
-    let net = tap.map(|tap| {
+    let net = match tap {
+        Some(tap) => Some(Some(tap)),
+        None if args.nic_without_tap => Some(None),
+        None => None,
+    }
+    .map(|tap| {
         DeviceConfig::Net(NetConfig {
             mac: args.net_mac.unwrap_or(DEFAULT_MAC),
-            tap: Some(tap),
+            tap,
         })
     });
     vsock.into_iter().chain(fs).chain(net).collect()
@@ -312,7 +315,6 @@ fn jail_spec(args: &Args) -> JailSpec {
         .into_iter()
         .flatten()
         .filter_map(parent)
-        .chain(args.template_cache.iter().map(absolute))
         .chain(args.shared_dir.iter().map(absolute))
         .collect();
     JailSpec {
@@ -332,10 +334,6 @@ fn jail(args: &mut Args) -> anyhow::Result<Role> {
             CpuProfile::Compat => ProfileArg::Compat,
         };
     }
-    if let Some(dir) = &args.template_cache {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("template cache {}", dir.display()))?;
-    }
     let role = jail::enter(&jail_spec(args))?;
     if matches!(role, Role::Jailed) {
         let mode = seccomp::configure(seccomp::Mode::Kill)?;
@@ -344,7 +342,7 @@ fn jail(args: &mut Args) -> anyhow::Result<Role> {
     Ok(role)
 }
 
-/// Runs the VM to its end; `None` when there was no VM to run (--template-only).
+/// Runs the VM to its end; `None` when there was no VM to run (--print-machine-id).
 fn run(args: Args, started_at: Instant) -> anyhow::Result<Option<VmExit>> {
     let signals = StopSignals::block().context("cannot set up signal handling")?;
     let cpu_profile = match args.cpu_profile {
@@ -352,6 +350,10 @@ fn run(args: Args, started_at: Instant) -> anyhow::Result<Option<VmExit>> {
         ProfileArg::Host => CpuProfileChoice::Fixed(CpuProfile::Host),
         ProfileArg::Compat => CpuProfileChoice::Fixed(CpuProfile::Compat),
     };
+    if args.print_machine_id {
+        println!("{}", machine_id(cpu_profile, args.vcpus)?);
+        return Ok(None);
+    }
     if args.template_key.is_some() && args.restore.is_none() {
         anyhow::bail!("--template-key is used with --restore only");
     }
@@ -365,54 +367,6 @@ fn run(args: Args, started_at: Instant) -> anyhow::Result<Option<VmExit>> {
             started_at,
             (args.template_key.clone(), None, None),
         )?
-    } else if let Some(cache_dir) = &args.template_cache {
-        let config = TemplateConfig {
-            kernel: args
-                .kernel
-                .clone()
-                .context("--template-cache needs --kernel")?,
-            initrd: args
-                .initrd
-                .clone()
-                .context("--template-cache needs --initrd")?,
-            cmdline: args.cmdline.clone(),
-            vcpus: args.vcpus,
-            memory_mib: args.memory_mib,
-            fs_tag: args.shared_dir.as_ref().map(|_| args.fs_tag.clone()),
-            cpu_profile,
-            cache_dir: cache_dir.clone(),
-            ready_timeout: Duration::from_secs(600),
-        };
-        if args.template_only {
-            let t = template::ensure(&config)?;
-            println!("{}", t.dir.display());
-            return Ok(None);
-        }
-        if args.vsock_uds.is_none() {
-            anyhow::bail!("--template-cache needs --vsock-uds (the agent is reached over vsock)");
-        }
-        // The restore gets a second descriptor of the tap: a failed one leaves the tap to the
-        // cold boot.
-        let restored = template::ensure(&config)
-            .map_err(anyhow::Error::from)
-            .and_then(|t| {
-                let tap = tap.as_ref().map(Tap::try_clone).transpose()?;
-                restore(
-                    &t.dir,
-                    &args,
-                    tap,
-                    cpu_profile,
-                    started_at,
-                    (Some(t.key), Some(args.vcpus), Some(args.memory_mib)),
-                )
-            });
-        match restored {
-            Ok(vm) => vm,
-            Err(e) => {
-                log::warn!("template restore impossible ({e:#}); booting cold");
-                cold_boot(&args, tap, cpu_profile, started_at)?
-            }
-        }
     } else {
         cold_boot(&args, tap, cpu_profile, started_at)?
     };
@@ -451,6 +405,18 @@ fn run(args: Args, started_at: Instant) -> anyhow::Result<Option<VmExit>> {
         .take()
         .context("the VM is gone")?;
     Ok(Some(vm.wait()))
+}
+
+/// What a restore on this host depends on beyond the snapshot's files (--print-machine-id).
+fn machine_id(cpu_profile: CpuProfileChoice, vcpus: u8) -> anyhow::Result<String> {
+    let profile = cpu_profile.resolve();
+    let cpuid = nutshell_vmm::vm::guest_cpuid_hash(profile, vcpus)
+        .context("the guest CPUID of this host")?;
+    Ok(format!(
+        "nutshell-vmm {} snapshot-format {} cpu-profile {profile} vcpus {vcpus} cpuid {cpuid:08x}",
+        nutshell_vmm::snapshot::VMM_VERSION,
+        nutshell_vmm::snapshot::FORMAT_VERSION
+    ))
 }
 
 /// SIGTERM, SIGINT and SIGHUP, blocked in every thread and read from a signalfd, so that a

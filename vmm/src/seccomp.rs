@@ -226,6 +226,8 @@ const FILES: &[i64] = &[
     libc::SYS_fdatasync,
     libc::SYS_getdents64,
     libc::SYS_mkdirat,
+    // std's create_dir on x86_64 (a Snapshot over the control socket makes its directory).
+    libc::SYS_mkdir,
     libc::SYS_unlinkat,
     libc::SYS_unlink,
     libc::SYS_rmdir,

@@ -257,10 +257,47 @@ fn help_names_every_option() {
         "--vsock-cid",
         "--shared-dir",
         "--fs-tag",
+        "--api-sock",
+        "--print-machine-id",
+        "--nic-without-tap",
         "Exit status",
     ] {
         assert!(help.contains(opt), "--help lacks {opt}");
     }
+    // Template policy lives in nutshell-template now: the VMM has no cache of its own.
+    assert!(!help.contains("--template-cache"), "{help}");
+}
+
+/// `--print-machine-id`: one line naming what a restore depends on (version, snapshot format,
+/// CPU profile, vCPUs, guest CPUID), the same for the same inputs, another for another CPU
+/// profile or vCPU count.
+#[test]
+fn machine_id_names_what_a_restore_depends_on() {
+    let id = |args: &[&str]| {
+        let mut all = vec!["--print-machine-id"];
+        all.extend_from_slice(args);
+        let out = vmm(&all);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert_eq!(text.lines().count(), 1, "{text}");
+        text.trim().to_owned()
+    };
+    let one = id(&["--vcpus", "1", "--cpu-profile", "compat"]);
+    assert!(
+        one.starts_with(&format!(
+            "nutshell-vmm {} snapshot-format ",
+            env!("CARGO_PKG_VERSION")
+        )) && one.contains("cpu-profile compat vcpus 1 cpuid "),
+        "{one}"
+    );
+    assert_eq!(id(&["--vcpus", "1", "--cpu-profile", "compat"]), one);
+    assert_ne!(id(&["--vcpus", "2", "--cpu-profile", "compat"]), one);
+    assert_ne!(id(&["--vcpus", "1", "--cpu-profile", "host"]), one);
+    // Not with a VM to run.
+    assert_eq!(
+        vmm(&["--print-machine-id", "--kernel", "/x"]).status.code(),
+        Some(2)
+    );
 }
 
 #[test]
