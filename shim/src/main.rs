@@ -49,6 +49,8 @@ struct NutshellShim {
     namespace: String,
     id: String,
     bundle: String,
+    /// The address this shim serves on (`-socket unix://PATH`; empty for `start`/`delete`).
+    socket: String,
     config: Result<Config, String>,
     exit: Arc<ExitSignal>,
 }
@@ -65,6 +67,7 @@ impl Shim for NutshellShim {
             namespace: args.namespace.clone(),
             id: args.id.clone(),
             bundle: args.bundle.clone(),
+            socket: args.socket.clone(),
             config: ours,
             exit: Arc::new(ExitSignal::default()),
         }
@@ -113,6 +116,17 @@ impl Shim for NutshellShim {
 
     fn wait(&mut self) {
         self.exit.wait();
+        // The shim crate removes the socket after this returns, but finds its path in the
+        // bundle's `address` file, which containerd may have removed with the bundle by then
+        // (a pod's last task deleted, Shutdown sent): the socket stayed in /run/containerd/s.
+        // containerd sent Shutdown; nothing is to connect any more.
+        if let Some(path) = socket_path(&self.socket) {
+            match std::fs::remove_file(&path) {
+                Ok(()) => log::debug!("removed the shim's socket {}", path.display()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => log::warn!("cannot remove {}: {e}", path.display()),
+            }
+        }
     }
 
     fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
@@ -169,13 +183,10 @@ fn remove_dead_shim_socket(address_file: &Path) {
     let Ok(address) = std::fs::read_to_string(address_file) else {
         return;
     };
-    let Some(path) = address.trim().strip_prefix("unix://").map(Path::new) else {
+    let Some(path) = socket_path(&address) else {
         return;
     };
-    let is_socket = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket());
-    if !path.is_absolute() || !is_socket {
-        return;
-    }
+    let path = path.as_path();
     match UnixStream::connect(path) {
         Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
             match std::fs::remove_file(path) {
@@ -185,6 +196,14 @@ fn remove_dead_shim_socket(address_file: &Path) {
         }
         _ => {}
     }
+}
+
+/// The socket file of a shim address `unix://PATH`: only an absolute path to an existing
+/// socket (never a regular file, never an abstract or relative address).
+fn socket_path(address: &str) -> Option<std::path::PathBuf> {
+    let path = Path::new(address.trim().strip_prefix("unix://")?);
+    let is_socket = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket());
+    (path.is_absolute() && is_socket).then(|| path.to_owned())
 }
 
 /// This process's children: the VMMs it spawned (by the parent PID in `/proc/<pid>/stat`).

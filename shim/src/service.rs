@@ -1204,7 +1204,7 @@ impl Service {
     fn do_stats(&self, req: &StatsRequest) -> Result<StatsResponse> {
         let (vm, role) = self.lookup_vm(&req.id)?;
         if !role.runs_process() {
-            return Err(ShimError::Unimplemented("stats of a pod sandbox container"));
+            return pod_vm_metrics(&vm);
         }
         let s = vm
             .agent()
@@ -1377,9 +1377,15 @@ impl Service {
             c.init.state.next(t, id)?;
         }
         if !role.runs_process() {
-            return Err(ShimError::Unimplemented("pausing a pod's VM"));
-        }
-        if pause {
+            // The pod sandbox's task is its VM: pausing it stops every vCPU, so the pod's
+            // containers pause with it (under runc, pausing the pause container freezes only
+            // that container).
+            if pause {
+                vm.pause()?;
+            } else {
+                vm.resume()?;
+            }
+        } else if pause {
             vm.agent()
                 .pause_container(id)
                 .map_err(ShimError::agent("PauseContainer"))?;
@@ -1476,6 +1482,36 @@ impl Service {
 }
 
 /// Logs a failed call once (with its chain) and turns it into a ttrpc status.
+/// The pod sandbox task's metrics: its VM's, from the VMM's control socket (the guest memory
+/// as the limit, its resident part as the usage). The VM's CPU time is not reported there, so
+/// the CPU entry is left out rather than given as zero.
+fn pod_vm_metrics(vm: &SandboxVm) -> Result<StatsResponse> {
+    let s = vm.stats()?;
+    let metrics = Metrics {
+        memory: MessageField::some(MemoryStat {
+            rss: s.rss_bytes,
+            usage: MessageField::some(MemoryEntry {
+                usage: s.rss_bytes,
+                limit: s.memory_bytes,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let any = Any {
+        type_url: "io.containerd.cgroups.v1.Metrics".to_owned(),
+        value: metrics
+            .write_to_bytes()
+            .map_err(|e| ShimError::Internal(format!("encode metrics: {e}")))?,
+        ..Default::default()
+    };
+    Ok(StatsResponse {
+        stats: MessageField::some(any),
+        ..Default::default()
+    })
+}
+
 fn reply<T>(method: &str, r: Result<T>) -> TtrpcResult<T> {
     r.map_err(|e| {
         log::warn!("{method}: {}", crate::error::chain(&e));

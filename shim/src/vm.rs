@@ -41,12 +41,10 @@ const MAX_LOG_LINE: usize = 512;
 
 /// How long a call waits for the VMM's control socket to accept.
 // Pod-level Pause/Resume/Stats: the Task API wiring comes with the sandbox/task split.
-#[cfg_attr(not(test), allow(dead_code))]
 const CONTROL_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Bound on one control call (Pause waits for every vCPU to leave the guest).
 // Pod-level Pause/Resume/Stats: the Task API wiring comes with the sandbox/task split.
-#[cfg_attr(not(test), allow(dead_code))]
 const CONTROL_RPC_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Guest console lines logged per second at most (the guest writes what it wants).
@@ -470,7 +468,6 @@ impl SandboxVm {
     }
 
     /// A client of the VMM's control socket (one connection per call: calls are rare).
-    #[cfg_attr(not(test), allow(dead_code))]
     fn control(&self) -> Result<VmmClient> {
         let path = SandboxPaths {
             dir: self.dir.clone(),
@@ -480,7 +477,6 @@ impl SandboxVm {
             .map_err(|e| self.control_error("connect", e))
     }
 
-    #[cfg_attr(not(test), allow(dead_code))]
     fn control_error(&self, what: &str, e: VmmClientError) -> ShimError {
         if e.is_precondition() {
             return ShimError::FailedPrecondition(format!(
@@ -497,7 +493,6 @@ impl SandboxVm {
 
     /// Pauses the whole VM (every vCPU; the pod's processes stop with it). FAILED_PRECONDITION
     /// if it is paused already or stopping.
-    #[cfg_attr(not(test), allow(dead_code))]
     pub fn pause(&self) -> Result<()> {
         self.control()?
             .pause()
@@ -507,7 +502,6 @@ impl SandboxVm {
     }
 
     /// Resumes a paused VM. FAILED_PRECONDITION if it is running.
-    #[cfg_attr(not(test), allow(dead_code))]
     pub fn resume(&self) -> Result<()> {
         self.control()?
             .resume()
@@ -517,7 +511,6 @@ impl SandboxVm {
     }
 
     /// The VM's size, the VMM's resident guest memory and its uptime.
-    #[cfg_attr(not(test), allow(dead_code))]
     pub fn stats(&self) -> Result<VmmStats> {
         self.control()?
             .stats()

@@ -371,6 +371,17 @@ impl Drop for TemplateVmm {
     }
 }
 
+/// Detaches whatever is mounted on its path when dropped (nothing mounted: nothing to do).
+struct DetachOnDrop(PathBuf);
+
+impl Drop for DetachOnDrop {
+    fn drop(&mut self) {
+        while nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH).is_ok() {
+            log::warn!("detached {} left by the template VM", self.0.display());
+        }
+    }
+}
+
 /// Cold-boots the template VM into `out`'s console, waits until the agent answers
 /// `Health.Check` with SERVING, and has the VMM snapshot it into `out` (marked with `key`) and
 /// shut down.
@@ -404,6 +415,10 @@ pub fn build(config: &TemplateConfig, key: &str, out: &Path) -> Result<(), Templ
         p(&out.join("boot-console")),
         "--nic-without-tap".to_owned(),
     ];
+    // A jailed VMM binds the shared directory over itself and its supervisor undoes that when
+    // it exits; a supervisor killed (a build abandoned, a VMM that hung) cannot. Dropped after
+    // the VMM (declared before it) and before the directory is removed.
+    let _shared_bind = DetachOnDrop(sock_dir.path().join("shared"));
     if let Some(tag) = &config.fs_tag {
         // The template's virtio-fs device exports an empty directory the guest never mounts.
         let empty = sock_dir.path().join("shared");

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use k8s_cri::v1 as cri;
 use nutshell_tests::cri::{container_config, namespace_modes, parse_cri_log, CriClient};
 use nutshell_tests::cri_rig::{
-    alive, cgroup_of, rig, CONTROLLERS, HANDLER, IMAGE, SERIAL, UNTRUSTED_HANDLER,
+    alive, cgroup_of, rig, CONTROLLERS, HANDLER, IMAGE, NAMESPACE, SERIAL, UNTRUSTED_HANDLER,
 };
 use nutshell_tests::memory_use;
 
@@ -184,6 +184,35 @@ fn cri_pod_with_two_containers_runs_in_one_microvm() {
         rig.cri.container_state(&web).unwrap().0,
         cri::ContainerState::ContainerRunning
     );
+
+    // The pod sandbox's task is its VM: its metrics come from the VMM, and pausing it stops
+    // the vCPUs, every container of the pod with them (an ExecSync cannot finish) until it
+    // is resumed.
+    let ctr = rig.containerd.ctr_in(NAMESPACE);
+    let metrics = ctr.output(&["task", "metrics", &pod]).unwrap();
+    assert!(metrics.contains("memory.usage_in_bytes"), "{metrics}");
+    ctr.output(&["task", "pause", &pod]).unwrap();
+    let tasks = ctr.output(&["task", "ls"]).unwrap();
+    assert!(
+        tasks
+            .lines()
+            .any(|l| l.starts_with(pod.as_str()) && l.contains("PAUSED")),
+        "{tasks}"
+    );
+    let paused = rig
+        .cri
+        .exec_sync(&web, &["echo", "while-paused"], Duration::from_secs(5));
+    assert!(
+        paused.as_ref().is_err(),
+        "an ExecSync finished in a paused pod: {:?}",
+        paused.map(|r| r.exit_code)
+    );
+    ctr.output(&["task", "resume", &pod]).unwrap();
+    let r = rig
+        .cri
+        .exec_sync(&web, &["echo", "resumed"], Duration::from_secs(120))
+        .unwrap();
+    assert_eq!((r.exit_code, text(&r.stdout)), (0, "resumed\n".to_owned()));
 
     let t = Instant::now();
     rig.cri.stop_pod_sandbox(&pod).unwrap();
