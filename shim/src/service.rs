@@ -1259,18 +1259,7 @@ impl Service {
             }),
             ..Default::default()
         };
-        // containerd resolves metrics by this type URL (its typeurl registry).
-        let any = Any {
-            type_url: "io.containerd.cgroups.v1.Metrics".to_owned(),
-            value: metrics
-                .write_to_bytes()
-                .map_err(|e| ShimError::Internal(format!("encode metrics: {e}")))?,
-            ..Default::default()
-        };
-        Ok(StatsResponse {
-            stats: MessageField::some(any),
-            ..Default::default()
-        })
+        stats_response(&metrics)
     }
 
     fn do_update(&self, req: &UpdateTaskRequest) -> Result<()> {
@@ -1499,6 +1488,11 @@ fn pod_vm_metrics(vm: &SandboxVm) -> Result<StatsResponse> {
         }),
         ..Default::default()
     };
+    stats_response(&metrics)
+}
+
+/// `metrics` as containerd wants them: resolved by this type URL (its typeurl registry).
+fn stats_response(metrics: &Metrics) -> Result<StatsResponse> {
     let any = Any {
         type_url: "io.containerd.cgroups.v1.Metrics".to_owned(),
         value: metrics

@@ -554,21 +554,12 @@ fn settle(rig: &Rig) {
     }
 }
 
-/// Every `nutshell-vmm` process whose command line names `run_dir` (supervisors and jailed
-/// VMMs: a jailed VMM's command line is its supervisor's).
+/// Every `nutshell-vmm` process of `run_dir`: the supervisors (or unjailed VMMs) and their
+/// jailed VMMs.
 fn vmm_processes(run_dir: &Path) -> Vec<u32> {
-    let needle = run_dir.to_string_lossy().into_owned();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                .is_ok_and(|c| c.trim() == "nutshell-vmm")
-                && std::fs::read(format!("/proc/{pid}/cmdline"))
-                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&needle))
-        })
+    vmms_under(run_dir)
+        .into_iter()
+        .flat_map(|pid| std::iter::once(pid).chain(jailed_vmm(pid)))
         .collect()
 }
 
