@@ -9,7 +9,10 @@
 
 mod cgroup;
 mod config;
+mod convert;
 mod error;
+mod events;
+mod hostfs;
 mod net;
 mod pod;
 mod policy;

@@ -5,10 +5,9 @@
 //! VM) runs without holding the state lock, so `State`/`Wait` stay answerable meanwhile.
 
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
-use std::sync::mpsc::{self, Sender};
+use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use containerd_shim::api::{
     CloseIORequest, ConnectRequest, ConnectResponse, CreateTaskRequest, CreateTaskResponse,
@@ -17,31 +16,23 @@ use containerd_shim::api::{
     StartResponse, StateRequest, StateResponse, StatsRequest, StatsResponse, UpdateTaskRequest,
     WaitRequest, WaitResponse,
 };
-use containerd_shim::protos::cgroups::metrics::{
-    BlkIOEntry, BlkIOStat, CPUStat, CPUUsage, MemoryEntry, MemoryStat, Metrics, PidsStat, Throttle,
-};
-use containerd_shim::protos::events::task::{
-    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused,
-    TaskResumed, TaskStart,
-};
 use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
-use containerd_shim::protos::protobuf::{CodedInputStream, Message, MessageDyn, MessageField};
-use containerd_shim::protos::topics;
-use containerd_shim::protos::ttrpc::context::Context;
+use containerd_shim::protos::protobuf::MessageField;
 use containerd_shim::protos::types::task::ProcessInfo;
 use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{ExitSignal, Task, TtrpcContext, TtrpcResult};
 use nutshell_protocol::client::ClientError;
-use nutshell_protocol::types::Resources;
 use oci_spec::runtime::Spec;
 
 use crate::config::Config;
+use crate::convert::{config_path_from_options, now, timestamp_from_nanos, with_console_size};
 use crate::error::{Result, ShimError};
+use crate::events::{Event, Events};
+use crate::hostfs::{open_bundle_log, prepare_fs, remove_container_dir};
 use crate::net::PodNetwork;
 use crate::pod::{validate_id, ResourceRequest, Role};
-use crate::policy::{PodContext, Policy};
-use crate::spec::{rewrite_for_guest, shared_mounts};
+use crate::policy::PodContext;
 use crate::state::{TaskState, Transition};
 use crate::stdio::{StdioCopy, StdioPaths};
 use crate::vm::{SandboxVm, VmExitCode};
@@ -51,9 +42,6 @@ const TERMINATING: &str = "the shim is exiting (SIGTERM or SIGINT)";
 
 /// Bound on waiting for a process's output to drain after it exited.
 const OUTPUT_DRAIN: Duration = Duration::from_secs(5);
-
-/// An event for containerd.
-type Event = (&'static str, Box<dyn MessageDyn>);
 
 /// One process: a container's init (exec id empty) or an exec.
 #[derive(Debug)]
@@ -151,7 +139,7 @@ struct Inner {
     config: std::result::Result<Config, String>,
     state: Mutex<State>,
     changed: Condvar,
-    events: Mutex<Sender<Event>>,
+    events: Events,
     exit: Arc<ExitSignal>,
 }
 
@@ -169,26 +157,6 @@ impl std::fmt::Debug for Service {
     }
 }
 
-fn now() -> Timestamp {
-    let d = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    let mut t = Timestamp::new();
-    t.seconds = i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
-    t.nanos = i32::try_from(d.subsec_nanos()).unwrap_or(0);
-    t
-}
-
-fn timestamp_from_nanos(nanos: u64) -> Timestamp {
-    if nanos == 0 {
-        return now();
-    }
-    let mut t = Timestamp::new();
-    t.seconds = i64::try_from(nanos / 1_000_000_000).unwrap_or(i64::MAX);
-    t.nanos = i32::try_from(nanos % 1_000_000_000).unwrap_or(0);
-    t
-}
-
 /// The exit status of a process whose VM exited with `code`.
 fn status_after_vm_exit(code: VmExitCode, kill_signal: Option<u32>) -> u32 {
     match kill_signal {
@@ -197,46 +165,6 @@ fn status_after_vm_exit(code: VmExitCode, kill_signal: Option<u32>) -> u32 {
         // The VM went away under the process: as if SIGKILLed.
         None => 128 + 9,
     }
-}
-
-/// An exec's OCI `process` JSON with `consoleSize` set to `rows` × `cols`.
-fn with_console_size(process_json: &[u8], rows: u32, cols: u32) -> Result<Vec<u8>> {
-    let mut process: serde_json::Value = serde_json::from_slice(process_json)
-        .map_err(|e| ShimError::InvalidArgument(format!("exec process spec: {e}")))?;
-    let obj = process
-        .as_object_mut()
-        .ok_or_else(|| ShimError::InvalidArgument("exec process spec: not an object".into()))?;
-    obj.insert(
-        "consoleSize".to_owned(),
-        serde_json::json!({ "height": rows, "width": cols }),
-    );
-    serde_json::to_vec(&process)
-        .map_err(|e| ShimError::Internal(format!("serialize the exec process spec: {e}")))
-}
-
-/// The config file named in containerd's runtime options (`runtimeoptions.v1.Options`,
-/// `config_path` = field 2), if any.
-pub fn config_path_from_options(options: &Any) -> Result<Option<PathBuf>> {
-    if !options.type_url.ends_with("runtimeoptions.v1.Options") {
-        return Ok(None);
-    }
-    let bad = |e: containerd_shim::protos::protobuf::Error| {
-        ShimError::InvalidArgument(format!("runtime options: {e}"))
-    };
-    let mut input = CodedInputStream::from_bytes(&options.value);
-    let mut path = None;
-    while let Some(tag) = input.read_raw_tag_or_eof().map_err(bad)? {
-        if tag == (2 << 3) | 2 {
-            path = Some(PathBuf::from(input.read_string().map_err(bad)?));
-        } else {
-            let wire =
-                containerd_shim::protos::protobuf::rt::WireType::new(tag & 7).ok_or_else(|| {
-                    ShimError::InvalidArgument("runtime options: bad wire type".into())
-                })?;
-            input.skip_field(wire).map_err(bad)?;
-        }
-    }
-    Ok(path.filter(|p| !p.as_os_str().is_empty()))
 }
 
 impl Service {
@@ -248,25 +176,14 @@ impl Service {
         publisher: RemotePublisher,
         exit: Arc<ExitSignal>,
     ) -> Service {
-        let (tx, rx) = mpsc::channel::<Event>();
-        let ns = namespace.clone();
-        // One thread publishes in order, so that no handler waits on containerd.
-        let _ = std::thread::Builder::new()
-            .name("events".into())
-            .spawn(move || {
-                for (topic, event) in rx {
-                    if let Err(e) = publisher.publish(Context::default(), topic, &ns, event) {
-                        log::warn!("publish {topic}: {e}");
-                    }
-                }
-            });
+        let events = Events::start(publisher, namespace.clone());
         Service {
             inner: Arc::new(Inner {
                 namespace,
                 config,
                 state: Mutex::new(State::default()),
                 changed: Condvar::new(),
-                events: Mutex::new(tx),
+                events,
                 exit,
             }),
         }
@@ -278,11 +195,8 @@ impl Inner {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn publish(&self, topic: &'static str, event: Box<dyn MessageDyn>) {
-        let tx = self.events.lock().unwrap_or_else(|e| e.into_inner());
-        if tx.send((topic, event)).is_err() {
-            log::warn!("event {topic} dropped: the publisher is gone");
-        }
+    fn publish(&self, event: Event) {
+        self.events.publish(event);
     }
 
     fn config(&self, options: Option<&Any>) -> Result<Config> {
@@ -306,18 +220,18 @@ impl Inner {
                 }
                 let status = status_after_vm_exit(code, c.kill_signal);
                 if c.init.exited(id, status, at.clone()) {
-                    events.push(exit_event(id, id, status, &at));
+                    events.push(crate::events::exit(id, id, status, &at));
                 }
                 for (eid, p) in c.execs.iter_mut() {
                     if p.exited(eid, status, at.clone()) {
-                        events.push(exit_event(id, eid, status, &at));
+                        events.push(crate::events::exit(id, eid, status, &at));
                     }
                 }
             }
             self.changed.notify_all();
         }
-        for (topic, e) in events {
-            self.publish(topic, e);
+        for e in events {
+            self.publish(e);
         }
     }
 
@@ -367,8 +281,7 @@ impl Inner {
             if p.exited(&process_id, status, at.clone()) {
                 inner.changed.notify_all();
                 drop(st);
-                let (topic, e) = exit_event(&id, &process_id, status, &at);
-                inner.publish(topic, e);
+                inner.publish(crate::events::exit(&id, &process_id, status, &at));
             }
         });
         if let Err(e) = spawned {
@@ -389,11 +302,7 @@ impl Inner {
                     match agent.get_oom_event() {
                         Ok(container_id) => {
                             log::info!("sandbox {}: OOM in {container_id}", vm.id);
-                            let ev = TaskOOM {
-                                container_id,
-                                ..Default::default()
-                            };
-                            inner.publish(topics::TASK_OOM_EVENT_TOPIC, Box::new(ev));
+                            inner.publish(crate::events::oom(container_id));
                         }
                         Err(ClientError::Status {
                             code: nutshell_protocol::ttrpc::Code::UNIMPLEMENTED,
@@ -413,173 +322,6 @@ impl Inner {
             });
     }
 }
-
-fn exit_event(container_id: &str, id: &str, status: u32, at: &Timestamp) -> Event {
-    (
-        topics::TASK_EXIT_EVENT_TOPIC,
-        Box::new(TaskExit {
-            container_id: container_id.to_owned(),
-            id: id.to_owned(),
-            exit_status: status,
-            exited_at: MessageField::some(at.clone()),
-            ..Default::default()
-        }),
-    )
-}
-
-/// The host directory of container `id` in the sandbox's shared directory.
-fn container_shared_dir(vm: &SandboxVm, id: &str) -> PathBuf {
-    vm.shared().join(id)
-}
-
-/// containerd opens `<bundle>/log` of every task for reading (a blocking open in a thread of
-/// its own), expecting the task's shim to write its log there. A container that joins its pod's
-/// shim has no shim of its own, so that open would stay pending for the container's life; on
-/// the development machines a thread blocked there cannot even be killed, and containerd never
-/// finishes exiting (seen on a containerd restart). Opening the write end completes it; the
-/// shim's log goes to the sandbox's log, so nothing is written here.
-fn open_bundle_log(bundle: &str) -> Option<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let path = Path::new(bundle).join("log");
-    match std::fs::OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(&path)
-    {
-        Ok(f) => Some(f),
-        Err(e) => {
-            log::debug!("{}: not held open: {e}", path.display());
-            None
-        }
-    }
-}
-
-/// Unmounts and removes a container's directory in the shared directory.
-fn remove_container_dir(dir: &Path) {
-    crate::vm::remove_sandbox_dir(dir);
-}
-
-/// Mounts containerd's rootfs mounts (or, without any, the bundle's rootfs) at `target`.
-fn mount_rootfs(req: &CreateTaskRequest, spec: &Spec, target: &Path) -> Result<()> {
-    std::fs::create_dir_all(target)
-        .map_err(ShimError::io(format!("create {}", target.display())))?;
-    if req.rootfs.is_empty() {
-        let root = spec
-            .root()
-            .as_ref()
-            .map(|r| r.path().clone())
-            .ok_or_else(|| {
-                ShimError::InvalidArgument("no rootfs mounts and no root.path".into())
-            })?;
-        let root = if root.is_absolute() {
-            root
-        } else {
-            Path::new(&req.bundle).join(root)
-        };
-        return bind(&root, target, false);
-    }
-    for m in &req.rootfs {
-        let typ = (!m.type_.is_empty()).then_some(m.type_.as_str());
-        let source = (!m.source.is_empty()).then_some(m.source.as_str());
-        containerd_shim::mount::mount_rootfs(typ, source, &m.options, target).map_err(|e| {
-            ShimError::Internal(format!(
-                "mount {} {} at {}: {e}",
-                m.type_,
-                m.source,
-                target.display()
-            ))
-        })?;
-    }
-    Ok(())
-}
-
-/// Mounts container `req.id`'s root filesystem and shared bind mounts under `shared_root`
-/// (the host side of the sandbox's shared directory); returns the spec for the guest as JSON.
-/// Bind sources are opened and checked against the node policy before anything is mounted,
-/// and bound from those descriptors.
-fn prepare_fs(
-    req: &CreateTaskRequest,
-    spec: &Spec,
-    shared_root: &Path,
-    policy: &Policy,
-    pod: PodContext<'_>,
-) -> Result<Vec<u8>> {
-    let id = &req.id;
-    let shared = shared_mounts(spec, id);
-    let sources = policy.open_shared_sources(&shared, pod)?;
-    mount_rootfs(req, spec, &shared_root.join(id).join("rootfs"))?;
-    for (m, source) in shared.iter().zip(&sources) {
-        let target = shared_root.join(&m.shared_rel);
-        bind(&source.mount_source(), &target, m.readonly).map_err(|e| {
-            let e = crate::error::chain(&e);
-            ShimError::Internal(format!("{}: {e}", source.resolved.display()))
-        })?;
-        set_propagation(&target, m.receives_host_mounts)?;
-    }
-    let guest_spec = rewrite_for_guest(spec.clone(), id, &shared);
-    serde_json::to_vec(&guest_spec)
-        .map_err(|e| ShimError::Internal(format!("serialize the spec: {e}")))
-}
-
-/// Makes the bind at `target` a slave of its source (`receives_host_mounts`: the volume's
-/// `rslave`/`rshared`, so host mounts made later under the source appear in the container, as
-/// under runc) or private (`rprivate`, the default), recursively. Either way nothing mounted
-/// or unmounted under `target` (the shim's teardown) propagates back to the host's source.
-fn set_propagation(target: &Path, receives_host_mounts: bool) -> Result<()> {
-    use nix::mount::{mount, MsFlags};
-    let kind = if receives_host_mounts {
-        MsFlags::MS_SLAVE
-    } else {
-        MsFlags::MS_PRIVATE
-    };
-    mount(
-        None::<&str>,
-        target,
-        None::<&str>,
-        MsFlags::MS_REC | kind,
-        None::<&str>,
-    )
-    .map_err(|e| {
-        ShimError::io(format!("set the propagation of {}", target.display()))(std::io::Error::from(
-            e,
-        ))
-    })
-}
-
-/// Binds `source` (file or directory) at `target`, creating the target.
-fn bind(source: &Path, target: &Path, readonly: bool) -> Result<()> {
-    let meta = std::fs::metadata(source)
-        .map_err(ShimError::io(format!("bind source {}", source.display())))?;
-    if meta.is_dir() {
-        std::fs::create_dir_all(target)
-    } else {
-        if let Some(parent) = target.parent() {
-            std::fs::create_dir_all(parent)
-                .map_err(ShimError::io(format!("create {}", parent.display())))?;
-        }
-        std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(target)
-            .map(drop)
-    }
-    .map_err(ShimError::io(format!("create {}", target.display())))?;
-    let mut options = vec!["rbind".to_owned()];
-    if readonly {
-        options.push("ro".to_owned());
-    }
-    containerd_shim::mount::mount_rootfs(Some("bind"), source.to_str(), &options, target).map_err(
-        |e| {
-            ShimError::Internal(format!(
-                "bind {} at {}: {e}",
-                source.display(),
-                target.display()
-            ))
-        },
-    )
-}
-
 impl Service {
     fn inner(&self) -> &Arc<Inner> {
         &self.inner
@@ -670,23 +412,7 @@ impl Service {
         if role.starts_vm() {
             self.inner.watch_oom(Arc::clone(&vm));
         }
-        self.inner.publish(
-            topics::TASK_CREATE_EVENT_TOPIC,
-            Box::new(TaskCreate {
-                container_id: id,
-                bundle: req.bundle.clone(),
-                rootfs: req.rootfs.clone(),
-                io: MessageField::some(TaskIO {
-                    stdin: req.stdin.clone(),
-                    stdout: req.stdout.clone(),
-                    stderr: req.stderr.clone(),
-                    terminal: req.terminal,
-                    ..Default::default()
-                }),
-                pid,
-                ..Default::default()
-            }),
-        );
+        self.inner.publish(crate::events::create(req, pid));
         Ok(CreateTaskResponse {
             pid,
             ..Default::default()
@@ -796,7 +522,7 @@ impl Service {
             match prepare_fs(req, spec, &vm.shared(), &config.policy, pod) {
                 Ok(json) => (vm, Some(json), None),
                 Err(e) => {
-                    remove_container_dir(&vm.shared().join(id));
+                    remove_container_dir(&vm.shared(), id);
                     return Err(e);
                 }
             }
@@ -821,7 +547,7 @@ impl Service {
             }
             Err(e) => {
                 drop(copy);
-                remove_container_dir(&container_shared_dir(&vm, id));
+                remove_container_dir(&vm.shared(), id);
                 if role.starts_vm() {
                     vm.stop();
                 }
@@ -921,26 +647,8 @@ impl Service {
             self.inner
                 .watch_process(Arc::clone(&vm), id.to_owned(), exec_id.to_owned());
         }
-        if exec_id.is_empty() {
-            self.inner.publish(
-                topics::TASK_START_EVENT_TOPIC,
-                Box::new(TaskStart {
-                    container_id: id.to_owned(),
-                    pid: vm.pid,
-                    ..Default::default()
-                }),
-            );
-        } else {
-            self.inner.publish(
-                topics::TASK_EXEC_STARTED_EVENT_TOPIC,
-                Box::new(TaskExecStarted {
-                    container_id: id.to_owned(),
-                    exec_id: exec_id.to_owned(),
-                    pid: vm.pid,
-                    ..Default::default()
-                }),
-            );
-        }
+        self.inner
+            .publish(crate::events::start(id, exec_id, vm.pid));
         Ok(StartResponse {
             pid: vm.pid,
             ..Default::default()
@@ -1001,7 +709,7 @@ impl Service {
                 log::warn!("{id}: agent RemoveContainer: {}", crate::error::chain(&e));
             }
         }
-        remove_container_dir(&container_shared_dir(&vm, id));
+        remove_container_dir(&vm.shared(), id);
         let mut st = self.inner.lock();
         if role.starts_vm() {
             st.sandboxes.remove(role.sandbox_id(id));
@@ -1021,17 +729,12 @@ impl Service {
         self.inner.changed.notify_all();
         drop(st);
         let exited_at = c.init.exited_at.clone().unwrap_or_else(now);
-        self.inner.publish(
-            topics::TASK_DELETE_EVENT_TOPIC,
-            Box::new(TaskDelete {
-                container_id: id.to_owned(),
-                id: id.to_owned(),
-                pid: vm.pid,
-                exit_status: c.init.exit_status,
-                exited_at: MessageField::some(exited_at.clone()),
-                ..Default::default()
-            }),
-        );
+        self.inner.publish(crate::events::delete(
+            id,
+            vm.pid,
+            c.init.exit_status,
+            &exited_at,
+        ));
         Ok(DeleteResponse {
             pid: vm.pid,
             exit_status: c.init.exit_status,
@@ -1084,14 +787,7 @@ impl Service {
         p.exec_spec = spec.value.clone();
         c.execs.insert(exec_id.to_owned(), p);
         drop(st);
-        self.inner.publish(
-            topics::TASK_EXEC_ADDED_EVENT_TOPIC,
-            Box::new(TaskExecAdded {
-                container_id: id.to_owned(),
-                exec_id: exec_id.to_owned(),
-                ..Default::default()
-            }),
-        );
+        self.inner.publish(crate::events::exec_added(id, exec_id));
         Ok(())
     }
 
@@ -1204,62 +900,13 @@ impl Service {
     fn do_stats(&self, req: &StatsRequest) -> Result<StatsResponse> {
         let (vm, role) = self.lookup_vm(&req.id)?;
         if !role.runs_process() {
-            return pod_vm_metrics(&vm);
+            return crate::convert::pod_stats_response(&vm.stats()?);
         }
         let s = vm
             .agent()
             .stats_container(&req.id)
             .map_err(ShimError::agent("StatsContainer"))?;
-        let metrics = Metrics {
-            pids: MessageField::some(PidsStat {
-                current: s.pids_current,
-                limit: s.pids_limit,
-                ..Default::default()
-            }),
-            cpu: MessageField::some(CPUStat {
-                usage: MessageField::some(CPUUsage {
-                    total: s.cpu_usage_usec.saturating_mul(1000),
-                    kernel: s.cpu_system_usec.saturating_mul(1000),
-                    user: s.cpu_user_usec.saturating_mul(1000),
-                    ..Default::default()
-                }),
-                throttling: MessageField::some(Throttle {
-                    throttled_periods: s.cpu_nr_throttled,
-                    throttled_time: s.cpu_throttled_usec.saturating_mul(1000),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            memory: MessageField::some(MemoryStat {
-                cache: s.memory_file_bytes,
-                rss: s.memory_anon_bytes,
-                usage: MessageField::some(MemoryEntry {
-                    usage: s.memory_usage_bytes,
-                    limit: s.memory_limit_bytes,
-                    max: s.memory_max_usage_bytes,
-                    failcnt: s.memory_oom_kills,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            blkio: MessageField::some(BlkIOStat {
-                io_service_bytes_recursive: vec![
-                    BlkIOEntry {
-                        op: "Read".into(),
-                        value: s.io_read_bytes,
-                        ..Default::default()
-                    },
-                    BlkIOEntry {
-                        op: "Write".into(),
-                        value: s.io_write_bytes,
-                        ..Default::default()
-                    },
-                ],
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        stats_response(&metrics)
+        crate::convert::container_stats_response(&s)
     }
 
     fn do_update(&self, req: &UpdateTaskRequest) -> Result<()> {
@@ -1271,20 +918,7 @@ impl Service {
             .resources
             .as_ref()
             .ok_or_else(|| ShimError::InvalidArgument("update without resources".into()))?;
-        let r: oci_spec::runtime::LinuxResources = serde_json::from_slice(&any.value)
-            .map_err(|e| ShimError::InvalidArgument(format!("resources: {e}")))?;
-        let cpu = r.cpu().as_ref();
-        let mem = r.memory().as_ref();
-        let res = Resources {
-            cpu_shares: cpu.and_then(|c| c.shares()),
-            cpu_quota: cpu.and_then(|c| c.quota()),
-            cpu_period: cpu.and_then(|c| c.period()),
-            cpuset_cpus: cpu.and_then(|c| c.cpus().clone()),
-            cpuset_mems: cpu.and_then(|c| c.mems().clone()),
-            memory_limit_bytes: mem.and_then(|m| m.limit()),
-            memory_swap_bytes: mem.and_then(|m| m.swap()),
-            pids_limit: r.pids().as_ref().map(|p| p.limit()),
-        };
+        let res = crate::convert::resources_from_oci(&any.value)?;
         vm.agent()
             .update_container(&req.id, &res)
             .map_err(ShimError::agent("UpdateContainer"))
@@ -1389,24 +1023,7 @@ impl Service {
                 c.init.state.apply(t, id)?;
             }
         }
-        let (topic, ev): Event = if pause {
-            (
-                topics::TASK_PAUSED_EVENT_TOPIC,
-                Box::new(TaskPaused {
-                    container_id: id.to_owned(),
-                    ..Default::default()
-                }),
-            )
-        } else {
-            (
-                topics::TASK_RESUMED_EVENT_TOPIC,
-                Box::new(TaskResumed {
-                    container_id: id.to_owned(),
-                    ..Default::default()
-                }),
-            )
-        };
-        self.inner.publish(topic, ev);
+        self.inner.publish(crate::events::paused(id, pause));
         Ok(())
     }
 
@@ -1468,42 +1085,6 @@ impl Service {
         self.inner.exit.signal();
         Ok(())
     }
-}
-
-/// Logs a failed call once (with its chain) and turns it into a ttrpc status.
-/// The pod sandbox task's metrics: its VM's, from the VMM's control socket (the guest memory
-/// as the limit, its resident part as the usage). The VM's CPU time is not reported there, so
-/// the CPU entry is left out rather than given as zero.
-fn pod_vm_metrics(vm: &SandboxVm) -> Result<StatsResponse> {
-    let s = vm.stats()?;
-    let metrics = Metrics {
-        memory: MessageField::some(MemoryStat {
-            rss: s.rss_bytes,
-            usage: MessageField::some(MemoryEntry {
-                usage: s.rss_bytes,
-                limit: s.memory_bytes,
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    stats_response(&metrics)
-}
-
-/// `metrics` as containerd wants them: resolved by this type URL (its typeurl registry).
-fn stats_response(metrics: &Metrics) -> Result<StatsResponse> {
-    let any = Any {
-        type_url: "io.containerd.cgroups.v1.Metrics".to_owned(),
-        value: metrics
-            .write_to_bytes()
-            .map_err(|e| ShimError::Internal(format!("encode metrics: {e}")))?,
-        ..Default::default()
-    };
-    Ok(StatsResponse {
-        stats: MessageField::some(any),
-        ..Default::default()
-    })
 }
 
 fn reply<T>(method: &str, r: Result<T>) -> TtrpcResult<T> {
@@ -1614,58 +1195,6 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
-    use containerd_shim::protos::protobuf::CodedOutputStream;
-
-    fn runtime_options(type_url: &str, fields: &[(u32, &str)]) -> Any {
-        let mut value = Vec::new();
-        {
-            let mut out = CodedOutputStream::vec(&mut value);
-            for (n, s) in fields {
-                out.write_string(*n, s).unwrap();
-            }
-            out.flush().unwrap();
-        }
-        Any {
-            type_url: type_url.into(),
-            value,
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn config_path_comes_from_cri_runtime_options() {
-        let url = "type.googleapis.com/runtimeoptions.v1.Options";
-        let any = runtime_options(url, &[(1, "x"), (2, "/etc/nutshell/other.toml")]);
-        assert_eq!(
-            config_path_from_options(&any).unwrap(),
-            Some(PathBuf::from("/etc/nutshell/other.toml"))
-        );
-        assert_eq!(
-            config_path_from_options(&runtime_options(url, &[(1, "x")])).unwrap(),
-            None
-        );
-        let runc = runtime_options("containerd.runc.v1.Options", &[(2, "/x")]);
-        assert_eq!(config_path_from_options(&runc).unwrap(), None);
-        let garbage = Any {
-            type_url: url.into(),
-            value: vec![0x12, 0xff],
-            ..Default::default()
-        };
-        assert!(config_path_from_options(&garbage).is_err());
-    }
-
-    #[test]
-    fn exec_console_size_goes_into_the_process_spec() {
-        let spec =
-            br#"{"terminal":true,"user":{"uid":0,"gid":0},"args":["sh"],"cwd":"/","consoleSize":{"height":1,"width":1}}"#;
-        let out = with_console_size(spec, 33, 97).unwrap();
-        let p: oci_spec::runtime::Process = serde_json::from_slice(&out).unwrap();
-        let size = p.console_size().unwrap();
-        assert_eq!((size.height(), size.width()), (33, 97));
-        assert_eq!(p.args().as_ref().unwrap(), &["sh".to_owned()]);
-        assert!(with_console_size(b"[1]", 1, 1).is_err());
-        assert!(with_console_size(b"{", 1, 1).is_err());
-    }
 
     #[test]
     fn vm_exit_statuses() {
