@@ -108,7 +108,7 @@ pub fn check_create(
     sandbox_id: &str,
 ) -> Result<(), PolicyError> {
     policy.check_spec(spec, id)?;
-    if role.runs_process() {
+    if crate::task::Kind::of(role).runs_container() {
         policy.open_shared_sources(&shared_mounts(spec, id), PodContext::of(spec, sandbox_id))?;
     }
     Ok(())

@@ -70,7 +70,6 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use std::path::Path;
-    use std::sync::atomic::AtomicU32;
     use std::sync::{Arc, Mutex};
 
     use nutshell_protocol::client::AgentClient;
@@ -80,7 +79,7 @@ mod tests {
 
     use super::*;
     use crate::pod::VmSize;
-    use crate::vm::{ExitCell, FIRST_STDIO_PORT};
+    use crate::vm::ExitCell;
 
     /// A stand-in VMM control service: Pause/Resume follow a paused flag like the VMM's
     /// (an illegal transition is FAILED_PRECONDITION), Stats reports fixed numbers.
@@ -134,7 +133,6 @@ mod tests {
                 memory_mib: 256,
             },
             agent: AgentClient::from_stream(agent_end, Duration::from_secs(1)).unwrap(),
-            next_port: AtomicU32::new(FIRST_STDIO_PORT),
             exit: Arc::new(ExitCell::default()),
             cgroup: Mutex::new(None),
             net: None,

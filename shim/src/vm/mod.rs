@@ -17,7 +17,6 @@ mod template;
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -62,7 +61,6 @@ pub struct SandboxVm {
     /// The size it was given.
     pub size: VmSize,
     agent: AgentClient,
-    next_port: AtomicU32,
     exit: Arc<ExitCell>,
     cgroup: Mutex<Option<PodCgroup>>,
     net: Option<PodNetwork>,
@@ -283,7 +281,6 @@ impl SandboxVm {
             pid,
             size,
             agent,
-            next_port: AtomicU32::new(FIRST_STDIO_PORT),
             exit,
             cgroup: Mutex::new(cgroup.take()),
             net: net.take(),
@@ -376,11 +373,6 @@ impl SandboxVm {
     /// The shared directory on the host.
     pub fn shared(&self) -> PathBuf {
         self.dir.join("shared")
-    }
-
-    /// A fresh guest port for a stdio stream.
-    pub fn next_port(&self) -> u32 {
-        self.next_port.fetch_add(1, Ordering::Relaxed)
     }
 
     /// The VMM's exit status, if it exited.
