@@ -23,6 +23,7 @@ mod spec;
 mod start_gate;
 mod state;
 mod stdio;
+mod sys;
 mod task;
 mod vm;
 

@@ -137,15 +137,13 @@ fn in_netns<T: Send>(
     path: &Path,
     f: impl FnOnce() -> Result<T, NetError> + Send,
 ) -> Result<T, NetError> {
-    let fd = ns.as_raw_fd();
     std::thread::scope(|s| {
         s.spawn(move || {
-            // SAFETY: setns(2) on a descriptor that `ns` keeps open for the call; it changes
-            // only this thread's namespace, and this thread ends when `f` returns.
-            if unsafe { libc::setns(fd, libc::CLONE_NEWNET) } != 0 {
+            // Changes only this thread's namespace; this thread ends when `f` returns.
+            if let Err(source) = crate::sys::setns_net(ns) {
                 return Err(NetError::Netns {
                     path: path.to_owned(),
-                    source: std::io::Error::last_os_error(),
+                    source,
                 });
             }
             f()
@@ -493,18 +491,12 @@ mod tests {
             if left.is_zero() {
                 return false;
             }
-            let mut pfd = libc::pollfd {
-                fd: fd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: poll(2) on one pollfd that lives for the call.
-            if unsafe { libc::poll(&mut pfd, 1, left.as_millis() as i32) } != 1 {
+            if !crate::sys::wait_readable(std::os::fd::AsFd::as_fd(fd), Some(left)).unwrap_or(false)
+            {
                 return false;
             }
-            // SAFETY: read(2) into `buf`, valid for its length.
-            let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-            if n > 10 && &buf[10..n as usize] == want {
+            let n = nix::unistd::read(fd, &mut buf).unwrap_or(0);
+            if n > 10 && &buf[10..n] == want {
                 return true;
             }
         }
@@ -515,9 +507,8 @@ mod tests {
     fn write_frame(fd: &OwnedFd, frame: &[u8]) {
         let mut buf = vec![0u8; 10];
         buf.extend_from_slice(frame);
-        // SAFETY: write(2) from `buf`, valid for its length.
-        let n = unsafe { libc::write(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len()) };
-        assert_eq!(n, buf.len() as isize, "{}", std::io::Error::last_os_error());
+        let n = nix::unistd::write(fd, &buf).unwrap_or_else(|e| panic!("write: {e}"));
+        assert_eq!(n, buf.len());
     }
 
     /// A broadcast frame of an ether type of nobody's, marked with `tag`.
@@ -534,9 +525,8 @@ mod tests {
     #[test]
     fn attach_wires_a_tap_to_the_pod_interface_until_detach() {
         std::thread::spawn(|| {
-            // SAFETY: unshare(2) of this thread's network namespace; no memory is passed.
-            let r = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-            assert_eq!(r, 0, "unshare (root): {}", std::io::Error::last_os_error());
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+                .unwrap_or_else(|e| panic!("unshare (root): {e}"));
             let veth = netlink::create_tap(POD_IFACE).unwrap_or_else(|e| panic!("{e}"));
             let mut nl = Netlink::open().unwrap_or_else(|e| panic!("{e}"));
             let eth0 = nl

@@ -457,10 +457,10 @@ impl Service {
             // Again on every round: a Create past its start slot may spawn a VMM meanwhile.
             for pid in crate::child_pids() {
                 log::info!("{signal}: killing child process {pid} (a VMM still starting)");
-                // SAFETY: kill(2) has no memory effects. `pid` was a child of this process a
-                // moment ago; the crate's reaper could have reaped it since, but a PID is
-                // reused only after the whole PID space has been cycled through.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
+                // `pid` was a child of this process a moment ago; the crate's reaper could have
+                // reaped it since, but a PID is reused only after the whole PID space has been
+                // cycled through.
+                let _ = crate::sys::sigkill(pid);
             }
             let creating = self.registry().creating.len();
             if creating == 0 {

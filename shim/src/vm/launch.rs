@@ -3,7 +3,6 @@
 
 use std::io::{BufRead, BufReader};
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -76,27 +75,14 @@ impl Launch<'_> {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        if !fds.is_empty() || tap_fd.is_some() {
-            // SAFETY: the closure runs in the forked child before exec and only calls write(2),
-            // setns(2), dup2(2) and fcntl(2) (async-signal-safe) on descriptors that stay open
-            // in the parent until `spawn` returns (the caller holds the tap and the network
-            // namespace's descriptor).
-            unsafe {
-                command.pre_exec(move || {
-                    cgroup::join_self(&fds)?;
-                    // Before the tap's dup2, which may land on the namespace's descriptor.
-                    if let Some(ns) = netns_fd {
-                        if libc::setns(ns, libc::CLONE_NEWNET) != 0 {
-                            return Err(std::io::Error::last_os_error());
-                        }
-                    }
-                    match tap_fd {
-                        Some(fd) => pass_fd(fd, NET_FD),
-                        None => Ok(()),
-                    }
-                });
-            }
-        }
+        crate::sys::prepare_child(
+            &mut command,
+            crate::sys::ChildSetup {
+                cgroup_procs: fds,
+                netns: netns_fd,
+                pass: tap_fd.map(|fd| (fd, NET_FD)),
+            },
+        );
         let spawned = command.spawn();
         drop(procs);
         let mut child = match spawned {
@@ -214,24 +200,6 @@ pub(super) fn pod_cgroup(cgroups_path: &str, paths: &SandboxPaths) -> Result<Pod
         cg.dirs()
     );
     Ok(cg)
-}
-
-/// Ends a subscription to the crate's exit monitor.
-/// In a forked child: `fd` becomes descriptor `target`, inherited by the exec.
-fn pass_fd(fd: RawFd, target: RawFd) -> std::io::Result<()> {
-    // SAFETY: dup2(2)/fcntl(2) on descriptors of this process; no memory is passed.
-    let r = unsafe {
-        if fd == target {
-            // dup2 to itself keeps FD_CLOEXEC: clear it.
-            libc::fcntl(fd, libc::F_SETFD, 0)
-        } else {
-            libc::dup2(fd, target)
-        }
-    };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 /// Ends a subscription to the crate's exit monitor.
