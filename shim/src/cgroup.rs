@@ -326,11 +326,8 @@ pub fn load_created(file: &Path, root: &Path) -> Vec<PathBuf> {
 /// Only async-signal-safe calls (`write(2)`).
 pub fn join_self(procs: &[std::os::fd::RawFd]) -> io::Result<()> {
     for fd in procs {
-        // SAFETY: `fd` is an open descriptor of a `cgroup.procs` file owned by the parent's
-        // `File`s, which outlive the fork; the buffer is a static one-byte string.
-        let n = unsafe { libc::write(*fd, b"0".as_ptr().cast(), 1) };
-        if n != 1 {
-            return Err(io::Error::last_os_error());
+        if crate::sys::write_raw(*fd, b"0")? != 1 {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
         }
     }
     Ok(())

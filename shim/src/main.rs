@@ -9,16 +9,22 @@
 
 mod cgroup;
 mod config;
+mod convert;
 mod error;
+mod events;
+mod hostfs;
 mod net;
 mod pod;
 mod policy;
 mod portforward;
+mod sandbox;
 mod service;
 mod spec;
 mod start_gate;
 mod state;
 mod stdio;
+mod sys;
+mod task;
 mod vm;
 
 use std::os::unix::fs::FileTypeExt as _;
@@ -95,7 +101,7 @@ impl Shim for NutshellShim {
                 .unwrap_or_default();
             if let Ok(role) = pod::Role::from_annotations(&self.id, &annotations) {
                 let paths = vm::SandboxPaths::new(&config.run_dir, role.sandbox_id(&self.id));
-                if role.starts_vm() {
+                if task::Kind::of(&role).boots_vm() {
                     cleanup_sandbox(&paths);
                     if let Some(netns) = spec.as_ref().and_then(net::netns_path) {
                         if let Err(e) = net::clean_up_after_dead_shim(&netns) {

@@ -80,16 +80,6 @@ impl Role {
             Role::Standalone => id,
         }
     }
-
-    /// Whether creating this container starts a VM.
-    pub fn starts_vm(&self) -> bool {
-        !matches!(self, Role::PodContainer { .. })
-    }
-
-    /// Whether this container runs a process in the guest (the pause container does not).
-    pub fn runs_process(&self) -> bool {
-        !matches!(self, Role::PodSandbox { .. })
-    }
 }
 
 /// The grouping key of the `start` subcommand: every container of a pod gets the address of
@@ -239,7 +229,8 @@ mod tests {
                 sandbox_id: "pod1".into()
             }
         );
-        assert!(!role.starts_vm() && role.runs_process());
+        let kind = crate::task::Kind::of(&role);
+        assert!(!kind.boots_vm() && kind.runs_container());
         assert_eq!(role.sandbox_id("web"), "pod1");
     }
 

@@ -14,7 +14,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, RawFd};
+
 use std::os::unix::fs::MetadataExt as _;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -147,9 +147,8 @@ impl PortForward {
     /// Connections already forwarded end with the VM (or their peers).
     pub fn stop(mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        // SAFETY: shutdown(2) on the listener's descriptor, which `self.listener` keeps open;
-        // on a listening socket it wakes the blocked accept(2) with an error.
-        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
+        // On a listening socket it wakes the blocked accept(2) with an error.
+        let _ = crate::sys::shutdown(&self.listener);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -373,47 +372,12 @@ fn accept_loop(listener: &TcpListener, stop: &AtomicBool, vsock: &Path) {
 
 /// Closes `conn` with a reset, so that containerd sees the connection refused, not ended.
 fn reset(conn: TcpStream) {
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: setsockopt(2) reads a `linger` that lives for the call, of the length passed.
-    unsafe {
-        libc::setsockopt(
-            conn.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            std::ptr::addr_of!(linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
+    let _ = crate::sys::linger_zero(&conn);
 }
 
 /// The destination a redirected connection was made for.
-fn original_dst(fd: RawFd) -> io::Result<SocketAddr> {
-    // SAFETY: sockaddr_in is plain data; all-zero is a valid value.
-    let mut addr: libc::sockaddr_in = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    // SAFETY: getsockopt(2) writes at most `len` bytes into `addr`, which lives for the call.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_IP,
-            libc::SO_ORIGINAL_DST,
-            std::ptr::addr_of_mut!(addr).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if addr.sin_family != libc::AF_INET as libc::sa_family_t {
-        return Err(io::Error::other("not an IPv4 destination"));
-    }
-    Ok(SocketAddr::from((
-        Ipv4Addr::from(u32::from_be(addr.sin_addr.s_addr)),
-        u16::from_be(addr.sin_port),
-    )))
+fn original_dst(conn: &TcpStream) -> io::Result<SocketAddr> {
+    crate::sys::original_dst(conn).map(SocketAddr::V4)
 }
 
 /// Forwards one accepted connection into the guest until both directions ended. On an error
@@ -429,7 +393,7 @@ fn forward(conn: TcpStream, vsock: &Path) -> Result<(), (TcpStream, ForwardError
 
 /// The agent stream for `conn`'s original port, connected in the guest.
 fn open_guest(conn: &TcpStream, vsock: &Path) -> Result<UnixStream, ForwardError> {
-    let dst = original_dst(conn.as_raw_fd()).map_err(ForwardError::OriginalDst)?;
+    let dst = original_dst(conn).map_err(ForwardError::OriginalDst)?;
     if dst.ip() != Ipv4Addr::LOCALHOST {
         return Err(ForwardError::NotLoopback(dst));
     }
@@ -546,9 +510,8 @@ mod tests {
         fake_guest(&ok_uds, Status::Connected, tx.clone());
         fake_guest(&refusing_uds, Status::Refused, tx);
         std::thread::spawn(move || {
-            // SAFETY: unshare(2) of this thread's network namespace; no memory is passed.
-            let r = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-            assert_eq!(r, 0, "unshare (root): {}", io::Error::last_os_error());
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+                .unwrap_or_else(|e| panic!("unshare (root): {e}"));
             ip(&["link", "set", "lo", "up"]);
 
             let fwd = PortForward::start(ok_uds).unwrap_or_else(|e| panic!("{e}"));
