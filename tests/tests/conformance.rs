@@ -537,3 +537,202 @@ fn container_pid_mode_setuid_and_stop_right_after_start() {
         started.elapsed().as_secs_f64()
     );
 }
+
+/// The image of the network-kernel check: busybox plus the host's iproute2 and iptables (the
+/// legacy and nf_tables back ends with every xtables extension).
+const NET_IMAGE: &str = "docker.io/nutshell/e2e-netkernel:1";
+
+fn net_image_tarball() -> PathBuf {
+    let ip = image::host_binary("ip (iproute2)", &["/usr/bin/ip", "/sbin/ip"]).unwrap();
+    let legacy = image::host_binary("iptables", &["/usr/sbin/xtables-legacy-multi"]).unwrap();
+    let nft = image::host_binary("iptables", &["/usr/sbin/xtables-nft-multi"]).unwrap();
+    let mut spec = image::busybox_image(NET_IMAGE)
+        .unwrap()
+        .binary(&ip, "/usr/local/sbin/ip")
+        .unwrap()
+        .binary(&legacy, "/usr/sbin/xtables-legacy-multi")
+        .unwrap()
+        .binary(&nft, "/usr/sbin/xtables-nft-multi")
+        .unwrap()
+        .dir("/run", 0o755)
+        .unwrap();
+    for (link, target) in [
+        ("iptables-legacy", "xtables-legacy-multi"),
+        ("ip6tables-legacy", "xtables-legacy-multi"),
+        ("iptables-nft", "xtables-nft-multi"),
+        ("ip6tables-nft", "xtables-nft-multi"),
+    ] {
+        spec = spec.symlink(&format!("/usr/sbin/{link}"), target).unwrap();
+    }
+    let ext = Path::new("/usr/lib/x86_64-linux-gnu/xtables");
+    let mut libs: Vec<PathBuf> = std::fs::read_dir(ext)
+        .expect("the host's xtables extensions (package iptables)")
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "so"))
+        .collect();
+    libs.sort();
+    for lib in libs {
+        let inside = lib.to_string_lossy().into_owned();
+        spec = spec.binary(&lib, &inside).unwrap();
+    }
+    spec.tarball(&target_dir().join("nutshell").join("bench-images"))
+        .unwrap()
+}
+
+/// Runs `script` with `sh -e` in the container and returns its output; a failing step fails
+/// the test with the step's output.
+fn sh(rig: &mut Rig, id: &str, script: &str) -> String {
+    let r = rig
+        .cri
+        .exec_sync(id, &["sh", "-ec", script], Duration::from_secs(300))
+        .unwrap();
+    let out = format!("{}{}", text(&r.stdout), text(&r.stderr));
+    assert_eq!(r.exit_code, 0, "{script}\n{out}");
+    out
+}
+
+/// What privileged and CAP_NET_ADMIN pods build inside their VM's kernel (issue 17 item 4): a
+/// bridge with a veth, tun, dummy, macvlan, ipvlan, VLAN and VXLAN links, IPv6 addresses,
+/// policy routing, packet sockets, an overlay mount; iptables rules of the kinds service meshes
+/// and kube-proxy write (REDIRECT, owner, conntrack, MASQUERADE, statistic, MARK), IPv4 and IPv6,
+/// through both the legacy and the nf_tables back ends, in a container with only CAP_NET_ADMIN.
+#[test]
+#[ignore = "slow lane: needs root, containerd, KVM and the guest kernel (scripts/test.sh runs it)"]
+fn guest_kernel_has_what_network_pods_use() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let started = Instant::now();
+    let mut rig = rig("netkernel");
+    let tarball = net_image_tarball();
+    rig.containerd.ctr().import_image(&tarball).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !rig.cri.image_present(NET_IMAGE).unwrap() {
+        assert!(Instant::now() < deadline, "the CRI does not see the image");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // containerd admits a privileged container only in a privileged sandbox.
+    let mut pod_cfg = rig.pod("nutshell-netkernel");
+    pod_cfg
+        .linux
+        .get_or_insert_with(Default::default)
+        .security_context
+        .get_or_insert_with(Default::default)
+        .privileged = true;
+    let pod = rig.cri.run_pod_sandbox(&pod_cfg, HANDLER).unwrap();
+
+    let mut privileged = container_in(&pod_cfg, "links", NET_IMAGE, &["sleep", "2147483647"]);
+    privileged
+        .linux
+        .as_mut()
+        .unwrap()
+        .security_context
+        .as_mut()
+        .unwrap()
+        .privileged = true;
+    let links = run(&mut rig, &pod, &pod_cfg, &privileged);
+    let ip = "/usr/local/sbin/ip";
+    sh(
+        &mut rig,
+        &links,
+        &format!(
+            "{ip} link add nsbr0 type bridge
+             {ip} link add nsv0 type veth peer name nsv1
+             {ip} link set nsv0 master nsbr0
+             {ip} link set nsbr0 up
+             {ip} link add nsd0 type dummy
+             {ip} link set nsd0 up
+             {ip} link add link nsd0 name nsmv0 type macvlan mode bridge
+             {ip} link add link nsd0 name nsiv0 type ipvlan mode l2
+             {ip} link add link nsd0 name nsd0.10 type vlan id 10
+             {ip} link add nsvx0 type vxlan id 42 dstport 4789 dev nsd0
+             [ -e /dev/net/tun ] || {{ mkdir -p /dev/net; mknod /dev/net/tun c 10 200; }}
+             {ip} tuntap add nstun0 mode tun
+             {ip} -6 addr add fd00:4e53::1/64 dev nsd0
+             {ip} rule add from 10.123.0.0/16 table 123
+             {ip} -6 rule add from fd00:4e53::/64 table 123
+             test -e /proc/net/packet
+             test -e /proc/sys/net/bridge/bridge-nf-call-iptables
+             mkdir -p /tmp/ov/l /tmp/ov/u /tmp/ov/w /tmp/ov/m
+             echo lower > /tmp/ov/l/f
+             mount -t tmpfs tmpfs /tmp/ov/u
+             mkdir /tmp/ov/u/u /tmp/ov/u/w
+             mount -t overlay overlay -o lowerdir=/tmp/ov/l,upperdir=/tmp/ov/u/u,workdir=/tmp/ov/u/w /tmp/ov/m
+             echo upper >> /tmp/ov/m/f
+             cat /tmp/ov/m/f"
+        ),
+    );
+    let shown = sh(&mut rig, &links, &format!("{ip} -d link show"));
+    for kind in [
+        "bridge", "veth", "dummy", "macvlan", "ipvlan", "vlan", "vxlan", "tun",
+    ] {
+        assert!(shown.contains(kind), "no {kind} link in:\n{shown}");
+    }
+    let rules = sh(&mut rig, &links, &format!("{ip} rule; {ip} -6 rule"));
+    assert_eq!(rules.matches("lookup 123").count(), 2, "{rules}");
+
+    // CAP_NET_ADMIN (and the default set with CAP_NET_RAW), not privileged: the rules an Istio
+    // init container, kube-proxy and CNI tools write, in the pod's network namespace.
+    let mut admin = container_in(&pod_cfg, "rules", NET_IMAGE, &["sleep", "2147483647"]);
+    admin
+        .linux
+        .as_mut()
+        .unwrap()
+        .security_context
+        .as_mut()
+        .unwrap()
+        .capabilities = Some(cri::Capability {
+        add_capabilities: vec!["CAP_NET_ADMIN".to_owned()],
+        ..Default::default()
+    });
+    let rules_id = run(&mut rig, &pod, &pod_cfg, &admin);
+    for backend in ["legacy", "nft"] {
+        for (family, cmd) in [("4", "iptables"), ("6", "ip6tables")] {
+            let t = format!("/usr/sbin/{cmd}-{backend}");
+            let masq_src = if family == "4" {
+                "10.123.0.0/16"
+            } else {
+                "fd00:4e53::/64"
+            };
+            sh(
+                &mut rig,
+                &rules_id,
+                &format!(
+                    "{t} -t nat -N NS_REDIRECT
+                     {t} -t nat -A NS_REDIRECT -p tcp -j REDIRECT --to-ports 15001
+                     {t} -t nat -A OUTPUT -p tcp -m owner --uid-owner 1337 -j RETURN
+                     {t} -t nat -A OUTPUT -p tcp -m multiport --dports 80,443 -m comment --comment nutshell -j NS_REDIRECT
+                     {t} -t nat -A POSTROUTING -s {masq_src} -m addrtype ! --dst-type LOCAL -j MASQUERADE
+                     {t} -A INPUT -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT
+                     {t} -A INPUT -p tcp --dport 9 -j REJECT
+                     {t} -t mangle -A PREROUTING -m statistic --mode random --probability 0.5 -j MARK --set-mark 0x4e
+                     {t} -t mangle -A PREROUTING -j CONNMARK --save-mark
+                     {t} -t raw -A PREROUTING -p udp --dport 9 -j ACCEPT"
+                ),
+            );
+            let listed = sh(
+                &mut rig,
+                &rules_id,
+                &format!("{t} -S; {t} -t nat -S; {t} -t mangle -S"),
+            );
+            for want in [
+                "--to-ports 15001",
+                "--uid-owner 1337",
+                "--dports 80,443",
+                "-j MASQUERADE",
+                "--probability 0.5",
+                "--set-xmark 0x4e",
+            ] {
+                assert!(
+                    listed.contains(want),
+                    "{cmd}-{backend}: {want} not listed:\n{listed}"
+                );
+            }
+        }
+    }
+    remove_pod(&mut rig, &pod);
+    rig.assert_nothing_left();
+    eprintln!(
+        "network kernel features test {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
