@@ -20,8 +20,8 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
 
 use nix::sched::CloneFlags;
 use nix::sys::signal::Signal;
@@ -160,48 +160,7 @@ impl ExitStatus {
 }
 
 /// One process's exit, for any number of waiters.
-#[derive(Debug, Default)]
-struct ExitCell {
-    status: Mutex<Option<ExitStatus>>,
-    cond: Condvar,
-}
-
-impl ExitCell {
-    fn set(&self, status: ExitStatus) {
-        let mut guard = lock(&self.status);
-        if guard.is_none() {
-            *guard = Some(status);
-        }
-        self.cond.notify_all();
-    }
-
-    fn get(&self) -> Option<ExitStatus> {
-        *lock(&self.status)
-    }
-
-    fn wait(&self, timeout: Option<Duration>) -> Option<ExitStatus> {
-        let deadline = timeout.map(|t| Instant::now() + t);
-        let mut guard = lock(&self.status);
-        loop {
-            if let Some(status) = *guard {
-                return Some(status);
-            }
-            guard = match deadline {
-                None => self
-                    .cond
-                    .wait(guard)
-                    .unwrap_or_else(std::sync::PoisonError::into_inner),
-                Some(deadline) => {
-                    let left = deadline.checked_duration_since(Instant::now())?;
-                    self.cond
-                        .wait_timeout(guard, left)
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .0
-                }
-            };
-        }
-    }
-}
+type ExitCell = nutshell_protocol::exit_cell::ExitCell<ExitStatus>;
 
 /// A running or exited process of a container.
 #[derive(Debug)]
@@ -648,8 +607,7 @@ impl Containers {
                     .clone(),
             }
         };
-        cell.wait(None)
-            .ok_or_else(|| ContainerError::Setup("wait without an exit".into()))
+        Ok(cell.wait())
     }
 
     /// The container's state.
@@ -755,7 +713,7 @@ impl Containers {
             }
         };
         if let Some(exit) = exit {
-            if exit.wait(Some(timeout)).is_none() {
+            if exit.wait_timeout(timeout).is_none() {
                 return Err(ContainerError::Io {
                     what: "stop init",
                     source: std::io::Error::new(
