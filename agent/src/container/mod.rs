@@ -13,6 +13,7 @@ mod process;
 pub mod rootfs;
 pub mod seccomp;
 mod spawn;
+mod state;
 pub(crate) mod syscall;
 mod tty;
 
@@ -32,6 +33,7 @@ use self::process::ProcessPlan;
 pub use self::rootfs::RootMode;
 use self::rootfs::RootfsPlan;
 use self::spawn::{InitPart, Pending, SpawnPlan};
+pub use self::state::{Op, State};
 use self::tty::Pty;
 
 /// The error of a cgroup placement hook.
@@ -107,19 +109,6 @@ pub enum ContainerError {
         #[source]
         source: std::io::Error,
     },
-}
-
-/// A container's lifecycle state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum State {
-    /// Init is set up and waits for start.
-    Created,
-    /// Init was started and has not exited.
-    Running,
-    /// Frozen (by the cgroup freezer; see [`Containers::set_paused`]).
-    Paused,
-    /// Init has exited.
-    Stopped,
 }
 
 /// The descriptors a process gets as stdin, stdout and stderr (in the guest: vsock streams).
@@ -208,6 +197,24 @@ struct Container {
     seccomp: Option<seccompiler::BpfProgram>,
 }
 
+impl Container {
+    /// Checks `op` against the state and moves to the state after it.
+    fn apply(&mut self, id: &str, op: Op) -> Result<State, ContainerError> {
+        self.state = self
+            .state
+            .next(op)
+            .ok_or_else(|| invalid_state(id, self.state, op.verb()))?;
+        Ok(self.state)
+    }
+
+    /// Checks `op` against the state without changing it (the caller acts first).
+    fn check(&self, id: &str, op: Op) -> Result<State, ContainerError> {
+        self.state
+            .next(op)
+            .ok_or_else(|| invalid_state(id, self.state, op.verb()))
+    }
+}
+
 /// Where a PID's exit goes.
 #[derive(Debug)]
 struct Route {
@@ -271,7 +278,8 @@ impl Containers {
         if route.exec_id.is_none() {
             if let Some(c) = inner.containers.get_mut(&route.container) {
                 if Arc::ptr_eq(&c.init.exit, &route.exit) {
-                    c.state = State::Stopped;
+                    // Exit is allowed in every state.
+                    let _ = c.apply(&route.container, Op::Exit);
                     c.pending = None;
                 }
             }
@@ -427,14 +435,12 @@ impl Containers {
         let pending = {
             let mut inner = self.inner();
             let c = get_mut(&mut inner, id)?;
-            if c.state != State::Created {
-                return Err(invalid_state(id, c.state, "start"));
-            }
+            c.check(id, Op::Start)?;
             let pending = c
                 .pending
                 .take()
-                .ok_or_else(|| invalid_state(id, c.state, "start"))?;
-            c.state = State::Running;
+                .ok_or_else(|| invalid_state(id, c.state, Op::Start.verb()))?;
+            c.apply(id, Op::Start)?;
             pending
         };
         pending.start()
@@ -455,9 +461,7 @@ impl Containers {
         let (init_pid, init_pidfd, seccomp) = {
             let inner = self.inner();
             let c = get(&inner, id)?;
-            if c.state != State::Running {
-                return Err(invalid_state(id, c.state, "exec in"));
-            }
+            c.check(id, Op::Exec)?;
             if c.execs.contains_key(exec_id) {
                 return Err(ContainerError::ProcessExists {
                     id: id.to_string(),
@@ -546,9 +550,7 @@ impl Containers {
                 })?,
         };
         if all && exec_id.is_none() {
-            if c.state == State::Stopped {
-                return Err(invalid_state(id, c.state, "signal"));
-            }
+            c.check(id, Op::SignalAll)?;
             for pid in container_pids(c) {
                 let _ = nix::sys::signal::kill(pid, signal);
             }
@@ -632,16 +634,21 @@ impl Containers {
         Ok(())
     }
 
+    /// The container's cgroup, if it was given one.
+    pub fn cgroup(&self, id: &str) -> Result<Option<cgroup::Cgroup>, ContainerError> {
+        Ok(get(&self.inner(), id)?.cgroup.clone())
+    }
+
+    /// Whether any container has a PID namespace of its own (the CRI's CONTAINER mode).
+    pub fn any_own_pidns(&self) -> bool {
+        self.inner().containers.values().any(|c| c.own_pidns)
+    }
+
     /// Records that the container was frozen (`true`) or thawed (`false`) by the caller.
     pub fn set_paused(&self, id: &str, paused: bool) -> Result<(), ContainerError> {
         let mut inner = self.inner();
-        let c = get_mut(&mut inner, id)?;
-        c.state = match (c.state, paused) {
-            (State::Running, true) => State::Paused,
-            (State::Paused, false) => State::Running,
-            (state, true) => return Err(invalid_state(id, state, "pause")),
-            (state, false) => return Err(invalid_state(id, state, "resume")),
-        };
+        let op = if paused { Op::Pause } else { Op::Resume };
+        get_mut(&mut inner, id)?.apply(id, op)?;
         Ok(())
     }
 
@@ -693,15 +700,19 @@ impl Containers {
     }
 
     /// Removes the container: a stopped one at once; otherwise every process gets SIGKILL and
-    /// init is waited for up to `timeout` (a paused container must be thawed first).
-    pub fn remove(&self, id: &str, timeout: Duration) -> Result<(), ContainerError> {
+    /// init is waited for up to `timeout` (a paused container must be thawed first). Returns
+    /// the container's cgroup, which the caller removes.
+    pub fn remove(
+        &self,
+        id: &str,
+        timeout: Duration,
+    ) -> Result<Option<cgroup::Cgroup>, ContainerError> {
         let exit = {
             let mut inner = self.inner();
             let c = get_mut(&mut inner, id)?;
-            match c.state {
+            match c.check(id, Op::Remove)? {
                 State::Stopped => None,
-                State::Paused => return Err(invalid_state(id, c.state, "remove")),
-                State::Created | State::Running => {
+                State::Created | State::Running | State::Paused => {
                     // A created init waits on its sync pipe: dropping it ends the child too.
                     c.pending = None;
                     for pid in container_pids(c) {
@@ -723,9 +734,9 @@ impl Containers {
                 });
             }
         }
-        self.inner().containers.remove(id);
+        let removed = self.inner().containers.remove(id);
         log::debug!("container {id} removed");
-        Ok(())
+        Ok(removed.and_then(|c| c.cgroup))
     }
 }
 
