@@ -14,7 +14,6 @@ pub mod rootfs;
 pub mod seccomp;
 mod spawn;
 mod state;
-pub(crate) mod syscall;
 mod tty;
 
 use std::collections::HashMap;
@@ -390,7 +389,7 @@ impl Containers {
                 routed = Some(pid);
                 // The child waits for "go": it cannot have exited and been reaped unless
                 // someone killed it, and then the open fails.
-                pidfd = syscall::pidfd_open(pid).ok();
+                pidfd = crate::sys::pidfd_open(pid).ok();
             },
             place,
         )
@@ -575,7 +574,7 @@ impl Containers {
             }
         }
         let sent = match &process.pidfd {
-            Some(pidfd) => syscall::pidfd_send_signal(pidfd.as_fd(), signal as libc::c_int),
+            Some(pidfd) => crate::sys::pidfd_send_signal(pidfd.as_fd(), signal as libc::c_int),
             None => nix::sys::signal::kill(process.pid, signal).map_err(Into::into),
         };
         match sent {
