@@ -4,9 +4,9 @@
 //!
 //! Every container gets the cgroup `<cgroup_root>/nutshell/<id>` (cgroup v2), made before its
 //! init runs and placed by the registry's hook before init does anything; the spec's
-//! `linux.resources` are applied to it, and its `memory.events` are watched for OOM kills.
+//! `linux.resources` are applied to it, and its `memory.events` are watched for OOM kills. The
+//! container's record in [`Containers`] owns the cgroup from then on.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -118,10 +118,6 @@ pub struct Pod {
     cgroup_root: PathBuf,
     accept_timeout: Duration,
     sandbox: Mutex<Option<Sandbox>>,
-    /// Whether each container has a PID namespace of its own (CONTAINER mode), to recognise
-    /// the CRI's TARGET mode (see [`Pod::check_pid_mode`]).
-    own_pidns: Mutex<HashMap<String, bool>>,
-    cgroups: Mutex<HashMap<String, Cgroup>>,
     oom: Option<OomWatcher>,
     oom_events: Mutex<mpsc::Receiver<String>>,
 }
@@ -162,8 +158,6 @@ impl Pod {
             cgroup_root,
             accept_timeout: stdio::ACCEPT_TIMEOUT,
             sandbox: Mutex::new(None),
-            own_pidns: Mutex::new(HashMap::new()),
-            cgroups: Mutex::new(HashMap::new()),
             oom,
             oom_events: Mutex::new(rx),
         }
@@ -219,7 +213,7 @@ impl Pod {
         if self.containers.state(id).is_ok() {
             return Err(ContainerError::AlreadyExists(id.clone()).into());
         }
-        let own_pidns = self.check_pid_mode(&spec)?;
+        self.check_pid_mode(&spec)?;
         let began = Instant::now();
         let ports = req.stdio.as_ref().map(StdioPorts::from).unwrap_or_default();
         let streams = stdio::accept_streams(
@@ -263,13 +257,10 @@ impl Pod {
                 log::warn!("container {id}: no OOM events: {e}");
             }
         }
-        if let Err(e) = self.containers.set_cgroup(id, cgroup.clone()) {
+        // The container's record owns its cgroup from here on.
+        if let Err(e) = self.containers.set_cgroup(id, cgroup) {
             log::warn!("container {id}: {e}");
         }
-        if let Some(own) = own_pidns {
-            lock(&self.own_pidns).insert(id.clone(), own);
-        }
-        lock(&self.cgroups).insert(id.clone(), cgroup);
         log::info!(
             "container {id} created (init pid {pid}) in {:.2} s: stdio {:.2} s, cgroup {:.2} s, \
              process {:.2} s",
@@ -281,15 +272,16 @@ impl Pod {
         Ok(pid)
     }
 
-    /// Whether the container asks for a PID namespace of its own (`Some(true)`, the CRI's
-    /// CONTAINER mode), the pod's (`Some(false)`, POD) or none (`None`: the VM's, NODE).
+    /// Refuses the CRI's TARGET PID namespace mode. A container asks for a PID namespace of
+    /// its own (the CRI's CONTAINER mode), the pod's (POD) or none (the VM's, NODE); the
+    /// container records know which have their own.
     ///
     /// The CRI's TARGET mode (`kubectl debug --target`) reaches the agent as the pod's PID
     /// namespace, exactly like POD: containerd names the target's task PID, and every container
     /// of a Nutshell pod has the VMM's. kubelet asks for TARGET only in pods whose containers
     /// have PID namespaces of their own, so a container that joins the pod's PID namespace in
     /// such a pod is refused as not supported rather than run in a namespace without its target.
-    fn check_pid_mode(&self, spec: &Spec) -> Result<Option<bool>, PodError> {
+    fn check_pid_mode(&self, spec: &Spec) -> Result<(), PodError> {
         let pid_ns = spec
             .linux()
             .as_ref()
@@ -299,13 +291,13 @@ impl Pod {
                     .find(|ns| ns.typ() == oci_spec::runtime::LinuxNamespaceType::Pid)
             });
         let Some(ns) = pid_ns else {
-            return Ok(None);
+            return Ok(());
         };
         let joins_pod = ns
             .path()
             .as_ref()
             .is_some_and(|p| *p == Path::new(&nutshell_protocol::pod_namespace_path("pid")));
-        if joins_pod && lock(&self.own_pidns).values().any(|own| *own) {
+        if joins_pod && self.containers.any_own_pidns() {
             return Err(ContainerError::NotSupported(
                 "the PID namespace mode TARGET (a container sharing the PID namespace of \
                  another container of a pod whose containers have their own; kubectl debug \
@@ -314,7 +306,7 @@ impl Pod {
             )
             .into());
         }
-        Ok(Some(ns.path().is_none()))
+        Ok(())
     }
 
     fn make_cgroup(
@@ -358,7 +350,7 @@ impl Pod {
             req.terminal,
             self.accept_timeout,
         )?;
-        let cgroup = lock(&self.cgroups).get(id).cloned();
+        let cgroup = self.containers.cgroup(id)?;
         let place = |pid: Pid| -> Result<(), HookError> {
             if let Some(cg) = &cgroup {
                 cg.add_process(pid.as_raw() as u32)?;
@@ -414,12 +406,11 @@ impl Pod {
         id: &str,
         op: impl FnOnce(&Cgroup) -> Result<T, CgroupError>,
     ) -> Result<T, PodError> {
-        self.containers.state(id)?;
-        let cgroups = lock(&self.cgroups);
-        let cg = cgroups
-            .get(id)
+        let cg = self
+            .containers
+            .cgroup(id)?
             .ok_or_else(|| ContainerError::NotFound(id.to_string()))?;
-        op(cg).map_err(|source| PodError::Cgroup {
+        op(&cg).map_err(|source| PodError::Cgroup {
             id: id.to_string(),
             source,
         })
@@ -485,12 +476,11 @@ impl Pod {
         if self.containers.state(id)? == crate::container::State::Paused {
             self.resume(id)?;
         }
-        self.containers.remove(id, timeout)?;
+        let cgroup = self.containers.remove(id, timeout)?;
         if let Some(w) = &self.oom {
             w.unwatch(id);
         }
-        lock(&self.own_pidns).remove(id);
-        if let Some(cg) = lock(&self.cgroups).remove(id) {
+        if let Some(cg) = cgroup {
             if let Err(e) = cg.kill_all().and_then(|()| cg.remove_within(timeout)) {
                 log::warn!("container {id}: cannot remove its cgroup: {e}");
             }

@@ -30,7 +30,7 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use nutshell_protocol::{pod_namespace_path, GUEST_POD_NS_DIR};
 
-use crate::container::syscall::{self, Forked};
+use crate::sys::{self as syscall, Forked};
 
 /// Most sysctls a pod may set.
 pub const MAX_SYSCTLS: usize = 256;

@@ -1,8 +1,12 @@
 //! The ttrpc services of the agent API: `Health` (Check, Version) and `Agent`.
 //!
-//! Served now: Check, Version, Shutdown, RefreshGuest. Every other `Agent` method answers UNIMPLEMENTED with
-//! "not implemented yet: <Method>". The power-off that follows Shutdown is injected as a
-//! [`ShutdownAction`], so that the service runs on the host in tests.
+//! Every `Agent` method of `protocol/protos/agent.proto` is served. The handlers are thin:
+//! the sandbox and container methods (CreateSandbox … GetOOMEvent) call [`Pod`] and map its
+//! [`PodError`] to a ttrpc status in one place ([`PodError::code`]); UpdateInterface and
+//! UpdateRoutes call [`crate::network`]; Shutdown answers, then powers off through the injected
+//! [`ShutdownAction`]; RefreshGuest sets the clock and feeds the RNG through the injected
+//! [`RefreshAction`]. Without an installed pod the container methods answer
+//! FAILED_PRECONDITION. The injected actions let the service run on the host in tests.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -7,6 +7,7 @@
 //! conversions here.
 
 pub mod client;
+pub mod exit_cell;
 pub mod mountinfo;
 #[cfg(feature = "netlink")]
 pub mod netlink;

@@ -13,15 +13,15 @@ mod process;
 pub mod rootfs;
 pub mod seccomp;
 mod spawn;
-pub(crate) mod syscall;
+mod state;
 mod tty;
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
 
 use nix::sched::CloneFlags;
 use nix::sys::signal::Signal;
@@ -32,6 +32,7 @@ use self::process::ProcessPlan;
 pub use self::rootfs::RootMode;
 use self::rootfs::RootfsPlan;
 use self::spawn::{InitPart, Pending, SpawnPlan};
+pub use self::state::{Op, State};
 use self::tty::Pty;
 
 /// The error of a cgroup placement hook.
@@ -109,19 +110,6 @@ pub enum ContainerError {
     },
 }
 
-/// A container's lifecycle state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum State {
-    /// Init is set up and waits for start.
-    Created,
-    /// Init was started and has not exited.
-    Running,
-    /// Frozen (by the cgroup freezer; see [`Containers::set_paused`]).
-    Paused,
-    /// Init has exited.
-    Stopped,
-}
-
 /// The descriptors a process gets as stdin, stdout and stderr (in the guest: vsock streams).
 /// Absent ones are `/dev/null`. With a terminal, stdin and stdout are copied to and from the
 /// pty and stderr is unused (the terminal carries both).
@@ -160,48 +148,7 @@ impl ExitStatus {
 }
 
 /// One process's exit, for any number of waiters.
-#[derive(Debug, Default)]
-struct ExitCell {
-    status: Mutex<Option<ExitStatus>>,
-    cond: Condvar,
-}
-
-impl ExitCell {
-    fn set(&self, status: ExitStatus) {
-        let mut guard = lock(&self.status);
-        if guard.is_none() {
-            *guard = Some(status);
-        }
-        self.cond.notify_all();
-    }
-
-    fn get(&self) -> Option<ExitStatus> {
-        *lock(&self.status)
-    }
-
-    fn wait(&self, timeout: Option<Duration>) -> Option<ExitStatus> {
-        let deadline = timeout.map(|t| Instant::now() + t);
-        let mut guard = lock(&self.status);
-        loop {
-            if let Some(status) = *guard {
-                return Some(status);
-            }
-            guard = match deadline {
-                None => self
-                    .cond
-                    .wait(guard)
-                    .unwrap_or_else(std::sync::PoisonError::into_inner),
-                Some(deadline) => {
-                    let left = deadline.checked_duration_since(Instant::now())?;
-                    self.cond
-                        .wait_timeout(guard, left)
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .0
-                }
-            };
-        }
-    }
-}
+type ExitCell = nutshell_protocol::exit_cell::ExitCell<ExitStatus>;
 
 /// A running or exited process of a container.
 #[derive(Debug)]
@@ -247,6 +194,24 @@ struct Container {
     cgroup: Option<cgroup::Cgroup>,
     /// The container's seccomp filter, for exec'd processes too.
     seccomp: Option<seccompiler::BpfProgram>,
+}
+
+impl Container {
+    /// Checks `op` against the state and moves to the state after it.
+    fn apply(&mut self, id: &str, op: Op) -> Result<State, ContainerError> {
+        self.state = self
+            .state
+            .next(op)
+            .ok_or_else(|| invalid_state(id, self.state, op.verb()))?;
+        Ok(self.state)
+    }
+
+    /// Checks `op` against the state without changing it (the caller acts first).
+    fn check(&self, id: &str, op: Op) -> Result<State, ContainerError> {
+        self.state
+            .next(op)
+            .ok_or_else(|| invalid_state(id, self.state, op.verb()))
+    }
 }
 
 /// Where a PID's exit goes.
@@ -312,7 +277,8 @@ impl Containers {
         if route.exec_id.is_none() {
             if let Some(c) = inner.containers.get_mut(&route.container) {
                 if Arc::ptr_eq(&c.init.exit, &route.exit) {
-                    c.state = State::Stopped;
+                    // Exit is allowed in every state.
+                    let _ = c.apply(&route.container, Op::Exit);
                     c.pending = None;
                 }
             }
@@ -423,7 +389,7 @@ impl Containers {
                 routed = Some(pid);
                 // The child waits for "go": it cannot have exited and been reaped unless
                 // someone killed it, and then the open fails.
-                pidfd = syscall::pidfd_open(pid).ok();
+                pidfd = crate::sys::pidfd_open(pid).ok();
             },
             place,
         )
@@ -468,14 +434,12 @@ impl Containers {
         let pending = {
             let mut inner = self.inner();
             let c = get_mut(&mut inner, id)?;
-            if c.state != State::Created {
-                return Err(invalid_state(id, c.state, "start"));
-            }
+            c.check(id, Op::Start)?;
             let pending = c
                 .pending
                 .take()
-                .ok_or_else(|| invalid_state(id, c.state, "start"))?;
-            c.state = State::Running;
+                .ok_or_else(|| invalid_state(id, c.state, Op::Start.verb()))?;
+            c.apply(id, Op::Start)?;
             pending
         };
         pending.start()
@@ -496,9 +460,7 @@ impl Containers {
         let (init_pid, init_pidfd, seccomp) = {
             let inner = self.inner();
             let c = get(&inner, id)?;
-            if c.state != State::Running {
-                return Err(invalid_state(id, c.state, "exec in"));
-            }
+            c.check(id, Op::Exec)?;
             if c.execs.contains_key(exec_id) {
                 return Err(ContainerError::ProcessExists {
                     id: id.to_string(),
@@ -587,9 +549,7 @@ impl Containers {
                 })?,
         };
         if all && exec_id.is_none() {
-            if c.state == State::Stopped {
-                return Err(invalid_state(id, c.state, "signal"));
-            }
+            c.check(id, Op::SignalAll)?;
             for pid in container_pids(c) {
                 let _ = nix::sys::signal::kill(pid, signal);
             }
@@ -614,7 +574,7 @@ impl Containers {
             }
         }
         let sent = match &process.pidfd {
-            Some(pidfd) => syscall::pidfd_send_signal(pidfd.as_fd(), signal as libc::c_int),
+            Some(pidfd) => crate::sys::pidfd_send_signal(pidfd.as_fd(), signal as libc::c_int),
             None => nix::sys::signal::kill(process.pid, signal).map_err(Into::into),
         };
         match sent {
@@ -648,8 +608,7 @@ impl Containers {
                     .clone(),
             }
         };
-        cell.wait(None)
-            .ok_or_else(|| ContainerError::Setup("wait without an exit".into()))
+        Ok(cell.wait())
     }
 
     /// The container's state.
@@ -674,16 +633,21 @@ impl Containers {
         Ok(())
     }
 
+    /// The container's cgroup, if it was given one.
+    pub fn cgroup(&self, id: &str) -> Result<Option<cgroup::Cgroup>, ContainerError> {
+        Ok(get(&self.inner(), id)?.cgroup.clone())
+    }
+
+    /// Whether any container has a PID namespace of its own (the CRI's CONTAINER mode).
+    pub fn any_own_pidns(&self) -> bool {
+        self.inner().containers.values().any(|c| c.own_pidns)
+    }
+
     /// Records that the container was frozen (`true`) or thawed (`false`) by the caller.
     pub fn set_paused(&self, id: &str, paused: bool) -> Result<(), ContainerError> {
         let mut inner = self.inner();
-        let c = get_mut(&mut inner, id)?;
-        c.state = match (c.state, paused) {
-            (State::Running, true) => State::Paused,
-            (State::Paused, false) => State::Running,
-            (state, true) => return Err(invalid_state(id, state, "pause")),
-            (state, false) => return Err(invalid_state(id, state, "resume")),
-        };
+        let op = if paused { Op::Pause } else { Op::Resume };
+        get_mut(&mut inner, id)?.apply(id, op)?;
         Ok(())
     }
 
@@ -735,15 +699,19 @@ impl Containers {
     }
 
     /// Removes the container: a stopped one at once; otherwise every process gets SIGKILL and
-    /// init is waited for up to `timeout` (a paused container must be thawed first).
-    pub fn remove(&self, id: &str, timeout: Duration) -> Result<(), ContainerError> {
+    /// init is waited for up to `timeout` (a paused container must be thawed first). Returns
+    /// the container's cgroup, which the caller removes.
+    pub fn remove(
+        &self,
+        id: &str,
+        timeout: Duration,
+    ) -> Result<Option<cgroup::Cgroup>, ContainerError> {
         let exit = {
             let mut inner = self.inner();
             let c = get_mut(&mut inner, id)?;
-            match c.state {
+            match c.check(id, Op::Remove)? {
                 State::Stopped => None,
-                State::Paused => return Err(invalid_state(id, c.state, "remove")),
-                State::Created | State::Running => {
+                State::Created | State::Running | State::Paused => {
                     // A created init waits on its sync pipe: dropping it ends the child too.
                     c.pending = None;
                     for pid in container_pids(c) {
@@ -755,7 +723,7 @@ impl Containers {
             }
         };
         if let Some(exit) = exit {
-            if exit.wait(Some(timeout)).is_none() {
+            if exit.wait_timeout(timeout).is_none() {
                 return Err(ContainerError::Io {
                     what: "stop init",
                     source: std::io::Error::new(
@@ -765,9 +733,9 @@ impl Containers {
                 });
             }
         }
-        self.inner().containers.remove(id);
+        let removed = self.inner().containers.remove(id);
         log::debug!("container {id} removed");
-        Ok(())
+        Ok(removed.and_then(|c| c.cgroup))
     }
 }
 

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
-use super::syscall;
+use crate::sys as syscall;
 
 /// The longest a signal waits for init's handler.
 pub const DEFER_FOR: Duration = Duration::from_secs(20);

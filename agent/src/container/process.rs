@@ -14,8 +14,8 @@ use nix::unistd::{Gid, Uid};
 use oci_spec::runtime::{PosixRlimitType, Process};
 
 use super::rootfs::{is_executable, StepResult};
-use super::syscall;
 use super::ContainerError;
+use crate::sys as syscall;
 
 /// The default `PATH` for the lookup when the process's environment has none.
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";

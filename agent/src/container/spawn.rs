@@ -28,9 +28,9 @@ use nix::unistd::Pid;
 
 use super::process::ProcessPlan;
 use super::rootfs::{RootfsPlan, StepResult};
-use super::syscall::{self, Forked};
 use super::tty;
 use super::{ContainerError, Stdio};
+use crate::sys::{self as syscall, Forked};
 
 /// Frame tags on the report pipe.
 const TAG_PID: u8 = b'P';

@@ -14,8 +14,8 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::stat::{Mode, SFlag};
 
 use super::rootfs::StepResult;
-use super::syscall;
 use super::ContainerError;
+use crate::sys as syscall;
 
 /// Device number of a pty master: every open of `ptmx` (`/dev/ptmx` or `pts/ptmx`) is c 5:2.
 const PTMX_MAJOR: u32 = 5;
