@@ -149,9 +149,7 @@ pub fn install(kind: ThreadKind) -> Result<(), SeccompError> {
             "NUTSHELL_VMM_TEST_SIGSYS: the {} thread makes a forbidden system call",
             kind.name()
         );
-        // SAFETY: reboot(2) with a wrong magic number fails with EINVAL (or EPERM without
-        // CAP_SYS_BOOT) and has no other effect; the filter refuses it before that.
-        unsafe { libc::syscall(libc::SYS_reboot, 0, 0, 0, 0) };
+        crate::sys::forbidden_syscall();
     }
     Ok(())
 }
