@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use nutshell_protocol::procfs;
 
 /// Errors of the containerd harness.
 #[derive(Debug, thiserror::Error)]
@@ -912,7 +913,7 @@ fn wait_gone(pids: &[u32], timeout: Duration) {
     let alive = |pid: &u32| {
         fs::read_to_string(format!("/proc/{pid}/stat"))
             .ok()
-            .and_then(|stat| process_state(&stat))
+            .and_then(|stat| procfs::parse_state(&stat))
             .is_some_and(|state| state != 'Z' && state != 'X')
     };
     let deadline = Instant::now() + timeout;
@@ -927,15 +928,6 @@ fn wait_gone(pids: &[u32], timeout: Duration) {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-/// `/proc/<pid>/stat`: the process state letter (`R`, `S`, `D`, `Z`…).
-fn process_state(stat: &str) -> Option<char> {
-    stat[stat.rfind(')')? + 1..]
-        .split_whitespace()
-        .next()?
-        .chars()
-        .next()
 }
 
 /// Detaches every mount at or below `dir` (deepest first), so that removing it cannot reach
@@ -998,19 +990,13 @@ fn all_pids() -> Vec<u32> {
         .unwrap_or_default()
 }
 
-/// `/proc/<pid>/stat`: the parent PID (the command name may contain spaces and parentheses).
-pub fn parse_ppid(stat: &str) -> Option<u32> {
-    let after = &stat[stat.rfind(')')? + 1..];
-    after.split_whitespace().nth(1)?.parse().ok()
-}
-
 /// `roots` and all their descendants.
 pub fn process_tree(roots: &[u32]) -> Vec<u32> {
     let parents: Vec<(u32, u32)> = all_pids()
         .into_iter()
         .filter_map(|pid| {
             let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            Some((pid, parse_ppid(&stat)?))
+            Some((pid, procfs::parse_ppid(&stat)?))
         })
         .collect();
     let mut tree: Vec<u32> = roots.to_vec();
@@ -1117,20 +1103,6 @@ fn check(args: &[&str], out: &Output) -> Result<(), ContainerdError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn state_from_stat_with_odd_names() {
-        assert_eq!(process_state("42 (a) b) Z 1 2"), Some('Z'));
-        assert_eq!(process_state("7 (sh) S 1 7"), Some('S'));
-        assert_eq!(process_state("7 (sh)"), None);
-    }
-
-    #[test]
-    fn ppid_from_stat_with_odd_names() {
-        assert_eq!(parse_ppid("123 (sleep) S 45 123 123 0"), Some(45));
-        assert_eq!(parse_ppid("7 (a b) c)) R 1 7 7"), Some(1));
-        assert_eq!(parse_ppid("garbage"), None);
-    }
 
     #[test]
     fn process_tree_includes_children() {

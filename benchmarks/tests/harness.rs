@@ -10,17 +10,7 @@ use nutshell_bench::containerd::{
 };
 use nutshell_bench::cri::{self, CriClient};
 use nutshell_bench::image;
-
-/// Running, not gone and not a zombie waiting for init to reap it.
-fn alive(pid: u32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    let state = stat[stat.rfind(')').unwrap() + 1..]
-        .split_whitespace()
-        .next();
-    !matches!(state, Some("Z" | "X"))
-}
+use nutshell_protocol::procfs::alive;
 
 #[test]
 #[ignore = "slow lane: needs root, containerd and runc"]

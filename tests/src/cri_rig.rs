@@ -38,13 +38,7 @@ pub static SERIAL: Mutex<()> = Mutex::new(());
 
 /// Running, not gone and not a zombie.
 pub fn alive(pid: u32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    let state = stat[stat.rfind(')').unwrap() + 1..]
-        .split_whitespace()
-        .next();
-    !matches!(state, Some("Z" | "X"))
+    nutshell_protocol::procfs::alive(pid)
 }
 
 /// `controller` → cgroup path of `pid` (v1 lines `N:controllers:path`).

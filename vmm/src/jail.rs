@@ -25,6 +25,8 @@ use nix::sys::signal::{self, SigSet, Signal};
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::ForkResult;
 
+use nutshell_protocol::error_chain;
+
 use crate::sys;
 
 /// The capabilities the VMM keeps, all for the virtio-fs server acting for guest users (see
@@ -148,7 +150,7 @@ pub fn enter(spec: &JailSpec) -> Result<Role, JailError> {
     match sys::fork_single_threaded().map_err(JailError::Fork)? {
         ForkResult::Child => {
             if let Err(e) = build(&spec) {
-                eprintln!("nutshell-vmm: error: {}", chain(&e));
+                eprintln!("nutshell-vmm: error: {}", error_chain(&e));
                 // Without running the parent's atexit handlers or flushing its copied buffers.
                 sys::exit_immediately(1);
             }
@@ -179,18 +181,6 @@ pub fn enter(spec: &JailSpec) -> Result<Role, JailError> {
             Ok(Role::Supervisor(status))
         }
     }
-}
-
-/// The error and its causes on one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    s
 }
 
 /// Ends the supervisor as the VMM ended: the same exit code, or killed by the same signal
