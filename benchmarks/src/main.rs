@@ -98,11 +98,9 @@ fn prepare_nutshell(args: &Args, scratch: &Path) -> Result<(Option<String>, Opti
     std::fs::create_dir_all(&template_dir)
         .with_context(|| format!("template directory {}", template_dir.display()))?;
     let config = scratch.join("nutshell.toml");
-    std::fs::write(
-        &config,
-        nutshell::config_toml(&artifacts, &scratch.join("run"), &template_dir),
-    )
-    .context("nutshell config")?;
+    let text = nutshell::config_toml(&artifacts, &scratch.join("run"), &template_dir)
+        .context("nutshell config")?;
+    std::fs::write(&config, text).context("nutshell config")?;
     if let Some(dir) = artifacts.shim.parent() {
         let mut paths = vec![dir.to_path_buf()];
         paths.extend(std::env::split_paths(
