@@ -7,9 +7,9 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 
-use nutshell_bench::containerd::{self, find_on_path, RuntimeSpec};
 use nutshell_bench::nutshell;
 use nutshell_bench::runner::{self, Plan, RunConfig, Workload};
+use nutshell_test_support::containerd::{self, find_on_path, RuntimeSpec};
 
 /// Runs each workload under every runtime in interleaved order (A B A B …) against a private
 /// containerd, and writes `latest.md` (medians, min–max, ratios to runc), `latest.json` (raw

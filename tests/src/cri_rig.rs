@@ -14,16 +14,16 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use k8s_cri::v1 as cri;
-use nutshell_bench::containerd::{
+use nutshell_test_support::containerd::{
     shim_pids, CniNetwork, Containerd, ContainerdOptions, RuntimeSpec,
 };
-use nutshell_bench::image;
+use nutshell_test_support::image;
 
-use crate::cri::{pod_config, CriClient};
 use crate::{
     guest_artifact, left_under_run_dir, shim_binary, target_dir, template_cache, vmm_binary,
     vmms_under,
 };
+use nutshell_test_support::cri::{pod_config, CriClient};
 
 pub const IMAGE: &str = "docker.io/nutshell/e2e-busybox:1";
 pub const PAUSE: &str = "docker.io/nutshell/e2e-pause:1";

@@ -8,7 +8,7 @@
 //! if it does not exit in time, SIGKILL; mounts left under its directories are detached.
 //!
 //! ```no_run
-//! use nutshell_bench::containerd::{Containerd, ContainerdOptions};
+//! use nutshell_test_support::containerd::{Containerd, ContainerdOptions};
 //! let containerd = Containerd::start(&ContainerdOptions::default())?;
 //! let ctr = containerd.ctr();
 //! let out = ctr.output(&["version"])?;
