@@ -7,9 +7,9 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 
-use nutshell_bench::containerd::{self, find_on_path, RuntimeSpec};
 use nutshell_bench::nutshell;
 use nutshell_bench::runner::{self, Plan, RunConfig, Workload};
+use nutshell_test_support::containerd::{self, find_on_path, RuntimeSpec};
 
 /// Runs each workload under every runtime in interleaved order (A B A B …) against a private
 /// containerd, and writes `latest.md` (medians, min–max, ratios to runc), `latest.json` (raw
@@ -98,11 +98,9 @@ fn prepare_nutshell(args: &Args, scratch: &Path) -> Result<(Option<String>, Opti
     std::fs::create_dir_all(&template_dir)
         .with_context(|| format!("template directory {}", template_dir.display()))?;
     let config = scratch.join("nutshell.toml");
-    std::fs::write(
-        &config,
-        nutshell::config_toml(&artifacts, &scratch.join("run"), &template_dir),
-    )
-    .context("nutshell config")?;
+    let text = nutshell::config_toml(&artifacts, &scratch.join("run"), &template_dir)
+        .context("nutshell config")?;
+    std::fs::write(&config, text).context("nutshell config")?;
     if let Some(dir) = artifacts.shim.parent() {
         let mut paths = vec![dir.to_path_buf()];
         paths.extend(std::env::split_paths(

@@ -5,7 +5,6 @@
 //! VMM keys templates by kernel, initramfs, shape and its own build, so reuse is safe.
 
 use std::collections::BTreeSet;
-use std::fmt::Write as _;
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -48,38 +47,37 @@ impl Artifacts {
     }
 }
 
-/// The shim configuration the benchmark uses: its artifacts, a private run directory,
-/// templates on in `template_dir`, a generous boot bound (a template build boots the guest).
-pub fn config_toml(artifacts: &Artifacts, run_dir: &Path, template_dir: &Path) -> String {
-    let q = |p: &Path| toml_string(&p.to_string_lossy());
-    let mut s = String::new();
-    // `writeln!` into a String cannot fail.
-    let _ = writeln!(s, "kernel = {}", q(&artifacts.kernel));
-    let _ = writeln!(s, "initramfs = {}", q(&artifacts.initramfs));
-    let _ = writeln!(s, "vmm = {}", q(&artifacts.vmm));
-    let _ = writeln!(s, "run_dir = {}", q(run_dir));
-    let _ = writeln!(s, "boot_timeout_secs = 600");
-    // Guest steps take seconds under an emulated guest kernel, far more with many pods idle.
-    let _ = writeln!(s, "rpc_timeout_secs = 300");
-    let _ = writeln!(s, "templates = true");
-    let _ = writeln!(s, "template_dir = {}", q(template_dir));
-    s
+/// The shim configuration the benchmark uses (the keys of the shim's `config.toml`).
+#[derive(Debug, serde::Serialize)]
+struct ShimConfig<'a> {
+    kernel: &'a Path,
+    initramfs: &'a Path,
+    vmm: &'a Path,
+    run_dir: &'a Path,
+    boot_timeout_secs: u64,
+    rpc_timeout_secs: u64,
+    templates: bool,
+    template_dir: &'a Path,
 }
 
-fn toml_string(s: &str) -> String {
-    let mut out = String::from("\"");
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if c.is_control() => {
-                let _ = write!(out, "\\u{:04X}", u32::from(c));
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
+/// The shim configuration the benchmark uses: its artifacts, a private run directory,
+/// templates on in `template_dir`, a generous boot bound (a template build boots the guest).
+pub fn config_toml(
+    artifacts: &Artifacts,
+    run_dir: &Path,
+    template_dir: &Path,
+) -> Result<String, toml::ser::Error> {
+    toml::to_string(&ShimConfig {
+        kernel: &artifacts.kernel,
+        initramfs: &artifacts.initramfs,
+        vmm: &artifacts.vmm,
+        run_dir,
+        boot_timeout_secs: 600,
+        // Guest steps take seconds under an emulated guest kernel, far more with many pods idle.
+        rpc_timeout_secs: 300,
+        templates: true,
+        template_dir,
+    })
 }
 
 /// The finished templates in `dir` (directories with their `memory` and `state` files), by
@@ -112,15 +110,18 @@ mod tests {
     #[test]
     fn config_names_the_artifacts_and_the_template_dir() {
         let a = Artifacts::in_target(Path::new("/t"));
-        let cfg = config_toml(&a, Path::new("/run/x"), Path::new("/c/\"q\"/templates"));
+        let cfg = config_toml(&a, Path::new("/run/x"), Path::new("/c/\"q\"/templates")).unwrap();
         assert!(cfg.contains("kernel = \"/t/nutshell/vmlinux\"\n"), "{cfg}");
         assert!(cfg.contains("initramfs = \"/t/nutshell/initramfs.cpio\"\n"));
         assert!(cfg.contains("vmm = \"/t/release/nutshell-vmm\"\n"));
         assert!(cfg.contains("run_dir = \"/run/x\"\n"));
         assert!(cfg.contains("templates = true\n"));
         assert!(cfg.contains("rpc_timeout_secs = 300\n"));
-        assert!(
-            cfg.contains("template_dir = \"/c/\\\"q\\\"/templates\"\n"),
+        // A quote in a path is quoted as TOML says (the serializer picks the string form).
+        let parsed: toml::Table = toml::from_str(&cfg).unwrap();
+        assert_eq!(
+            parsed["template_dir"].as_str(),
+            Some("/c/\"q\"/templates"),
             "{cfg}"
         );
     }

@@ -10,17 +10,17 @@ use std::process::{Child, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use crate::containerd::RuntimeSpec;
-use crate::containerd::{
-    find_on_path, process_tree, remove_namespace_cgroups, shim_pids, CniNetwork, Containerd,
-    ContainerdError, ContainerdOptions, Ctr, CRI_NAMESPACE,
-};
-use crate::cri::{self, CriClient};
-use crate::image::{self, ImageError, ImageSpec};
 use crate::nutshell;
 use crate::parse;
 use crate::report::{Machine, MetricResult, Results, RuntimeStatus};
 use crate::stats::interleave;
+use nutshell_test_support::containerd::RuntimeSpec;
+use nutshell_test_support::containerd::{
+    find_on_path, process_tree, remove_namespace_cgroups, shim_pids, CniNetwork, Containerd,
+    ContainerdError, ContainerdOptions, Ctr, CRI_NAMESPACE,
+};
+use nutshell_test_support::cri::{self, CriClient};
+use nutshell_test_support::image::{self, ImageError, ImageSpec};
 
 /// The busybox image (start-up, density).
 pub const BUSYBOX_IMAGE: &str = "docker.io/nutshell/busybox:latest";
@@ -287,7 +287,7 @@ pub fn run(config: RunConfig) -> Result<Results, RunnerError> {
     let mut runner = Runner::new(config)?;
     runner.check_runtimes();
     let check = || {
-        if crate::containerd::interrupted() {
+        if nutshell_test_support::containerd::interrupted() {
             return Err(RunnerError::Interrupted);
         }
         Ok(())
@@ -526,7 +526,7 @@ impl Runner {
         let budget = self.case_budget;
         let started = Instant::now();
         for (rep, name) in interleave(&names, reps) {
-            if crate::containerd::interrupted() {
+            if nutshell_test_support::containerd::interrupted() {
                 break;
             }
             if rep > 0 && name == names[0] && started.elapsed() > budget {

@@ -191,7 +191,7 @@ fn a_run_interrupted_by_sigint_leaves_nothing_running(cache: &Path) {
     let sockets: Vec<_> = pids()
         .into_iter()
         .filter(|&p| mentions(p, &ctrd))
-        .filter_map(nutshell_bench::containerd::shim_socket)
+        .filter_map(nutshell_test_support::containerd::shim_socket)
         .collect();
     assert!(!sockets.is_empty(), "no shim socket found:\n{}", logged());
 

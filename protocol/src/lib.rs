@@ -12,6 +12,7 @@ pub mod mountinfo;
 #[cfg(feature = "netlink")]
 pub mod netlink;
 pub mod portforward;
+pub mod procfs;
 pub mod ratelimit;
 pub mod types;
 pub mod vmm_client;

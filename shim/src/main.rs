@@ -224,17 +224,10 @@ pub(crate) fn child_pids() -> Vec<libc::pid_t> {
         .filter(|pid| {
             std::fs::read_to_string(format!("/proc/{pid}/stat"))
                 .ok()
-                .and_then(|stat| parse_ppid(&stat))
+                .and_then(|stat| nutshell_protocol::procfs::parse_ppid(&stat))
                 == Some(me)
         })
         .collect()
-}
-
-/// The parent PID field of `/proc/<pid>/stat` (the command name before it may hold spaces
-/// and parentheses).
-fn parse_ppid(stat: &str) -> Option<u32> {
-    let after = &stat[stat.rfind(')')? + 1..];
-    after.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// SIGTERM or SIGINT ends the served shim through [`service::Service::terminate`]. The crate
@@ -296,9 +289,6 @@ mod tests {
 
     #[test]
     fn the_parent_pid_is_read_past_the_command_name() {
-        assert_eq!(parse_ppid("42 (nutshell-vmm) S 7 42 7 0"), Some(7));
-        assert_eq!(parse_ppid("42 (a) b) (c) S 9 42 7 0"), Some(9));
-        assert_eq!(parse_ppid("42 (x"), None);
         // This test process is a child of the test harness, not of itself.
         assert!(!child_pids().contains(&(std::process::id() as libc::pid_t)));
         let mut child = std::process::Command::new("sleep")

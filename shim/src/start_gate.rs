@@ -11,8 +11,7 @@
 //! The slots are `flock`s on files `slot-<i>` in `<run_dir>/start-slots/`, shared by every shim
 //! on the node; a shim that dies releases its slot with its descriptor.
 
-use std::fs::{File, OpenOptions};
-use std::os::fd::AsRawFd;
+use std::fs::{File, OpenOptions, TryLockError};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -35,9 +34,8 @@ pub struct StartSlot {
 
 impl Drop for StartSlot {
     fn drop(&mut self) {
-        // SAFETY: flock(2) on the descriptor this struct owns; closing it would release the
-        // lock too, this only makes the release explicit.
-        unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_UN) };
+        // Closing the file would release the lock too; this only makes the release explicit.
+        let _ = self.file.unlock();
     }
 }
 
@@ -99,18 +97,17 @@ fn open_slot(path: &Path) -> Result<File> {
         .map_err(ShimError::io(format!("open {}", path.display())))
 }
 
-/// `flock(LOCK_EX | LOCK_NB)`: whether this process now holds it.
+/// An exclusive lock without waiting (`File::try_lock`, a `flock` on Linux): whether this
+/// process now holds it.
 fn try_lock(file: &File, path: &Path) -> Result<bool> {
     loop {
-        // SAFETY: flock(2) on a descriptor the caller owns.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-            return Ok(true);
-        }
-        let e = std::io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::EWOULDBLOCK) => return Ok(false),
-            Some(libc::EINTR) => continue,
-            _ => return Err(ShimError::io(format!("flock {}", path.display()))(e)),
+        match file.try_lock() {
+            Ok(()) => return Ok(true),
+            Err(TryLockError::WouldBlock) => return Ok(false),
+            Err(TryLockError::Error(e)) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(TryLockError::Error(e)) => {
+                return Err(ShimError::io(format!("flock {}", path.display()))(e))
+            }
         }
     }
 }

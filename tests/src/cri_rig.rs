@@ -14,16 +14,16 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use k8s_cri::v1 as cri;
-use nutshell_bench::containerd::{
+use nutshell_test_support::containerd::{
     shim_pids, CniNetwork, Containerd, ContainerdOptions, RuntimeSpec,
 };
-use nutshell_bench::image;
+use nutshell_test_support::image;
 
-use crate::cri::{pod_config, CriClient};
 use crate::{
     guest_artifact, left_under_run_dir, shim_binary, target_dir, template_cache, vmm_binary,
     vmms_under,
 };
+use nutshell_test_support::cri::{pod_config, CriClient};
 
 pub const IMAGE: &str = "docker.io/nutshell/e2e-busybox:1";
 pub const PAUSE: &str = "docker.io/nutshell/e2e-pause:1";
@@ -38,13 +38,7 @@ pub static SERIAL: Mutex<()> = Mutex::new(());
 
 /// Running, not gone and not a zombie.
 pub fn alive(pid: u32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    let state = stat[stat.rfind(')').unwrap() + 1..]
-        .split_whitespace()
-        .next();
-    !matches!(state, Some("Z" | "X"))
+    nutshell_protocol::procfs::alive(pid)
 }
 
 /// `controller` → cgroup path of `pid` (v1 lines `N:controllers:path`).

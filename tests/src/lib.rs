@@ -5,8 +5,9 @@
 //! builds into `target/nutshell/`. They are `#[ignore]`d so that a plain `cargo test` stays
 //! fast; `scripts/test.sh` runs them with `--include-ignored`.
 
-/// The CRI client (in nutshell-bench, whose runner times the CRI start-up path with it).
-pub use nutshell_bench::cri;
+/// The CRI client (in nutshell-test-support, shared with the benchmark, whose runner times the
+/// CRI start-up path with it).
+pub use nutshell_test_support::cri;
 pub mod cri_rig;
 pub mod guest;
 pub mod soak;

@@ -23,11 +23,11 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use nutshell_bench::containerd::{shim_pids, shim_socket};
+use nutshell_test_support::containerd::{shim_pids, shim_socket};
 
-use crate::cri::{container_config, CriClient};
 use crate::cri_rig::{Rig, CONTROLLERS, HANDLER, IMAGE, NAMESPACE};
 use crate::{jailed_vmm, left_under_run_dir, template_cache, vmms_under};
+use nutshell_test_support::cri::{container_config, CriClient};
 
 /// The process a fault kills.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

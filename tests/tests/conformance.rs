@@ -14,7 +14,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use k8s_cri::v1 as cri;
-use nutshell_bench::image;
+use nutshell_test_support::image;
 use nutshell_tests::cri::{container_config, namespace_modes, parse_cri_log, CriClient};
 use nutshell_tests::cri_rig::{rig, Rig, HANDLER, SERIAL};
 use nutshell_tests::target_dir;

@@ -15,8 +15,10 @@ use std::time::{Duration, Instant};
 use nix::pty::{openpty, Winsize};
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
-use nutshell_bench::containerd::{shim_pids, shim_socket, Containerd, ContainerdOptions, Ctr};
-use nutshell_bench::image;
+use nutshell_test_support::containerd::{
+    shim_pids, shim_socket, Containerd, ContainerdOptions, Ctr,
+};
+use nutshell_test_support::image;
 use nutshell_tests::{
     cpu_time, guest_artifact, jailed_vmm, left_under_run_dir, proc_status_field, shim_binary,
     status_field, target_dir, template_cache, vmm_binary, vmms_under,
@@ -918,7 +920,7 @@ fn measure_ctr_run_nutshell_vs_runc() {
     std::thread::sleep(Duration::from_secs(10));
     let c = &env.containerd;
     let shims = env.shims();
-    let tree = nutshell_bench::containerd::process_tree(&shims);
+    let tree = nutshell_test_support::containerd::process_tree(&shims);
     let mut total = 0;
     for pid in &tree {
         let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();

@@ -14,16 +14,20 @@
 
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use caps::{CapSet, Capability, CapsHashSet};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::{unshare, CloneFlags};
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
-use nix::sys::signal::{self, SigHandler, SigSet, Signal};
+use nix::sys::signal::{self, SigSet, Signal};
 use nix::sys::wait::{waitpid, WaitStatus};
-use nix::unistd::{fork, ForkResult};
+use nix::unistd::ForkResult;
+
+use nutshell_protocol::error_chain;
+
+use crate::sys;
 
 /// The capabilities the VMM keeps, all for the virtio-fs server acting for guest users (see
 /// docs/security.md for each). `CAP_MKNOD` is not among them: the server refuses character and
@@ -74,6 +78,9 @@ pub enum JailError {
     /// A capability could not be dropped.
     #[error("jail: capabilities")]
     Caps(#[source] caps::errors::CapsError),
+    /// The VMM could not be forked into its namespaces.
+    #[error("jail: fork")]
+    Fork(#[source] sys::ForkError),
     /// A path the VMM needs cannot be put in the jail.
     #[error("jail: {} is not an absolute path", .0.display())]
     Relative(PathBuf),
@@ -121,17 +128,6 @@ pub fn is_jailed() -> bool {
     JAILED.load(Ordering::Relaxed)
 }
 
-/// The VMM's PID (in the supervisor), for the signal handler.
-static CHILD: AtomicI32 = AtomicI32::new(0);
-
-extern "C" fn forward(signal: libc::c_int) {
-    let child = CHILD.load(Ordering::Relaxed);
-    if child > 0 {
-        // SAFETY: kill(2) is async-signal-safe and touches no memory.
-        unsafe { libc::kill(child, signal) };
-    }
-}
-
 const FORWARDED: [Signal; 3] = [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP];
 
 /// Forks the VMM into its jail. Returns [`Role::Jailed`] in the jailed VMM, and
@@ -151,15 +147,12 @@ pub fn enter(spec: &JailSpec) -> Result<Role, JailError> {
     }
     stop.thread_block().map_err(sys("block signals"))?;
     unshare(CloneFlags::CLONE_NEWPID).map_err(sys("new PID namespace"))?;
-    // SAFETY: the process has one thread (the caller's contract); the child only makes
-    // system calls and allocates before it goes on as the VMM.
-    match unsafe { fork() }.map_err(sys("fork"))? {
+    match sys::fork_single_threaded().map_err(JailError::Fork)? {
         ForkResult::Child => {
             if let Err(e) = build(&spec) {
-                eprintln!("nutshell-vmm: error: {}", chain(&e));
-                // SAFETY: _exit(2) ends the child at once, without running the parent's
-                // atexit handlers or flushing its copied buffers.
-                unsafe { libc::_exit(1) };
+                eprintln!("nutshell-vmm: error: {}", error_chain(&e));
+                // Without running the parent's atexit handlers or flushing its copied buffers.
+                sys::exit_immediately(1);
             }
             JAILED.store(true, Ordering::Relaxed);
             log::info!(
@@ -170,12 +163,7 @@ pub fn enter(spec: &JailSpec) -> Result<Role, JailError> {
             Ok(Role::Jailed)
         }
         ForkResult::Parent { child } => {
-            CHILD.store(child.as_raw(), Ordering::Relaxed);
-            for s in FORWARDED {
-                // SAFETY: the handler only calls kill(2), which is async-signal-safe.
-                unsafe { signal::signal(s, SigHandler::Handler(forward)) }
-                    .map_err(sys("signal handler"))?;
-            }
+            sys::forward_signals(child, &FORWARDED).map_err(sys("signal handler"))?;
             stop.thread_unblock().map_err(sys("unblock signals"))?;
             let status = loop {
                 match waitpid(child, None) {
@@ -195,18 +183,6 @@ pub fn enter(spec: &JailSpec) -> Result<Role, JailError> {
     }
 }
 
-/// The error and its causes on one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    s
-}
-
 /// Ends the supervisor as the VMM ended: the same exit code, or killed by the same signal
 /// (without a core dump).
 pub fn mirror(status: WaitStatus) -> ! {
@@ -214,8 +190,7 @@ pub fn mirror(status: WaitStatus) -> ! {
         WaitStatus::Exited(_, code) => std::process::exit(code),
         WaitStatus::Signaled(_, sig, _) => {
             let _ = setrlimit(Resource::RLIMIT_CORE, 0, 0);
-            // SAFETY: restoring the default action of a signal has no memory effects.
-            let _ = unsafe { signal::signal(sig, SigHandler::SigDfl) };
+            let _ = sys::default_signal_action(sig);
             let mut set = SigSet::empty();
             set.add(sig);
             let _ = set.thread_unblock();
@@ -460,12 +435,9 @@ fn drop_capabilities() -> Result<(), JailError> {
         | SECBIT_KEEP_CAPS_LOCKED
         | SECBIT_NO_CAP_AMBIENT_RAISE
         | SECBIT_NO_CAP_AMBIENT_RAISE_LOCKED;
-    // SAFETY: prctl(PR_SET_SECUREBITS) takes a plain integer; no memory is passed. The
-    // setuid fix-up stays on (and locked): when the virtio-fs server takes a guest user's
+    // The setuid fix-up stays on (and locked): when the virtio-fs server takes a guest user's
     // effective uid, the kernel clears its effective capabilities, as it should.
-    if unsafe { libc::prctl(libc::PR_SET_SECUREBITS, bits, 0, 0, 0) } != 0 {
-        return Err(io("PR_SET_SECUREBITS")(std::io::Error::last_os_error()));
-    }
+    sys::set_securebits(bits).map_err(io("PR_SET_SECUREBITS"))?;
     let keep: CapsHashSet = KEPT_CAPS.iter().copied().collect();
     for cap in caps::all() {
         if !keep.contains(&cap) {

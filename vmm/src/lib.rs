@@ -15,6 +15,7 @@ pub mod memory;
 pub mod ratelimit;
 pub mod seccomp;
 pub mod snapshot;
+pub mod sys;
 pub mod vcpu;
 pub mod vcpu_state;
 pub mod vm;

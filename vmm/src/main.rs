@@ -1,5 +1,6 @@
 //! `nutshell-vmm`: boots one microVM and runs it until the guest powers off.
 
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
@@ -7,6 +8,8 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nutshell_vmm::api::{ControlService, ControlSocket, SharedVm};
 use nutshell_vmm::arch::x86_64::cpuid::CpuProfile;
 use nutshell_vmm::devices::virtio::fs::FsConfig;
@@ -152,12 +155,9 @@ fn parse_mac(text: &str) -> Result<[u8; 6], String> {
 /// Takes over the tap descriptor of `--net-fd`.
 fn take_tap(fd: Option<i32>) -> anyhow::Result<Option<Tap>> {
     let Some(fd) = fd else { return Ok(None) };
-    if fd <= 2 {
-        anyhow::bail!("--net-fd {fd} is a standard stream, not a tap");
-    }
-    // SAFETY: the descriptor was inherited for this purpose and is taken over once, here;
-    // nothing else in the VMM uses it. A number that is not open fails the TUNGETIFF check.
-    let tap = unsafe { Tap::from_inherited(fd) }.with_context(|| format!("--net-fd {fd}"))?;
+    let owned =
+        nutshell_vmm::sys::take_inherited_fd(fd).with_context(|| format!("--net-fd {fd}"))?;
+    let tap = Tap::from_fd(owned).with_context(|| format!("--net-fd {fd}"))?;
     log::info!("virtio-net on tap {} (descriptor {fd})", tap.name());
     Ok(Some(tap))
 }
@@ -422,83 +422,39 @@ fn machine_id(cpu_profile: CpuProfileChoice, vcpus: u8) -> anyhow::Result<String
 /// SIGTERM, SIGINT and SIGHUP, blocked in every thread and read from a signalfd, so that a
 /// stop request is handled in one place and the VM is torn down cleanly.
 struct StopSignals {
-    fd: std::os::fd::OwnedFd,
+    fd: SignalFd,
 }
 
 impl StopSignals {
-    const SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
+    const SIGNALS: [Signal; 3] = [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP];
 
     /// Blocks the signals in this thread (threads spawned later inherit the mask).
     fn block() -> std::io::Result<Self> {
-        use std::os::fd::FromRawFd;
-        // SAFETY: `set` is a plain sigset_t, initialised by sigemptyset before use.
-        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-        // SAFETY: `set` is valid and writable; the signal numbers are valid.
-        unsafe {
-            libc::sigemptyset(&mut set);
-            for s in Self::SIGNALS {
-                libc::sigaddset(&mut set, s);
-            }
+        let mut set = SigSet::empty();
+        for s in Self::SIGNALS {
+            set.add(s);
         }
-        // SAFETY: `set` is initialised; the old mask is not needed.
-        let r = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-        if r != 0 {
-            return Err(std::io::Error::from_raw_os_error(r));
-        }
-        // SAFETY: `set` is initialised; -1 asks for a new descriptor.
-        let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a freshly created descriptor that nothing else owns.
-        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        set.thread_block()?;
+        let fd = SignalFd::with_flags(&set, SfdFlags::SFD_CLOEXEC)?;
         Ok(StopSignals { fd })
     }
 
     /// Waits until either a stop signal arrives (returns its name) or `other` is readable.
-    fn wait_or(&self, other: &dyn std::os::fd::AsRawFd) -> Option<&'static str> {
-        use std::os::fd::AsRawFd;
-        let mut fds = [
-            libc::pollfd {
-                fd: self.fd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: other.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
+    fn wait_or(&self, other: &dyn AsRawFd) -> Option<&'static str> {
         loop {
-            // SAFETY: `fds` is a valid array of two pollfds for the duration of the call.
-            let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-            if r < 0 {
-                if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
-                    continue;
-                }
-                return None;
-            }
-            if fds[0].revents & libc::POLLIN != 0 {
-                // SAFETY: signalfd_siginfo is plain data; the read fills at most its size.
-                let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
-                // SAFETY: reading into `info`, a writable buffer of the given size.
-                let n = unsafe {
-                    libc::read(
-                        self.fd.as_raw_fd(),
-                        (&mut info as *mut libc::signalfd_siginfo).cast(),
-                        std::mem::size_of::<libc::signalfd_siginfo>(),
-                    )
-                };
-                if n > 0 {
-                    return Some(match info.ssi_signo as libc::c_int {
-                        libc::SIGTERM => "SIGTERM",
-                        libc::SIGINT => "SIGINT",
+            let ready =
+                nutshell_vmm::sys::wait_readable(&[self.fd.as_fd().as_raw_fd(), other.as_raw_fd()])
+                    .ok()?;
+            if ready[0] {
+                if let Ok(Some(info)) = self.fd.read_signal() {
+                    return Some(match Signal::try_from(info.ssi_signo as libc::c_int) {
+                        Ok(Signal::SIGTERM) => "SIGTERM",
+                        Ok(Signal::SIGINT) => "SIGINT",
                         _ => "SIGHUP",
                     });
                 }
             }
-            if fds[1].revents != 0 {
+            if ready[1] {
                 return None;
             }
         }

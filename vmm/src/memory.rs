@@ -1,8 +1,7 @@
 //! Guest RAM: anonymous mappings (untouched pages cost the host nothing) registered with KVM.
 
-use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
-use vm_memory::{Address, GuestAddress, GuestMemory, GuestMemoryRegion};
+use vm_memory::{GuestAddress, GuestMemory, GuestMemoryRegion};
 
 use crate::arch::x86_64::layout::{MMIO_GAP_END, MMIO_GAP_START};
 
@@ -90,26 +89,12 @@ pub fn create_from_file(size: u64, path: &std::path::Path) -> Result<GuestMemory
     GuestMemoryMmap::from_regions(regions).map_err(|e| err(std::io::Error::other(e)))
 }
 
-/// Gives every region of `mem` to KVM, one slot per region.
+/// Gives every region of `mem` to KVM, one slot per region. `mem` must outlive `vm` (see
+/// [`crate::sys::register_memory_region`]).
 pub fn register(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
     for (slot, region) in mem.iter().enumerate() {
         let slot = slot as u32;
-        let host =
-            mem.get_host_address(region.start_addr())
-                .map_err(|_| MemoryError::Register {
-                    slot,
-                    source: kvm_ioctls::Error::new(libc::EFAULT),
-                })?;
-        let region_desc = kvm_userspace_memory_region {
-            slot,
-            flags: 0,
-            guest_phys_addr: region.start_addr().raw_value(),
-            memory_size: region.len(),
-            userspace_addr: host as u64,
-        };
-        // SAFETY: the region is a live mapping owned by `mem` of exactly `memory_size` bytes,
-        // and `mem` outlives the VM: the VM and its vCPU threads are torn down before it drops.
-        unsafe { vm.set_user_memory_region(region_desc) }
+        crate::sys::register_memory_region(vm, slot, region)
             .map_err(|source| MemoryError::Register { slot, source })?;
     }
     Ok(())

@@ -149,9 +149,7 @@ pub fn install(kind: ThreadKind) -> Result<(), SeccompError> {
             "NUTSHELL_VMM_TEST_SIGSYS: the {} thread makes a forbidden system call",
             kind.name()
         );
-        // SAFETY: reboot(2) with a wrong magic number fails with EINVAL (or EPERM without
-        // CAP_SYS_BOOT) and has no other effect; the filter refuses it before that.
-        unsafe { libc::syscall(libc::SYS_reboot, 0, 0, 0, 0) };
+        crate::sys::forbidden_syscall();
     }
     Ok(())
 }
@@ -160,13 +158,9 @@ pub fn install(kind: ThreadKind) -> Result<(), SeccompError> {
 /// the guest never runs unfiltered when filters are on.
 pub fn install_or_exit(kind: ThreadKind) {
     if let Err(e) = install(kind) {
-        log::error!("{e}: {}", source_text(&e));
+        log::error!("{}", nutshell_protocol::error_chain(&e));
         std::process::exit(1);
     }
-}
-
-fn source_text(e: &dyn std::error::Error) -> String {
-    e.source().map(|s| s.to_string()).unwrap_or_default()
 }
 
 /// The compiled filter of `kind`, refusing with `mismatch`.

@@ -6,8 +6,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{
-    CpuId, KVM_EXIT_INTERNAL_ERROR, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
-    KVM_SYSTEM_EVENT_SHUTDOWN,
+    CpuId, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
@@ -400,12 +399,6 @@ impl Vcpu {
     }
 
     fn internal_suberror(&mut self) -> u32 {
-        let run = self.fd.get_kvm_run();
-        if run.exit_reason != KVM_EXIT_INTERNAL_ERROR {
-            return 0;
-        }
-        // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, for which KVM fills the
-        // `internal` member of the exit union.
-        unsafe { run.__bindgen_anon_1.internal.suberror }
+        crate::sys::internal_error_suberror(self.fd.get_kvm_run()).unwrap_or(0)
     }
 }

@@ -241,10 +241,9 @@ impl VcpuState {
             fd.set_xcrs(xcrs).map_err(kvm("set the XCRs"))?;
         }
         if let Some(xsave) = &self.xsave {
-            // SAFETY: `xsave` is a whole `kvm_xsave` (4 KiB) that KVM_GET_XSAVE filled on a VM
-            // of the same CPUID (checked by the snapshot header); the VMM never enables the
-            // dynamic XSAVE features (AMX) that would make KVM read past 4 KiB.
-            unsafe { fd.set_xsave(xsave) }.map_err(kvm("set the XSAVE area"))?;
+            // A whole `kvm_xsave` that KVM_GET_XSAVE filled on a VM of the same CPUID (checked
+            // by the snapshot header).
+            crate::sys::set_xsave(fd, xsave).map_err(kvm("set the XSAVE area"))?;
         }
         // The LAPIC before the MSRs: KVM drops a write of IA32_TSC_DEADLINE while the LAPIC
         // timer is not in TSC-deadline mode (a fresh vCPU's is not), so a guest that had armed a

@@ -785,16 +785,7 @@ impl Drop for RunningVm {
 
 /// Blocks until `fd` is readable (or polling fails for good).
 fn wait_readable(fd: i32) {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    loop {
-        // SAFETY: `pfd` is a valid pollfd for the duration of the call, count 1.
-        let r = unsafe { libc::poll(&mut pfd, 1, -1) };
-        if r > 0 || (r < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR)) {
-            return;
-        }
+    if let Err(e) = crate::sys::wait_readable(&[fd]) {
+        log::error!("cannot wait for the VM to stop: {e}");
     }
 }

@@ -10,8 +10,8 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::Context;
-use nutshell_bench::containerd::{Containerd, ContainerdOptions};
-use nutshell_bench::image;
+use nutshell_test_support::containerd::{Containerd, ContainerdOptions};
+use nutshell_test_support::image;
 
 const IMAGE: &str = "docker.io/nutshell/demo-busybox:1";
 

@@ -21,10 +21,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::{error_chain, wait_child, CriPods, Runner, Workload};
-use crate::containerd::RuntimeSpec;
-use crate::image::{self, ImageError, ImageSpec};
 use crate::parse;
 use crate::stats::percentile;
+use nutshell_test_support::containerd::RuntimeSpec;
+use nutshell_test_support::image::{self, ImageError, ImageSpec};
 
 /// The network workload's image: busybox, iperf3 with the libraries `ldd` lists, the probe.
 pub const NET_IMAGE: &str = "docker.io/nutshell/bench-net:latest";

@@ -21,6 +21,7 @@ mod parse;
 mod sys;
 
 use std::error::Error;
+use std::ffi::CString;
 use std::fs;
 use std::io::{self, Write};
 use std::process;
@@ -186,7 +187,9 @@ fn virtiofs_check() -> io::Result<()> {
         Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
         _ => {}
     }
-    sys::mount_virtiofs(c"nutshell", c"/mnt")?;
+    let tag = CString::new(nutshell_protocol::SHARED_FS_TAG)
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    sys::mount_virtiofs(&tag, c"/mnt")?;
     let from_host = fs::read_to_string("/mnt/from-host.txt")?;
     print_line(format_args!(
         "{PREFIX} virtiofs read={}",
@@ -294,12 +297,6 @@ fn print_line(line: std::fmt::Arguments<'_>) {
 
 /// Prints `NUTSHELL_TEST_INIT error: ` and the error with its causes, once.
 fn print_error(e: &dyn Error) {
-    let mut what = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        what.push_str(": ");
-        what.push_str(&cause.to_string());
-        source = cause.source();
-    }
+    let what = nutshell_protocol::error_chain(e);
     print_line(format_args!("{PREFIX} error: {what}"));
 }

@@ -126,23 +126,15 @@ impl FsConfig {
 /// Raises the soft limit of open files towards what the device may need (never above the
 /// hard limit); the passthrough keeps one descriptor per inode the guest holds.
 fn raise_nofile_limit() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: `lim` is a valid, writable rlimit.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
         return;
-    }
-    let want = WANTED_NOFILE.min(lim.rlim_max);
-    if lim.rlim_cur < want {
-        lim.rlim_cur = want;
-        // SAFETY: `lim` is a valid rlimit with cur <= max.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
-            log::warn!(
-                "virtio-fs: cannot raise the open-file limit: {}",
-                io::Error::last_os_error()
-            );
+    };
+    let want = WANTED_NOFILE.min(hard);
+    if soft < want {
+        if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, want, hard) {
+            log::warn!("virtio-fs: cannot raise the open-file limit: {e}");
         }
     }
 }

@@ -3,7 +3,11 @@
 //! virtio-net header, and configured for the offloads the guest driver acked.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
+
+use crate::sys;
 
 /// Bytes of the `virtio_net_hdr_v1` (with `num_buffers`) before every frame the tap reads or
 /// writes: the header of virtio 1.x.
@@ -35,25 +39,6 @@ pub enum TapError {
     },
 }
 
-/// `struct ifreq` as the tun ioctls use it: the name, then the flags.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct IfReq {
-    name: [u8; libc::IFNAMSIZ],
-    flags: libc::c_short,
-    _pad: [u8; 22],
-}
-
-impl IfReq {
-    fn zeroed() -> IfReq {
-        IfReq {
-            name: [0; libc::IFNAMSIZ],
-            flags: 0,
-            _pad: [0; 22],
-        }
-    }
-}
-
 /// A tap descriptor in non-blocking mode with a 12-byte virtio-net header.
 #[derive(Debug)]
 pub struct Tap {
@@ -70,14 +55,7 @@ impl Tap {
     /// header size and non-blocking mode.
     pub fn from_fd(fd: OwnedFd) -> Result<Tap, TapError> {
         let raw = fd.as_raw_fd();
-        let mut req = IfReq::zeroed();
-        // SAFETY: TUNGETIFF writes one `struct ifreq` (which `IfReq` lays out in full) into the
-        // buffer it is given; `req` lives for the call.
-        let r = unsafe { libc::ioctl(raw, libc::TUNGETIFF, &mut req as *mut IfReq) };
-        if r < 0 {
-            return Err(TapError::NotTun(raw, io::Error::last_os_error()));
-        }
-        let flags = libc::c_int::from(req.flags);
+        let (name, flags) = sys::tun_get_iff(&fd).map_err(|e| TapError::NotTun(raw, e))?;
         if flags & libc::IFF_TAP == 0 {
             return Err(TapError::NotTap(raw));
         }
@@ -87,37 +65,14 @@ impl Tap {
         if flags & libc::IFF_NO_PI == 0 {
             return Err(TapError::PacketInfo(raw));
         }
-        let len = req
-            .name
-            .iter()
-            .position(|b| *b == 0)
-            .unwrap_or(req.name.len());
-        let name = String::from_utf8_lossy(&req.name[..len]).into_owned();
-        let size = VNET_HDR_LEN as libc::c_int;
-        // SAFETY: TUNSETVNETHDRSZ reads one int from the pointer, which is valid for the call.
-        if unsafe { libc::ioctl(raw, libc::TUNSETVNETHDRSZ, &size as *const libc::c_int) } < 0 {
-            return Err(ioctl_err("set the virtio-net header size")(
-                io::Error::last_os_error(),
-            ));
-        }
-        // SAFETY: F_GETFL/F_SETFL on a descriptor we own; no memory is passed.
-        let set = unsafe {
-            let fl = libc::fcntl(raw, libc::F_GETFL);
-            fl >= 0 && libc::fcntl(raw, libc::F_SETFL, fl | libc::O_NONBLOCK) >= 0
-        };
-        if !set {
-            return Err(ioctl_err("set O_NONBLOCK")(io::Error::last_os_error()));
-        }
+        sys::tun_set_vnet_hdr_size(&fd, VNET_HDR_LEN as libc::c_int)
+            .map_err(ioctl_err("set the virtio-net header size"))?;
+        let set_nonblock = fcntl(&fd, FcntlArg::F_GETFL).and_then(|fl| {
+            let fl = OFlag::from_bits_retain(fl) | OFlag::O_NONBLOCK;
+            fcntl(&fd, FcntlArg::F_SETFL(fl))
+        });
+        set_nonblock.map_err(|e| ioctl_err("set O_NONBLOCK")(e.into()))?;
         Ok(Tap { fd, name })
-    }
-
-    /// Takes over descriptor number `fd`, which this process inherited (`--net-fd`).
-    ///
-    /// # Safety
-    /// `fd` must be an open descriptor that nothing else in the process owns or closes.
-    pub unsafe fn from_inherited(fd: RawFd) -> Result<Tap, TapError> {
-        // SAFETY: the caller guarantees `fd` is open and owned by no one else.
-        Tap::from_fd(unsafe { OwnedFd::from_raw_fd(fd) })
     }
 
     /// Creates a (non-persistent) tap named `name` in the calling thread's network namespace,
@@ -149,40 +104,17 @@ impl Tap {
     /// TSO frames, as the driver acked them. Without them the host kernel finishes checksums
     /// and segments frames before they reach the tap's reader.
     pub fn set_offload(&self, flags: libc::c_uint) -> Result<(), TapError> {
-        // SAFETY: TUNSETOFFLOAD takes its argument by value; no memory is passed.
-        let r = unsafe {
-            libc::ioctl(
-                self.fd.as_raw_fd(),
-                libc::TUNSETOFFLOAD,
-                libc::c_ulong::from(flags),
-            )
-        };
-        if r < 0 {
-            return Err(ioctl_err("set offloads (TUNSETOFFLOAD)")(
-                io::Error::last_os_error(),
-            ));
-        }
-        Ok(())
+        sys::tun_set_offload(&self.fd, flags).map_err(ioctl_err("set offloads (TUNSETOFFLOAD)"))
     }
 
     /// Reads one frame (header included) into `buf`.
     pub fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
-        // SAFETY: read(2) into `buf`, which is valid for `buf.len()` bytes.
-        let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(n as usize)
+        Ok(nix::unistd::read(&self.fd, buf)?)
     }
 
     /// Writes one frame (header included).
     pub fn write(&self, frame: &[u8]) -> io::Result<usize> {
-        // SAFETY: write(2) from `frame`, which is valid for `frame.len()` bytes.
-        let n = unsafe { libc::write(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len()) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(n as usize)
+        Ok(nix::unistd::write(&self.fd, frame)?)
     }
 }
 

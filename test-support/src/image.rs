@@ -6,21 +6,23 @@
 //! layer, all addressed by sha256) that `ctr images import` takes, and caches it under a hash of
 //! everything that went into it, so an unchanged image is not rebuilt.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::str::FromStr;
 
-use serde_json::json;
+use oci_spec::image::{
+    Arch, ConfigBuilder, Descriptor, DescriptorBuilder, ImageConfigurationBuilder,
+    ImageIndexBuilder, ImageManifestBuilder, MediaType, OciLayoutBuilder, Os, PlatformBuilder,
+    RootFsBuilder, Sha256Digest, ANNOTATION_REF_NAME,
+};
 use sha2::{Digest, Sha256};
 
 /// The version of the archive format below; part of the cache key.
-const FORMAT_VERSION: &str = "nutshell-oci-1";
-
-const MEDIA_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-const MEDIA_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
-const MEDIA_LAYER: &str = "application/vnd.oci.image.layer.v1.tar";
+/// (2: the JSON written by `oci-spec`'s image types.)
+const FORMAT_VERSION: &str = "nutshell-oci-2";
 
 /// Errors of image building.
 #[derive(Debug, thiserror::Error)]
@@ -54,9 +56,20 @@ pub enum ImageError {
     /// A binary that the image needs is not installed.
     #[error("{0} is not installed (scripts/setup.sh installs the benchmark packages)")]
     Missing(String),
+    /// The image's config, manifest or index could not be made.
+    #[error("OCI image metadata")]
+    Oci(#[source] oci_spec::OciSpecError),
     /// A path inside the image is not absolute or not normal.
     #[error("invalid path inside the image: {0:?}")]
     BadPath(String),
+}
+
+/// The JSON documents of an image archive besides its layer.
+#[derive(Debug)]
+struct Metadata {
+    config: Vec<u8>,
+    manifest: Vec<u8>,
+    index: Vec<u8>,
 }
 
 /// One thing in the image's single layer.
@@ -236,38 +249,18 @@ impl ImageSpec {
     pub fn write_archive(&self, out: &Path) -> Result<(), ImageError> {
         let layer = self.layer()?;
         let layer_digest = hex(&Sha256::digest(&layer));
-        let config = serde_json::to_vec(&json!({
-            "architecture": "amd64",
-            "os": "linux",
-            "config": { "Env": self.env, "Cmd": self.cmd, "WorkingDir": "/" },
-            "rootfs": { "type": "layers", "diff_ids": [format!("sha256:{layer_digest}")] },
-        }))
-        .unwrap_or_default();
+        let Metadata {
+            config,
+            manifest,
+            index,
+        } = self.metadata(&layer_digest, layer.len())?;
         let config_digest = hex(&Sha256::digest(&config));
-        let manifest = serde_json::to_vec(&json!({
-            "schemaVersion": 2,
-            "mediaType": MEDIA_MANIFEST,
-            "config": { "mediaType": MEDIA_CONFIG, "digest": format!("sha256:{config_digest}"), "size": config.len() },
-            "layers": [{ "mediaType": MEDIA_LAYER, "digest": format!("sha256:{layer_digest}"), "size": layer.len() }],
-        }))
-        .unwrap_or_default();
         let manifest_digest = hex(&Sha256::digest(&manifest));
-        let tag = self.name.rsplit_once(':').map_or("latest", |(_, t)| t);
-        let index = serde_json::to_vec(&json!({
-            "schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.index.v1+json",
-            "manifests": [{
-                "mediaType": MEDIA_MANIFEST,
-                "digest": format!("sha256:{manifest_digest}"),
-                "size": manifest.len(),
-                "platform": { "architecture": "amd64", "os": "linux" },
-                "annotations": {
-                    "io.containerd.image.name": self.name,
-                    "org.opencontainers.image.ref.name": tag,
-                },
-            }],
-        }))
-        .unwrap_or_default();
+        let layout = OciLayoutBuilder::default()
+            .image_layout_version("1.0.0")
+            .build()
+            .and_then(|l| l.to_string())
+            .map_err(ImageError::Oci)?;
 
         let mut builder = tar::Builder::new(Vec::new());
         let mut add = |path: &str, data: &[u8]| {
@@ -282,13 +275,90 @@ impl ImageSpec {
             path: out.to_owned(),
             source,
         };
-        add("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#).map_err(write_err)?;
+        add("oci-layout", layout.as_bytes()).map_err(write_err)?;
         add(&format!("blobs/sha256/{layer_digest}"), &layer).map_err(write_err)?;
         add(&format!("blobs/sha256/{config_digest}"), &config).map_err(write_err)?;
         add(&format!("blobs/sha256/{manifest_digest}"), &manifest).map_err(write_err)?;
         add("index.json", &index).map_err(write_err)?;
         let archive = builder.into_inner().map_err(write_err)?;
         fs::write(out, archive).map_err(write_err)
+    }
+
+    /// The image's config, manifest and index (JSON), for a layer of `layer_len` bytes whose
+    /// sha256 is `layer_digest` (hex).
+    fn metadata(&self, layer_digest: &str, layer_len: usize) -> Result<Metadata, ImageError> {
+        let sha256 = |hex: &str| Sha256Digest::from_str(hex).map_err(ImageError::Oci);
+        let config = ImageConfigurationBuilder::default()
+            .architecture(Arch::Amd64)
+            .os(Os::Linux)
+            .config(
+                ConfigBuilder::default()
+                    .env(self.env.clone())
+                    .cmd(self.cmd.clone())
+                    .working_dir("/")
+                    .build()
+                    .map_err(ImageError::Oci)?,
+            )
+            .rootfs(
+                RootFsBuilder::default()
+                    .typ("layers")
+                    .diff_ids(vec![format!("sha256:{layer_digest}")])
+                    .build()
+                    .map_err(ImageError::Oci)?,
+            )
+            .build()
+            .and_then(|c| c.to_string())
+            .map_err(ImageError::Oci)?
+            .into_bytes();
+        let config_digest = hex(&Sha256::digest(&config));
+        let manifest = ImageManifestBuilder::default()
+            .schema_version(2u32)
+            .media_type(MediaType::ImageManifest)
+            .config(Descriptor::new(
+                MediaType::ImageConfig,
+                config.len() as u64,
+                sha256(&config_digest)?,
+            ))
+            .layers(vec![Descriptor::new(
+                MediaType::ImageLayer,
+                layer_len as u64,
+                sha256(layer_digest)?,
+            )])
+            .build()
+            .and_then(|m| m.to_string())
+            .map_err(ImageError::Oci)?
+            .into_bytes();
+        let manifest_digest = hex(&Sha256::digest(&manifest));
+        let tag = self.name.rsplit_once(':').map_or("latest", |(_, t)| t);
+        let platform = PlatformBuilder::default()
+            .architecture(Arch::Amd64)
+            .os(Os::Linux)
+            .build()
+            .map_err(ImageError::Oci)?;
+        let annotations = HashMap::from([
+            ("io.containerd.image.name".to_owned(), self.name.clone()),
+            (ANNOTATION_REF_NAME.to_owned(), tag.to_owned()),
+        ]);
+        let index = ImageIndexBuilder::default()
+            .schema_version(2u32)
+            .media_type(MediaType::ImageIndex)
+            .manifests(vec![DescriptorBuilder::default()
+                .media_type(MediaType::ImageManifest)
+                .digest(sha256(&manifest_digest)?)
+                .size(manifest.len() as u64)
+                .platform(platform)
+                .annotations(annotations)
+                .build()
+                .map_err(ImageError::Oci)?])
+            .build()
+            .and_then(|i| i.to_string())
+            .map_err(ImageError::Oci)?
+            .into_bytes();
+        Ok(Metadata {
+            config,
+            manifest,
+            index,
+        })
     }
 
     /// The archive in `cache_dir`, built unless an archive of the same inputs is there.

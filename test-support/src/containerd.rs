@@ -8,14 +8,13 @@
 //! if it does not exit in time, SIGKILL; mounts left under its directories are detached.
 //!
 //! ```no_run
-//! use nutshell_bench::containerd::{Containerd, ContainerdOptions};
+//! use nutshell_test_support::containerd::{Containerd, ContainerdOptions};
 //! let containerd = Containerd::start(&ContainerdOptions::default())?;
 //! let ctr = containerd.ctr();
 //! let out = ctr.output(&["version"])?;
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-use std::fmt::Write as _;
 use std::fs;
 use std::io;
 use std::os::unix::fs::FileTypeExt as _;
@@ -27,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use nutshell_protocol::procfs;
 
 /// Errors of the containerd harness.
 #[derive(Debug, thiserror::Error)]
@@ -397,101 +397,88 @@ pub fn config_toml(
     sandbox_image: Option<&str>,
     cni: Option<&CniNetwork>,
 ) -> String {
-    let d = dir.display();
+    use toml::{Table, Value};
+
+    fn table<const N: usize>(entries: [(&str, Value); N]) -> Value {
+        Value::Table(
+            entries
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v))
+                .collect(),
+        )
+    }
+    let path = |rel: &str| Value::from(dir.join(rel).to_string_lossy().into_owned());
     let cni_bin = cni.map_or_else(
-        || format!("{d}/cni/bin"),
-        |c| c.plugin_dir.display().to_string(),
+        || path("cni/bin"),
+        |c| Value::from(c.plugin_dir.to_string_lossy().into_owned()),
     );
-    let mut s = String::new();
-    // `writeln!` into a String cannot fail.
-    let _ = writeln!(
-        s,
-        r#"version = 2
-root = "{d}/root"
-state = "{d}/state"
-disabled_plugins = []
 
-[grpc]
-  address = "{d}/containerd.sock"
-
-[ttrpc]
-  address = "{d}/containerd.sock.ttrpc"
-
-[debug]
-  address = ""
-  level = "info"
-
-[metrics]
-  address = ""
-
-[plugins."io.containerd.grpc.v1.cri"]
-  restrict_oom_score_adj = true
-  disable_tcp_service = true
-  stream_server_address = "127.0.0.1"
-  stream_server_port = "0"
-  enable_selinux = false{sandbox_image}
-
-[plugins."io.containerd.grpc.v1.cri".cni]
-  bin_dir = "{cni_bin}"
-  conf_dir = "{d}/cni/conf"
-
-[plugins."io.containerd.grpc.v1.cri".containerd]
-  default_runtime_name = "runc"
-  snapshotter = "overlayfs""#,
-        sandbox_image = sandbox_image
-            .map(|i| format!("\n  sandbox_image = \"{}\"", toml_escape(i)))
-            .unwrap_or_default(),
-        cni_bin = toml_escape(&cni_bin),
-    );
     let mut all = vec![RuntimeSpec::runc()];
     all.extend(runtimes.iter().filter(|r| r.name != "runc").cloned());
+    let mut runtime_tables = Table::new();
     for rt in &all {
-        let _ = writeln!(
-            s,
-            r#"
-[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{name}]
-  runtime_type = "{ty}""#,
-            name = toml_key(&rt.name),
-            ty = toml_escape(&rt.runtime_type)
-        );
-        if rt.binary_name.is_some() || rt.config_path.is_some() {
-            let _ = writeln!(
-                s,
-                r#"[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{name}.options]"#,
-                name = toml_key(&rt.name),
-            );
-        }
+        let mut entry = Table::new();
+        entry.insert("runtime_type".into(), rt.runtime_type.clone().into());
+        let mut options = Table::new();
         if let Some(binary) = &rt.binary_name {
-            let _ = writeln!(
-                s,
-                r#"  BinaryName = "{bin}""#,
-                bin = toml_escape(&binary.to_string_lossy())
+            options.insert(
+                "BinaryName".into(),
+                binary.to_string_lossy().into_owned().into(),
             );
         }
         if let Some(config) = &rt.config_path {
-            let _ = writeln!(
-                s,
-                r#"  ConfigPath = "{path}""#,
-                path = toml_escape(&config.to_string_lossy())
+            options.insert(
+                "ConfigPath".into(),
+                config.to_string_lossy().into_owned().into(),
             );
         }
+        if !options.is_empty() {
+            entry.insert("options".into(), Value::Table(options));
+        }
+        runtime_tables.insert(rt.name.clone(), Value::Table(entry));
     }
-    s
-}
 
-fn toml_escape(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('"', "\\\"")
-}
-
-fn toml_key(s: &str) -> String {
-    if !s.is_empty()
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-    {
-        s.to_owned()
-    } else {
-        format!("\"{}\"", toml_escape(s))
+    let mut cri = Table::new();
+    cri.insert("restrict_oom_score_adj".into(), true.into());
+    cri.insert("disable_tcp_service".into(), true.into());
+    cri.insert("stream_server_address".into(), "127.0.0.1".into());
+    cri.insert("stream_server_port".into(), "0".into());
+    cri.insert("enable_selinux".into(), false.into());
+    if let Some(image) = sandbox_image {
+        cri.insert("sandbox_image".into(), image.into());
     }
+    cri.insert(
+        "cni".into(),
+        table([("bin_dir", cni_bin), ("conf_dir", path("cni/conf"))]),
+    );
+    cri.insert(
+        "containerd".into(),
+        table([
+            ("default_runtime_name", "runc".into()),
+            ("snapshotter", "overlayfs".into()),
+            ("runtimes", Value::Table(runtime_tables)),
+        ]),
+    );
+
+    let config = table([
+        ("version", 2.into()),
+        ("root", path("root")),
+        ("state", path("state")),
+        ("disabled_plugins", Value::Array(Vec::new())),
+        ("grpc", table([("address", path("containerd.sock"))])),
+        ("ttrpc", table([("address", path("containerd.sock.ttrpc"))])),
+        (
+            "debug",
+            table([("address", "".into()), ("level", "info".into())]),
+        ),
+        ("metrics", table([("address", "".into())])),
+        (
+            "plugins",
+            table([("io.containerd.grpc.v1.cri", Value::Table(cri))]),
+        ),
+    ]);
+    // A table of strings, numbers and booleans always serializes.
+    toml::to_string(&config).unwrap_or_default()
 }
 
 impl Containerd {
@@ -912,7 +899,7 @@ fn wait_gone(pids: &[u32], timeout: Duration) {
     let alive = |pid: &u32| {
         fs::read_to_string(format!("/proc/{pid}/stat"))
             .ok()
-            .and_then(|stat| process_state(&stat))
+            .and_then(|stat| procfs::parse_state(&stat))
             .is_some_and(|state| state != 'Z' && state != 'X')
     };
     let deadline = Instant::now() + timeout;
@@ -927,15 +914,6 @@ fn wait_gone(pids: &[u32], timeout: Duration) {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-/// `/proc/<pid>/stat`: the process state letter (`R`, `S`, `D`, `Z`…).
-fn process_state(stat: &str) -> Option<char> {
-    stat[stat.rfind(')')? + 1..]
-        .split_whitespace()
-        .next()?
-        .chars()
-        .next()
 }
 
 /// Detaches every mount at or below `dir` (deepest first), so that removing it cannot reach
@@ -998,19 +976,13 @@ fn all_pids() -> Vec<u32> {
         .unwrap_or_default()
 }
 
-/// `/proc/<pid>/stat`: the parent PID (the command name may contain spaces and parentheses).
-pub fn parse_ppid(stat: &str) -> Option<u32> {
-    let after = &stat[stat.rfind(')')? + 1..];
-    after.split_whitespace().nth(1)?.parse().ok()
-}
-
 /// `roots` and all their descendants.
 pub fn process_tree(roots: &[u32]) -> Vec<u32> {
     let parents: Vec<(u32, u32)> = all_pids()
         .into_iter()
         .filter_map(|pid| {
             let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            Some((pid, parse_ppid(&stat)?))
+            Some((pid, procfs::parse_ppid(&stat)?))
         })
         .collect();
     let mut tree: Vec<u32> = roots.to_vec();
@@ -1119,20 +1091,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn state_from_stat_with_odd_names() {
-        assert_eq!(process_state("42 (a) b) Z 1 2"), Some('Z'));
-        assert_eq!(process_state("7 (sh) S 1 7"), Some('S'));
-        assert_eq!(process_state("7 (sh)"), None);
-    }
-
-    #[test]
-    fn ppid_from_stat_with_odd_names() {
-        assert_eq!(parse_ppid("123 (sleep) S 45 123 123 0"), Some(45));
-        assert_eq!(parse_ppid("7 (a b) c)) R 1 7 7"), Some(1));
-        assert_eq!(parse_ppid("garbage"), None);
-    }
-
-    #[test]
     fn process_tree_includes_children() {
         let mut child = std::process::Command::new("sleep")
             .arg("5")
@@ -1204,27 +1162,42 @@ mod tests {
             None,
             None,
         );
-        assert!(cfg.contains("restrict_oom_score_adj = true"));
-        assert!(cfg.contains("address = \"/tmp/x/containerd.sock\""));
-        assert!(
-            cfg.contains("containerd.runtimes.runc]\n  runtime_type = \"io.containerd.runc.v2\"")
+        let parsed: toml::Value = toml::from_str(&cfg).unwrap();
+        let cri = &parsed["plugins"]["io.containerd.grpc.v1.cri"];
+        let runtimes = &cri["containerd"]["runtimes"];
+        assert_eq!(cri["restrict_oom_score_adj"].as_bool(), Some(true));
+        assert_eq!(
+            parsed["grpc"]["address"].as_str(),
+            Some("/tmp/x/containerd.sock")
         );
-        assert!(cfg.contains(
-            "containerd.runtimes.nutshell]\n  runtime_type = \"io.containerd.nutshell.v2\""
-        ));
-        assert!(cfg.contains("runtimes.runsc.options]\n  BinaryName = \"/tmp/x/runsc\""));
+        assert_eq!(
+            runtimes["runc"]["runtime_type"].as_str(),
+            Some("io.containerd.runc.v2")
+        );
+        assert_eq!(
+            runtimes["nutshell"]["runtime_type"].as_str(),
+            Some("io.containerd.nutshell.v2")
+        );
+        assert_eq!(
+            runtimes["runsc"]["options"]["BinaryName"].as_str(),
+            Some("/tmp/x/runsc")
+        );
         let untrusted = RuntimeSpec {
             name: "nutshell-untrusted".into(),
             config_path: Some(PathBuf::from("/etc/nutshell/config-untrusted.toml")),
             ..RuntimeSpec::nutshell()
         };
         let cfg = config_toml(Path::new("/tmp/x"), &[untrusted], None, None);
-        assert!(cfg.contains(
-            "runtimes.nutshell-untrusted.options]\n  ConfigPath = \"/etc/nutshell/config-untrusted.toml\""
-        ));
+        let parsed: toml::Value = toml::from_str(&cfg).unwrap();
+        assert_eq!(
+            parsed["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]["runtimes"]
+                ["nutshell-untrusted"]["options"]["ConfigPath"]
+                .as_str(),
+            Some("/etc/nutshell/config-untrusted.toml")
+        );
         // runc is registered once even when asked for twice.
         let cfg = config_toml(Path::new("/d"), &[RuntimeSpec::runc()], None, None);
-        assert_eq!(cfg.matches("runtimes.runc]").count(), 1);
+        assert_eq!(cfg.matches("runtimes.runc]").count(), 1, "{cfg}");
         assert!(!cfg.contains("sandbox_image"));
     }
 
@@ -1235,15 +1208,6 @@ mod tests {
             &[RuntimeSpec::nutshell()],
             Some("docker.io/nutshell/pause:\"1"),
             None,
-        );
-        let cri = cfg
-            .split("[plugins.\"io.containerd.grpc.v1.cri\"]\n")
-            .nth(1)
-            .unwrap();
-        let section = cri.split("\n\n").next().unwrap();
-        assert!(
-            section.contains("  sandbox_image = \"docker.io/nutshell/pause:\\\"1\""),
-            "{cfg}"
         );
         let parsed: toml::Value = toml::from_str(&cfg).unwrap();
         assert_eq!(
@@ -1338,8 +1302,20 @@ mod tests {
 
     #[test]
     fn toml_keys_and_strings_are_escaped() {
-        assert_eq!(toml_key("a.b"), "\"a.b\"");
-        assert_eq!(toml_escape("a\"b\\"), "a\\\"b\\\\");
+        let odd = RuntimeSpec {
+            name: "a.b".into(),
+            runtime_type: "a\"b\\".into(),
+            binary_name: None,
+            config_path: None,
+        };
+        let cfg = config_toml(Path::new("/d"), &[odd], None, None);
+        let parsed: toml::Value = toml::from_str(&cfg).unwrap();
+        let runtimes = &parsed["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]["runtimes"];
+        assert_eq!(
+            runtimes["a.b"]["runtime_type"].as_str(),
+            Some("a\"b\\"),
+            "{cfg}"
+        );
     }
 
     #[test]

@@ -5,22 +5,12 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use nutshell_bench::containerd::{
+use nutshell_protocol::procfs::alive;
+use nutshell_test_support::containerd::{
     process_tree, remove_namespace_cgroups, shim_pids, Containerd, ContainerdOptions, CRI_NAMESPACE,
 };
-use nutshell_bench::cri::{self, CriClient};
-use nutshell_bench::image;
-
-/// Running, not gone and not a zombie waiting for init to reap it.
-fn alive(pid: u32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    let state = stat[stat.rfind(')').unwrap() + 1..]
-        .split_whitespace()
-        .next();
-    !matches!(state, Some("Z" | "X"))
-}
+use nutshell_test_support::cri::{self, CriClient};
+use nutshell_test_support::image;
 
 #[test]
 #[ignore = "slow lane: needs root, containerd and runc"]
