@@ -62,7 +62,7 @@ fn faults(mib: u64, rounds: u64, limit: Duration) -> Result<(), String> {
             for i in (0..bytes).step_by(PAGE) {
                 buf[i] = 1;
                 touched += 1;
-                if touched % 256 == 0 && start.elapsed() > limit {
+                if touched.is_multiple_of(256) && start.elapsed() > limit {
                     break 'rounds;
                 }
             }
