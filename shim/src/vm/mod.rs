@@ -17,7 +17,7 @@ mod template;
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nutshell_protocol::client::{AgentClient, ConnectOptions};
@@ -76,33 +76,8 @@ impl std::fmt::Debug for SandboxVm {
     }
 }
 
-/// The VMM's exit status, once known.
-#[derive(Default)]
-struct ExitCell {
-    code: Mutex<Option<VmExitCode>>,
-    cv: Condvar,
-}
-
-impl ExitCell {
-    fn set(&self, code: VmExitCode) {
-        let mut g = self.code.lock().unwrap_or_else(|e| e.into_inner());
-        *g = Some(code);
-        self.cv.notify_all();
-    }
-
-    fn get(&self) -> Option<VmExitCode> {
-        *self.code.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn wait(&self, timeout: Duration) -> Option<VmExitCode> {
-        let g = self.code.lock().unwrap_or_else(|e| e.into_inner());
-        let (g, _) = self
-            .cv
-            .wait_timeout_while(g, timeout, |c| c.is_none())
-            .unwrap_or_else(|e| e.into_inner());
-        *g
-    }
-}
+/// The VMM's exit code, set once by the exit watcher.
+type ExitCell = nutshell_protocol::exit_cell::ExitCell<VmExitCode>;
 
 /// Paths of a sandbox's directory.
 #[derive(Debug, Clone)]
@@ -386,7 +361,7 @@ impl SandboxVm {
         if self.exit.get().is_none() {
             match self.agent.shutdown() {
                 Ok(()) => {
-                    if self.exit.wait(Duration::from_secs(10)).is_none() {
+                    if self.exit.wait_timeout(Duration::from_secs(10)).is_none() {
                         log::warn!("sandbox {}: the guest did not power off in 10 s", self.id);
                     }
                 }

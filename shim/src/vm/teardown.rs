@@ -39,7 +39,7 @@ pub(super) fn kill_and_wait(pid: u32, exit: &ExitCell) {
         // `pid` is our child, not yet reported reaped.
         kill_vmm(pid);
     }
-    if exit.wait(Duration::from_secs(10)).is_none() {
+    if exit.wait_timeout(Duration::from_secs(10)).is_none() {
         log::error!("VMM pid {pid} not reaped 10 s after SIGKILL");
     }
 }
