@@ -10,7 +10,6 @@ use std::str::FromStr;
 
 use caps::{CapSet, Capability};
 use nix::sys::stat::Mode;
-use nix::unistd::{Gid, Uid};
 use oci_spec::runtime::{PosixRlimitType, Process};
 
 use super::rootfs::{is_executable, StepResult};
@@ -211,16 +210,10 @@ impl ProcessPlan {
             }
         }
         syscall::prctl(libc::PR_SET_KEEPCAPS, 1).map_err(|e| format!("keep capabilities: {e}"))?;
-        let groups: Vec<Gid> = self
-            .additional_gids
-            .iter()
-            .map(|g| Gid::from_raw(*g))
-            .collect();
-        nix::unistd::setgroups(&groups).map_err(|e| format!("setgroups: {e}"))?;
-        let gid = Gid::from_raw(self.gid);
-        nix::unistd::setresgid(gid, gid, gid).map_err(|e| format!("setgid {}: {e}", self.gid))?;
-        let uid = Uid::from_raw(self.uid);
-        nix::unistd::setresuid(uid, uid, uid).map_err(|e| format!("setuid {}: {e}", self.uid))?;
+        // Raw system calls, for this process only (see `spawn::set_groups`).
+        super::spawn::set_groups(&self.additional_gids).map_err(|e| format!("setgroups: {e}"))?;
+        super::spawn::set_gid(self.gid).map_err(|e| format!("setgid {}: {e}", self.gid))?;
+        super::spawn::set_uid(self.uid).map_err(|e| format!("setuid {}: {e}", self.uid))?;
         syscall::prctl(libc::PR_SET_KEEPCAPS, 0)
             .map_err(|e| format!("reset keep capabilities: {e}"))?;
         if let Some(caps) = &self.caps {

@@ -8,6 +8,10 @@
 //! namespace. `I` reports `P`'s PID and exits. `P` then waits for "go" (the agent has placed
 //! it in its cgroups), sets itself up, reports "ready", waits for "start" and execs.
 //!
+//! An exec has no intermediate: a thread of the agent enters the init's namespaces and clones
+//! `P` sharing the agent's memory (`CLONE_VM | CLONE_VFORK`, see [`clone_inside`]); `P` reports
+//! its own PID and goes on as above.
+//!
 //! Two pipes, both close-on-exec: `report` (children → agent: framed messages, then EOF when
 //! `P` execs) and `sync` (agent → `P`: one byte for "go", one for "start"). Errors in the
 //! children before the exec travel as text over `report` and become the create error. For a
@@ -64,8 +68,9 @@ pub struct SpawnPlan {
     /// Namespaces to join before the clone (init: paths from the spec).
     pub join: Vec<(File, CloneFlags)>,
     /// Exec: a pidfd of the container's init, whose namespaces the process enters. The spawn
-    /// then takes one fork from a thread that entered them first (one `setns` through the
-    /// pidfd), instead of a fork, a `setns` per namespace and a clone.
+    /// then takes one clone that shares the agent's memory, from a thread that entered them
+    /// first (one `setns` through the pidfd), instead of a fork, a `setns` per namespace and a
+    /// clone.
     pub enter: Option<OwnedFd>,
     /// Init only.
     pub init: Option<InitPart>,
@@ -137,29 +142,29 @@ pub fn spawn(
     let forked = std::time::Instant::now();
     let mut report = File::from(report_r);
     let mut sync = File::from(sync_w);
-    let pid = match &plan.enter {
-        // The agent's copies of the child's ends go in there: EOF on `report` means the child
-        // execed or died.
-        Some(pidfd) => fork_inside(plan, fds, pidfd.as_fd())?,
+    match &plan.enter {
+        // The exec thread holds the agent's copies of the child's ends until the child execed
+        // or died: then EOF on `report`.
+        Some(pidfd) => clone_inside(plan, fds, pidfd.as_fd())?,
         None => {
             match syscall::fork().map_err(io_err("fork"))? {
                 Forked::Child => intermediate(plan, fds),
                 Forked::Parent(_) => {}
             }
             drop(fds);
-            match read_frame(&mut report)? {
-                Some((TAG_PID, payload)) if payload.len() == 4 => {
-                    let pid = i32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]);
-                    Pid::from_raw(pid)
-                }
-                Some((TAG_ERROR, msg)) => return Err(ContainerError::Setup(text(&msg))),
-                Some(_) => return Err(ContainerError::Setup("bad message from the child".into())),
-                None => {
-                    return Err(ContainerError::Setup(
-                        "the child exited during setup".into(),
-                    ))
-                }
-            }
+        }
+    }
+    let pid = match read_frame(&mut report)? {
+        Some((TAG_PID, payload)) if payload.len() == 4 => {
+            let pid = i32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]);
+            Pid::from_raw(pid)
+        }
+        Some((TAG_ERROR, msg)) => return Err(ContainerError::Setup(text(&msg))),
+        Some(_) => return Err(ContainerError::Setup("bad message from the child".into())),
+        None => {
+            return Err(ContainerError::Setup(
+                "the child exited during setup".into(),
+            ))
         }
     };
     let pid_after = forked.elapsed();
@@ -288,45 +293,204 @@ const EXEC_NAMESPACES: CloneFlags = CloneFlags::CLONE_NEWNS
     .union(CloneFlags::CLONE_NEWNET)
     .union(CloneFlags::CLONE_NEWCGROUP);
 
-/// Exec: forks the process from a thread of its own that first entered the namespaces of the
+/// Exec: clones the process from a thread of its own that first entered the namespaces of the
 /// init behind `pidfd` (its own file system context, so that it may enter a mount namespace;
-/// one `setns` for all of them). The thread ends with the fork; the child is the agent's own
-/// and already in the container's PID namespace. Returns its PID.
-fn fork_inside(
+/// one `setns` for all of them). The child is the agent's own and already in the container's
+/// PID namespace.
+///
+/// The clone shares the agent's memory and suspends the thread until the child execs or dies
+/// (`CLONE_VM | CLONE_VFORK`, as posix_spawn does): no copy of the agent's page tables, and
+/// no copy-on-write faults afterwards in the child or in the agent; in the guest here each of
+/// those is emulated kernel work. The child reports its PID (which the kernel stored for the
+/// thread before the child ran) as the intermediate process does for init; an error before
+/// the clone goes over `report` too. Returns once the thread runs; it ends on its own.
+fn clone_inside(
     plan: &SpawnPlan,
     fds: ChildFds,
     pidfd: std::os::fd::BorrowedFd<'_>,
-) -> Result<Pid, ContainerError> {
-    let io = |what: &'static str| {
-        move |e: nix::Error| ContainerError::Io {
-            what,
-            source: e.into(),
-        }
+) -> Result<(), ContainerError> {
+    let io = |what: &'static str| move |e: std::io::Error| ContainerError::Io { what, source: e };
+    let pidfd = pidfd.try_clone_to_owned().map_err(io("dup the pidfd"))?;
+    let plan = SpawnPlan {
+        join: Vec::new(),
+        enter: None,
+        init: None,
+        process: plan.process.clone(),
+        seccomp: plan.seccomp.clone(),
     };
-    std::thread::scope(|scope| {
-        scope
-            .spawn(move || -> Result<Pid, ContainerError> {
-                nix::sched::unshare(CloneFlags::CLONE_FS)
-                    .map_err(io("unshare the file system context"))?;
-                nix::sched::setns(pidfd, EXEC_NAMESPACES)
-                    .map_err(io("enter the container's namespaces"))?;
-                match syscall::fork().map_err(|e| ContainerError::Io {
-                    what: "fork",
-                    source: e,
-                })? {
-                    Forked::Child => {
-                        close_inherited(plan, &fds);
-                        run_child(plan, fds)
-                    }
-                    Forked::Parent(pid) => {
-                        drop(fds);
-                        Ok(pid)
-                    }
+    std::thread::Builder::new()
+        .name("exec".into())
+        .spawn(move || {
+            let report = fds.report.try_clone();
+            if let Err(msg) = enter_and_clone(&plan, fds, pidfd) {
+                if let Ok(report) = report {
+                    write_frame(&report, TAG_ERROR, msg.as_bytes());
                 }
-            })
-            .join()
-            .unwrap_or_else(|_| Err(ContainerError::Setup("the exec thread panicked".into())))
-    })
+            }
+        })
+        .map(drop)
+        .map_err(io("spawn the exec thread"))
+}
+
+/// The stack of a child that shares the agent's memory: what `child` needs, plus a guard page.
+const CHILD_STACK: usize = 256 * 1024;
+
+/// What a `CLONE_VM` child gets: it borrows all of it from the suspended thread's stack.
+struct VmChild<'a> {
+    plan: &'a SpawnPlan,
+    /// The child uses a bitwise copy: the same numbers in its own descriptor table (no
+    /// `CLONE_FILES`); this thread closes its copies after the clone.
+    fds: ChildFds,
+    image: &'a ExecImage,
+    /// Where the kernel stores the child's PID (in the agent's PID namespace) for the parent.
+    pid: std::sync::atomic::AtomicI32,
+}
+
+/// In the exec thread: enters the namespaces, resolves the executable (in the container's root,
+/// as the child would) and clones the child; returns after the child execed or died.
+fn enter_and_clone(plan: &SpawnPlan, fds: ChildFds, pidfd: OwnedFd) -> Result<(), String> {
+    nix::sched::unshare(CloneFlags::CLONE_FS)
+        .map_err(|e| format!("unshare the file system context: {e}"))?;
+    nix::sched::setns(pidfd.as_fd(), EXEC_NAMESPACES)
+        .map_err(|e| format!("enter the container's namespaces: {e}"))?;
+    drop(pidfd);
+    let image = ExecImage::new(plan)?;
+    let stack = ChildStack::new().map_err(|e| format!("child stack: {e}"))?;
+    let child = VmChild {
+        plan,
+        fds,
+        image: &image,
+        pid: std::sync::atomic::AtomicI32::new(0),
+    };
+    let flags = libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PARENT_SETTID | libc::SIGCHLD;
+    // SAFETY: the child runs `vm_child_main` on a stack of its own (`stack`, which outlives
+    // the call: the thread is suspended until the child execs or exits) and gets a pointer to
+    // `child`, which lives on this suspended thread's stack for the same span. The child shares
+    // the agent's memory: `vm_child_main` only borrows from `child`, takes the descriptors out
+    // of it (plain integers in its own descriptor table; this thread closes its copies after
+    // the clone), and makes
+    // no libc call that acts on the agent's other threads (see `ProcessPlan::apply_credentials`).
+    // The kernel stores the child's PID in `child.pid` before the child runs.
+    let rc = unsafe {
+        libc::clone(
+            vm_child_main,
+            stack.top(),
+            flags,
+            std::ptr::from_ref(&child).cast_mut().cast(),
+            child.pid.as_ptr(),
+        )
+    };
+    if rc < 0 {
+        return Err(format!("clone: {}", std::io::Error::last_os_error()));
+    }
+    // The child execed or died: this thread's copies of its ends go now (EOF on `report`).
+    drop(child);
+    Ok(())
+}
+
+/// The entry of a `CLONE_VM` child: reports its PID, then runs [`run_child`].
+extern "C" fn vm_child_main(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` points to the `VmChild` of `enter_and_clone`, alive while this child runs
+    // (its thread is suspended until the child execs or exits).
+    let child = unsafe { &*arg.cast::<VmChild<'_>>() };
+    // SAFETY: `ChildFds` holds descriptors only (no heap memory); the copy owns the same
+    // numbers in this child's own descriptor table, and the original is left untouched for
+    // the parent's table.
+    let fds = unsafe { std::ptr::read(&child.fds) };
+    let pid = child.pid.load(std::sync::atomic::Ordering::SeqCst);
+    write_frame(&fds.report, TAG_PID, &pid.to_le_bytes());
+    close_inherited(child.plan, &fds);
+    run_child_with(child.plan, fds, Some(child.image))
+}
+
+/// The executable and its argument and environment arrays, built before a clone that shares
+/// the agent's memory: the child then allocates nothing that outlives its execve (its
+/// allocations are in the agent's heap).
+struct ExecImage {
+    path: CString,
+    argv: Vec<*const libc::c_char>,
+    envp: Vec<*const libc::c_char>,
+}
+
+impl ExecImage {
+    /// Resolves the executable (in the caller's root: the container's) and points into
+    /// `plan`'s arguments and environment, which outlive the image.
+    fn new(plan: &SpawnPlan) -> Result<Self, String> {
+        let path = plan.process.resolve_executable()?;
+        let (argv, envp) = plan.process.argv_envp();
+        let nul_terminated = |v: Vec<&std::ffi::CStr>| {
+            v.iter()
+                .map(|s| s.as_ptr())
+                .chain(std::iter::once(std::ptr::null()))
+                .collect()
+        };
+        Ok(ExecImage {
+            path,
+            argv: nul_terminated(argv),
+            envp: nul_terminated(envp),
+        })
+    }
+
+    /// execve(2) of the image; returns only with why it failed.
+    fn exec(&self) -> std::io::Error {
+        // SAFETY: `path` is NUL-terminated; both arrays end with a null pointer and point to
+        // NUL-terminated strings of the plan, alive for the call (see `ExecImage::new`).
+        unsafe { libc::execve(self.path.as_ptr(), self.argv.as_ptr(), self.envp.as_ptr()) };
+        std::io::Error::last_os_error()
+    }
+}
+
+/// An anonymous mapping for a child's stack, its lowest page a guard.
+struct ChildStack {
+    base: std::ptr::NonNull<libc::c_void>,
+}
+
+impl ChildStack {
+    fn new() -> std::io::Result<Self> {
+        // SAFETY: a new private anonymous mapping; no existing memory is touched.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                CHILD_STACK,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let stack = ChildStack {
+            base: std::ptr::NonNull::new(base).ok_or_else(std::io::Error::last_os_error)?,
+        };
+        // SAFETY: the first page of the mapping just made, which nothing uses.
+        if unsafe { libc::mprotect(base, page_size(), libc::PROT_NONE) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(stack)
+    }
+
+    /// The initial stack pointer (the stack grows down), 16-byte aligned.
+    fn top(&self) -> *mut libc::c_void {
+        self.base
+            .as_ptr()
+            .cast::<u8>()
+            .wrapping_add(CHILD_STACK)
+            .cast()
+    }
+}
+
+impl Drop for ChildStack {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, no longer used (the child execed or exited).
+        unsafe { libc::munmap(self.base.as_ptr(), CHILD_STACK) };
+    }
+}
+
+fn page_size() -> usize {
+    // SAFETY: sysconf(3) with a valid name.
+    usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096)
 }
 
 /// In a forked child: closes every descriptor it inherited but its own (those of other
@@ -347,8 +511,14 @@ fn close_inherited(plan: &SpawnPlan, fds: &ChildFds) {
 
 /// The real child: its set-up, then the exec; a failure goes to the agent as text.
 fn run_child(plan: &SpawnPlan, fds: ChildFds) -> ! {
+    run_child_with(plan, fds, None)
+}
+
+/// [`run_child`], with the executable already resolved (`image`) for a child that shares the
+/// agent's memory.
+fn run_child_with(plan: &SpawnPlan, fds: ChildFds, image: Option<&ExecImage>) -> ! {
     let report = fds.report.try_clone();
-    match child(plan, fds) {
+    match child(plan, fds, image) {
         Ok(never) => match never {},
         Err(msg) => {
             if let Ok(report) = report {
@@ -432,8 +602,14 @@ fn wait_for(sync: &OwnedFd) {
     }
 }
 
-/// The real child, from "go" to execve.
-fn child(plan: &SpawnPlan, fds: ChildFds) -> StepResult<std::convert::Infallible> {
+/// The real child, from "go" to execve. With `image` (a child sharing the agent's memory), the
+/// executable was resolved before the clone, and nothing the child allocates is left at the
+/// execve.
+fn child(
+    plan: &SpawnPlan,
+    fds: ChildFds,
+    image: Option<&ExecImage>,
+) -> StepResult<std::convert::Infallible> {
     wait_for(&fds.sync);
     let mut steps = Steps::new();
     if let Some(init) = &plan.init {
@@ -485,7 +661,10 @@ fn child(plan: &SpawnPlan, fds: ChildFds) -> StepResult<std::convert::Infallible
         tty::open_in_container(socket.as_fd(), plan.process.uid())?;
     }
     plan.process.apply_limits()?;
-    let executable = plan.process.resolve_executable()?;
+    let executable = match image {
+        Some(_) => None,
+        None => Some(plan.process.resolve_executable()?),
+    };
     let (early, late) = match (&plan.seccomp, plan.process.no_new_privileges()) {
         (Some(prog), false) => (Some(prog), None),
         (Some(prog), true) => (None, Some(prog)),
@@ -494,11 +673,11 @@ fn child(plan: &SpawnPlan, fds: ChildFds) -> StepResult<std::convert::Infallible
     plan.process.apply_credentials(early)?;
     steps.mark("process");
     write_frame(&fds.report, TAG_READY, steps.text.as_bytes());
+    drop(steps);
     wait_for(&fds.sync);
     if let Some(prog) = late {
         super::seccomp::apply(prog).map_err(|e| format!("apply seccomp: {e}"))?;
     }
-    let (argv, envp) = plan.process.argv_envp();
     // The agent blocks SIGCHLD in every thread (its reaper reads a signalfd); a blocked mask
     // survives execve, and the container must start with none blocked, as under runc.
     nix::sys::signal::sigprocmask(
@@ -507,9 +686,45 @@ fn child(plan: &SpawnPlan, fds: ChildFds) -> StepResult<std::convert::Infallible
         None,
     )
     .map_err(|e| format!("reset the signal mask: {e}"))?;
-    let err = syscall::execve(&executable, &argv, &envp);
+    let (path, err) = match (image, &executable) {
+        (Some(image), _) => (&image.path, image.exec()),
+        (None, Some(executable)) => {
+            let (argv, envp) = plan.process.argv_envp();
+            (executable, syscall::execve(executable, &argv, &envp))
+        }
+        (None, None) => return Err("exec: no executable".into()),
+    };
     Err(format!(
         "exec: {}: {err}",
-        CString::as_c_str(&executable).to_string_lossy()
+        CString::as_c_str(path).to_string_lossy()
     ))
+}
+
+/// setgroups(2), setresgid(2) and setresuid(2) are raw system calls here: libc's wrappers
+/// change the credentials of every thread of the process (POSIX semantics, through signals to
+/// the other threads), and a child that shares the agent's memory (see [`clone_inside`]) would
+/// find the agent's threads there and change theirs.
+pub(super) fn set_groups(groups: &[u32]) -> std::io::Result<()> {
+    // SAFETY: setgroups(2) reads `groups.len()` gids from the slice, alive for the call.
+    check(unsafe { libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) })
+}
+
+/// setresgid(2) of this thread only (see [`set_groups`]).
+pub(super) fn set_gid(gid: u32) -> std::io::Result<()> {
+    // SAFETY: setresgid(2) takes plain integers.
+    check(unsafe { libc::syscall(libc::SYS_setresgid, gid, gid, gid) })
+}
+
+/// setresuid(2) of this thread only (see [`set_groups`]).
+pub(super) fn set_uid(uid: u32) -> std::io::Result<()> {
+    // SAFETY: setresuid(2) takes plain integers.
+    check(unsafe { libc::syscall(libc::SYS_setresuid, uid, uid, uid) })
+}
+
+fn check(rc: libc::c_long) -> std::io::Result<()> {
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
