@@ -243,3 +243,119 @@ fn containers_run_in_the_guest_from_a_shared_rootfs() {
     agent.shutdown().unwrap();
     vm.wait(Duration::from_secs(120)).unwrap().assert_status(0);
 }
+
+/// Exec latency in the guest: a running container, then `EXECS` execs of `true` with stdout and
+/// stderr streams (as CRI's ExecSync asks), each timed from ExecProcess to its exit. Prints the
+/// figures (and, with `NUTSHELL_TEST_AGENT_DEBUG=1`, the agent's per-step timings from the
+/// console: a template of its own, with `nutshell.log=debug`).
+#[test]
+#[ignore = "slow lane: boots the real guest kernel (scripts/test.sh runs it)"]
+fn exec_latency_in_the_guest() {
+    const EXECS: usize = 5;
+    let debug = std::env::var_os("NUTSHELL_TEST_AGENT_DEBUG").is_some_and(|v| v == "1");
+    let dir = tempfile::tempdir().unwrap();
+    let uds = dir.path().join("vsock.sock");
+    let shared: PathBuf = dir.path().join("shared");
+    busybox_rootfs(&shared.join("c1").join("rootfs"));
+    let mut boot = GuestBoot::new("initramfs.cpio")
+        .memory_mib(256)
+        .vsock(&uds)
+        .shared_dir(&shared)
+        .from_template();
+    if debug {
+        boot = boot.cmdline("quiet nutshell.log=debug");
+    }
+    let vm = boot.spawn().unwrap();
+    let agent = match AgentClient::connect(
+        &uds,
+        &ConnectOptions {
+            connect_timeout: BOOT_TIMEOUT,
+            retry_interval: Duration::from_millis(20),
+            rpc_timeout: Duration::from_secs(120),
+            ..Default::default()
+        },
+    ) {
+        Ok(a) => a,
+        Err(e) => panic!("{e:?}\nconsole:\n{}\nvmm:\n{}", vm.console(), vm.stderr()),
+    };
+    agent.refresh_guest_now().unwrap();
+    agent
+        .create_sandbox(&SandboxSpec {
+            sandbox_id: "pod1".into(),
+            hostname: "pod1".into(),
+            shared_dir: GUEST_SHARED_DIR.into(),
+            ..Default::default()
+        })
+        .unwrap();
+    let streams = connect_streams(&uds, &[0x4000_0001]);
+    let t = Instant::now();
+    agent
+        .create_container(
+            "c1",
+            serde_json::to_vec(&spec("c1", &["sleep", "1000"])).unwrap(),
+            StdioPorts {
+                stdin: 0,
+                stdout: 0x4000_0001,
+                stderr: 0,
+            },
+            false,
+        )
+        .unwrap();
+    let created = t.elapsed();
+    agent.start_container("c1").unwrap();
+    let started = t.elapsed();
+    let process = ProcessBuilder::default()
+        .args(vec!["true".to_string()])
+        .env(vec!["PATH=/bin".to_string()])
+        .cwd("/")
+        .build()
+        .unwrap();
+    let mut execs = Vec::new();
+    for i in 0..EXECS {
+        let (out, err) = (0x4000_0100 + 2 * i as u32, 0x4000_0101 + 2 * i as u32);
+        let exec_streams = connect_streams(&uds, &[out, err]);
+        let exec_id = format!("e{i}");
+        let t = Instant::now();
+        agent
+            .exec_process(
+                "c1",
+                &exec_id,
+                serde_json::to_vec(&process).unwrap(),
+                StdioPorts {
+                    stdin: 0,
+                    stdout: out,
+                    stderr: err,
+                },
+                false,
+            )
+            .unwrap();
+        let running = t.elapsed();
+        assert_eq!(agent.wait_process("c1", &exec_id).unwrap().exit_status, 0);
+        let exited = t.elapsed();
+        for s in exec_streams {
+            assert_eq!(text(s), "");
+        }
+        execs.push((running, exited));
+    }
+    let mut exited: Vec<f64> = execs.iter().map(|e| e.1.as_secs_f64()).collect();
+    exited.sort_by(f64::total_cmp);
+    eprintln!(
+        "create {:.2} s, create+start {:.2} s; exec of true (to running, to exit): {:.2?}; \
+         median to exit {:.2} s",
+        created.as_secs_f64(),
+        started.as_secs_f64(),
+        execs,
+        exited[EXECS / 2]
+    );
+    agent.signal_process("c1", "", 9, true).unwrap();
+    agent.wait_process("c1", "").unwrap();
+    assert_eq!(text(streams.into_iter().next().unwrap()), "");
+    agent.remove_container("c1", 0).unwrap();
+    if debug {
+        for line in vm.console().lines().filter(|l| l.contains("spawn of pid")) {
+            eprintln!("{line}");
+        }
+    }
+    drop(agent);
+    drop(vm);
+}

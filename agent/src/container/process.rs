@@ -149,7 +149,7 @@ impl ProcessPlan {
                 .map_err(|e| format!("set oom_score_adj {adj}: {e}"))?;
         }
         for (resource, soft, hard) in &self.rlimits {
-            syscall::set_rlimit(*resource, *soft, *hard)
+            super::spawn::set_rlimit(*resource, *soft, *hard)
                 .map_err(|e| format!("setrlimit {resource}: {e}"))?;
         }
         Ok(())

@@ -721,6 +721,26 @@ pub(super) fn set_uid(uid: u32) -> std::io::Result<()> {
     check(unsafe { libc::syscall(libc::SYS_setresuid, uid, uid, uid) })
 }
 
+/// prlimit64(2) on the calling process, as a raw system call (musl's setrlimit goes through
+/// every thread of the process, as its set*id do: see [`set_groups`]).
+pub(super) fn set_rlimit(resource: libc::c_int, soft: u64, hard: u64) -> std::io::Result<()> {
+    let limit = libc::rlimit64 {
+        rlim_cur: soft,
+        rlim_max: hard,
+    };
+    // SAFETY: prlimit64(2) reads one rlimit64 from the pointer, alive for the call; the null
+    // old-limit pointer asks for nothing back.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_prlimit64,
+            0,
+            resource,
+            &limit as *const libc::rlimit64,
+            std::ptr::null_mut::<libc::rlimit64>(),
+        )
+    })
+}
+
 fn check(rc: libc::c_long) -> std::io::Result<()> {
     if rc < 0 {
         Err(std::io::Error::last_os_error())

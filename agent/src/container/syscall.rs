@@ -143,19 +143,6 @@ pub fn set_domainname(name: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// setrlimit(2) for the raw resource number.
-pub fn set_rlimit(resource: libc::c_int, soft: u64, hard: u64) -> io::Result<()> {
-    let limit = libc::rlimit {
-        rlim_cur: soft as libc::rlim_t,
-        rlim_max: hard as libc::rlim_t,
-    };
-    // SAFETY: setrlimit(2) reads one rlimit from the pointer, which lives for the call.
-    if unsafe { libc::setrlimit(resource as _, &limit) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 /// prctl(2) with integer arguments only.
 pub fn prctl(option: libc::c_int, arg: libc::c_ulong) -> io::Result<()> {
     // SAFETY: the options used here (PR_SET_NO_NEW_PRIVS, PR_SET_KEEPCAPS,
