@@ -247,7 +247,8 @@ fn containers_run_in_the_guest_from_a_shared_rootfs() {
 /// Exec latency in the guest: a running container, then `EXECS` execs of `true` with stdout and
 /// stderr streams (as CRI's ExecSync asks), each timed from ExecProcess to its exit. Prints the
 /// figures (and, with `NUTSHELL_TEST_AGENT_DEBUG=1`, the agent's per-step timings from the
-/// console: a template of its own, with `nutshell.log=debug`).
+/// console: a template of its own, with `nutshell.log=debug`). `NUTSHELL_TEST_INITRAMFS` names
+/// another initramfs in `target/nutshell` (another agent build, for a before/after in one run).
 #[test]
 #[ignore = "slow lane: boots the real guest kernel (scripts/test.sh runs it)"]
 fn exec_latency_in_the_guest() {
@@ -257,7 +258,11 @@ fn exec_latency_in_the_guest() {
     let uds = dir.path().join("vsock.sock");
     let shared: PathBuf = dir.path().join("shared");
     busybox_rootfs(&shared.join("c1").join("rootfs"));
-    let mut boot = GuestBoot::new("initramfs.cpio")
+    let initramfs: &'static str = match std::env::var("NUTSHELL_TEST_INITRAMFS") {
+        Ok(name) => Box::leak(name.into_boxed_str()),
+        Err(_) => "initramfs.cpio",
+    };
+    let mut boot = GuestBoot::new(initramfs)
         .memory_mib(256)
         .vsock(&uds)
         .shared_dir(&shared)
