@@ -292,17 +292,13 @@ fn exec_latency_in_the_guest() {
             ..Default::default()
         })
         .unwrap();
-    let streams = connect_streams(&uds, &[0x4000_0001]);
+    // No streams for init: a reader would give up after STREAM_TIMEOUT without data.
     let t = Instant::now();
     agent
         .create_container(
             "c1",
             serde_json::to_vec(&spec("c1", &["sleep", "1000"])).unwrap(),
-            StdioPorts {
-                stdin: 0,
-                stdout: 0x4000_0001,
-                stderr: 0,
-            },
+            StdioPorts::default(),
             false,
         )
         .unwrap();
@@ -354,7 +350,6 @@ fn exec_latency_in_the_guest() {
     );
     agent.signal_process("c1", "", 9, true).unwrap();
     agent.wait_process("c1", "").unwrap();
-    assert_eq!(text(streams.into_iter().next().unwrap()), "");
     agent.remove_container("c1", 0).unwrap();
     if debug {
         for line in vm.console().lines().filter(|l| l.contains("spawn of pid")) {
