@@ -2,7 +2,8 @@
 //! kubelet drives it (a Rust CRI client, `runtime_handler = "nutshell"`, a private containerd):
 //! pod sysctls, the PID and IPC namespace modes (CONTAINER, POD, NODE; TARGET refused), setuid
 //! binaries with and without `no_new_privs`, host mounts appearing under an `rslave` volume,
-//! and StopContainer right after StartContainer. See docs/conformance.md.
+//! StopContainer right after StartContainer, and the guest kernel's network features (bridges,
+//! tunnels, iptables) that privileged and CAP_NET_ADMIN pods use. See docs/conformance.md.
 //!
 //! One pod serves several checks: every container costs seconds of emulated guest kernel time
 //! on the development machines. The pods are on the rig's CNI network, so their UTS namespace
