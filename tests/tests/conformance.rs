@@ -643,7 +643,8 @@ fn guest_kernel_has_what_network_pods_use() {
              {ip} link add nsd0 type dummy
              {ip} link set nsd0 up
              {ip} link add link nsd0 name nsmv0 type macvlan mode bridge
-             {ip} link add link nsd0 name nsiv0 type ipvlan mode l2
+             {ip} link add nsd1 type dummy
+             {ip} link add link nsd1 name nsiv0 type ipvlan mode l2
              {ip} link add link nsd0 name nsd0.10 type vlan id 10
              {ip} link add nsvx0 type vxlan id 42 dstport 4789 dev nsd0
              [ -e /dev/net/tun ] || {{ mkdir -p /dev/net; mknod /dev/net/tun c 10 200; }}
