@@ -219,25 +219,16 @@ fn left_rule_port(line: &str) -> Option<u16> {
 
 /// Removes the port-forward rules in the calling thread's network namespace (a pod's, where
 /// only its shim adds them): what a shim killed before its [`PortForward::stop`] left. For
-/// `shim delete`, a process without the server's child reaper. Returns how many went.
+/// `shim delete`, where the crate's SIGCHLD handler reaps children too (see
+/// [`iptables_output`]). Returns how many went.
 pub fn remove_left_rules() -> Result<usize, ForwardError> {
     let iptables = iptables_binary();
-    let list = ["-w", "5", "-t", "nat", "-S", "OUTPUT"];
-    let failed = |message: String| ForwardError::Iptables {
-        args: list.join(" "),
-        message,
-    };
-    let out = Command::new(&iptables)
-        .args(list)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| failed(format!("run {}: {e}", iptables.display())))?;
-    if !out.status.success() {
-        return Err(failed(
-            String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        ));
-    }
-    let ports: Vec<u16> = String::from_utf8_lossy(&out.stdout)
+    let list: Vec<String> = ["-w", "5", "-t", "nat", "-S", "OUTPUT"]
+        .iter()
+        .map(|a| (*a).to_owned())
+        .collect();
+    let out = iptables_output(&iptables, &list)?;
+    let ports: Vec<u16> = String::from_utf8_lossy(&out)
         .lines()
         .filter_map(left_rule_port)
         .collect();
@@ -247,9 +238,15 @@ pub fn remove_left_rules() -> Result<usize, ForwardError> {
     Ok(ports.len())
 }
 
-/// Runs `iptables args` and waits for it. The crate's SIGCHLD handler may reap it first; its
-/// exit status then comes from the crate's exit monitor.
+/// Runs `iptables args` and waits for it.
 fn run_iptables(bin: &Path, args: &[String]) -> Result<(), ForwardError> {
+    iptables_output(bin, args).map(drop)
+}
+
+/// Runs `iptables args`, waits for it and returns what it printed on stdout. The crate's
+/// SIGCHLD handler (also running in `shim delete`) may reap it first; its exit status then
+/// comes from the crate's exit monitor (`Command::output` would fail with ECHILD and lose it).
+fn iptables_output(bin: &Path, args: &[String]) -> Result<Vec<u8>, ForwardError> {
     let failed = |message: String| ForwardError::Iptables {
         args: args.join(" "),
         message,
@@ -258,7 +255,7 @@ fn run_iptables(bin: &Path, args: &[String]) -> Result<(), ForwardError> {
     let spawned = Command::new(bin)
         .args(args)
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn();
     let mut child = match spawned {
@@ -268,6 +265,11 @@ fn run_iptables(bin: &Path, args: &[String]) -> Result<(), ForwardError> {
             return Err(failed(format!("run {}: {e}", bin.display())));
         }
     };
+    // Small outputs (a rule listing, an error line): stdout first, then stderr.
+    let mut stdout = Vec::new();
+    if let Some(out) = child.stdout.take() {
+        let _ = out.take(1 << 20).read_to_end(&mut stdout);
+    }
     let mut stderr = Vec::new();
     if let Some(err) = child.stderr.take() {
         let _ = err.take(4096).read_to_end(&mut stderr);
@@ -298,7 +300,7 @@ fn run_iptables(bin: &Path, args: &[String]) -> Result<(), ForwardError> {
     };
     unsubscribe(sub.id);
     if code == 0 {
-        Ok(())
+        Ok(stdout)
     } else {
         let text = String::from_utf8_lossy(&stderr);
         Err(failed(format!("exit status {code}: {}", text.trim())))
