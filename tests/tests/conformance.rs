@@ -87,14 +87,19 @@ fn conformance_rig(tag: &str) -> (Rig, PathBuf) {
         .unwrap()
         .tarball(&cache)
         .unwrap();
-    rig.containerd.ctr().import_image(&tarball).unwrap();
+    import(&rig, &tarball, PROBE_IMAGE);
+    (rig, probe)
+}
+
+/// Imports an image archive into the rig's containerd and waits until the CRI lists it.
+fn import(rig: &Rig, tarball: &Path, name: &str) {
+    rig.containerd.ctr().import_image(tarball).unwrap();
     let mut cri = CriClient::connect(rig.containerd.address()).unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !cri.image_present(PROBE_IMAGE).unwrap() {
-        assert!(Instant::now() < deadline, "the CRI does not see the image");
+    while !cri.image_present(name).unwrap() {
+        assert!(Instant::now() < deadline, "the CRI does not see {name}");
         std::thread::sleep(Duration::from_millis(200));
     }
-    (rig, probe)
 }
 
 /// A pod with these PID and IPC modes (on the rig's CNI network, see the module doc).
@@ -130,6 +135,11 @@ fn container_in(
         ..Default::default()
     });
     c
+}
+
+/// The security context [`container_in`] gave `c`.
+fn security(c: &mut cri::ContainerConfig) -> &mut cri::LinuxContainerSecurityContext {
+    c.linux.as_mut().unwrap().security_context.as_mut().unwrap()
 }
 
 fn run(
@@ -472,16 +482,7 @@ fn container_pid_mode_setuid_and_stop_right_after_start() {
 
     // TARGET (kubectl debug --target=main): refused with a clear error, nothing left.
     let mut debug = container_in(&pod_cfg, "debug", PROBE_IMAGE, &["sleep", "1000"]);
-    let ns = debug
-        .linux
-        .as_mut()
-        .unwrap()
-        .security_context
-        .as_mut()
-        .unwrap()
-        .namespace_options
-        .as_mut()
-        .unwrap();
+    let ns = security(&mut debug).namespace_options.as_mut().unwrap();
     ns.pid = cri::NamespaceMode::Target as i32;
     ns.target_id = main.clone();
     // containerd's CreateContainer only records it; the shim meets it at StartContainer.
@@ -493,7 +494,7 @@ fn container_pid_mode_setuid_and_stop_right_after_start() {
     for (no_new_privs, want) in [(false, "uid=1000 euid=0"), (true, "uid=1000 euid=1000")] {
         let name = format!("suid-{no_new_privs}");
         let mut c = container_in(&pod_cfg, &name, PROBE_IMAGE, &["/bin/probe", "ids"]);
-        let sc = c.linux.as_mut().unwrap().security_context.as_mut().unwrap();
+        let sc = security(&mut c);
         sc.run_as_user = Some(cri::Int64Value { value: 1000 });
         sc.no_new_privs = no_new_privs;
         let id = run(&mut rig, &pod, &pod_cfg, &c);
@@ -603,13 +604,7 @@ fn guest_kernel_has_what_network_pods_use() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let started = Instant::now();
     let mut rig = rig("netkernel");
-    let tarball = net_image_tarball();
-    rig.containerd.ctr().import_image(&tarball).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !rig.cri.image_present(NET_IMAGE).unwrap() {
-        assert!(Instant::now() < deadline, "the CRI does not see the image");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    import(&rig, &net_image_tarball(), NET_IMAGE);
 
     // containerd admits a privileged container only in a privileged sandbox.
     let mut pod_cfg = rig.pod("nutshell-netkernel");
@@ -622,14 +617,7 @@ fn guest_kernel_has_what_network_pods_use() {
     let pod = rig.cri.run_pod_sandbox(&pod_cfg, HANDLER).unwrap();
 
     let mut privileged = container_in(&pod_cfg, "links", NET_IMAGE, &["sleep", "2147483647"]);
-    privileged
-        .linux
-        .as_mut()
-        .unwrap()
-        .security_context
-        .as_mut()
-        .unwrap()
-        .privileged = true;
+    security(&mut privileged).privileged = true;
     let links = run(&mut rig, &pod, &pod_cfg, &privileged);
     let ip = "/usr/local/sbin/ip";
     sh(
@@ -675,14 +663,7 @@ fn guest_kernel_has_what_network_pods_use() {
     // CAP_NET_ADMIN (and the default set with CAP_NET_RAW), not privileged: the rules an Istio
     // init container, kube-proxy and CNI tools write, in the pod's network namespace.
     let mut admin = container_in(&pod_cfg, "rules", NET_IMAGE, &["sleep", "2147483647"]);
-    admin
-        .linux
-        .as_mut()
-        .unwrap()
-        .security_context
-        .as_mut()
-        .unwrap()
-        .capabilities = Some(cri::Capability {
+    security(&mut admin).capabilities = Some(cri::Capability {
         add_capabilities: vec!["CAP_NET_ADMIN".to_owned()],
         ..Default::default()
     });
