@@ -17,6 +17,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
@@ -144,9 +146,10 @@ pub fn cpu_time(pid: u32) -> Result<Duration> {
             .with_context(|| format!("short /proc/{pid}/stat: {stat}"))?;
         Ok(field.parse()?)
     };
-    // SAFETY: sysconf has no preconditions; it only reads a system value.
-    let per_sec = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })
+    let per_sec = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
         .ok()
+        .flatten()
+        .and_then(|t| u64::try_from(t).ok())
         .filter(|&t| t > 0)
         .unwrap_or(100);
     Ok(Duration::from_millis(
@@ -161,7 +164,6 @@ pub const START_SLOTS_DIR: &str = "start-slots";
 /// start-slot files, which are the node's lasting state, and any slot that is still held (a
 /// leaked slot would stall later VM starts).
 pub fn left_under_run_dir(run_dir: &Path) -> Vec<String> {
-    use std::os::fd::AsRawFd;
     let mut left = Vec::new();
     let Ok(entries) = std::fs::read_dir(run_dir) else {
         return left;
@@ -173,13 +175,9 @@ pub fn left_under_run_dir(run_dir: &Path) -> Vec<String> {
             continue;
         }
         for slot in std::fs::read_dir(&path).into_iter().flatten().flatten() {
+            // The shim's slots are std file locks (flock(2)); closing `f` releases ours.
             let held = match std::fs::File::open(slot.path()) {
-                Ok(f) => {
-                    // SAFETY: flock(2) on a descriptor this function owns; closing it releases
-                    // the lock.
-                    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-                    r != 0
-                }
+                Ok(f) => f.try_lock().is_err(),
                 Err(_) => true,
             };
             if held {
@@ -433,12 +431,10 @@ impl VmmProcess {
     }
 
     /// Sends `signal` to the VMM.
-    pub fn signal(&self, signal: i32) -> Result<()> {
+    pub fn signal(&self, signal: Signal) -> Result<()> {
         let pid = self.pid().context("VMM already reaped")?;
-        // SAFETY: kill(2) on the PID of a child this struct has not reaped yet.
-        if unsafe { libc::kill(pid as libc::pid_t, signal) } != 0 {
-            return Err(std::io::Error::last_os_error()).context("kill");
-        }
+        let pid = Pid::from_raw(i32::try_from(pid).context("PID out of range")?);
+        kill(pid, signal).context("kill")?;
         Ok(())
     }
 
@@ -559,5 +555,42 @@ mod tests {
         assert_eq!(report_field(c, "cmdline"), Some("a b=c"));
         assert_eq!(report_field(c, "missing"), None);
         assert_eq!(report_field("nothing", "cpus"), None);
+    }
+
+    /// A start slot someone holds is reported; a free one and the slot directory are not.
+    #[test]
+    fn a_held_start_slot_is_left_and_a_free_one_is_not() {
+        let run_dir = tempfile::tempdir().unwrap();
+        let slots = run_dir.path().join(START_SLOTS_DIR);
+        std::fs::create_dir(&slots).unwrap();
+        let held = std::fs::File::create(slots.join("0")).unwrap();
+        std::fs::File::create(slots.join("1")).unwrap();
+        held.lock().unwrap();
+        assert_eq!(
+            left_under_run_dir(run_dir.path()),
+            vec![format!("{} (held)", slots.join("0").display())]
+        );
+        drop(held);
+        assert!(left_under_run_dir(run_dir.path()).is_empty());
+        std::fs::write(run_dir.path().join("stray"), "").unwrap();
+        assert_eq!(
+            left_under_run_dir(run_dir.path()),
+            vec![run_dir.path().join("stray").display().to_string()]
+        );
+    }
+
+    /// The test's own CPU time grows by about what it burns.
+    #[test]
+    fn cpu_time_counts_what_the_process_burns() {
+        let me = std::process::id();
+        let before = cpu_time(me).unwrap();
+        let start = Instant::now();
+        let mut x = 0u64;
+        while start.elapsed() < Duration::from_millis(300) {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        let burnt = cpu_time(me).unwrap() - before;
+        // A loaded host may deschedule the loop, so only a tenth of its 300 ms is required.
+        assert!(burnt >= Duration::from_millis(30), "{burnt:?}");
     }
 }
