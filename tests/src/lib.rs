@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use nutshell_template::{Guest, VmmArgs};
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
@@ -265,21 +266,26 @@ impl GuestBoot {
 
     /// The `nutshell-vmm` arguments (the console is added by [`VmmProcess::spawn`]).
     pub fn args(&self) -> Result<Vec<String>> {
-        let path = |p: PathBuf| p.to_string_lossy().into_owned();
         let mut args = if self.template {
-            self.template()?.restore_args().into()
+            VmmArgs::new().restore(&self.template()?)
         } else {
-            self.boot_args()?
+            let (kernel, initrd) = (guest_artifact("vmlinux")?, guest_artifact(self.initramfs)?);
+            VmmArgs::new().cold_boot(&Guest {
+                kernel: &kernel,
+                initrd: &initrd,
+                cmdline: &self.cmdline,
+                vcpus: u32::from(self.vcpus),
+                memory_mib: self.memory_mib,
+            })
         };
         if let Some(uds) = &self.vsock_uds {
-            args.push("--vsock-uds".to_owned());
-            args.push(path(uds.clone()));
+            args = args.vsock(uds);
         }
         if let Some(dir) = &self.shared_dir {
-            args.push("--shared-dir".to_owned());
-            args.push(path(dir.clone()));
+            // No --fs-tag: the VMM's default tag (on a restore, the template's).
+            args = args.shared_dir(dir, None);
         }
-        Ok(args)
+        Ok(args.into_vec())
     }
 
     /// The agent-ready template of this boot in [`template_cache`], found or built (once).
@@ -302,23 +308,6 @@ impl GuestBoot {
         };
         nutshell_template::ensure(&config)
             .map_err(|e| anyhow::anyhow!(nutshell_protocol::error_chain(&e)))
-    }
-
-    /// The arguments of a cold boot: kernel, initramfs, shape, command line.
-    fn boot_args(&self) -> Result<Vec<String>> {
-        let path = |p: PathBuf| p.to_string_lossy().into_owned();
-        Ok(vec![
-            "--kernel".to_owned(),
-            path(guest_artifact("vmlinux")?),
-            "--initrd".to_owned(),
-            path(guest_artifact(self.initramfs)?),
-            "--vcpus".to_owned(),
-            self.vcpus.to_string(),
-            "--memory-mib".to_owned(),
-            self.memory_mib.to_string(),
-            "--cmdline".to_owned(),
-            self.cmdline.clone(),
-        ])
     }
 
     /// Starts the VMM.
