@@ -353,9 +353,7 @@ fn real_root() -> Option<PathBuf> {
     let root = std::env::var_os("NUTSHELL_TEST_CGROUP2")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup/unified"));
-    let writable = root.join("cgroup.procs").exists()
-        // SAFETY: geteuid(2) has no preconditions.
-        && unsafe { libc::geteuid() } == 0;
+    let writable = root.join("cgroup.procs").exists() && nix::unistd::geteuid().is_root();
     if writable {
         Some(root)
     } else {

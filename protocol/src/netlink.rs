@@ -8,7 +8,7 @@
 
 use std::io;
 use std::net::IpAddr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 
 use netlink_packet_core::{
     NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL,
@@ -544,20 +544,22 @@ pub fn create_tap(name: &str) -> io::Result<OwnedFd> {
             format!("tap name {name:?}"),
         ));
     }
-    // SAFETY: a plain open(2) of a NUL-terminated path.
-    let raw = unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
-    if raw < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `raw` was just opened and is owned by nothing else.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // std opens close-on-exec and blocking.
+    let fd = OwnedFd::from(
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")?,
+    );
     let mut req = IfReq {
         name: [0; libc::IFNAMSIZ],
         flags: (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short,
         _pad: [0; 22],
     };
     req.name[..name.len()].copy_from_slice(name.as_bytes());
-    // SAFETY: TUNSETIFF reads (and updates) one `struct ifreq`, valid for the call.
+    // SAFETY: the one unsafe block of this crate. TUNSETIFF reads (and updates) one `struct
+    // ifreq`, which `req` is (`#[repr(C)]`, the kernel's layout) and which outlives the call;
+    // `fd` is an open tun descriptor.
     if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &mut req as *mut IfReq) } < 0 {
         return Err(io::Error::last_os_error());
     }

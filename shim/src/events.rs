@@ -40,6 +40,13 @@ impl Events {
         Events { tx: Mutex::new(tx) }
     }
 
+    /// Events that go to `rx` instead of containerd, for unit tests.
+    #[cfg(test)]
+    pub fn channel() -> (Events, mpsc::Receiver<Event>) {
+        let (tx, rx) = mpsc::channel::<Event>();
+        (Events { tx: Mutex::new(tx) }, rx)
+    }
+
     /// Queues `event` for containerd.
     pub fn publish(&self, (topic, event): Event) {
         let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());

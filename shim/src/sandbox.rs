@@ -153,6 +153,16 @@ impl Sandbox {
         })
     }
 
+    /// A sandbox over a [`crate::vm::detached`] VM handle in `dir`, for unit tests.
+    #[cfg(test)]
+    pub fn detached(id: &str, dir: &std::path::Path, events: Arc<Events>) -> Arc<Sandbox> {
+        Sandbox::new(
+            id.to_owned(),
+            Arc::new(crate::vm::detached(id, dir)),
+            events,
+        )
+    }
+
     fn tasks(&self) -> std::sync::MutexGuard<'_, HashMap<String, TaskRef>> {
         self.tasks.lock().unwrap_or_else(|e| e.into_inner())
     }

@@ -19,6 +19,8 @@
 //! half-written template. The VMM checks the key stored in the snapshot at restore
 //! (`--restore DIR --template-key KEY`), so a template under the wrong name is refused.
 
+mod args;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -28,6 +30,8 @@ use nutshell_protocol::client::{AgentClient, ClientError, ConnectOptions};
 use nutshell_protocol::types::ServingStatus;
 use nutshell_protocol::vmm_client::{VmmClient, VmmClientError};
 use sha2::{Digest, Sha256};
+
+pub use args::{Guest, VmmArgs};
 
 /// Where templates are kept unless configured otherwise.
 pub const DEFAULT_CACHE_DIR: &str = "/var/cache/nutshell/templates";
@@ -393,28 +397,20 @@ pub fn build(config: &TemplateConfig, key: &str, out: &Path) -> Result<(), Templ
         .map_err(io_err(&std::env::temp_dir()))?;
     let uds = sock_dir.path().join("vsock.sock");
     let api = sock_dir.path().join("vmm.sock");
-    let p = |p: &Path| p.to_string_lossy().into_owned();
-    let mut args = vec![
-        "--kernel".to_owned(),
-        p(&config.kernel),
-        "--initrd".to_owned(),
-        p(&config.initrd),
-        "--cmdline".to_owned(),
-        config.cmdline.clone(),
-        "--vcpus".to_owned(),
-        config.vcpus.to_string(),
-        "--memory-mib".to_owned(),
-        config.memory_mib.to_string(),
-        "--cpu-profile".to_owned(),
-        config.cpu_profile.as_arg().to_owned(),
-        "--vsock-uds".to_owned(),
-        p(&uds),
-        "--api-sock".to_owned(),
-        p(&api),
-        "--console".to_owned(),
-        p(&out.join("boot-console")),
-        "--nic-without-tap".to_owned(),
-    ];
+    let guest = Guest {
+        kernel: &config.kernel,
+        initrd: &config.initrd,
+        cmdline: &config.cmdline,
+        vcpus: u32::from(config.vcpus),
+        memory_mib: config.memory_mib,
+    };
+    let mut args = VmmArgs::new()
+        .cold_boot(&guest)
+        .opt("--cpu-profile", config.cpu_profile.as_arg())
+        .vsock(&uds)
+        .api_sock(&api)
+        .console(&out.join("boot-console"))
+        .flag("--nic-without-tap");
     // A jailed VMM binds the shared directory over itself and its supervisor undoes that when
     // it exits; a supervisor killed (a build abandoned, a VMM that hung) cannot. Dropped after
     // the VMM (declared before it) and before the directory is removed.
@@ -423,20 +419,15 @@ pub fn build(config: &TemplateConfig, key: &str, out: &Path) -> Result<(), Templ
         // The template's virtio-fs device exports an empty directory the guest never mounts.
         let empty = sock_dir.path().join("shared");
         std::fs::create_dir(&empty).map_err(io_err(&empty))?;
-        args.extend([
-            "--shared-dir".to_owned(),
-            p(&empty),
-            "--fs-tag".to_owned(),
-            tag.clone(),
-        ]);
+        args = args.shared_dir(&empty, Some(tag));
     }
     if config.jail {
-        args.push("--jail".to_owned());
+        args = args.jail();
     }
     let log = out.join("vmm.log");
     let log_file = std::fs::File::create(&log).map_err(io_err(&log))?;
     let child = Command::new(&config.vmm)
-        .args(&args)
+        .args(args.into_vec())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log_file)

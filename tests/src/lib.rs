@@ -17,6 +17,9 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use nutshell_template::{Guest, VmmArgs};
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
@@ -144,9 +147,10 @@ pub fn cpu_time(pid: u32) -> Result<Duration> {
             .with_context(|| format!("short /proc/{pid}/stat: {stat}"))?;
         Ok(field.parse()?)
     };
-    // SAFETY: sysconf has no preconditions; it only reads a system value.
-    let per_sec = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })
+    let per_sec = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
         .ok()
+        .flatten()
+        .and_then(|t| u64::try_from(t).ok())
         .filter(|&t| t > 0)
         .unwrap_or(100);
     Ok(Duration::from_millis(
@@ -161,7 +165,6 @@ pub const START_SLOTS_DIR: &str = "start-slots";
 /// start-slot files, which are the node's lasting state, and any slot that is still held (a
 /// leaked slot would stall later VM starts).
 pub fn left_under_run_dir(run_dir: &Path) -> Vec<String> {
-    use std::os::fd::AsRawFd;
     let mut left = Vec::new();
     let Ok(entries) = std::fs::read_dir(run_dir) else {
         return left;
@@ -173,13 +176,9 @@ pub fn left_under_run_dir(run_dir: &Path) -> Vec<String> {
             continue;
         }
         for slot in std::fs::read_dir(&path).into_iter().flatten().flatten() {
+            // The shim's slots are std file locks (flock(2)); closing `f` releases ours.
             let held = match std::fs::File::open(slot.path()) {
-                Ok(f) => {
-                    // SAFETY: flock(2) on a descriptor this function owns; closing it releases
-                    // the lock.
-                    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-                    r != 0
-                }
+                Ok(f) => f.try_lock().is_err(),
                 Err(_) => true,
             };
             if held {
@@ -267,21 +266,26 @@ impl GuestBoot {
 
     /// The `nutshell-vmm` arguments (the console is added by [`VmmProcess::spawn`]).
     pub fn args(&self) -> Result<Vec<String>> {
-        let path = |p: PathBuf| p.to_string_lossy().into_owned();
         let mut args = if self.template {
-            self.template()?.restore_args().into()
+            VmmArgs::new().restore(&self.template()?)
         } else {
-            self.boot_args()?
+            let (kernel, initrd) = (guest_artifact("vmlinux")?, guest_artifact(self.initramfs)?);
+            VmmArgs::new().cold_boot(&Guest {
+                kernel: &kernel,
+                initrd: &initrd,
+                cmdline: &self.cmdline,
+                vcpus: u32::from(self.vcpus),
+                memory_mib: self.memory_mib,
+            })
         };
         if let Some(uds) = &self.vsock_uds {
-            args.push("--vsock-uds".to_owned());
-            args.push(path(uds.clone()));
+            args = args.vsock(uds);
         }
         if let Some(dir) = &self.shared_dir {
-            args.push("--shared-dir".to_owned());
-            args.push(path(dir.clone()));
+            // No --fs-tag: the VMM's default tag (on a restore, the template's).
+            args = args.shared_dir(dir, None);
         }
-        Ok(args)
+        Ok(args.into_vec())
     }
 
     /// The agent-ready template of this boot in [`template_cache`], found or built (once).
@@ -304,23 +308,6 @@ impl GuestBoot {
         };
         nutshell_template::ensure(&config)
             .map_err(|e| anyhow::anyhow!(nutshell_protocol::error_chain(&e)))
-    }
-
-    /// The arguments of a cold boot: kernel, initramfs, shape, command line.
-    fn boot_args(&self) -> Result<Vec<String>> {
-        let path = |p: PathBuf| p.to_string_lossy().into_owned();
-        Ok(vec![
-            "--kernel".to_owned(),
-            path(guest_artifact("vmlinux")?),
-            "--initrd".to_owned(),
-            path(guest_artifact(self.initramfs)?),
-            "--vcpus".to_owned(),
-            self.vcpus.to_string(),
-            "--memory-mib".to_owned(),
-            self.memory_mib.to_string(),
-            "--cmdline".to_owned(),
-            self.cmdline.clone(),
-        ])
     }
 
     /// Starts the VMM.
@@ -433,12 +420,10 @@ impl VmmProcess {
     }
 
     /// Sends `signal` to the VMM.
-    pub fn signal(&self, signal: i32) -> Result<()> {
+    pub fn signal(&self, signal: Signal) -> Result<()> {
         let pid = self.pid().context("VMM already reaped")?;
-        // SAFETY: kill(2) on the PID of a child this struct has not reaped yet.
-        if unsafe { libc::kill(pid as libc::pid_t, signal) } != 0 {
-            return Err(std::io::Error::last_os_error()).context("kill");
-        }
+        let pid = Pid::from_raw(i32::try_from(pid).context("PID out of range")?);
+        kill(pid, signal).context("kill")?;
         Ok(())
     }
 
@@ -559,5 +544,42 @@ mod tests {
         assert_eq!(report_field(c, "cmdline"), Some("a b=c"));
         assert_eq!(report_field(c, "missing"), None);
         assert_eq!(report_field("nothing", "cpus"), None);
+    }
+
+    /// A start slot someone holds is reported; a free one and the slot directory are not.
+    #[test]
+    fn a_held_start_slot_is_left_and_a_free_one_is_not() {
+        let run_dir = tempfile::tempdir().unwrap();
+        let slots = run_dir.path().join(START_SLOTS_DIR);
+        std::fs::create_dir(&slots).unwrap();
+        let held = std::fs::File::create(slots.join("0")).unwrap();
+        std::fs::File::create(slots.join("1")).unwrap();
+        held.lock().unwrap();
+        assert_eq!(
+            left_under_run_dir(run_dir.path()),
+            vec![format!("{} (held)", slots.join("0").display())]
+        );
+        drop(held);
+        assert!(left_under_run_dir(run_dir.path()).is_empty());
+        std::fs::write(run_dir.path().join("stray"), "").unwrap();
+        assert_eq!(
+            left_under_run_dir(run_dir.path()),
+            vec![run_dir.path().join("stray").display().to_string()]
+        );
+    }
+
+    /// The test's own CPU time grows by about what it burns.
+    #[test]
+    fn cpu_time_counts_what_the_process_burns() {
+        let me = std::process::id();
+        let before = cpu_time(me).unwrap();
+        let start = Instant::now();
+        let mut x = 0u64;
+        while start.elapsed() < Duration::from_millis(300) {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        let burnt = cpu_time(me).unwrap() - before;
+        // A loaded host may deschedule the loop, so only a tenth of its 300 ms is required.
+        assert!(burnt >= Duration::from_millis(30), "{burnt:?}");
     }
 }

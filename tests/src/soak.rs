@@ -23,6 +23,8 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::{self, Signal};
+use nix::unistd::Pid;
 use nutshell_test_support::containerd::{shim_pids, shim_socket};
 
 use crate::cri_rig::{Rig, CONTROLLERS, HANDLER, IMAGE, NAMESPACE};
@@ -534,12 +536,8 @@ fn kill(rig: &Rig, target: Target) -> Result<(), String> {
         return Err(format!("no {target:?} process to kill"));
     }
     for pid in pids {
-        let pid = libc::pid_t::try_from(pid).map_err(|e| e.to_string())?;
-        // SAFETY: kill(2) has no memory-safety preconditions; the PID is a process of the
-        // rig's pod found just now.
-        if unsafe { libc::kill(pid, libc::SIGKILL) } != 0 {
-            return Err(format!("kill {pid}: {}", std::io::Error::last_os_error()));
-        }
+        let pid = Pid::from_raw(i32::try_from(pid).map_err(|e| e.to_string())?);
+        signal::kill(pid, Signal::SIGKILL).map_err(|e| format!("kill {pid}: {e}"))?;
     }
     Ok(())
 }

@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use nix::sys::signal::Signal;
 use nutshell_tests::{report_field, GuestBoot, VmmProcess};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
@@ -89,7 +90,7 @@ fn guest_kernel_panic_is_reported_with_status_2() {
 fn sigterm_stops_a_running_guest_cleanly() {
     let mut vm = boot(2, "quiet nutshell_test.action=hang");
     vm.wait_for_console(MARKER, BOOT_TIMEOUT).unwrap();
-    vm.signal(libc::SIGTERM).unwrap();
+    vm.signal(Signal::SIGTERM).unwrap();
     let out = vm.wait(Duration::from_secs(30)).unwrap();
     out.assert_status(0);
     assert!(out.stderr.contains("received SIGTERM"), "{}", out.stderr);

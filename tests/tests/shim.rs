@@ -19,6 +19,8 @@ use containerd_shim_protos::api::{
 };
 use containerd_shim_protos::shim_sync::{create_events, Events, TaskClient};
 use containerd_shim_protos::ttrpc::{self, context, Code, TtrpcContext};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 use nutshell_tests::{
     busybox_rootfs, guest_artifact, shim_binary, target_dir, template_cache, vmm_binary,
 };
@@ -216,8 +218,9 @@ impl Drop for ShimGuard {
     fn drop(&mut self) {
         if let Some(pid) = self.0 {
             if !wait_gone(pid, Duration::from_millis(10)) {
-                // SAFETY: kill(2) on the shim this test started.
-                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+                if let Ok(pid) = i32::try_from(pid) {
+                    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                }
             }
         }
         let _ = std::fs::remove_file(socket_path(&self.1));

@@ -14,6 +14,7 @@ pub mod rootfs;
 pub mod seccomp;
 mod spawn;
 mod state;
+mod step;
 mod tty;
 
 use std::collections::HashMap;

@@ -13,7 +13,7 @@ use nix::sys::stat::Mode;
 use nix::unistd::{Gid, Uid};
 use oci_spec::runtime::{PosixRlimitType, Process};
 
-use super::rootfs::{is_executable, StepResult};
+use super::step::{is_executable, StepResult};
 use super::ContainerError;
 use crate::sys as syscall;
 

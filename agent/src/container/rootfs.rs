@@ -4,7 +4,7 @@
 //! `pivot_root`). Child-side errors are plain messages: they travel to the agent over a pipe.
 
 use std::fs;
-use std::os::unix::fs::{symlink, FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{symlink, FileTypeExt};
 use std::path::{Component, Path, PathBuf};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
@@ -12,10 +12,8 @@ use nix::sys::stat::{makedev, mknod, Mode, SFlag};
 use nix::unistd::{chown, Gid, Uid};
 use oci_spec::runtime::{LinuxDeviceType, Mount, Spec};
 
+use super::step::{StepResult, Steps};
 use super::ContainerError;
-
-/// How a child step failed: a message for the agent.
-pub type StepResult<T = ()> = Result<T, String>;
 
 /// One mount of the spec, parsed.
 #[derive(Debug, Clone)]
@@ -228,7 +226,7 @@ impl RootfsPlan {
 
     /// In the child, in its new mount namespace: propagation, the spec's mounts under the
     /// root, `/dev`, then `pivot_root` into it. The current directory ends up at `/`.
-    pub fn prepare(&self, steps: &mut super::spawn::Steps) -> StepResult {
+    pub fn prepare(&self, steps: &mut Steps) -> StepResult {
         mount(
             None::<&str>,
             "/",
@@ -731,13 +729,6 @@ pub fn secure_join(root: &Path, path: &Path) -> PathBuf {
 pub fn is_char_device(path: &Path) -> bool {
     fs::metadata(path)
         .map(|m| m.file_type().is_char_device())
-        .unwrap_or(false)
-}
-
-/// Whether `path` is an executable regular file.
-pub fn is_executable(path: &Path) -> bool {
-    fs::metadata(path)
-        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
         .unwrap_or(false)
 }
 

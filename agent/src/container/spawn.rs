@@ -27,7 +27,8 @@ use nix::sys::socket::{AddressFamily, SockFlag, SockType};
 use nix::unistd::Pid;
 
 use super::process::ProcessPlan;
-use super::rootfs::{RootfsPlan, StepResult};
+use super::rootfs::RootfsPlan;
+use super::step::{StepResult, Steps};
 use super::tty;
 use super::{ContainerError, Stdio};
 use crate::sys::{self as syscall, Forked};
@@ -388,38 +389,6 @@ fn fail(report: &OwnedFd, msg: String) -> ! {
     syscall::exit_now(SETUP_FAILED)
 }
 
-/// The child's set-up steps and their durations, as text for the "ready" frame (the child
-/// cannot log: it has no console once in the container's root). Only at debug level: each
-/// clock read is a system call in a guest without a vDSO clock.
-#[derive(Debug)]
-pub struct Steps {
-    last: Option<std::time::Instant>,
-    text: String,
-}
-
-impl Steps {
-    fn new() -> Self {
-        Steps {
-            last: log::log_enabled!(log::Level::Debug).then(std::time::Instant::now),
-            text: String::new(),
-        }
-    }
-
-    /// Ends step `name`.
-    pub fn mark(&mut self, name: &str) {
-        use std::fmt::Write as _;
-        let Some(last) = self.last else { return };
-        let now = std::time::Instant::now();
-        let sep = if self.text.is_empty() { "" } else { ", " };
-        let _ = write!(
-            self.text,
-            "{sep}{name} {:.2} s",
-            now.duration_since(last).as_secs_f64()
-        );
-        self.last = Some(now);
-    }
-}
-
 /// Reads the one-byte command `what` from the agent; EOF (the agent gave up) ends the child.
 fn wait_for(sync: &OwnedFd) {
     let mut byte = [0u8; 1];
@@ -493,7 +462,7 @@ fn child(plan: &SpawnPlan, fds: ChildFds) -> StepResult<std::convert::Infallible
     };
     plan.process.apply_credentials(early)?;
     steps.mark("process");
-    write_frame(&fds.report, TAG_READY, steps.text.as_bytes());
+    write_frame(&fds.report, TAG_READY, steps.text().as_bytes());
     wait_for(&fds.sync);
     if let Some(prog) = late {
         super::seccomp::apply(prog).map_err(|e| format!("apply seccomp: {e}"))?;

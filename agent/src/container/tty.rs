@@ -13,7 +13,7 @@ use nix::fcntl::OFlag;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::stat::{Mode, SFlag};
 
-use super::rootfs::StepResult;
+use super::step::StepResult;
 use super::ContainerError;
 use crate::sys as syscall;
 

@@ -18,18 +18,19 @@ use containerd_shim::api::{
     WaitRequest, WaitResponse,
 };
 use containerd_shim::protos::protobuf::well_known_types::any::Any;
-use containerd_shim::protos::protobuf::MessageField;
 use containerd_shim::protos::types::task::ProcessInfo;
 use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{ExitSignal, Task, TtrpcContext, TtrpcResult};
 
 mod create;
+mod delete;
+#[cfg(test)]
+mod tests;
 
 use crate::config::Config;
-use crate::convert::{config_path_from_options, now, with_console_size};
+use crate::convert::{config_path_from_options, with_console_size};
 use crate::error::{Result, ShimError};
 use crate::events::Events;
-use crate::hostfs::remove_container_dir;
 use crate::pod::validate_id;
 use crate::sandbox::{Sandbox, TaskRef};
 use crate::state::{TaskState, Transition};
@@ -84,6 +85,16 @@ impl Service {
         exit: Arc<ExitSignal>,
     ) -> Service {
         let events = Arc::new(Events::start(publisher, namespace.clone()));
+        Service::with_events(namespace, config, events, exit)
+    }
+
+    /// A service publishing through `events` (containerd's publisher, or a channel in tests).
+    fn with_events(
+        namespace: String,
+        config: std::result::Result<Config, String>,
+        events: Arc<Events>,
+        exit: Arc<ExitSignal>,
+    ) -> Service {
         Service {
             inner: Arc::new(Inner {
                 namespace,
@@ -182,71 +193,6 @@ impl Service {
             .publish(crate::events::start(id, exec_id, vm.pid));
         Ok(StartResponse {
             pid: vm.pid,
-            ..Default::default()
-        })
-    }
-
-    fn do_delete(&self, req: &DeleteRequest) -> Result<DeleteResponse> {
-        let (id, exec_id) = (req.id.as_str(), req.exec_id.as_str());
-        let (sandbox, task) = self.lookup(id)?;
-        let core = task.core();
-        let pid = sandbox.vm.pid;
-        if !exec_id.is_empty() {
-            let mut procs = core.lock();
-            let p = procs.get_mut(id, exec_id)?;
-            p.state.apply(Transition::Delete, exec_id)?;
-            let resp = DeleteResponse {
-                pid,
-                exit_status: p.exit_status,
-                exited_at: p.exited_at.clone().into(),
-                ..Default::default()
-            };
-            procs.execs.remove(exec_id);
-            return Ok(resp);
-        }
-        core.lock()
-            .get(id, "")?
-            .state
-            .next(Transition::Delete, id)?;
-        if task.ends_sandbox() {
-            let others = sandbox.other_tasks(id);
-            if !others.is_empty() {
-                return Err(ShimError::FailedPrecondition(format!(
-                    "sandbox {id} still has containers {others:?}"
-                )));
-            }
-        }
-        task.delete(&sandbox);
-        remove_container_dir(&sandbox.vm.shared(), id);
-        {
-            let mut reg = self.registry();
-            if reg.tasks.remove(id).is_none() {
-                return Err(task_not_found(id));
-            }
-            if task.ends_sandbox() {
-                reg.sandboxes.remove(&sandbox.id);
-            }
-        }
-        sandbox.remove(id);
-        let (exit_status, exited_at) = {
-            let mut procs = core.lock();
-            // Created and never started: it ends here.
-            if procs.init.state == TaskState::Created {
-                procs.init.exited(id, 128 + 9, now());
-            }
-            let _ = procs.init.state.apply(Transition::Delete, id);
-            procs.removed = true;
-            let exited_at = procs.init.exited_at.clone().unwrap_or_else(now);
-            (procs.init.exit_status, exited_at)
-        };
-        core.notify();
-        self.inner
-            .events
-            .publish(crate::events::delete(id, pid, exit_status, &exited_at));
-        Ok(DeleteResponse {
-            pid,
-            exit_status,
-            exited_at: MessageField::some(exited_at),
             ..Default::default()
         })
     }

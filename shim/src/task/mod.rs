@@ -154,6 +154,9 @@ pub struct Processes {
     pub execs: HashMap<String, Process>,
     /// The signal a pod sandbox was killed with (its "exit" is the VM's stop).
     pub kill_signal: Option<u32>,
+    /// A Delete of the task is under way: another Delete answers NOT_FOUND at once instead of
+    /// deleting it in the guest a second time.
+    pub deleting: bool,
     /// Deleted and out of its sandbox: a Wait still blocked on it answers NOT_FOUND.
     pub removed: bool,
 }
@@ -226,6 +229,7 @@ impl TaskCore {
                 init,
                 execs: HashMap::new(),
                 kill_signal: None,
+                deleting: false,
                 removed: false,
             }),
             changed: Condvar::new(),

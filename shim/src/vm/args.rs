@@ -5,6 +5,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
+use nutshell_template::{Guest, VmmArgs};
+
 use super::{SandboxPaths, FS_TAG, NET_FD};
 use crate::config::Config;
 use crate::pod::VmSize;
@@ -44,49 +46,36 @@ pub fn vmm_args(
     net_mac: Option<&str>,
     template: Option<&nutshell_template::Template>,
 ) -> Vec<String> {
-    let p = |p: &Path| p.to_string_lossy().into_owned();
-    let mut args = vec![
-        // The VMM jails itself (namespaces, a root of its own files, capabilities, seccomp).
-        "--jail".to_owned(),
-    ];
-    match template {
-        Some(t) => args.extend(t.restore_args()),
-        None => args.extend([
-            "--kernel".to_owned(),
-            p(&config.kernel),
-            "--initrd".to_owned(),
-            p(&config.initramfs),
-            "--memory-mib".to_owned(),
-            size.memory_mib.to_string(),
-            "--vcpus".to_owned(),
-            size.vcpus.to_string(),
-            "--cmdline".to_owned(),
-            config.kernel_cmdline.clone(),
-        ]),
+    let args = VmmArgs::new().jail();
+    let mut args = match template {
+        Some(t) => args.restore(t),
+        None => args.cold_boot(&Guest {
+            kernel: &config.kernel,
+            initrd: &config.initramfs,
+            cmdline: &config.kernel_cmdline,
+            vcpus: size.vcpus,
+            memory_mib: size.memory_mib,
+        }),
     }
-    args.extend([
-        "--vsock-uds".to_owned(),
-        p(&paths.vsock()),
-        "--api-sock".to_owned(),
-        p(&paths.api()),
-        "--console".to_owned(),
-        p(&paths.console()),
-        "--log-level".to_owned(),
+    .vsock(&paths.vsock())
+    .api_sock(&paths.api())
+    .console(&paths.console())
+    .opt(
+        "--log-level",
         config.log_filter().to_string().to_lowercase(),
-    ]);
+    );
+    // A restored device keeps the template's tag and MAC.
+    let cold = template.is_none();
     if virtio_fs {
-        args.extend(["--shared-dir".to_owned(), p(&paths.shared())]);
-        if template.is_none() {
-            args.extend(["--fs-tag".to_owned(), FS_TAG.to_owned()]);
-        }
+        args = args.shared_dir(&paths.shared(), cold.then_some(FS_TAG));
     }
     if let Some(mac) = net_mac {
-        args.extend(["--net-fd".to_owned(), NET_FD.to_string()]);
-        if template.is_none() {
-            args.extend(["--net-mac".to_owned(), mac.to_owned()]);
+        args = args.opt("--net-fd", NET_FD.to_string());
+        if cold {
+            args = args.opt("--net-mac", mac);
         }
     }
-    args
+    args.into_vec()
 }
 
 #[cfg(test)]

@@ -69,17 +69,13 @@ impl SandboxVm {
 mod tests {
     #![allow(clippy::unwrap_used)]
 
-    use std::path::Path;
     use std::sync::{Arc, Mutex};
 
-    use nutshell_protocol::client::AgentClient;
     use nutshell_protocol::generated::vmm as vpb;
     use nutshell_protocol::generated::vmm_ttrpc;
     use nutshell_protocol::ttrpc::{self, TtrpcContext};
 
     use super::*;
-    use crate::pod::VmSize;
-    use crate::vm::ExitCell;
 
     /// A stand-in VMM control service: Pause/Resume follow a paused flag like the VMM's
     /// (an illegal transition is FAILED_PRECONDITION), Stats reports fixed numbers.
@@ -122,27 +118,10 @@ mod tests {
         }
     }
 
-    fn vm_in(dir: &Path) -> SandboxVm {
-        let (agent_end, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
-        SandboxVm {
-            id: "pod1".into(),
-            dir: dir.to_path_buf(),
-            pid: 0,
-            size: VmSize {
-                vcpus: 2,
-                memory_mib: 256,
-            },
-            agent: AgentClient::from_stream(agent_end, Duration::from_secs(1)).unwrap(),
-            exit: Arc::new(ExitCell::default()),
-            cgroup: Mutex::new(None),
-            net: None,
-        }
-    }
-
     #[test]
     fn pod_pause_resume_and_stats_go_through_the_control_socket() {
         let dir = tempfile::tempdir().unwrap();
-        let vm = vm_in(dir.path());
+        let vm = crate::vm::detached("pod1", dir.path());
         // No VMM listening: a clear error, not a hang.
         assert!(matches!(vm.stats(), Err(ShimError::Vm { .. })));
         let service = Arc::new(FakeVmm {

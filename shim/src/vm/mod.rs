@@ -47,6 +47,28 @@ pub const FIRST_STDIO_PORT: u32 = 0x4000_0000;
 /// How the VMM ended: its exit code, or 128 + signal.
 pub type VmExitCode = i32;
 
+/// A handle with no VM behind it, for unit tests: its directory is `dir`, its agent client's
+/// peer is gone (every agent call fails at once) and its PID does not fit a `pid_t`, so that
+/// [`SandboxVm::stop`] can never signal a process.
+#[cfg(test)]
+pub fn detached(id: &str, dir: &Path) -> SandboxVm {
+    let (agent_end, _peer) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+    SandboxVm {
+        id: id.to_owned(),
+        dir: dir.to_path_buf(),
+        pid: u32::MAX,
+        size: VmSize {
+            vcpus: 1,
+            memory_mib: 128,
+        },
+        agent: AgentClient::from_stream(agent_end, Duration::from_secs(1))
+            .expect("a client over a socketpair"),
+        exit: Arc::new(ExitCell::default()),
+        cgroup: Mutex::new(None),
+        net: None,
+    }
+}
+
 /// What the VM's watcher calls when the VMM exits.
 pub type OnExit = Box<dyn FnOnce(VmExitCode) + Send>;
 
