@@ -1,5 +1,6 @@
-//! Forking a container process and preparing it up to its execve: the calls of the child
-//! between fork and exec, and the pidfd calls that name a process after it exited.
+//! Forking or cloning a container process and preparing it up to its execve: the calls of the
+//! child between fork (or clone) and exec, and the pidfd calls that name a process after it
+//! exited.
 
 use std::ffi::CStr;
 use std::io;
