@@ -342,6 +342,8 @@ impl Pod {
         if req.exec_id.is_empty() {
             return Err(PodError::Invalid("exec_id is empty".into()));
         }
+        // Each clock read is a system call in the guest: only at debug level.
+        let begun = log::log_enabled!(log::Level::Debug).then(std::time::Instant::now);
         let process: Process = parse_json("process_json", &req.process_json)?;
         let ports = req.stdio.as_ref().map(StdioPorts::from).unwrap_or_default();
         let streams = stdio::accept_streams(
@@ -350,6 +352,7 @@ impl Pod {
             req.terminal,
             self.accept_timeout,
         )?;
+        let accepted = begun.map(|t| t.elapsed());
         let cgroup = self.containers.cgroup(id)?;
         let place = |pid: Pid| -> Result<(), HookError> {
             if let Some(cg) = &cgroup {
@@ -370,6 +373,14 @@ impl Pod {
             &place,
         )?;
         log::info!("container {id}: exec {} (pid {pid})", req.exec_id);
+        if let (Some(begun), Some(accepted)) = (begun, accepted) {
+            log::debug!(
+                "container {id}: exec {} running after {:.2} s (streams {:.2} s)",
+                req.exec_id,
+                begun.elapsed().as_secs_f64(),
+                accepted.as_secs_f64()
+            );
+        }
         Ok(pid)
     }
 

@@ -513,6 +513,56 @@ fn exec_joins_the_container() {
     reg.remove(&id, Duration::from_secs(5)).unwrap();
 }
 
+/// An exec as another user changes that process's credentials only: the exec'd child shares
+/// the agent's memory until its execve, and libc's set*id wrappers would have changed every
+/// thread of the agent. A missing executable is a clear exec error.
+#[test]
+fn exec_as_a_user_leaves_the_agent_root() {
+    let b = Bundle::new();
+    let reg = registry();
+    let id = start(&b.spec(&["sleep", "100"]));
+    let (mut out_r, out_w) = pipe();
+    let stdio = Stdio {
+        stdout: Some(out_w),
+        ..Stdio::default()
+    };
+    let mut p = process(&["id"]);
+    p.set_user(
+        serde_json::from_value(json!({"uid": 1000, "gid": 1001, "additionalGids": [10]})).unwrap(),
+    );
+    reg.exec(&id, "user", &p, stdio, false, &no_hook).unwrap();
+    assert_eq!(reg.wait(&id, Some("user")).unwrap().code, 0);
+    let mut out = String::new();
+    out_r.read_to_string(&mut out).unwrap();
+    assert_eq!(out, "uid=1000 gid=1001 groups=10\n");
+    for task in fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let status = fs::read_to_string(task.path().join("status")).unwrap();
+        for key in ["Uid:", "Gid:"] {
+            let line = status.lines().find(|l| l.starts_with(key)).unwrap();
+            assert!(
+                line.split_whitespace().skip(1).all(|v| v == "0"),
+                "thread {:?}: {line}",
+                task.file_name()
+            );
+        }
+    }
+    let err = reg
+        .exec(
+            &id,
+            "nope",
+            &process(&["nope"]),
+            Stdio::default(),
+            false,
+            &no_hook,
+        )
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "exec: \"nope\": executable file not found in $PATH"
+    );
+    reg.remove(&id, Duration::from_secs(5)).unwrap();
+}
+
 #[test]
 fn signal_all_reaches_every_process() {
     let b = Bundle::new();

@@ -111,6 +111,9 @@ pub struct Plan {
     pub parallel: Vec<usize>,
     /// Repetitions of each parallel start-up case.
     pub parallel_reps: usize,
+    /// `ExecSync`s of `true` into each CRI start-up pod's running container (each a sample of
+    /// the exec-latency row).
+    pub exec_reps: usize,
     /// Repetitions of the throughput workloads.
     pub reps: usize,
     /// Whether sysbench and fio run (the `--quick` run leaves them out: see
@@ -180,6 +183,7 @@ impl Plan {
                 startup_reps: 1,
                 parallel: vec![2],
                 parallel_reps: 1,
+                exec_reps: 3,
                 reps: 1,
                 tools: false,
                 sysbench_s: 2,
@@ -205,6 +209,7 @@ impl Plan {
                 startup_reps: 4,
                 parallel: vec![1, 4, 16],
                 parallel_reps: 2,
+                exec_reps: 5,
                 reps: 5,
                 tools: true,
                 sysbench_s: 5,
@@ -569,14 +574,28 @@ impl Runner {
                 r.record(m, &spec.name, v);
             });
         }
-        self.cri_startup(cri);
+        let create_start = self.metric(
+            Workload::Startup,
+            "CRI CreateContainer + StartContainer",
+            "ms",
+            false,
+        );
+        let exec = self.metric(
+            Workload::Startup,
+            "CRI ExecSync of `true` into a running container",
+            "ms",
+            false,
+        );
+        self.cri_startup([cri, create_start, exec]);
     }
 
     /// The CRI start-up row: for each runtime in turn, a pod through containerd's CRI as
     /// kubelet starts one (`RunPodSandbox` with the runtime's name as handler, then
-    /// `CreateContainer`, `StartContainer`), timed until `ContainerStatus` says running; every
-    /// pod is stopped and removed before the next.
-    fn cri_startup(&mut self, m: usize) {
+    /// `CreateContainer`, `StartContainer`), timed until `ContainerStatus` says running; then
+    /// `CreateContainer` + `StartContainer` alone, and `ExecSync`s of `true` into the running
+    /// container (each one a sample of `metrics[2]`); every pod is stopped and removed before
+    /// the next.
+    fn cri_startup(&mut self, metrics: [usize; 3]) {
         let pods = if self.containerd.cni().is_none() {
             Err("the run's containerd has no CNI network".to_owned())
         } else {
@@ -586,16 +605,32 @@ impl Runner {
             Ok(pods) => pods,
             Err(e) => {
                 for spec in self.available() {
-                    self.record(m, &spec.name, Err(format!("CRI set-up failed: {e}")));
+                    for m in metrics {
+                        self.record(m, &spec.name, Err(format!("CRI set-up failed: {e}")));
+                    }
                 }
                 return;
             }
         };
+        let [running, create_start, exec] = metrics;
         let reps = self.config.plan.startup_reps;
+        let exec_reps = self.config.plan.exec_reps;
         self.interleaved(reps, |r, spec| {
             let name = r.id("cri", &spec.name);
-            let v = pods.start_to_running(&name, &spec.name);
-            r.record(m, &spec.name, v);
+            match pods.start_to_running(&name, &spec.name, exec_reps) {
+                Ok(times) => {
+                    r.record(running, &spec.name, Ok(times.running_ms));
+                    r.record(create_start, &spec.name, Ok(times.create_start_ms));
+                    for v in times.exec_ms {
+                        r.record(exec, &spec.name, v);
+                    }
+                }
+                Err(e) => {
+                    for m in metrics {
+                        r.record(m, &spec.name, Err(e.clone()));
+                    }
+                }
+            }
         });
     }
 
@@ -1180,9 +1215,15 @@ impl CriPods {
     }
 
     /// One pod under `handler`: milliseconds from `RunPodSandbox` until its container is
-    /// running. The pod is stopped and removed afterwards, also when a step failed; a pod that
-    /// cannot be removed makes the sample an error.
-    fn start_to_running(&mut self, name: &str, handler: &str) -> Result<f64, String> {
+    /// running, then `exec_reps` `ExecSync`s of `true` into it, each timed. The pod is stopped
+    /// and removed afterwards, also when a step failed; a pod that cannot be removed makes the
+    /// sample an error.
+    fn start_to_running(
+        &mut self,
+        name: &str,
+        handler: &str,
+        exec_reps: usize,
+    ) -> Result<CriTimes, String> {
         let pod_cfg = cri_pod_config(name, self.log_dir.path(), &self.cgroup_parent);
         let app_cfg = cri::container_config(
             "app",
@@ -1220,7 +1261,15 @@ impl CriPods {
                  created at {created_ms:.0} ms, started at {started_ms:.0} ms, running at \
                  {running_ms:.0} ms"
             );
-            Ok(running_ms)
+            let exec_ms = (0..exec_reps)
+                .map(|_| self.exec_true(&id))
+                .collect::<Vec<_>>();
+            log::info!("CRI pod {name} under {handler}: ExecSync of true: {exec_ms:.0?} ms");
+            Ok(CriTimes {
+                running_ms,
+                create_start_ms: started_ms - sandbox_ms,
+                exec_ms,
+            })
         });
         let removed = match &pod {
             Ok(pod) => self.remove(pod),
@@ -1232,7 +1281,26 @@ impl CriPods {
             (Ok(v), Ok(())) => Ok(v),
             (Err(e), _) => Err(e),
             (Ok(v), Err(e)) => Err(format!(
-                "running after {v:.0} ms, but the pod could not be removed: {e}"
+                "running after {:.0} ms, but the pod could not be removed: {e}",
+                v.running_ms
+            )),
+        }
+    }
+
+    /// Milliseconds of one `ExecSync` of `true` into the running container `id`; a non-zero
+    /// exit is an error.
+    fn exec_true(&mut self, id: &str) -> Result<f64, String> {
+        let started = Instant::now();
+        let result = self
+            .client
+            .exec_sync(id, &["true"], Duration::from_secs(120))
+            .map_err(|e| error_chain(&e))?;
+        let took = ms(started.elapsed());
+        match result.exit_code {
+            0 => Ok(took),
+            code => Err(format!(
+                "ExecSync of true exited with {code}: {}",
+                String::from_utf8_lossy(&result.stderr)
             )),
         }
     }
@@ -1268,6 +1336,18 @@ impl Drop for CriPods {
         }
         remove_namespace_cgroups(Path::new(CGROUP_ROOT), &self.cgroup_parent);
     }
+}
+
+/// The times of one CRI start-up pod, in milliseconds.
+#[derive(Debug)]
+struct CriTimes {
+    /// From `RunPodSandbox` until the container is running.
+    running_ms: f64,
+    /// `CreateContainer` and `StartContainer` (from the sandbox ready to `StartContainer`
+    /// returned).
+    create_start_ms: f64,
+    /// Each `ExecSync` of `true` into the running container.
+    exec_ms: Vec<Result<f64, String>>,
 }
 
 /// A benchmark pod: on the run's CNI network (a network namespace of its own, which the CRI

@@ -10,7 +10,6 @@ use std::str::FromStr;
 
 use caps::{CapSet, Capability};
 use nix::sys::stat::Mode;
-use nix::unistd::{Gid, Uid};
 use oci_spec::runtime::{PosixRlimitType, Process};
 
 use super::step::{is_executable, StepResult};
@@ -110,6 +109,10 @@ impl ProcessPlan {
                 })
             }
         };
+        if caps.is_some() {
+            // Read here, in the agent, so that no child pays for it (see agent_bounding_set).
+            agent_bounding_set();
+        }
         if process.apparmor_profile().is_some() {
             log::debug!("apparmor profile ignored: no AppArmor in the guest");
         }
@@ -200,27 +203,20 @@ impl ProcessPlan {
             super::seccomp::apply(prog).map_err(|e| format!("apply seccomp: {e}"))?;
         }
         if let Some(caps) = &self.caps {
-            // Dropping from the bounding set needs CAP_SETPCAP: before the ids change.
-            for cap in caps::all() {
-                if !caps.bounding.contains(&cap)
-                    && caps::has_cap(None, CapSet::Bounding, cap).unwrap_or(false)
-                {
-                    caps::drop(None, CapSet::Bounding, cap)
+            // Dropping from the bounding set needs CAP_SETPCAP: before the ids change. Only
+            // what the agent's own set (inherited) has: read once, not per capability here.
+            for cap in agent_bounding_set() {
+                if !caps.bounding.contains(cap) {
+                    caps::drop(None, CapSet::Bounding, *cap)
                         .map_err(|e| format!("drop {cap} from the bounding set: {e}"))?;
                 }
             }
         }
         syscall::prctl(libc::PR_SET_KEEPCAPS, 1).map_err(|e| format!("keep capabilities: {e}"))?;
-        let groups: Vec<Gid> = self
-            .additional_gids
-            .iter()
-            .map(|g| Gid::from_raw(*g))
-            .collect();
-        nix::unistd::setgroups(&groups).map_err(|e| format!("setgroups: {e}"))?;
-        let gid = Gid::from_raw(self.gid);
-        nix::unistd::setresgid(gid, gid, gid).map_err(|e| format!("setgid {}: {e}", self.gid))?;
-        let uid = Uid::from_raw(self.uid);
-        nix::unistd::setresuid(uid, uid, uid).map_err(|e| format!("setuid {}: {e}", self.uid))?;
+        // Raw system calls, for this process alone (see `sys::set_groups`).
+        syscall::set_groups(&self.additional_gids).map_err(|e| format!("setgroups: {e}"))?;
+        syscall::set_gid(self.gid).map_err(|e| format!("setgid {}: {e}", self.gid))?;
+        syscall::set_uid(self.uid).map_err(|e| format!("setuid {}: {e}", self.uid))?;
         syscall::prctl(libc::PR_SET_KEEPCAPS, 0)
             .map_err(|e| format!("reset keep capabilities: {e}"))?;
         if let Some(caps) = &self.caps {
@@ -257,6 +253,22 @@ impl ProcessPlan {
             self.env.iter().map(CString::as_c_str).collect(),
         )
     }
+}
+
+/// The agent's bounding set, read once (the agent never changes it): every container process
+/// starts with it, inherited, and drops what its spec leaves out. Reading it costs one prctl
+/// per capability the library knows, which the guest here pays in emulated kernel time; a
+/// child only drops.
+fn agent_bounding_set() -> &'static [Capability] {
+    static SET: std::sync::OnceLock<Vec<Capability>> = std::sync::OnceLock::new();
+    SET.get_or_init(|| {
+        let mut set: Vec<Capability> = caps::all()
+            .into_iter()
+            .filter(|cap| caps::has_cap(None, CapSet::Bounding, *cap).unwrap_or(false))
+            .collect();
+        set.sort_by_key(|cap| cap.index());
+        set
+    })
 }
 
 fn io_reason(e: &std::io::Error) -> String {

@@ -8,6 +8,11 @@
 //! namespace. `I` reports `P`'s PID and exits. `P` then waits for "go" (the agent has placed
 //! it in its cgroups), sets itself up, reports "ready", waits for "start" and execs.
 //!
+//! An exec has no intermediate and no fork: a thread of the agent enters the init's namespaces
+//! and clones `P` sharing the agent's memory (`CLONE_VM | CLONE_VFORK`, see [`clone_inside`]);
+//! `P` reports its own PID and goes on as above. The agent places it in the container's cgroup
+//! from outside, as for init, before "go": `P` does nothing in the container before that.
+//!
 //! Two pipes, both close-on-exec: `report` (children → agent: framed messages, then EOF when
 //! `P` execs) and `sync` (agent → `P`: one byte for "go", one for "start"). Errors in the
 //! children before the exec travel as text over `report` and become the create error. For a
@@ -65,8 +70,9 @@ pub struct SpawnPlan {
     /// Namespaces to join before the clone (init: paths from the spec).
     pub join: Vec<(File, CloneFlags)>,
     /// Exec: a pidfd of the container's init, whose namespaces the process enters. The spawn
-    /// then takes one fork from a thread that entered them first (one `setns` through the
-    /// pidfd), instead of a fork, a `setns` per namespace and a clone.
+    /// then takes one clone that shares the agent's memory, from a thread that entered them
+    /// first (one `setns` through the pidfd), instead of a fork, a `setns` per namespace and a
+    /// clone.
     pub enter: Option<OwnedFd>,
     /// Init only.
     pub init: Option<InitPart>,
@@ -138,29 +144,29 @@ pub fn spawn(
     let forked = std::time::Instant::now();
     let mut report = File::from(report_r);
     let mut sync = File::from(sync_w);
-    let pid = match &plan.enter {
-        // The agent's copies of the child's ends go in there: EOF on `report` means the child
-        // execed or died.
-        Some(pidfd) => fork_inside(plan, fds, pidfd.as_fd())?,
+    match &plan.enter {
+        // The exec thread holds the agent's copies of the child's ends until the child execed
+        // or died: then EOF on `report`.
+        Some(pidfd) => clone_inside(plan, fds, pidfd.as_fd())?,
         None => {
             match syscall::fork().map_err(io_err("fork"))? {
                 Forked::Child => intermediate(plan, fds),
                 Forked::Parent(_) => {}
             }
             drop(fds);
-            match read_frame(&mut report)? {
-                Some((TAG_PID, payload)) if payload.len() == 4 => {
-                    let pid = i32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]);
-                    Pid::from_raw(pid)
-                }
-                Some((TAG_ERROR, msg)) => return Err(ContainerError::Setup(text(&msg))),
-                Some(_) => return Err(ContainerError::Setup("bad message from the child".into())),
-                None => {
-                    return Err(ContainerError::Setup(
-                        "the child exited during setup".into(),
-                    ))
-                }
-            }
+        }
+    }
+    let pid = match read_frame(&mut report)? {
+        Some((TAG_PID, payload)) if payload.len() == 4 => {
+            let pid = i32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]);
+            Pid::from_raw(pid)
+        }
+        Some((TAG_ERROR, msg)) => return Err(ContainerError::Setup(text(&msg))),
+        Some(_) => return Err(ContainerError::Setup("bad message from the child".into())),
+        None => {
+            return Err(ContainerError::Setup(
+                "the child exited during setup".into(),
+            ))
         }
     };
     let pid_after = forked.elapsed();
@@ -289,50 +295,144 @@ const EXEC_NAMESPACES: CloneFlags = CloneFlags::CLONE_NEWNS
     .union(CloneFlags::CLONE_NEWNET)
     .union(CloneFlags::CLONE_NEWCGROUP);
 
-/// Exec: forks the process from a thread of its own that first entered the namespaces of the
+/// Exec: clones the process from a thread of its own that first entered the namespaces of the
 /// init behind `pidfd` (its own file system context, so that it may enter a mount namespace;
-/// one `setns` for all of them). The thread ends with the fork; the child is the agent's own
-/// and already in the container's PID namespace. Returns its PID.
-fn fork_inside(
+/// one `setns` for all of them). The child is the agent's own and already in the container's
+/// PID namespace.
+///
+/// The clone shares the agent's memory and suspends the thread until the child execs or dies
+/// (`CLONE_VM | CLONE_VFORK`, as posix_spawn does): no copy of the agent's page tables, and no
+/// copy-on-write faults afterwards in the child or in the agent; in the guest here each of
+/// those is emulated kernel work. The child reports its PID as the intermediate process does
+/// for init; an error before the clone goes over `report` too. Returns once the thread runs;
+/// it ends on its own once the child execed or died.
+fn clone_inside(
     plan: &SpawnPlan,
     fds: ChildFds,
     pidfd: std::os::fd::BorrowedFd<'_>,
-) -> Result<Pid, ContainerError> {
-    let io = |what: &'static str| {
-        move |e: nix::Error| ContainerError::Io {
-            what,
-            source: e.into(),
-        }
+) -> Result<(), ContainerError> {
+    let io = |what: &'static str| move |e: std::io::Error| ContainerError::Io { what, source: e };
+    let pidfd = pidfd.try_clone_to_owned().map_err(io("dup the pidfd"))?;
+    let plan = SpawnPlan {
+        join: Vec::new(),
+        enter: None,
+        init: None,
+        process: plan.process.clone(),
+        seccomp: plan.seccomp.clone(),
     };
-    std::thread::scope(|scope| {
-        scope
-            .spawn(move || -> Result<Pid, ContainerError> {
-                nix::sched::unshare(CloneFlags::CLONE_FS)
-                    .map_err(io("unshare the file system context"))?;
-                nix::sched::setns(pidfd, EXEC_NAMESPACES)
-                    .map_err(io("enter the container's namespaces"))?;
-                match syscall::fork().map_err(|e| ContainerError::Io {
-                    what: "fork",
-                    source: e,
-                })? {
-                    Forked::Child => {
-                        close_inherited(plan, &fds);
-                        run_child(plan, fds)
-                    }
-                    Forked::Parent(pid) => {
-                        drop(fds);
-                        Ok(pid)
-                    }
+    std::thread::Builder::new()
+        .name("exec".into())
+        .spawn(move || {
+            let report = fds.report.try_clone();
+            if let Err(msg) = enter_and_clone(&plan, fds, pidfd) {
+                if let Ok(report) = report {
+                    write_frame(&report, TAG_ERROR, msg.as_bytes());
                 }
-            })
-            .join()
-            .unwrap_or_else(|_| Err(ContainerError::Setup("the exec thread panicked".into())))
-    })
+            }
+        })
+        .map(drop)
+        .map_err(io("spawn the exec thread"))
 }
 
-/// In a forked child: closes every descriptor it inherited but its own (those of other
-/// containers' spawns, inherited from other threads, would keep their report pipes open).
-fn close_inherited(plan: &SpawnPlan, fds: &ChildFds) {
+/// The stack of a child that shares the agent's memory: what `child` needs, with room to spare.
+const CHILD_STACK: usize = 256 * 1024;
+
+/// What a `CLONE_VM` child gets: it borrows all of it from the suspended thread.
+struct VmChild<'a> {
+    plan: &'a SpawnPlan,
+    /// The child takes a bitwise copy: the same numbers in its own descriptor table (no
+    /// `CLONE_FILES`); the thread closes its copies after the clone.
+    fds: ChildFds,
+    /// The descriptors the child keeps, sorted (the child allocates nothing to sort them).
+    keep: Vec<RawFd>,
+    image: &'a ExecImage<'a>,
+    /// Where the kernel stores the child's PID (in the agent's PID namespace) for the parent.
+    pid: std::sync::atomic::AtomicI32,
+}
+
+/// In the exec thread: enters the namespaces, resolves the executable (in the container's
+/// root, as the child would) and clones the child; returns after the child execed or died.
+fn enter_and_clone(plan: &SpawnPlan, fds: ChildFds, pidfd: OwnedFd) -> Result<(), String> {
+    nix::sched::unshare(CloneFlags::CLONE_FS)
+        .map_err(|e| format!("unshare the file system context: {e}"))?;
+    nix::sched::setns(pidfd.as_fd(), EXEC_NAMESPACES)
+        .map_err(|e| format!("enter the container's namespaces: {e}"))?;
+    drop(pidfd);
+    let image = ExecImage::new(&plan.process)?;
+    let stack = syscall::ChildStack::new(CHILD_STACK).map_err(|e| format!("child stack: {e}"))?;
+    let mut keep = keep_list(plan, &fds);
+    keep.sort_unstable();
+    let child = VmChild {
+        plan,
+        fds,
+        keep,
+        image: &image,
+        pid: std::sync::atomic::AtomicI32::new(0),
+    };
+    // SAFETY: `vm_child_main` keeps the contract of `clone_vm_vfork`: it only borrows from
+    // `child` (on this thread's stack, which stays put while the thread is suspended until the
+    // child execs or exits) and from what `child` points to (`plan`, `image`, alive as long);
+    // it takes the descriptors as plain numbers of its own table; what it allocates it frees
+    // before its execve or exit; it sets ids and limits with raw system calls and ends with
+    // execve or _exit.
+    let cloned = unsafe {
+        syscall::clone_vm_vfork(
+            vm_child_main,
+            &stack,
+            std::ptr::from_ref(&child).cast_mut().cast(),
+            &child.pid,
+        )
+    };
+    cloned.map_err(|e| format!("clone: {e}"))?;
+    // The child execed or died: this thread's copies of its ends go now (EOF on `report`).
+    drop(child);
+    Ok(())
+}
+
+/// The entry of a `CLONE_VM` child: reports its PID, closes what it inherited, then runs
+/// [`run_child`].
+extern "C" fn vm_child_main(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` points to the `VmChild` of `enter_and_clone`, alive while this child runs
+    // (its thread is suspended until the child execs or exits).
+    let child = unsafe { &*arg.cast::<VmChild<'_>>() };
+    // SAFETY: `ChildFds` holds descriptors only (no heap memory); the copy owns the same
+    // numbers in this child's own descriptor table, and the original stays for the thread's.
+    let fds = unsafe { std::ptr::read(&child.fds) };
+    let pid = child.pid.load(std::sync::atomic::Ordering::SeqCst);
+    write_frame(&fds.report, TAG_PID, &pid.to_le_bytes());
+    if let Err(e) = syscall::close_fds_except_sorted(&child.keep) {
+        fail(&fds.report, format!("close inherited descriptors: {e}"));
+    }
+    run_child(child.plan, fds, Some(child.image))
+}
+
+/// The executable and its argument and environment arrays, built before a clone that shares
+/// the agent's memory: the child then leaves nothing in the agent's heap at its execve.
+struct ExecImage<'a> {
+    path: CString,
+    arrays: syscall::ExecArrays<'a>,
+}
+
+impl<'a> ExecImage<'a> {
+    /// Resolves the executable (in the caller's root: the container's) and points into
+    /// `process`'s arguments and environment.
+    fn new(process: &'a ProcessPlan) -> Result<Self, String> {
+        let path = process.resolve_executable()?;
+        let (argv, envp) = process.argv_envp();
+        Ok(ExecImage {
+            path,
+            arrays: syscall::ExecArrays::new(&argv, &envp),
+        })
+    }
+
+    /// execve(2) of the image; returns only with why it failed.
+    fn exec(&self) -> std::io::Error {
+        self.arrays.execve(&self.path)
+    }
+}
+
+/// The descriptors a child keeps: its own ends, and for init the namespace files it joins.
+fn keep_list(plan: &SpawnPlan, fds: &ChildFds) -> Vec<RawFd> {
     let mut keep: Vec<RawFd> = vec![
         fds.sync.as_raw_fd(),
         fds.report.as_raw_fd(),
@@ -341,15 +441,22 @@ fn close_inherited(plan: &SpawnPlan, fds: &ChildFds) {
     keep.extend(fds.stdio.iter().flatten().map(|fd| fd.as_raw_fd()));
     keep.extend(fds.terminal.iter().map(|fd| fd.as_raw_fd()));
     keep.extend(plan.join.iter().map(|(f, _)| f.as_raw_fd()));
-    if let Err(e) = syscall::close_fds_except(&keep) {
+    keep
+}
+
+/// In a forked child: closes every descriptor it inherited but its own (those of other
+/// containers' spawns, inherited from other threads, would keep their report pipes open).
+fn close_inherited(plan: &SpawnPlan, fds: &ChildFds) {
+    if let Err(e) = syscall::close_fds_except(&keep_list(plan, fds)) {
         fail(&fds.report, format!("close inherited descriptors: {e}"));
     }
 }
 
-/// The real child: its set-up, then the exec; a failure goes to the agent as text.
-fn run_child(plan: &SpawnPlan, fds: ChildFds) -> ! {
+/// The real child: its set-up, then the exec; a failure goes to the agent as text. `image`:
+/// the executable resolved before the clone, for a child that shares the agent's memory.
+fn run_child(plan: &SpawnPlan, fds: ChildFds, image: Option<&ExecImage<'_>>) -> ! {
     let report = fds.report.try_clone();
-    match child(plan, fds) {
+    match child(plan, fds, image) {
         Ok(never) => match never {},
         Err(msg) => {
             if let Ok(report) = report {
@@ -380,12 +487,15 @@ fn intermediate(plan: &SpawnPlan, fds: ChildFds) -> ! {
             write_frame(&fds.report, TAG_PID, &pid.as_raw().to_le_bytes());
             syscall::exit_now(0)
         }
-        Ok(Forked::Child) => run_child(plan, fds),
+        Ok(Forked::Child) => run_child(plan, fds, None),
     }
 }
 
+/// Sends `msg` as the error and exits; the message is freed first (a child that shares the
+/// agent's memory leaves nothing in its heap).
 fn fail(report: &OwnedFd, msg: String) -> ! {
     write_frame(report, TAG_ERROR, msg.as_bytes());
+    drop(msg);
     syscall::exit_now(SETUP_FAILED)
 }
 
@@ -401,8 +511,14 @@ fn wait_for(sync: &OwnedFd) {
     }
 }
 
-/// The real child, from "go" to execve.
-fn child(plan: &SpawnPlan, fds: ChildFds) -> StepResult<std::convert::Infallible> {
+/// The real child, from "go" to execve. With `image` (a child sharing the agent's memory), the
+/// executable was resolved before the clone, and nothing the child allocates is left at the
+/// execve.
+fn child(
+    plan: &SpawnPlan,
+    fds: ChildFds,
+    image: Option<&ExecImage<'_>>,
+) -> StepResult<std::convert::Infallible> {
     wait_for(&fds.sync);
     let mut steps = Steps::new();
     if let Some(init) = &plan.init {
@@ -454,7 +570,10 @@ fn child(plan: &SpawnPlan, fds: ChildFds) -> StepResult<std::convert::Infallible
         tty::open_in_container(socket.as_fd(), plan.process.uid())?;
     }
     plan.process.apply_limits()?;
-    let executable = plan.process.resolve_executable()?;
+    let executable = match image {
+        Some(_) => None,
+        None => Some(plan.process.resolve_executable()?),
+    };
     let (early, late) = match (&plan.seccomp, plan.process.no_new_privileges()) {
         (Some(prog), false) => (Some(prog), None),
         (Some(prog), true) => (None, Some(prog)),
@@ -463,11 +582,11 @@ fn child(plan: &SpawnPlan, fds: ChildFds) -> StepResult<std::convert::Infallible
     plan.process.apply_credentials(early)?;
     steps.mark("process");
     write_frame(&fds.report, TAG_READY, steps.text().as_bytes());
+    drop(steps);
     wait_for(&fds.sync);
     if let Some(prog) = late {
         super::seccomp::apply(prog).map_err(|e| format!("apply seccomp: {e}"))?;
     }
-    let (argv, envp) = plan.process.argv_envp();
     // The agent blocks SIGCHLD in every thread (its reaper reads a signalfd); a blocked mask
     // survives execve, and the container must start with none blocked, as under runc.
     nix::sys::signal::sigprocmask(
@@ -476,9 +595,16 @@ fn child(plan: &SpawnPlan, fds: ChildFds) -> StepResult<std::convert::Infallible
         None,
     )
     .map_err(|e| format!("reset the signal mask: {e}"))?;
-    let err = syscall::execve(&executable, &argv, &envp);
+    let (path, err) = match (image, &executable) {
+        (Some(image), _) => (&image.path, image.exec()),
+        (None, Some(executable)) => {
+            let (argv, envp) = plan.process.argv_envp();
+            (executable, syscall::execve(executable, &argv, &envp))
+        }
+        (None, None) => return Err("exec: no executable".into()),
+    };
     Err(format!(
         "exec: {}: {err}",
-        CString::as_c_str(&executable).to_string_lossy()
+        CString::as_c_str(path).to_string_lossy()
     ))
 }

@@ -1,9 +1,10 @@
 //! The system calls of the agent: all of the crate's `unsafe` is in this module.
 //!
 //! Calls that `nix` wraps safely go through `nix` (mount, umount2, reboot, uname, sethostname,
-//! clock_settime, the signal mask and signalfd, sockets, poll, accept4, prctl, setrlimit,
-//! execve). The rest are raw calls, each with its `// SAFETY:` contract: fork and clone (the
-//! child's rules are the caller's contract), `_exit`, `dup2` onto a fixed number, close_range,
+//! clock_settime, the signal mask and signalfd, sockets, poll, accept4, prctl, execve). The
+//! rest are raw calls, each with its `// SAFETY:` contract: fork and clone (the child's rules
+//! are the caller's contract), the vfork-style clone of an exec and its stack, set*id and
+//! prlimit64 of the calling thread alone, `_exit`, `dup2` onto a fixed number, close_range,
 //! pidfd_open and pidfd_send_signal (not in nix 0.32), setdomainname, waitpid (the raw wait
 //! status is what the containers record), the terminal, vsock, network-flag and entropy ioctls,
 //! seccomp(2) and the descriptors that arrive with SCM_RIGHTS.
@@ -25,8 +26,9 @@ pub use boot::{
     set_hostname, set_realtime_nanos, sync, unmount_lazy,
 };
 pub use process::{
-    clone_fork, close_fds_except, close_from, dup_onto, execve, exit_now, fork, pidfd_open,
-    pidfd_send_signal, prctl, seccomp_set_mode_filter, set_domainname, set_rlimit, Forked,
+    clone_fork, clone_vm_vfork, close_fds_except, close_fds_except_sorted, close_from, dup_onto,
+    execve, exit_now, fork, pidfd_open, pidfd_send_signal, prctl, seccomp_set_mode_filter,
+    set_domainname, set_gid, set_groups, set_rlimit, set_uid, ChildStack, ExecArrays, Forked,
 };
 pub use pty::{
     open_pty_peer, pty_number, recv_fd, send_fd, set_controlling_terminal, set_window_size,

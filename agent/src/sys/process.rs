@@ -1,11 +1,11 @@
-//! Forking a container process and preparing it up to its execve: the calls of the child
-//! between fork and exec, and the pidfd calls that name a process after it exited.
+//! Forking or cloning a container process and preparing it up to its execve: the calls of the
+//! child between fork (or clone) and exec, and the pidfd calls that name a process after it
+//! exited.
 
 use std::ffi::CStr;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 
-use nix::sys::resource::Resource;
 use nix::unistd::Pid;
 
 /// What [`fork`] returned.
@@ -75,26 +75,31 @@ pub fn dup_onto(fd: BorrowedFd<'_>, target: RawFd) -> io::Result<()> {
 
 /// Closes every descriptor from 3 up except those in `keep`, with close_range(2).
 pub fn close_fds_except(keep: &[RawFd]) -> io::Result<()> {
-    let mut keep: Vec<u32> = keep
+    let mut keep: Vec<RawFd> = keep.to_vec();
+    keep.sort_unstable();
+    close_fds_except_sorted(&keep)
+}
+
+/// [`close_fds_except`] with `keep` sorted ascending (duplicates allowed); allocates nothing
+/// (safe in a child that shares the agent's memory).
+pub fn close_fds_except_sorted(keep: &[RawFd]) -> io::Result<()> {
+    let mut low: u32 = 3;
+    for fd in keep
         .iter()
         .filter(|fd| **fd >= 3)
         .map(|fd| *fd as u32)
-        .collect();
-    keep.sort_unstable();
-    keep.dedup();
-    let mut low: u32 = 3;
-    for fd in keep.into_iter().chain(std::iter::once(u32::MAX)) {
+        .chain(std::iter::once(u32::MAX))
+    {
         if fd > low {
             // SAFETY: close_range(2) takes plain integers; closing descriptors that no Rust
-            // object of this (forked, single-threaded) child still uses is intended; the ones
-            // in use are in `keep`.
+            // object of this child still uses is intended; the ones in use are in `keep`.
             let rc =
                 unsafe { libc::syscall(libc::SYS_close_range, low, fd.saturating_sub(1), 0u32) };
             if rc < 0 {
                 return Err(io::Error::last_os_error());
             }
         }
-        low = fd.saturating_add(1);
+        low = low.max(fd.saturating_add(1));
     }
     Ok(())
 }
@@ -120,44 +125,149 @@ pub fn set_domainname(name: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// The resources setrlimit(2) knows, by their number (what the spec's names map to).
-const RESOURCES: [(libc::c_int, Resource); 16] = [
-    (libc::RLIMIT_CPU as libc::c_int, Resource::RLIMIT_CPU),
-    (libc::RLIMIT_FSIZE as libc::c_int, Resource::RLIMIT_FSIZE),
-    (libc::RLIMIT_DATA as libc::c_int, Resource::RLIMIT_DATA),
-    (libc::RLIMIT_STACK as libc::c_int, Resource::RLIMIT_STACK),
-    (libc::RLIMIT_CORE as libc::c_int, Resource::RLIMIT_CORE),
-    (libc::RLIMIT_RSS as libc::c_int, Resource::RLIMIT_RSS),
-    (libc::RLIMIT_NPROC as libc::c_int, Resource::RLIMIT_NPROC),
-    (libc::RLIMIT_NOFILE as libc::c_int, Resource::RLIMIT_NOFILE),
-    (
-        libc::RLIMIT_MEMLOCK as libc::c_int,
-        Resource::RLIMIT_MEMLOCK,
-    ),
-    (libc::RLIMIT_AS as libc::c_int, Resource::RLIMIT_AS),
-    (libc::RLIMIT_LOCKS as libc::c_int, Resource::RLIMIT_LOCKS),
-    (
-        libc::RLIMIT_SIGPENDING as libc::c_int,
-        Resource::RLIMIT_SIGPENDING,
-    ),
-    (
-        libc::RLIMIT_MSGQUEUE as libc::c_int,
-        Resource::RLIMIT_MSGQUEUE,
-    ),
-    (libc::RLIMIT_NICE as libc::c_int, Resource::RLIMIT_NICE),
-    (libc::RLIMIT_RTPRIO as libc::c_int, Resource::RLIMIT_RTPRIO),
-    (libc::RLIMIT_RTTIME as libc::c_int, Resource::RLIMIT_RTTIME),
-];
-
-/// setrlimit(2) for the raw resource number; an unknown number is `EINVAL`, as from the
-/// kernel.
+/// prlimit64(2) on the calling process for the raw resource number (an unknown one is `EINVAL`,
+/// from the kernel). One raw system call, so that a child that shares the agent's memory never
+/// enters libc's machinery for the process's other threads (see [`set_groups`]).
 pub fn set_rlimit(resource: libc::c_int, soft: u64, hard: u64) -> io::Result<()> {
-    let (_, resource) = RESOURCES
-        .iter()
-        .find(|(number, _)| *number == resource)
-        .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
-    nix::sys::resource::setrlimit(*resource, soft as libc::rlim_t, hard as libc::rlim_t)?;
-    Ok(())
+    let limit = libc::rlimit64 {
+        rlim_cur: soft,
+        rlim_max: hard,
+    };
+    // SAFETY: prlimit64(2) reads one rlimit64 from the pointer, alive for the call; the null
+    // old-limit pointer asks for nothing back; PID 0 is the calling process.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_prlimit64,
+            0,
+            resource,
+            &limit as *const libc::rlimit64,
+            std::ptr::null_mut::<libc::rlimit64>(),
+        )
+    })
+}
+
+/// setgroups(2) of the calling thread only, as a raw system call. libc's set*id wrappers (musl's
+/// as glibc's) apply the change to every thread of the process, through a signal to each of
+/// the others; a child that shares the agent's memory (see [`clone_vm_vfork`]) sees the agent's
+/// threads there and would change their credentials. The child execs right after, and a
+/// single-threaded child has nothing else to change.
+pub fn set_groups(groups: &[u32]) -> io::Result<()> {
+    // SAFETY: setgroups(2) reads `groups.len()` gids from the slice, alive for the call.
+    check(unsafe { libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) })
+}
+
+/// setresgid(2) with one gid for all three, of the calling thread only (see [`set_groups`]).
+pub fn set_gid(gid: u32) -> io::Result<()> {
+    // SAFETY: setresgid(2) takes plain integers.
+    check(unsafe { libc::syscall(libc::SYS_setresgid, gid, gid, gid) })
+}
+
+/// setresuid(2) with one uid for all three, of the calling thread only (see [`set_groups`]).
+pub fn set_uid(uid: u32) -> io::Result<()> {
+    // SAFETY: setresuid(2) takes plain integers.
+    check(unsafe { libc::syscall(libc::SYS_setresuid, uid, uid, uid) })
+}
+
+fn check(rc: libc::c_long) -> io::Result<()> {
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// The stack of a child that shares the agent's memory ([`clone_vm_vfork`]): an anonymous
+/// mapping whose lowest page is a guard.
+#[derive(Debug)]
+pub struct ChildStack {
+    base: std::ptr::NonNull<libc::c_void>,
+    len: usize,
+}
+
+impl ChildStack {
+    /// A stack of `len` bytes (a multiple of the page size, above one page).
+    pub fn new(len: usize) -> io::Result<Self> {
+        // SAFETY: a new private anonymous mapping; no existing memory is touched.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let stack = ChildStack {
+            base: std::ptr::NonNull::new(base).ok_or_else(io::Error::last_os_error)?,
+            len,
+        };
+        // SAFETY: the first page of the mapping just made, which nothing uses yet.
+        if unsafe { libc::mprotect(base, page_size(), libc::PROT_NONE) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(stack)
+    }
+
+    /// The initial stack pointer (the stack grows down), 16-byte aligned.
+    fn top(&self) -> *mut libc::c_void {
+        self.base
+            .as_ptr()
+            .cast::<u8>()
+            .wrapping_add(self.len)
+            .cast()
+    }
+}
+
+impl Drop for ChildStack {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`; the child that ran on it execed or exited (the
+        // vfork clone returned), so nothing uses it.
+        unsafe { libc::munmap(self.base.as_ptr(), self.len) };
+    }
+}
+
+fn page_size() -> usize {
+    // SAFETY: sysconf(3) with a valid name.
+    usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096)
+}
+
+/// clone(2) with `CLONE_VM | CLONE_VFORK` (as posix_spawn does): the child runs `entry(arg)` on
+/// `stack` in the caller's memory, and the calling thread sleeps until the child execs or
+/// exits. No page tables are copied and no copy-on-write faults follow, in the child or in the
+/// parent. The child's PID (in the caller's PID namespace) is stored in `pid` before the child
+/// runs; it exits with SIGCHLD to the caller's process. Returns that PID once the child execed
+/// or exited.
+///
+/// # Safety
+/// The child shares every byte of the caller's process memory with its other threads, and runs
+/// with the calling thread's thread-local storage. `entry` must therefore:
+/// - only borrow what `arg` points to (alive: the calling thread is suspended meanwhile), and
+///   leave nothing of its own in the heap at its execve or exit (it may allocate and free: the
+///   allocator's locks work across threads of one memory);
+/// - make no libc call that acts on the process's other threads or on the calling thread by
+///   its cached thread ID (set*id, setrlimit, raise, abort, pthread_*): they are the agent's;
+///   raw system calls act on the child alone;
+/// - end with execve(2) or `_exit(2)`, never by returning into code that expects a thread.
+pub unsafe fn clone_vm_vfork(
+    entry: extern "C" fn(*mut libc::c_void) -> libc::c_int,
+    stack: &ChildStack,
+    arg: *mut libc::c_void,
+    pid: &std::sync::atomic::AtomicI32,
+) -> io::Result<Pid> {
+    let flags = libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PARENT_SETTID | libc::SIGCHLD;
+    // SAFETY: `stack` is a mapping of its own that outlives the child's use of it (the caller
+    // holds it, and this thread is suspended until the child execs or exits); `pid` is where
+    // the kernel writes the child's PID (CLONE_PARENT_SETTID), alive for the call; the rest is
+    // the caller's contract above.
+    let rc = unsafe { libc::clone(entry, stack.top(), flags, arg, pid.as_ptr()) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(Pid::from_raw(rc))
 }
 
 /// prctl(2) for the options a container process needs: `PR_SET_NO_NEW_PRIVS` (argument 1),
@@ -190,6 +300,40 @@ pub fn execve(path: &CStr, argv: &[&CStr], envp: &[&CStr]) -> io::Error {
     match nix::unistd::execve(path, argv, envp) {
         Err(e) => e.into(),
         Ok(never) => match never {},
+    }
+}
+
+/// The argument and environment arrays of an execve(2), built ahead: a child that shares the
+/// agent's memory then allocates nothing for them. They borrow the strings (`'a`).
+#[derive(Debug)]
+pub struct ExecArrays<'a> {
+    argv: Vec<*const libc::c_char>,
+    envp: Vec<*const libc::c_char>,
+    strings: std::marker::PhantomData<&'a CStr>,
+}
+
+impl<'a> ExecArrays<'a> {
+    /// Null-terminated arrays of pointers to `argv` and `envp`.
+    pub fn new(argv: &[&'a CStr], envp: &[&'a CStr]) -> Self {
+        let nul_terminated = |v: &[&'a CStr]| {
+            v.iter()
+                .map(|s| s.as_ptr())
+                .chain(std::iter::once(std::ptr::null()))
+                .collect()
+        };
+        ExecArrays {
+            argv: nul_terminated(argv),
+            envp: nul_terminated(envp),
+            strings: std::marker::PhantomData,
+        }
+    }
+
+    /// execve(2) of `path` with these arrays; returns only with why it failed.
+    pub fn execve(&self, path: &CStr) -> io::Error {
+        // SAFETY: `path` is NUL-terminated; both arrays end with a null pointer and point to
+        // NUL-terminated strings that outlive `self` ('a).
+        unsafe { libc::execve(path.as_ptr(), self.argv.as_ptr(), self.envp.as_ptr()) };
+        io::Error::last_os_error()
     }
 }
 
