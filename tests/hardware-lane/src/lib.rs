@@ -214,6 +214,14 @@ pub const FIGURES: &[(&str, &str)] = &[
     ("agent-1vcpu.health", "1 vCPU: VMM spawn to agent Health"),
     ("agent-2vcpu.health", "2 vCPUs: VMM spawn to agent Health"),
     (
+        "container.health",
+        "container case: VMM spawn to agent Health (1 vCPU, shared directory)",
+    ),
+    (
+        "container.run",
+        "container case: `agent-ctl run` (create, start, output, exit, remove)",
+    ),
+    (
         "template.build",
         "template build (boot to agent ready, snapshot)",
     ),
