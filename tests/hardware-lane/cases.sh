@@ -151,6 +151,7 @@ case_container() {
     cp /bin/busybox "$r/bin/busybox" && ln -s busybox "$r/bin/sh" && ln -s busybox "$r/bin/cat" ||
         { problem "cannot make the busybox root file system"; return; }
     echo "from the $LANE host" >"$r/etc/greeting"
+    t_case=$(now)
     # The guest's view of the spec: its root under /run/shared (the VMM's --shared-dir).
     cat >"$d/config.json" <<'SPEC'
 {
@@ -198,6 +199,7 @@ SPEC
     rc=$?
     [ "$rc" = 0 ] || problem "VMM exit status $rc after Shutdown (0 = guest powered off)"
     check_vmm_log "$d/vmm.log" new
+    say figure container.case "$(since "$t_case")"
 }
 
 # Template build, restore to Health, RefreshGuest (clock and entropy), then SIGTERM (exit 0).

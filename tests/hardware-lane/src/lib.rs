@@ -222,6 +222,10 @@ pub const FIGURES: &[(&str, &str)] = &[
         "container case: `agent-ctl run` (create, start, output, exit, remove)",
     ),
     (
+        "container.case",
+        "container case, all of it (spawn, sandbox, run, Shutdown, VMM exit)",
+    ),
+    (
         "template.build",
         "template build (boot to agent ready, snapshot)",
     ),
