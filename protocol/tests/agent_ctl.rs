@@ -30,6 +30,24 @@ fn missing_vm_socket_is_a_clear_error_within_the_timeout() {
 }
 
 #[test]
+fn run_without_a_vm_exits_125_not_a_container_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let uds = dir.path().join("no-vm.sock");
+    let spec = dir.path().join("config.json");
+    std::fs::write(&spec, "{}").unwrap();
+    let out = Command::new(CTL)
+        .arg("--uds")
+        .arg(&uds)
+        .args(["--timeout", "1", "run", "--id", "c1", "--spec"])
+        .arg(&spec)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot reach the agent through"), "{err}");
+}
+
+#[test]
 fn help_lists_the_calls() {
     let out = Command::new(CTL).arg("--help").output().unwrap();
     let help = String::from_utf8_lossy(&out.stdout);
@@ -38,6 +56,8 @@ fn help_lists_the_calls() {
         "version",
         "refresh",
         "shutdown",
+        "sandbox",
+        "run",
         "--uds",
         "--timeout",
     ] {

@@ -12,7 +12,15 @@
 //! 1024 until EOF, then write `hello-from-guest` to host port 1025, then power off) or
 //! `virtiofs-check` (mount the virtio-fs tag `nutshell` on `/mnt`, print `from-host.txt`, write
 //! `from-guest.txt`, time a sequential write and read and the creation of small files, print one
-//! `virtiofs-bench` line, power off). On any failure it prints
+//! `virtiofs-bench` line, power off). With `nutshell_test.entry=1` it prints a second line
+//! after the first, on how system calls enter the kernel and on the tick (for the guest
+//! kernel's kvm_pvm-only patches, guest-kernel/README.md):
+//!
+//! ```text
+//! NUTSHELL_TEST_INIT entry syscall_getpid=<ok|got:N> syscall_eflags_id=<kept|cleared> int80_getpid=<ok|...> int80_prefixed_getpid=<ok|signal:N|...> hz=<1e9 / resolution of CLOCK_MONOTONIC_COARSE> coarse_steps=<steps of that clock while spinning> spin_s=<seconds spun>
+//! ```
+//!
+//! On any failure it prints
 //! `NUTSHELL_TEST_INIT error: <what>` instead and powers off.
 //!
 //! It must never panic: a panic aborts PID 1, which is a kernel panic the test did not ask for.
@@ -26,10 +34,10 @@ use std::fs;
 use std::io::{self, Write};
 use std::process;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parse::{Action, ParseError};
-use sys::RebootCmd;
+use sys::{ChildEnd, RebootCmd};
 
 /// The prefix of every line this init prints.
 const PREFIX: &str = "NUTSHELL_TEST_INIT";
@@ -116,7 +124,58 @@ fn report() -> Result<Action, InitError> {
     print_line(format_args!(
         "{PREFIX} uptime={uptime} epoch={epoch} cpus={cpus} mem_kib={mem_kib} clocksource={clocksource} clocksources={clocksources} features={features} cmdline={cmdline}"
     ));
+    if parse::entry_wanted(cmdline) {
+        print_line(format_args!("{PREFIX} entry {}", entry_report()));
+    }
     Ok(parse::parse_action(cmdline)?)
+}
+
+/// How long the `entry` line's tick count spins.
+const TICK_SPIN: Duration = Duration::from_millis(500);
+
+/// The `entry` line's fields: how a 64-bit `syscall` and a 32-bit `int $0x80` (plain and with a
+/// prefix byte) come back, and what the tick is.
+fn entry_report() -> String {
+    let pid = sys::getpid();
+    let (ret, id_kept) = sys::syscall_getpid_keeps_eflags_id();
+    let syscall = if ret == pid {
+        "ok".to_owned()
+    } else {
+        format!("got:{ret}")
+    };
+    let int80 = |f| match sys::in_child(f) {
+        Ok(ChildEnd::Exited(0)) => "ok".to_owned(),
+        Ok(ChildEnd::Exited(_)) => "wrong-pid".to_owned(),
+        Ok(ChildEnd::Signaled(sig)) => format!("signal:{sig}"),
+        Err(e) => format!("fork-error:{}", e.raw_os_error().unwrap_or(0)),
+    };
+    let plain = int80(|| i32::from(sys::int80_getpid(false) != sys::getpid()));
+    let prefixed = int80(|| i32::from(sys::int80_getpid(true) != sys::getpid()));
+    // A coarse clock moves once per tick; its resolution is the tick length (1/HZ). A busy
+    // CPU ticks even with NO_HZ_IDLE, so its steps while spinning count the ticks it got.
+    let coarse = libc::CLOCK_MONOTONIC_COARSE;
+    let hz = sys::clock_res_ns(coarse)
+        .ok()
+        .filter(|&ns| ns > 0)
+        .map_or_else(
+            || "unknown".to_owned(),
+            |ns| (1_000_000_000 / ns).to_string(),
+        );
+    let spun = Instant::now();
+    let mut steps = 0u32;
+    let mut last = sys::clock_ns(coarse).unwrap_or(0);
+    while spun.elapsed() < TICK_SPIN {
+        let now = sys::clock_ns(coarse).unwrap_or(last);
+        if now != last {
+            steps += 1;
+            last = now;
+        }
+    }
+    format!(
+        "syscall_getpid={syscall} syscall_eflags_id={} int80_getpid={plain} int80_prefixed_getpid={prefixed} hz={hz} coarse_steps={steps} spin_s={:.2}",
+        if id_kept { "kept" } else { "cleared" },
+        spun.elapsed().as_secs_f64()
+    )
 }
 
 fn act(action: Action) -> ! {

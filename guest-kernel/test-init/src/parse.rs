@@ -3,6 +3,9 @@
 /// The kernel command-line parameter that picks what init does after reporting.
 pub const ACTION_PARAM: &str = "nutshell_test.action";
 
+/// The kernel command-line parameter that asks for the `entry` line (`nutshell_test.entry=1`).
+pub const ENTRY_PARAM: &str = "nutshell_test.entry";
+
 /// What init does once it has printed its report.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
@@ -60,6 +63,16 @@ pub fn parse_action(cmdline: &str) -> Result<Action, ParseError> {
         };
     }
     Ok(action)
+}
+
+/// Whether the command line asks for the `entry` line: `nutshell_test.entry=1` (the last
+/// one wins; any other value is no).
+pub fn entry_wanted(cmdline: &str) -> bool {
+    cmdline
+        .split_ascii_whitespace()
+        .filter_map(|w| w.split_once('='))
+        .rfind(|(key, _)| *key == ENTRY_PARAM)
+        .is_some_and(|(_, value)| value == "1")
 }
 
 /// Counts the CPUs in a kernel CPU list such as `0-1`, `0` or `0-3,8,10-11` (the format of
@@ -173,6 +186,14 @@ mod tests {
             Err(ParseError::UnknownAction("explode".to_owned()))
         );
         assert!(parse_action("nutshell_test.action=").is_err());
+    }
+
+    #[test]
+    fn entry_line_only_when_asked() {
+        assert!(!entry_wanted("console=ttyS0 nutshell_test.entryx=1"));
+        assert!(entry_wanted("quiet nutshell_test.entry=1 console=ttyS0"));
+        assert!(!entry_wanted("nutshell_test.entry=1 nutshell_test.entry=0"));
+        assert!(!entry_wanted(""));
     }
 
     #[test]

@@ -164,3 +164,137 @@ pub fn vsock_connect(cid: u32, port: u32) -> io::Result<std::fs::File> {
     }
     Ok(std::fs::File::from(sock))
 }
+
+/// How a child process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChildEnd {
+    /// It exited with this code.
+    Exited(i32),
+    /// A signal ended it.
+    Signaled(i32),
+}
+
+/// Runs `f` in a child process (fork) that exits with what `f` returns, and waits for it: for
+/// an instruction that may raise a signal (SIGILL) that would end init itself.
+pub fn in_child(f: fn() -> i32) -> io::Result<ChildEnd> {
+    // SAFETY: init is single-threaded here (it starts threads in no mode that calls this), so
+    // the child may run any code; it only runs `f` and _exit(2).
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if pid == 0 {
+        let code = f();
+        // SAFETY: _exit(2) ends the child without running the parent's exit handlers.
+        unsafe { libc::_exit(code) };
+    }
+    let mut status = 0;
+    loop {
+        // SAFETY: waitpid(2) writes the status to a local of ours.
+        let rc = unsafe { libc::waitpid(pid, &mut status, 0) };
+        if rc == pid {
+            break;
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+    if libc::WIFSIGNALED(status) {
+        Ok(ChildEnd::Signaled(libc::WTERMSIG(status)))
+    } else {
+        Ok(ChildEnd::Exited(libc::WEXITSTATUS(status)))
+    }
+}
+
+/// The process id, from getpid(2) through the C library.
+pub fn getpid() -> i64 {
+    // SAFETY: getpid(2) cannot fail and touches no memory.
+    i64::from(unsafe { libc::getpid() })
+}
+
+/// EFLAGS.ID (bit 21), a flag user code may set and clear (the CPUID-detection bit).
+const EFLAGS_ID: u64 = 1 << 21;
+
+/// Makes the 64-bit `getpid` system call with the `syscall` instruction while EFLAGS.ID is
+/// set: returns its result and whether ID was still set after it. Returning through SYSRET
+/// or IRET restores the caller's flags (the CPU saved them in R11), ID included; the guest
+/// kernel's patch 0004, which completes a SYSCALL that arrived as a page fault at
+/// `entry_SYSCALL_64`, keeps only the arithmetic flags, DF and AC of R11, so after it ID is
+/// clear. ID is cleared again before returning.
+pub fn syscall_getpid_keeps_eflags_id() -> (i64, bool) {
+    let ret: i64;
+    let flags: u64;
+    // SAFETY: getpid writes no memory; the instruction clobbers RCX and R11 (declared), and the
+    // pushes and pops are balanced on our own stack (no `nostack`). EFLAGS.ID changes nothing
+    // but itself.
+    unsafe {
+        std::arch::asm!(
+            "pushfq",
+            "or qword ptr [rsp], 0x200000",
+            "popfq",
+            "syscall",
+            "pushfq",
+            "pop {flags}",
+            "pushfq",
+            "and qword ptr [rsp], -0x200001",
+            "popfq",
+            flags = out(reg) flags,
+            inlateout("rax") libc::SYS_getpid => ret,
+            lateout("rcx") _,
+            lateout("r11") _,
+        );
+    }
+    (ret, flags & EFLAGS_ID != 0)
+}
+
+/// The 32-bit `getpid` (number 20) through `int $0x80`, with a DS prefix byte in front when
+/// `prefixed` (`3E CD 80`: the same instruction on any x86 CPU). The guest kernel's patch 0005
+/// runs a user `int $0x80` that arrives as #UD as the system call when the bytes at the
+/// faulting address are `CD 80`; a #UD reported at the prefix does not match, so the prefixed
+/// form gets SIGILL wherever `int $0x80` is not executed by the CPU.
+pub fn int80_getpid(prefixed: bool) -> i64 {
+    let ret: i32;
+    // SAFETY: getpid writes no memory; the kernel's int $0x80 path preserves every register
+    // but EAX, and R8-R11 are declared clobbered for older kernels that zeroed them.
+    unsafe {
+        if prefixed {
+            std::arch::asm!(
+                ".byte 0x3e, 0xcd, 0x80",
+                inlateout("eax") 20i32 => ret,
+                lateout("r8") _, lateout("r9") _, lateout("r10") _, lateout("r11") _,
+                options(nostack),
+            );
+        } else {
+            std::arch::asm!(
+                "int 0x80",
+                inlateout("eax") 20i32 => ret,
+                lateout("r8") _, lateout("r9") _, lateout("r10") _, lateout("r11") _,
+                options(nostack),
+            );
+        }
+    }
+    i64::from(ret)
+}
+
+/// Reads clock `clock` in nanoseconds.
+pub fn clock_ns(clock: libc::clockid_t) -> io::Result<u64> {
+    // SAFETY: timespec is plain data; clock_gettime(2) writes it.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: `ts` is a valid, writable timespec.
+    if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
+}
+
+/// The resolution of clock `clock` in nanoseconds (a coarse clock's is the tick, 1/HZ).
+pub fn clock_res_ns(clock: libc::clockid_t) -> io::Result<u64> {
+    // SAFETY: timespec is plain data; clock_getres(2) writes it.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: `ts` is a valid, writable timespec.
+    if unsafe { libc::clock_getres(clock, &mut ts) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
+}

@@ -214,6 +214,18 @@ pub const FIGURES: &[(&str, &str)] = &[
     ("agent-1vcpu.health", "1 vCPU: VMM spawn to agent Health"),
     ("agent-2vcpu.health", "2 vCPUs: VMM spawn to agent Health"),
     (
+        "container.health",
+        "container case: VMM spawn to agent Health (1 vCPU, shared directory)",
+    ),
+    (
+        "container.run",
+        "container case: `agent-ctl run` (create, start, output, exit, remove)",
+    ),
+    (
+        "container.case",
+        "container case, all of it (spawn, sandbox, run, Shutdown, VMM exit)",
+    ),
+    (
         "template.build",
         "template build (boot to agent ready, snapshot)",
     ),
@@ -345,9 +357,16 @@ pub fn render(input: &ReportInput<'_>) -> String {
             );
         }
     }
-    if !l1.notes.is_empty() {
-        let _ = writeln!(out, "\n## Notes from L1\n");
-        for note in &l1.notes {
+    let notes = [("L1", Some(l1)), ("`kvm_pvm`", input.pvm)];
+    for (lane, notes) in notes
+        .iter()
+        .filter_map(|(n, l)| Some((n, &l.as_ref()?.notes)))
+    {
+        if notes.is_empty() {
+            continue;
+        }
+        let _ = writeln!(out, "\n## Notes from {lane}\n");
+        for note in notes {
             let _ = writeln!(out, "- `{}`", note.replace('`', "'"));
         }
     }
@@ -373,6 +392,7 @@ HWLANE l1 case boot-2vcpu fail attempt=1 -- exit=137 (time limit)
 HWLANE l1 start boot-2vcpu attempt=2
 HWLANE l1 note Unhandled WRMSR(0xc0010007)
 HWLANE pvm figure boot-1vcpu.exit 11.0
+HWLANE pvm note boot-1vcpu entry: syscall_eflags_id=cleared
 HWLANE l1 figure bogus -1
 HWLANE l1 done
 ";
@@ -449,6 +469,12 @@ HWLANE l1 done
             "{report}"
         );
         assert!(report.contains("WRMSR"), "{report}");
+        assert!(
+            report.contains(
+                "## Notes from `kvm_pvm`\n\n- `boot-1vcpu entry: syscall_eflags_id=cleared`"
+            ),
+            "{report}"
+        );
     }
 
     #[test]
