@@ -12,7 +12,7 @@ use nutshell_protocol::client::{AgentClient, ConnectOptions};
 use nutshell_protocol::types::{SandboxSpec, StdioPorts};
 use nutshell_protocol::GUEST_SHARED_DIR;
 use nutshell_tests::guest::{self, container_spec};
-use nutshell_tests::{busybox_rootfs, GuestBoot};
+use nutshell_tests::{busybox_rootfs, GuestBoot, VmmProcess};
 use oci_spec::runtime::{
     LinuxBuilder, LinuxMemoryBuilder, LinuxResourcesBuilder, ProcessBuilder, Spec,
 };
@@ -45,25 +45,11 @@ fn text(h: JoinHandle<anyhow::Result<Vec<u8>>>) -> String {
     String::from_utf8(h.join().unwrap().unwrap()).unwrap()
 }
 
-#[test]
-#[ignore = "slow lane: boots the real guest kernel (scripts/test.sh runs it)"]
-fn containers_run_in_the_guest_from_a_shared_rootfs() {
-    let dir = tempfile::tempdir().unwrap();
-    let uds = dir.path().join("vsock.sock");
-    let shared: PathBuf = dir.path().join("shared");
-    for id in ["c1", "c2", "c3", "c4"] {
-        busybox_rootfs(&shared.join(id).join("rootfs"));
-    }
-    // Restored from the agent-ready template (the shim's default shape), as the shim does.
-    let vm = GuestBoot::new("initramfs.cpio")
-        .memory_mib(256)
-        .vsock(&uds)
-        .shared_dir(&shared)
-        .from_template()
-        .spawn()
-        .unwrap();
+/// The agent of the VM just spawned, as the shim meets it: connected (waiting for the boot),
+/// the guest refreshed, and sandbox `pod1` created on the shared directory.
+fn pod_agent(uds: &Path, vm: &VmmProcess) -> AgentClient {
     let agent = match AgentClient::connect(
-        &uds,
+        uds,
         &ConnectOptions {
             connect_timeout: BOOT_TIMEOUT,
             retry_interval: Duration::from_millis(20),
@@ -83,6 +69,27 @@ fn containers_run_in_the_guest_from_a_shared_rootfs() {
             ..Default::default()
         })
         .unwrap();
+    agent
+}
+
+#[test]
+#[ignore = "slow lane: boots the real guest kernel (scripts/test.sh runs it)"]
+fn containers_run_in_the_guest_from_a_shared_rootfs() {
+    let dir = tempfile::tempdir().unwrap();
+    let uds = dir.path().join("vsock.sock");
+    let shared: PathBuf = dir.path().join("shared");
+    for id in ["c1", "c2", "c3", "c4"] {
+        busybox_rootfs(&shared.join(id).join("rootfs"));
+    }
+    // Restored from the agent-ready template (the shim's default shape), as the shim does.
+    let vm = GuestBoot::new("initramfs.cpio")
+        .memory_mib(256)
+        .vsock(&uds)
+        .shared_dir(&shared)
+        .from_template()
+        .spawn()
+        .unwrap();
+    let agent = pod_agent(&uds, &vm);
 
     // c1: output on both streams, a file from the host, and an exit code.
     std::fs::write(shared.join("c1/rootfs/etc/greeting"), "from the host\n").unwrap();
@@ -282,27 +289,7 @@ fn exec_latency_in_the_guest() {
         boot = boot.cmdline("quiet nutshell.log=debug");
     }
     let vm = boot.spawn().unwrap();
-    let agent = match AgentClient::connect(
-        &uds,
-        &ConnectOptions {
-            connect_timeout: BOOT_TIMEOUT,
-            retry_interval: Duration::from_millis(20),
-            rpc_timeout: Duration::from_secs(120),
-            ..Default::default()
-        },
-    ) {
-        Ok(a) => a,
-        Err(e) => panic!("{e:?}\nconsole:\n{}\nvmm:\n{}", vm.console(), vm.stderr()),
-    };
-    agent.refresh_guest_now().unwrap();
-    agent
-        .create_sandbox(&SandboxSpec {
-            sandbox_id: "pod1".into(),
-            hostname: "pod1".into(),
-            shared_dir: GUEST_SHARED_DIR.into(),
-            ..Default::default()
-        })
-        .unwrap();
+    let agent = pod_agent(&uds, &vm);
     // No streams for init: a reader would give up after STREAM_TIMEOUT without data.
     let t = Instant::now();
     agent
