@@ -111,6 +111,14 @@ check_entry() { # NAME CONSOLE
 }
 
 # The agent cold-booted with N vCPUs: Health and Version, then Shutdown (the VMM exits 0).
+# Waits for VMM $1, which was asked to shut its guest down (or terminated when the agent did not
+# answer): its exit status must be 0, the guest powered off.
+await_power_off() { # PID
+    wait "$1"
+    rc=$?
+    [ "$rc" = 0 ] || problem "VMM exit status $rc after Shutdown (0 = guest powered off)"
+}
+
 case_agent() { # N
     n=$1 d=$WORK/agent-$1vcpu
     rm -rf "$d" && mkdir -p "$d"
@@ -129,9 +137,7 @@ case_agent() { # N
         problem "agent did not answer: $(tail -1 "$d/ctl.out")"
         kill -TERM "$pid" 2>/dev/null
     fi
-    wait "$pid"
-    rc=$?
-    [ "$rc" = 0 ] || problem "VMM exit status $rc after Shutdown (0 = guest powered off)"
+    await_power_off "$pid"
     grep -q 'guest powered off' "$d/vmm.log" || problem "VMM did not log the power-off"
     check_vmm_log "$d/vmm.log" new
     if [ "$EXPECT_PROFILE" = host ]; then
@@ -195,9 +201,7 @@ SPEC
         problem "agent did not create the sandbox: $(tail -1 "$d/ctl.out")"
         kill -TERM "$pid" 2>/dev/null
     fi
-    wait "$pid"
-    rc=$?
-    [ "$rc" = 0 ] || problem "VMM exit status $rc after Shutdown (0 = guest powered off)"
+    await_power_off "$pid"
     check_vmm_log "$d/vmm.log" new
     say figure container.case "$(since "$t_case")"
 }
