@@ -85,6 +85,20 @@ impl Shim for NutshellShim {
         let annotations = spec.annotations().clone().unwrap_or_default();
         let grouping = pod::grouping(&opts.id, &annotations)
             .map_err(|e| containerd_shim::Error::InvalidArgument(e.to_string()))?;
+        // The pod's shim is running already (an app container): its address, no new process.
+        let address = containerd_shim::socket_address(&opts.address, &opts.namespace, &grouping);
+        match pod::shim_serves(&address, pod::GROUP_SHIM_CONNECT_TIMEOUT) {
+            Ok(true) => {
+                containerd_shim::util::write_address(&address)?;
+                return Ok(address);
+            }
+            Ok(false) => {}
+            Err(e) => {
+                return Err(containerd_shim::Error::Other(format!(
+                    "the shim of {grouping:?} is not answering: {e}"
+                )))
+            }
+        }
         let (_pid, address) = containerd_shim::spawn(opts, &grouping, Vec::new())?;
         containerd_shim::util::write_address(&address)?;
         Ok(address)

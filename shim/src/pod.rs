@@ -5,6 +5,9 @@
 //! container is a sandbox of its own.
 
 use std::collections::HashMap;
+use std::os::unix::net::UnixStream;
+use std::sync::mpsc;
+use std::time::Duration;
 
 use crate::config::Config;
 use crate::error::{Result, ShimError};
@@ -88,6 +91,43 @@ pub fn grouping(id: &str, annotations: &HashMap<String, String>) -> Result<Strin
     Ok(Role::from_annotations(id, annotations)?
         .sandbox_id(id)
         .to_owned())
+}
+
+/// How long `start` waits for the shim already on a group's socket to take a connection.
+pub const GROUP_SHIM_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Whether a shim serves `address` (`unix://PATH`, as `containerd_shim::socket_address`
+/// makes it): `Ok(true)` when a connection to it completes, `Ok(false)` when nothing does (no
+/// socket, or a dead shim's: refused), an error when the connection neither completes nor fails
+/// within `timeout` (a wedged shim whose backlog is full).
+///
+/// `start` asks this before it spawns a shim: a pod's app containers find their sandbox's shim
+/// here and get its address at once, as containerd's own runc shim does, instead of each
+/// spawning a second shim process whose only work is to find the socket taken and exit.
+pub fn shim_serves(address: &str, timeout: Duration) -> std::io::Result<bool> {
+    let Some(path) = address.strip_prefix("unix://") else {
+        return Ok(false);
+    };
+    let path = std::path::PathBuf::from(path);
+    let (tx, rx) = mpsc::channel();
+    // A connect blocks only while the listener's backlog is full; the thread is left behind
+    // (and ends with this short-lived process) when it does not return.
+    std::thread::Builder::new()
+        .name("shim-probe".into())
+        .spawn(move || {
+            let _ = tx.send(UnixStream::connect(&path));
+        })?;
+    match rx.recv_timeout(timeout) {
+        Ok(Ok(_stream)) => Ok(true),
+        Ok(Err(_)) => Ok(false),
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!(
+                "the shim on {address} took no connection within {} s",
+                timeout.as_secs_f64()
+            ),
+        )),
+    }
 }
 
 /// Checks an id used in host paths: 1..=[`MAX_ID_LEN`] of `[A-Za-z0-9_.-]`, not `.` or `..`.
@@ -200,6 +240,59 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    #[test]
+    fn a_serving_shim_is_found_a_dead_one_not_and_a_wedged_one_is_an_error() {
+        use nix::sys::socket::{
+            bind, connect, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("shim.sock");
+        let address = format!("unix://{}", path.display());
+        let t = Duration::from_secs(5);
+        assert!(!shim_serves(&address, t).unwrap(), "no socket");
+        assert!(
+            !shim_serves(&path.display().to_string(), t).unwrap(),
+            "not unix://"
+        );
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        assert!(shim_serves(&address, t).unwrap(), "a listening shim");
+        drop(listener);
+        assert!(path.exists());
+        assert!(!shim_serves(&address, t).unwrap(), "a dead shim's socket");
+        std::fs::remove_file(&path).unwrap();
+
+        // A shim that accepts nothing: its backlog fills, and a connect would block.
+        let listener = socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .unwrap();
+        let addr = UnixAddr::new(&path).unwrap();
+        bind(std::os::fd::AsRawFd::as_raw_fd(&listener), &addr).unwrap();
+        listen(&listener, Backlog::new(0).unwrap()).unwrap();
+        let mut queued = Vec::new();
+        loop {
+            let s = socket(
+                AddressFamily::Unix,
+                SockType::Stream,
+                SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+                None,
+            )
+            .unwrap();
+            match connect(std::os::fd::AsRawFd::as_raw_fd(&s), &addr) {
+                Ok(()) => queued.push(s),
+                Err(nix::errno::Errno::EAGAIN) => break,
+                Err(e) => panic!("filling the backlog: {e}"),
+            }
+            assert!(queued.len() < 1000, "the backlog never filled");
+        }
+        let e = shim_serves(&address, Duration::from_millis(300)).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+        assert!(e.to_string().contains("took no connection"), "{e}");
+    }
 
     fn ann(pairs: &[(&str, &str)]) -> HashMap<String, String> {
         pairs
