@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
@@ -11,7 +12,7 @@ use nutshell_bench::nutshell;
 use nutshell_bench::runner::{self, Plan, RunConfig, Workload};
 use nutshell_test_support::containerd::{self, find_on_path, RuntimeSpec};
 
-/// Runs each workload under every runtime in interleaved order (A B A B …) against a private
+/// Runs each workload under every runtime in interleaved order (A B, B A, A B …) against a private
 /// containerd, and writes `latest.md` (medians, min–max, ratios to runc), `latest.json` (raw
 /// samples) and SVG plots into the output directory; prints the table.
 ///
@@ -30,6 +31,15 @@ struct Args {
     /// A short run: fewer repetitions, smaller sizes.
     #[arg(long)]
     quick: bool,
+    /// Serial start-up repetitions (`ctr run` and CRI pods) instead of the plan's (4, or 1 with
+    /// `--quick`): for comparing two builds, whose start-up differs by less than one run's noise.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    startup_reps: Option<u64>,
+    /// Base time budget of one case in seconds instead of the plan's 60 (0 with `--quick`): no
+    /// new round starts once it is spent. Raise it with `--startup-reps` so that every
+    /// repetition runs.
+    #[arg(long, value_name = "SECONDS")]
+    case_budget: Option<u64>,
     /// Run only these workloads (repeat or separate with commas).
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<Workload>,
@@ -260,8 +270,15 @@ fn run(args: Args) -> Result<()> {
         }
         template_dir = dir;
     }
+    let mut plan = Plan::new(args.quick);
+    if let Some(n) = args.startup_reps {
+        plan.startup_reps = n as usize;
+    }
+    if let Some(s) = args.case_budget {
+        plan.case_budget = Duration::from_secs(s);
+    }
     let config = RunConfig {
-        plan: Plan::new(args.quick),
+        plan,
         only: args.only,
         runtimes,
         cache_dir: args.cache_dir,

@@ -355,7 +355,7 @@ impl Results {
             }
         }
         s.push_str("\n## Results\n\nMedians with min–max and the number of runs n; ↑ higher is better, ↓ lower is better. \
-                     Runs were interleaved (A B A B …) across runtimes; each workload has a time \
+                     Runs were interleaved (A B, B A, A B …) across runtimes; each workload has a time \
                      budget, and a slow runtime gets fewer runs (smaller n) rather than a longer run.\n\n");
         s.push_str(&self.table());
         for m in &self.metrics {

@@ -505,7 +505,9 @@ impl Runner {
                 .push(v),
             Err(e) => {
                 log::warn!("{} {} under {runtime}: {e}", metric.workload, metric.name);
-                metric.errors.entry(runtime.to_owned()).or_default().push(e)
+                metric.errors.entry(runtime.to_owned()).or_default().push(e);
+                // While a hung call still waits: where each shim thread is.
+                self.containerd.keep_diagnostics();
             }
         }
     }
@@ -530,11 +532,14 @@ impl Runner {
         let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
         let budget = self.case_budget;
         let started = Instant::now();
+        let mut round = 0;
         for (rep, name) in interleave(&names, reps) {
             if nutshell_test_support::containerd::interrupted() {
                 break;
             }
-            if rep > 0 && name == names[0] && started.elapsed() > budget {
+            let new_round = rep != round;
+            round = rep;
+            if new_round && started.elapsed() > budget {
                 log::info!(
                     "time budget of {budget:?} spent: {rep} of {reps} repetitions of this case"
                 );

@@ -51,11 +51,21 @@ pub fn ratio(value: f64, baseline: f64) -> Option<f64> {
     (baseline != 0.0 && baseline.is_finite() && value.is_finite()).then(|| value / baseline)
 }
 
-/// The order of the runs: repetition by repetition, every runtime once each (A B A B …), so
-/// that drift of the machine over time hits every runtime alike.
+/// The order of the runs: repetition by repetition, every runtime once each, in reverse order
+/// every other repetition (A B, B A, A B …), so that drift of the machine over time hits every
+/// runtime alike and no runtime always runs right after the same one. (Seen: a batch of
+/// Nutshell VMs started right after another runtime's batch was torn down ran slower than the
+/// next batch; with a fixed order, that fell on the same runtime every round.)
 pub fn interleave<'a>(runtimes: &[&'a str], reps: usize) -> Vec<(usize, &'a str)> {
     (0..reps)
-        .flat_map(|rep| runtimes.iter().map(move |rt| (rep, *rt)))
+        .flat_map(|rep| {
+            let round: Vec<&str> = if rep % 2 == 0 {
+                runtimes.to_vec()
+            } else {
+                runtimes.iter().rev().copied().collect()
+            };
+            round.into_iter().map(move |rt| (rep, rt))
+        })
         .collect()
 }
 
@@ -101,9 +111,14 @@ mod tests {
         let names: Vec<&str> = order.iter().map(|(_, r)| *r).collect();
         assert_eq!(
             names,
-            ["runc", "nutshell", "runc", "nutshell", "runc", "nutshell"]
+            ["runc", "nutshell", "nutshell", "runc", "runc", "nutshell"]
         );
-        assert_eq!(order[2], (1, "runc"));
+        assert_eq!(order[2], (1, "nutshell"));
+        let three: Vec<&str> = interleave(&["a", "b", "c"], 2)
+            .into_iter()
+            .map(|(_, r)| r)
+            .collect();
+        assert_eq!(three, ["a", "b", "c", "c", "b", "a"]);
         assert!(interleave(&["runc"], 0).is_empty());
     }
 }

@@ -675,6 +675,9 @@ impl Containerd {
     /// (also of a containerd stopped by [`Containerd::stop_daemon`]) killed; mounts detached
     /// and the directory removed. Called by `Drop`.
     pub fn stop(&mut self) {
+        if std::thread::panicking() {
+            self.keep_diagnostics();
+        }
         if let Some(child) = self.child.take() {
             self.stop_running(child);
         }
@@ -713,6 +716,39 @@ impl Containerd {
             }
         }
         remove_namespace_cgroups(Path::new(CGROUP_ROOT), &self.namespace);
+    }
+
+    /// What a failed run leaves for whoever reads its output (called by [`Containerd::stop`]
+    /// when a test panics, and by a benchmark when a case fails): every process of containerd's
+    /// tree and of its shims with each thread's state, kernel wait channel and current system
+    /// call (where a hung call waits), on stderr; and, with `$NUTSHELL_KEEP_LOGS` set to a
+    /// directory, that report and containerd's log (the shims log into it) copied there.
+    pub fn keep_diagnostics(&self) {
+        let mut roots: Vec<u32> = self.child.iter().map(Child::id).collect();
+        for ns in self.owned_namespaces() {
+            roots.extend(shim_pids(&self.address, ns));
+        }
+        let report = process_report(&process_tree(&roots));
+        eprintln!("processes of the failed run's containerd and shims:\n{report}");
+        let Some(keep) = std::env::var_os(KEEP_LOGS_ENV) else {
+            return;
+        };
+        let name = self
+            .dir
+            .as_ref()
+            .and_then(|d| d.path().file_name().map(|n| n.to_owned()))
+            .unwrap_or_else(|| "containerd".into());
+        let dest = PathBuf::from(keep).join(name);
+        let kept = fs::create_dir_all(&dest)
+            .and_then(|()| fs::copy(&self.log, dest.join("containerd.log")).map(drop))
+            .and_then(|()| fs::write(dest.join("processes.txt"), &report));
+        match kept {
+            Ok(()) => eprintln!(
+                "containerd's log and the process report kept in {}",
+                dest.display()
+            ),
+            Err(e) => eprintln!("cannot keep the logs in {}: {e}", dest.display()),
+        }
     }
 
     fn stop_running(&mut self, mut child: Child) {
@@ -976,6 +1012,45 @@ fn all_pids() -> Vec<u32> {
         .unwrap_or_default()
 }
 
+/// The variable naming a directory where a failed run's containerd log and process report
+/// are kept ([`Containerd::keep_diagnostics`]).
+pub const KEEP_LOGS_ENV: &str = "NUTSHELL_KEEP_LOGS";
+
+/// One line per process (pid, command line) and per thread (tid, name, state, wait channel,
+/// the system call it is in: `/proc/PID/task/TID/{stat,wchan,syscall}`).
+pub fn process_report(pids: &[u32]) -> String {
+    let mut out = String::new();
+    for &pid in pids {
+        let args = cmdline(pid).unwrap_or_default().join(" ");
+        let line = format!("{pid} {}", args.chars().take(300).collect::<String>());
+        out.push_str(line.trim_end());
+        out.push('\n');
+        let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let t = task.path();
+            let read = |f: &str| fs::read_to_string(t.join(f)).unwrap_or_default();
+            let stat = read("stat");
+            // `tid (comm) S ...`: the name may hold spaces and parentheses.
+            let (name, state) = match (stat.find('('), stat.rfind(')')) {
+                (Some(a), Some(b)) if a < b => (
+                    &stat[a + 1..b],
+                    stat[b + 1..].split_whitespace().next().unwrap_or("?"),
+                ),
+                _ => ("?", "?"),
+            };
+            out.push_str(&format!(
+                "  {} {name} {state} wchan={} syscall={}\n",
+                task.file_name().to_string_lossy(),
+                read("wchan").trim(),
+                read("syscall").split_whitespace().next().unwrap_or("?"),
+            ));
+        }
+    }
+    out
+}
+
 /// `roots` and all their descendants.
 pub fn process_tree(roots: &[u32]) -> Vec<u32> {
     let parents: Vec<(u32, u32)> = all_pids()
@@ -1102,6 +1177,39 @@ mod tests {
         assert!(tree.contains(&child.id()));
         child.kill().unwrap();
         child.wait().unwrap();
+    }
+
+    #[test]
+    fn the_process_report_says_where_each_thread_waits() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        // Until the child sleeps: its exec done and its clock_nanosleep(2) (230) entered.
+        let pid = child.id();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let report = loop {
+            let report = process_report(&[pid]);
+            if report.contains("syscall=230") || Instant::now() > deadline {
+                break report;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let mut lines = report.lines();
+        assert_eq!(
+            lines.next(),
+            Some(format!("{pid} sleep 30").as_str()),
+            "{report}"
+        );
+        let thread = lines.next().unwrap_or_default();
+        assert!(
+            thread.starts_with(&format!("  {pid} sleep S wchan="))
+                && thread.ends_with("syscall=230"),
+            "{report}"
+        );
+        assert_eq!(process_report(&[u32::MAX]), format!("{}\n", u32::MAX));
     }
 
     #[test]
