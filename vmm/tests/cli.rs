@@ -9,6 +9,12 @@ use std::process::{Command, Output};
 
 use common::{pvh_check_program, pvh_elf, Asm, LOAD_ADDR};
 
+/// SIGTERM to a child this test spawned.
+fn sigterm(child: &std::process::Child) {
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+}
+
 const VMM: &str = env!("CARGO_BIN_EXE_nutshell-vmm");
 
 fn vmm(args: &[&str]) -> Output {
@@ -122,8 +128,7 @@ fn sigterm_stops_cleanly(extra: &[&str]) {
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    // SAFETY: plain kill(2) of the child we spawned.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    sigterm(&child);
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(
@@ -405,8 +410,7 @@ fn restore_runs_a_snapshot_until_sigterm() {
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    // SAFETY: plain kill(2) of the child we spawned.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    sigterm(&child);
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(stderr(&out).contains("restored"), "{}", stderr(&out));
