@@ -328,7 +328,7 @@ impl AgentClient {
     fn ctx(&self) -> ttrpc::context::Context {
         if self.rpc_timeout.is_zero() {
             // No deadline: for the calls that block until something happens (WaitProcess,
-            // GetOOMEvent), each on a connection of its own.
+            // GetOOMEvent), on a connection without one (concurrent calls may share it).
             return ttrpc::context::Context::default();
         }
         let nanos = i64::try_from(self.rpc_timeout.as_nanos()).unwrap_or(i64::MAX);
@@ -465,8 +465,9 @@ impl AgentClient {
         Ok(())
     }
 
-    /// `Agent.WaitProcess`: blocks until the process exits. Call it on a client of its own made
-    /// with no RPC timeout ([`ConnectOptions::rpc_timeout`] zero).
+    /// `Agent.WaitProcess`: blocks until the process exits. Call it on a client made with no
+    /// RPC timeout ([`ConnectOptions::rpc_timeout`] zero); concurrent calls may share one (the
+    /// agent serves each on a thread of the connection's pool).
     pub fn wait_process(
         &self,
         container_id: &str,
@@ -568,7 +569,7 @@ impl AgentClient {
     }
 
     /// `Agent.GetOOMEvent`: blocks until a container of the sandbox hits OOM; returns its id.
-    /// Call it on a client of its own made with no RPC timeout.
+    /// Call it on a client made with no RPC timeout (it may share one with WaitProcess).
     pub fn get_oom_event(&self) -> Result<String, ClientError> {
         let r = self
             .agent

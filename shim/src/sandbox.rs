@@ -290,10 +290,7 @@ impl Sandbox {
         let name = format!("wait-{id}-{exec_id}");
         let spawned = std::thread::Builder::new().name(name).spawn(move || {
             let vm = &sandbox.vm;
-            let result = vm.blocking_agent().and_then(|a| {
-                a.wait_process(&id, &exec_id)
-                    .map_err(ShimError::agent("WaitProcess"))
-            });
+            let result = vm.wait_process(&id, &exec_id);
             let (status, at) = match result {
                 Ok(exit) => (
                     exit.exit_status,
@@ -306,6 +303,7 @@ impl Sandbox {
                     (255, now())
                 }
             };
+            log::debug!("{id}/{exec_id}: WaitProcess returned {status}");
             let core = task.core();
             let copy = core
                 .lock()
@@ -314,6 +312,7 @@ impl Sandbox {
                 .and_then(|p| p.copy.clone());
             if let Some(copy) = copy {
                 copy.wait_outputs(OUTPUT_DRAIN);
+                log::debug!("{id}/{exec_id}: outputs drained");
             }
             let mut procs = core.lock();
             let Ok(p) = procs.get_mut(&id, &exec_id) else {

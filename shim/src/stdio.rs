@@ -143,8 +143,10 @@ struct Ctx {
 impl Ctx {
     /// Connects to the guest port, retrying while the agent does not listen yet.
     fn connect(&self) -> Option<UnixStream> {
-        let deadline = Instant::now() + CONNECT_TIMEOUT;
+        let started = Instant::now();
+        let deadline = started + CONNECT_TIMEOUT;
         let mut last: Option<ClientError> = None;
+        let mut attempts = 0u32;
         while !self.cancel.load(Ordering::Relaxed) && Instant::now() < deadline {
             // The handshake gets all the time left: an attempt given up while the guest is
             // slow to answer may already be the agent's accepted stream (it accepts one per
@@ -152,8 +154,17 @@ impl Ctx {
             // stream nobody reads. A guest that does not listen yet answers with a reset, at
             // once.
             let left = deadline.saturating_duration_since(Instant::now());
+            attempts += 1;
             match connect_hybrid(&self.uds, self.port, left) {
-                Ok(s) => return Some(s),
+                Ok(s) => {
+                    log::debug!(
+                        "{}: stdio port {} connected in {:.1} ms ({attempts} attempts)",
+                        self.id,
+                        self.port,
+                        started.elapsed().as_secs_f64() * 1000.0
+                    );
+                    return Some(s);
+                }
                 Err(e) => last = Some(e),
             }
             std::thread::sleep(Duration::from_millis(20));

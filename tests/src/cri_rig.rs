@@ -131,6 +131,12 @@ fn untrusted_config(base: &str, containerd: &Path, kubelet_dir: &Path) -> String
 
 /// A rig whose pods get their network from CNI (a bridge and subnet of the rig's own).
 pub fn rig(tag: &str) -> Rig {
+    rig_with(tag, Vec::new())
+}
+
+/// [`rig`] with `extra` runtime handlers registered beside Nutshell's two (e.g. an older
+/// build of the shim as a second runtime, to compare the two in one run).
+pub fn rig_with(tag: &str, extra: Vec<RuntimeSpec>) -> Rig {
     let cni = CniNetwork::for_this_process();
     let kernel = guest_artifact("vmlinux").unwrap();
     let initramfs = guest_artifact("initramfs.cpio").unwrap();
@@ -179,14 +185,17 @@ pub fn rig(tag: &str) -> Rig {
         namespace: NAMESPACE.into(),
         sandbox_image: Some(PAUSE.into()),
         cni: Some(cni.clone()),
-        runtimes: vec![
+        runtimes: [
             RuntimeSpec::nutshell(),
             RuntimeSpec {
                 name: UNTRUSTED_HANDLER.into(),
                 config_path: Some(untrusted.clone()),
                 ..RuntimeSpec::nutshell()
             },
-        ],
+        ]
+        .into_iter()
+        .chain(extra)
+        .collect(),
         ..ContainerdOptions::default()
     })
     .unwrap();

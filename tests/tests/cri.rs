@@ -19,9 +19,11 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use k8s_cri::v1 as cri;
+use nutshell_test_support::containerd::RuntimeSpec;
 use nutshell_tests::cri::{container_config, namespace_modes, parse_cri_log, CriClient};
 use nutshell_tests::cri_rig::{
-    alive, cgroup_of, rig, CONTROLLERS, HANDLER, IMAGE, NAMESPACE, SERIAL, UNTRUSTED_HANDLER,
+    alive, cgroup_of, rig, rig_with, CONTROLLERS, HANDLER, IMAGE, NAMESPACE, SERIAL,
+    UNTRUSTED_HANDLER,
 };
 use nutshell_tests::memory_use;
 
@@ -465,4 +467,91 @@ fn the_untrusted_handler_refuses_host_root_and_runs_a_normal_pod() {
         app_time.as_secs_f64(),
         test_started.elapsed().as_secs_f64()
     );
+}
+
+/// ExecSync latency through the CRI, for the report (docs/conformance.md, "Exec latency"):
+/// one pod per runtime handler, each with a running busybox container, then
+/// `NUTSHELL_MEASURE_RUNS` (10) rounds of one ExecSync of `true` into each, the handlers'
+/// order alternating from round to round, so that a comparison shares the machine's load.
+/// `NUTSHELL_MEASURE_HANDLERS` lists the handlers (default `nutshell`); `name=runtime_type`
+/// registers a further runtime, e.g. `before=io.containerd.nutshellbefore.v2` with a wrapper
+/// `containerd-shim-nutshellbefore-v2` on `PATH` that runs an older build.
+/// `NUTSHELL_MEASURE_LOG=<file>` keeps containerd's log (with the shims') there.
+#[test]
+#[ignore = "measurement: NUTSHELL_MEASURE=1 cargo test -p nutshell-tests --test cri -- --ignored measure"]
+fn measure_exec_sync_latency() {
+    if std::env::var_os("NUTSHELL_MEASURE").is_none() {
+        eprintln!("set NUTSHELL_MEASURE=1 to measure");
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let runs: usize = std::env::var("NUTSHELL_MEASURE_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    let handlers = std::env::var("NUTSHELL_MEASURE_HANDLERS").unwrap_or_else(|_| HANDLER.into());
+    let mut names = Vec::new();
+    let mut extra = Vec::new();
+    for h in handlers.split(',').filter(|h| !h.is_empty()) {
+        match h.split_once('=') {
+            Some((name, runtime_type)) => {
+                names.push(name.to_owned());
+                extra.push(RuntimeSpec {
+                    name: name.into(),
+                    runtime_type: runtime_type.into(),
+                    binary_name: None,
+                    config_path: None,
+                });
+            }
+            None => names.push(h.to_owned()),
+        }
+    }
+    let mut rig = rig_with("exec", extra);
+    let mut pods = Vec::new();
+    for name in &names {
+        let pod_cfg = rig.pod(&format!("exec-{name}"));
+        let pod = rig.cri.run_pod_sandbox(&pod_cfg, name).unwrap();
+        let cfg = container_config("app", IMAGE, &["sleep", "2147483647"], "app.log");
+        let id = rig.cri.create_container(&pod, &cfg, &pod_cfg).unwrap();
+        rig.cri.start_container(&id).unwrap();
+        pods.push((pod, id));
+    }
+    let mut samples = vec![Vec::new(); names.len()];
+    for round in 0..runs {
+        let mut order: Vec<usize> = (0..names.len()).collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for i in order {
+            let t = Instant::now();
+            let r = rig
+                .cri
+                .exec_sync(&pods[i].1, &["true"], Duration::from_secs(120))
+                .unwrap();
+            let took = t.elapsed().as_secs_f64();
+            assert_eq!(r.exit_code, 0, "{}", text(&r.stderr));
+            eprintln!("round {round}: {}: ExecSync of true {took:.3} s", names[i]);
+            samples[i].push(took);
+        }
+    }
+    for (name, mut s) in names.iter().zip(samples) {
+        s.sort_by(f64::total_cmp);
+        eprintln!(
+            "ExecSync of true under {name}: median {:.3} s, min {:.3}, max {:.3} (n={}): {s:.3?}",
+            s[s.len() / 2],
+            s[0],
+            s[s.len() - 1],
+            s.len()
+        );
+    }
+    // containerd's log has the shims' too: kept for a breakdown (`NUTSHELL_MEASURE_LOG`).
+    if let Some(to) = std::env::var_os("NUTSHELL_MEASURE_LOG") {
+        std::fs::copy(rig.containerd.dir().join("containerd.log"), to).unwrap();
+    }
+    for (pod, _) in &pods {
+        rig.cri.stop_pod_sandbox(pod).unwrap();
+        rig.cri.remove_pod_sandbox(pod).unwrap();
+    }
+    // Not `assert_nothing_left`: with two pods the shim of the first one made the pods'
+    // cgroup parent and cannot remove it while the second runs (the rig's guard does).
 }

@@ -20,8 +20,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use nutshell_protocol::client::{AgentClient, ConnectOptions};
-use nutshell_protocol::types::SandboxSpec;
+use nutshell_protocol::client::{AgentClient, ClientError, ConnectOptions};
+use nutshell_protocol::types::{ProcessExit, SandboxSpec};
 
 use crate::cgroup::PodCgroup;
 use crate::config::{Config, VirtioFs};
@@ -63,6 +63,7 @@ pub fn detached(id: &str, dir: &Path) -> SandboxVm {
         },
         agent: AgentClient::from_stream(agent_end, Duration::from_secs(1))
             .expect("a client over a socketpair"),
+        blocking: Mutex::new(None),
         exit: Arc::new(ExitCell::default()),
         cgroup: Mutex::new(None),
         net: None,
@@ -83,6 +84,13 @@ pub struct SandboxVm {
     /// The size it was given.
     pub size: VmSize,
     agent: AgentClient,
+    /// The one connection for the calls that block until something happens in the guest
+    /// (WaitProcess, GetOOMEvent), made on first use: ttrpc carries concurrent calls on one
+    /// connection, and the agent serves each blocked one on a thread of that connection's
+    /// pool. A connection per call made the guest accept it and start (then end) a ttrpc
+    /// connection's six threads at every exec, which this host's emulated guest kernel paid
+    /// for on the exec's path.
+    blocking: Mutex<Option<Arc<AgentClient>>>,
     exit: Arc<ExitCell>,
     cgroup: Mutex<Option<PodCgroup>>,
     net: Option<PodNetwork>,
@@ -278,6 +286,7 @@ impl SandboxVm {
             pid,
             size,
             agent,
+            blocking: Mutex::new(None),
             exit,
             cgroup: Mutex::new(cgroup.take()),
             net: net.take(),
@@ -344,22 +353,51 @@ impl SandboxVm {
         &self.agent
     }
 
-    /// A new connection to the agent without RPC timeout, for a call that blocks
-    /// (WaitProcess, GetOOMEvent).
-    pub fn blocking_agent(&self) -> Result<AgentClient> {
+    /// The shared connection to the agent without RPC timeout, for the calls that block
+    /// (WaitProcess, GetOOMEvent); connected on first use.
+    pub fn blocking_agent(&self) -> Result<Arc<AgentClient>> {
+        let mut slot = self.blocking.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(client) = slot.as_ref() {
+            return Ok(Arc::clone(client));
+        }
         let opts = ConnectOptions {
             connect_timeout: Duration::from_secs(10),
             rpc_timeout: Duration::ZERO,
             ..Default::default()
         };
-        AgentClient::connect(
-            &SandboxPaths {
-                dir: self.dir.clone(),
+        let client = AgentClient::connect(&self.vsock(), &opts)
+            .map(Arc::new)
+            .map_err(ShimError::agent("connect"))?;
+        *slot = Some(Arc::clone(&client));
+        Ok(client)
+    }
+
+    /// Forgets `client` as the shared blocking connection (it failed): the next call connects
+    /// again.
+    fn forget_blocking(&self, client: &Arc<AgentClient>) {
+        let mut slot = self.blocking.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.as_ref().is_some_and(|c| Arc::ptr_eq(c, client)) {
+            *slot = None;
+        }
+    }
+
+    /// Blocks until process `exec_id` (empty: init) of container `id` has exited in the guest;
+    /// how it exited. On the shared blocking connection; if that connection fails while the
+    /// VM runs, it is made again once and the wait repeated (the agent keeps the exit).
+    pub fn wait_process(&self, id: &str, exec_id: &str) -> Result<ProcessExit> {
+        let mut reconnected = false;
+        loop {
+            let agent = self.blocking_agent()?;
+            match agent.wait_process(id, exec_id) {
+                Ok(exit) => return Ok(exit),
+                Err(ClientError::Transport(e)) if !reconnected && self.exited().is_none() => {
+                    log::warn!("{id}/{exec_id}: WaitProcess: {e}; connecting again");
+                    self.forget_blocking(&agent);
+                    reconnected = true;
+                }
+                Err(e) => return Err(ShimError::agent("WaitProcess")(e)),
             }
-            .vsock(),
-            &opts,
-        )
-        .map_err(ShimError::agent("connect"))
+        }
     }
 
     /// The hybrid vsock socket.
