@@ -470,6 +470,12 @@ impl Pod {
         Ok(())
     }
 
+    /// RemoveProcess: forgets an exec'd process that has exited (its pidfd and stdin with it).
+    pub fn remove_process(&self, id: &str, exec: &str) -> Result<(), PodError> {
+        self.containers.remove_exec(id, exec)?;
+        Ok(())
+    }
+
     /// GetOOMEvent: blocks until a container's cgroup has an OOM kill.
     pub fn next_oom_event(&self) -> Result<String, PodError> {
         lock(&self.oom_events)

@@ -382,6 +382,17 @@ impl agent_ttrpc::Agent for AgentService {
         )
     }
 
+    fn remove_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::RemoveProcessRequest,
+    ) -> ttrpc::Result<pb::Empty> {
+        reply(
+            "RemoveProcess",
+            self.pod()?.remove_process(&req.container_id, &req.exec_id),
+        )
+    }
+
     fn get_oom_event(
         &self,
         _ctx: &TtrpcContext,

@@ -568,6 +568,17 @@ impl AgentClient {
         Ok(())
     }
 
+    /// `Agent.RemoveProcess`: forgets an exec'd process that has exited.
+    pub fn remove_process(&self, container_id: &str, exec_id: &str) -> Result<(), ClientError> {
+        let r = pb::RemoveProcessRequest {
+            container_id: container_id.to_owned(),
+            exec_id: exec_id.to_owned(),
+            ..Default::default()
+        };
+        self.agent.remove_process(self.ctx(), &r)?;
+        Ok(())
+    }
+
     /// `Agent.GetOOMEvent`: blocks until a container of the sandbox hits OOM; returns its id.
     /// Call it on a client made with no RPC timeout (it may share one with WaitProcess).
     pub fn get_oom_event(&self) -> Result<String, ClientError> {

@@ -162,6 +162,16 @@ fn containers_run_in_the_guest_from_a_shared_rootfs() {
     let out = text(exec_out.into_iter().next().unwrap());
     assert_eq!(out, "pod1\npid1=sleep\n", "exec output");
     assert_eq!(agent.wait_process("c2", "e1").unwrap().exit_status, 3);
+    // The shim's Delete of the exec: the agent forgets it (a second wait finds nothing), and
+    // init is no exec to remove.
+    agent.remove_process("c2", "e1").unwrap();
+    let gone = agent.wait_process("c2", "e1").unwrap_err().to_string();
+    assert!(gone.contains("e1"), "{gone}");
+    assert!(agent.remove_process("c2", "e1").is_err());
+    assert!(
+        agent.remove_process("c2", "").is_err(),
+        "init removed as an exec"
+    );
     // The exec wrote into the container's rootfs: the host sees it through virtio-fs.
     assert!(shared.join("c2/rootfs/tmp/written-by-exec").exists());
     let pids = agent.list_pids("c2").unwrap();

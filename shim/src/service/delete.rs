@@ -29,6 +29,12 @@ impl Service {
                 ..Default::default()
             };
             procs.execs.remove(exec_id);
+            drop(procs);
+            // The agent keeps an exec's record (pidfd, stdin) until told: without this, every
+            // exec probe of a long-lived pod would leave one behind in the guest.
+            if let Err(e) = sandbox.vm.agent().remove_process(id, exec_id) {
+                log::warn!("{id}/{exec_id}: RemoveProcess in the guest: {e}");
+            }
             return Ok(resp);
         }
         if task.ends_sandbox() {
