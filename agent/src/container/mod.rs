@@ -301,7 +301,14 @@ impl Containers {
         if self.inner().containers.contains_key(id) {
             return Err(ContainerError::AlreadyExists(id.to_string()));
         }
+        let begun = log::log_enabled!(log::Level::Debug).then(std::time::Instant::now);
         let plan = init_plan(spec, self.root_mode)?;
+        if let Some(begun) = begun {
+            log::debug!(
+                "container {id}: plan {:.2} s",
+                begun.elapsed().as_secs_f64()
+            );
+        }
         let exit = Arc::new(ExitCell::default());
         let (entry, pending) = self.spawn_process(
             id,

@@ -141,7 +141,8 @@ pub fn spawn(
         devnull,
         terminal: terminal_child,
     };
-    let forked = std::time::Instant::now();
+    // Each clock read is a system call in the guest: only at debug level.
+    let began = log::log_enabled!(log::Level::Debug).then(std::time::Instant::now);
     let mut report = File::from(report_r);
     let mut sync = File::from(sync_w);
     match &plan.enter {
@@ -169,7 +170,7 @@ pub fn spawn(
             ))
         }
     };
-    let pid_after = forked.elapsed();
+    let cloned = began.map(|t| t.elapsed());
     on_pid(pid);
     let kill = |pid: Pid| {
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
@@ -178,6 +179,7 @@ pub fn spawn(
         kill(pid);
         return Err(ContainerError::Hook(e));
     }
+    let placed_at = began.map(|t| t.elapsed());
     if let Err(e) = sync.write_all(b"g") {
         kill(pid);
         return Err(ContainerError::Io {
@@ -187,12 +189,16 @@ pub fn spawn(
     }
     match read_frame(&mut report) {
         Ok(Some((TAG_READY, steps))) => {
-            log::debug!(
-                "spawn of pid {pid}: fork and clone {:.2} s, set-up {:.2} s ({})",
-                pid_after.as_secs_f64(),
-                forked.elapsed().saturating_sub(pid_after).as_secs_f64(),
-                text(&steps)
-            );
+            if let (Some(began), Some(cloned), Some(placed_at)) = (began, cloned, placed_at) {
+                log::debug!(
+                    "spawn of pid {pid}: fork and clone {:.2} s, placing {:.2} s, set-up {:.2} s \
+                     ({})",
+                    cloned.as_secs_f64(),
+                    placed_at.saturating_sub(cloned).as_secs_f64(),
+                    began.elapsed().saturating_sub(placed_at).as_secs_f64(),
+                    text(&steps)
+                );
+            }
             let master = match terminal_ours.as_ref().map(receive_terminal).transpose() {
                 Ok(master) => master,
                 Err(e) => {
@@ -570,6 +576,7 @@ fn child(
         tty::open_in_container(socket.as_fd(), plan.process.uid())?;
     }
     plan.process.apply_limits()?;
+    steps.mark("limits");
     let executable = match image {
         Some(_) => None,
         None => Some(plan.process.resolve_executable()?),
@@ -579,8 +586,9 @@ fn child(
         (Some(prog), true) => (None, Some(prog)),
         (None, _) => (None, None),
     };
+    steps.mark("executable");
     plan.process.apply_credentials(early)?;
-    steps.mark("process");
+    steps.mark("credentials");
     write_frame(&fds.report, TAG_READY, steps.text().as_bytes());
     drop(steps);
     wait_for(&fds.sync);
