@@ -1,7 +1,7 @@
 //! OCI containers inside the guest: a registry ([`Containers`]) that creates, starts, execs
 //! into, signals, waits for and removes containers with the semantics of runc.
 //!
-//! How it works (details in `docs/agent.md`): [`spawn`] forks the container's init into new
+//! How it works (details in `docs/agent.md`): [`spawn`] clones the container's init into new
 //! namespaces, sets up its root file system and process, and leaves it waiting for "start";
 //! exec joins the namespaces of the container's init and runs the process at once. Every
 //! process is the agent's own child, and PID 1's reaper hands each exit to
@@ -39,7 +39,7 @@ use self::tty::Pty;
 /// The error of a cgroup placement hook.
 pub type HookError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Called with the PID of a new process after it was forked and before it does anything in the
+/// Called with the PID of a new process after it was cloned and before it does anything in the
 /// container (the lead puts it into the container's cgroups there).
 pub type PlaceHook<'a> = &'a dyn Fn(Pid) -> Result<(), HookError>;
 
@@ -260,7 +260,7 @@ impl Containers {
     }
 
     /// Routes one reaped child (from PID 1's reaper) to its process; unknown PIDs (orphans,
-    /// the intermediate processes of spawns) are ignored.
+    /// the pod's init) are ignored.
     pub fn on_exit(&self, pid: i32, wait_status: libc::c_int) {
         let mut inner = self.inner();
         let Some(route) = inner.routes.remove(&pid) else {
