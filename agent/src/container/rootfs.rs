@@ -92,6 +92,9 @@ pub struct RootfsPlan {
     mounts: Vec<MountPlan>,
     /// Devices and `/dev` links are made only when `/dev` is not a bind mount (as runc does).
     setup_dev: bool,
+    /// `/dev` is a new file system of the spec's own (runc's default: a tmpfs), empty when
+    /// mounted: a node directly in it needs no parent made, no lookup and no clean-up first.
+    fresh_dev: bool,
     devices: Vec<DevicePlan>,
     masked: Vec<PathBuf>,
     readonly_paths: Vec<PathBuf>,
@@ -150,6 +153,9 @@ impl RootfsPlan {
         let setup_dev = !mounts
             .iter()
             .any(|m| m.bind && m.destination == Path::new("/dev"));
+        let fresh_dev = mounts
+            .iter()
+            .any(|m| !m.bind && m.destination == Path::new("/dev"));
         let mut devices: Vec<DevicePlan> = DEFAULT_DEVICES
             .iter()
             .map(|(path, major, minor)| DevicePlan {
@@ -218,6 +224,7 @@ impl RootfsPlan {
             shared_root,
             mounts,
             setup_dev,
+            fresh_dev,
             devices,
             masked: paths(linux.and_then(|l| l.masked_paths().as_ref()))?,
             readonly_paths: paths(linux.and_then(|l| l.readonly_paths().as_ref()))?,
@@ -261,13 +268,29 @@ impl RootfsPlan {
     fn make_devices(&self) -> StepResult {
         let old = nix::sys::stat::umask(Mode::empty());
         let result = (|| {
+            let dev = secure_join(&self.root, Path::new("/dev"));
             for d in &self.devices {
-                let path = secure_join(&self.root, &d.path);
-                if let Some(parent) = path.parent() {
-                    fs::create_dir_all(parent)
-                        .map_err(|e| format!("create {}: {e}", parent.display()))?;
-                }
-                let _ = fs::remove_file(&path);
+                // Each system call here is emulated kernel work in the guest: a node directly
+                // in a fresh /dev goes there at once (nothing in it yet can be a symlink, a
+                // missing parent or an old node).
+                let direct = match (self.fresh_dev, d.path.parent(), d.path.file_name()) {
+                    (true, Some(parent), Some(name)) if parent == Path::new("/dev") => {
+                        Some(dev.join(name))
+                    }
+                    _ => None,
+                };
+                let path = match direct {
+                    Some(path) => path,
+                    None => {
+                        let path = secure_join(&self.root, &d.path);
+                        if let Some(parent) = path.parent() {
+                            fs::create_dir_all(parent)
+                                .map_err(|e| format!("create {}: {e}", parent.display()))?;
+                        }
+                        let _ = fs::remove_file(&path);
+                        path
+                    }
+                };
                 let made = mknod(
                     &path,
                     d.kind,
@@ -301,7 +324,6 @@ impl RootfsPlan {
                 )
                 .map_err(|e| format!("chown {}: {e}", d.path.display()))?;
             }
-            let dev = secure_join(&self.root, Path::new("/dev"));
             let links = [
                 ("/proc/self/fd", "fd"),
                 ("/proc/self/fd/0", "stdin"),
@@ -311,7 +333,7 @@ impl RootfsPlan {
             ];
             for (target, name) in links {
                 let link = dev.join(name);
-                if name == "ptmx" {
+                if name == "ptmx" && !self.fresh_dev {
                     let _ = fs::remove_file(&link);
                 }
                 match symlink(target, &link) {
