@@ -387,9 +387,15 @@ fn exec_latency_in_the_guest() {
     );
     if debug {
         for line in vm.console().lines().filter(|l| {
-            ["spawn of pid", "running after", "created (init pid", "started (", ": plan "]
-                .iter()
-                .any(|k| l.contains(k))
+            [
+                "spawn of pid",
+                "running after",
+                "created (init pid",
+                "started (",
+                ": plan ",
+            ]
+            .iter()
+            .any(|k| l.contains(k))
         }) {
             eprintln!("{line}");
         }

@@ -368,8 +368,7 @@ fn enter_and_clone(mut plan: SpawnPlan, fds: ChildFds) -> Result<(), String> {
             .map_err(|e| format!("enter the container's namespaces: {e}"))?;
     }
     for (ns, flag) in std::mem::take(&mut plan.join) {
-        nix::sched::setns(ns.as_fd(), flag)
-            .map_err(|e| format!("join namespace {flag:?}: {e}"))?;
+        nix::sched::setns(ns.as_fd(), flag).map_err(|e| format!("join namespace {flag:?}: {e}"))?;
     }
     // An init finds its executable later, inside the root it is about to make.
     let image = ExecImage::new(&plan.process, plan.init.is_none())?;

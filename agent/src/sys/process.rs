@@ -245,11 +245,8 @@ pub unsafe fn clone_vm_vfork(
     if namespaces & !NEW_NAMESPACES != 0 {
         return Err(io::Error::from_raw_os_error(libc::EINVAL));
     }
-    let flags = libc::CLONE_VM
-        | libc::CLONE_VFORK
-        | libc::CLONE_PARENT_SETTID
-        | libc::SIGCHLD
-        | namespaces;
+    let flags =
+        libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PARENT_SETTID | libc::SIGCHLD | namespaces;
     // SAFETY: `stack` is a mapping of its own that outlives the child's use of it (the caller
     // holds it, and this thread is suspended until the child execs or exits); `pid` is where
     // the kernel writes the child's PID (CLONE_PARENT_SETTID), alive for the call; the rest is
