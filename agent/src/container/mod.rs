@@ -234,6 +234,10 @@ struct Inner {
 pub struct Containers {
     inner: Mutex<Inner>,
     root_mode: RootMode,
+    /// The agent's cgroup2 hierarchy is mounted with `favordynmods` (see `init.rs`): a
+    /// container's own cgroup2 mount keeps it (a mount in the root cgroup namespace sets the
+    /// hierarchy's options anew).
+    favordynmods: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -252,6 +256,7 @@ impl Containers {
         Containers {
             inner: Mutex::default(),
             root_mode: mode.resolve(),
+            favordynmods: rootfs::cgroup2_favors_dynmods(),
         }
     }
 
@@ -302,7 +307,7 @@ impl Containers {
             return Err(ContainerError::AlreadyExists(id.to_string()));
         }
         let begun = log::log_enabled!(log::Level::Debug).then(std::time::Instant::now);
-        let plan = init_plan(spec, self.root_mode)?;
+        let plan = init_plan(spec, self.root_mode, self.favordynmods)?;
         if let Some(begun) = begun {
             log::debug!(
                 "container {id}: plan {:.2} s",
@@ -881,7 +886,11 @@ fn seccomp_of(
 }
 
 /// Validates `spec` into the plan of its init.
-fn init_plan(spec: &Spec, root_mode: RootMode) -> Result<SpawnPlan, ContainerError> {
+fn init_plan(
+    spec: &Spec,
+    root_mode: RootMode,
+    favordynmods: bool,
+) -> Result<SpawnPlan, ContainerError> {
     let process = spec
         .process()
         .as_ref()
@@ -962,7 +971,7 @@ fn init_plan(spec: &Spec, root_mode: RootMode) -> Result<SpawnPlan, ContainerErr
         init: Some(InitPart {
             clone_flags,
             new_cgroupns,
-            rootfs: RootfsPlan::from_spec(spec, root_mode)?,
+            rootfs: RootfsPlan::from_spec(spec, root_mode, favordynmods)?,
             hostname: spec.hostname().clone(),
             domainname: spec.domainname().clone(),
             sysctls,

@@ -22,8 +22,8 @@ pub mod reaper;
 pub mod vsock;
 
 pub use boot::{
-    add_entropy, kernel_release, loopback_up, mount, mount_virtiofs, power_off, reseed_crng,
-    set_hostname, set_realtime_nanos, sync, unmount_lazy,
+    add_entropy, kernel_release, loopback_up, mount, mount_virtiofs, power_off, remount,
+    reseed_crng, set_hostname, set_realtime_nanos, sync, unmount_lazy,
 };
 pub use process::{
     clone_fork, clone_vm_vfork, close_fds_except_sorted, close_from, dup_onto, exit_now,
