@@ -119,6 +119,20 @@ fn mount_all() -> Result<(), InitError> {
     Ok(())
 }
 
+/// Remounts the cgroup2 hierarchy with `favordynmods` (Linux 6.0 on). Without it every move of
+/// a process into a cgroup (each container process is placed in its container's) waits for an
+/// RCU grace period, which the guest kernel here makes last 0.1-0.3 s; with it the lock behind
+/// those moves stays in its slow, always-ready mode, and forks and exits take it at a small
+/// cost. A kernel without the option keeps working as before.
+fn favor_cgroup_changes() {
+    match sys::remount(c"/sys/fs/cgroup", NOSUID_NODEV_NOEXEC, c"favordynmods") {
+        Ok(()) => log::debug!("cgroup2 remounted with favordynmods"),
+        Err(e) => log::warn!(
+            "cgroup2: no favordynmods ({e}): moving a process into a cgroup waits for RCU"
+        ),
+    }
+}
+
 /// Reaps every child that exits, forever, on a thread of its own, and hands each exit to the
 /// container registry (which ignores PIDs that are not its processes).
 fn start_reaper(containers: Arc<Containers>) -> Result<(), InitError> {
@@ -151,6 +165,7 @@ pub fn run() -> Result<std::convert::Infallible, InitError> {
     if let Some(level) = logger::level_from_cmdline(&cmdline) {
         logger::init(level);
     }
+    favor_cgroup_changes();
     log::debug!("kernel command line: {}", cmdline.trim());
     // The registry of containers: the reaper routes exits to it; the RPC service will call it.
     let containers = Arc::new(Containers::new());

@@ -305,6 +305,8 @@ fn user_groups_and_umask() {
     let mut lines = out.stdout.lines();
     assert_eq!(lines.next().unwrap(), "uid=1000 gid=1001 groups=10,20");
     assert_eq!(lines.next().unwrap(), "0027");
+    // Init shares this process's memory until its execve, as an exec does.
+    assert_every_thread_root();
 }
 
 #[test]
@@ -516,6 +518,22 @@ fn exec_joins_the_container() {
 /// An exec as another user changes that process's credentials only: the exec'd child shares
 /// the agent's memory until its execve, and libc's set*id wrappers would have changed every
 /// thread of the agent. A missing executable is a clear exec error.
+/// Every thread of this process (the agent, in the guest) is still root: a container process
+/// shares the agent's memory until its execve, and libc's set*id wrappers would change them all.
+fn assert_every_thread_root() {
+    for task in fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let status = fs::read_to_string(task.path().join("status")).unwrap();
+        for key in ["Uid:", "Gid:"] {
+            let line = status.lines().find(|l| l.starts_with(key)).unwrap();
+            assert!(
+                line.split_whitespace().skip(1).all(|v| v == "0"),
+                "thread {:?}: {line}",
+                task.file_name()
+            );
+        }
+    }
+}
+
 #[test]
 fn exec_as_a_user_leaves_the_agent_root() {
     let b = Bundle::new();
@@ -535,17 +553,7 @@ fn exec_as_a_user_leaves_the_agent_root() {
     let mut out = String::new();
     out_r.read_to_string(&mut out).unwrap();
     assert_eq!(out, "uid=1000 gid=1001 groups=10\n");
-    for task in fs::read_dir("/proc/self/task").unwrap().flatten() {
-        let status = fs::read_to_string(task.path().join("status")).unwrap();
-        for key in ["Uid:", "Gid:"] {
-            let line = status.lines().find(|l| l.starts_with(key)).unwrap();
-            assert!(
-                line.split_whitespace().skip(1).all(|v| v == "0"),
-                "thread {:?}: {line}",
-                task.file_name()
-            );
-        }
-    }
+    assert_every_thread_root();
     let err = reg
         .exec(
             &id,

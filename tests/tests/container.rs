@@ -271,9 +271,11 @@ fn containers_run_in_the_guest_from_a_shared_rootfs() {
     vm.wait(Duration::from_secs(120)).unwrap().assert_status(0);
 }
 
-/// Exec latency in the guest: a running container, then `EXECS` execs of `echo` with stdout and
-/// stderr streams (as CRI's ExecSync asks), each timed from ExecProcess to running and to its
-/// exit; each one's output and exit status are checked (the exec ran what it was given). Prints
+/// Exec and create latency in the guest: a running container (its CreateContainer +
+/// StartContainer timed: the first in the VM, cold caches), then `EXECS` execs of `echo` with
+/// stdout and stderr streams (as CRI's ExecSync asks), each timed from ExecProcess to running
+/// and to its exit; each one's output and exit status are checked (the exec ran what it was
+/// given); then `LATER` containers of `true`, create + start timed, each checked to exit 0. Prints
 /// the figures (and, with `NUTSHELL_TEST_AGENT_DEBUG=1`, the agent's per-step timings from the
 /// console: a template of its own, with `nutshell.log=debug`). `NUTSHELL_TEST_INITRAMFS` names
 /// another initramfs in `target/nutshell` (another agent build, for a before/after in one run).
@@ -281,11 +283,15 @@ fn containers_run_in_the_guest_from_a_shared_rootfs() {
 #[ignore = "slow lane: boots the real guest kernel (scripts/test.sh runs it)"]
 fn exec_latency_in_the_guest() {
     const EXECS: usize = 5;
+    /// Containers created and started after the first (warm caches), each running `true`.
+    const LATER: usize = 3;
     let debug = std::env::var_os("NUTSHELL_TEST_AGENT_DEBUG").is_some_and(|v| v == "1");
     let dir = tempfile::tempdir().unwrap();
     let uds = dir.path().join("vsock.sock");
     let shared: PathBuf = dir.path().join("shared");
-    busybox_rootfs(&shared.join("c1").join("rootfs"));
+    for i in 1..=1 + LATER {
+        busybox_rootfs(&shared.join(format!("c{i}")).join("rootfs"));
+    }
     let initramfs: &'static str = match std::env::var("NUTSHELL_TEST_INITRAMFS") {
         Ok(name) => Box::leak(name.into_boxed_str()),
         Err(_) => "initramfs.cpio",
@@ -363,12 +369,44 @@ fn exec_latency_in_the_guest() {
     agent.signal_process("c1", "", 9, true).unwrap();
     agent.wait_process("c1", "").unwrap();
     agent.remove_container("c1", 0).unwrap();
+    // Later containers: create + start of `true` with warm caches (the busybox binary, the
+    // dentries of the shared directory), each checked to run.
+    let mut later = Vec::new();
+    for i in 2..=1 + LATER {
+        let id = format!("c{i}");
+        let t = Instant::now();
+        agent
+            .create_container(
+                &id,
+                serde_json::to_vec(&spec(&id, &["true"])).unwrap(),
+                StdioPorts::default(),
+                false,
+            )
+            .unwrap();
+        let created = t.elapsed();
+        agent.start_container(&id).unwrap();
+        later.push((created, t.elapsed()));
+        assert_eq!(agent.wait_process(&id, "").unwrap().exit_status, 0);
+        agent.remove_container(&id, 0).unwrap();
+    }
+    let mut sorted: Vec<f64> = later.iter().map(|l| l.1.as_secs_f64()).collect();
+    sorted.sort_by(f64::total_cmp);
+    eprintln!(
+        "later containers (create, create+start): {later:.2?}; median create+start {:.2} s",
+        sorted[LATER / 2]
+    );
     if debug {
-        for line in vm
-            .console()
-            .lines()
-            .filter(|l| l.contains("spawn of pid") || l.contains("running after"))
-        {
+        for line in vm.console().lines().filter(|l| {
+            [
+                "spawn of pid",
+                "running after",
+                "created (init pid",
+                "started (",
+                ": plan ",
+            ]
+            .iter()
+            .any(|k| l.contains(k))
+        }) {
             eprintln!("{line}");
         }
     }

@@ -1,7 +1,7 @@
 //! OCI containers inside the guest: a registry ([`Containers`]) that creates, starts, execs
 //! into, signals, waits for and removes containers with the semantics of runc.
 //!
-//! How it works (details in `docs/agent.md`): [`spawn`] forks the container's init into new
+//! How it works (details in `docs/agent.md`): [`spawn`] clones the container's init into new
 //! namespaces, sets up its root file system and process, and leaves it waiting for "start";
 //! exec joins the namespaces of the container's init and runs the process at once. Every
 //! process is the agent's own child, and PID 1's reaper hands each exit to
@@ -39,7 +39,7 @@ use self::tty::Pty;
 /// The error of a cgroup placement hook.
 pub type HookError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Called with the PID of a new process after it was forked and before it does anything in the
+/// Called with the PID of a new process after it was cloned and before it does anything in the
 /// container (the lead puts it into the container's cgroups there).
 pub type PlaceHook<'a> = &'a dyn Fn(Pid) -> Result<(), HookError>;
 
@@ -234,6 +234,10 @@ struct Inner {
 pub struct Containers {
     inner: Mutex<Inner>,
     root_mode: RootMode,
+    /// The agent's cgroup2 hierarchy is mounted with `favordynmods` (see `init.rs`): a
+    /// container's own cgroup2 mount keeps it (a mount in the root cgroup namespace sets the
+    /// hierarchy's options anew).
+    favordynmods: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -252,6 +256,7 @@ impl Containers {
         Containers {
             inner: Mutex::default(),
             root_mode: mode.resolve(),
+            favordynmods: rootfs::cgroup2_favors_dynmods(),
         }
     }
 
@@ -260,7 +265,7 @@ impl Containers {
     }
 
     /// Routes one reaped child (from PID 1's reaper) to its process; unknown PIDs (orphans,
-    /// the intermediate processes of spawns) are ignored.
+    /// the pod's init) are ignored.
     pub fn on_exit(&self, pid: i32, wait_status: libc::c_int) {
         let mut inner = self.inner();
         let Some(route) = inner.routes.remove(&pid) else {
@@ -301,7 +306,14 @@ impl Containers {
         if self.inner().containers.contains_key(id) {
             return Err(ContainerError::AlreadyExists(id.to_string()));
         }
-        let plan = init_plan(spec, self.root_mode)?;
+        let begun = log::log_enabled!(log::Level::Debug).then(std::time::Instant::now);
+        let plan = init_plan(spec, self.root_mode, self.favordynmods)?;
+        if let Some(begun) = begun {
+            log::debug!(
+                "container {id}: plan {:.2} s",
+                begun.elapsed().as_secs_f64()
+            );
+        }
         let exit = Arc::new(ExitCell::default());
         let (entry, pending) = self.spawn_process(
             id,
@@ -874,7 +886,11 @@ fn seccomp_of(
 }
 
 /// Validates `spec` into the plan of its init.
-fn init_plan(spec: &Spec, root_mode: RootMode) -> Result<SpawnPlan, ContainerError> {
+fn init_plan(
+    spec: &Spec,
+    root_mode: RootMode,
+    favordynmods: bool,
+) -> Result<SpawnPlan, ContainerError> {
     let process = spec
         .process()
         .as_ref()
@@ -955,7 +971,7 @@ fn init_plan(spec: &Spec, root_mode: RootMode) -> Result<SpawnPlan, ContainerErr
         init: Some(InitPart {
             clone_flags,
             new_cgroupns,
-            rootfs: RootfsPlan::from_spec(spec, root_mode)?,
+            rootfs: RootfsPlan::from_spec(spec, root_mode, favordynmods)?,
             hostname: spec.hostname().clone(),
             domainname: spec.domainname().clone(),
             sysctls,

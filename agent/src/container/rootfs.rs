@@ -92,6 +92,9 @@ pub struct RootfsPlan {
     mounts: Vec<MountPlan>,
     /// Devices and `/dev` links are made only when `/dev` is not a bind mount (as runc does).
     setup_dev: bool,
+    /// `/dev` is a new file system of the spec's own (runc's default: a tmpfs), empty when
+    /// mounted: a node directly in it needs no parent made, no lookup and no clean-up first.
+    fresh_dev: bool,
     devices: Vec<DevicePlan>,
     masked: Vec<PathBuf>,
     readonly_paths: Vec<PathBuf>,
@@ -108,8 +111,13 @@ const DEFAULT_DEVICES: [(&str, u64, u64); 6] = [
 ];
 
 impl RootfsPlan {
-    /// Validates the root, mounts, devices and paths of `spec`; `mode` is resolved.
-    pub fn from_spec(spec: &Spec, mode: RootMode) -> Result<Self, ContainerError> {
+    /// Validates the root, mounts, devices and paths of `spec`; `mode` is resolved. With
+    /// `favordynmods`, cgroup2 mounts carry that option (see [`cgroup2_favors_dynmods`]).
+    pub fn from_spec(
+        spec: &Spec,
+        mode: RootMode,
+        favordynmods: bool,
+    ) -> Result<Self, ContainerError> {
         let root = spec.root().as_ref().ok_or_else(|| invalid("no root"))?;
         let root_path = root.path();
         if !root_path.is_absolute() {
@@ -140,16 +148,24 @@ impl RootfsPlan {
             Some("runbindable") => (MsFlags::MS_UNBINDABLE | MsFlags::MS_REC, false),
             Some(other) => return Err(invalid(format!("rootfsPropagation {other:?}"))),
         };
-        let mounts = spec
+        let mut mounts = spec
             .mounts()
             .as_deref()
             .unwrap_or_default()
             .iter()
             .map(MountPlan::from_spec)
             .collect::<Result<Vec<_>, _>>()?;
+        if favordynmods {
+            for m in &mut mounts {
+                m.keep_favordynmods();
+            }
+        }
         let setup_dev = !mounts
             .iter()
             .any(|m| m.bind && m.destination == Path::new("/dev"));
+        let fresh_dev = mounts
+            .iter()
+            .any(|m| !m.bind && m.destination == Path::new("/dev"));
         let mut devices: Vec<DevicePlan> = DEFAULT_DEVICES
             .iter()
             .map(|(path, major, minor)| DevicePlan {
@@ -218,6 +234,7 @@ impl RootfsPlan {
             shared_root,
             mounts,
             setup_dev,
+            fresh_dev,
             devices,
             masked: paths(linux.and_then(|l| l.masked_paths().as_ref()))?,
             readonly_paths: paths(linux.and_then(|l| l.readonly_paths().as_ref()))?,
@@ -261,13 +278,29 @@ impl RootfsPlan {
     fn make_devices(&self) -> StepResult {
         let old = nix::sys::stat::umask(Mode::empty());
         let result = (|| {
+            let dev = secure_join(&self.root, Path::new("/dev"));
             for d in &self.devices {
-                let path = secure_join(&self.root, &d.path);
-                if let Some(parent) = path.parent() {
-                    fs::create_dir_all(parent)
-                        .map_err(|e| format!("create {}: {e}", parent.display()))?;
-                }
-                let _ = fs::remove_file(&path);
+                // Each system call here is emulated kernel work in the guest: a node directly
+                // in a fresh /dev goes there at once (nothing in it yet can be a symlink, a
+                // missing parent or an old node).
+                let direct = match (self.fresh_dev, d.path.parent(), d.path.file_name()) {
+                    (true, Some(parent), Some(name)) if parent == Path::new("/dev") => {
+                        Some(dev.join(name))
+                    }
+                    _ => None,
+                };
+                let path = match direct {
+                    Some(path) => path,
+                    None => {
+                        let path = secure_join(&self.root, &d.path);
+                        if let Some(parent) = path.parent() {
+                            fs::create_dir_all(parent)
+                                .map_err(|e| format!("create {}: {e}", parent.display()))?;
+                        }
+                        let _ = fs::remove_file(&path);
+                        path
+                    }
+                };
                 let made = mknod(
                     &path,
                     d.kind,
@@ -301,7 +334,6 @@ impl RootfsPlan {
                 )
                 .map_err(|e| format!("chown {}: {e}", d.path.display()))?;
             }
-            let dev = secure_join(&self.root, Path::new("/dev"));
             let links = [
                 ("/proc/self/fd", "fd"),
                 ("/proc/self/fd/0", "stdin"),
@@ -311,7 +343,7 @@ impl RootfsPlan {
             ];
             for (target, name) in links {
                 let link = dev.join(name);
-                if name == "ptmx" {
+                if name == "ptmx" && !self.fresh_dev {
                     let _ = fs::remove_file(&link);
                 }
                 match symlink(target, &link) {
@@ -412,6 +444,19 @@ impl RootfsPlan {
 }
 
 impl MountPlan {
+    /// A cgroup2 mount in the root cgroup namespace sets the options of the whole hierarchy
+    /// anew: without `favordynmods` it would turn that off for the agent too.
+    fn keep_favordynmods(&mut self) {
+        if self.fstype.as_deref() == Some("cgroup2")
+            && !self.data.split(',').any(|o| o == FAVORDYNMODS)
+        {
+            if !self.data.is_empty() {
+                self.data.push(',');
+            }
+            self.data.push_str(FAVORDYNMODS);
+        }
+    }
+
     fn from_spec(m: &Mount) -> Result<Self, ContainerError> {
         let destination = clean_absolute(m.destination()).ok_or_else(|| {
             invalid(format!(
@@ -725,6 +770,29 @@ pub fn secure_join(root: &Path, path: &Path) -> PathBuf {
     out
 }
 
+/// The cgroup2 option that keeps the hierarchy's lock for moving processes ready (see the
+/// agent's `init.rs`).
+const FAVORDYNMODS: &str = "favordynmods";
+
+/// Whether this process's cgroup2 hierarchy is mounted with `favordynmods` (its super options
+/// in `/proc/self/mountinfo`).
+pub fn cgroup2_favors_dynmods() -> bool {
+    fs::read_to_string("/proc/self/mountinfo")
+        .map(|info| {
+            info.lines().any(|line| {
+                let Some((_, right)) = line.split_once(" - ") else {
+                    return false;
+                };
+                let mut fields = right.split(' ');
+                fields.next() == Some("cgroup2")
+                    && fields
+                        .nth(1)
+                        .is_some_and(|opts| opts.split(',').any(|o| o == FAVORDYNMODS))
+            })
+        })
+        .unwrap_or(false)
+}
+
 /// Whether `path` is a character device (the masked-path test wants `/dev/null`).
 pub fn is_char_device(path: &Path) -> bool {
     fs::metadata(path)
@@ -783,6 +851,27 @@ mod tests {
         assert_eq!(plan.propagation, MsFlags::MS_SLAVE | MsFlags::MS_REC);
         assert_eq!(plan.data, "newinstance,ptmxmode=0666,mode=0620,gid=5");
         assert!(!plan.bind);
+    }
+
+    #[test]
+    fn cgroup2_mounts_keep_favordynmods_once() {
+        let m: Mount = serde_json::from_str(
+            r#"{"destination":"/sys/fs/cgroup","type":"cgroup","source":"cgroup",
+                "options":["nosuid","noexec","nodev","relatime","ro"]}"#,
+        )
+        .unwrap();
+        let mut plan = MountPlan::from_spec(&m).unwrap();
+        plan.keep_favordynmods();
+        plan.keep_favordynmods();
+        assert_eq!(plan.fstype.as_deref(), Some("cgroup2"));
+        assert_eq!(plan.data, "favordynmods");
+        let tmpfs: Mount = serde_json::from_str(
+            r#"{"destination":"/dev","type":"tmpfs","source":"tmpfs","options":["mode=755"]}"#,
+        )
+        .unwrap();
+        let mut plan = MountPlan::from_spec(&tmpfs).unwrap();
+        plan.keep_favordynmods();
+        assert_eq!(plan.data, "mode=755");
     }
 
     #[test]

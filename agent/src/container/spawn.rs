@@ -1,17 +1,13 @@
-//! Starting a container's init or an exec'd process: the fork, the child's setup, and the
+//! Starting a container's init or an exec'd process: the clone, the child's setup, and the
 //! pipes between them.
 //!
-//! The agent is multi-threaded, so it forks once (libc's fork keeps the allocator usable) into
-//! an intermediate process `I`; `I` (single-threaded) joins namespaces given by path and
-//! clones the real process `P` with the new namespaces and `CLONE_PARENT`, so that `P` is the
-//! agent's own child (its exit reaches the agent's reaper) and the PID 1 of a new PID
-//! namespace. `I` reports `P`'s PID and exits. `P` then waits for "go" (the agent has placed
-//! it in its cgroups), sets itself up, reports "ready", waits for "start" and execs.
-//!
-//! An exec has no intermediate and no fork: a thread of the agent enters the init's namespaces
-//! and clones `P` sharing the agent's memory (`CLONE_VM | CLONE_VFORK`, see [`clone_inside`]);
-//! `P` reports its own PID and goes on as above. The agent places it in the container's cgroup
-//! from outside, as for init, before "go": `P` does nothing in the container before that.
+//! Neither has a fork: a thread of the agent enters the namespaces the process joins (an exec:
+//! all of its init's; an init: the pod's, named in the spec) and clones the process `P`
+//! sharing the agent's memory (`CLONE_VM | CLONE_VFORK`, see [`clone_from_thread`]), into the
+//! new namespaces an init asks for (PID, mount, UTS, IPC). `P` is the agent's own child (its
+//! exit reaches the agent's reaper). It reports its own PID, waits for "go" (the agent has
+//! placed it in its cgroups from outside: `P` does nothing in the container before that), sets
+//! itself up, reports "ready", waits for "start" and execs.
 //!
 //! Two pipes, both close-on-exec: `report` (children → agent: framed messages, then EOF when
 //! `P` execs) and `sync` (agent → `P`: one byte for "go", one for "start"). Errors in the
@@ -20,7 +16,7 @@
 //! master of the pty it opened there (see `tty`); it does so before "ready", so the agent
 //! takes it right after "ready" without waiting.
 
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
@@ -36,7 +32,7 @@ use super::rootfs::RootfsPlan;
 use super::step::{StepResult, Steps};
 use super::tty;
 use super::{ContainerError, Stdio};
-use crate::sys::{self as syscall, Forked};
+use crate::sys as syscall;
 
 /// Frame tags on the report pipe.
 const TAG_PID: u8 = b'P';
@@ -49,7 +45,7 @@ const MAX_MESSAGE: usize = 2048;
 const SETUP_FAILED: i32 = 127;
 
 /// The container-wide part that only init does.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct InitPart {
     /// New namespaces for the clone (`CLONE_NEW*`, without cgroup).
     pub clone_flags: CloneFlags,
@@ -67,12 +63,11 @@ pub struct InitPart {
 /// What the child of one spawn does.
 #[derive(Debug)]
 pub struct SpawnPlan {
-    /// Namespaces to join before the clone (init: paths from the spec).
+    /// Namespaces to join before the clone, one `setns` each (init: paths from the spec; an
+    /// exec whose init has no pidfd: init's namespace files).
     pub join: Vec<(File, CloneFlags)>,
-    /// Exec: a pidfd of the container's init, whose namespaces the process enters. The spawn
-    /// then takes one clone that shares the agent's memory, from a thread that entered them
-    /// first (one `setns` through the pidfd), instead of a fork, a `setns` per namespace and a
-    /// clone.
+    /// Exec: a pidfd of the container's init, whose namespaces the process enters with one
+    /// `setns` through it instead of one per namespace file.
     pub enter: Option<OwnedFd>,
     /// Init only.
     pub init: Option<InitPart>,
@@ -101,7 +96,7 @@ struct ChildFds {
     terminal: Option<OwnedFd>,
 }
 
-/// Forks and sets up the child up to the point where it waits for "start". `placed` is called
+/// Clones and sets up the child up to the point where it waits for "start". `placed` is called
 /// with the child's PID before it does anything in its new namespaces; an error there kills
 /// the child. `on_pid` is called as soon as the PID is known, before the child can exit on its
 /// own, so that the caller can route its exit status. With `terminal`, the child opens a pty
@@ -141,21 +136,13 @@ pub fn spawn(
         devnull,
         terminal: terminal_child,
     };
-    let forked = std::time::Instant::now();
+    // Each clock read is a system call in the guest: only at debug level.
+    let began = log::log_enabled!(log::Level::Debug).then(std::time::Instant::now);
     let mut report = File::from(report_r);
     let mut sync = File::from(sync_w);
-    match &plan.enter {
-        // The exec thread holds the agent's copies of the child's ends until the child execed
-        // or died: then EOF on `report`.
-        Some(pidfd) => clone_inside(plan, fds, pidfd.as_fd())?,
-        None => {
-            match syscall::fork().map_err(io_err("fork"))? {
-                Forked::Child => intermediate(plan, fds),
-                Forked::Parent(_) => {}
-            }
-            drop(fds);
-        }
-    }
+    // The spawning thread holds the agent's copies of the child's ends until the child execed
+    // or died: then EOF on `report`.
+    clone_from_thread(plan, fds)?;
     let pid = match read_frame(&mut report)? {
         Some((TAG_PID, payload)) if payload.len() == 4 => {
             let pid = i32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]);
@@ -169,7 +156,7 @@ pub fn spawn(
             ))
         }
     };
-    let pid_after = forked.elapsed();
+    let cloned = began.map(|t| t.elapsed());
     on_pid(pid);
     let kill = |pid: Pid| {
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
@@ -178,6 +165,7 @@ pub fn spawn(
         kill(pid);
         return Err(ContainerError::Hook(e));
     }
+    let placed_at = began.map(|t| t.elapsed());
     if let Err(e) = sync.write_all(b"g") {
         kill(pid);
         return Err(ContainerError::Io {
@@ -187,12 +175,16 @@ pub fn spawn(
     }
     match read_frame(&mut report) {
         Ok(Some((TAG_READY, steps))) => {
-            log::debug!(
-                "spawn of pid {pid}: fork and clone {:.2} s, set-up {:.2} s ({})",
-                pid_after.as_secs_f64(),
-                forked.elapsed().saturating_sub(pid_after).as_secs_f64(),
-                text(&steps)
-            );
+            if let (Some(began), Some(cloned), Some(placed_at)) = (began, cloned, placed_at) {
+                log::debug!(
+                    "spawn of pid {pid}: thread and clone {:.2} s, placing {:.2} s, set-up {:.2} s \
+                     ({})",
+                    cloned.as_secs_f64(),
+                    placed_at.saturating_sub(cloned).as_secs_f64(),
+                    began.elapsed().saturating_sub(placed_at).as_secs_f64(),
+                    text(&steps)
+                );
+            }
             let master = match terminal_ours.as_ref().map(receive_terminal).transpose() {
                 Ok(master) => master,
                 Err(e) => {
@@ -295,43 +287,51 @@ const EXEC_NAMESPACES: CloneFlags = CloneFlags::CLONE_NEWNS
     .union(CloneFlags::CLONE_NEWNET)
     .union(CloneFlags::CLONE_NEWCGROUP);
 
-/// Exec: clones the process from a thread of its own that first entered the namespaces of the
-/// init behind `pidfd` (its own file system context, so that it may enter a mount namespace;
-/// one `setns` for all of them). The child is the agent's own and already in the container's
-/// PID namespace.
+/// Clones the process from a thread of its own, which first enters the namespaces the process
+/// joins: an exec's, all of its init's with one `setns` on init's pidfd (or one per namespace
+/// file); an init's, the pod's ones its spec names. A thread that enters a mount namespace
+/// unshares its file system context first, as `setns` requires. The thread's namespaces are its
+/// own and end with it.
 ///
 /// The clone shares the agent's memory and suspends the thread until the child execs or dies
 /// (`CLONE_VM | CLONE_VFORK`, as posix_spawn does): no copy of the agent's page tables, and no
 /// copy-on-write faults afterwards in the child or in the agent; in the guest here each of
-/// those is emulated kernel work. The child reports its PID as the intermediate process does
-/// for init; an error before the clone goes over `report` too. Returns once the thread runs;
-/// it ends on its own once the child execed or died.
-fn clone_inside(
-    plan: &SpawnPlan,
-    fds: ChildFds,
-    pidfd: std::os::fd::BorrowedFd<'_>,
-) -> Result<(), ContainerError> {
+/// those is emulated kernel work. An init's clone also makes its new namespaces, so the child
+/// is PID 1 of its own PID namespace, in a copy of the agent's mount namespace. The child
+/// reports its PID; an error before the clone goes over `report` too. Returns once the thread
+/// runs; it ends on its own once the child execed or died (for an init: after "start").
+fn clone_from_thread(plan: &SpawnPlan, fds: ChildFds) -> Result<(), ContainerError> {
     let io = |what: &'static str| move |e: std::io::Error| ContainerError::Io { what, source: e };
-    let pidfd = pidfd.try_clone_to_owned().map_err(io("dup the pidfd"))?;
     let plan = SpawnPlan {
-        join: Vec::new(),
-        enter: None,
-        init: None,
+        join: plan
+            .join
+            .iter()
+            .map(|(ns, flag)| Ok((ns.try_clone()?, *flag)))
+            .collect::<std::io::Result<_>>()
+            .map_err(io("dup a namespace file"))?,
+        enter: plan
+            .enter
+            .as_ref()
+            .map(OwnedFd::try_clone)
+            .transpose()
+            .map_err(io("dup the pidfd"))?,
+        init: plan.init.clone(),
         process: plan.process.clone(),
         seccomp: plan.seccomp.clone(),
     };
+    let name = if plan.init.is_some() { "init" } else { "exec" };
     std::thread::Builder::new()
-        .name("exec".into())
+        .name(name.into())
         .spawn(move || {
             let report = fds.report.try_clone();
-            if let Err(msg) = enter_and_clone(&plan, fds, pidfd) {
+            if let Err(msg) = enter_and_clone(plan, fds) {
                 if let Ok(report) = report {
                     write_frame(&report, TAG_ERROR, msg.as_bytes());
                 }
             }
         })
         .map(drop)
-        .map_err(io("spawn the exec thread"))
+        .map_err(io("spawn the spawning thread"))
 }
 
 /// The stack of a child that shares the agent's memory: what `child` needs, with room to spare.
@@ -350,20 +350,37 @@ struct VmChild<'a> {
     pid: std::sync::atomic::AtomicI32,
 }
 
-/// In the exec thread: enters the namespaces, resolves the executable (in the container's
-/// root, as the child would) and clones the child; returns after the child execed or died.
-fn enter_and_clone(plan: &SpawnPlan, fds: ChildFds, pidfd: OwnedFd) -> Result<(), String> {
-    nix::sched::unshare(CloneFlags::CLONE_FS)
-        .map_err(|e| format!("unshare the file system context: {e}"))?;
-    nix::sched::setns(pidfd.as_fd(), EXEC_NAMESPACES)
-        .map_err(|e| format!("enter the container's namespaces: {e}"))?;
-    drop(pidfd);
-    let image = ExecImage::new(&plan.process)?;
+/// In the spawning thread: enters the namespaces, resolves an exec's executable (in the
+/// container's root, as the child would) and clones the child; returns after the child execed
+/// or died.
+fn enter_and_clone(mut plan: SpawnPlan, fds: ChildFds) -> Result<(), String> {
+    let enters_mount = plan.enter.is_some()
+        || plan
+            .join
+            .iter()
+            .any(|(_, flag)| flag.contains(CloneFlags::CLONE_NEWNS));
+    if enters_mount {
+        nix::sched::unshare(CloneFlags::CLONE_FS)
+            .map_err(|e| format!("unshare the file system context: {e}"))?;
+    }
+    if let Some(pidfd) = plan.enter.take() {
+        nix::sched::setns(pidfd.as_fd(), EXEC_NAMESPACES)
+            .map_err(|e| format!("enter the container's namespaces: {e}"))?;
+    }
+    for (ns, flag) in std::mem::take(&mut plan.join) {
+        nix::sched::setns(ns.as_fd(), flag).map_err(|e| format!("join namespace {flag:?}: {e}"))?;
+    }
+    // An init finds its executable later, inside the root it is about to make.
+    let image = ExecImage::new(&plan.process, plan.init.is_none())?;
     let stack = syscall::ChildStack::new(CHILD_STACK).map_err(|e| format!("child stack: {e}"))?;
-    let mut keep = keep_list(plan, &fds);
+    let mut keep = keep_list(&fds);
     keep.sort_unstable();
+    let namespaces = plan
+        .init
+        .as_ref()
+        .map_or(CloneFlags::empty(), |init| init.clone_flags);
     let child = VmChild {
-        plan,
+        plan: &plan,
         fds,
         keep,
         image: &image,
@@ -381,6 +398,7 @@ fn enter_and_clone(plan: &SpawnPlan, fds: ChildFds, pidfd: OwnedFd) -> Result<()
             &stack,
             std::ptr::from_ref(&child).cast_mut().cast(),
             &child.pid,
+            namespaces.bits(),
         )
     };
     cloned.map_err(|e| format!("clone: {e}"))?;
@@ -403,36 +421,47 @@ extern "C" fn vm_child_main(arg: *mut libc::c_void) -> libc::c_int {
     if let Err(e) = syscall::close_fds_except_sorted(&child.keep) {
         fail(&fds.report, format!("close inherited descriptors: {e}"));
     }
-    run_child(child.plan, fds, Some(child.image))
+    run_child(child.plan, fds, child.image)
 }
 
 /// The executable and its argument and environment arrays, built before a clone that shares
 /// the agent's memory: the child then leaves nothing in the agent's heap at its execve.
 struct ExecImage<'a> {
-    path: CString,
+    /// An exec's, resolved before the clone; `None` for an init, which resolves it inside its
+    /// root (see [`on_stack`]).
+    path: Option<CString>,
     arrays: syscall::ExecArrays<'a>,
 }
 
 impl<'a> ExecImage<'a> {
-    /// Resolves the executable (in the caller's root: the container's) and points into
-    /// `process`'s arguments and environment.
-    fn new(process: &'a ProcessPlan) -> Result<Self, String> {
-        let path = process.resolve_executable()?;
+    /// Points into `process`'s arguments and environment; with `resolve`, finds the executable
+    /// (in the caller's root: the container's).
+    fn new(process: &'a ProcessPlan, resolve: bool) -> Result<Self, String> {
+        let path = resolve.then(|| process.resolve_executable()).transpose()?;
         let (argv, envp) = process.argv_envp();
         Ok(ExecImage {
             path,
             arrays: syscall::ExecArrays::new(&argv, &envp),
         })
     }
-
-    /// execve(2) of the image; returns only with why it failed.
-    fn exec(&self) -> std::io::Error {
-        self.arrays.execve(&self.path)
-    }
 }
 
-/// The descriptors a child keeps: its own ends, and for init the namespace files it joins.
-fn keep_list(plan: &SpawnPlan, fds: &ChildFds) -> Vec<RawFd> {
+/// The longest executable path an init execs (PATH_MAX with its NUL).
+const EXEC_PATH_MAX: usize = 4096;
+
+/// Copies `path` into `buf` and frees it: a child that shares the agent's memory must leave
+/// nothing in the heap at its execve.
+fn on_stack(path: CString, buf: &mut [u8; EXEC_PATH_MAX]) -> StepResult<&CStr> {
+    let bytes = path.as_bytes_with_nul();
+    let Some(dest) = buf.get_mut(..bytes.len()) else {
+        return Err(format!("exec: {}: path too long", path.to_string_lossy()));
+    };
+    dest.copy_from_slice(bytes);
+    CStr::from_bytes_with_nul(dest).map_err(|_| "exec: bad path".to_string())
+}
+
+/// The descriptors a child keeps: its own ends.
+fn keep_list(fds: &ChildFds) -> Vec<RawFd> {
     let mut keep: Vec<RawFd> = vec![
         fds.sync.as_raw_fd(),
         fds.report.as_raw_fd(),
@@ -440,21 +469,11 @@ fn keep_list(plan: &SpawnPlan, fds: &ChildFds) -> Vec<RawFd> {
     ];
     keep.extend(fds.stdio.iter().flatten().map(|fd| fd.as_raw_fd()));
     keep.extend(fds.terminal.iter().map(|fd| fd.as_raw_fd()));
-    keep.extend(plan.join.iter().map(|(f, _)| f.as_raw_fd()));
     keep
 }
 
-/// In a forked child: closes every descriptor it inherited but its own (those of other
-/// containers' spawns, inherited from other threads, would keep their report pipes open).
-fn close_inherited(plan: &SpawnPlan, fds: &ChildFds) {
-    if let Err(e) = syscall::close_fds_except(&keep_list(plan, fds)) {
-        fail(&fds.report, format!("close inherited descriptors: {e}"));
-    }
-}
-
-/// The real child: its set-up, then the exec; a failure goes to the agent as text. `image`:
-/// the executable resolved before the clone, for a child that shares the agent's memory.
-fn run_child(plan: &SpawnPlan, fds: ChildFds, image: Option<&ExecImage<'_>>) -> ! {
+/// The real child: its set-up, then the exec; a failure goes to the agent as text.
+fn run_child(plan: &SpawnPlan, fds: ChildFds, image: &ExecImage<'_>) -> ! {
     let report = fds.report.try_clone();
     match child(plan, fds, image) {
         Ok(never) => match never {},
@@ -464,30 +483,6 @@ fn run_child(plan: &SpawnPlan, fds: ChildFds, image: Option<&ExecImage<'_>>) -> 
             }
             syscall::exit_now(SETUP_FAILED)
         }
-    }
-}
-
-/// The intermediate process: joins namespaces, clones the real child, reports its PID, exits.
-fn intermediate(plan: &SpawnPlan, fds: ChildFds) -> ! {
-    close_inherited(plan, &fds);
-    for (ns, flag) in &plan.join {
-        if let Err(e) = nix::sched::setns(ns.as_fd(), *flag) {
-            fail(&fds.report, format!("join namespace {flag:?}: {e}"));
-        }
-    }
-    let flags = plan
-        .init
-        .as_ref()
-        .map(|i| i.clone_flags)
-        .unwrap_or(CloneFlags::empty())
-        | CloneFlags::CLONE_PARENT;
-    match syscall::clone_fork(flags.bits()) {
-        Err(e) => fail(&fds.report, format!("clone: {e}")),
-        Ok(Forked::Parent(pid)) => {
-            write_frame(&fds.report, TAG_PID, &pid.as_raw().to_le_bytes());
-            syscall::exit_now(0)
-        }
-        Ok(Forked::Child) => run_child(plan, fds, None),
     }
 }
 
@@ -511,13 +506,12 @@ fn wait_for(sync: &OwnedFd) {
     }
 }
 
-/// The real child, from "go" to execve. With `image` (a child sharing the agent's memory), the
-/// executable was resolved before the clone, and nothing the child allocates is left at the
-/// execve.
+/// The real child, from "go" to execve. It shares the agent's memory: nothing it allocates is
+/// left at the execve.
 fn child(
     plan: &SpawnPlan,
     fds: ChildFds,
-    image: Option<&ExecImage<'_>>,
+    image: &ExecImage<'_>,
 ) -> StepResult<std::convert::Infallible> {
     wait_for(&fds.sync);
     let mut steps = Steps::new();
@@ -570,17 +564,20 @@ fn child(
         tty::open_in_container(socket.as_fd(), plan.process.uid())?;
     }
     plan.process.apply_limits()?;
-    let executable = match image {
-        Some(_) => None,
-        None => Some(plan.process.resolve_executable()?),
+    steps.mark("limits");
+    let mut resolved = [0u8; EXEC_PATH_MAX];
+    let path = match &image.path {
+        Some(path) => path.as_c_str(),
+        None => on_stack(plan.process.resolve_executable()?, &mut resolved)?,
     };
     let (early, late) = match (&plan.seccomp, plan.process.no_new_privileges()) {
         (Some(prog), false) => (Some(prog), None),
         (Some(prog), true) => (None, Some(prog)),
         (None, _) => (None, None),
     };
+    steps.mark("executable");
     plan.process.apply_credentials(early)?;
-    steps.mark("process");
+    steps.mark("credentials");
     write_frame(&fds.report, TAG_READY, steps.text().as_bytes());
     drop(steps);
     wait_for(&fds.sync);
@@ -595,16 +592,6 @@ fn child(
         None,
     )
     .map_err(|e| format!("reset the signal mask: {e}"))?;
-    let (path, err) = match (image, &executable) {
-        (Some(image), _) => (&image.path, image.exec()),
-        (None, Some(executable)) => {
-            let (argv, envp) = plan.process.argv_envp();
-            (executable, syscall::execve(executable, &argv, &envp))
-        }
-        (None, None) => return Err("exec: no executable".into()),
-    };
-    Err(format!(
-        "exec: {}: {err}",
-        CString::as_c_str(path).to_string_lossy()
-    ))
+    let err = image.arrays.execve(path);
+    Err(format!("exec: {}: {err}", path.to_string_lossy()))
 }

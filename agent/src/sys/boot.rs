@@ -23,6 +23,19 @@ pub fn mount(source: &CStr, target: &CStr, fstype: &CStr, flags: libc::c_ulong) 
     }
 }
 
+/// Remounts the file system at `target` with the mount `flags` it has and the file system
+/// options `data` (mount(2) with `MS_REMOUNT`).
+pub fn remount(target: &CStr, flags: libc::c_ulong, data: &CStr) -> io::Result<()> {
+    nix::mount::mount(
+        None::<&CStr>,
+        target,
+        None::<&CStr>,
+        MsFlags::from_bits_retain(flags) | MsFlags::MS_REMOUNT,
+        Some(data),
+    )
+    .map_err(io::Error::from)
+}
+
 /// Flushes file system buffers.
 pub fn sync() {
     nix::unistd::sync();

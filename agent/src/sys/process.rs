@@ -1,6 +1,5 @@
-//! Forking or cloning a container process and preparing it up to its execve: the calls of the
-//! child between fork (or clone) and exec, and the pidfd calls that name a process after it
-//! exited.
+//! Cloning a container process and preparing it up to its execve: the calls of the child
+//! between clone and exec, and the pidfd calls that name a process after it exited.
 
 use std::ffi::CStr;
 use std::io;
@@ -8,7 +7,7 @@ use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 
 use nix::unistd::Pid;
 
-/// What [`fork`] returned.
+/// What [`clone_fork`] returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Forked {
     /// In the parent, with the child's PID.
@@ -17,30 +16,12 @@ pub enum Forked {
     Child,
 }
 
-/// fork(2) through libc, whose fork handlers leave the allocator usable in the child of a
-/// multi-threaded process (glibc and musl both take their malloc locks around fork).
-///
-/// The child must not return into the caller's normal flow: it ends with [`exit_now`] or an
-/// execve. It may allocate, but must not take locks that another thread of the parent could
-/// have held at the fork (the logger's, for one).
-pub fn fork() -> io::Result<Forked> {
-    // SAFETY: fork(2) has no memory-safety preconditions of its own; the contract above (the
-    // child only runs our setup code and then exits or execs) keeps the child away from state
-    // that other threads of the parent held at the fork.
-    let pid = unsafe { libc::fork() };
-    match pid {
-        -1 => Err(io::Error::last_os_error()),
-        0 => Ok(Forked::Child),
-        pid => Ok(Forked::Parent(Pid::from_raw(pid))),
-    }
-}
-
 /// clone(2) with fork semantics (no new stack, the child continues here) and `flags` (namespace
 /// flags, `CLONE_PARENT`); the child's exit is signalled with SIGCHLD.
 ///
-/// Call it from a single-threaded process (the intermediate child of [`fork`]), or make the
-/// child do nothing but system calls until it execs or exits (the pod init): a raw clone runs
-/// no fork handlers, so another thread's locks (the allocator's) may stay held in the child.
+/// Call it from a single-threaded process, or make the child do nothing but system calls until
+/// it execs or exits (the pod init): a raw clone runs no fork handlers, so another thread's
+/// locks (the allocator's) may stay held in the child.
 pub fn clone_fork(flags: libc::c_int) -> io::Result<Forked> {
     let flags = (flags | libc::SIGCHLD) as libc::c_ulong;
     // SAFETY: with a null stack pointer clone(2) behaves as fork(2): the child gets a copy of
@@ -57,7 +38,7 @@ pub fn clone_fork(flags: libc::c_int) -> io::Result<Forked> {
 }
 
 /// Ends the calling process at once with `code`, without running exit handlers or destructors
-/// (a forked child must not run the parent's: test harness output, buffered writers).
+/// (a child must not run the parent's: test harness output, buffered writers).
 pub fn exit_now(code: i32) -> ! {
     // SAFETY: _exit(2) never returns and only ends the calling process.
     unsafe { libc::_exit(code) }
@@ -73,15 +54,9 @@ pub fn dup_onto(fd: BorrowedFd<'_>, target: RawFd) -> io::Result<()> {
     Ok(())
 }
 
-/// Closes every descriptor from 3 up except those in `keep`, with close_range(2).
-pub fn close_fds_except(keep: &[RawFd]) -> io::Result<()> {
-    let mut keep: Vec<RawFd> = keep.to_vec();
-    keep.sort_unstable();
-    close_fds_except_sorted(&keep)
-}
-
-/// [`close_fds_except`] with `keep` sorted ascending (duplicates allowed); allocates nothing
-/// (safe in a child that shares the agent's memory).
+/// Closes every descriptor from 3 up except those in `keep`, sorted ascending (duplicates
+/// allowed), with close_range(2); allocates nothing (safe in a child that shares the agent's
+/// memory).
 pub fn close_fds_except_sorted(keep: &[RawFd]) -> io::Result<()> {
     let mut low: u32 = 3;
     for fd in keep
@@ -238,9 +213,11 @@ fn page_size() -> usize {
 /// clone(2) with `CLONE_VM | CLONE_VFORK` (as posix_spawn does): the child runs `entry(arg)` on
 /// `stack` in the caller's memory, and the calling thread sleeps until the child execs or
 /// exits. No page tables are copied and no copy-on-write faults follow, in the child or in the
-/// parent. The child's PID (in the caller's PID namespace) is stored in `pid` before the child
-/// runs; it exits with SIGCHLD to the caller's process. Returns that PID once the child execed
-/// or exited.
+/// parent. `namespaces` (`CLONE_NEW*` bits only, else `EINVAL`) puts the child into new
+/// namespaces (a container's init); its mount namespace is a copy of the calling thread's. The
+/// child's PID (in the caller's PID namespace) is stored in `pid` before the child runs; it
+/// exits with SIGCHLD to the caller's process. Returns that PID once the child execed or
+/// exited.
 ///
 /// # Safety
 /// The child shares every byte of the caller's process memory with its other threads, and runs
@@ -257,8 +234,19 @@ pub unsafe fn clone_vm_vfork(
     stack: &ChildStack,
     arg: *mut libc::c_void,
     pid: &std::sync::atomic::AtomicI32,
+    namespaces: libc::c_int,
 ) -> io::Result<Pid> {
-    let flags = libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PARENT_SETTID | libc::SIGCHLD;
+    const NEW_NAMESPACES: libc::c_int = libc::CLONE_NEWNS
+        | libc::CLONE_NEWPID
+        | libc::CLONE_NEWUTS
+        | libc::CLONE_NEWIPC
+        | libc::CLONE_NEWNET
+        | libc::CLONE_NEWCGROUP;
+    if namespaces & !NEW_NAMESPACES != 0 {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    let flags =
+        libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PARENT_SETTID | libc::SIGCHLD | namespaces;
     // SAFETY: `stack` is a mapping of its own that outlives the child's use of it (the caller
     // holds it, and this thread is suspended until the child execs or exits); `pid` is where
     // the kernel writes the child's PID (CLONE_PARENT_SETTID), alive for the call; the rest is
@@ -293,14 +281,6 @@ pub fn prctl(option: libc::c_int, arg: libc::c_ulong) -> io::Result<()> {
         _ => return Err(io::Error::from_raw_os_error(libc::EINVAL)),
     }
     Ok(())
-}
-
-/// execve(2); returns only with why it failed.
-pub fn execve(path: &CStr, argv: &[&CStr], envp: &[&CStr]) -> io::Error {
-    match nix::unistd::execve(path, argv, envp) {
-        Err(e) => e.into(),
-        Ok(never) => match never {},
-    }
 }
 
 /// The argument and environment arrays of an execve(2), built ahead: a child that shares the
