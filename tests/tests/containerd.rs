@@ -181,6 +181,48 @@ fn ctr_runs_a_container_in_a_nutshell_microvm() {
         containerd.log_tail(8000)
     );
 
+    // Two vCPUs (a limit of one CPU adds one to the default VM): the first run builds or finds
+    // the template of that shape, the second is restored from it. An SMP guest here may run on
+    // the TSC, which a restore does not offset (guest-kernel/README.md, "The clock"): timers
+    // must still fire and the wall clock must be the host's after RefreshGuest.
+    for id in ["e2e-smp1", "e2e-smp2"] {
+        let out = ctr
+            .command()
+            .args(["run", "--rm", "--runtime", "io.containerd.nutshell.v2"])
+            .args(["--cpu-quota", "100000", "--cpu-period", "100000", IMAGE, id])
+            .args(["sh", "-c", "nproc; sleep 1; date +%s"])
+            .output()
+            .unwrap();
+        let host_now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{id}: {stdout}\n{}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            containerd.log_tail(8000)
+        );
+        let lines: Vec<&str> = stdout.lines().collect();
+        assert_eq!(lines.first(), Some(&"2"), "{id}: vCPUs: {stdout}");
+        let guest_now: u64 = lines
+            .get(1)
+            .and_then(|l| l.parse().ok())
+            .unwrap_or_default();
+        assert!(
+            guest_now.abs_diff(host_now) <= 60,
+            "{id}: guest clock {guest_now}, host {host_now}"
+        );
+    }
+    let log = containerd.log_tail(1 << 20);
+    assert!(
+        log.lines()
+            .any(|l| l.contains("sandbox e2e-smp2: template ") && l.contains(" found in ")),
+        "the second 2-vCPU pod was not restored from a template:\n{}",
+        containerd.log_tail(8000)
+    );
+
     // Nothing is left: no shim, no VMM, no sandbox directory, no mount.
     env.assert_nothing_left();
 }
