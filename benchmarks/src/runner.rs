@@ -278,6 +278,8 @@ pub struct Runner {
     next_id: u64,
     metrics: Vec<MetricResult>,
     case_budget: Duration,
+    /// Errors whose process report was printed ([`Runner::record`]).
+    reported: std::collections::HashSet<String>,
 }
 
 /// Runs `config` from start to end: containerd up, images imported, runtimes checked, the
@@ -412,6 +414,7 @@ impl Runner {
             next_id: 0,
             metrics: Vec::new(),
             case_budget: Duration::ZERO,
+            reported: Default::default(),
         })
     }
 
@@ -505,9 +508,16 @@ impl Runner {
                 .push(v),
             Err(e) => {
                 log::warn!("{} {} under {runtime}: {e}", metric.workload, metric.name);
+                // While a hung call still waits: where each shim thread is. Not for a run being
+                // interrupted, a row not measured by design, or an error already reported (the
+                // CRI case records one failure under each of its three rows).
+                let report = !nutshell_test_support::containerd::interrupted()
+                    && !e.starts_with("not measured")
+                    && self.reported.insert(e.clone());
                 metric.errors.entry(runtime.to_owned()).or_default().push(e);
-                // While a hung call still waits: where each shim thread is.
-                self.containerd.keep_diagnostics();
+                if report {
+                    self.containerd.keep_diagnostics();
+                }
             }
         }
     }
