@@ -205,6 +205,21 @@ pub struct GuestBoot {
     template: bool,
 }
 
+/// For a measurement test: `None` (and a line saying how to run it) unless `NUTSHELL_MEASURE`
+/// is set; else its number of runs, `NUTSHELL_MEASURE_RUNS` or `default`.
+pub fn measure_runs(default: usize) -> Option<usize> {
+    if std::env::var_os("NUTSHELL_MEASURE").is_none() {
+        eprintln!("set NUTSHELL_MEASURE=1 to measure");
+        return None;
+    }
+    Some(
+        std::env::var("NUTSHELL_MEASURE_RUNS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default),
+    )
+}
+
 /// The agent-ready templates the slow lane shares: `target/nutshell/templates` (nutshell-template
 /// keys them by kernel, initramfs, shape and the VMM's build, so a rebuild never restores a
 /// stale one).

@@ -861,14 +861,9 @@ fn logged_figures(log: &str, marker: &str) -> Vec<f64> {
 #[test]
 #[ignore = "measurement: NUTSHELL_MEASURE=1 cargo test -p nutshell-tests --test containerd -- --ignored measure"]
 fn measure_ctr_run_nutshell_vs_runc() {
-    if std::env::var_os("NUTSHELL_MEASURE").is_none() {
-        eprintln!("set NUTSHELL_MEASURE=1 to measure");
+    let Some(runs) = nutshell_tests::measure_runs(5) else {
         return;
-    }
-    let runs: usize = std::env::var("NUTSHELL_MEASURE_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
+    };
     let env = NutshellContainerd::start();
     let ctr = env.containerd.ctr();
     let run = |runtime: &str, id: &str| {

@@ -480,15 +480,10 @@ fn the_untrusted_handler_refuses_host_root_and_runs_a_normal_pod() {
 #[test]
 #[ignore = "measurement: NUTSHELL_MEASURE=1 cargo test -p nutshell-tests --test cri -- --ignored measure"]
 fn measure_exec_sync_latency() {
-    if std::env::var_os("NUTSHELL_MEASURE").is_none() {
-        eprintln!("set NUTSHELL_MEASURE=1 to measure");
+    let Some(runs) = nutshell_tests::measure_runs(10) else {
         return;
-    }
+    };
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let runs: usize = std::env::var("NUTSHELL_MEASURE_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10);
     let handlers = std::env::var("NUTSHELL_MEASURE_HANDLERS").unwrap_or_else(|_| HANDLER.into());
     let mut names = Vec::new();
     let mut extra = Vec::new();

@@ -330,14 +330,9 @@ fn disk_use(path: &Path) -> (u64, u64) {
 #[test]
 #[ignore = "measurement: NUTSHELL_MEASURE=1 cargo test -p nutshell-tests --test template -- --ignored measure"]
 fn measure_cold_boot_vs_restore() {
-    if std::env::var_os("NUTSHELL_MEASURE").is_none() {
-        eprintln!("set NUTSHELL_MEASURE=1 to measure");
+    let Some(runs) = nutshell_tests::measure_runs(3) else {
         return;
-    }
-    let runs: usize = std::env::var("NUTSHELL_MEASURE_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
+    };
     let sockets = tempfile::tempdir().unwrap();
 
     // Cold boot to agent-ready: VMM spawn until Health answers.
