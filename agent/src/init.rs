@@ -179,6 +179,13 @@ pub fn run() -> Result<std::convert::Infallible, InitError> {
         .ok_or(InitError::NoVsock)?;
     log::debug!("vsock CID {cid}");
 
+    // Before serving: a template is snapshotted once the agent answers.
+    match crate::network::bring_up_dark() {
+        Ok(nics) => log::debug!("up without addresses: lo, {nics:?}"),
+        Err(e) => {
+            log::warn!("cannot bring the interfaces up at boot (a pod's network does it): {e}")
+        }
+    }
     let service = AgentService::new(release.clone(), Arc::new(power_off_or_die));
     service.set_refresh_action(Arc::new(crate::refresh::SystemRefresh));
     service.set_pod(Arc::new(crate::pod::Pod::new(

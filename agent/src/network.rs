@@ -6,7 +6,9 @@
 //! nothing. Requests go to the network namespace of the calling thread (the guest's own; in
 //! tests, a namespace of the test's).
 
+use std::fmt;
 use std::net::IpAddr;
+use std::time::Instant;
 
 use nutshell_protocol::generated::agent as pb;
 use nutshell_protocol::netlink::{self, Address, LinkChange, Netlink, NetlinkError, Route};
@@ -43,6 +45,39 @@ impl NetworkError {
 }
 
 type Result<T> = std::result::Result<T, NetworkError>;
+
+/// The time each step of a request took, for its log line: where a slow guest spends it.
+struct Steps {
+    last: Instant,
+    done: Vec<(&'static str, f64)>,
+}
+
+impl Steps {
+    fn start() -> Self {
+        Steps {
+            last: Instant::now(),
+            done: Vec::new(),
+        }
+    }
+
+    /// Ends step `what` (begun at the previous mark).
+    fn mark(&mut self, what: &'static str) {
+        let now = Instant::now();
+        let ms = now.duration_since(self.last).as_secs_f64() * 1000.0;
+        self.done.push((what, ms));
+        self.last = now;
+    }
+}
+
+impl fmt::Display for Steps {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, (what, ms)) in self.done.iter().enumerate() {
+            let sep = if i == 0 { "" } else { ", " };
+            write!(f, "{sep}{what} {ms:.1}")?;
+        }
+        f.write_str(" ms")
+    }
+}
 
 fn invalid(s: String) -> NetworkError {
     NetworkError::Invalid(s)
@@ -137,68 +172,147 @@ fn check_interface(iface: &pb::Interface) -> Result<InterfaceRequest> {
     })
 }
 
-/// Gives interface `iface.name` its MAC, MTU and addresses, and brings it up; answers with
-/// the interface as the kernel then reports it.
-pub fn update_interface(iface: &pb::Interface) -> Result<pb::Interface> {
-    let req = check_interface(iface)?;
+/// The sysctl of interface `name` that turns the kernel's IPv6 link-local address on (`0`: from
+/// the MAC) or off (`1`). Writing a new value makes the kernel (re)generate the address.
+fn addr_gen_mode(name: &str) -> std::path::PathBuf {
+    std::path::Path::new("/proc/sys/net/ipv6/conf")
+        .join(name)
+        .join("addr_gen_mode")
+}
+
+/// IPv6 link-local generation of interface `name` on or off; a kernel without IPv6 has nothing
+/// to turn.
+fn set_link_local(name: &str, on: bool) -> Result<()> {
+    let path = addr_gen_mode(name);
+    match std::fs::write(&path, if on { "0" } else { "1" }) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other.map_err(|source| {
+            NetworkError::Netlink(NetlinkError {
+                op: format!("write {}", path.display()),
+                source,
+            })
+        }),
+    }
+}
+
+/// At boot, before any pod: the loopback and every NIC up, the NICs "dark" (no address, no
+/// IPv6 link-local address, so nothing to send and nothing a template's VMs would share).
+/// Bringing a virtio NIC up (its receive buffers, queues, the kernel's per-interface set-up) is
+/// then done once, in the template, instead of at every pod start; a pod's
+/// [`update_interface`] changes the MAC and turns link-local generation back on, from the
+/// pod's MAC. Answers the NICs brought up.
+pub fn bring_up_dark() -> Result<Vec<String>> {
     let mut nl = Netlink::open()?;
-    let link = nl
-        .link_by_name(&req.name)?
-        .ok_or_else(|| NetworkError::NoInterface(req.name.clone()))?;
+    let mut up = Vec::new();
+    for link in nl.links()? {
+        if !link.loopback {
+            set_link_local(&link.name, false)?;
+        }
+        if !link.up {
+            nl.set_link(
+                link.index,
+                LinkChange {
+                    up: Some(true),
+                    ..Default::default()
+                },
+            )?;
+        }
+        if !link.loopback {
+            up.push(link.name);
+        }
+    }
+    Ok(up)
+}
+
+/// The index of interface `name`: one `SIOCGIFINDEX`. (A netlink `RTM_GETLINK` builds the
+/// whole interface description, ~100 ms of emulated guest kernel work here.)
+fn link_index(name: &str) -> Result<u32> {
+    nix::net::if_::if_nametoindex(name).map_err(|e| match e {
+        nix::errno::Errno::ENODEV => NetworkError::NoInterface(name.to_owned()),
+        e => NetworkError::Netlink(NetlinkError {
+            op: format!("look up interface {name:?}"),
+            source: e.into(),
+        }),
+    })
+}
+
+/// Gives interface `iface.name` its MAC, MTU and addresses, brings it up, then adds `routes`
+/// (as [`update_routes`]); answers with what the kernel accepted: the MAC, MTU and addresses
+/// asked for (a MAC or MTU not asked for as the kernel reports it). Nothing is read back that
+/// the kernel acknowledged: each netlink read of an interface costs as much as the change in
+/// the guest, and every system call counts there (one request at pod start, one socket).
+pub fn update_interface(iface: &pb::Interface, routes: &[pb::Route]) -> Result<pb::Interface> {
+    let req = check_interface(iface)?;
+    let mut steps = Steps::start();
+    let index = link_index(&req.name)?;
+    let routes = check_routes(routes, |name| {
+        if name == req.name {
+            Ok(index)
+        } else {
+            link_index(name)
+        }
+    })?;
+    let mut nl = Netlink::open()?;
+    steps.mark("lookup");
     nl.set_link(
-        link.index,
+        index,
         LinkChange {
             mac: req.mac,
             mtu: req.mtu,
             up: Some(true),
         },
     )?;
+    steps.mark("link");
+    // After the MAC: the link-local address is made from it.
+    set_link_local(&req.name, true)?;
+    steps.mark("link-local");
     for addr in &req.addresses {
-        nl.add_address(link.index, *addr)?;
+        nl.add_address(index, *addr)?;
     }
-    log::info!(
-        "interface {} ({}): MTU {:?}, addresses {:?}",
-        req.name,
-        req.mac
-            .as_ref()
-            .map(netlink::format_mac)
-            .unwrap_or_default(),
-        req.mtu,
-        req.addresses
-            .iter()
-            .map(|a| format!("{}/{}", a.ip, a.prefix_len))
-            .collect::<Vec<_>>()
-    );
-    interface_now(&mut nl, &req.name)
-}
-
-fn interface_now(nl: &mut Netlink, name: &str) -> Result<pb::Interface> {
-    let link = nl
-        .link_by_name(name)?
-        .ok_or_else(|| NetworkError::NoInterface(name.to_owned()))?;
-    let addresses = nl
-        .addresses(link.index)?
-        .into_iter()
-        .map(|a| pb::IpAddress {
-            address: a.ip.to_string(),
-            prefix_len: u32::from(a.prefix_len),
-            ..Default::default()
-        })
+    steps.mark("addresses");
+    for r in &routes {
+        nl.add_route(r)?;
+    }
+    steps.mark("routes");
+    let (mac, mtu) = match (req.mac, req.mtu) {
+        (Some(mac), Some(mtu)) => (Some(mac), mtu),
+        _ => {
+            let link = nl
+                .link_by_name(&req.name)?
+                .ok_or_else(|| NetworkError::NoInterface(req.name.clone()))?;
+            steps.mark("read back");
+            (req.mac.or(link.mac), req.mtu.unwrap_or(link.mtu))
+        }
+    };
+    let mac = mac.as_ref().map(netlink::format_mac).unwrap_or_default();
+    let addresses: Vec<String> = req
+        .addresses
+        .iter()
+        .map(|a| format!("{}/{}", a.ip, a.prefix_len))
         .collect();
+    log::debug!(
+        "interface {} ({mac}): MTU {mtu}, addresses {addresses:?}, {} routes; {steps}",
+        req.name,
+        routes.len()
+    );
     Ok(pb::Interface {
-        name: link.name,
-        mac: link
-            .mac
-            .as_ref()
-            .map(netlink::format_mac)
-            .unwrap_or_default(),
-        mtu: link.mtu,
-        addresses,
+        name: req.name,
+        mac,
+        mtu,
+        addresses: req
+            .addresses
+            .iter()
+            .map(|a| pb::IpAddress {
+                address: a.ip.to_string(),
+                prefix_len: u32::from(a.prefix_len),
+                ..Default::default()
+            })
+            .collect(),
         ..Default::default()
     })
 }
 
-fn check_route(r: &pb::Route, nl: &mut Netlink) -> Result<Route> {
+fn check_route(r: &pb::Route, index_of: &mut impl FnMut(&str) -> Result<u32>) -> Result<Route> {
     let destination = match r.destination.as_str() {
         "" | "default" => None,
         s => Some(parse_cidr("destination", s)?),
@@ -222,11 +336,7 @@ fn check_route(r: &pb::Route, nl: &mut Netlink) -> Result<Route> {
         u8::try_from(r.scope).map_err(|_| invalid(format!("route scope {} (0..=255)", r.scope)))?;
     let oif = match r.device.as_str() {
         "" => None,
-        name => Some(
-            nl.link_by_name(name)?
-                .ok_or_else(|| NetworkError::NoInterface(name.to_owned()))?
-                .index,
-        ),
+        name => Some(index_of(name)?),
     };
     if oif.is_none() && gateway.is_none() {
         return Err(invalid(format!(
@@ -243,25 +353,35 @@ fn check_route(r: &pb::Route, nl: &mut Netlink) -> Result<Route> {
     })
 }
 
+/// Every route of a request checked, before anything changes; `index_of` names devices.
+fn check_routes(
+    routes: &[pb::Route],
+    mut index_of: impl FnMut(&str) -> Result<u32>,
+) -> Result<Vec<Route>> {
+    if routes.len() > MAX_ENTRIES {
+        return Err(invalid(format!(
+            "{} routes (at most {MAX_ENTRIES})",
+            routes.len()
+        )));
+    }
+    routes
+        .iter()
+        .map(|r| check_route(r, &mut index_of))
+        .collect()
+}
+
 /// Adds the routes, in their order (a route through a gateway after the route that reaches
 /// the gateway); answers with them.
 pub fn update_routes(routes: &pb::Routes) -> Result<pb::Routes> {
-    if routes.routes.len() > MAX_ENTRIES {
-        return Err(invalid(format!(
-            "{} routes (at most {MAX_ENTRIES})",
-            routes.routes.len()
-        )));
-    }
+    let mut steps = Steps::start();
+    let checked = check_routes(&routes.routes, link_index)?;
+    steps.mark("check");
     let mut nl = Netlink::open()?;
-    let checked = routes
-        .routes
-        .iter()
-        .map(|r| check_route(r, &mut nl))
-        .collect::<Result<Vec<_>>>()?;
     for r in &checked {
         nl.add_route(r)?;
     }
-    log::info!("{} routes added", checked.len());
+    steps.mark("add");
+    log::debug!("{} routes added; {steps}", checked.len());
     Ok(routes.clone())
 }
 

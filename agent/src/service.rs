@@ -414,7 +414,9 @@ impl agent_ttrpc::Agent for AgentService {
         req: pb::UpdateInterfaceRequest,
     ) -> ttrpc::Result<pb::Interface> {
         let iface = req.interface.into_option().unwrap_or_default();
-        network::update_interface(&iface).map_err(|e| network_status("UpdateInterface", &e))
+        let routes = req.routes.into_option().unwrap_or_default();
+        network::update_interface(&iface, &routes.routes)
+            .map_err(|e| network_status("UpdateInterface", &e))
     }
 
     fn update_routes(

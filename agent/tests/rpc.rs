@@ -119,11 +119,11 @@ fn network_requests_that_do_not_parse_are_refused() {
     let agent = TestAgent::start();
     let client = agent.client();
     assert_eq!(
-        status_code(client.update_interface(&iface("", "", 0, &[]))),
+        status_code(client.update_interface(&iface("", "", 0, &[]), &[])),
         ttrpc::Code::INVALID_ARGUMENT
     );
     assert_eq!(
-        status_code(client.update_interface(&iface("eth0", "ff:ff:ff:ff:ff:ff", 0, &[]))),
+        status_code(client.update_interface(&iface("eth0", "ff:ff:ff:ff:ff:ff", 0, &[]), &[])),
         ttrpc::Code::INVALID_ARGUMENT
     );
     assert_eq!(
@@ -132,8 +132,15 @@ fn network_requests_that_do_not_parse_are_refused() {
         "a route with neither gateway nor device"
     );
     assert_eq!(
-        status_code(client.update_interface(&iface("nsnothere0", "", 0, &[]))),
+        status_code(client.update_interface(&iface("nsnothere0", "", 0, &[]), &[])),
         ttrpc::Code::NOT_FOUND
+    );
+    assert_eq!(
+        status_code(
+            client.update_interface(&iface("lo", "", 0, &[]), &[route("10.0.0.0/8", "", "", 0)])
+        ),
+        ttrpc::Code::INVALID_ARGUMENT,
+        "a bad route with an interface: refused before the interface changes"
     );
     // The connection stays usable after errors.
     assert_eq!(client.check().unwrap(), ServingStatus::Serving);
@@ -149,15 +156,52 @@ fn the_interface_and_routes_are_set_as_asked() {
         nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
             .expect("unshare the network namespace (root)");
         let _tap = netlink::create_tap("eth0").unwrap();
+        // At boot the agent brings the NICs up dark: up, no address, no IPv6 link-local.
+        let link_local = || {
+            std::fs::read_to_string("/proc/thread-self/net/if_inet6")
+                .unwrap()
+                .lines()
+                .filter(|l| l.ends_with(" eth0") && l.starts_with("fe80"))
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        };
+        let gen_mode = || {
+            std::fs::read_to_string("/proc/sys/net/ipv6/conf/eth0/addr_gen_mode")
+                .unwrap()
+                .trim()
+                .to_owned()
+        };
+        let dark = nutshell_agent::network::bring_up_dark().unwrap();
+        assert_eq!(dark, ["eth0"]);
+        {
+            let mut nl = Netlink::open().unwrap();
+            let eth0 = nl.link_by_name("eth0").unwrap().unwrap();
+            assert!(eth0.up);
+            assert!(nl.link_by_name("lo").unwrap().unwrap().up);
+            assert!(nl.addresses(eth0.index).unwrap().is_empty());
+        }
+        assert_eq!(gen_mode(), "1");
+        assert_eq!(
+            link_local(),
+            Vec::<String>::new(),
+            "no link-local address while dark"
+        );
         let agent = TestAgent::start();
         let client = agent.client();
+        // The interface with its routes, in one request.
         let got = client
-            .update_interface(&iface(
-                "eth0",
-                "02:42:0a:f1:00:07",
-                1400,
-                &[("10.241.0.7", 24), ("fd00:241::7", 64)],
-            ))
+            .update_interface(
+                &iface(
+                    "eth0",
+                    "02:42:0a:f1:00:07",
+                    1400,
+                    &[("10.241.0.7", 24), ("fd00:241::7", 64)],
+                ),
+                &[
+                    route("10.242.0.0/16", "", "eth0", 253),
+                    route("", "10.241.0.1", "eth0", 0),
+                ],
+            )
             .unwrap();
         assert_eq!(got.mac, "02:42:0a:f1:00:07");
         assert_eq!(got.mtu, 1400);
@@ -167,18 +211,40 @@ fn the_interface_and_routes_are_set_as_asked() {
             .map(|a| format!("{}/{}", a.address, a.prefix_len))
             .collect();
         assert_eq!(addrs, ["10.241.0.7/24", "fd00:241::7/64"]);
-        // Twice is harmless (a retried Create).
-        client
-            .update_interface(&iface("eth0", "", 0, &[("10.241.0.7", 24)]))
-            .unwrap();
-
-        client
-            .update_routes(&[
-                route("10.242.0.0/16", "", "eth0", 253),
-                route("", "10.241.0.1", "eth0", 0),
-            ])
-            .unwrap();
+        // What the kernel has, read here: the answer is what it acknowledged.
         let mut nl = Netlink::open().unwrap();
+        let eth0 = nl.link_by_name("eth0").unwrap().unwrap();
+        assert_eq!(
+            eth0.mac.map(|m| netlink::format_mac(&m)).as_deref(),
+            Some("02:42:0a:f1:00:07")
+        );
+        assert_eq!(eth0.mtu, 1400);
+        let have: Vec<_> = nl
+            .addresses(eth0.index)
+            .unwrap()
+            .iter()
+            .map(|a| format!("{}/{}", a.ip, a.prefix_len))
+            .collect();
+        assert_eq!(have, ["10.241.0.7/24", "fd00:241::7/64"]);
+        // Link-local generation is back on, from the pod's MAC (EUI-64 of 02:42:0a:f1:00:07).
+        assert_eq!(gen_mode(), "0");
+        let ll = link_local();
+        assert!(
+            ll.iter()
+                .any(|l| l.starts_with("fe8000000000000000420afffef10007 ")),
+            "{ll:?}"
+        );
+        // Twice is harmless (a retried Create); a MAC and MTU not asked for are answered as
+        // the kernel reports them.
+        let again = client
+            .update_interface(&iface("eth0", "", 0, &[("10.241.0.7", 24)]), &[])
+            .unwrap();
+        assert_eq!((again.mac.as_str(), again.mtu), ("02:42:0a:f1:00:07", 1400));
+
+        // And routes alone.
+        client
+            .update_routes(&[route("10.243.0.0/16", "10.241.0.1", "eth0", 0)])
+            .unwrap();
         let eth0 = nl.link_by_name("eth0").unwrap().unwrap();
         assert!(eth0.up, "the agent brings the interface up");
         let routes = nl.routes(eth0.index).unwrap();
@@ -192,6 +258,13 @@ fn the_interface_and_routes_are_set_as_asked() {
                 .destination
                 .is_some_and(|d| d.ip.to_string() == "10.242.0.0" && d.prefix_len == 16)
                 && r.scope == 253),
+            "{routes:?}"
+        );
+        assert!(
+            routes.iter().any(|r| r
+                .destination
+                .is_some_and(|d| d.ip.to_string() == "10.243.0.0" && d.prefix_len == 16)
+                && r.gateway.is_some_and(|g| g.to_string() == "10.241.0.1")),
             "{routes:?}"
         );
         assert!(

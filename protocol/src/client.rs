@@ -621,13 +621,21 @@ impl AgentClient {
     }
 
     /// `Agent.UpdateInterface`: gives the guest's NIC the pod's identity (MAC, MTU,
-    /// addresses) and brings it up; returns the interface as the guest now has it.
+    /// addresses), brings it up and then adds `routes` (as [`AgentClient::update_routes`]);
+    /// returns the interface as the guest accepted it.
     pub fn update_interface(
         &self,
         interface: &pb::Interface,
+        routes: &[pb::Route],
     ) -> Result<pb::Interface, ClientError> {
         let mut req = pb::UpdateInterfaceRequest::new();
         req.interface = protobuf::MessageField::some(interface.clone());
+        if !routes.is_empty() {
+            req.routes = protobuf::MessageField::some(pb::Routes {
+                routes: routes.to_vec(),
+                ..Default::default()
+            });
+        }
         Ok(self.agent.update_interface(self.ctx(), &req)?)
     }
 

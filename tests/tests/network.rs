@@ -132,6 +132,26 @@ fn mac_in_netns(netns: &std::path::Path, dev: &str) -> String {
         .to_owned()
 }
 
+/// The IPv6 link-local address the kernel makes from `mac` (EUI-64), as `/proc/net/if_inet6`
+/// writes it: `fe80000000000000` and the interface identifier, 32 hex digits.
+fn link_local_of(mac: &str) -> String {
+    let b: Vec<u8> = mac
+        .split(':')
+        .map(|h| u8::from_str_radix(h, 16).unwrap())
+        .collect();
+    let id = [b[0] ^ 0x02, b[1], b[2], 0xff, 0xfe, b[3], b[4], b[5]];
+    let hex: String = id.iter().map(|x| format!("{x:02x}")).collect();
+    format!("fe80000000000000{hex}")
+}
+
+#[test]
+fn link_local_addresses_are_made_from_the_mac() {
+    assert_eq!(
+        link_local_of("02:42:0a:f1:00:07"),
+        "fe8000000000000000420afffef10007"
+    );
+}
+
 #[test]
 #[ignore = "slow lane: needs root, containerd, CNI plugins, KVM and the guest kernel (scripts/test.sh runs it)"]
 fn pods_serve_on_their_ip_and_reach_each_other_and_their_gateway() {
@@ -179,6 +199,20 @@ fn pods_serve_on_their_ip_and_reach_each_other_and_their_gateway() {
             .exec_sync(ctr, &["cat", "/sys/class/net/eth0/address"], EXEC_TIMEOUT)
             .unwrap();
         assert_eq!(String::from_utf8_lossy(&guest.stdout).trim(), veth_mac);
+        // The template's NIC was up without a link-local address; the pod's is made from the
+        // pod's MAC (so two VMs of one template do not share one on the bridge).
+        let inet6 = rig
+            .cri
+            .exec_sync(ctr, &["cat", "/proc/net/if_inet6"], EXEC_TIMEOUT)
+            .unwrap();
+        let inet6 = String::from_utf8_lossy(&inet6.stdout).into_owned();
+        let want = link_local_of(&veth_mac);
+        assert!(
+            inet6
+                .lines()
+                .any(|l| l.starts_with(&want) && l.ends_with(" eth0")),
+            "no link-local {want} from {veth_mac} on eth0 in {inet6}"
+        );
         macs.push(veth_mac);
     }
     assert_ne!(macs[0], macs[1], "the two restored VMs share a MAC");
@@ -600,6 +634,59 @@ fn a_pod_whose_shim_and_vmm_were_killed_leaves_nothing_once_removed() {
     assert!(
         !netns.exists(),
         "containerd removed the pod's network namespace"
+    );
+    rig.assert_nothing_left();
+}
+
+/// What the pod network costs a pod start, for the report (docs/shim.md, "The pod's network"):
+/// `NUTSHELL_MEASURE_RUNS` (6) Nutshell pods on the rig's CNI bridge, one after another, each
+/// timed from RunPodSandbox to its container running; the shim's "guest network configured"
+/// and the agent's step times for each come from containerd's log (the shims' lines);
+/// `NUTSHELL_MEASURE_LOG=<file>` keeps that log.
+#[test]
+#[ignore = "measurement: NUTSHELL_MEASURE=1 cargo test -p nutshell-tests --test network -- --ignored measure"]
+fn measure_pod_network_start() {
+    let Some(runs) = nutshell_tests::measure_runs(6) else {
+        return;
+    };
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut rig = rig("netcost");
+    let mut starts = Vec::new();
+    for i in 0..runs {
+        let name = format!("cost-{i}");
+        let pod_cfg = rig.pod(&name);
+        let t = Instant::now();
+        let pod = rig.cri.run_pod_sandbox(&pod_cfg, HANDLER).unwrap();
+        let sandbox = t.elapsed();
+        let cfg = container_config(&name, IMAGE, &["sleep", "3600"], &format!("{name}.log"));
+        let ctr = rig.cri.create_container(&pod, &cfg, &pod_cfg).unwrap();
+        rig.cri.start_container(&ctr).unwrap();
+        let running = t.elapsed();
+        eprintln!(
+            "{name}: RunPodSandbox {:.2} s, running after {:.2} s",
+            sandbox.as_secs_f64(),
+            running.as_secs_f64()
+        );
+        starts.push(running.as_secs_f64());
+        rig.cri.stop_pod_sandbox(&pod).unwrap();
+        rig.cri.remove_pod_sandbox(&pod).unwrap();
+    }
+    // containerd's log has the shims' too: kept for a breakdown (`NUTSHELL_MEASURE_LOG`).
+    if let Some(to) = std::env::var_os("NUTSHELL_MEASURE_LOG") {
+        std::fs::copy(rig.containerd.dir().join("containerd.log"), to).unwrap();
+    }
+    let log = rig.containerd.log_tail(20_000_000);
+    for line in log.lines().filter(|l| {
+        l.contains("guest network configured in")
+            || l.contains("routes added;")
+            || (l.contains("interface eth0") && l.contains(" ms"))
+    }) {
+        eprintln!("{}", line.chars().take(400).collect::<String>());
+    }
+    starts.sort_by(f64::total_cmp);
+    eprintln!(
+        "pod start to running: median {:.2} s (n={runs}): {starts:.2?}",
+        starts[starts.len() / 2]
     );
     rig.assert_nothing_left();
 }

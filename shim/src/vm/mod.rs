@@ -326,11 +326,8 @@ impl SandboxVm {
         let started = Instant::now();
         let got = self
             .agent
-            .update_interface(&net.interface)
+            .update_interface(&net.interface, &net.routes)
             .map_err(ShimError::agent("UpdateInterface"))?;
-        self.agent
-            .update_routes(&net.routes)
-            .map_err(ShimError::agent("UpdateRoutes"))?;
         // What the guest says is only logged (cut and masked: it is the guest's text).
         log::info!(
             "sandbox {}: guest network configured in {:.1} ms: {} has MAC {}, MTU {}, \
