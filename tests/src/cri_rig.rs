@@ -129,6 +129,31 @@ fn untrusted_config(base: &str, containerd: &Path, kubelet_dir: &Path) -> String
     format!("{base}\n{policy}")
 }
 
+/// The runtime handlers a measurement compares, from `NUTSHELL_MEASURE_HANDLERS` (default
+/// `nutshell`): their names, and the runtimes to register for those given as
+/// `name=runtime_type` (e.g. `before=io.containerd.nutshellbefore.v2`, with a wrapper
+/// `containerd-shim-nutshellbefore-v2` on `PATH` that runs an older build).
+pub fn measure_handlers() -> (Vec<String>, Vec<RuntimeSpec>) {
+    let handlers = std::env::var("NUTSHELL_MEASURE_HANDLERS").unwrap_or_else(|_| HANDLER.into());
+    let mut names = Vec::new();
+    let mut extra = Vec::new();
+    for h in handlers.split(',').filter(|h| !h.is_empty()) {
+        match h.split_once('=') {
+            Some((name, runtime_type)) => {
+                names.push(name.to_owned());
+                extra.push(RuntimeSpec {
+                    name: name.into(),
+                    runtime_type: runtime_type.into(),
+                    binary_name: None,
+                    config_path: None,
+                });
+            }
+            None => names.push(h.to_owned()),
+        }
+    }
+    (names, extra)
+}
+
 /// A rig whose pods get their network from CNI (a bridge and subnet of the rig's own).
 pub fn rig(tag: &str) -> Rig {
     rig_with(tag, Vec::new())

@@ -19,11 +19,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use k8s_cri::v1 as cri;
-use nutshell_test_support::containerd::RuntimeSpec;
 use nutshell_tests::cri::{container_config, namespace_modes, parse_cri_log, CriClient};
 use nutshell_tests::cri_rig::{
-    alive, cgroup_of, rig, rig_with, CONTROLLERS, HANDLER, IMAGE, NAMESPACE, SERIAL,
-    UNTRUSTED_HANDLER,
+    alive, cgroup_of, measure_handlers, rig, rig_with, CONTROLLERS, HANDLER, IMAGE, NAMESPACE,
+    SERIAL, UNTRUSTED_HANDLER,
 };
 use nutshell_tests::memory_use;
 
@@ -484,23 +483,7 @@ fn measure_exec_sync_latency() {
         return;
     };
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let handlers = std::env::var("NUTSHELL_MEASURE_HANDLERS").unwrap_or_else(|_| HANDLER.into());
-    let mut names = Vec::new();
-    let mut extra = Vec::new();
-    for h in handlers.split(',').filter(|h| !h.is_empty()) {
-        match h.split_once('=') {
-            Some((name, runtime_type)) => {
-                names.push(name.to_owned());
-                extra.push(RuntimeSpec {
-                    name: name.into(),
-                    runtime_type: runtime_type.into(),
-                    binary_name: None,
-                    config_path: None,
-                });
-            }
-            None => names.push(h.to_owned()),
-        }
-    }
+    let (names, extra) = measure_handlers();
     let mut rig = rig_with("exec", extra);
     let mut pods = Vec::new();
     for name in &names {

@@ -20,7 +20,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use nutshell_tests::cri::{api as cri, container_config, namespace_modes};
-use nutshell_tests::cri_rig::{rig, Rig, HANDLER, IMAGE, SERIAL};
+use nutshell_tests::cri_rig::{measure_handlers, rig, rig_with, Rig, HANDLER, IMAGE, SERIAL};
 
 /// How long a guest exec may take on an emulated-KVM host.
 const EXEC_TIMEOUT: Duration = Duration::from_secs(180);
@@ -639,10 +639,12 @@ fn a_pod_whose_shim_and_vmm_were_killed_leaves_nothing_once_removed() {
 }
 
 /// What the pod network costs a pod start, for the report (docs/shim.md, "The pod's network"):
-/// `NUTSHELL_MEASURE_RUNS` (6) Nutshell pods on the rig's CNI bridge, one after another, each
-/// timed from RunPodSandbox to its container running; the shim's "guest network configured"
-/// and the agent's step times for each come from containerd's log (the shims' lines);
-/// `NUTSHELL_MEASURE_LOG=<file>` keeps that log.
+/// `NUTSHELL_MEASURE_RUNS` (6) rounds of one Nutshell pod per handler on the rig's CNI bridge,
+/// one after another (the handlers' order alternating from round to round), each timed from
+/// RunPodSandbox to its container running; the shim's "guest network configured" for each comes
+/// from containerd's log (the shims' lines). `NUTSHELL_MEASURE_HANDLERS` as in
+/// [`measure_handlers`] (an older build beside this one); `NUTSHELL_MEASURE_LOG=<file>` keeps
+/// containerd's log.
 #[test]
 #[ignore = "measurement: NUTSHELL_MEASURE=1 cargo test -p nutshell-tests --test network -- --ignored measure"]
 fn measure_pod_network_start() {
@@ -650,43 +652,69 @@ fn measure_pod_network_start() {
         return;
     };
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let mut rig = rig("netcost");
-    let mut starts = Vec::new();
-    for i in 0..runs {
-        let name = format!("cost-{i}");
-        let pod_cfg = rig.pod(&name);
-        let t = Instant::now();
-        let pod = rig.cri.run_pod_sandbox(&pod_cfg, HANDLER).unwrap();
-        let sandbox = t.elapsed();
-        let cfg = container_config(&name, IMAGE, &["sleep", "3600"], &format!("{name}.log"));
-        let ctr = rig.cri.create_container(&pod, &cfg, &pod_cfg).unwrap();
-        rig.cri.start_container(&ctr).unwrap();
-        let running = t.elapsed();
-        eprintln!(
-            "{name}: RunPodSandbox {:.2} s, running after {:.2} s",
-            sandbox.as_secs_f64(),
-            running.as_secs_f64()
-        );
-        starts.push(running.as_secs_f64());
-        rig.cri.stop_pod_sandbox(&pod).unwrap();
-        rig.cri.remove_pod_sandbox(&pod).unwrap();
+    let (names, extra) = measure_handlers();
+    let mut rig = rig_with("netcost", extra);
+    // The first pod of each handler may build its template: not counted.
+    let mut starts = vec![Vec::new(); names.len()];
+    let mut pods = vec![Vec::new(); names.len()];
+    for round in 0..=runs {
+        let mut order: Vec<usize> = (0..names.len()).collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for i in order {
+            let name = format!("cost-{}-{round}", names[i]);
+            let mut pod_cfg = rig.pod(&name);
+            if names[i] != HANDLER {
+                // Not under the rig's cgroup parent, which Nutshell's shim made and removes.
+                pod_cfg.linux.as_mut().unwrap().cgroup_parent = String::new();
+            }
+            let t = Instant::now();
+            let pod = rig.cri.run_pod_sandbox(&pod_cfg, &names[i]).unwrap();
+            let sandbox = t.elapsed();
+            let cfg = container_config(&name, IMAGE, &["sleep", "3600"], &format!("{name}.log"));
+            let ctr = rig.cri.create_container(&pod, &cfg, &pod_cfg).unwrap();
+            rig.cri.start_container(&ctr).unwrap();
+            let running = t.elapsed();
+            eprintln!(
+                "{name}: RunPodSandbox {:.2} s, running after {:.2} s",
+                sandbox.as_secs_f64(),
+                running.as_secs_f64()
+            );
+            if round > 0 {
+                starts[i].push(running.as_secs_f64());
+                pods[i].push(pod.clone());
+            }
+            rig.cri.stop_pod_sandbox(&pod).unwrap();
+            rig.cri.remove_pod_sandbox(&pod).unwrap();
+        }
     }
     // containerd's log has the shims' too: kept for a breakdown (`NUTSHELL_MEASURE_LOG`).
     if let Some(to) = std::env::var_os("NUTSHELL_MEASURE_LOG") {
         std::fs::copy(rig.containerd.dir().join("containerd.log"), to).unwrap();
     }
     let log = rig.containerd.log_tail(20_000_000);
-    for line in log.lines().filter(|l| {
-        l.contains("guest network configured in")
-            || l.contains("routes added;")
-            || (l.contains("interface eth0") && l.contains(" ms"))
-    }) {
-        eprintln!("{}", line.chars().take(400).collect::<String>());
+    for ((name, mut s), pods) in names.iter().zip(starts).zip(pods) {
+        s.sort_by(f64::total_cmp);
+        let mut configured: Vec<f64> = pods
+            .iter()
+            .filter_map(|pod| {
+                let tag = format!("sandbox {pod}: guest network configured in ");
+                let line = log.lines().find(|l| l.contains(&tag))?;
+                line.split(&tag).nth(1)?.split(" ms").next()?.parse().ok()
+            })
+            .collect();
+        configured.sort_by(f64::total_cmp);
+        eprintln!(
+            "{name}: pod start to running median {:.2} s (n={}): {s:.2?}; guest network \
+             configured median {:.1} ms: {configured:.1?}",
+            s[s.len() / 2],
+            s.len(),
+            configured
+                .get(configured.len() / 2)
+                .copied()
+                .unwrap_or(f64::NAN),
+        );
     }
-    starts.sort_by(f64::total_cmp);
-    eprintln!(
-        "pod start to running: median {:.2} s (n={runs}): {starts:.2?}",
-        starts[starts.len() / 2]
-    );
     rig.assert_nothing_left();
 }
