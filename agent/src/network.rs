@@ -299,15 +299,7 @@ pub fn update_interface(iface: &pb::Interface, routes: &[pb::Route]) -> Result<p
         name: req.name,
         mac,
         mtu,
-        addresses: req
-            .addresses
-            .iter()
-            .map(|a| pb::IpAddress {
-                address: a.ip.to_string(),
-                prefix_len: u32::from(a.prefix_len),
-                ..Default::default()
-            })
-            .collect(),
+        addresses: req.addresses.into_iter().map(pb::IpAddress::from).collect(),
         ..Default::default()
     })
 }

@@ -73,6 +73,16 @@ pub struct Address {
     pub prefix_len: u8,
 }
 
+impl From<Address> for crate::generated::agent::IpAddress {
+    fn from(a: Address) -> Self {
+        crate::generated::agent::IpAddress {
+            address: a.ip.to_string(),
+            prefix_len: u32::from(a.prefix_len),
+            ..Default::default()
+        }
+    }
+}
+
 /// A route of the main table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {

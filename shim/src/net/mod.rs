@@ -237,14 +237,7 @@ impl PodNetwork {
                 name: POD_IFACE.to_owned(),
                 mac: netlink::format_mac(&mac),
                 mtu: veth.mtu,
-                addresses: addresses
-                    .iter()
-                    .map(|a| pb::IpAddress {
-                        address: a.ip.to_string(),
-                        prefix_len: u32::from(a.prefix_len),
-                        ..Default::default()
-                    })
-                    .collect(),
+                addresses: addresses.iter().copied().map(pb::IpAddress::from).collect(),
                 ..Default::default()
             };
             let forward = PortForward::start(vsock.to_owned())
