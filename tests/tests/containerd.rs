@@ -463,12 +463,24 @@ fn sigterm_during_a_create_leaves_nothing_behind() {
 }
 
 /// Three pods started at once on a node with one VM start slot: each runs and prints, the later
-/// ones say how long they waited for the slot, and no slot stays held.
+/// ones say how long they waited for the slot, and no slot stays held. The test holds the slot
+/// itself until the three shims run, so that their starts overlap however the machine's load
+/// spreads the three `ctr run`s (on a busy host the first VM could start before the third
+/// `ctr run` reached its shim, and fewer pods waited).
 #[test]
 #[ignore = "slow lane: needs root, containerd and the guest kernel (scripts/test.sh runs it)"]
 fn pods_starting_at_once_take_turns_for_a_start_slot() {
     let env = NutshellContainerd::start_with("max_starting_vms = 1");
     let ctr = env.containerd.ctr();
+    let slots = env.run_dir.join("start-slots");
+    std::fs::create_dir_all(&slots).unwrap();
+    let held = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(slots.join("slot-0"))
+        .unwrap();
+    held.lock().unwrap();
     let children: Vec<Child> = (0..3)
         .map(|i| {
             run_rm(&ctr, &format!("e2e-slot-{i}"))
@@ -479,6 +491,15 @@ fn pods_starting_at_once_take_turns_for_a_start_slot() {
                 .unwrap()
         })
         .collect();
+    assert!(
+        eventually(Duration::from_secs(120), || env.shims().len() == 3),
+        "three shims: {:?}",
+        env.shims()
+    );
+    // Their Creates follow their starts at once; then the slot is theirs to share.
+    std::thread::sleep(Duration::from_secs(2));
+    held.unlock().unwrap();
+    drop(held);
     for (i, child) in children.into_iter().enumerate() {
         let out = wait_output(child, Duration::from_secs(300));
         assert!(
