@@ -1185,12 +1185,16 @@ mod tests {
             .arg("30")
             .spawn()
             .unwrap();
-        // Until the child sleeps: its exec done and its clock_nanosleep(2) (230) entered.
+        // Until the child sleeps: its exec done and its clock_nanosleep(2) (230) entered. The
+        // report reads the command line before the threads: one that caught the exec between
+        // the two has an empty command line (the new program's arguments not set up yet) and
+        // the sleeping thread, so it waits for both.
         let pid = child.id();
         let deadline = Instant::now() + Duration::from_secs(10);
         let report = loop {
             let report = process_report(&[pid]);
-            if report.contains("syscall=230") || Instant::now() > deadline {
+            let exec_done = report.starts_with(&format!("{pid} sleep 30\n"));
+            if (exec_done && report.contains("syscall=230")) || Instant::now() > deadline {
                 break report;
             }
             std::thread::sleep(Duration::from_millis(20));
