@@ -531,7 +531,8 @@ run with the runs interleaved. Read it with the arrow of its unit:
   containers printed. The CRI row times a pod as kubelet starts one, from `RunPodSandbox`
   (the pod's sandbox: runc's pause container, Nutshell's VM) through `CreateContainer` and
   `StartContainer` until `ContainerStatus` says running; it does not wait for output. Its pods
-  use the node's network, so no CNI set-up is in it for either runtime.
+  are on the run's CNI bridge, with the same CNI set-up under every runtime (under runsc,
+  `runsc start` also moves the pod's addresses into gVisor's netstack).
 - **cpu** (events/s ↑): below 1 means slower compute; guest user mode runs at native speed under
   KVM, so anything far from 1 is overhead worth a look.
 - **memory** (MiB/s, faults/s ↑): bandwidth should be near 1; page-fault-heavy allocation
@@ -547,8 +548,8 @@ run with the runs interleaved. Read it with the arrow of its unit:
   number of idle containers. Above 1 means more memory per container than runc.
 - **network** (Gbit/s ↑, µs ↓): TCP between the host and a pod on a CNI bridge of the run's own
   (Debian's `bridge` and `host-local` plugins; the pod's veth for runc, the same veth wired to
-  the VM's virtio-net by tc redirects for Nutshell; runsc is not measured: through the runc shim
-  its sandbox does not get the pod's network namespace). Throughput is Debian's `iperf3` (one stream, the host the client) as the
+  the VM's virtio-net by tc redirects for Nutshell, the veth read and written by gVisor's netstack
+  through a packet socket for runsc). Throughput is Debian's `iperf3` (one stream, the host the client) as the
   receiving side counted it, host → pod and pod → host (`--reverse`); the round trips are one
   connection with `TCP_NODELAY`, a 1-byte request and its echo at a time (the probe's echo
   server in the pod), p50 and p99 of one pod's round trips. A ratio below 1 for throughput, or

@@ -144,13 +144,38 @@ impl RuntimeSpec {
     }
 }
 
-/// The script the runc shim runs as its OCI runtime for gVisor: `runsc --network=none`. Its
-/// netstack never takes over an interface: not the host's (`ctr`'s containers), and not a CNI
-/// pod's either, which through the runc shim does not work: with `--network=sandbox` and the
-/// pod's network namespace path in the spec, `runsc start` refused ("cannot run with network
-/// enabled in root network namespace") and the failed sandbox left its namespace and veth
-/// behind. So a CRI pod under runsc starts (with the CNI set-up the other runtimes get) but has
-/// loopback only; gVisor's own shim, which Debian does not package, would be needed for more.
+/// The script the runc shim runs as its OCI runtime for gVisor (Debian's runsc has no shim of
+/// its own).
+///
+/// Network: a container whose spec names its network namespace by path (a CRI pod on the CNI
+/// network: the pod's sandbox and its containers) runs with `--network=sandbox`, runsc's
+/// default: `runsc start` of the pod's sandbox moves the addresses and routes of the pod's
+/// `eth0` (CNI's veth) into gVisor's netstack, which then sends and receives on that veth
+/// through a packet socket. Every other container (`ctr`'s, whose network namespace has no
+/// path) runs with `--network=none`, loopback only: runsc never takes over an interface of the
+/// host's. The wrapper reads the spec from `--bundle`, or from the directory of the runc
+/// shim's `--log BUNDLE/log.json`; without either, `--network=none`.
+///
+/// The sandbox's `runsc start` runs in a private mount namespace of its own with an empty,
+/// read-only tmpfs over `/proc/sys/net`. runsc 20221219 refuses to take over a network
+/// namespace it takes for the host's, and it decides that by whether
+/// `/proc/sys/net/core/rmem_default` exists (`isRootNS()` in runsc/sandbox/network.go: "only
+/// exists in root network namespace"); Linux 6.18 has that sysctl in every network namespace,
+/// so every pod failed ("cannot run with network enabled in root network namespace", while
+/// runsc's debug log showed the sandbox started in the pod's namespace). The whole of
+/// `/proc/sys/net` goes: `/proc/sys/net/core` is a directory per network namespace, and a
+/// mount over the host's does not hide the one runsc sees after it has joined the pod's. That
+/// mount namespace propagates nothing to the host and ends with `runsc start`, which starts no
+/// process for a sandbox (the sandbox and its gofer were started by `create`, outside it).
+/// runsc needs nothing else under `/proc/sys/net` there (it reads the interfaces through
+/// netlink). A pod's other containers start without it: runsc sets up the network only when it
+/// starts a sandbox. If the mount fails, `start` fails and says why in runsc's log.
+///
+/// `kill` with SIGKILL or SIGTERM of a container still created (its `start` failed), which
+/// runsc refuses ("cannot signal container ... in state created"), deletes it instead (`runsc
+/// delete --force`, as runc's kill ends a created container's init): otherwise a pod whose
+/// sandbox failed to start could not be stopped, and its network namespace and veth stayed
+/// behind.
 ///
 /// `runsc start` gets `/dev/null` as its standard input, output and error. runsc hands a
 /// sub-container (a CRI pod's containers after its sandbox) the stdio of `runsc start`, not of
@@ -182,25 +207,42 @@ pub fn runsc_wrapper(runsc: &Path, debug_dir: Option<&Path>) -> String {
     format!(
         r#"#!/bin/sh
 # runsc for containerd's runc shim, written by nutshell-bench: see runsc_wrapper().
-bundle= start= create= kill= pidfile= root= id= prev=
+bundle= log= start= create= kill= pidfile= root= id= prev= penult=
 for arg in "$@"; do
     case "$prev" in
         --bundle|-bundle|-b) bundle=$arg ;;
+        --log|-log) log=$arg ;;
         --pid-file|-pid-file) pidfile=$arg ;;
         --root|-root) root=$arg ;;
     esac
     case "$arg" in
         --bundle=*) bundle=${{arg#--bundle=}} ;;
+        --log=*) log=${{arg#--log=}} ;;
         --pid-file=*) pidfile=${{arg#--pid-file=}} ;;
         --root=*) root=${{arg#--root=}} ;;
         start) start=1 ;;
         create) create=1 ;;
         kill) kill=1 ;;
     esac
+    penult=$prev
     prev=$arg
     id=$arg
 done
+[ -n "$bundle" ] || [ -z "$log" ] || bundle=${{log%/*}}
 net=none
+if [ -n "$bundle" ] && grep -q '"type":"network","path":"' "$bundle/config.json" 2>/dev/null; then
+    net=sandbox
+fi
+if [ -n "$start" ] && [ "$net" = sandbox ] &&
+    ! grep -q '"io.kubernetes.cri.container-type":"container"' "$bundle/config.json"; then
+    exec unshare --mount --propagation private sh -c '
+        mount -t tmpfs -o ro,size=4k,mode=0555 nutshell-runsc-net /proc/sys/net || {{
+            printf "%s\n" "{{\"level\":\"error\",\"msg\":\"runsc wrapper: cannot hide /proc/sys/net from runsc start\"}}" >>"$1"
+            exit 1
+        }}
+        shift
+        exec "$@"' runsc-start "${{log:-/dev/null}}" {runsc}{debug} --network=$net "$@" </dev/null >/dev/null 2>&1
+fi
 if [ -n "$start" ]; then
     exec {runsc}{debug} --network=$net "$@" </dev/null >/dev/null 2>&1
 fi
@@ -209,6 +251,10 @@ if [ -n "$kill" ]; then
     status=$?
     printf '%s\n' "$out" >&2
     case "$out" in *"is not running"*) echo "container not running" >&2 ;; esac
+    case "$out:$id" in
+        *"in state created"*:9|*"in state created"*:15|*"in state created"*:*KILL|*"in state created"*:*TERM)
+            {runsc}{debug} --network=$net --root "$root" delete --force "$penult" && exit 0 ;;
+    esac
     exit $status
 fi
 if [ -n "$create" ] && [ -n "$pidfile" ] && [ -n "$root" ] &&
@@ -1185,12 +1231,16 @@ mod tests {
             .arg("30")
             .spawn()
             .unwrap();
-        // Until the child sleeps: its exec done and its clock_nanosleep(2) (230) entered.
+        // Until the child sleeps: its exec done and its clock_nanosleep(2) (230) entered. The
+        // report reads the command line before the threads: one that caught the exec between
+        // the two has an empty command line (the new program's arguments not set up yet) and
+        // the sleeping thread, so it waits for both.
         let pid = child.id();
         let deadline = Instant::now() + Duration::from_secs(10);
         let report = loop {
             let report = process_report(&[pid]);
-            if report.contains("syscall=230") || Instant::now() > deadline {
+            let exec_done = report.starts_with(&format!("{pid} sleep 30\n"));
+            if (exec_done && report.contains("syscall=230")) || Instant::now() > deadline {
                 break report;
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -1352,19 +1402,33 @@ mod tests {
         assert!(CniNetwork::for_this_process().bridge.len() <= 15);
     }
 
-    /// The wrapper for real, with a stand-in for runsc that prints its arguments.
+    /// The wrapper for real, with a stand-in for runsc that prints its arguments (and, as root,
+    /// whether it sees `/proc/sys/net/core/rmem_default`).
     #[test]
-    fn the_runsc_wrapper_gives_runsc_no_network_even_in_a_cni_pod() {
+    fn the_runsc_wrapper_gives_cni_pods_runscs_network_and_other_containers_none() {
         use std::os::unix::fs::PermissionsExt as _;
         let dir = tempfile::tempdir().unwrap();
         let fake = dir.path().join("fake runsc");
-        fs::write(&fake, "#!/bin/sh\necho \"$@\"\n").unwrap();
+        let seen = dir.path().join("seen");
+        fs::write(
+            &fake,
+            format!(
+                "#!/bin/sh\n\
+                 case \"$*\" in *' kill '*) echo 'cannot signal container \"id\" in state \
+                 created' >&2; exit 128 ;; esac\n\
+                 echo \"$@\"\n\
+                 if [ -e /proc/sys/net/core/rmem_default ]; then s=visible; else s=hidden; fi\n\
+                 echo \"$s $*\" >'{}'\n",
+                seen.display()
+            ),
+        )
+        .unwrap();
         fs::set_permissions(&fake, fs::Permissions::from_mode(0o755)).unwrap();
         let wrapper = dir.path().join("wrapper");
         fs::write(&wrapper, runsc_wrapper(&fake, None)).unwrap();
         fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755)).unwrap();
-        let run = |spec: &str, args: &[&str]| {
-            let bundle = dir.path().join("bundle");
+        let bundle = dir.path().join("bundle");
+        let wrap = |spec: &str, args: &[&str]| {
             fs::create_dir_all(&bundle).unwrap();
             fs::write(bundle.join("config.json"), spec).unwrap();
             let out = Command::new(&wrapper)
@@ -1374,17 +1438,24 @@ mod tests {
                 )
                 .output()
                 .unwrap();
-            assert!(out.status.success(), "{out:?}");
-            String::from_utf8(out.stdout).unwrap().trim().to_owned()
+            let stdout = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+            (out.status, stdout)
         };
-        let cni = r#"{"linux":{"namespaces":[{"type":"pid"},{"type":"network","path":"/var/run/netns/cni-1234"}]}}"#;
+        let run = |spec: &str, args: &[&str]| {
+            let (status, out) = wrap(spec, args);
+            assert!(status.success(), "{args:?}: {status:?} {out}");
+            out
+        };
+        // containerd writes the spec as compact JSON.
+        let cni = r#"{"annotations":{"io.kubernetes.cri.container-type":"sandbox"},"linux":{"namespaces":[{"type":"pid"},{"type":"network","path":"/var/run/netns/cni-1234"}]}}"#;
+        let cni_app = r#"{"annotations":{"io.kubernetes.cri.container-type":"container"},"linux":{"namespaces":[{"type":"pid"},{"type":"network","path":"/proc/42/ns/net"}]}}"#;
         let ctr = r#"{"linux":{"namespaces":[{"type":"pid"},{"type":"network"}]}}"#;
         let host = r#"{"linux":{"namespaces":[{"type":"pid"}]}}"#;
         let create = ["--root", "/r", "create", "--bundle", "BUNDLE", "id"];
         assert_eq!(
             run(cni, &create),
             format!(
-                "--network=none --root /r create --bundle {}/bundle id",
+                "--network=sandbox --root /r create --bundle {}/bundle id",
                 dir.path().display()
             )
         );
@@ -1394,12 +1465,56 @@ mod tests {
                 "{spec}"
             );
         }
+        // Other commands: the bundle from the runc shim's --log.
+        let log = ["--root", "/r", "--log", "BUNDLE/log.json", "state", "id"];
+        assert!(run(cni, &log).starts_with("--network=sandbox --root"));
+        assert!(run(cni_app, &log).starts_with("--network=sandbox --root"));
+        assert!(run(ctr, &log).starts_with("--network=none --root"));
         assert_eq!(run(cni, &["state", "id"]), "--network=none state id");
-        assert!(
-            run(cni, &["--log", "BUNDLE/log.json", "state", "id"]).starts_with("--network=none")
+        // `start` runs with /dev/null for stdio: the stand-in's echo goes there, what it saw to
+        // `seen`.
+        let seen_by_start = |spec: &str| {
+            let _ = fs::remove_file(&seen);
+            let start = ["--root", "/r", "--log", "BUNDLE/log.json", "start", "id"];
+            assert_eq!(run(spec, &start), "");
+            fs::read_to_string(&seen).unwrap().trim().to_owned()
+        };
+        let args = format!(
+            "--network=sandbox --root /r --log {}/bundle/log.json start id",
+            dir.path().display()
         );
-        // `start` runs with /dev/null for stdio: the stand-in's echo goes there.
-        assert_eq!(run(cni, &["--root", "/r", "start", "id"]), "");
+        assert_eq!(seen_by_start(cni_app), format!("visible {args}"));
+        assert!(seen_by_start(ctr).starts_with("visible --network=none --root /r"));
+        if nix::unistd::geteuid().is_root() {
+            // The sandbox's start: /proc/sys/net hidden from runsc, and from it only.
+            assert_eq!(seen_by_start(cni), format!("hidden {args}"));
+            assert!(Path::new("/proc/sys/net/core/rmem_default").exists());
+        } else {
+            eprintln!("not root: the sandbox's start in a mount namespace of its own not run");
+        }
+        // A created container that runsc will not kill is deleted instead, for SIGKILL/SIGTERM.
+        let kill = |spec: &str, signal: &str| {
+            wrap(
+                spec,
+                &[
+                    "--root",
+                    "/r",
+                    "--log",
+                    "BUNDLE/log.json",
+                    "kill",
+                    "id",
+                    signal,
+                ],
+            )
+        };
+        for signal in ["9", "15", "KILL", "SIGTERM"] {
+            let (status, out) = kill(cni, signal);
+            assert!(status.success(), "{signal}: {status:?}");
+            assert_eq!(out, "--network=sandbox --root /r delete --force id");
+        }
+        let (status, out) = kill(ctr, "10");
+        assert_eq!(status.code(), Some(128), "{out}");
+        assert_eq!(out, "");
         assert!(runsc_wrapper(&fake, None).contains("\"$@\" </dev/null >/dev/null 2>&1\n"));
         let debug = runsc_wrapper(Path::new("/usr/bin/runsc"), Some(Path::new("/tmp/d")));
         assert!(

@@ -3,7 +3,8 @@
 //!
 //! Each round starts one pod per runtime through containerd's CRI (the pod's network from
 //! Debian's CNI `bridge` and `host-local` plugins on the run's bridge; for Nutshell the shim
-//! moves it into the VM). Its container runs Debian's `iperf3 --server` and the probe's echo
+//! moves it into the VM, for runsc `runsc start` moves its addresses into gVisor's netstack:
+//! see `containerd::runsc_wrapper`). Its container runs Debian's `iperf3 --server` and the probe's echo
 //! server. From the host, in the run's own process:
 //!
 //! - TCP throughput, host → pod (`iperf3 --client`) and pod → host (`--reverse`), as the
@@ -63,17 +64,6 @@ fn server_command() -> Vec<String> {
         ),
     ]
 }
-
-/// Why runsc's column has no network figures. Measured here (Debian's runsc 20221219 as the runc
-/// shim's binary, a CRI pod on the CNI bridge): the sandbox process is not in the pod's network
-/// namespace, and `runsc start` refuses ("setting up network: creating interfaces from net
-/// namespace /proc/PID/ns/net: cannot run with network enabled in root network namespace");
-/// the failed sandbox could then not be stopped, and its network namespace and veth stayed
-/// behind. Until gVisor's own shim (`containerd-shim-runsc-v1`, not packaged by Debian) runs
-/// it, no runsc pod is started by this workload.
-pub const RUNSC_NOT_MEASURED: &str = "not measured: through the runc shim runsc's sandbox is \
-    not in the pod's network namespace (runsc start: \"cannot run with network enabled in root \
-    network namespace\"); it needs gVisor's own shim";
 
 /// The metrics of the workload, by index into the runner's metrics.
 struct NetMetrics {
@@ -143,12 +133,6 @@ impl Runner {
     /// One pod under `spec`: its server up, then round trips, then iperf3 both ways; the pod
     /// removed afterwards, whatever failed.
     fn network_round(&mut self, pods: &mut CriPods, spec: &RuntimeSpec, m: &NetMetrics) {
-        if spec.name == "runsc" {
-            for i in [m.to_pod, m.from_pod, m.p50, m.p99] {
-                self.record(i, &spec.name, Err(RUNSC_NOT_MEASURED.to_owned()));
-            }
-            return;
-        }
         let name = self.id("net", &spec.name);
         let plan = self.config.plan.clone();
         let pod = match pods.start_on_pod_network(&name, &spec.name, NET_IMAGE, &server_command()) {
