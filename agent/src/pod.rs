@@ -24,6 +24,9 @@ use crate::pod_ns::PodNsError;
 use crate::sandbox::{self, Sandbox, SandboxConfig, SandboxError, SandboxOs};
 use crate::stdio::{self, Listen, StdioError, StdioPorts};
 
+/// The containers' cgroups' parent, under the cgroup root.
+const CGROUP_PARENT: &str = "nutshell";
+
 /// Largest OCI spec or process JSON accepted.
 pub const MAX_SPEC_LEN: usize = 1 << 20;
 
@@ -116,6 +119,9 @@ pub struct Pod {
     listen: Box<dyn Listen + Send + Sync>,
     sandbox_os: Box<dyn SandboxOs>,
     cgroup_root: PathBuf,
+    /// `<cgroup_root>/nutshell` with the controllers on, made at boot; `None` if that failed
+    /// (each container's cgroup then makes it).
+    containers_cgroup: Option<Cgroup>,
     accept_timeout: Duration,
     sandbox: Mutex<Option<Sandbox>>,
     oom: Option<OomWatcher>,
@@ -151,11 +157,22 @@ impl Pod {
                 None
             }
         };
+        let containers_cgroup = match Cgroup::create_parent(&cgroup_root, Path::new(CGROUP_PARENT))
+        {
+            Ok(cg) => Some(cg),
+            Err(e) => {
+                log::warn!(
+                    "containers' parent cgroup not made at boot (each container's makes it): {e}"
+                );
+                None
+            }
+        };
         Pod {
             containers,
             listen,
             sandbox_os,
             cgroup_root,
+            containers_cgroup,
             accept_timeout: stdio::ACCEPT_TIMEOUT,
             sandbox: Mutex::new(None),
             oom,
@@ -318,8 +335,20 @@ impl Pod {
             id: id.to_string(),
             source,
         };
-        let cgroup =
-            Cgroup::create(&self.cgroup_root, &Path::new("nutshell").join(id)).map_err(cg_err)?;
+        let cgroup = match &self.containers_cgroup {
+            Some(parent) => match parent.child(id) {
+                // The parent is gone (a container with the whole hierarchy removed it): make
+                // both again.
+                Err(CgroupError::Mkdir { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    Cgroup::create(&self.cgroup_root, &Path::new(CGROUP_PARENT).join(id))
+                }
+                made => made,
+            },
+            None => Cgroup::create(&self.cgroup_root, &Path::new(CGROUP_PARENT).join(id)),
+        }
+        .map_err(cg_err)?;
         if let Some(r) = resources {
             if let Err(e) = cgroup.apply(r) {
                 let _ = cgroup.remove();

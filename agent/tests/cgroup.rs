@@ -80,6 +80,52 @@ fn create_enables_the_wanted_controllers_in_each_parent() {
     ));
 }
 
+#[test]
+fn a_prepared_parent_makes_children_with_only_a_directory() {
+    let root = tempfile::tempdir().unwrap();
+    fake_cgroup(root.path(), "cpuset cpu io memory pids", &[]);
+    // The kernel gives a new cgroup its controllers file: stand in for it before the parent is
+    // made (create_dir finds the directory and reuses it).
+    fake_cgroup(&root.path().join("nutshell"), "cpu memory pids", &[]);
+    let parent = Cgroup::create_parent(root.path(), Path::new("nutshell")).unwrap();
+    assert_eq!(
+        read(root.path().join("cgroup.subtree_control")),
+        "+cpuset +cpu +io +memory +pids"
+    );
+    assert_eq!(
+        read(root.path().join("nutshell/cgroup.subtree_control")),
+        "+cpu +memory +pids",
+        "the parent's children get the controllers without enabling them themselves"
+    );
+    // Make any write to the controls visible: a child must not touch them.
+    for dir in [root.path().to_path_buf(), root.path().join("nutshell")] {
+        fs::write(dir.join("cgroup.subtree_control"), "untouched").unwrap();
+    }
+    let child = parent.child("ctr1").unwrap();
+    assert_eq!(child.path(), root.path().join("nutshell/ctr1"));
+    assert!(child.path().is_dir());
+    // Again: reused.
+    assert_eq!(parent.child("ctr1").unwrap().path(), child.path());
+    for dir in [root.path().to_path_buf(), root.path().join("nutshell")] {
+        assert_eq!(read(dir.join("cgroup.subtree_control")), "untouched");
+    }
+    for bad in ["", "..", ".", "a/b", "/abs", "../escape"] {
+        assert!(
+            matches!(parent.child(bad), Err(CgroupError::InvalidPath { .. })),
+            "child {bad:?} was accepted"
+        );
+    }
+    assert!(!root.path().join("escape").exists());
+    // The parent gone: the child's mkdir says so (the pod then makes both again).
+    fs::remove_dir_all(root.path().join("nutshell")).unwrap();
+    match parent.child("ctr2") {
+        Err(CgroupError::Mkdir { source, .. }) => {
+            assert_eq!(source.kind(), std::io::ErrorKind::NotFound)
+        }
+        other => panic!("a child of a removed parent: {other:?}"),
+    }
+}
+
 const LIMIT_FILES: [&str; 8] = [
     "memory.max",
     "memory.swap.max",

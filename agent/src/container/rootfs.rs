@@ -264,8 +264,10 @@ impl RootfsPlan {
         steps.mark("root");
         for m in &self.mounts {
             m.apply(&self.root)?;
+            if steps.timing() {
+                steps.mark(&format!("mount {}", m.destination.display()));
+            }
         }
-        steps.mark("mounts");
         if self.setup_dev {
             self.make_devices()?;
         }

@@ -27,6 +27,11 @@ impl Steps {
         }
     }
 
+    /// Whether steps are timed (debug logging on): a step's name worth building only then.
+    pub fn timing(&self) -> bool {
+        self.last.is_some()
+    }
+
     /// Ends step `name`.
     pub fn mark(&mut self, name: &str) {
         use std::fmt::Write as _;
