@@ -278,7 +278,7 @@ impl Pod {
         if let Err(e) = self.containers.set_cgroup(id, cgroup) {
             log::warn!("container {id}: {e}");
         }
-        log::info!(
+        log::debug!(
             "container {id} created (init pid {pid}) in {:.2} s: stdio {:.2} s, cgroup {:.2} s, \
              process {:.2} s",
             began.elapsed().as_secs_f64(),
@@ -364,11 +364,11 @@ impl Pod {
         let begun = log::log_enabled!(log::Level::Debug).then(Instant::now);
         self.containers.start(id)?;
         match begun {
-            Some(begun) => log::info!(
+            Some(begun) => log::debug!(
                 "container {id} started (execve done after {:.2} s)",
                 begun.elapsed().as_secs_f64()
             ),
-            None => log::info!("container {id} started"),
+            None => log::debug!("container {id} started"),
         }
         Ok(())
     }
@@ -409,7 +409,7 @@ impl Pod {
             req.terminal,
             &place,
         )?;
-        log::info!("container {id}: exec {} (pid {pid})", req.exec_id);
+        log::debug!("container {id}: exec {} (pid {pid})", req.exec_id);
         if let (Some(begun), Some(accepted)) = (begun, accepted) {
             log::debug!(
                 "container {id}: exec {} running after {:.2} s (streams {:.2} s)",
@@ -539,7 +539,7 @@ impl Pod {
                 log::warn!("container {id}: cannot remove its cgroup: {e}");
             }
         }
-        log::info!("container {id} removed");
+        log::debug!("container {id} removed");
         Ok(())
     }
 }

@@ -289,7 +289,7 @@ impl PodInit {
                 };
                 match result {
                     Ok(()) => {
-                        log::info!(
+                        log::debug!(
                             "pod init (pid {pid}) holds the pod's {} namespaces; {} sysctls set",
                             kinds.join(", "),
                             sysctls.len()
@@ -310,7 +310,7 @@ impl PodInit {
             Some(fd) => syscall::pidfd_send_signal(fd.as_fd(), libc::SIGKILL).is_ok(),
             None => nix::sys::signal::kill(self.pid, Signal::SIGKILL).is_ok(),
         };
-        log::info!("pod init (pid {}) stopped (SIGKILL sent: {sent})", self.pid);
+        log::debug!("pod init (pid {}) stopped (SIGKILL sent: {sent})", self.pid);
     }
 }
 

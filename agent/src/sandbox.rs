@@ -237,7 +237,7 @@ pub fn set_up(cfg: SandboxConfig, os: &dyn SandboxOs) -> Result<Sandbox, Sandbox
             return Err(SandboxError::PodNs(e));
         }
     };
-    log::info!(
+    log::debug!(
         "sandbox {} set up (hostname {:?}, shared directory {:?}, own namespaces {:?}, {} sysctls)",
         cfg.id,
         cfg.hostname,
@@ -260,7 +260,7 @@ pub fn tear_down(sandbox: Sandbox, os: &dyn SandboxOs) -> Result<(), SandboxErro
             source,
         })?;
     }
-    log::info!("sandbox {} taken down", cfg.id);
+    log::debug!("sandbox {} taken down", cfg.id);
     Ok(())
 }
 

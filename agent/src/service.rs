@@ -116,7 +116,7 @@ impl AgentService {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
-        log::info!(
+        log::debug!(
             "guest refreshed: wall clock {}.{:09} ({}), {} entropy bytes",
             now.as_secs(),
             now.subsec_nanos(),

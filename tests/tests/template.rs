@@ -20,7 +20,8 @@ use nutshell_tests::{
     busybox_rootfs, guest_artifact, memory_use, vmm_binary, MemoryUse, VmmProcess,
 };
 
-const CMDLINE: &str = "quiet";
+/// Debug: the agent logs the wall clock it set at debug level, and the tests read it back.
+const CMDLINE: &str = "quiet nutshell.log=debug";
 
 /// The template of the test's VMs: kernel, agent initramfs, shape, and a virtio-fs device
 /// (the template's device is never mounted; each restored VM exports its own directory).
