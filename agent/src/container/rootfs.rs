@@ -636,17 +636,23 @@ fn make_mount_point(target: &Path, dir: bool) -> std::io::Result<()> {
     if dir {
         return fs::create_dir_all(target);
     }
-    if let Some(parent) = target.parent() {
-        fs::create_dir_all(parent)?;
+    // A file mount point in one request: `mknod` makes the empty file where creating it with
+    // `open` would also cost a flush and a release (on virtio-fs, a round trip to the host
+    // each), and a look-up first says nothing `mknod` does not (it exists: EEXIST; its
+    // directory does not: ENOENT).
+    let make = || match mknod(target, SFlag::S_IFREG, Mode::from_bits_truncate(0o666), 0) {
+        Ok(()) | Err(nix::Error::EEXIST) => Ok(()),
+        Err(e) => Err(std::io::Error::from(e)),
+    };
+    match make() {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(parent) = target.parent() {
+                fs::create_dir_all(parent)?;
+            }
+            make()
+        }
+        done => done,
     }
-    if fs::symlink_metadata(target).is_err() {
-        fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(target)?;
-    }
-    Ok(())
 }
 
 /// Hides `path`: `/dev/null` over a file, a read-only tmpfs over a directory; a path that does
@@ -809,6 +815,37 @@ fn invalid(msg: impl Into<String>) -> ContainerError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn file_mount_points_are_made_once_with_their_directories() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        // Missing file and missing directories: both made, the file empty.
+        let hosts = root.join("etc/deep/hosts");
+        make_mount_point(&hosts, false).unwrap();
+        let meta = fs::symlink_metadata(&hosts).unwrap();
+        assert!(meta.file_type().is_file());
+        assert_eq!(meta.len(), 0);
+        // An existing file keeps its content; a dangling symlink is left as it is.
+        fs::write(root.join("etc/hostname"), "image").unwrap();
+        make_mount_point(&root.join("etc/hostname"), false).unwrap();
+        assert_eq!(
+            fs::read_to_string(root.join("etc/hostname")).unwrap(),
+            "image"
+        );
+        symlink("missing", root.join("etc/resolv.conf")).unwrap();
+        make_mount_point(&root.join("etc/resolv.conf"), false).unwrap();
+        assert!(fs::symlink_metadata(root.join("etc/resolv.conf"))
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        // A file where a directory should be is an error, not a mount point.
+        let err = make_mount_point(&root.join("etc/hostname/x"), false).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOTDIR));
+        // A directory mount point.
+        make_mount_point(&root.join("var/run/x"), true).unwrap();
+        assert!(root.join("var/run/x").is_dir());
+    }
 
     #[test]
     fn secure_join_stays_in_root() {
