@@ -27,6 +27,12 @@ use crate::stdio::{self, Listen, StdioError, StdioPorts};
 /// The containers' cgroups' parent, under the cgroup root.
 const CGROUP_PARENT: &str = "nutshell";
 
+/// Container cgroups made at boot under [`CGROUP_PARENT`] (`spare0`, `spare1`), which the
+/// first containers take instead of making their own: a template's snapshot holds them, and
+/// making a cgroup with its controllers is ~0.15 s of emulated kernel work in a guest here.
+/// Two cover a pod with a sidecar; a further container makes its own, named by its id.
+const SPARE_CGROUPS: usize = 2;
+
 /// Largest OCI spec or process JSON accepted.
 pub const MAX_SPEC_LEN: usize = 1 << 20;
 
@@ -122,10 +128,26 @@ pub struct Pod {
     /// `<cgroup_root>/nutshell` with the controllers on, made at boot; `None` if that failed
     /// (each container's cgroup then makes it).
     containers_cgroup: Option<Cgroup>,
+    /// Empty cgroups under `containers_cgroup` made at boot, taken by the first containers.
+    spare_cgroups: Mutex<Vec<Cgroup>>,
     accept_timeout: Duration,
     sandbox: Mutex<Option<Sandbox>>,
     oom: Option<OomWatcher>,
     oom_events: Mutex<mpsc::Receiver<String>>,
+}
+
+/// The [`SPARE_CGROUPS`] under `parent`, the one to take first last; one that cannot be made is
+/// logged and left out.
+fn make_spare_cgroups(parent: &Cgroup) -> Vec<Cgroup> {
+    (0..SPARE_CGROUPS)
+        .rev()
+        .filter_map(|i| {
+            parent
+                .child(&format!("spare{i}"))
+                .map_err(|e| log::warn!("spare container cgroup {i} not made at boot: {e}"))
+                .ok()
+        })
+        .collect()
 }
 
 impl std::fmt::Debug for Pod {
@@ -167,12 +189,17 @@ impl Pod {
                 None
             }
         };
+        let spare_cgroups = containers_cgroup
+            .as_ref()
+            .map(make_spare_cgroups)
+            .unwrap_or_default();
         Pod {
             containers,
             listen,
             sandbox_os,
             cgroup_root,
             containers_cgroup,
+            spare_cgroups: Mutex::new(spare_cgroups),
             accept_timeout: stdio::ACCEPT_TIMEOUT,
             sandbox: Mutex::new(None),
             oom,
@@ -335,8 +362,16 @@ impl Pod {
             id: id.to_string(),
             source,
         };
-        let cgroup = match &self.containers_cgroup {
-            Some(parent) => match parent.child(id) {
+        let spare = lock(&self.spare_cgroups)
+            .pop()
+            // A privileged container may have removed it (or the whole hierarchy).
+            .filter(|spare| spare.path().is_dir());
+        let cgroup = match (spare, &self.containers_cgroup) {
+            (Some(spare), _) => {
+                log::debug!("container {id} takes cgroup {}", spare.path().display());
+                Ok(spare)
+            }
+            (None, Some(parent)) => match parent.child(id) {
                 // The parent is gone (a container with the whole hierarchy removed it): make
                 // both again.
                 Err(CgroupError::Mkdir { source, .. })
@@ -346,7 +381,7 @@ impl Pod {
                 }
                 made => made,
             },
-            None => Cgroup::create(&self.cgroup_root, &Path::new(CGROUP_PARENT).join(id)),
+            (None, None) => Cgroup::create(&self.cgroup_root, &Path::new(CGROUP_PARENT).join(id)),
         }
         .map_err(cg_err)?;
         if let Some(r) = resources {
@@ -653,6 +688,40 @@ pub fn stats_to_pb(s: &CgroupStats) -> pb::StatsContainerResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_first_containers_take_the_spare_cgroups_made_at_boot() {
+        let root = tempfile::tempdir().unwrap();
+        // A cgroup root and the containers' parent, as the kernel would show them.
+        for dir in [root.path().to_path_buf(), root.path().join(CGROUP_PARENT)] {
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("cgroup.controllers"), "cpu memory pids\n").unwrap();
+            std::fs::write(dir.join("cgroup.subtree_control"), "\n").unwrap();
+        }
+        let pod = Pod::new(
+            Arc::new(Containers::new()),
+            Box::new(crate::stdio::VsockListen),
+            Box::new(crate::sandbox::GuestOs),
+            root.path().to_path_buf(),
+        );
+        let parent = root.path().join(CGROUP_PARENT);
+        assert!(parent.join("spare0").is_dir() && parent.join("spare1").is_dir());
+        assert_eq!(
+            pod.make_cgroup("c1", None).unwrap().path(),
+            parent.join("spare0")
+        );
+        // A spare gone (a privileged container removed it) is passed over.
+        std::fs::remove_dir(parent.join("spare1")).unwrap();
+        assert_eq!(
+            pod.make_cgroup("c2", None).unwrap().path(),
+            parent.join("c2")
+        );
+        // No spare left: a cgroup of its own, named by the container.
+        assert_eq!(
+            pod.make_cgroup("c3", None).unwrap().path(),
+            parent.join("c3")
+        );
+    }
 
     #[test]
     fn update_resources_keep_zero_fields_unset() {
