@@ -257,6 +257,14 @@ mod tests {
         );
         let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
         assert!(shim_serves(&address, t).unwrap(), "a listening shim");
+        // A dead shim: its socket refuses connections. Shut down rather than only dropped: a
+        // process that another test spawns at that moment holds a copy of the descriptor
+        // until its execve, and the socket would listen on through it.
+        nix::sys::socket::shutdown(
+            std::os::fd::AsRawFd::as_raw_fd(&listener),
+            nix::sys::socket::Shutdown::Both,
+        )
+        .unwrap();
         drop(listener);
         assert!(path.exists());
         assert!(!shim_serves(&address, t).unwrap(), "a dead shim's socket");
