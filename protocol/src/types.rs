@@ -60,6 +60,16 @@ pub enum TypesError {
     },
 }
 
+/// A line of guest output made safe to log: trailing white space dropped, at most `max`
+/// characters, control characters (escape sequences, carriage returns) masked as `?`.
+pub fn clean_line(line: &str, max: usize) -> String {
+    line.trim_end()
+        .chars()
+        .take(max)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
 /// Checks that `value` is 1..=`max` bytes of printable ASCII (space to `~`).
 pub fn validate_printable(field: &'static str, value: &str, max: usize) -> Result<(), TypesError> {
     if value.is_empty() {

@@ -21,7 +21,7 @@
 
 mod args;
 
-use std::io::Read;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -331,6 +331,8 @@ pub fn ensure(config: &TemplateConfig) -> Result<Template, TemplateError> {
 struct TemplateVmm {
     child: Child,
     log: PathBuf,
+    /// The guest's console: its last lines say why a guest died (a panic, an oops).
+    console: PathBuf,
     vmm: PathBuf,
 }
 
@@ -353,14 +355,39 @@ impl TemplateVmm {
         false
     }
 
-    /// An error with the VMM's last log lines.
+    /// A control-socket error, or, when the VMM has exited meanwhile (a broken connection is
+    /// how its death looks from here), the exit with the VMM's and the guest's last lines.
+    fn control_error(&mut self, e: VmmClientError) -> TemplateError {
+        if self.wait_exit(Duration::from_secs(1)) {
+            return self.error(&format!("the template VM exited during its snapshot ({e})"));
+        }
+        TemplateError::Control(e)
+    }
+
+    /// An error with the VMM's last log lines and the guest console's (the build directory
+    /// that holds the console is removed with the failed build).
     fn error(&self, what: &str) -> TemplateError {
-        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let tail: Vec<&str> = log.lines().rev().take(5).collect();
-        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        let log = last(&file_tail(&self.log), 5).join(" | ");
+        let mut message = format!("{what}; its log ends: {log}");
+        let console = file_tail(&self.console);
+        // A guest kernel's panic line comes before its call trace: quoted on its own.
+        if let Some(fatal) = console
+            .iter()
+            .rev()
+            .find(|l| GUEST_FATAL.iter().any(|m| l.contains(m)))
+        {
+            message.push_str(&format!("; the guest kernel said: {}", fatal.trim_start()));
+        }
+        let console = last(&console, CONSOLE_TAIL_LINES);
+        if !console.is_empty() {
+            message.push_str(&format!(
+                "; the guest console ends: {}",
+                console.join(" | ")
+            ));
+        }
         TemplateError::Vmm {
             vmm: self.vmm.clone(),
-            message: format!("{what}; its log ends: {}", tail.join(" | ")),
+            message,
         }
     }
 }
@@ -373,6 +400,35 @@ impl Drop for TemplateVmm {
             let _ = self.wait_exit(Duration::from_secs(10));
         }
     }
+}
+
+/// Guest console lines a failed build's error quotes.
+const CONSOLE_TAIL_LINES: usize = 5;
+
+/// How a guest kernel's fatal message starts (a panic, an oops, a BUG).
+const GUEST_FATAL: &[&str] = &["Kernel panic - not syncing", "BUG: ", "Oops: "];
+
+/// The last `n` of `lines`.
+fn last(lines: &[String], n: usize) -> &[String] {
+    &lines[lines.len().saturating_sub(n)..]
+}
+
+/// The non-empty lines of the last 8 KiB of the file at `path`, made safe to log: the guest
+/// wrote the console, so each line is cut and its control characters masked.
+fn file_tail(path: &Path) -> Vec<String> {
+    const WINDOW: u64 = 8 << 10;
+    let mut bytes = Vec::new();
+    if let Ok(mut f) = std::fs::File::open(path) {
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        if f.seek(SeekFrom::Start(len.saturating_sub(WINDOW))).is_ok() {
+            let _ = f.take(WINDOW).read_to_end(&mut bytes);
+        }
+    }
+    String::from_utf8_lossy(&bytes)
+        .lines()
+        .map(|l| nutshell_protocol::types::clean_line(l, 300))
+        .filter(|l| !l.trim().is_empty())
+        .collect()
 }
 
 /// Detaches whatever is mounted on its path when dropped (nothing mounted: nothing to do).
@@ -404,12 +460,13 @@ pub fn build(config: &TemplateConfig, key: &str, out: &Path) -> Result<(), Templ
         vcpus: u32::from(config.vcpus),
         memory_mib: config.memory_mib,
     };
+    let console = out.join("boot-console");
     let mut args = VmmArgs::new()
         .cold_boot(&guest)
         .opt("--cpu-profile", config.cpu_profile.as_arg())
         .vsock(&uds)
         .api_sock(&api)
-        .console(&out.join("boot-console"))
+        .console(&console)
         .flag("--nic-without-tap");
     // A jailed VMM binds the shared directory over itself and its supervisor undoes that when
     // it exits; a supervisor killed (a build abandoned, a VMM that hung) cannot. Dropped after
@@ -439,11 +496,12 @@ pub fn build(config: &TemplateConfig, key: &str, out: &Path) -> Result<(), Templ
     let mut vmm = TemplateVmm {
         child,
         log,
+        console,
         vmm: config.vmm.clone(),
     };
     wait_for_agent(config, &mut vmm, &uds)?;
     let control = VmmClient::connect(&api, Duration::from_secs(30), Duration::from_secs(120))
-        .map_err(TemplateError::Control)?;
+        .map_err(|e| vmm.control_error(e))?;
     // The guest closes the agent connection asynchronously (SHUTDOWN, then RST): while it is
     // open the VMM refuses the snapshot (FAILED_PRECONDITION) and we try again.
     let deadline = Instant::now() + SNAPSHOT_RETRY;
@@ -454,7 +512,7 @@ pub fn build(config: &TemplateConfig, key: &str, out: &Path) -> Result<(), Templ
                 log::debug!("template snapshot deferred: {e}");
                 std::thread::sleep(Duration::from_millis(5));
             }
-            Err(e) => return Err(TemplateError::Control(e)),
+            Err(e) => return Err(vmm.control_error(e)),
         }
         if vmm.exited() {
             return Err(vmm.error("the template VM stopped before its snapshot"));
@@ -529,6 +587,25 @@ mod tests {
             ready_timeout: Duration::from_secs(1),
             jail: false,
         }
+    }
+
+    #[test]
+    fn a_failed_build_quotes_the_last_lines_masked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console");
+        let mut text = "old line\n".repeat(2000);
+        text.push_str("[    9.1] Kernel panic - not syncing: \x1b[2Jboom\r\n\n\n");
+        text.push_str(&format!("{}\n", "x".repeat(1000)));
+        std::fs::write(&path, text).unwrap();
+        let lines = file_tail(&path);
+        assert!(lines.len() < 2000, "only the file's last 8 KiB are read");
+        let tail = last(&lines, 3);
+        assert_eq!(tail.len(), 3, "{tail:?}");
+        assert_eq!(tail[0], "old line");
+        assert_eq!(tail[1], "[    9.1] Kernel panic - not syncing: ?[2Jboom");
+        assert_eq!(tail[2], "x".repeat(300), "a long line is cut");
+        assert!(file_tail(&dir.path().join("missing")).is_empty());
+        assert!(last(&[], 3).is_empty());
     }
 
     #[test]

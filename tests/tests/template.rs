@@ -197,6 +197,36 @@ fn run_one_container(r: &Restored, client: &AgentClient, i: usize) -> (String, S
 
 #[test]
 #[ignore = "slow lane: boots the real guest kernel (scripts/test.sh runs it)"]
+fn a_template_whose_guest_dies_fails_with_its_last_words_and_leaves_no_directory() {
+    let cache = tempfile::tempdir().unwrap();
+    let mut config = template_config(cache.path());
+    // No such init in the initramfs and no root device: the guest kernel panics while booting.
+    config.cmdline = "quiet rdinit=/no-such-init".into();
+    config.ready_timeout = Duration::from_secs(300);
+    let err =
+        nutshell_template::ensure(&config).expect_err("a guest that panics makes no template");
+    let message = nutshell_protocol::error_chain(&err);
+    assert!(
+        message.contains("exited before its agent answered"),
+        "{message}"
+    );
+    // The build directory (with the console file) is gone: the error carries the guest's words.
+    assert!(message.contains("the guest console ends:"), "{message}");
+    let said = message
+        .split("the guest kernel said: ")
+        .nth(1)
+        .unwrap_or_default();
+    assert!(said.contains("Kernel panic - not syncing"), "{message}");
+    let left: Vec<String> = std::fs::read_dir(cache.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| !name.ends_with(".lock"))
+        .collect();
+    assert!(left.is_empty(), "a failed build left {left:?}");
+}
+
+#[test]
+#[ignore = "slow lane: boots the real guest kernel (scripts/test.sh runs it)"]
 fn template_restores_three_vms_concurrently() {
     let cache = tempfile::tempdir().unwrap();
     let sockets = tempfile::tempdir().unwrap();

@@ -18,11 +18,7 @@ const CONSOLE_LINES_PER_SEC: u32 = 50;
 
 /// Cuts a log line to [`MAX_LOG_LINE`] and masks control characters.
 pub(super) fn clean_line(line: &str) -> String {
-    line.trim_end()
-        .chars()
-        .take(MAX_LOG_LINE)
-        .map(|c| if c.is_control() { '?' } else { c })
-        .collect()
+    nutshell_protocol::types::clean_line(line, MAX_LOG_LINE)
 }
 
 /// Follows the guest console file and logs its lines with the sandbox id, rate-limited.
