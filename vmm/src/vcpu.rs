@@ -370,7 +370,10 @@ impl Vcpu {
                 }
                 None
             }
-            Ok(VcpuExit::Shutdown) => Some(VmExit::TripleFault { vcpu: index }),
+            Ok(VcpuExit::Shutdown) => {
+                log::error!("vCPU {index}: triple fault; {}", self.registers_summary());
+                Some(VmExit::TripleFault { vcpu: index })
+            }
             Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
                 KVM_SYSTEM_EVENT_SHUTDOWN => Some(VmExit::PowerOff),
                 KVM_SYSTEM_EVENT_RESET => Some(VmExit::Reset),
@@ -396,6 +399,19 @@ impl Vcpu {
             }
             Err(e) => error(format!("KVM_RUN failed: {e}")),
         }
+    }
+
+    /// The registers that say where a guest died, as KVM left them (on AMD, KVM resets the
+    /// VMCB after a shutdown intercept, so there they are the reset state, not the fault's).
+    fn registers_summary(&self) -> String {
+        let regs = match (self.fd.get_regs(), self.fd.get_sregs()) {
+            (Ok(r), Ok(s)) => format!(
+                "rip {:#x} rsp {:#x} rflags {:#x} cr0 {:#x} cr2 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x} cs {:#x}",
+                r.rip, r.rsp, r.rflags, s.cr0, s.cr2, s.cr3, s.cr4, s.efer, s.cs.selector
+            ),
+            (Err(e), _) | (_, Err(e)) => format!("registers unreadable: {e}"),
+        };
+        format!("registers as KVM left them: {regs}")
     }
 
     fn internal_suberror(&mut self) -> u32 {

@@ -105,6 +105,12 @@ fn triple_fault_exits_with_status_1() {
     let out = vmm(&["--kernel", kernel.to_str().unwrap(), "--memory-mib", "16"]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(stderr(&out).contains("triple fault"), "{}", stderr(&out));
+    // Where it died is logged: the registers KVM left (a number, whatever the host kind).
+    assert!(
+        stderr(&out).contains("registers as KVM left them: rip 0x"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 /// Runs a guest that prints "up" and hangs with `extra` arguments, sends SIGTERM once it is
