@@ -7,6 +7,10 @@
 # optionally SKIP (case names not to run).
 # shellcheck shell=sh
 
+# The lane's cases: binding ones (a failure fails the lane) and informative ones (reported).
+BINDING_CASES="boot-1vcpu agent-1vcpu template container"
+INFORMATIVE_CASES="boot-2vcpu agent-2vcpu"
+
 say() { echo "HWLANE $LANE $*"; }
 
 # Seconds since boot, with hundredths (busybox and the host alike have /proc/uptime).
@@ -239,6 +243,17 @@ case_template() {
     grep -q 'received SIGTERM' "$d/vmm.log" || problem "VMM did not log the SIGTERM"
 }
 
+# After a failed attempt of case $1: the last lines of the VMM's log and of the guest console in
+# the case's directory ($d), as notes, so that the report says how the VM ended (an emulator
+# fault, a guest panic, a VMM error). Printable characters only: the guest wrote the console.
+evidence() { # NAME ATTEMPT
+    for f in build.log vmm.log console; do
+        [ -s "$d/$f" ] || continue
+        tail -c 4096 "$d/$f" | tr -d '\000-\011\013-\037\177' | grep -v '^ *$' | tail -n 8 | cut -c1-300 |
+            while IFS= read -r l; do say note "$1 attempt $2 $f: $l"; done
+    done
+}
+
 # Runs case $1 (a function and its arguments in $3...) as case name $2, up to $ATTEMPTS times
 # until it passes.
 run_case() { # ATTEMPTS NAME FUNCTION ARGS...
@@ -254,6 +269,7 @@ run_case() { # ATTEMPTS NAME FUNCTION ARGS...
             return 0
         fi
         say case "$name" fail "attempt=$a" -- "$PROBLEMS"
+        evidence "$name" "$a"
         a=$((a + 1))
     done
     return 1
@@ -265,12 +281,13 @@ wanted() {
     return 0
 }
 
-# The whole lane: binding cases (1 vCPU) first, then the informative ones (2 vCPUs, retried
-# once), so that an L1 system that hangs in a 2-vCPU case has reported the binding ones.
+# The lane's cases not named in $SKIP: binding cases (1 vCPU) first, then the informative ones
+# (2 vCPUs, retried once), so that a run that hangs in a 2-vCPU case has reported the binding
+# ones. (run.sh gives L1 the two kinds in boots of their own.)
 run_lane() {
     binding="" informative=""
-    for c in boot-1vcpu agent-1vcpu template container; do wanted $c && binding="$binding,$c"; done
-    for c in boot-2vcpu agent-2vcpu; do wanted $c && informative="$informative,$c"; done
+    for c in $BINDING_CASES; do wanted $c && binding="$binding,$c"; done
+    for c in $INFORMATIVE_CASES; do wanted $c && informative="$informative,$c"; done
     say plan "binding=${binding#,}" "informative=${informative#,}"
     wanted boot-1vcpu && run_case 1 boot-1vcpu case_boot 1
     wanted agent-1vcpu && run_case 1 agent-1vcpu case_agent 1

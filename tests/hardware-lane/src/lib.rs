@@ -66,7 +66,12 @@ pub struct Lane {
     pub done: bool,
     /// `HWLANE` lines that did not parse.
     pub malformed: usize,
+    /// The L1 kernel's own fatal lines (a panic, a BUG, an oops): the emulated host failed.
+    pub kernel_faults: Vec<String>,
 }
+
+/// How the L1 kernel's fatal lines start (`l1-init.sh` keeps the kernel's messages on the console).
+const KERNEL_FAULTS: &[&str] = &["Kernel panic - not syncing", "BUG: ", "Oops: "];
 
 impl Lane {
     /// Parses the lines of lane `name` from a console.
@@ -74,6 +79,9 @@ impl Lane {
         let mut lane = Lane::default();
         for line in console.lines() {
             let Some(at) = line.find(MARKER) else {
+                if KERNEL_FAULTS.iter().any(|m| line.contains(m)) {
+                    lane.kernel_faults.push(line.trim().to_owned());
+                }
                 continue;
             };
             let mut words = line[at + MARKER.len()..].trim_end().splitn(3, ' ');
@@ -85,6 +93,29 @@ impl Lane {
             if lane.apply(kind, rest).is_none() {
                 lane.malformed += 1;
             }
+        }
+        lane
+    }
+
+    /// One lane of several runs of its program (L1 boots of their own): cases, figures and
+    /// notes of each in order; planned only when every run was, done when the last run was.
+    /// A case that an earlier run left unfinished (the L1 system died or hung under it) and a
+    /// later run ran again takes the later outcome, the earlier one kept among its failures.
+    pub fn merge(runs: Vec<Lane>) -> Lane {
+        let mut lane = Lane {
+            planned: !runs.is_empty(),
+            ..Lane::default()
+        };
+        for run in runs {
+            lane.planned &= run.planned;
+            lane.done = run.done;
+            for case in run.cases {
+                lane.add_run_of(case);
+            }
+            lane.figures.extend(run.figures);
+            lane.notes.extend(run.notes);
+            lane.malformed += run.malformed;
+            lane.kernel_faults.extend(run.kernel_faults);
         }
         lane
     }
@@ -146,6 +177,31 @@ impl Lane {
             _ => return None,
         }
         Some(())
+    }
+
+    /// Adds a later run's `case` (see [`Lane::merge`]).
+    fn add_run_of(&mut self, case: Case) {
+        let Some(old) = self.case_mut(&case.name) else {
+            self.cases.push(case);
+            return;
+        };
+        if case.outcome == Outcome::NotRun {
+            return;
+        }
+        let mut earlier = std::mem::take(&mut old.earlier_failures);
+        match &old.outcome {
+            Outcome::Fail(why) => earlier.push(why.clone()),
+            Outcome::Unfinished => {
+                earlier.push("did not finish: the L1 system failed under it".to_owned())
+            }
+            Outcome::Pass | Outcome::NotRun => {}
+        }
+        earlier.extend(case.earlier_failures);
+        *old = Case {
+            attempts: old.attempts + case.attempts,
+            earlier_failures: earlier,
+            ..case
+        };
     }
 
     fn case_mut(&mut self, name: &str) -> Option<&mut Case> {
@@ -284,11 +340,15 @@ pub fn render(input: &ReportInput<'_>) -> String {
     let _ = writeln!(
         out,
         "The L1 system is Debian's 6.1 kernel with `kvm.ko` and `kvm-amd.ko` under \
-         `qemu-system-x86_64 -accel tcg,thread=multi -cpu EPYC,+svm -smp 2 -m 3G`: its \
+         `qemu-system-x86_64 -accel tcg,thread=multi -cpu EPYC,+svm -m 3G`: its \
          `/dev/kvm` is SVM, so `nutshell-vmm --cpu-profile auto` must pick `host`. \
-         The 1-vCPU cases are binding (a failure fails the lane and CI); the 2-vCPU cases are \
-         informative (retried once, reported, never failing the lane), because 2 vCPUs hang \
-         intermittently under the emulator.\n"
+         The 1-vCPU cases are binding (a failure fails the lane and CI) and run in an L1 boot \
+         with one CPU (`-smp 1`): with two, the emulator intermittently breaks the L1 kernel's \
+         own state around VMRUN. An L1 system that dies or hangs under a case leaves it \
+         without a verdict; one more boot runs the cases that have none (a case that reported \
+         a failure is never run again). The 2-vCPU cases run in an L1 boot with two CPUs \
+         (`-smp 2`) and are informative (retried once, reported, never failing the lane), \
+         because 2 vCPUs hang intermittently under the emulator.\n"
     );
     if !l1.planned {
         let _ = writeln!(out, "**The L1 system never started its test program.**\n");
@@ -304,6 +364,17 @@ pub fn render(input: &ReportInput<'_>) -> String {
     }
     if !l1.done {
         let _ = writeln!(out, "\nThe L1 test program did not reach its end.");
+    }
+    if !l1.kernel_faults.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n**The L1 kernel itself failed** (the emulated host, below Nutshell): `{}`",
+            l1.kernel_faults
+                .iter()
+                .map(|f| f.replace('`', "'"))
+                .collect::<Vec<_>>()
+                .join("` / `")
+        );
     }
     if l1.malformed > 0 {
         let _ = writeln!(out, "\n{} malformed HWLANE lines ignored.", l1.malformed);
@@ -475,6 +546,81 @@ HWLANE l1 done
             ),
             "{report}"
         );
+    }
+
+    #[test]
+    fn runs_merge_into_one_lane_where_a_case_cut_by_an_l1_failure_runs_again() {
+        let first = "HWLANE l1 plan binding=boot-1vcpu informative=\n\
+                     HWLANE l1 start boot-1vcpu attempt=1\n\
+                     HWLANE l1 case boot-1vcpu pass attempt=1\n\
+                     HWLANE l1 figure boot-1vcpu.exit 3.5\n\
+                     HWLANE l1 done\n";
+        let second = "HWLANE l1 plan binding= informative=boot-2vcpu\n\
+                      HWLANE l1 start boot-2vcpu attempt=1\n\
+                      [   62.4] BUG: TASK stack guard page was hit at 0000\n\
+                      [   62.5] Kernel panic - not syncing: Fatal exception in interrupt\n";
+        let lane = Lane::merge(vec![Lane::parse(first, "l1"), Lane::parse(second, "l1")]);
+        assert!(lane.planned);
+        assert!(!lane.done, "the second run never reached its end");
+        let names: Vec<&str> = lane.cases.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["boot-1vcpu", "boot-2vcpu"]);
+        assert!(
+            lane.passed(),
+            "the binding case passed; the informative one hung"
+        );
+        assert_eq!(lane.figures["boot-1vcpu.exit"], 3.5);
+        assert_eq!(lane.kernel_faults.len(), 2);
+        let report = render(&ReportInput {
+            l1: &lane,
+            pvm: None,
+            l1_wall: None,
+            pvm_wall: None,
+            context: "test",
+        });
+        assert!(
+            report.contains("**The L1 kernel itself failed** (the emulated host, below Nutshell): `[   62.4] BUG: TASK"),
+            "{report}"
+        );
+        // A binding case that the first boot left unfinished and the second passed.
+        let hung = "HWLANE l1 plan binding=boot-1vcpu,template informative=\n\
+                    HWLANE l1 start boot-1vcpu attempt=1\n\
+                    HWLANE l1 case boot-1vcpu pass attempt=1\n\
+                    HWLANE l1 start template attempt=1\n\
+                    HWLANE l1 note the L1 system fell silent for 180 s and was stopped\n";
+        let again = "HWLANE l1 plan binding=template informative=\n\
+                     HWLANE l1 start template attempt=1\n";
+        let resumed = Lane::merge(vec![
+            Lane::parse(hung, "l1"),
+            Lane::parse(
+                &format!("{again}HWLANE l1 case template pass attempt=1\n"),
+                "l1",
+            ),
+        ]);
+        assert!(resumed.passed(), "{resumed:?}");
+        let template = &resumed.cases[1];
+        assert_eq!(template.attempts, 2);
+        assert_eq!(
+            template.earlier_failures,
+            ["did not finish: the L1 system failed under it"]
+        );
+        assert_eq!(resumed.cases.len(), 2);
+        let failed_again = Lane::merge(vec![
+            Lane::parse(hung, "l1"),
+            Lane::parse(
+                &format!("{again}HWLANE l1 case template fail attempt=1 -- triple fault\n"),
+                "l1",
+            ),
+        ]);
+        assert!(!failed_again.passed());
+        let never = Lane::merge(vec![Lane::parse(hung, "l1"), Lane::parse(again, "l1")]);
+        assert!(!never.passed(), "unfinished twice is a failure");
+
+        let unplanned = Lane::merge(vec![Lane::parse(first, "l1"), Lane::default()]);
+        assert!(
+            !unplanned.passed(),
+            "a run that never started fails the lane"
+        );
+        assert!(!Lane::merge(Vec::new()).passed());
     }
 
     #[test]

@@ -13,9 +13,10 @@ use nutshell_hwlane::{render, summary, Lane, ReportInput};
 #[derive(Debug, Parser)]
 #[command(name = "nutshell-hwlane", version, about)]
 struct Args {
-    /// The L1 system's serial console.
-    #[arg(long, value_name = "PATH")]
-    l1_console: PathBuf,
+    /// The L1 system's serial console; once per L1 boot (the lane boots it with one CPU for
+    /// the binding cases and with two for the informative ones).
+    #[arg(long, value_name = "PATH", required = true)]
+    l1_console: Vec<PathBuf>,
     /// Output of the same cases on this host's KVM (lane `pvm`), for the figures beside L1's.
     #[arg(long, value_name = "PATH")]
     pvm_output: Option<PathBuf>,
@@ -40,7 +41,12 @@ fn read_lossy(path: &PathBuf) -> anyhow::Result<String> {
 
 #[allow(clippy::print_stdout)] // the closing count is the tool's output
 fn run(args: &Args) -> anyhow::Result<bool> {
-    let l1 = Lane::parse(&read_lossy(&args.l1_console)?, "l1");
+    let l1 = Lane::merge(
+        args.l1_console
+            .iter()
+            .map(|p| read_lossy(p).map(|text| Lane::parse(&text, "l1")))
+            .collect::<anyhow::Result<_>>()?,
+    );
     let pvm = args
         .pvm_output
         .as_ref()
