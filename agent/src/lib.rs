@@ -6,6 +6,7 @@
 //! the system calls of PID 1, [`init`] the PID 1 sequence, [`container`] the OCI containers
 //! (its own system calls in `container::syscall`).
 
+pub mod alloc;
 pub mod container;
 pub mod forward;
 pub mod init;

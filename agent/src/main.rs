@@ -10,8 +10,10 @@ use nutshell_agent::{init, logger, switch_root, sys};
 /// emulated each page fault and `mmap` costs milliseconds. dlmalloc keeps what it got (it trims
 /// only above 2 MiB free). Measured, the two builds alternating: a pod's start 2.86 -> 2.75 s,
 /// its network set-up 123 -> 95 ms, ExecSync of `true` 0.67 -> 0.62 s (docs/agent.md).
+/// A container process between its clone and its execve allocates from an arena of its own
+/// instead, so that killing it can never leave dlmalloc's lock held (`nutshell_agent::alloc`).
 #[global_allocator]
-static ALLOC: dlmalloc::GlobalDlmalloc = dlmalloc::GlobalDlmalloc;
+static ALLOC: nutshell_agent::alloc::AgentAllocator = nutshell_agent::alloc::AgentAllocator;
 
 fn main() {
     // Before any thread: every thread inherits the blocked SIGCHLD, the reaper reads it.

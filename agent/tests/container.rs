@@ -16,6 +16,11 @@ use nutshell_agent::container::{ContainerError, Containers, RootMode, State, Std
 use oci_spec::runtime::{Process, Spec};
 use serde_json::{json, Value};
 
+/// The agent's allocator, so that every container process these tests start sets itself up in
+/// a child arena as in the guest.
+#[global_allocator]
+static ALLOC: nutshell_agent::alloc::AgentAllocator = nutshell_agent::alloc::AgentAllocator;
+
 /// The registries (pivot_root, and move-root as from an initramfs) and their reaper, once per
 /// test process.
 fn registries() -> &'static (Arc<Containers>, Arc<Containers>) {
@@ -970,4 +975,56 @@ fn a_seccomp_profile_denies_a_syscall_in_the_container() {
         "mkdir was not denied"
     );
     reg.remove("sc", Duration::from_secs(5)).unwrap();
+}
+
+/// Execs that a process of their own container kills while they set themselves up (between
+/// the clone and the execve, when they run in the agent's memory): the agent goes on. Such a
+/// child allocates from an arena of its own (`nutshell_agent::alloc`, this test binary's
+/// allocator too), so no kill can leave the agent's heap locked; before, a kill that landed
+/// inside an allocation left dlmalloc's lock held and the agent's next allocation waited
+/// forever.
+#[test]
+fn execs_killed_during_their_set_up_leave_the_agent_working() {
+    let b = Bundle::new();
+    let reg = registry();
+    // PID 1 kills every other process of the container, over and over.
+    let id = start(&b.spec(&["sh", "-c", "while :; do kill -9 -1 2>/dev/null; done"]));
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let storm = {
+        let id = id.clone();
+        std::thread::spawn(move || {
+            let (mut set_up_failed, mut killed) = (0, 0);
+            for i in 0..60 {
+                let exec_id = format!("k{i}");
+                let p = process(&["sleep", "5"]);
+                match reg.exec(&id, &exec_id, &p, Stdio::default(), false, &no_hook) {
+                    Ok(_) => {
+                        if reg.wait(&id, Some(&exec_id)).unwrap().code == 137 {
+                            killed += 1;
+                        }
+                        reg.remove_exec(&id, &exec_id).unwrap();
+                    }
+                    Err(_) => set_up_failed += 1,
+                }
+                // The heap after each: a kill inside an allocation would stop us here.
+                let blocks: Vec<Vec<u8>> = (1..200).map(|n| vec![0u8; n * 16]).collect();
+                drop(blocks);
+            }
+            let _ = done_tx.send((set_up_failed, killed));
+        })
+    };
+    let (set_up_failed, killed) = done_rx
+        .recv_timeout(Duration::from_secs(300))
+        .expect("the execs under the kill storm did not finish: the heap is locked");
+    storm.join().unwrap();
+    eprintln!("60 execs: {set_up_failed} killed during set-up, {killed} killed after it");
+    assert!(
+        set_up_failed + killed > 0,
+        "the container's PID 1 killed nothing"
+    );
+    // The container stops as usual.
+    reg.signal(&id, None, Signal::SIGKILL as i32, false)
+        .unwrap();
+    assert_eq!(reg.wait(&id, None).unwrap().code, 137);
+    reg.remove(&id, Duration::from_secs(5)).unwrap();
 }

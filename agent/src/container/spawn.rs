@@ -408,12 +408,15 @@ fn enter_and_clone(mut plan: SpawnPlan, fds: ChildFds) -> Result<(), String> {
         image: &image,
         pid: std::sync::atomic::AtomicI32::new(0),
     };
+    // The child allocates from an arena of its own (see `crate::alloc`): killed at any point,
+    // it holds no lock of the agent's heap. Nothing allocates on this thread until it is dropped.
+    let arena = crate::alloc::ChildArena::enter();
     // SAFETY: `vm_child_main` keeps the contract of `clone_vm_vfork`: it only borrows from
     // `child` (on this thread's stack, which stays put while the thread is suspended until the
     // child execs or exits) and from what `child` points to (`plan`, `image`, alive as long);
-    // it takes the descriptors as plain numbers of its own table; what it allocates it frees
-    // before its execve or exit; it sets ids and limits with raw system calls and ends with
-    // execve or _exit.
+    // it takes the descriptors as plain numbers of its own table; what it allocates comes from
+    // its arena (or, with every slot taken, is freed before its execve or exit); it sets ids
+    // and limits with raw system calls and ends with execve or _exit.
     let cloned = unsafe {
         syscall::clone_vm_vfork(
             vm_child_main,
@@ -423,6 +426,12 @@ fn enter_and_clone(mut plan: SpawnPlan, fds: ChildFds) -> Result<(), String> {
             namespaces.bits(),
         )
     };
+    let used = arena.as_ref().map(crate::alloc::ChildArena::used);
+    drop(arena);
+    match used {
+        Some(bytes) => log::debug!("the child's set-up allocated {bytes} bytes of its arena"),
+        None => log::debug!("every child arena is taken: this child allocated from the heap"),
+    }
     cloned.map_err(|e| format!("clone: {e}"))?;
     // The child execed or died: this thread's copies of its ends go now (EOF on `report`).
     drop(child);
