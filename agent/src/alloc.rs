@@ -168,6 +168,12 @@ impl Drop for ChildArena {
     }
 }
 
+/// Whether this code runs in a container process between its clone and its execve (a child
+/// with an arena: it shares the agent's memory and its spawning thread's thread-local storage).
+pub fn in_child() -> bool {
+    !CHILD_ARENA.with(Cell::get).is_null()
+}
+
 /// Maps the region and touches the first `bytes` of the first slot, at boot: a VM restored
 /// from a template then finds those pages in place, and its first containers' set-up takes no
 /// page fault for them (each is emulated kernel work under `kvm_pvm`).
@@ -305,7 +311,8 @@ mod tests {
         .join()
         .unwrap();
         assert_ne!(first.slot, other);
+        assert!(in_child(), "this thread's next child has an arena");
         drop(first);
-        assert!(CHILD_ARENA.with(Cell::get).is_null());
+        assert!(!in_child());
     }
 }

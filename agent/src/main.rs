@@ -20,6 +20,12 @@ fn main() {
     let sigchld = sys::block_sigchld();
     logger::init(init::DEFAULT_LEVEL);
     std::panic::set_hook(Box::new(|info| {
+        // A container process before its execve runs this hook too (it shares the agent's
+        // memory): powering off from there would act in the container's PID namespace, whose
+        // init `reboot` kills. It ends alone instead; the agent reports its set-up as failed.
+        if nutshell_agent::alloc::in_child() {
+            sys::exit_now(nutshell_agent::container::SETUP_FAILED);
+        }
         log::error!("panic: {info}; powering off");
         init::power_off_or_die();
     }));

@@ -32,6 +32,7 @@ use oci_spec::runtime::{LinuxNamespaceType, Process, Spec};
 use self::process::ProcessPlan;
 pub use self::rootfs::RootMode;
 use self::rootfs::RootfsPlan;
+pub use self::spawn::SETUP_FAILED;
 use self::spawn::{InitPart, Pending, SpawnPlan};
 pub use self::state::{Op, State};
 use self::tty::Pty;

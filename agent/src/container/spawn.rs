@@ -42,7 +42,7 @@ const TAG_ERROR: u8 = b'E';
 const MAX_MESSAGE: usize = 2048;
 
 /// Exit code of a child that failed before its exec.
-const SETUP_FAILED: i32 = 127;
+pub const SETUP_FAILED: i32 = 127;
 
 /// The container-wide part that only init does.
 #[derive(Debug, Clone)]
