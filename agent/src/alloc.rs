@@ -174,16 +174,20 @@ pub fn in_child() -> bool {
     !CHILD_ARENA.with(Cell::get).is_null()
 }
 
-/// Maps the region and touches the first `bytes` of the first slot, at boot: a VM restored
-/// from a template then finds those pages in place, and its first containers' set-up takes no
-/// page fault for them (each is emulated kernel work under `kvm_pvm`).
-pub fn prepare_child_arenas(bytes: usize) {
+/// What [`prepare_child_arenas`] faults in of the first slot: a container's init takes ~18 KiB
+/// for its set-up, an exec well under one.
+const PREFAULT_BYTES: usize = 64 << 10;
+
+/// Maps the region and touches the first [`PREFAULT_BYTES`] of the first slot, at boot: a VM
+/// restored from a template then finds those pages in place, and its first containers' set-up
+/// takes no page fault for them (each is emulated kernel work under `kvm_pvm`).
+pub fn prepare_child_arenas() {
     let Some(base) = region() else {
         log::warn!("no region for child arenas: container set-ups allocate from the agent's heap");
         return;
     };
     let page = 4096;
-    for offset in (0..bytes.min(ARENA_SLOT_BYTES)).step_by(page) {
+    for offset in (0..PREFAULT_BYTES).step_by(page) {
         // SAFETY: within the region's first slot, which no child uses yet at boot (and a write
         // of zero over zero changes nothing a child could see).
         unsafe { base.add(offset).write_volatile(0) };

@@ -140,10 +140,6 @@ pub struct Pod {
 
 /// The [`SPARE_CGROUPS`] under `parent`, the one to take first last; one that cannot be made is
 /// logged and left out.
-/// The bytes of the first child arena faulted in at boot (held by the template): what a
-/// container's set-up allocates, with room (see `crate::alloc`).
-const CHILD_ARENA_PREFAULT: usize = 64 << 10;
-
 fn make_spare_cgroups(parent: &Cgroup) -> Vec<Cgroup> {
     (0..SPARE_CGROUPS)
         .rev()
@@ -199,7 +195,7 @@ impl Pod {
             .as_ref()
             .map(make_spare_cgroups)
             .unwrap_or_default();
-        crate::alloc::prepare_child_arenas(CHILD_ARENA_PREFAULT);
+        crate::alloc::prepare_child_arenas();
         Pod {
             containers,
             listen,

@@ -1019,8 +1019,8 @@ fn execs_killed_during_their_set_up_leave_the_agent_working() {
     storm.join().unwrap();
     eprintln!("60 execs: {set_up_failed} killed during set-up, {killed} killed after it");
     assert!(
-        set_up_failed + killed > 0,
-        "the container's PID 1 killed nothing"
+        set_up_failed > 0,
+        "no exec was killed during its set-up, the case under test ({killed} after it)"
     );
     // The container stops as usual.
     reg.signal(&id, None, Signal::SIGKILL as i32, false)

@@ -164,10 +164,10 @@ boot_l1() { # CPUS SKIP CONSOLE
 consoles=()
 # The binding cases (1 vCPU) in an L1 with one CPU: with two, QEMU's multi-threaded TCG
 # intermittently broke the L1 kernel's own state around VMRUN (stack-guard-page oopses in
-# svm_vcpu_enter_exit, a nested guest's triple fault, a VMM gone mid-snapshot: 4 of ~31 case
-# runs, against 1 of 78 with one CPU, an L1 hang; docs/vmm.md). An L1 system that dies or hangs under a
-# case leaves it without a verdict: one more boot runs the cases that have none. A case that
-# reported a failure is never run again.
+# svm_vcpu_enter_exit, a nested guest's triple fault, a VMM gone mid-snapshot: 4 of 31 case
+# runs, against 1 of 78 with one CPU, an L1 hang; docs/vmm.md). An L1 system that dies or
+# hangs under a case leaves it without a verdict: one more boot runs the cases that have none.
+# A case that reported a failure is never run again.
 left=$BINDING_CASES
 for boot in 1 2; do
     [ -n "$left" ] || break
