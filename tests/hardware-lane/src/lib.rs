@@ -68,6 +68,8 @@ pub struct Lane {
     pub malformed: usize,
     /// The L1 kernel's own fatal lines (a panic, a BUG, an oops): the emulated host failed.
     pub kernel_faults: Vec<String>,
+    /// L1 boots for the informative cases that never started the test program.
+    pub unstarted_informative_boots: u32,
 }
 
 /// How the L1 kernel's fatal lines start (`l1-init.sh` keeps the kernel's messages on the console).
@@ -118,6 +120,24 @@ impl Lane {
             lane.kernel_faults.extend(run.kernel_faults);
         }
         lane
+    }
+
+    /// Adds a run of an L1 boot for the informative cases alone: nothing in it can fail the
+    /// lane. Its cases, figures, notes and kernel faults are reported; a boot that never
+    /// started the test program (the emulated host hung or died before it) is counted and
+    /// named in the report, not taken as the binding runs' missing plan.
+    pub fn add_informative_run(&mut self, run: Lane) {
+        if !run.planned {
+            self.unstarted_informative_boots += 1;
+        }
+        for mut case in run.cases {
+            case.binding = false;
+            self.add_run_of(case);
+        }
+        self.figures.extend(run.figures);
+        self.notes.extend(run.notes);
+        self.malformed += run.malformed;
+        self.kernel_faults.extend(run.kernel_faults);
     }
 
     fn apply(&mut self, kind: &str, rest: &str) -> Option<()> {
@@ -222,12 +242,15 @@ impl Lane {
 /// The closing lines of a run: the informative cases' results, then the binding cases counted
 /// as `hwlane: N passed, N failed` (the plain form CI reads).
 pub fn summary(lane: &Lane) -> String {
-    let informative: Vec<String> = lane
+    let mut informative: Vec<String> = lane
         .cases
         .iter()
         .filter(|c| !c.binding)
         .map(|c| format!("{} {}", c.name, outcome_text(c)))
         .collect();
+    if lane.unstarted_informative_boots > 0 {
+        informative.push(UNSTARTED_INFORMATIVE.to_owned());
+    }
     let binding = lane.cases.iter().filter(|c| c.binding);
     let passed = binding
         .clone()
@@ -244,6 +267,11 @@ pub fn summary(lane: &Lane) -> String {
         }
     )
 }
+
+/// What the report and the summary say of an informative L1 boot that never started its
+/// test program.
+const UNSTARTED_INFORMATIVE: &str = "an L1 boot for the informative cases never started \
+     its test program (the emulated host hung or died first): they have no verdict";
 
 /// The figures the report shows side by side, with what each one measures.
 pub const FIGURES: &[(&str, &str)] = &[
@@ -364,6 +392,9 @@ pub fn render(input: &ReportInput<'_>) -> String {
     }
     if !l1.done {
         let _ = writeln!(out, "\nThe L1 test program did not reach its end.");
+    }
+    if l1.unstarted_informative_boots > 0 {
+        let _ = writeln!(out, "\nNot counted: {UNSTARTED_INFORMATIVE}.");
     }
     if !l1.kernel_faults.is_empty() {
         let _ = writeln!(
@@ -621,6 +652,67 @@ HWLANE l1 done
             "a run that never started fails the lane"
         );
         assert!(!Lane::merge(Vec::new()).passed());
+    }
+
+    #[test]
+    fn an_informative_boot_is_reported_and_never_fails_the_lane() {
+        let binding = "HWLANE l1 plan binding=boot-1vcpu informative=\n\
+                       HWLANE l1 start boot-1vcpu attempt=1\n\
+                       HWLANE l1 case boot-1vcpu pass attempt=1\n\
+                       HWLANE l1 done\n";
+        // An L1 boot with two CPUs that hung before its test program (CI, 2026-12-07).
+        let mut lane = Lane::merge(vec![Lane::parse(binding, "l1")]);
+        lane.add_informative_run(Lane::parse(
+            "[    0.0] Linux version 6.1\n\
+             HWLANE l1 note the L1 system fell silent for 180 s and was stopped\n",
+            "l1",
+        ));
+        assert!(lane.planned && lane.done, "{lane:?}");
+        assert!(lane.passed());
+        assert_eq!(lane.unstarted_informative_boots, 1);
+        let said = summary(&lane);
+        assert!(
+            said.contains(
+                "informative (not counted): an L1 boot for the informative cases never started"
+            ) && said.ends_with("hwlane: 1 passed, 0 failed\n"),
+            "{said}"
+        );
+        let report = render(&ReportInput {
+            l1: &lane,
+            pvm: None,
+            l1_wall: None,
+            pvm_wall: None,
+            context: "test",
+        });
+        assert!(report.starts_with("# Hardware-KVM lane: PASS"), "{report}");
+        assert!(
+            !report.contains("never started its test program.**"),
+            "{report}"
+        );
+        assert!(report.contains("Not counted: an L1 boot"), "{report}");
+
+        // One that ran: its failures are reported, even a case its plan called binding.
+        let mut lane = Lane::merge(vec![Lane::parse(binding, "l1")]);
+        lane.add_informative_run(Lane::parse(
+            "HWLANE l1 plan binding=agent-2vcpu informative=boot-2vcpu\n\
+             HWLANE l1 start boot-2vcpu attempt=1\n\
+             HWLANE l1 case boot-2vcpu fail attempt=1 -- exit=137\n\
+             HWLANE l1 start agent-2vcpu attempt=1\n\
+             HWLANE l1 case agent-2vcpu fail attempt=1 -- no Health\n\
+             HWLANE l1 figure boot-2vcpu.exit 4.5\n",
+            "l1",
+        ));
+        assert!(lane.passed(), "{lane:?}");
+        assert!(lane.done, "the binding run reached its end");
+        assert_eq!(lane.unstarted_informative_boots, 0);
+        assert_eq!(lane.figures["boot-2vcpu.exit"], 4.5);
+        assert!(lane.cases.iter().skip(1).all(|c| !c.binding));
+        assert!(summary(&lane).contains("boot-2vcpu **fail**: exit=137"));
+
+        // The binding boots still decide: one that never started fails the lane.
+        let mut lane = Lane::merge(vec![Lane::default()]);
+        lane.add_informative_run(Lane::parse(binding, "l1"));
+        assert!(!lane.passed());
     }
 
     #[test]

@@ -13,10 +13,14 @@ use nutshell_hwlane::{render, summary, Lane, ReportInput};
 #[derive(Debug, Parser)]
 #[command(name = "nutshell-hwlane", version, about)]
 struct Args {
-    /// The L1 system's serial console; once per L1 boot (the lane boots it with one CPU for
-    /// the binding cases and with two for the informative ones).
+    /// The serial console of an L1 boot for the binding cases (one CPU); once per boot, in
+    /// boot order.
     #[arg(long, value_name = "PATH", required = true)]
     l1_console: Vec<PathBuf>,
+    /// The serial console of an L1 boot for the informative cases (two CPUs); nothing in it
+    /// fails the lane, not even a boot that never started its test program.
+    #[arg(long, value_name = "PATH")]
+    l1_informative_console: Vec<PathBuf>,
     /// Output of the same cases on this host's KVM (lane `pvm`), for the figures beside L1's.
     #[arg(long, value_name = "PATH")]
     pvm_output: Option<PathBuf>,
@@ -41,12 +45,15 @@ fn read_lossy(path: &PathBuf) -> anyhow::Result<String> {
 
 #[allow(clippy::print_stdout)] // the closing count is the tool's output
 fn run(args: &Args) -> anyhow::Result<bool> {
-    let l1 = Lane::merge(
+    let mut l1 = Lane::merge(
         args.l1_console
             .iter()
             .map(|p| read_lossy(p).map(|text| Lane::parse(&text, "l1")))
             .collect::<anyhow::Result<_>>()?,
     );
+    for path in &args.l1_informative_console {
+        l1.add_informative_run(Lane::parse(&read_lossy(path)?, "l1"));
+    }
     let pvm = args
         .pvm_output
         .as_ref()
