@@ -111,13 +111,7 @@ impl Lane {
         for run in runs {
             lane.planned &= run.planned;
             lane.done = run.done;
-            for case in run.cases {
-                lane.add_run_of(case);
-            }
-            lane.figures.extend(run.figures);
-            lane.notes.extend(run.notes);
-            lane.malformed += run.malformed;
-            lane.kernel_faults.extend(run.kernel_faults);
+            lane.absorb(run, false);
         }
         lane
     }
@@ -130,8 +124,13 @@ impl Lane {
         if !run.planned {
             self.unstarted_informative_boots += 1;
         }
+        self.absorb(run, true);
+    }
+
+    /// Takes in a later run's cases (all made informative if asked), figures, notes and faults.
+    fn absorb(&mut self, run: Lane, informative: bool) {
         for mut case in run.cases {
-            case.binding = false;
+            case.binding &= !informative;
             self.add_run_of(case);
         }
         self.figures.extend(run.figures);
@@ -499,6 +498,17 @@ HWLANE l1 figure bogus -1
 HWLANE l1 done
 ";
 
+    /// The report of `lane` alone (no `kvm_pvm` column, no wall times).
+    fn report_of(lane: &Lane) -> String {
+        render(&ReportInput {
+            l1: lane,
+            pvm: None,
+            l1_wall: None,
+            pvm_wall: None,
+            context: "test",
+        })
+    }
+
     #[test]
     fn parses_cases_figures_attempts_and_interleaved_lines() {
         let lane = Lane::parse(CONSOLE, "l1");
@@ -601,13 +611,7 @@ HWLANE l1 done
         );
         assert_eq!(lane.figures["boot-1vcpu.exit"], 3.5);
         assert_eq!(lane.kernel_faults.len(), 2);
-        let report = render(&ReportInput {
-            l1: &lane,
-            pvm: None,
-            l1_wall: None,
-            pvm_wall: None,
-            context: "test",
-        });
+        let report = report_of(&lane);
         assert!(
             report.contains("**The L1 kernel itself failed** (the emulated host, below Nutshell): `[   62.4] BUG: TASK"),
             "{report}"
@@ -677,13 +681,7 @@ HWLANE l1 done
             ) && said.ends_with("hwlane: 1 passed, 0 failed\n"),
             "{said}"
         );
-        let report = render(&ReportInput {
-            l1: &lane,
-            pvm: None,
-            l1_wall: None,
-            pvm_wall: None,
-            context: "test",
-        });
+        let report = report_of(&lane);
         assert!(report.starts_with("# Hardware-KVM lane: PASS"), "{report}");
         assert!(
             !report.contains("never started its test program.**"),
